@@ -1,0 +1,38 @@
+"""The queue contract between the api and the workers: task names, queue names, payloads.
+
+Only ids travel on the queue, serialised as JSON; everything else is read from the database.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+RUN_CHUNK_TASK = "selfie.run_chunk"
+RECONCILE_TASK = "selfie.reconcile"
+RUN_AUDIT_TASK = "selfie.run_audit"
+
+#: Queue for housekeeping tasks (reconciler, audits) that any worker may run.
+CONTROL_QUEUE = "selfie.control"
+
+_QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def model_queue(model: str) -> str:
+    """One queue per served model, so a worker only receives work for the model it holds."""
+    return "selfie.model." + _QUEUE_SAFE.sub("_", model)
+
+
+def run_chunk_args(chunk_id: int) -> list[int]:
+    return [int(chunk_id)]
+
+
+class TaskSender(Protocol):
+    """What enqueueing needs from a Celery app; the api holds a producer-only app, workers their own."""
+
+    def send_task(self, name: str, args: list[Any] | None = ..., **options: Any) -> Any: ...
+
+
+def send_chunk(sender: TaskSender, chunk_id: int, model: str, priority: int) -> None:
+    """Wake a worker of `model` up for one chunk. The message is a hint: the chunk row decides what happens."""
+    sender.send_task(RUN_CHUNK_TASK, args=run_chunk_args(chunk_id), queue=model_queue(model), priority=priority)

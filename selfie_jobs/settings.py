@@ -1,0 +1,71 @@
+"""Service settings, read from SELFIE_* environment variables (and an optional .env file).
+
+Built by the cached `get_settings()`, never at import, so tests and CLI commands can set the environment first.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".selfie"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELFIE_", env_file=".env", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=_default_data_dir, description="SQLite file, model cache, logs.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: a SQLite file in data_dir.")
+    model_cache_dir: Path | None = Field(None, description="Converted model weights; default: data_dir/models.")
+
+    # --- queue ---------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Celery broker; `selfie up` starts an embedded one if unset.")
+
+    # --- models --------------------------------------------------------------------------------------------
+    default_model: str = "smollm2-135m-instruct"
+
+    # --- limits --------------------------------------------------------------------------------------------
+    max_interpretations_per_job: int = Field(20_000, ge=1)
+    max_prompts_per_job: int = Field(1_000, ge=1)
+    max_prompt_chars: int = Field(20_000, ge=1)
+    max_new_tokens_cap: int = Field(256, ge=1)
+    chunk_size: int = Field(64, ge=1, description="Interpretations per chunk (the unit of work and of progress).")
+    max_batch_interpretations: int = Field(256, ge=1, description="Upper bound of one cross-job engine batch.")
+
+    # --- reliability ---------------------------------------------------------------------------------------
+    lease_seconds: int = Field(120, ge=5, description="A running chunk whose lease ran out is re-enqueued.")
+    enqueue_grace_seconds: int = Field(60, ge=1, description="A queued chunk older than this is re-sent.")
+    reconcile_interval_seconds: float = Field(30.0, gt=0)
+    heartbeat_interval_seconds: float = Field(10.0, gt=0)
+    worker_alive_seconds: float = Field(45.0, gt=0, description="A worker silent for longer is considered gone.")
+    chunk_soft_time_limit_seconds: int = Field(900, ge=1)
+    job_timeout_seconds: int = Field(7 * 24 * 3600, ge=1)
+    db_retry_seconds: float = Field(60.0, gt=0, description="How long a worker keeps retrying a failed write.")
+
+    # --- security ------------------------------------------------------------------------------------------
+    auth_enabled: bool = Field(True, description="Only `selfie up` (local embedded mode) switches this off.")
+    cors_origins: list[str] = Field(default_factory=list, description="Closed by default.")
+    rate_limit_per_minute: int = Field(600, ge=1)
+    default_daily_quota: int = Field(1_000_000, ge=1, description="Interpretations per key per day.")
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+
+    # --- api -----------------------------------------------------------------------------------------------
+    public_url: str = Field("http://127.0.0.1:8000", description="Base of the links the API hands out.")
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'selfie.db'}"
+
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
