@@ -1,0 +1,65 @@
+"""Alembic environment: URL from the caller (or SELFIE_* settings), metadata from selfie_jobs.models."""
+
+from __future__ import annotations
+
+from logging.config import fileConfig
+
+from alembic import context
+
+from selfie_jobs.db import create_db_engine
+from selfie_jobs.models import Base
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    if url:
+        return url
+    from selfie_jobs.settings import get_settings
+
+    return get_settings().resolved_database_url()
+
+
+def _configure(**kwargs) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        # SQLite cannot ALTER most things in place: batch mode rebuilds the table, so the same
+        # revisions run on SQLite and PostgreSQL.
+        render_as_batch=True,
+        compare_type=True,
+        **kwargs,
+    )
+
+
+def run_migrations_offline() -> None:
+    _configure(url=_url(), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_db_engine(_url())
+    try:
+        with engine.connect() as conn:
+            _configure(connection=conn)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()
