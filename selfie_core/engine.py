@@ -1,0 +1,262 @@
+"""``SelfieEngine``: validate requests, then extract -> inject at block k -> generate -> relevancy, in batches."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .adapters import get_adapter
+from .errors import SelfieInputError
+from .extraction import extract
+from .generation import PromptState, generate_batch, prepare_prompt_state
+from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest, VectorRequest
+from .relevancy import no_inject_probs, relevancy_scores
+from .templates import InterpretationTemplate, PreparedPrompt
+from .validation import check_generation, check_injection, check_interpret_request, vector_tensor
+
+TemplateLike = InterpretationTemplate | dict | Sequence | str | None
+
+
+def as_template(template: TemplateLike, tokenizer=None) -> InterpretationTemplate:
+    """Accept a template, its ``to_dict()`` form, a parts sequence, or a preset name."""
+    if template is None:
+        return InterpretationTemplate()
+    if isinstance(template, InterpretationTemplate):
+        return template
+    if isinstance(template, dict):
+        return InterpretationTemplate.from_dict(template)
+    if isinstance(template, str):
+        return InterpretationTemplate.preset(template, tokenizer)
+    return InterpretationTemplate(parts=tuple(template))
+
+
+def _eos_ids(model, tokenizer, gen: GenerationConfig) -> list[int]:
+    if gen.eos_token_ids is not None:
+        return list(gen.eos_token_ids)
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        value = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _row_seed(seed: int, identity: bytes) -> int:
+    digest = hashlib.blake2b(identity + seed.to_bytes(16, "little", signed=True), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class SelfieEngine:
+    """Runs SelfIE interpretations on one resident model.
+
+    ``SelfieEngine(load_model(...))`` or ``SelfieEngine(model, tokenizer)``. ``batch_size`` (rows per engine
+    batch) defaults to 64 on CPU and to what free GPU memory allows on CUDA.
+    """
+
+    def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
+                 max_extract_tokens: int = 16384):
+        if hasattr(model, "model") and hasattr(model, "tokenizer") and tokenizer is None:
+            name = name or getattr(model, "name", None)
+            model, tokenizer = model.model, model.tokenizer
+        if tokenizer is None:
+            raise TypeError("SelfieEngine needs a tokenizer (or a LoadedModel)")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.adapter = get_adapter(model)
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.batch_size = batch_size
+        self.max_extract_tokens = max_extract_tokens
+        self._states: OrderedDict[tuple, PromptState] = OrderedDict()
+
+    # -- model facts ---------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.adapter.embeddings.weight.shape[1])
+
+    @property
+    def max_context(self) -> int | None:
+        cfg = self.model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.adapter.embedding_device()
+
+    @property
+    def pad_id(self) -> int:
+        for value in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if value is not None:
+                return int(value)
+        return 0
+
+    def model_card(self) -> dict:
+        """JSON-serialisable facts a process without torch needs to validate requests for this model."""
+        from .cardinfo import model_card
+
+        return model_card(self)
+
+    # -- validation ----------------------------------------------------------------------------------------
+    def _prepare(self, template: TemplateLike) -> PreparedPrompt:
+        return as_template(template, self.tokenizer).prepare(self.tokenizer)
+
+    def validate(self, requests: Sequence[InterpretRequest | VectorRequest], template: TemplateLike = None,
+                 injection: InjectionConfig | None = None, generation: GenerationConfig | None = None) -> None:
+        """Raise ``SelfieInputError`` for the first problem found; return None when everything can run."""
+        self._validated(requests, template, injection, generation)
+
+    def _validated(self, requests, template, injection, generation):
+        injection = injection or InjectionConfig()
+        generation = generation or GenerationConfig()
+        if isinstance(requests, (InterpretRequest, VectorRequest)):
+            raise SelfieInputError("pass a list of requests, not a single request")
+        prepared = self._prepare(template)
+        check_injection(injection, self.num_layers)
+        check_generation(generation, prepared, self.max_context)
+        token_ids: dict[str, list[int]] = {}
+        vectors: dict[int, torch.Tensor] = {}
+        for i, req in enumerate(requests):
+            where = f"request {i}"
+            if isinstance(req, VectorRequest):
+                vectors[i] = vector_tensor(req, self.hidden_size, where)
+                continue
+            ids = None
+            if isinstance(req, InterpretRequest) and isinstance(req.prompt, str) and req.prompt.strip():
+                ids = token_ids.get(req.prompt)
+                if ids is None:
+                    ids = token_ids[req.prompt] = list(self.tokenizer(req.prompt).input_ids)
+            check_interpret_request(req, ids, self.num_layers, self.max_context, where)
+        return prepared, injection, generation, token_ids, vectors
+
+    # -- running -------------------------------------------------------------------------------------------
+    def interpret(self, requests: Sequence[InterpretRequest | VectorRequest], template: TemplateLike = None,
+                  injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
+                  batch_size: int | None = None) -> list[Interpretation]:
+        """Interpret every request; results come back in request order."""
+        results: list[Interpretation] = []
+        for batch in self.stream(requests, template, injection, generation, batch_size):
+            results.extend(batch)
+        return results
+
+    def interpret_vectors(self, vectors: Sequence[VectorRequest | Any], template: TemplateLike = None,
+                          injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
+                          batch_size: int | None = None) -> list[Interpretation]:
+        """Interpret arbitrary vectors (``VectorRequest`` or raw tensors/lists of the model's hidden size)."""
+        reqs = [v if isinstance(v, VectorRequest) else VectorRequest(v) for v in vectors]
+        return self.interpret(reqs, template, injection, generation, batch_size)
+
+    def stream(self, requests: Sequence[InterpretRequest | VectorRequest], template: TemplateLike = None,
+               injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
+               batch_size: int | None = None) -> Iterator[list[Interpretation]]:
+        """Validate everything first, then yield one list of results per finished engine batch (request order)."""
+        requests = list(requests)
+        prepared, injection, generation, token_ids, raw_vectors = self._validated(requests, template, injection, generation)
+        return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size)
+
+    def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size):
+        if not requests:
+            return
+        state = self._prompt_state(prepared)
+        size = batch_size or self.batch_size or self._auto_batch_size(len(prepared.input_ids), generation.max_new_tokens)
+        eos = _eos_ids(self.model, self.tokenizer, generation)
+        # pairs still needed per prompt, so that a prompt is extracted once even when its rows span batches
+        pending: dict[str, int] = {}
+        pairs: dict[str, set] = {}
+        for req in requests:
+            if isinstance(req, InterpretRequest):
+                pending[req.prompt] = pending.get(req.prompt, 0) + 1
+                pairs.setdefault(req.prompt, set()).add((req.layer, req.token))
+        extracted: dict[str, dict] = {}
+        for start in range(0, len(requests), size):
+            chunk = requests[start : start + size]
+            missing = list(dict.fromkeys(r.prompt for r in chunk if isinstance(r, InterpretRequest) and r.prompt not in extracted))
+            if missing:
+                got = extract(self.model, [token_ids[p] for p in missing], [sorted(pairs[p]) for p in missing],
+                              self.pad_id, self.input_device, self.max_extract_tokens)
+                extracted.update(zip(missing, got))
+            vecs = []
+            for j, req in enumerate(chunk):
+                if isinstance(req, InterpretRequest):
+                    vecs.append(extracted[req.prompt][(req.layer, req.token)])
+                    pending[req.prompt] -= 1
+                    if pending[req.prompt] == 0:
+                        del extracted[req.prompt]
+                else:
+                    vecs.append(raw_vectors[start + j])
+            device = self.adapter.block_device(injection.k)
+            vectors = torch.stack([v.to(device) for v in vecs])
+            yield self._run_batch(chunk, vectors, state, injection, generation, eos, token_ids)
+
+    def _run_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
+        seeds = None
+        if generation.do_sample and generation.seed is not None:
+            seeds = [_row_seed(generation.seed, self._identity(req)) for req in chunk]
+        rows = generate_batch(
+            self.model, self.adapter.blocks[injection.k], state, vectors, mode=injection.mode,
+            strength=float(injection.strength), max_new_tokens=generation.max_new_tokens, eos_ids=eos,
+            do_sample=generation.do_sample, temperature=float(generation.temperature), top_p=float(generation.top_p),
+            row_seeds=seeds, device=self.input_device,
+        )
+        p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
+        out = []
+        for req, row, pn in zip(chunk, rows, p_no):
+            rel = relevancy_scores(row.p_inject, pn)
+            text_ids = row.token_ids[:-1] if row.token_ids and row.token_ids[-1] in eos else row.token_ids
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
+            if isinstance(req, InterpretRequest):
+                src = self.tokenizer.decode([token_ids[req.prompt][req.token]])
+                out.append(Interpretation(req.key, req.prompt, req.layer, req.token, src, text, row.token_ids, rel,
+                                          sum(rel) / len(rel) if rel else 0.0))
+            else:
+                out.append(Interpretation(req.key, req.label or "", None, None, None, text, row.token_ids, rel,
+                                          sum(rel) / len(rel) if rel else 0.0))
+        return out
+
+    @staticmethod
+    def _identity(req) -> bytes:
+        if isinstance(req, InterpretRequest):
+            return f"{req.prompt}\x00{req.layer}\x00{req.token}".encode()
+        vec = req.vector.detach().cpu() if isinstance(req.vector, torch.Tensor) else torch.as_tensor(req.vector)
+        return vec.to(torch.float32).numpy().tobytes()
+
+    def _prompt_state(self, prepared: PreparedPrompt) -> PromptState:
+        key = (prepared.input_ids, prepared.insert_positions)
+        state = self._states.get(key)
+        if state is None:
+            state = prepare_prompt_state(self.model, prepared, self.input_device)
+            self._states[key] = state
+            while len(self._states) > 8:
+                self._states.popitem(last=False)
+        else:
+            self._states.move_to_end(key)
+        return state
+
+    def _auto_batch_size(self, prompt_len: int, max_new_tokens: int) -> int:
+        device = self.input_device
+        if device.type != "cuda":
+            return 64
+        free, _ = torch.cuda.mem_get_info(device)
+        cfg = self.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
+        head_dim = getattr(cfg, "head_dim", None) or self.hidden_size // getattr(cfg, "num_attention_heads", 1)
+        elem = torch.finfo(next(self.model.parameters()).dtype).bits // 8
+        tokens = prompt_len + max_new_tokens
+        kv = 2 * self.num_layers * heads * head_dim * tokens * elem
+        vocab = int(getattr(cfg, "vocab_size", 32000))
+        per_row = 3 * kv + 4 * vocab * 4 + 16 * self.hidden_size * tokens * elem  # cache copies, logits, activations
+        return int(max(1, min(2048, (free * 0.6) // per_row)))

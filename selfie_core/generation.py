@@ -1,0 +1,124 @@
+"""Batched generation from an injected interpretation prompt.
+
+All rows of a batch share one interpretation prompt. Its positions before the first placeholder are identical in
+every row (causal attention), so their KV cache comes from one batch-1 pass (``PromptState``) and is expanded;
+only the rest of the prompt is prefilled per row, with the injection hook on block ``k``. Decode steps use the KV
+cache and no hook. The probability of each chosen token under the injected run (``P_inject``) is read from the
+same logits that chose it, which is what a teacher-forced re-run over the generated sequence would compute. Rows
+that emit an end-of-sequence id leave the batch (their cache rows are dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .hooks import inject
+from .modelcall import cache_tensors, forward, make_cache, select_rows
+from .templates import PreparedPrompt
+
+
+@dataclass
+class PromptState:
+    """The interpretation prompt run once without injection: its KV cache and next-token probabilities."""
+
+    prepared: PreparedPrompt
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    last_probs: torch.Tensor  # (vocab,) float32: P_no_inject of the first generated token
+
+    @property
+    def length(self) -> int:
+        return len(self.prepared.input_ids)
+
+
+@torch.inference_mode()
+def prepare_prompt_state(model, prepared: PreparedPrompt, device: torch.device) -> PromptState:
+    ids = torch.tensor([prepared.input_ids], device=device)
+    logits, cache, _ = forward(model, ids, logits_to_keep=1)
+    return PromptState(prepared, cache_tensors(cache), torch.softmax(logits[0, -1].float(), -1))
+
+
+@dataclass
+class GeneratedRow:
+    token_ids: list[int]
+    p_inject: list[float]
+
+
+def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+            generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; each row has its own generator, so a row's
+    # sample does not depend on which other rows share its batch.
+    noise = torch.stack([torch.rand(probs.shape[-1], generator=g, device=g.device) for g in generators])
+    noise = noise.to(probs.device).clamp_min_(1e-20)
+    return (probs / -noise.log()).argmax(-1)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    block: torch.nn.Module,
+    state: PromptState,
+    vectors: torch.Tensor,
+    *,
+    mode: str,
+    strength: float,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    row_seeds: Sequence[int] | None = None,
+    device: torch.device,
+) -> list[GeneratedRow]:
+    batch = vectors.shape[0]
+    prepared = state.prepared
+    p0 = prepared.first_insert
+    ids = torch.tensor(prepared.input_ids, device=device)
+    cache = make_cache(model, state.kv, batch, upto=p0) if p0 > 0 else None
+    suffix = ids[p0:].unsqueeze(0).expand(batch, -1)
+    positions = [p - p0 for p in prepared.insert_positions]
+    with inject(block, positions, vectors, mode, strength):
+        logits, cache, _ = forward(model, suffix, cache=cache, logits_to_keep=1)
+    generators = None
+    if do_sample:
+        gen_device = device if device.type == "cuda" else torch.device("cpu")
+        generators = []
+        for s in row_seeds if row_seeds is not None else [torch.seed() for _ in range(batch)]:
+            g = torch.Generator(device=gen_device)
+            g.manual_seed(int(s))
+            generators.append(g)
+    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
+    rows = [GeneratedRow([], []) for _ in range(batch)]
+    active = list(range(batch))  # original row index of each current batch row
+    for step in range(max_new_tokens):
+        step_logits = logits[:, -1].float()
+        tokens = _choose(step_logits, do_sample, temperature, top_p, generators)
+        probs = torch.softmax(step_logits, -1).gather(-1, tokens[:, None])[:, 0]
+        done = torch.isin(tokens, eos)
+        for r, tok, p in zip(active, tokens.tolist(), probs.tolist()):
+            rows[r].token_ids.append(tok)
+            rows[r].p_inject.append(p)
+        if step == max_new_tokens - 1:
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            select_rows(cache, keep)
+            tokens = tokens.index_select(0, keep)
+            kept = keep.tolist()
+            active = [active[i] for i in kept]
+            if generators is not None:
+                generators = [generators[i] for i in kept]
+        logits, cache, _ = forward(model, tokens[:, None], cache=cache, logits_to_keep=1)
+    return rows

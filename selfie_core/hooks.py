@@ -1,0 +1,64 @@
+"""Injection: a forward pre-hook on decoder block k that writes vectors at the placeholder positions.
+
+The hook fires once (the prefill pass); later calls (decode steps over the KV cache) pass through untouched.
+``inject`` is a context manager that removes the hook in ``finally``, so an exception never leaves it behind.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def apply_injection(hidden: torch.Tensor, positions: Sequence[int], vectors: torch.Tensor, mode: str, strength: float) -> torch.Tensor:
+    """Return a copy of ``hidden`` (batch, seq, hidden) with ``vectors`` (batch, hidden) written at ``positions``."""
+    if vectors.shape[0] != hidden.shape[0]:
+        raise RuntimeError(f"injection: {vectors.shape[0]} vectors for a batch of {hidden.shape[0]}")
+    if max(positions) >= hidden.shape[1]:
+        raise RuntimeError(f"injection: position {max(positions)} outside a sequence of {hidden.shape[1]}")
+    out = hidden.clone()
+    idx = torch.as_tensor(list(positions), device=hidden.device)
+    v = vectors.to(device=hidden.device, dtype=hidden.dtype)[:, None, :].expand(-1, len(positions), -1)
+    if mode == "replace":
+        out[:, idx] = v
+    elif mode == "blend":
+        out[:, idx] = strength * v + (1.0 - strength) * hidden[:, idx]
+    elif mode == "add":
+        out[:, idx] = hidden[:, idx] + strength * v
+    else:
+        raise ValueError(f"unknown injection mode {mode!r}")
+    return out
+
+
+class _InjectionHook:
+    def __init__(self, positions, vectors, mode, strength, once=True):
+        self.positions = list(positions)
+        self.vectors = vectors
+        self.mode = mode
+        self.strength = float(strength)
+        self.once = once
+        self.calls = 0
+
+    def __call__(self, module, args, kwargs):
+        self.calls += 1
+        if self.once and self.calls > 1:
+            return None
+        if args:
+            return (apply_injection(args[0], self.positions, self.vectors, self.mode, self.strength), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = apply_injection(kwargs["hidden_states"], self.positions, self.vectors, self.mode, self.strength)
+        return args, kwargs
+
+
+@contextmanager
+def inject(block: nn.Module, positions: Sequence[int], vectors: torch.Tensor, mode: str = "replace", strength: float = 1.0, once: bool = True) -> Iterator[_InjectionHook]:
+    """Inject ``vectors`` at the input of ``block`` while the context is open (first forward only if ``once``)."""
+    hook = _InjectionHook(positions, vectors, mode, strength, once)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield hook
+    finally:
+        handle.remove()

@@ -1,0 +1,78 @@
+"""Input checks with messages a user can act on. Every failure raises ``SelfieInputError``."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .errors import SelfieInputError
+from .records import INJECTION_MODES, GenerationConfig, InjectionConfig, InterpretRequest, VectorRequest
+from .templates import PreparedPrompt
+
+MAX_NEW_TOKENS_CAP = 1024
+
+
+def check_injection(injection: InjectionConfig, num_layers: int) -> None:
+    if not isinstance(injection.k, int) or isinstance(injection.k, bool) or not 0 <= injection.k < num_layers:
+        raise SelfieInputError(f"injection layer k={injection.k!r} is outside the model: use 0 <= k < {num_layers}")
+    if injection.mode not in INJECTION_MODES:
+        raise SelfieInputError(f"injection mode {injection.mode!r} is unknown: use one of {', '.join(INJECTION_MODES)}")
+    try:
+        strength = float(injection.strength)
+    except (TypeError, ValueError):
+        raise SelfieInputError(f"injection strength {injection.strength!r} is not a number") from None
+    if not math.isfinite(strength):
+        raise SelfieInputError(f"injection strength must be finite, got {injection.strength!r}")
+
+
+def check_generation(gen: GenerationConfig, prompt: PreparedPrompt, max_context: int | None) -> None:
+    n = gen.max_new_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS_CAP:
+        raise SelfieInputError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {n!r}")
+    if gen.do_sample:
+        if not (isinstance(gen.temperature, (int, float)) and math.isfinite(gen.temperature) and gen.temperature > 0):
+            raise SelfieInputError(f"temperature must be a finite number > 0 when sampling, got {gen.temperature!r}")
+        if not (isinstance(gen.top_p, (int, float)) and 0 < gen.top_p <= 1):
+            raise SelfieInputError(f"top_p must be in (0, 1], got {gen.top_p!r}")
+    if gen.seed is not None and (not isinstance(gen.seed, int) or isinstance(gen.seed, bool)):
+        raise SelfieInputError(f"seed must be an integer or None, got {gen.seed!r}")
+    if max_context is not None and len(prompt.input_ids) + n > max_context:
+        raise SelfieInputError(
+            f"the interpretation prompt ({len(prompt.input_ids)} tokens) plus max_new_tokens={n} exceeds the "
+            f"model's context of {max_context} tokens"
+        )
+
+
+def check_interpret_request(req, ids: list[int] | None, num_layers: int, max_context: int | None, where: str) -> None:
+    if not isinstance(req, InterpretRequest):
+        raise SelfieInputError(f"{where}: expected an InterpretRequest, got {type(req).__name__}")
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise SelfieInputError(f"{where}: the prompt is empty")
+    assert ids is not None
+    if max_context is not None and len(ids) > max_context:
+        raise SelfieInputError(f"{where}: the prompt has {len(ids)} tokens, longer than the model's context of {max_context}")
+    if not isinstance(req.layer, int) or isinstance(req.layer, bool) or not 0 <= req.layer <= num_layers:
+        raise SelfieInputError(f"{where}: layer {req.layer!r} is out of range: use 0..{num_layers} (0 = embeddings)")
+    if not isinstance(req.token, int) or isinstance(req.token, bool) or not 0 <= req.token < len(ids):
+        raise SelfieInputError(
+            f"{where}: token {req.token!r} is out of range: the prompt has {len(ids)} tokens (valid 0..{len(ids) - 1})"
+        )
+
+
+def vector_tensor(req, hidden_size: int, where: str) -> torch.Tensor:
+    """The request's vector as a float32 CPU tensor of shape (hidden_size,), or SelfieInputError."""
+    if not isinstance(req, VectorRequest):
+        raise SelfieInputError(f"{where}: expected a VectorRequest, got {type(req).__name__}")
+    try:
+        vec = torch.as_tensor(req.vector.detach().cpu() if isinstance(req.vector, torch.Tensor) else req.vector)
+        vec = vec.to(torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SelfieInputError(f"{where}: the vector is not numeric ({exc})") from None
+    vec = vec.squeeze()
+    if vec.dim() != 1 or vec.shape[0] != hidden_size:
+        raise SelfieInputError(f"{where}: the vector has shape {tuple(vec.shape)}, expected ({hidden_size},)")
+    if not bool(torch.isfinite(vec).all()):
+        raise SelfieInputError(f"{where}: the vector contains NaN or infinite values")
+    return vec
