@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     chunk_soft_time_limit_seconds: int = Field(900, ge=1)
     job_timeout_seconds: int = Field(7 * 24 * 3600, ge=1)
     db_retry_seconds: float = Field(60.0, gt=0, description="How long a worker keeps retrying a failed write.")
+    max_chunk_attempts: int = Field(5, ge=1, description="A chunk lost or crashed this often fails its job.")
 
     # --- security ------------------------------------------------------------------------------------------
     auth_enabled: bool = Field(True, description="Only `selfie up` (local embedded mode) switches this off.")

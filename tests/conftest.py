@@ -56,3 +56,12 @@ def postgres_url(postgres_admin_url) -> Iterator[str]:
 def database_url(request) -> str:
     """An empty database of each supported kind (the test prepares the schema it needs)."""
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def migrated_database_url(database_url) -> str:
+    """`database_url` with the schema made by the Alembic migrations (as production makes it)."""
+    from selfie_jobs.migrate import upgrade
+
+    upgrade(database_url)
+    return database_url

@@ -1,0 +1,143 @@
+"""Model cards (what a served model accepts) and worker heartbeats (who serves it, right now).
+
+Workers write both; the API reads them to validate requests and to list the models that live workers serve.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from selfie_jobs.chunks import GONE_WORKER_STATES, _pid_alive, as_utc
+from selfie_jobs.models import ServedModel, Worker, utcnow
+
+_CARD_COLUMNS = ("architecture", "num_layers", "hidden_size", "max_context")
+
+
+def write_model_card(session: Session, name: str, card: dict[str, Any], *, now: datetime | None = None) -> ServedModel:
+    """Insert or replace the card of the model served under `name` (the queue's model name).
+
+    `card` is the engine's `model_card()` (plus whatever the worker adds, e.g. preset templates); the
+    tokenizer JSON is kept in its own column because it is large and only read for validation.
+    """
+    now = now or utcnow()
+    missing = [k for k in (*_CARD_COLUMNS, "tokenizer_json") if k not in card]
+    if missing:
+        raise ValueError(f"model card lacks {', '.join(missing)}")
+    body = {k: v for k, v in card.items() if k != "tokenizer_json"}
+    body.setdefault("name", name)
+    row = session.get(ServedModel, name)
+    if row is None:
+        row = ServedModel(name=name)
+        session.add(row)
+    row.architecture = str(card["architecture"])
+    row.num_layers = int(card["num_layers"])
+    row.hidden_size = int(card["hidden_size"])
+    row.max_context = int(card["max_context"])
+    row.card = body
+    row.tokenizer_json = card["tokenizer_json"]
+    row.updated_at = now
+    session.flush()
+    return row
+
+
+def read_model_card(session: Session, name: str) -> dict[str, Any] | None:
+    """The card as written (tokenizer JSON included), or None for a model no worker ever loaded."""
+    row = session.get(ServedModel, name)
+    if row is None:
+        return None
+    return {**(row.card or {}), "name": row.name, "architecture": row.architecture, "num_layers": row.num_layers,
+            "hidden_size": row.hidden_size, "max_context": row.max_context, "tokenizer_json": row.tokenizer_json}
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    name: str  # unique per worker process: "<celery node name>:<pid>"; it is the chunk owner
+    model: str
+    hostname: str
+    pid: int
+    device: str
+
+
+def worker_identity(node_name: str, model: str, device: str) -> WorkerIdentity:
+    pid = os.getpid()
+    return WorkerIdentity(f"{node_name}:{pid}", model, socket.gethostname(), pid, device)
+
+
+def heartbeat(
+    session: Session,
+    who: WorkerIdentity,
+    *,
+    state: str = "ready",
+    info: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Insert or refresh this worker's row. The caller commits."""
+    now = now or utcnow()
+    row = session.get(Worker, who.name)
+    if row is None:
+        row = Worker(name=who.name, model=who.model, hostname=who.hostname, pid=who.pid, device=who.device,
+                     started_at=now)
+        session.add(row)
+    row.model = who.model
+    row.device = who.device
+    row.state = state
+    row.last_heartbeat = now
+    if info is not None:
+        row.info = dict(info)
+    session.flush()
+
+
+def mark_worker(session: Session, name: str, state: str, *, now: datetime | None = None) -> None:
+    session.execute(update(Worker).where(Worker.name == name).values(state=state, last_heartbeat=now or utcnow()))
+
+
+def mark_dead_local_workers(session: Session, hostname: str | None = None) -> list[str]:
+    """Mark rows of this host whose process is gone as dead (a killed worker process never says goodbye)."""
+    hostname = hostname or socket.gethostname()
+    dead = []
+    for row in session.scalars(
+        select(Worker).where(Worker.hostname == hostname, Worker.state.not_in(GONE_WORKER_STATES))
+    ).all():
+        if row.pid != os.getpid() and not _pid_alive(row.pid):
+            row.state = "dead"
+            dead.append(row.name)
+    session.flush()
+    return dead
+
+
+def live_workers(
+    session: Session, alive_seconds: float, *, model: str | None = None, now: datetime | None = None
+) -> list[Worker]:
+    now = now or utcnow()
+    query = select(Worker).where(
+        Worker.last_heartbeat >= now - timedelta(seconds=alive_seconds), Worker.state.not_in(GONE_WORKER_STATES)
+    )
+    if model is not None:
+        query = query.where(Worker.model == model)
+    return [w for w in session.scalars(query.order_by(Worker.name)).all() if as_utc(w.last_heartbeat)]
+
+
+def served_models(session: Session, alive_seconds: float, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """The models live workers serve, each with its card (without the tokenizer) and its workers."""
+    workers = live_workers(session, alive_seconds, now=now)
+    by_model: dict[str, list[Worker]] = {}
+    for w in workers:
+        by_model.setdefault(w.model, []).append(w)
+    out = []
+    for name, ws in sorted(by_model.items()):
+        card = read_model_card(session, name) or {"name": name}
+        card.pop("tokenizer_json", None)
+        card["workers"] = [
+            {"name": w.name, "device": w.device, "state": w.state, "last_heartbeat": as_utc(w.last_heartbeat),
+             "info": w.info or {}}
+            for w in ws
+        ]
+        out.append(card)
+    return out

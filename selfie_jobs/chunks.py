@@ -1,0 +1,600 @@
+"""The chunk lifecycle: claim (compare-and-set), lease renewal, completion, failure and reconciliation.
+
+The database decides who works on what. A queue message only names a chunk; whoever wins the compare-and-set
+UPDATE on the chunk row runs it, under a lease it renews. Results are inserted with ON CONFLICT DO NOTHING on
+the unique key (job, prompt index, layer, token), so a redelivered chunk never duplicates a row, and the job's
+progress counter grows by the number of rows actually inserted.
+
+Every function takes a Session and leaves commit to the caller, except `complete_chunk`, which is one
+transaction per chunk by contract and therefore takes a session factory. `with_db_retry` wraps a unit of work
+so that transient database outages (a restart, a failover) are retried with backoff instead of losing work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, Worker, utcnow
+from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Worker row states that mean "this owner will never finish its chunks".
+GONE_WORKER_STATES = frozenset({"dead", "stopped"})
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones. Compare them as aware UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# retries
+# --------------------------------------------------------------------------------------------------------------
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: the database went away or was busy, not a bug in the statement."""
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def with_db_retry(
+    fn: Callable[[], T],
+    retry_seconds: float,
+    *,
+    first_delay: float = 0.2,
+    max_delay: float = 5.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run `fn` (a whole unit of work: open session, work, commit) until it succeeds or `retry_seconds` pass.
+
+    Exponential backoff with jitter; non-transient errors are raised at once.
+    """
+    deadline = time.monotonic() + retry_seconds
+    delay = first_delay
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - filtered just below
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
+            sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, max_delay)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# claiming
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedChunk:
+    """A chunk this worker now owns, with what running it needs (no ORM object crosses into the batcher)."""
+
+    id: int
+    job_id: str
+    index: int
+    model: str
+    batch_key: str
+    priority: int
+    items: tuple[tuple[int, int, int], ...]
+    attempts: int
+    spec: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.items)
+
+
+def _claimable(now: datetime, dead_owner: str | None = None):
+    """The compare-and-set condition: queued, or running under a lease that ran out (or a known-dead owner)."""
+    running_free = and_(Chunk.state == ChunkState.RUNNING, Chunk.lease_expires_at < now)
+    if dead_owner is not None:
+        running_free = or_(running_free, and_(Chunk.state == ChunkState.RUNNING, Chunk.owner == dead_owner))
+    open_job = select(Job.id).where(Job.id == Chunk.job_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+    return and_(or_(Chunk.state == ChunkState.QUEUED, running_free), open_job.exists())
+
+
+def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChunk]:
+    if not chunk_ids:
+        return []
+    rows = session.execute(
+        select(Chunk, Job.spec).join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
+    ).all()
+    by_id = {
+        chunk.id: ClaimedChunk(
+            id=chunk.id,
+            job_id=chunk.job_id,
+            index=chunk.index,
+            model=chunk.model,
+            batch_key=chunk.batch_key,
+            priority=chunk.priority,
+            items=tuple((int(p), int(l), int(t)) for p, l, t in chunk.items),
+            attempts=chunk.attempts,
+            spec=spec or {},
+        )
+        for chunk, spec in rows
+    }
+    return [by_id[i] for i in chunk_ids if i in by_id]
+
+
+def claim_chunk(
+    session: Session,
+    chunk_id: int,
+    owner: str,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+    dead_owner: str | None = None,
+) -> ClaimedChunk | None:
+    """Take one chunk by compare-and-set; None when someone else holds it, it is finished, or its job is closed.
+
+    `dead_owner`: the current owner, already judged dead by the caller (see `owner_is_alive`): its lease is
+    taken over at once instead of waiting for it to expire. The caller commits.
+    """
+    now = now or utcnow()
+    result = session.execute(
+        update(Chunk)
+        .where(Chunk.id == chunk_id, _claimable(now, dead_owner))
+        .values(
+            state=ChunkState.RUNNING,
+            owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Chunk.attempts + 1,
+            started_at=func.coalesce(Chunk.started_at, now),
+            error=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    claimed = _load_claimed(session, [chunk_id])
+    return claimed[0] if claimed else None
+
+
+def claim_more(
+    session: Session,
+    owner: str,
+    model: str,
+    batch_key: str,
+    max_items: int,
+    lease_seconds: float,
+    *,
+    exclude: Iterable[int] = (),
+    now: datetime | None = None,
+) -> list[ClaimedChunk]:
+    """Claim further queued chunks of the same model and engine settings (any job) for one cross-job batch.
+
+    Ordered by priority (lower first, as Celery's Redis priorities) then id (first come, first served), up to
+    `max_items` interpretations in all. Each one is taken by the same compare-and-set as `claim_chunk`, so two
+    workers racing for the same candidates never both get one. The caller commits.
+    """
+    if max_items <= 0:
+        return []
+    now = now or utcnow()
+    excluded = list(exclude)
+    query = (
+        select(Chunk.id, Chunk.size)
+        .where(Chunk.model == model, Chunk.batch_key == batch_key, Chunk.state == ChunkState.QUEUED)
+        .order_by(Chunk.priority, Chunk.id)
+        .limit(max(1, max_items))
+    )
+    if excluded:
+        query = query.where(Chunk.id.not_in(excluded))
+    won: list[int] = []
+    budget = max_items
+    for chunk_id, size in session.execute(query).all():
+        if size > budget:
+            continue
+        if claim_chunk(session, chunk_id, owner, lease_seconds, now=now) is not None:
+            won.append(chunk_id)
+            budget -= size
+        if budget <= 0:
+            break
+    return _load_claimed(session, won)
+
+
+def renew_leases(
+    session: Session, chunk_ids: Iterable[int], owner: str, lease_seconds: float, *, now: datetime | None = None
+) -> int:
+    """Extend the leases this owner still holds; returns how many it still holds. The caller commits."""
+    ids = list(chunk_ids)
+    if not ids:
+        return 0
+    now = now or utcnow()
+    result = session.execute(
+        update(Chunk)
+        .where(Chunk.id.in_(ids), Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# liveness of owners
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_is_alive(
+    session: Session, owner: str | None, alive_seconds: float, *, hostname: str | None = None, now: datetime | None = None
+) -> bool:
+    """Whether a chunk owner may still finish: its worker row heartbeats and is not marked gone.
+
+    When the caller runs on the same host (`hostname`), a process that no longer exists is dead at once: this
+    is how a restarted worker process takes over the chunk its killed predecessor held, without waiting.
+    """
+    if not owner:
+        return False
+    now = now or utcnow()
+    row = session.get(Worker, owner)
+    if row is None or row.state in GONE_WORKER_STATES:
+        return False
+    if as_utc(row.last_heartbeat) < now - timedelta(seconds=alive_seconds):
+        return False
+    if hostname is not None and row.hostname == hostname and not _pid_alive(row.pid):
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One interpretation ready to be stored (plain values, built by the worker from an engine record)."""
+
+    prompt_index: int
+    layer: int
+    token: int
+    source_token: str
+    text: str
+    token_ids: list[int]
+    relevancy: list[float]
+    mean_relevancy: float
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    inserted: int
+    chunk_done: bool
+    job_state: str | None
+    skipped_reason: str | None = None
+
+
+def _insert_ignore(session: Session):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(Interpretation)
+    if dialect == "sqlite":
+        return sqlite.insert(Interpretation)
+    raise NotImplementedError(f"no INSERT .. ON CONFLICT DO NOTHING for dialect {dialect!r}")
+
+
+def _lock_job(session: Session, job_id: str) -> Job | None:
+    # FOR UPDATE serialises the writers of one job on PostgreSQL (SQLite has one writer anyway), so the
+    # "no open chunk left" check below sees the other writers' committed chunks and exactly one marks success.
+    return session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+
+
+def _finish_job_if_complete(session: Session, job: Job, now: datetime) -> None:
+    open_chunks = session.scalar(
+        select(func.count()).select_from(Chunk).where(Chunk.job_id == job.id, Chunk.state.in_(["queued", "running"]))
+    )
+    if not open_chunks and job.state not in FINAL_JOB_STATES:
+        job.state = JobState.SUCCEEDED
+        job.finished_at = now
+
+
+def write_results(
+    session: Session,
+    chunk_id: int,
+    owner: str,
+    rows: Sequence[ResultRow],
+    *,
+    engine_run_id: str,
+    worker: str,
+    model: str,
+    complete: bool,
+    now: datetime | None = None,
+) -> WriteOutcome:
+    """Store some (or the last) results of one chunk; with `complete`, mark the chunk done. The caller commits.
+
+    Rows already present (a redelivered or re-run chunk) are skipped by the unique key, and the job's `done`
+    grows by the rows actually inserted. Nothing is written for a job that is already cancelled or failed.
+    The chunk is marked done only if this owner still holds it.
+    """
+    now = now or utcnow()
+    chunk = session.get(Chunk, chunk_id)
+    if chunk is None:
+        return WriteOutcome(0, False, None, "chunk is gone")
+    job = _lock_job(session, chunk.job_id)
+    if job is None:
+        return WriteOutcome(0, False, None, "job is gone")
+    if job.state in FINAL_JOB_STATES:
+        if chunk.state in (ChunkState.QUEUED, ChunkState.RUNNING):
+            chunk.state = ChunkState.CANCELLED if job.state == JobState.CANCELLED else ChunkState.FAILED
+            chunk.finished_at = now
+        return WriteOutcome(0, False, job.state, f"job is {job.state}")
+
+    inserted = 0
+    if rows:
+        values = [
+            {
+                "job_id": job.id,
+                "prompt_index": r.prompt_index,
+                "layer": r.layer,
+                "token": r.token,
+                "source_token": r.source_token,
+                "text": r.text,
+                "token_ids": list(r.token_ids),
+                "relevancy": list(r.relevancy),
+                "mean_relevancy": r.mean_relevancy,
+                "chunk_id": chunk_id,
+                "engine_run_id": engine_run_id,
+                "worker": worker,
+                "model": model,
+                "created_at": now,
+            }
+            for r in rows
+        ]
+        stmt = (
+            _insert_ignore(session)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=["job_id", "prompt_index", "layer", "token"])
+            .returning(Interpretation.id)
+        )
+        inserted = len(session.execute(stmt).all())
+
+    job.done = (job.done or 0) + inserted
+    if job.state == JobState.QUEUED:
+        job.state = JobState.RUNNING
+    if job.started_at is None:
+        job.started_at = now
+
+    chunk_done = False
+    if complete and chunk.owner == owner and chunk.state == ChunkState.RUNNING:
+        chunk.state = ChunkState.DONE
+        chunk.finished_at = now
+        chunk.lease_expires_at = None
+        chunk_done = True
+        session.flush()
+        _finish_job_if_complete(session, job, now)
+    session.flush()
+    return WriteOutcome(inserted, chunk_done, job.state)
+
+
+def complete_chunk(
+    session_factory: Callable[[], Session],
+    chunk_id: int,
+    owner: str,
+    rows: Sequence[ResultRow],
+    *,
+    engine_run_id: str,
+    worker: str,
+    model: str,
+    complete: bool = True,
+    retry_seconds: float = 0.0,
+) -> WriteOutcome:
+    """`write_results` in one transaction of its own, retried with backoff on transient database errors."""
+
+    def unit() -> WriteOutcome:
+        with session_factory() as session, session.begin():
+            return write_results(
+                session, chunk_id, owner, rows, engine_run_id=engine_run_id, worker=worker, model=model,
+                complete=complete,
+            )
+
+    return with_db_retry(unit, retry_seconds) if retry_seconds > 0 else unit()
+
+
+def start_engine_run(
+    session: Session, worker: str, model: str, chunks: Sequence[ClaimedChunk], *, now: datetime | None = None
+) -> str:
+    """Record one engine batch (which chunks and jobs it serves) and return its id. The caller commits."""
+    job_ids = list(dict.fromkeys(c.job_id for c in chunks))
+    run = EngineRun(
+        worker=worker,
+        model=model,
+        size=sum(c.size for c in chunks),
+        chunk_ids=[c.id for c in chunks],
+        job_ids=job_ids,
+        started_at=now or utcnow(),
+        elapsed_s=0.0,
+    )
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def finish_engine_run(session: Session, run_id: str, elapsed_s: float) -> None:
+    session.execute(update(EngineRun).where(EngineRun.id == run_id).values(elapsed_s=float(elapsed_s)))
+
+
+def load_prompts(session: Session, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Prompt texts for (job id, prompt index) pairs."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    job_ids = {j for j, _ in wanted}
+    rows = session.execute(select(Prompt.job_id, Prompt.index, Prompt.text).where(Prompt.job_id.in_(job_ids))).all()
+    return {(j, i): t for j, i, t in rows if (j, i) in wanted}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# failure and hand-back
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fail_job(session: Session, job_id: str, error: str, *, now: datetime | None = None) -> bool:
+    """Fail an open job with a stored error; its open chunks are closed so nobody picks them up again."""
+    now = now or utcnow()
+    job = _lock_job(session, job_id)
+    if job is None or job.state in FINAL_JOB_STATES:
+        return False
+    job.state = JobState.FAILED
+    job.error = error[:4000]
+    job.finished_at = now
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]))
+        .values(state=ChunkState.FAILED, finished_at=now, lease_expires_at=None, error="job failed")
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return True
+
+
+def fail_chunk(session: Session, chunk_id: int, error: str, *, now: datetime | None = None) -> bool:
+    """A chunk that cannot succeed fails its job (results of a job are all or an error)."""
+    now = now or utcnow()
+    chunk = session.get(Chunk, chunk_id)
+    if chunk is None:
+        return False
+    failed = fail_job(session, chunk.job_id, error, now=now)
+    session.execute(update(Chunk).where(Chunk.id == chunk_id).values(error=error[:4000]))
+    return failed
+
+
+def release_chunks(
+    session: Session,
+    chunk_ids: Iterable[int],
+    owner: str,
+    reason: str,
+    *,
+    max_attempts: int,
+    now: datetime | None = None,
+) -> list[int]:
+    """Hand chunks this owner holds back to the queue (state queued), or fail their job past `max_attempts`.
+
+    Returns the ids put back in the queue: the caller re-enqueues them after commit.
+    """
+    now = now or utcnow()
+    requeued: list[int] = []
+    for chunk in session.scalars(
+        select(Chunk).where(Chunk.id.in_(list(chunk_ids)), Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
+    ).all():
+        if chunk.attempts >= max_attempts:
+            fail_job(session, chunk.job_id, f"chunk {chunk.index} failed {chunk.attempts} times; last: {reason}", now=now)
+            continue
+        chunk.state = ChunkState.QUEUED
+        chunk.owner = None
+        chunk.lease_expires_at = None
+        chunk.error = reason[:4000]
+        chunk.enqueued_at = now
+        requeued.append(chunk.id)
+    session.flush()
+    return requeued
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reconciliation
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Redelivery:
+    chunk_id: int
+    model: str
+    priority: int
+
+
+@dataclass
+class ReconcileReport:
+    redeliver: list[Redelivery] = field(default_factory=list)
+    timed_out_jobs: list[str] = field(default_factory=list)
+    failed_jobs: list[str] = field(default_factory=list)
+
+
+def reconcile(
+    session: Session, settings: Any, now: datetime | None = None, *, max_attempts: int | None = None
+) -> ReconcileReport:
+    """Find what the queue lost. The caller commits, then sends one `run_chunk` per returned redelivery.
+
+    - jobs past their deadline (deadline_at, else created_at + job_timeout_seconds) fail with a stored error;
+    - `queued` chunks whose last enqueue is older than the grace period are sent again (Redis lost or flushed);
+    - `running` chunks whose lease ran out, or whose owner stopped heartbeating, are sent again (a crashed
+      worker); past `max_attempts` their job fails instead of crashing workers forever.
+    A duplicate message is harmless: the chunk's compare-and-set claim lets only one worker run it.
+    """
+    now = now or utcnow()
+    max_attempts = max_attempts or getattr(settings, "max_chunk_attempts", 5)
+    report = ReconcileReport()
+
+    timeout = timedelta(seconds=settings.job_timeout_seconds)
+    for job in session.scalars(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all():
+        deadline = as_utc(job.deadline_at) or as_utc(job.created_at) + timeout
+        if deadline < now:
+            if fail_job(session, job.id, f"job timed out: not finished by its deadline {deadline.isoformat()}", now=now):
+                report.timed_out_jobs.append(job.id)
+
+    grace = now - timedelta(seconds=settings.enqueue_grace_seconds)
+    alive_since = now - timedelta(seconds=settings.worker_alive_seconds)
+    live_owners = set(
+        session.scalars(
+            select(Worker.name).where(Worker.last_heartbeat >= alive_since, Worker.state.not_in(GONE_WORKER_STATES))
+        ).all()
+    )
+    rows = session.execute(
+        select(Chunk, Job.created_at)
+        .join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]), Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .order_by(Chunk.priority, Chunk.id)
+    ).all()
+    for chunk, job_created in rows:
+        if chunk.state == ChunkState.QUEUED:
+            last_sent = as_utc(chunk.enqueued_at) or as_utc(job_created)
+            if last_sent > grace:
+                continue
+        else:
+            lease_over = chunk.lease_expires_at is None or as_utc(chunk.lease_expires_at) < now
+            if not lease_over and chunk.owner in live_owners:
+                continue
+            if chunk.attempts >= max_attempts:
+                if fail_job(
+                    session, chunk.job_id, f"chunk {chunk.index} was lost {chunk.attempts} times (worker crashes)", now=now
+                ):
+                    report.failed_jobs.append(chunk.job_id)
+                continue
+        chunk.enqueued_at = now
+        report.redeliver.append(Redelivery(chunk.id, chunk.model, chunk.priority))
+    session.flush()
+    return report
+
+
+def has_nan(values: Iterable[float]) -> bool:
+    return any(isinstance(v, float) and (math.isnan(v) or math.isinf(v)) for v in values)

@@ -1,0 +1,46 @@
+"""Rows for tests, inserted directly (what a submission writes): a job, its prompts and its chunks."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from selfie_jobs.models import Chunk, Job, Prompt
+
+SPEC = {
+    "template": {"parts": ["[INST]", 0, 0, "[/INST] Sure:"]},
+    "injection": {"k": 1, "mode": "replace", "strength": 1.0},
+    "generation": {"max_new_tokens": 3, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": None},
+}
+
+
+def make_job(
+    session: Session,
+    *,
+    model: str = "tiny",
+    prompts: tuple[str, ...] = ("the cat sat on the mat",),
+    items: list[tuple[int, int, int]] | None = None,
+    chunk_size: int = 4,
+    batch_key: str = "bk1",
+    priority: int = 5,
+    spec: dict | None = None,
+    enqueued_at: datetime | None = None,
+    created_at: datetime | None = None,
+    deadline_at: datetime | None = None,
+) -> Job:
+    items = items if items is not None else [(0, layer, token) for layer in range(2) for token in range(4)]
+    job = Job(model=model, priority=priority, spec=spec or SPEC, batch_key=batch_key, total=len(items),
+              deadline_at=deadline_at)
+    if created_at is not None:
+        job.created_at = created_at
+    session.add(job)
+    session.flush()
+    for i, text in enumerate(prompts):
+        session.add(Prompt(job_id=job.id, index=i, text=text, tokens=text.split()))
+    for n, start in enumerate(range(0, len(items), chunk_size)):
+        part = [list(x) for x in items[start : start + chunk_size]]
+        session.add(Chunk(job_id=job.id, index=n, model=model, batch_key=batch_key, priority=priority, items=part,
+                          size=len(part), enqueued_at=enqueued_at))
+    session.flush()
+    return job

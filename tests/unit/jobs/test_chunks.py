@@ -1,0 +1,234 @@
+"""Chunk lifecycle against real SQLite and PostgreSQL: claims, races, redelivery, cancellation, reconciliation."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from selfie_jobs import chunks as C
+from selfie_jobs.cards import WorkerIdentity, heartbeat
+from selfie_jobs.db import get_sessionmaker
+from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, utcnow
+from selfie_jobs.settings import Settings
+from tests.unit.jobs.factories import make_job
+
+
+@pytest.fixture
+def db(migrated_database_url):
+    return get_sessionmaker(migrated_database_url)
+
+
+def _rows(chunk):
+    return [C.ResultRow(p, l, t, f"tok{t}", f"text {p} {l} {t}", [1, 2], [0.5, 0.25], 0.375) for p, l, t in chunk.items]
+
+
+def _job(db, **kw):
+    with db() as s, s.begin():
+        job = make_job(s, **kw)
+        return job.id, [c for c in s.scalars(select(Chunk.id).where(Chunk.job_id == job.id).order_by(Chunk.index))]
+
+
+def test_claim_is_compare_and_set(db):
+    _, ids = _job(db)
+    with db() as s, s.begin():
+        got = C.claim_chunk(s, ids[0], "w1", 60)
+    assert got is not None
+    assert got.attempts == 1 and got.items[0] == (0, 0, 0) and got.spec["injection"]["k"] == 1
+    with db() as s, s.begin():
+        assert C.claim_chunk(s, ids[0], "w2", 60) is None
+        row = s.get(Chunk, ids[0])
+        assert (row.state, row.owner) == ("running", "w1")
+
+
+def test_two_sessions_race_for_one_chunk_only_one_wins(db):
+    _, ids = _job(db)
+    barrier = threading.Barrier(2)
+    wins: list[str] = []
+    errors: list[BaseException] = []
+
+    def claim(owner):
+        try:
+            with db() as s, s.begin():
+                barrier.wait(5)
+                if C.claim_chunk(s, ids[0], owner, 60) is not None:
+                    wins.append(owner)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert len(wins) == 1
+    with db() as s:
+        assert s.get(Chunk, ids[0]).owner == wins[0]
+
+
+def test_expired_lease_and_dead_owner_can_be_taken_over(db):
+    _, ids = _job(db)
+    now = utcnow()
+    with db() as s, s.begin():
+        assert C.claim_chunk(s, ids[0], "w1", 30, now=now)
+    with db() as s, s.begin():
+        assert C.claim_chunk(s, ids[0], "w2", 30, now=now + timedelta(seconds=10)) is None
+        assert C.claim_chunk(s, ids[0], "w2", 30, now=now + timedelta(seconds=10), dead_owner="w9") is None
+        taken = C.claim_chunk(s, ids[0], "w2", 30, now=now + timedelta(seconds=10), dead_owner="w1")
+    assert taken is not None and taken.attempts == 2
+    with db() as s, s.begin():
+        taken = C.claim_chunk(s, ids[0], "w3", 30, now=now + timedelta(seconds=60))
+    assert taken is not None and taken.attempts == 3
+
+
+def test_claim_more_batches_across_jobs_by_priority_and_key(db):
+    _, a = _job(db, priority=5)
+    _, b = _job(db, priority=1)
+    _, other_key = _job(db, batch_key="other")
+    _, other_model = _job(db, model="big")
+    with db() as s, s.begin():
+        first = C.claim_chunk(s, a[0], "w1", 60)
+        more = C.claim_more(s, "w1", "tiny", "bk1", 8, 60, exclude=[first.id])
+    # job b (priority 1) first, then the rest of job a; 4 + 4 = 8 items fit, nothing of another key or model
+    assert [c.id for c in more] == [b[0], b[1]]
+    with db() as s:
+        states = dict(s.execute(select(Chunk.id, Chunk.state)).all())
+    assert all(states[i] == "queued" for i in other_key + other_model + a[1:])
+    with db() as s, s.begin():
+        assert C.claim_more(s, "w2", "tiny", "bk1", 3, 60) == []  # no queued chunk of <= 3 items fits
+        assert [c.id for c in C.claim_more(s, "w2", "tiny", "bk1", 100, 60)] == [a[1]]
+
+
+def test_redelivered_chunk_inserts_nothing_twice_and_job_succeeds(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        claimed = [C.claim_chunk(s, i, "w1", 60) for i in ids]
+        run_id = C.start_engine_run(s, "w1", "tiny", claimed)
+    first = C.complete_chunk(db, ids[0], "w1", _rows(claimed[0]), engine_run_id=run_id, worker="w1", model="tiny")
+    assert (first.inserted, first.chunk_done, first.job_state) == (4, True, "running")
+    # the same results again (a redelivered message, a re-run after a crash): nothing new
+    again = C.complete_chunk(db, ids[0], "w1", _rows(claimed[0]), engine_run_id=run_id, worker="w1", model="tiny")
+    assert again.inserted == 0 and not again.chunk_done
+    # streaming: half of the second chunk, then the rest with complete=True
+    rows = _rows(claimed[1])
+    part = C.complete_chunk(db, ids[1], "w1", rows[:2], engine_run_id=run_id, worker="w1", model="tiny", complete=False)
+    assert part.inserted == 2 and not part.chunk_done
+    last = C.complete_chunk(db, ids[1], "w1", rows, engine_run_id=run_id, worker="w1", model="tiny")
+    assert (last.inserted, last.chunk_done, last.job_state) == (2, True, "succeeded")
+    with db() as s:
+        job = s.get(Job, job_id)
+        assert (job.done, job.total, job.state) == (8, 8, "succeeded")
+        assert job.finished_at is not None
+        assert s.scalar(select(func.count()).select_from(Interpretation)) == 8
+        run = s.get(EngineRun, run_id)
+        assert run.chunk_ids == ids and run.job_ids == [job_id]
+
+
+def test_unique_key_holds_in_the_database(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        c = C.claim_chunk(s, ids[0], "w1", 60)
+    C.complete_chunk(db, ids[0], "w1", _rows(c), engine_run_id="r", worker="w1", model="tiny")
+    with pytest.raises(IntegrityError), db() as s, s.begin():
+        s.add(Interpretation(job_id=job_id, prompt_index=0, layer=0, token=0, source_token="", text="", token_ids=[],
+                             relevancy=[], mean_relevancy=0.0, chunk_id=ids[0], engine_run_id="r", worker="x",
+                             model="tiny"))
+
+
+def test_only_the_owner_marks_done(db):
+    _, ids = _job(db)
+    now = utcnow()
+    with db() as s, s.begin():
+        mine = C.claim_chunk(s, ids[0], "w1", 5, now=now - timedelta(seconds=60))
+        C.claim_chunk(s, ids[0], "w2", 60, now=now)  # lease of w1 ran out, w2 took over
+    out = C.complete_chunk(db, ids[0], "w1", _rows(mine), engine_run_id="r", worker="w1", model="tiny")
+    assert out.inserted == 4 and not out.chunk_done  # rows are kept (identical), the chunk stays w2's
+    out = C.complete_chunk(db, ids[0], "w2", _rows(mine), engine_run_id="r2", worker="w2", model="tiny")
+    assert out.inserted == 0 and out.chunk_done
+
+
+def test_cancelled_job_gets_no_rows_and_no_claims(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        c = C.claim_chunk(s, ids[0], "w1", 60)
+        s.get(Job, job_id).state = "cancelled"
+    out = C.complete_chunk(db, ids[0], "w1", _rows(c), engine_run_id="r", worker="w1", model="tiny")
+    assert out.inserted == 0 and out.skipped_reason == "job is cancelled"
+    with db() as s, s.begin():
+        assert C.claim_chunk(s, ids[1], "w1", 60) is None
+        assert s.get(Chunk, ids[0]).state == "cancelled"
+        assert s.scalar(select(func.count()).select_from(Interpretation)) == 0
+
+
+def test_fail_chunk_fails_the_job_with_its_error(db):
+    job_id, ids = _job(db)
+    other_id, other = _job(db)
+    with db() as s, s.begin():
+        C.claim_chunk(s, ids[0], "w1", 60)
+        assert C.fail_chunk(s, ids[0], "SelfieInputError: layer 99 out of range")
+    with db() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "failed" and "layer 99" in job.error and job.finished_at
+        assert {s.get(Chunk, i).state for i in ids} == {"failed"}
+        assert s.get(Job, other_id).state == "queued"
+
+
+def test_release_hands_back_then_fails_after_max_attempts(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        C.claim_chunk(s, ids[0], "w1", 60)
+        assert C.release_chunks(s, [ids[0]], "w1", "CUDA error", max_attempts=2) == [ids[0]]
+        assert s.get(Chunk, ids[0]).state == "queued"
+        C.claim_chunk(s, ids[0], "w1", 60)
+        assert C.release_chunks(s, [ids[0]], "w1", "CUDA error", max_attempts=2) == []
+    with db() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "failed" and "failed 2 times" in job.error
+
+
+def test_reconcile_finds_lost_chunks_and_times_out_jobs(db):
+    now = utcnow()
+    settings = Settings(enqueue_grace_seconds=60, worker_alive_seconds=45, job_timeout_seconds=3600)
+    _, fresh = _job(db, enqueued_at=now, chunk_size=8)
+    _, stale = _job(db, enqueued_at=now - timedelta(seconds=120), chunk_size=8)
+    _, expired = _job(db, enqueued_at=now, chunk_size=8)
+    _, live = _job(db, enqueued_at=now, chunk_size=8)
+    _, dead = _job(db, enqueued_at=now, chunk_size=8)
+    late_id, late = _job(db, deadline_at=now - timedelta(seconds=1), chunk_size=8)
+    old_id, _ = _job(db, created_at=now - timedelta(hours=2), enqueued_at=now, chunk_size=8)
+    with db() as s, s.begin():
+        C.claim_chunk(s, expired[0], "w-live", 10, now=now - timedelta(seconds=60))
+        C.claim_chunk(s, live[0], "w-live", 120, now=now)
+        C.claim_chunk(s, dead[0], "w-dead", 120, now=now)
+        heartbeat(s, WorkerIdentity("w-live", "tiny", "h", 1, "cpu"), now=now)
+        heartbeat(s, WorkerIdentity("w-dead", "tiny", "h", 2, "cpu"), now=now - timedelta(seconds=100))
+    with db() as s, s.begin():
+        report = C.reconcile(s, settings, now)
+    assert sorted(r.chunk_id for r in report.redeliver) == sorted([stale[0], expired[0], dead[0]])
+    assert sorted(report.timed_out_jobs) == sorted([late_id, old_id])
+    with db() as s, s.begin():
+        assert s.get(Job, late_id).state == "failed" and "timed out" in s.get(Job, late_id).error
+        # a re-sent queued chunk waits for the grace period again; a dead owner's chunk is sent until taken
+        again = C.reconcile(s, settings, now + timedelta(seconds=1))
+    assert sorted(r.chunk_id for r in again.redeliver) == sorted([expired[0], dead[0]])
+
+
+def test_with_db_retry_retries_transient_errors_only():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("select 1", {}, Exception("server closed the connection"))
+        return "ok"
+
+    assert C.with_db_retry(flaky, 10, first_delay=0.01, sleep=lambda _: None) == "ok" and len(calls) == 3
+    with pytest.raises(ValueError):
+        C.with_db_retry(lambda: (_ for _ in ()).throw(ValueError("bug")), 10, sleep=lambda _: None)
+    with pytest.raises(OperationalError):
+        C.with_db_retry(lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down"))), 0.05,
+                        first_delay=0.01, sleep=lambda _: None)
