@@ -187,7 +187,7 @@ def claim_more(
 ) -> list[ClaimedChunk]:
     """Claim further queued chunks of the same model and engine settings (any job) for one cross-job batch.
 
-    Ordered by priority (lower first, as Celery's Redis priorities) then id (first come, first served), up to
+    Ordered by priority (9 = most urgent first) then id (first come, first served), up to
     `max_items` interpretations in all. Each one is taken by the same compare-and-set as `claim_chunk`, so two
     workers racing for the same candidates never both get one. The caller commits.
     """
@@ -198,7 +198,7 @@ def claim_more(
     query = (
         select(Chunk.id, Chunk.size)
         .where(Chunk.model == model, Chunk.batch_key == batch_key, Chunk.state == ChunkState.QUEUED)
-        .order_by(Chunk.priority, Chunk.id)
+        .order_by(Chunk.priority.desc(), Chunk.id)
         .limit(max(1, max_items))
     )
     if excluded:
@@ -573,7 +573,7 @@ def reconcile(
         select(Chunk, Job.created_at)
         .join(Job, Job.id == Chunk.job_id)
         .where(Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]), Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
-        .order_by(Chunk.priority, Chunk.id)
+        .order_by(Chunk.priority.desc(), Chunk.id)
     ).all()
     for chunk, job_created in rows:
         if chunk.state == ChunkState.QUEUED:

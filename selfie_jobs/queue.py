@@ -15,12 +15,28 @@ RUN_AUDIT_TASK = "selfie.run_audit"
 #: Queue for housekeeping tasks (reconciler, audits) that any worker may run.
 CONTROL_QUEUE = "selfie.control"
 
+#: Job priorities run 0 (lowest) .. 9 (most urgent).
+MAX_PRIORITY = 9
+
+#: Redis has no native priorities: kombu keeps one list per priority step and reads the lower step first.
+#: Producer and workers must use the same options, or they name the per-priority lists differently.
+BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "priority_steps": list(range(MAX_PRIORITY + 1)),
+    "sep": ":",
+    "queue_order_strategy": "priority",
+}
+
 _QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def model_queue(model: str) -> str:
     """One queue per served model, so a worker only receives work for the model it holds."""
     return "selfie.model." + _QUEUE_SAFE.sub("_", model)
+
+
+def redis_priority(priority: int) -> int:
+    """Job priority (9 = most urgent) -> Celery's Redis message priority (0 = read first)."""
+    return MAX_PRIORITY - max(0, min(MAX_PRIORITY, int(priority)))
 
 
 def run_chunk_args(chunk_id: int) -> list[int]:
@@ -35,4 +51,5 @@ class TaskSender(Protocol):
 
 def send_chunk(sender: TaskSender, chunk_id: int, model: str, priority: int) -> None:
     """Wake a worker of `model` up for one chunk. The message is a hint: the chunk row decides what happens."""
-    sender.send_task(RUN_CHUNK_TASK, args=run_chunk_args(chunk_id), queue=model_queue(model), priority=priority)
+    sender.send_task(RUN_CHUNK_TASK, args=run_chunk_args(chunk_id), queue=model_queue(model),
+                     priority=redis_priority(priority))

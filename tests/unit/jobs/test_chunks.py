@@ -87,13 +87,13 @@ def test_expired_lease_and_dead_owner_can_be_taken_over(db):
 
 def test_claim_more_batches_across_jobs_by_priority_and_key(db):
     _, a = _job(db, priority=5)
-    _, b = _job(db, priority=1)
+    _, b = _job(db, priority=8)
     _, other_key = _job(db, batch_key="other")
     _, other_model = _job(db, model="big")
     with db() as s, s.begin():
         first = C.claim_chunk(s, a[0], "w1", 60)
         more = C.claim_more(s, "w1", "tiny", "bk1", 8, 60, exclude=[first.id])
-    # job b (priority 1) first, then the rest of job a; 4 + 4 = 8 items fit, nothing of another key or model
+    # job b (priority 8, more urgent) first, then the rest of job a; 4 + 4 = 8 items fit, nothing of another key or model
     assert [c.id for c in more] == [b[0], b[1]]
     with db() as s:
         states = dict(s.execute(select(Chunk.id, Chunk.state)).all())
