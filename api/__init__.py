@@ -1,0 +1,1 @@
+"""The HTTP API: FastAPI app factory (`api.main:create_app`), routes, request/response schemas, auth."""

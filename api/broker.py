@@ -1,0 +1,39 @@
+"""The api's producer-only Celery app: it sends tasks by name and never runs, imports or registers any."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from selfie_jobs import queue
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Priorities map to per-priority Redis lists; the producer must name them the way the workers read them.
+_TRANSPORT_OPTIONS: dict[str, Any] = getattr(
+    queue,
+    "BROKER_TRANSPORT_OPTIONS",
+    {"priority_steps": list(range(10)), "sep": ":", "queue_order_strategy": "priority"},
+)
+
+
+def make_producer(broker_url: str) -> Celery:
+    """Nothing connects here; the first `send_task` opens the broker connection (pooled afterwards)."""
+    app = Celery("selfie-api", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        # JSON only: the queue carries ids, and pickle would let whoever writes to Redis run code in workers.
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # The database holds every result; the api never waits for a task.
+        task_ignore_result=True,
+        result_backend=None,
+        # A submit must not hang on a dead broker: fail fast, the stored chunks are re-sent by the reconciler.
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=False,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5},
+        broker_transport_options=dict(_TRANSPORT_OPTIONS),
+    )
+    return app

@@ -1,0 +1,100 @@
+"""The FastAPI app factory. Nothing is built at import: `uvicorn api.main:create_app --factory`."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError, OperationalError
+
+from selfie_jobs.db import get_sessionmaker
+from selfie_jobs.queue import TaskSender
+from selfie_jobs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+
+
+def _redis_pinger(url: str):
+    def ping() -> bool:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    return ping
+
+
+def create_app(settings: Settings | None = None, task_sender: TaskSender | None = None) -> FastAPI:
+    """Build the app for `settings` (default: from the SELFIE_* environment).
+
+    `task_sender` replaces the producer-only Celery app (anything with `send_task`).
+    """
+    from api.broker import DEFAULT_REDIS_URL, make_producer
+    from api.deps import RateLimiter
+    from api.routes import jobs, system
+
+    settings = settings or get_settings()
+    broker_url = settings.redis_url or DEFAULT_REDIS_URL
+    producer = None
+    if task_sender is None:
+        producer = make_producer(broker_url)
+        task_sender = producer
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if producer is not None:
+            producer.close()
+
+    app = FastAPI(
+        title="SelfIE interpretation service",
+        version="0.1.0",
+        description="Ask a language model what its own hidden states mean: submit jobs, follow them, read results.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.sessionmaker = get_sessionmaker(settings.resolved_database_url())
+    app.state.task_sender = task_sender
+    app.state.redis_ping = _redis_pinger(broker_url)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+
+    if settings.cors_origins:  # closed unless origins are configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(_request: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.orig)
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "the database is unavailable; retry later"},
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    @app.exception_handler(DataError)
+    async def bad_value(_request: Request, exc: DataError) -> JSONResponse:
+        log.info("value rejected by the database: %s", exc.orig)
+        return JSONResponse(status_code=400, content={"detail": "a value is out of the range the database accepts"})
+
+    app.include_router(jobs.router)
+    app.include_router(system.router)
+    return app
+
+
+def app_info(app: FastAPI) -> dict[str, Any]:
+    """What the app was built with (for logs and `selfie up`)."""
+    settings: Settings = app.state.settings
+    return {"database": settings.resolved_database_url(), "redis": settings.redis_url, "auth": settings.auth_enabled}

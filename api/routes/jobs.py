@@ -1,0 +1,266 @@
+"""/v1/jobs: submit, status, cancel, list, interpretations (JSON or CSV)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
+from api.schemas import (
+    CancelOut,
+    ErrorOut,
+    InterpretationList,
+    InterpretationOut,
+    JobAccepted,
+    JobList,
+    JobStatus,
+    JobSummary,
+    Links,
+    Progress,
+    PromptOut,
+    Timings,
+)
+from selfie_jobs.models import Job
+from selfie_jobs.queries import (
+    SORT_NAMES,
+    InterpretationFilter,
+    QueryError,
+    cancel_job,
+    interpretations_page,
+    iter_interpretations,
+    job_view,
+    list_jobs,
+    visible_job,
+)
+from selfie_jobs.settings import Settings
+from selfie_jobs.specs import JobCreate
+from selfie_jobs.states import JobState
+from selfie_jobs.submission import SubmissionError, submit_job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+INT_MAX = 2**31 - 1
+CSV_COLUMNS = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy", "token_ids",
+               "worker", "model", "created_at")
+
+_ERRORS = {
+    400: {"model": ErrorOut, "description": "Malformed filter or cursor."},
+    401: {"model": ErrorOut, "description": "Missing or invalid API key."},
+    404: {"model": ErrorOut, "description": "No such job (or not yours)."},
+    503: {"model": ErrorOut, "description": "Database unavailable; retry after the Retry-After seconds."},
+}
+
+
+def base_url(request: Request, settings: Settings) -> str:
+    if "public_url" in settings.model_fields_set:
+        return settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")
+
+
+def job_links(request: Request, settings: Settings, job_id: str) -> Links:
+    root = f"{base_url(request, settings)}/v1/jobs/{job_id}"
+    return Links(self=root, interpretations=root + "/interpretations", cancel=root + "/cancel")
+
+
+def _visible_or_404(session, job_id: str, who) -> Job:
+    job = visible_job(session, job_id, who) if _JOB_ID.fullmatch(job_id) else None
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    return job
+
+
+def _utc(value: datetime | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise HTTPException(422, f"{name} is out of range") from None
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobAccepted,
+    responses={
+        200: {"model": JobAccepted, "description": "A job with this idempotency key exists already; it is returned."},
+        413: {"model": ErrorOut, "description": "More interpretations than a job may hold."},
+        422: {"description": "Invalid request (shape, or against the model card)."},
+        429: {"model": ErrorOut, "description": "Quota or rate limit; see Retry-After."},
+        **{k: v for k, v in _ERRORS.items() if k in (401, 503)},
+    },
+    summary="Submit a job",
+)
+def create_job(body: JobCreate, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+               who: PrincipalDep, sender: SenderDep) -> JobAccepted:
+    try:
+        result = submit_job(session, body, settings, sender, owner_key_id=who.key_id)
+    except SubmissionError as exc:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(  # type: ignore[return-value]
+            status_code=exc.status, content={"detail": exc.message, "field": exc.field}, headers=headers
+        )
+    job = result.job
+    links = job_links(request, settings, job.id)
+    response.headers["Location"] = links.self
+    if not result.created:
+        response.status_code = status.HTTP_200_OK
+    return JobAccepted(
+        id=job.id,
+        state=job.state,
+        model=job.model,
+        total=job.total,
+        chunks=len(result.chunk_ids) if result.created else -(-job.total // settings.chunk_size),
+        enqueued=result.enqueued,
+        created=result.created,
+        link=links.self,
+        links=links,
+    )
+
+
+@router.get("", response_model=JobList, responses=_ERRORS, summary="List jobs (newest first)")
+def get_jobs(
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: PrincipalDep,
+    state: JobState | None = None,
+    model: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    owner: Annotated[int | None, Query(ge=0, le=INT_MAX, description="Admin keys only: jobs of one key.")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+) -> JobList:
+    try:
+        page = list_jobs(
+            session, who, state=state.value if state else None, model=model,
+            created_after=_utc(created_after, "created_after"), created_before=_utc(created_before, "created_before"),
+            owner_key_id=owner, limit=limit, cursor=cursor,
+        )
+    except QueryError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    return JobList(
+        jobs=[
+            JobSummary(id=j.id, model=j.model, state=j.state, priority=j.priority, done=j.done, total=j.total,
+                       created_at=j.created_at, finished_at=j.finished_at, error=j.error,
+                       link=job_links(request, settings, j.id).self)
+            for j in page.jobs
+        ],
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Job status and progress")
+def get_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, who: PrincipalDep) -> JobStatus:
+    _visible_or_404(session, job_id, who)
+    view = job_view(session, job_id, who)
+    assert view is not None
+    job = view.job
+    links = job_links(request, settings, job.id)
+    return JobStatus(
+        id=job.id,
+        model=job.model,
+        state=job.state,
+        priority=job.priority,
+        progress=Progress(done=job.done, total=job.total, fraction=round(view.progress, 6)),
+        chunks=view.chunks,
+        queue_position=view.queue_position,
+        items_ahead=view.items_ahead,
+        timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+                        **view.timings()),
+        error=job.error,
+        spec=job.spec,
+        prompts=[PromptOut.model_validate(p) for p in view.prompts],
+        link=links.self,
+        links=links,
+    )
+
+
+@router.post("/{job_id}/cancel", response_model=CancelOut, responses=_ERRORS, summary="Cancel a job")
+def post_cancel(job_id: str, session: SessionDep, who: PrincipalDep) -> CancelOut:
+    _visible_or_404(session, job_id, who)
+    result = cancel_job(session, job_id, who)
+    if result is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    job, cancelled = result
+    session.commit()
+    return CancelOut(id=job.id, state=job.state, cancelled=cancelled)
+
+
+def _csv_rows(maker, job_id: str, flt: InterpretationFilter, sort: str, cursor: str | None,
+              limit: int | None) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    with maker() as session:
+        for n, row in enumerate(iter_interpretations(session, job_id, flt, sort=sort, cursor=cursor, limit=limit)):
+            writer.writerow([
+                row.prompt_index, row.layer, row.token, row.source_token, row.text, row.mean_relevancy,
+                json.dumps(row.relevancy), json.dumps(row.token_ids), row.worker, row.model,
+                row.created_at.isoformat() if row.created_at else "",
+            ])
+            if n % 200 == 0:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+    yield buffer.getvalue()
+
+
+@router.get(
+    "/{job_id}/interpretations",
+    response_model=InterpretationList,
+    responses={**_ERRORS, 200: {"content": {"text/csv": {}}, "description": "JSON page, or CSV (all matching rows "
+                                "unless `limit` is given) with `format=csv` or `Accept: text/csv`."}},
+    summary="Interpretations of a job: filter, sort, paginate; JSON or CSV",
+)
+def get_interpretations(
+    job_id: str,
+    session: SessionDep,
+    maker: SessionMakerDep,
+    who: PrincipalDep,
+    prompt: Annotated[int | None, Query(ge=0, le=INT_MAX, description="Prompt index.")] = None,
+    layer_min: Annotated[int | None, Query(ge=0, le=INT_MAX)] = None,
+    layer_max: Annotated[int | None, Query(ge=0, le=INT_MAX)] = None,
+    token: Annotated[int | None, Query(ge=0, le=INT_MAX, description="Token index in the prompt.")] = None,
+    source_token: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
+    min_relevancy: Annotated[float | None, Query(allow_inf_nan=False, ge=-1e9, le=1e9)] = None,
+    q: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="Text contains (any case).")] = None,
+    sort: Annotated[Literal[SORT_NAMES], Query()] = "position",  # type: ignore[valid-type]
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="JSON default 100; CSV default all.")] = None,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    format: Annotated[Literal["json", "csv"] | None, Query()] = None,  # noqa: A002 - the query parameter's name
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+):
+    job = _visible_or_404(session, job_id, who)
+    flt = InterpretationFilter(prompt=prompt, layer_min=layer_min, layer_max=layer_max, token=token,
+                               source_token=source_token, min_relevancy=min_relevancy, q=q)
+    as_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
+    try:
+        if as_csv:
+            # Validate the cursor now: once streaming starts the status is sent.
+            interpretations_page(session, job.id, flt, sort=sort, limit=1, cursor=cursor)
+            return StreamingResponse(
+                _csv_rows(maker, job.id, flt, sort, cursor, limit),
+                media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
+            )
+        page = interpretations_page(session, job.id, flt, sort=sort, limit=limit or 100, cursor=cursor)
+    except QueryError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    return InterpretationList(
+        job_id=job.id,
+        state=job.state,
+        items=[InterpretationOut.model_validate(r) for r in page.rows],
+        next_cursor=page.next_cursor,
+    )

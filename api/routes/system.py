@@ -1,0 +1,59 @@
+"""/v1/models (what live workers serve), /healthz (the process answers), /readyz (database and Redis answer)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.deps import PrincipalDep, SessionDep, SettingsDep
+from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, WorkerOut
+from selfie_jobs.queries import live_models
+
+router = APIRouter()
+
+_CARD_FIELDS = ("name", "architecture", "num_layers", "hidden_size", "max_context", "presets", "workers")
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"], summary="Models served by live workers",
+            responses={401: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+def get_models(session: SessionDep, settings: SettingsDep, who: PrincipalDep) -> ModelList:  # noqa: ARG001
+    out = []
+    for card in live_models(session, settings.worker_alive_seconds):
+        presets = card.get("presets") or []
+        out.append(ModelOut(
+            name=card["name"],
+            architecture=card.get("architecture"),
+            num_layers=card.get("num_layers"),
+            hidden_size=card.get("hidden_size"),
+            max_context=card.get("max_context"),
+            presets=sorted(presets) if isinstance(presets, (list, dict)) else [],
+            workers=[WorkerOut(name=w["name"], device=w["device"], state=w["state"],
+                               last_heartbeat=w.get("last_heartbeat")) for w in card.get("workers", [])],
+            card={k: v for k, v in card.items() if k not in _CARD_FIELDS},
+        ))
+    return ModelList(models=out)
+
+
+@router.get("/healthz", response_model=Health, tags=["health"])
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, tags=["health"], responses={503: {"model": Ready}})
+def readyz(request: Request, session: SessionDep):
+    database = redis_state = "ok"
+    try:
+        session.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        database = f"error: {type(exc).__name__}"
+    try:
+        if not request.app.state.redis_ping():
+            redis_state = "error: no answer"
+    except Exception as exc:  # noqa: BLE001
+        redis_state = f"error: {type(exc).__name__}"
+    ready = database == "ok" and redis_state == "ok"
+    body = Ready(status="ready" if ready else "not ready", database=database, redis=redis_state)
+    if ready:
+        return body
+    return JSONResponse(status_code=503, content=body.model_dump(), headers={"Retry-After": "5"})

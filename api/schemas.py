@@ -1,0 +1,155 @@
+"""Response schemas (requests are `selfie_jobs.specs.JobCreate`). ORM rows never leave the api as they are."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from selfie_jobs.chunks import as_utc
+
+# SQLite returns naive datetimes (stored as UTC): always answer with an explicit UTC offset.
+UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class Links(BaseModel):
+    self: str
+    interpretations: str
+    cancel: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    field: str | None = None
+
+
+class JobAccepted(BaseModel):
+    id: str
+    state: str
+    model: str
+    total: int = Field(description="Interpretations the job will produce.")
+    chunks: int
+    enqueued: int = Field(description="Chunks sent to the queue by this call (0 for a repeated idempotency key).")
+    created: bool = Field(description="False when an earlier job with the same idempotency key is returned.")
+    link: str
+    links: Links
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+    fraction: float
+
+
+class Timings(BaseModel):
+    created_at: UtcDatetime | None
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    queued_seconds: float | None
+    running_seconds: float | None
+    total_seconds: float | None
+
+
+class PromptOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int
+    text: str
+    tokens: list[str]
+
+
+class JobStatus(BaseModel):
+    id: str
+    model: str
+    state: str
+    priority: int
+    progress: Progress
+    chunks: dict[str, int]
+    queue_position: int | None = Field(description="Queued chunks of the same model served before this job's next one.")
+    items_ahead: int | None = Field(description="Interpretations in those chunks.")
+    timings: Timings
+    error: str | None
+    spec: dict[str, Any]
+    prompts: list[PromptOut]
+    link: str
+    links: Links
+
+
+class JobSummary(BaseModel):
+    id: str
+    model: str
+    state: str
+    priority: int
+    done: int
+    total: int
+    created_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
+    error: str | None
+    link: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    next_cursor: str | None
+
+
+class CancelOut(BaseModel):
+    id: str
+    state: str
+    cancelled: bool = Field(description="False when the job had already finished.")
+
+
+class InterpretationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    prompt_index: int
+    layer: int
+    token: int
+    source_token: str
+    text: str
+    mean_relevancy: float
+    relevancy: list[float]
+    token_ids: list[int]
+    worker: str
+    model: str
+    created_at: UtcDatetime | None
+
+
+class InterpretationList(BaseModel):
+    job_id: str
+    state: str
+    items: list[InterpretationOut]
+    next_cursor: str | None
+
+
+class WorkerOut(BaseModel):
+    name: str
+    device: str
+    state: str
+    last_heartbeat: UtcDatetime | None
+
+
+class ModelOut(BaseModel):
+    name: str
+    architecture: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    max_context: int | None = None
+    presets: list[str] = Field(default_factory=list)
+    workers: list[WorkerOut]
+    card: dict[str, Any] = Field(default_factory=dict, description="Everything else the worker reports.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    database: str
+    redis: str

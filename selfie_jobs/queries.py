@@ -1,0 +1,335 @@
+"""Read-side queries for the api: job status, job lists, interpretation pages, cancel, live models.
+
+Every query that touches jobs takes the asking `Principal`: a job is visible only to the key that created it (an
+admin key sees all). An invisible job reads exactly like a missing one. Pages use keyset cursors (stable under
+concurrent inserts, O(page) at any depth), opaque to clients.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from selfie_jobs.auth import Principal
+from selfie_jobs.cards import served_models
+from selfie_jobs.chunks import as_utc
+from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
+from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
+
+
+class QueryError(ValueError):
+    """A malformed filter or cursor (maps to 400)."""
+
+
+# --- cursors ----------------------------------------------------------------------------------------------------
+
+
+def encode_cursor(kind: str, values: Sequence[Any]) -> str:
+    raw = json.dumps([kind, list(values)], separators=(",", ":"), default=str).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, kind: str, n_values: int) -> list[Any]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        got_kind, values = json.loads(raw)
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise QueryError("malformed cursor") from None
+    if got_kind != kind or not isinstance(values, list) or len(values) != n_values:
+        raise QueryError("the cursor belongs to another listing or sort order")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, str) and "\x00" in v):
+            raise QueryError("malformed cursor")
+        if isinstance(v, int) and abs(v) > 2**62:
+            raise QueryError("malformed cursor")
+    return values
+
+
+def _after(keys: Sequence[tuple[Any, bool]], values: Sequence[Any]):
+    """Rows strictly after `values` in the order given by `keys` ((column, descending) pairs)."""
+    clauses = []
+    for i, (column, desc) in enumerate(keys):
+        prefix = [keys[j][0] == values[j] for j in range(i)]
+        clauses.append(and_(*prefix, column < values[i] if desc else column > values[i]))
+    return or_(*clauses)
+
+
+# --- jobs -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobView:
+    job: Job
+    chunks: dict[str, int]
+    queue_position: int | None
+    items_ahead: int | None
+    prompts: list[Prompt] = field(default_factory=list)
+
+    @property
+    def progress(self) -> float:
+        return (self.job.done / self.job.total) if self.job.total else 1.0
+
+    def timings(self, now: datetime | None = None) -> dict[str, float | None]:
+        now = now or utcnow()
+        created, started, finished = (as_utc(self.job.created_at), as_utc(self.job.started_at),
+                                      as_utc(self.job.finished_at))
+        waited_until = started or finished or now
+        return {
+            "queued_seconds": max(0.0, (waited_until - created).total_seconds()) if created else None,
+            "running_seconds": max(0.0, ((finished or now) - started).total_seconds()) if started else None,
+            "total_seconds": max(0.0, ((finished or now) - created).total_seconds()) if created else None,
+        }
+
+
+def visible_job(session: Session, job_id: str, who: Principal) -> Job | None:
+    job = session.get(Job, job_id)
+    if job is None or not who.can_see(job.owner_key_id):
+        return None
+    return job
+
+
+def _chunk_counts(session: Session, job_id: str) -> dict[str, int]:
+    counts = {state.value: 0 for state in ChunkState}
+    for state, n in session.execute(
+        select(Chunk.state, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.state)
+    ).all():
+        counts[str(state)] = int(n)
+    return counts
+
+
+def _queue_position(session: Session, job: Job) -> tuple[int | None, int | None]:
+    """Chunks (and interpretations) of the same model that workers take before this job's next queued chunk.
+
+    Workers take queued chunks by priority (lower first) then id, as `selfie_jobs.chunks.claim_more` does.
+    """
+    if job.state in FINAL_JOB_STATES:
+        return None, None
+    first = session.execute(
+        select(Chunk.priority, Chunk.id)
+        .where(Chunk.job_id == job.id, Chunk.state == ChunkState.QUEUED)
+        .order_by(Chunk.priority, Chunk.id)
+        .limit(1)
+    ).first()
+    if first is None:
+        return None, None
+    priority, chunk_id = first
+    n, items = session.execute(
+        select(func.count(), func.coalesce(func.sum(Chunk.size), 0)).where(
+            Chunk.model == job.model,
+            Chunk.state == ChunkState.QUEUED,
+            Chunk.job_id != job.id,
+            or_(Chunk.priority < priority, and_(Chunk.priority == priority, Chunk.id < chunk_id)),
+        )
+    ).one()
+    return int(n), int(items)
+
+
+def job_view(session: Session, job_id: str, who: Principal, *, with_prompts: bool = True) -> JobView | None:
+    job = visible_job(session, job_id, who)
+    if job is None:
+        return None
+    position, ahead = _queue_position(session, job)
+    prompts = list(session.scalars(select(Prompt).where(Prompt.job_id == job.id).order_by(Prompt.index)).all()) \
+        if with_prompts else []
+    return JobView(job=job, chunks=_chunk_counts(session, job.id), queue_position=position, items_ahead=ahead,
+                   prompts=prompts)
+
+
+@dataclass
+class JobPage:
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+def list_jobs(
+    session: Session,
+    who: Principal,
+    *,
+    state: str | None = None,
+    model: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    owner_key_id: int | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    """Newest first."""
+    query = select(Job)
+    if not who.is_admin:
+        query = query.where(Job.owner_key_id == who.key_id) if who.key_id is not None else query.where(false())
+    elif owner_key_id is not None:
+        query = query.where(Job.owner_key_id == owner_key_id)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if model is not None:
+        query = query.where(Job.model == model)
+    if created_after is not None:
+        query = query.where(Job.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(Job.created_at < created_before)
+    keys = [(Job.created_at, True), (Job.id, True)]
+    if cursor:
+        created, job_id = decode_cursor(cursor, "jobs", 2)
+        try:
+            created_at = datetime.fromisoformat(str(created))
+        except ValueError:
+            raise QueryError("malformed cursor") from None
+        query = query.where(_after(keys, [created_at, str(job_id)]))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor("jobs", [last.created_at.isoformat(), last.id])
+    return JobPage(jobs=rows, next_cursor=next_cursor)
+
+
+def cancel_job(session: Session, job_id: str, who: Principal) -> tuple[Job, bool] | None:
+    """Cancel a job that is not finished yet, and its queued chunks; (job, whether this call cancelled it).
+
+    Running chunks finish their engine batch, but their results are not stored: the worker sees the job closed.
+    The caller commits.
+    """
+    job = session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    if job is None or not who.can_see(job.owner_key_id):
+        return None
+    if job.state in FINAL_JOB_STATES:
+        return job, False
+    now = utcnow()
+    job.state = JobState.CANCELLED
+    job.finished_at = now
+    job.error = job.error or "cancelled by request"
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job.id, Chunk.state == ChunkState.QUEUED)
+        .values(state=ChunkState.CANCELLED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.flush()
+    return job, True
+
+
+# --- interpretations -----------------------------------------------------------------------------------------------
+
+SortName = Literal["position", "relevancy", "-relevancy", "layer", "-layer", "token", "created"]
+
+_SORTS: dict[str, list[tuple[Any, bool]]] = {
+    "position": [(Interpretation.prompt_index, False), (Interpretation.layer, False), (Interpretation.token, False)],
+    "relevancy": [(Interpretation.mean_relevancy, False)],
+    "-relevancy": [(Interpretation.mean_relevancy, True)],
+    "layer": [(Interpretation.layer, False), (Interpretation.prompt_index, False), (Interpretation.token, False)],
+    "-layer": [(Interpretation.layer, True), (Interpretation.prompt_index, False), (Interpretation.token, False)],
+    "token": [(Interpretation.prompt_index, False), (Interpretation.token, False), (Interpretation.layer, False)],
+    "created": [(Interpretation.created_at, False)],
+}
+SORT_NAMES = tuple(_SORTS)
+
+
+@dataclass
+class InterpretationFilter:
+    prompt: int | None = None
+    layer_min: int | None = None
+    layer_max: int | None = None
+    token: int | None = None
+    source_token: str | None = None
+    min_relevancy: float | None = None
+    q: str | None = None
+
+    def apply(self, query):
+        if self.prompt is not None:
+            query = query.where(Interpretation.prompt_index == self.prompt)
+        if self.layer_min is not None:
+            query = query.where(Interpretation.layer >= self.layer_min)
+        if self.layer_max is not None:
+            query = query.where(Interpretation.layer <= self.layer_max)
+        if self.token is not None:
+            query = query.where(Interpretation.token == self.token)
+        if self.source_token is not None:
+            query = query.where(Interpretation.source_token == self.source_token)
+        if self.min_relevancy is not None:
+            query = query.where(Interpretation.mean_relevancy >= self.min_relevancy)
+        if self.q:
+            query = query.where(Interpretation.text.icontains(self.q, autoescape=True))
+        return query
+
+
+@dataclass
+class InterpretationPage:
+    rows: list[Interpretation]
+    next_cursor: str | None
+
+
+def _sort_values(row: Interpretation, keys: Sequence[tuple[Any, bool]]) -> list[Any]:
+    values = []
+    for column, _ in keys:
+        value = getattr(row, column.key)
+        values.append(value.isoformat() if isinstance(value, datetime) else value)
+    return values + [row.id]
+
+
+def interpretations_page(
+    session: Session,
+    job_id: str,
+    flt: InterpretationFilter,
+    *,
+    sort: str = "position",
+    limit: int | None = 100,
+    cursor: str | None = None,
+) -> InterpretationPage:
+    """One page of a job's interpretations (the caller checked visibility); `limit=None` means all."""
+    if sort not in _SORTS:
+        raise QueryError(f"unknown sort {sort!r}; one of {', '.join(SORT_NAMES)}")
+    keys = [*_SORTS[sort], (Interpretation.id, False)]
+    query = flt.apply(select(Interpretation).where(Interpretation.job_id == job_id))
+    if cursor:
+        values = decode_cursor(cursor, "interp:" + sort, len(keys))
+        if sort == "created":
+            try:
+                values[0] = datetime.fromisoformat(str(values[0]))
+            except ValueError:
+                raise QueryError("malformed cursor") from None
+        query = query.where(_after(keys, values))
+    query = query.order_by(*[(c.desc() if d else c.asc()) for c, d in keys])
+    if limit is not None:
+        query = query.limit(limit + 1)
+    rows = list(session.scalars(query).all())
+    next_cursor = None
+    if limit is not None and len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor("interp:" + sort, _sort_values(rows[-1], keys[:-1]))
+    return InterpretationPage(rows=rows, next_cursor=next_cursor)
+
+
+def iter_interpretations(
+    session: Session, job_id: str, flt: InterpretationFilter, *, sort: str = "position", page_size: int = 1000,
+    cursor: str | None = None, limit: int | None = None,
+) -> Iterator[Interpretation]:
+    """Every matching row (up to `limit`), read page by page (for CSV export of big jobs)."""
+    left = limit
+    while True:
+        size = page_size if left is None else min(page_size, left)
+        if size <= 0:
+            return
+        page = interpretations_page(session, job_id, flt, sort=sort, limit=size, cursor=cursor)
+        yield from page.rows
+        if left is not None:
+            left -= len(page.rows)
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+# --- models -----------------------------------------------------------------------------------------------------
+
+
+def live_models(session: Session, alive_seconds: float) -> list[dict[str, Any]]:
+    """What the live workers serve (from their heartbeats), each with its card minus the tokenizer."""
+    return served_models(session, alive_seconds)

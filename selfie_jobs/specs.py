@@ -1,0 +1,194 @@
+"""Job requests as typed schemas: what a client may ask for, checked for shape before the model card is consulted.
+
+Everything here is independent of any model: the checks that need the model (depth, tokens, presets, context)
+live in `selfie_jobs.submission`, which reads the model card from the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Hard ceilings that hold whatever the settings say; the configurable caps are applied at submission.
+MAX_PROMPTS_HARD = 100_000
+MAX_INDEX = 1_000_000
+MAX_SEED = 2**32 - 1
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL; refuse it here rather than fail in the database.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+SafeStr = Annotated[str, AfterValidator(_no_nul)]
+Index = Annotated[int, Field(ge=-MAX_INDEX, le=MAX_INDEX)]
+
+
+class IndexRange(BaseModel):
+    """Python-slice semantics: `start` inclusive, `stop` exclusive (None: to the end), negatives count from the end."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: Index = 0
+    stop: Index | None = None
+    step: Annotated[int, Field(ge=1, le=MAX_INDEX)] = 1
+
+
+Selector = Literal["all"] | Annotated[list[Index], Field(min_length=1, max_length=100_000)] | IndexRange
+
+
+class Targets(BaseModel):
+    """What to interpret in every prompt: explicit [layer, token] pairs, or layers x tokens.
+
+    Layers are `hidden_states` indices (0 = embeddings .. num_layers); token indices index the prompt's tokens,
+    negative ones counted from the end (-1 = the last token).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: Annotated[list[tuple[Index, Index]], Field(min_length=1, max_length=100_000)] | None = None
+    layers: Selector = "all"
+    tokens: Selector = "all"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_exclude_grid(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("pairs") is not None and ("layers" in data or "tokens" in data):
+            raise ValueError("give either 'pairs' or 'layers'/'tokens', not both")
+        return data
+
+
+TemplatePart = SafeStr | Literal[0]
+
+
+class Template(BaseModel):
+    """A preset name known to the model card, or text parts with the placeholder 0 where the vector goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Annotated[SafeStr, Field(min_length=1, max_length=100)] | None = None
+    parts: Annotated[list[TemplatePart], Field(min_length=1, max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Template:
+        if (self.preset is None) == (self.parts is None):
+            raise ValueError("give exactly one of 'preset' or 'parts'")
+        if self.parts is not None:
+            if not any(p == 0 and not isinstance(p, str) for p in self.parts):
+                raise ValueError("template parts need at least one placeholder (the integer 0)")
+            if sum(len(p) for p in self.parts if isinstance(p, str)) > 10_000:
+                raise ValueError("template text is too long (10000 characters at most)")
+        return self
+
+
+class Decoding(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+
+
+class JobCreate(BaseModel):
+    """A request to interpret hidden states of one model over one or many prompts."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "smollm2-135m-instruct",
+                    "prompts": ["The Eiffel Tower is located in Paris."],
+                    "targets": {"layers": {"start": 0, "stop": None, "step": 4}, "tokens": [-3, -2, -1]},
+                    "template": {"preset": "summarize"},
+                    "k": 1,
+                    "max_new_tokens": 20,
+                }
+            ]
+        },
+    )
+
+    model: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="Served model name; default: the service's default model."
+    )
+    prompts: Annotated[list[SafeStr], Field(min_length=1, max_length=MAX_PROMPTS_HARD)] = Field(
+        description="One prompt or a list of prompts."
+    )
+    targets: Literal["all"] | Targets = Field("all", description="'all' = every layer x every token.")
+    template: Template | None = Field(None, description="Default: the model's default preset.")
+    k: Annotated[int, Field(ge=0, le=MAX_INDEX)] = Field(1, description="Injection layer (input of block k).")
+    injection_mode: Literal["replace", "blend", "add"] = "replace"
+    injection_strength: float = Field(1.0, ge=0.0, le=100.0)
+    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 30
+    decoding: Decoding = Field(default_factory=Decoding)
+    priority: Annotated[int, Field(ge=0, le=9)] = Field(5, description="0 (lowest) .. 9 (most urgent).")
+    idempotency_key: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="A retried submit with the same key returns the first job instead of making another."
+    )
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _preset_shorthand(cls, value: Any) -> Any:
+        return {"preset": value} if isinstance(value, str) else value
+
+    @field_validator("prompts")
+    @classmethod
+    def _not_blank(cls, value: list[str]) -> list[str]:
+        for i, prompt in enumerate(value):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty")
+        return value
+
+
+def engine_spec(request: JobCreate, template: dict[str, Any]) -> dict[str, Any]:
+    """The stored `jobs.spec`: what the engine needs besides the (prompt, layer, token) items."""
+    return {
+        "template": template,
+        "injection": {"k": request.k, "mode": request.injection_mode, "strength": float(request.injection_strength)},
+        "generation": {
+            "max_new_tokens": request.max_new_tokens,
+            "do_sample": request.decoding.do_sample,
+            "temperature": float(request.decoding.temperature),
+            "top_p": float(request.decoding.top_p),
+            "seed": request.decoding.seed,
+        },
+    }
+
+
+def spec_batch_key(spec: dict[str, Any]) -> str:
+    """Hash of the normalized spec JSON: equal keys (same model) can share one engine batch."""
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def resolve_selector(selector: Literal["all"] | list[int] | IndexRange, length: int, what: str) -> list[int]:
+    """Indices in `range(length)` picked by `selector`; raises ValueError naming `what` on an out-of-range index."""
+    if selector == "all":
+        return list(range(length))
+    if isinstance(selector, IndexRange):
+        for name, bound in (("start", selector.start), ("stop", selector.stop)):
+            if bound is not None and not -length <= bound <= length:
+                raise ValueError(f"{what} range {name}={bound} is outside -{length}..{length}")
+        return list(range(length))[selector.start : selector.stop : selector.step]
+    out = []
+    for index in selector:
+        out.append(resolve_index(index, length, what))
+    return out
+
+
+def resolve_index(index: int, length: int, what: str) -> int:
+    if not -length <= index < length:
+        raise ValueError(f"{what} {index} is out of range: valid are 0..{length - 1} (or -{length}..-1 from the end)")
+    return index + length if index < 0 else index

@@ -1,0 +1,382 @@
+"""Accept a job: validate it against the model card (no torch), expand its targets, store it, then enqueue it.
+
+The model card (`served_models`) is written by the workers when they load a model: depth, context length, template
+presets and the tokenizer as `tokenizer.json` text, which the `tokenizers` package reads. So every check the engine
+would make about layers, tokens, k and lengths is made here, before anything is stored or enqueued.
+
+Storage is one transaction (job + prompts + chunks); enqueueing happens only after the commit, so a worker never
+receives an id it cannot read. A chunk whose message could not be sent keeps `enqueued_at` empty and is re-sent by
+the reconciler: the database, not Redis, is the source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from tokenizers import Tokenizer
+
+from selfie_jobs.models import ApiKey, Chunk, Job, Prompt, ServedModel, utcnow
+from selfie_jobs.queue import TaskSender, send_chunk
+from selfie_jobs.settings import Settings
+from selfie_jobs.specs import (
+    IndexRange,
+    JobCreate,
+    Targets,
+    engine_spec,
+    resolve_index,
+    resolve_selector,
+    spec_batch_key,
+)
+from selfie_jobs.states import ChunkState, JobState
+
+log = logging.getLogger(__name__)
+
+#: Text that stands for one placeholder when the template is rendered (as in the engine).
+PLACEHOLDER_TEXT = "_ "
+
+
+class SubmissionError(Exception):
+    """A request the service refuses; `status` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, *, field: str | None = None, status: int = 422, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass
+class PreparedJob:
+    model: str
+    spec: dict[str, Any]
+    batch_key: str
+    prompts: list[tuple[str, list[str]]]  # (text, decoded tokens)
+    items: list[list[int]]  # [prompt_index, layer, token]
+
+
+@dataclass
+class SubmitResult:
+    job: Job
+    created: bool
+    chunk_ids: list[int] = field(default_factory=list)
+    enqueued: int = 0
+
+
+# --- model card -------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _tokenizer(model: str, version: str, tokenizer_json: str) -> Tokenizer:  # noqa: ARG001 - cache key parts
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def card_tokenizer(card: ServedModel) -> Tokenizer:
+    """The model's tokenizer, parsed once per card version (a tokenizer.json is megabytes of text)."""
+    version = card.updated_at.isoformat() if card.updated_at else ""
+    return _tokenizer(card.name, version, card.tokenizer_json)
+
+
+def card_presets(card: ServedModel) -> dict[str, dict[str, Any]] | None:
+    """Preset name -> what the card says about it ({} when it only lists names); None when the card is silent."""
+    presets = (card.card or {}).get("presets")
+    if presets is None:
+        return None
+    if isinstance(presets, dict):
+        return {str(k): (v if isinstance(v, dict) else {}) for k, v in presets.items()}
+    return {str(name): {} for name in presets}
+
+
+def default_preset(card: ServedModel) -> str:
+    info = card.card or {}
+    if info.get("default_preset"):
+        return str(info["default_preset"])
+    presets = card_presets(card)
+    if not presets or "summarize" in presets:
+        return "summarize"
+    return next(iter(presets))
+
+
+def load_card(session: Session, model: str) -> ServedModel:
+    card = session.get(ServedModel, model)
+    if card is None:
+        known = sorted(session.scalars(select(ServedModel.name)).all())
+        hint = f"; served models: {', '.join(known)}" if known else "; no model is served yet (start a worker)"
+        raise SubmissionError(f"unknown model {model!r}{hint}", field="model")
+    return card
+
+
+# --- validation and expansion ---------------------------------------------------------------------------------------
+
+
+def _template_length(tokenizer: Tokenizer, parts: Sequence[str | int]) -> int:
+    """Tokens of the rendered interpretation prompt; raises if the placeholders map to no tokens (engine rule)."""
+    text = ""
+    positions: list[int] = []
+    for part in parts:
+        if isinstance(part, str):
+            text += part
+            continue
+        start = len(tokenizer.encode(text).ids)
+        text += PLACEHOLDER_TEXT
+        positions.extend(range(start, len(tokenizer.encode(text).ids)))
+    ids = tokenizer.encode(text).ids
+    if not positions:
+        raise SubmissionError("the template's placeholders map to no tokens", field="template.parts")
+    if max(positions) >= len(ids):
+        raise SubmissionError(
+            "the template's placeholders fall outside its tokenized text; put some text after the last placeholder",
+            field="template.parts",
+        )
+    return len(ids)
+
+
+def _check_template(request: JobCreate, card: ServedModel, tokenizer: Tokenizer) -> tuple[dict[str, Any], int | None]:
+    """The normalized template spec and its token length when it can be known here."""
+    template = request.template
+    if template is None or template.preset is not None:
+        name = template.preset if template is not None else default_preset(card)
+        presets = card_presets(card)
+        if presets is not None and name not in presets:
+            raise SubmissionError(
+                f"unknown template preset {name!r} for model {card.name!r}; known: {', '.join(sorted(presets))}",
+                field="template.preset",
+            )
+        length = (presets or {}).get(name, {}).get("num_tokens")
+        return {"preset": name}, (int(length) if isinstance(length, int) else None)
+    parts = [p if isinstance(p, str) else 0 for p in template.parts or []]
+    return {"parts": parts}, _template_length(tokenizer, parts)
+
+
+def _resolve(selector: Any, length: int, what: str, field_name: str) -> list[int]:
+    try:
+        return list(dict.fromkeys(resolve_selector(selector, length, what)))
+    except ValueError as exc:
+        raise SubmissionError(str(exc), field=field_name) from None
+
+
+def _count_and_expand(targets: Targets, depth: int, token_counts: list[int], cap: int) -> list[list[int]]:
+    """[prompt_index, layer, token] items, without duplicates; the cap is checked before anything is built."""
+    n_layers = depth + 1  # hidden_states indices 0..depth
+    if targets.pairs is not None:
+        if len(targets.pairs) * len(token_counts) > cap:
+            raise _too_many(len(targets.pairs) * len(token_counts), cap)
+        items: dict[tuple[int, int, int], None] = {}
+        for p, n_tokens in enumerate(token_counts):
+            for layer, token in targets.pairs:
+                try:
+                    lay = resolve_index(layer, n_layers, "layer")
+                    tok = resolve_index(token, n_tokens, f"token (prompt {p} has {n_tokens} tokens)")
+                except ValueError as exc:
+                    raise SubmissionError(str(exc), field="targets.pairs") from None
+                items[(p, lay, tok)] = None
+        return [list(item) for item in items]
+
+    layers = _resolve(targets.layers, n_layers, "layer", "targets.layers")
+    if not layers:
+        raise SubmissionError("the layer selection is empty", field="targets.layers")
+    per_prompt: list[list[int]] = []
+    total = 0
+    for p, n_tokens in enumerate(token_counts):
+        tokens = _resolve(targets.tokens, n_tokens, f"token (prompt {p} has {n_tokens} tokens)", "targets.tokens")
+        if not tokens:
+            raise SubmissionError(f"the token selection is empty for prompt {p}", field="targets.tokens")
+        per_prompt.append(tokens)
+        total += len(tokens) * len(layers)
+        if total > cap:
+            raise _too_many(total, cap)
+    return [[p, layer, tok] for p, tokens in enumerate(per_prompt) for layer in layers for tok in tokens]
+
+
+def _too_many(count: int, cap: int) -> SubmissionError:
+    return SubmissionError(
+        f"the job asks for {count} interpretations; at most {cap} per job (split it into several jobs)",
+        field="targets",
+        status=413,
+    )
+
+
+def prepare_job(session: Session, request: JobCreate, settings: Settings) -> PreparedJob:
+    """Everything the engine would reject, rejected here, with no write."""
+    model = request.model or settings.default_model
+    if len(request.prompts) > settings.max_prompts_per_job:
+        raise SubmissionError(
+            f"{len(request.prompts)} prompts; at most {settings.max_prompts_per_job} per job", field="prompts"
+        )
+    for i, prompt in enumerate(request.prompts):
+        if len(prompt) > settings.max_prompt_chars:
+            raise SubmissionError(
+                f"prompt {i} has {len(prompt)} characters; at most {settings.max_prompt_chars}", field="prompts"
+            )
+    if request.max_new_tokens > settings.max_new_tokens_cap:
+        raise SubmissionError(
+            f"max_new_tokens={request.max_new_tokens}; at most {settings.max_new_tokens_cap}", field="max_new_tokens"
+        )
+
+    card = load_card(session, model)
+    depth, context = card.num_layers, card.max_context
+    if request.k >= depth:
+        raise SubmissionError(
+            f"k={request.k} is out of range: the injection layer must be in 0..{depth - 1} for {model!r}", field="k"
+        )
+
+    tokenizer = card_tokenizer(card)
+    encodings = tokenizer.encode_batch(list(request.prompts))
+    prompts: list[tuple[str, list[str]]] = []
+    for i, (text, enc) in enumerate(zip(request.prompts, encodings, strict=True)):
+        ids = enc.ids
+        if not ids:
+            raise SubmissionError(f"prompt {i} has no tokens", field="prompts")
+        if len(ids) > context:
+            raise SubmissionError(
+                f"prompt {i} has {len(ids)} tokens; {model!r} takes at most {context}", field="prompts"
+            )
+        tokens = tokenizer.decode_batch([[t] for t in ids], skip_special_tokens=False)
+        prompts.append((text, tokens))
+
+    template, template_len = _check_template(request, card, tokenizer)
+    if template_len is not None and template_len + request.max_new_tokens > context:
+        raise SubmissionError(
+            f"template ({template_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the context "
+            f"of {model!r} ({context} tokens)",
+            field="max_new_tokens",
+        )
+
+    targets = Targets(layers="all", tokens="all") if request.targets == "all" else request.targets
+    items = _count_and_expand(
+        targets, depth, [len(t) for _, t in prompts], settings.max_interpretations_per_job
+    )
+    spec = engine_spec(request, template)
+    return PreparedJob(model=model, spec=spec, batch_key=spec_batch_key(spec), prompts=prompts, items=items)
+
+
+# --- storage and enqueueing -----------------------------------------------------------------------------------------
+
+
+def idempotency_scope(owner_key_id: int | None, key: str) -> str:
+    return f"{owner_key_id if owner_key_id is not None else 'local'}:{key}"
+
+
+def check_quota(session: Session, owner_key_id: int | None, count: int, settings: Settings) -> None:
+    """Interpretations per key over the last 24 hours."""
+    if owner_key_id is None:
+        return
+    key = session.get(ApiKey, owner_key_id)
+    quota = (key.daily_quota if key is not None and key.daily_quota is not None else settings.default_daily_quota)
+    since = utcnow() - timedelta(days=1)
+    used = session.scalar(
+        select(func.coalesce(func.sum(Job.total), 0)).where(Job.owner_key_id == owner_key_id, Job.created_at >= since)
+    )
+    if int(used or 0) + count > quota:
+        raise SubmissionError(
+            f"daily quota exceeded: {int(used or 0)} of {quota} interpretations used in the last 24 h, "
+            f"this job asks for {count}",
+            status=429,
+            retry_after=3600,
+        )
+
+
+def store_job(session: Session, prepared: PreparedJob, request: JobCreate, owner_key_id: int | None,
+              settings: Settings, scope: str | None) -> tuple[Job, list[Chunk]]:
+    """Add job + prompts + chunks to the session (the caller commits: one transaction)."""
+    job = Job(
+        owner_key_id=owner_key_id,
+        model=prepared.model,
+        state=JobState.QUEUED,
+        priority=request.priority,
+        idempotency_scope=scope,
+        spec=prepared.spec,
+        batch_key=prepared.batch_key,
+        total=len(prepared.items),
+        done=0,
+        created_at=utcnow(),
+        deadline_at=utcnow() + timedelta(seconds=settings.job_timeout_seconds),
+    )
+    session.add(job)
+    session.flush()
+    session.add_all(
+        Prompt(job_id=job.id, index=i, text=text, tokens=tokens) for i, (text, tokens) in enumerate(prepared.prompts)
+    )
+    size = settings.chunk_size
+    chunks = [
+        Chunk(
+            job_id=job.id,
+            index=n,
+            model=prepared.model,
+            batch_key=prepared.batch_key,
+            priority=request.priority,
+            state=ChunkState.QUEUED,
+            items=prepared.items[start : start + size],
+            size=len(prepared.items[start : start + size]),
+        )
+        for n, start in enumerate(range(0, len(prepared.items), size))
+    ]
+    session.add_all(chunks)
+    session.flush()
+    return job, chunks
+
+
+def enqueue_chunks(session: Session, sender: TaskSender, chunks: Sequence[Chunk], model: str, priority: int) -> int:
+    """Send one wake-up per chunk and stamp `enqueued_at`; a failed send is left to the reconciler."""
+    sent: list[int] = []
+    try:
+        for chunk in chunks:
+            send_chunk(sender, chunk.id, model, priority)
+            sent.append(chunk.id)
+    except Exception:  # noqa: BLE001 - any broker failure: the rows are stored, the reconciler re-sends
+        log.exception("enqueueing failed after %d of %d chunks; the reconciler will re-send the rest",
+                      len(sent), len(chunks))
+    if sent:
+        now = utcnow()
+        for start in range(0, len(sent), 500):
+            session.execute(
+                update(Chunk).where(Chunk.id.in_(sent[start : start + 500])).values(enqueued_at=now)
+            )
+        session.commit()
+    return len(sent)
+
+
+def _existing(session: Session, scope: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_scope == scope)).first()
+
+
+def submit_job(session: Session, request: JobCreate, settings: Settings, sender: TaskSender,
+               owner_key_id: int | None = None) -> SubmitResult:
+    """Validate, store (one transaction), then enqueue. A repeated idempotency key returns the first job."""
+    scope = idempotency_scope(owner_key_id, request.idempotency_key) if request.idempotency_key else None
+    if scope is not None and (job := _existing(session, scope)) is not None:
+        return SubmitResult(job=job, created=False)
+
+    prepared = prepare_job(session, request, settings)
+    check_quota(session, owner_key_id, len(prepared.items), settings)
+    try:
+        job, chunks = store_job(session, prepared, request, owner_key_id, settings, scope)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if scope is not None and (job := _existing(session, scope)) is not None:
+            return SubmitResult(job=job, created=False)  # a concurrent submit with the same key won
+        raise
+    chunk_ids = [c.id for c in chunks]
+    enqueued = enqueue_chunks(session, sender, chunks, prepared.model, request.priority)
+    return SubmitResult(job=job, created=True, chunk_ids=chunk_ids, enqueued=enqueued)
+
+
+__all__ = [
+    "IndexRange",
+    "PreparedJob",
+    "SubmissionError",
+    "SubmitResult",
+    "card_tokenizer",
+    "prepare_job",
+    "store_job",
+    "submit_job",
+]
