@@ -198,3 +198,7 @@ class Interpretation(Base):
     worker: Mapped[str] = mapped_column(String(255))
     model: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Audit tables live in their own module; imported here so Base.metadata (migrations, tests) always holds them.
+from selfie_jobs import audit_models as _audit_models  # noqa: E402,F401
