@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from celery import Celery
 
 from selfie_jobs import queue
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-# Priorities map to per-priority Redis lists; the producer must name them the way the workers read them.
-_TRANSPORT_OPTIONS: dict[str, Any] = getattr(
-    queue,
-    "BROKER_TRANSPORT_OPTIONS",
-    {"priority_steps": list(range(10)), "sep": ":", "queue_order_strategy": "priority"},
-)
 
 
 def make_producer(broker_url: str) -> Celery:
@@ -34,6 +25,7 @@ def make_producer(broker_url: str) -> Celery:
         broker_connection_retry_on_startup=False,
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5},
-        broker_transport_options=dict(_TRANSPORT_OPTIONS),
+        # Priorities map to per-priority Redis lists: name them exactly as the workers read them.
+        broker_transport_options=dict(queue.BROKER_TRANSPORT_OPTIONS),
     )
     return app

@@ -108,14 +108,14 @@ def _chunk_counts(session: Session, job_id: str) -> dict[str, int]:
 def _queue_position(session: Session, job: Job) -> tuple[int | None, int | None]:
     """Chunks (and interpretations) of the same model that workers take before this job's next queued chunk.
 
-    Workers take queued chunks by priority (lower first) then id, as `selfie_jobs.chunks.claim_more` does.
+    Workers take queued chunks by priority (9 = most urgent first) then id, as `selfie_jobs.chunks.claim_more` does.
     """
     if job.state in FINAL_JOB_STATES:
         return None, None
     first = session.execute(
         select(Chunk.priority, Chunk.id)
         .where(Chunk.job_id == job.id, Chunk.state == ChunkState.QUEUED)
-        .order_by(Chunk.priority, Chunk.id)
+        .order_by(Chunk.priority.desc(), Chunk.id)
         .limit(1)
     ).first()
     if first is None:
@@ -126,7 +126,7 @@ def _queue_position(session: Session, job: Job) -> tuple[int | None, int | None]
             Chunk.model == job.model,
             Chunk.state == ChunkState.QUEUED,
             Chunk.job_id != job.id,
-            or_(Chunk.priority < priority, and_(Chunk.priority == priority, Chunk.id < chunk_id)),
+            or_(Chunk.priority > priority, and_(Chunk.priority == priority, Chunk.id < chunk_id)),
         )
     ).one()
     return int(n), int(items)

@@ -1,0 +1,80 @@
+"""Job request schemas and target expansion, without any service."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from selfie_jobs.specs import IndexRange, JobCreate, Targets, engine_spec, resolve_selector, spec_batch_key
+
+
+def test_one_prompt_or_many_and_preset_shorthand():
+    one = JobCreate(prompts="hello", template="describe")
+    assert one.prompts == ["hello"]
+    assert one.template.preset == "describe"
+    many = JobCreate(prompts=["a", "b"])
+    assert many.prompts == ["a", "b"] and many.targets == "all" and many.template is None
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"prompts": []}, "prompts"),
+        ({"prompts": ["  "]}, "prompts"),
+        ({"prompts": ["a\x00b"]}, "prompts"),
+        ({"prompts": ["a"], "priority": 10}, "priority"),
+        ({"prompts": ["a"], "k": -1}, "k"),
+        ({"prompts": ["a"], "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompts": ["a"], "decoding": {"temperature": 0}}, "decoding"),
+        ({"prompts": ["a"], "decoding": {"top_p": 1.5}}, "decoding"),
+        ({"prompts": ["a"], "decoding": {"seed": -3}}, "decoding"),
+        ({"prompts": ["a"], "injection_strength": float("nan")}, "injection_strength"),
+        ({"prompts": ["a"], "injection_mode": "multiply"}, "injection_mode"),
+        ({"prompts": ["a"], "template": {"parts": ["no placeholder"]}}, "template"),
+        ({"prompts": ["a"], "template": {"parts": ["x", 1]}}, "template"),
+        ({"prompts": ["a"], "template": {"preset": "summarize", "parts": [0]}}, "template"),
+        ({"prompts": ["a"], "targets": {"pairs": [[1, 2]], "layers": [1]}}, "targets"),
+        ({"prompts": ["a"], "targets": {"layers": {"start": 0, "step": 0}}}, "targets"),
+        ({"prompts": ["a"], "targets": "some"}, "targets"),
+        ({"prompts": ["a"], "unknown_field": 1}, "unknown_field"),
+        ({"prompts": ["a"], "idempotency_key": ""}, "idempotency_key"),
+    ],
+)
+def test_shape_errors_are_refused(body, where):
+    with pytest.raises(ValidationError) as info:
+        JobCreate.model_validate(body)
+    assert where in str(info.value)
+
+
+def test_resolve_selectors():
+    assert resolve_selector("all", 3, "token") == [0, 1, 2]
+    assert resolve_selector([-1, 0], 5, "token") == [4, 0]
+    assert resolve_selector(IndexRange(start=0, stop=None, step=2), 5, "layer") == [0, 2, 4]
+    assert resolve_selector(IndexRange(start=-2), 5, "token") == [3, 4]
+    with pytest.raises(ValueError, match="token 5 is out of range"):
+        resolve_selector([5], 5, "token")
+    with pytest.raises(ValueError, match="stop=9"):
+        resolve_selector(IndexRange(stop=9), 5, "layer")
+
+
+def test_batch_key_depends_on_engine_settings_only():
+    a = JobCreate(prompts=["x"], k=2, max_new_tokens=10, priority=1, idempotency_key="a")
+    b = JobCreate(prompts=["y", "z"], k=2, max_new_tokens=10, priority=9, targets=Targets(layers=[1]))
+    c = JobCreate(prompts=["x"], k=3, max_new_tokens=10)
+    template = {"preset": "summarize"}
+    assert spec_batch_key(engine_spec(a, template)) == spec_batch_key(engine_spec(b, template))
+    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(c, template))
+    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(a, {"preset": "describe"}))
+    spec = engine_spec(a, template)
+    assert spec == {
+        "template": {"preset": "summarize"},
+        "injection": {"k": 2, "mode": "replace", "strength": 1.0},
+        "generation": {"max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": None},
+    }
+
+
+def test_openapi_schema_of_request_is_complete():
+    schema = JobCreate.model_json_schema()
+    for name in ("model", "prompts", "targets", "template", "k", "injection_mode", "injection_strength",
+                 "max_new_tokens", "decoding", "priority", "idempotency_key"):
+        assert name in schema["properties"]

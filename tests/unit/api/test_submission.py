@@ -1,0 +1,159 @@
+"""Submission against a model card (SQLite file, a real tokenizer; the queue is a recording stand-in here,
+the integration tests use real Redis)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from selfie_jobs.auth import authenticate, create_key, list_keys, revoke_key
+from selfie_jobs.db import get_sessionmaker
+from selfie_jobs.models import Chunk, Job, Prompt
+from selfie_jobs.specs import JobCreate
+from selfie_jobs.submission import SubmissionError, prepare_job, submit_job
+from tests.apisupport import MAX_CONTEXT, MODEL, NUM_LAYERS, prepare_database, settings_for
+
+
+class Recorder:
+    def __init__(self, fail_after: int | None = None):
+        self.sent: list[tuple[str, list, dict]] = []
+        self.fail_after = fail_after
+
+    def send_task(self, name, args=None, **options):
+        if self.fail_after is not None and len(self.sent) >= self.fail_after:
+            raise ConnectionError("broker down")
+        self.sent.append((name, args, options))
+
+
+@pytest.fixture
+def db(sqlite_url):
+    prepare_database(sqlite_url)
+    return get_sessionmaker(sqlite_url), settings_for(sqlite_url, "redis://unused")
+
+
+def _req(**kw):
+    kw.setdefault("model", MODEL)
+    kw.setdefault("prompts", ["the eiffel tower is in paris"])
+    return JobCreate.model_validate(kw)
+
+
+def test_grid_expansion_with_negative_tokens_and_ranges(db):
+    maker, settings = db
+    with maker() as s:
+        prepared = prepare_job(s, _req(prompts=["a cat", "the dog ran to the park"],
+                                       targets={"layers": {"start": 0, "step": 2}, "tokens": [-1, 0]}), settings)
+    # layers 0, 2, 4 (depth 4 -> hidden_states 0..4); prompt 0 has 3 tokens (BOS + 2), prompt 1 has 7
+    assert prepared.items[:6] == [[0, 0, 2], [0, 0, 0], [0, 2, 2], [0, 2, 0], [0, 4, 2], [0, 4, 0]]
+    assert [0, 0, 0] in prepared.items and [1, 4, 6] in prepared.items and len(prepared.items) == 12
+    assert prepared.prompts[0] == ("a cat", ["<s>", "a", "cat"])
+    assert prepared.spec["template"] == {"preset": "summarize"}
+
+
+def test_pairs_are_resolved_per_prompt_and_deduplicated(db):
+    maker, settings = db
+    with maker() as s:
+        prepared = prepare_job(s, _req(prompts=["a cat", "a cat sat"], targets={"pairs": [[1, -1], [1, 2], [0, 0]]}),
+                               settings)
+    assert prepared.items == [[0, 1, 2], [0, 0, 0], [1, 1, 3], [1, 1, 2], [1, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    "kw, field, status",
+    [
+        ({"model": "nope"}, "model", 422),
+        ({"k": NUM_LAYERS}, "k", 422),
+        ({"targets": {"layers": [NUM_LAYERS + 1]}}, "targets.layers", 422),
+        ({"targets": {"tokens": [99]}}, "targets.tokens", 422),
+        ({"targets": {"pairs": [[0, -99]]}}, "targets.pairs", 422),
+        ({"targets": {"layers": {"start": 3, "stop": 1}}}, "targets.layers", 422),
+        ({"template": "no-such-preset"}, "template.preset", 422),
+        ({"template": {"parts": ["the", 0]}}, "template.parts", 422),
+        ({"max_new_tokens": 33}, "max_new_tokens", 422),
+        ({"prompts": ["x"] * 21}, "prompts", 422),
+        ({"prompts": ["x" * 401]}, "prompts", 422),
+        ({"prompts": [" ".join(["cat"] * MAX_CONTEXT)]}, "prompts", 422),
+        ({"prompts": ["a cat sat on the mat"] * 20}, "targets", 413),
+    ],
+)
+def test_card_errors(db, kw, field, status):
+    maker, settings = db
+    with maker() as s, pytest.raises(SubmissionError) as info:
+        prepare_job(s, _req(**kw), settings)
+    assert info.value.field == field and info.value.status == status, info.value.message
+
+
+def test_template_parts_and_context(db):
+    maker, settings = db
+    with maker() as s:
+        ok = prepare_job(s, _req(template={"parts": ["what", 0, 0, "meaning"]}, max_new_tokens=10), settings)
+        assert ok.spec["template"] == {"parts": ["what", 0, 0, "meaning"]}
+        with pytest.raises(SubmissionError, match="exceed the context"):
+            prepare_job(s, _req(template={"parts": ["what " * 30, 0, "meaning"]}, max_new_tokens=30), settings)
+
+
+def test_submit_stores_one_transaction_then_enqueues(db):
+    maker, settings = db
+    sender = Recorder()
+    with maker() as s:
+        result = submit_job(s, _req(targets={"layers": "all", "tokens": "all"}), settings, sender)
+    assert result.created and result.enqueued == len(result.chunk_ids) == 5  # 5 layers x 7 tokens = 35, chunks of 8
+    with maker() as s:
+        job = s.get(Job, result.job.id)
+        chunks = s.scalars(select(Chunk).where(Chunk.job_id == job.id).order_by(Chunk.index)).all()
+        assert job.total == 35 and [c.size for c in chunks] == [8, 8, 8, 8, 3]
+        assert all(c.enqueued_at is not None and c.state == "queued" for c in chunks)
+        assert sum((c.items for c in chunks), []) == [[0, layer, t] for layer in range(5) for t in range(7)]
+        assert s.scalar(select(func.count()).select_from(Prompt)) == 1
+    assert [args for _, args, _ in sender.sent] == [[c] for c in result.chunk_ids]
+    assert {opts["queue"] for _, _, opts in sender.sent} == {"selfie.model." + MODEL}
+
+
+def test_broker_failure_keeps_the_job_for_the_reconciler(db):
+    maker, settings = db
+    with maker() as s:
+        result = submit_job(s, _req(), settings, Recorder(fail_after=2))
+    assert result.created and result.enqueued == 2
+    with maker() as s:
+        stamped = s.scalars(select(Chunk.enqueued_at).where(Chunk.job_id == result.job.id).order_by(Chunk.index)).all()
+    assert [t is not None for t in stamped] == [True, True, False, False, False]
+
+
+def test_idempotency_key_returns_the_first_job(db):
+    maker, settings = db
+    sender = Recorder()
+    with maker() as s:
+        first = submit_job(s, _req(idempotency_key="k1"), settings, sender, owner_key_id=None)
+        again = submit_job(s, _req(idempotency_key="k1", prompts=["other"]), settings, sender, owner_key_id=None)
+        other = submit_job(s, _req(idempotency_key="k2"), settings, sender)
+    assert again.job.id == first.job.id and not again.created and again.enqueued == 0
+    assert other.job.id != first.job.id
+    assert len(sender.sent) == first.enqueued + other.enqueued
+
+
+def test_daily_quota(db):
+    maker, settings = db
+    with maker() as s:
+        key, _ = create_key(s, "small", daily_quota=40)
+        s.commit()
+        submit_job(s, _req(), settings, Recorder(), owner_key_id=key.id)  # 35
+        with pytest.raises(SubmissionError) as info:
+            submit_job(s, _req(), settings, Recorder(), owner_key_id=key.id)
+    assert info.value.status == 429 and info.value.retry_after
+
+
+def test_api_keys_hashed_found_by_prefix_and_revocable(db):
+    maker, _ = db
+    with maker() as s:
+        row, secret = create_key(s, "alice")
+        admin, admin_secret = create_key(s, "root", admin=True)
+        s.commit()
+        assert secret not in (row.key_hash, row.prefix) and secret.startswith(row.prefix)
+        assert authenticate(s, secret).id == row.id
+        assert authenticate(s, admin_secret).is_admin
+        assert authenticate(s, secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+        assert authenticate(s, "garbage") is None
+        assert revoke_key(s, row.prefix).revoked_at is not None
+        s.commit()
+        assert authenticate(s, secret) is None
+        assert [k.name for k in list_keys(s)] == ["root"]
+        assert revoke_key(s, str(admin.id)).revoked_at is not None
