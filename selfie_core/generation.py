@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .hooks import inject
-from .modelcall import cache_tensors, forward, make_cache, select_rows
+from .modelcall import cache_tensors, forward, make_cache, select_rows, wide
 from .templates import PreparedPrompt
 
 
@@ -37,7 +37,7 @@ class PromptState:
 def prepare_prompt_state(model, prepared: PreparedPrompt, device: torch.device) -> PromptState:
     ids = torch.tensor([prepared.input_ids], device=device)
     logits, cache, _ = forward(model, ids, logits_to_keep=1)
-    return PromptState(prepared, cache_tensors(cache), torch.softmax(logits[0, -1].float(), -1))
+    return PromptState(prepared, cache_tensors(cache), torch.softmax(wide(logits[0, -1]), -1))
 
 
 @dataclass
@@ -50,7 +50,7 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: fl
             generators: Sequence[torch.Generator] | None) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
+    probs = torch.softmax(wide(logits) / temperature, -1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token
@@ -101,7 +101,7 @@ def generate_batch(
     rows = [GeneratedRow([], []) for _ in range(batch)]
     active = list(range(batch))  # original row index of each current batch row
     for step in range(max_new_tokens):
-        step_logits = logits[:, -1].float()
+        step_logits = wide(logits[:, -1])
         tokens = _choose(step_logits, do_sample, temperature, top_p, generators)
         probs = torch.softmax(step_logits, -1).gather(-1, tokens[:, None])[:, 0]
         done = torch.isin(tokens, eos)

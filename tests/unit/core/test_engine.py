@@ -1,0 +1,176 @@
+import json
+import math
+
+import pytest
+import torch
+
+from selfie_core import (GenerationConfig, InjectionConfig, InterpretationTemplate, InterpretRequest, SelfieEngine,
+                         SelfieInputError, VectorRequest, to_dataframe)
+from selfie_core.reference import reference_interpret
+
+PROMPTS = ["The Eiffel Tower is located in Paris, the capital of France.", "A quick fox.", "Water is made of hydrogen"]
+GEN = GenerationConfig(max_new_tokens=8)
+
+
+def requests_for(tokenizer, prompts=PROMPTS, layers=(0, 1, 3, 4)):
+    reqs = []
+    for p in prompts:
+        n = len(tokenizer(p).input_ids)
+        for layer in layers:
+            for t in sorted({0, 1, n // 2, n - 1}):
+                reqs.append(InterpretRequest(p, layer, t, key=(p[:5], layer, t)))
+    return reqs
+
+
+def assert_same(a, b, tol=1e-9):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.key, x.prompt, x.layer, x.token) == (y.key, y.prompt, y.layer, y.token)
+        assert x.token_ids == y.token_ids, (x.layer, x.token, x.text, y.text)
+        assert x.text == y.text
+        assert len(x.relevancy) == len(x.token_ids)
+        assert max((abs(p - q) for p, q in zip(x.relevancy, y.relevancy)), default=0) <= tol
+
+
+@pytest.mark.parametrize("injection", [InjectionConfig(k=1), InjectionConfig(k=2, mode="blend", strength=0.5),
+                                       InjectionConfig(k=0, mode="add", strength=2.0)])
+def test_engine_matches_reference(engine, llama, tokenizer, injection):
+    reqs = requests_for(tokenizer)
+    ours = engine.interpret(reqs, injection=injection, generation=GEN)
+    ref = reference_interpret(llama, tokenizer, reqs, None, injection, GEN, batch_size=64)
+    assert_same(ours, ref)
+    assert any(r.mean_relevancy > 1e-3 for r in ours)
+
+
+def test_engine_matches_reference_with_eos_and_chat_template(engine, llama, tokenizer):
+    template = InterpretationTemplate.preset("summarize", tokenizer)
+    reqs = requests_for(tokenizer)
+    free = engine.interpret(reqs, template=template, generation=GEN)
+    # pick a token generated mid-sequence by some rows as EOS so that rows stop at different steps
+    counts = {}
+    for r in free:
+        for t in set(r.token_ids[1:-1]):
+            counts[t] = counts.get(t, 0) + 1
+    eos = min(counts, key=lambda t: abs(counts[t] - len(free) / 2))
+    gen = GenerationConfig(max_new_tokens=8, eos_token_ids=(eos,))
+    ours = engine.interpret(reqs, template=template, generation=gen, batch_size=5)
+    lengths = {len(r.token_ids) for r in ours}
+    assert len(lengths) > 1 and any(r.token_ids[-1] == eos for r in ours)
+    assert all(eos not in r.token_ids[:-1] for r in ours)
+    assert_same(ours, reference_interpret(llama, tokenizer, reqs, template, InjectionConfig(), gen, batch_size=7))
+
+
+def test_gpt2_layout_matches_reference(gpt2, tokenizer):
+    eng = SelfieEngine(gpt2, tokenizer)
+    reqs = requests_for(tokenizer, layers=(0, 2, 3))
+    assert_same(eng.interpret(reqs, generation=GEN), reference_interpret(gpt2, tokenizer, reqs, None, None, GEN))
+
+
+def test_neox_layout_runs(neox, tokenizer):
+    eng = SelfieEngine(neox, tokenizer)
+    reqs = requests_for(tokenizer, prompts=PROMPTS[:1], layers=(1,))
+    assert_same(eng.interpret(reqs, generation=GEN), reference_interpret(neox, tokenizer, reqs, None, None, GEN))
+
+
+def test_batch_size_and_packing_do_not_change_results(engine, tokenizer):
+    reqs = requests_for(tokenizer)
+    full = engine.interpret(reqs, generation=GEN, batch_size=len(reqs))
+    assert_same(engine.interpret(reqs, generation=GEN, batch_size=1), full)
+    assert_same(engine.interpret(reqs, generation=GEN, batch_size=7), full)
+    # different packing: each prompt alone, and a shuffled interleaving of all prompts
+    by_key = {r.key: r for r in full}
+    for p in PROMPTS:
+        alone = engine.interpret([r for r in reqs if r.prompt == p], generation=GEN)
+        assert_same(alone, [by_key[r.key] for r in alone])
+    shuffled = reqs[::-1][::2] + reqs[::-1][1::2]
+    assert_same(engine.interpret(shuffled, generation=GEN, batch_size=9), [by_key[r.key] for r in shuffled])
+
+
+def test_injecting_the_placeholders_own_state_changes_nothing(engine, tokenizer):
+    template = InterpretationTemplate(("[INST] ", 0, " [/INST] Sure"))
+    prepared = template.prepare(tokenizer)
+    assert len(prepared.insert_positions) == 1
+    k = 2
+    req = InterpretRequest(prepared.text, layer=k, token=prepared.insert_positions[0])
+    [res] = engine.interpret([req], template=template, injection=InjectionConfig(k=k), generation=GEN)
+    # no-injection generation: blend with strength 0 leaves the prompt as it is
+    [plain] = engine.interpret([req], template=template, injection=InjectionConfig(k=k, mode="blend", strength=0.0),
+                               generation=GEN)
+    assert res.token_ids == plain.token_ids
+    assert max(res.relevancy) < 1e-9
+
+
+def test_blend_strength_zero_gives_zero_relevancy(engine, tokenizer):
+    reqs = requests_for(tokenizer)[:10]
+    for k in (0, 3):
+        results = engine.interpret(reqs, injection=InjectionConfig(k=k, mode="blend", strength=0.0), generation=GEN)
+        assert all(max(r.relevancy) < 1e-9 and r.mean_relevancy < 1e-9 for r in results)
+        assert len({tuple(r.token_ids) for r in results}) == 1  # every row generates the uninjected text
+
+
+def test_results_keep_keys_order_and_records(engine, tokenizer):
+    reqs = requests_for(tokenizer)
+    batches = list(engine.stream(reqs, generation=GEN, batch_size=10))
+    assert [len(b) for b in batches] == [10] * (len(reqs) // 10) + ([len(reqs) % 10] if len(reqs) % 10 else [])
+    flat = [r for b in batches for r in b]
+    assert [r.key for r in flat] == [r.key for r in reqs]
+    ids = tokenizer(PROMPTS[0]).input_ids
+    first = flat[0]
+    assert first.source_token == tokenizer.decode([ids[first.token]])
+    assert math.isclose(first.mean_relevancy, sum(first.relevancy) / len(first.relevancy))
+    assert json.loads(json.dumps(first.to_dict()))["key"] == list(first.key)
+    df = to_dataframe(flat)
+    assert len(df) == len(reqs) and {"layer", "token", "text", "mean_relevancy", "key"} <= set(df.columns)
+    assert df.iloc[0]["key"] == first.key
+
+
+def test_interpret_vectors_equals_extracted_path(engine, llama, tokenizer):
+    p = PROMPTS[0]
+    ids = tokenizer(p).input_ids
+    with torch.no_grad():
+        hs = llama(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    reqs = [InterpretRequest(p, 2, 5, key="a"), InterpretRequest(p, 3, 7, key="b")]
+    direct = engine.interpret(reqs, generation=GEN)
+    vecs = engine.interpret_vectors([VectorRequest(hs[2][0, 5], key="a", label="v1"), hs[3][0, 7].tolist()],
+                                    generation=GEN)
+    assert vecs[0].token_ids == direct[0].token_ids and vecs[1].token_ids == direct[1].token_ids
+    assert vecs[0].key == "a" and vecs[0].prompt == "v1" and vecs[0].layer is None and vecs[1].prompt == ""
+    mixed = engine.interpret([reqs[0], VectorRequest(hs[3][0, 7], key="b")], generation=GEN)
+    assert [m.token_ids for m in mixed] == [d.token_ids for d in direct]
+
+
+def test_sampling_is_reproducible(engine, tokenizer):
+    reqs = requests_for(tokenizer)[:12]
+    gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, seed=123)
+    a = engine.interpret(reqs, generation=gen, batch_size=12)
+    b = engine.interpret(reqs, generation=gen, batch_size=5)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    c = engine.interpret(reqs, generation=GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5,
+                                                           top_p=0.9, seed=124))
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    greedy = engine.interpret(reqs, generation=GEN)
+    assert [r.token_ids for r in a] != [r.token_ids for r in greedy]
+
+
+def test_hooks_removed_when_generation_raises(engine, tokenizer):
+    blocks = engine.adapter.blocks
+    calls = {"n": 0}
+    before = [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks]
+
+    def explode(module, args, kwargs):
+        calls["n"] += 1
+        raise RuntimeError("device lost")
+
+    handle = blocks[-1].register_forward_pre_hook(explode, with_kwargs=True)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            engine.interpret(requests_for(tokenizer)[:3], injection=InjectionConfig(k=1), generation=GEN)
+    finally:
+        handle.remove()
+    assert calls["n"] >= 1
+    assert [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks] == before
+    engine.interpret(requests_for(tokenizer)[:2], generation=GEN)  # still usable
+
+
+def test_empty_request_list(engine):
+    assert engine.interpret([]) == []
