@@ -1,0 +1,235 @@
+"""Audit runs on a real (migrated) SQLite database: fan-out into jobs, resume, scanning, report, diff, CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from selfie_core import detectors as D
+from selfie_jobs import audits as A
+from selfie_jobs.audit_models import AuditFinding, AuditRun, AuditRunJob, PromptSet
+from selfie_jobs.audit_reports import iter_findings_csv, run_report
+from selfie_jobs.models import Chunk, Job, Prompt, utcnow
+from selfie_jobs.prompt_sets import create_prompt_set
+from selfie_jobs.queue import RUN_CHUNK_TASK
+from tests.unit.audits.support import RecordingSender, jsonl, run_all_chunks, scan_all, setup_db
+
+PROMPTS = [
+    "the cat sat on the mat",
+    "a dog ran to the park",
+    "the eiffel tower is located in paris",
+    "paris , capital of france",
+    "what meaning",
+    "i will summarize the message",
+    "the dog sat",
+    "a cat ran",
+    "sure",
+    "the tower",
+]
+
+DETECTORS = [{"kind": "keywords", "name": "animals", "words": ["cat", "dog"], "min_relevancy": 0.2}]
+
+
+def _audit(maker, settings, name="pets", prompts=PROMPTS, **kw):
+    with maker() as session:
+        ps = create_prompt_set(session, name + "-set", jsonl(prompts), "jsonl")
+        req = A.AuditCreate(name=name, model="tiny", prompt_set=ps.name, detectors=DETECTORS,
+                            targets={"layers": [0, 2, 4], "tokens": {"last": 2}}, **kw)
+        audit = A.create_audit(session, req, settings)
+        session.commit()
+        return audit.id
+
+
+def _start(maker, audit_id):
+    with maker() as session:
+        run, created = A.start_run(session, session.get(A.Audit, audit_id))
+        session.commit()
+        assert created
+        return run.id
+
+
+def _detect(configs=DETECTORS):
+    built = D.build_all(configs)
+    return lambda text, rel: D.detect(built, text, rel)
+
+
+def test_detector_kinds_match_the_core_registry():
+    assert tuple(sorted(A.KNOWN_DETECTOR_KINDS)) == tuple(D.kinds())
+
+
+def test_fan_out_makes_chunked_jobs_through_the_submission_path(sqlite_url):
+    settings, maker = setup_db(sqlite_url)
+    audit_id = _audit(maker, settings)
+    run_id = _start(maker, audit_id)
+    sender = RecordingSender()
+    run = A.fan_out(maker, run_id, settings, sender, owner="w1")
+    assert run.state == "running" and run.prompts_submitted == len(PROMPTS) and run.prompts_skipped == 0
+    with maker() as session:
+        rjs = session.scalars(select(AuditRunJob).where(AuditRunJob.run_id == run_id).order_by(AuditRunJob.batch)).all()
+        # 4 prompts per job at most -> 3 jobs covering the set contiguously
+        assert [(r.prompt_offset, r.prompt_count) for r in rjs] == [(0, 4), (4, 4), (8, 2)]
+        jobs = session.scalars(select(Job).where(Job.audit_run_id == run_id)).all()
+        assert len(jobs) == 3 and all(j.priority == 3 for j in jobs)
+        total = sum(j.total for j in jobs)
+        assert total == len(PROMPTS) * 3 * 2  # 3 layers x last 2 tokens
+        for rj in rjs:
+            texts = session.scalars(select(Prompt.text).where(Prompt.job_id == rj.job_id).order_by(Prompt.index)).all()
+            assert texts == PROMPTS[rj.prompt_offset: rj.prompt_offset + rj.prompt_count]
+        n_chunks = session.scalar(select(func.count()).select_from(Chunk).where(Chunk.job_id.in_([j.id for j in jobs])))
+    assert [s[0] for s in sender.sent] == [RUN_CHUNK_TASK] * n_chunks
+
+
+def test_short_prompts_get_fewer_last_tokens_and_too_long_ones_are_skipped(sqlite_url):
+    settings, maker = setup_db(sqlite_url)
+    long_prompt = " ".join(["cat"] * 60)  # over the tiny model's 48-token context
+    prompts = ["sure", "the cat sat", long_prompt, "a dog ran to the park"]
+    with maker() as session:
+        ps = create_prompt_set(session, "mixed", jsonl(prompts), "jsonl")
+        audit = A.create_audit(session, A.AuditCreate(name="m", model="tiny", prompt_set=ps.name, detectors=DETECTORS,
+                               targets={"layers": [1], "tokens": {"last": 3}}), settings)
+        session.commit()
+        audit_id = audit.id
+    run_id = _start(maker, audit_id)
+    run = A.fan_out(maker, run_id, settings, RecordingSender(), owner="w1")
+    assert run.state == "running" and run.prompts_skipped == 1 and run.prompts_submitted == 4
+    with maker() as session:
+        rjs = session.scalars(select(AuditRunJob).where(AuditRunJob.run_id == run_id).order_by(AuditRunJob.batch)).all()
+        # "sure" has 2 tokens (<s> sure): its own job; the long prompt ends a batch; offsets stay aligned
+        assert [(r.prompt_offset, r.prompt_count) for r in rjs] == [(0, 1), (1, 1), (3, 1)]
+        assert [session.get(Job, r.job_id).total for r in rjs] == [2, 3, 3]
+
+
+def test_fan_out_resumes_after_a_crash_without_duplicates(database_url):
+    settings, maker = setup_db(database_url)
+    audit_id = _audit(maker, settings)
+    run_id = _start(maker, audit_id)
+    run = A.fan_out(maker, run_id, settings, RecordingSender(), owner="w1", stop_after=1)  # "crash" after one batch
+    assert run.state == "submitting" and run.prompts_submitted == 4
+    # Another driver cannot take over while the lease holds ...
+    assert A.fan_out(maker, run_id, settings, RecordingSender(), owner="w2").prompts_submitted == 4
+    with maker() as session:
+        assert A.runs_to_resume(session) == []
+        session.get(AuditRun, run_id).lease_expires_at = utcnow() - timedelta(seconds=1)
+        session.commit()
+        assert A.runs_to_resume(session) == [run_id]
+    # ... but resumes once it ran out
+    run = A.fan_out(maker, run_id, settings, RecordingSender(), owner="w2")
+    assert run.state == "running" and run.prompts_submitted == len(PROMPTS)
+    with maker() as session:
+        rjs = session.scalars(select(AuditRunJob).where(AuditRunJob.run_id == run_id).order_by(AuditRunJob.batch)).all()
+        assert [(r.batch, r.prompt_offset, r.prompt_count) for r in rjs] == [(0, 0, 4), (1, 4, 4), (2, 8, 2)]
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.audit_run_id == run_id)) == 3
+
+
+def test_scan_report_diff_and_csv(database_url):
+    settings, maker = setup_db(database_url)
+    audit_id = _audit(maker, settings)
+
+    def first_texts(job_id, p, layer, token):
+        return ("a cat" if layer == 2 else "a dog" if layer == 4 else "nothing", 0.5 if layer else 0.9)
+
+    run1 = _start(maker, audit_id)
+    A.fan_out(maker, run1, settings, RecordingSender(), owner="w1")
+    run_all_chunks(maker, first_texts)
+    with maker() as session:  # a job not finished yet is not scanned
+        assert len(A.jobs_to_scan(session, run1)) == 3
+    scan_all(maker, _detect())
+    with maker() as session:
+        run = session.get(AuditRun, run1)
+        assert run.state == "succeeded" and run.jobs_scanned == 3
+        assert run.flags == len(PROMPTS) * 2 * 2  # layers 2 and 4, 2 tokens each
+        report = run_report(session, run, top=5)
+        assert {r["key"]: r["flags"] for r in report["by_layer"]} == {2: 20, 4: 20}
+        assert {r["key"]: r["flags"] for r in report["by_token_from_end"]} == {-2: 20, -1: 20}
+        assert report["flagged_prompts"] == len(PROMPTS)
+        top = report["top"][0]
+        assert top["prompt"] in PROMPTS and top["label"] in {"cat", "dog"} and "context" in top
+        assert report["diff"]["previous_run_id"] is None
+
+    def second_texts(job_id, p, layer, token):  # the dog at layer 4 is gone; a cat appears at layer 0
+        return ("a cat" if layer in (0, 2) else "nothing", 0.5)
+
+    run2 = _start(maker, audit_id)
+    A.fan_out(maker, run2, settings, RecordingSender(), owner="w1")
+    run_all_chunks(maker, second_texts)
+    scan_all(maker, _detect())
+    with maker() as session:
+        report = run_report(session, session.get(AuditRun, run2))
+        diff = report["diff"]
+        assert diff["previous_run_id"] == run1
+        assert diff["new_count"] == 20 and {f["layer"] for f in diff["new"]} == {0}
+        assert diff["gone_count"] == 20 and {f["layer"] for f in diff["gone"]} == {4}
+        text = "".join(iter_findings_csv(session, run2, page=7))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 40 and {r["label"] for r in rows} == {"cat"} and rows[0]["prompt"] in PROMPTS
+
+
+def test_min_relevancy_and_scan_is_once(sqlite_url):
+    settings, maker = setup_db(sqlite_url)
+    audit_id = _audit(maker, settings)
+    run_id = _start(maker, audit_id)
+    A.fan_out(maker, run_id, settings, RecordingSender(), owner="w1")
+    run_all_chunks(maker, lambda j, p, layer, t: ("cat", 0.1))  # below min_relevancy 0.2
+    with maker() as session:
+        rj = A.jobs_to_scan(session, run_id)[0]
+        assert A.scan_job(session, rj, _detect()) == 0
+        session.commit()
+        assert A.scan_job(session, rj, _detect()) is None  # already scanned
+    scan_all(maker, _detect())
+    with maker() as session:
+        assert session.scalar(select(func.count()).select_from(AuditFinding)) == 0
+        assert session.get(AuditRun, run_id).state == "succeeded"
+
+
+def test_cancel_run_cancels_its_jobs(sqlite_url):
+    settings, maker = setup_db(sqlite_url)
+    run_id = _start(maker, _audit(maker, settings))
+    A.fan_out(maker, run_id, settings, RecordingSender(), owner="w1")
+    with maker() as session:
+        A.cancel_run(session, session.get(AuditRun, run_id))
+        session.commit()
+        states = set(session.scalars(select(Job.state).where(Job.audit_run_id == run_id)))
+        assert states == {"cancelled"}
+        assert set(session.scalars(select(Chunk.state))) == {"cancelled"}
+
+
+def test_one_open_run_per_audit_and_cron_claims(sqlite_url):
+    settings, maker = setup_db(sqlite_url)
+    audit_id = _audit(maker, settings, schedule="*/5 * * * *")
+    with maker() as session:
+        audit = session.get(A.Audit, audit_id)
+        assert audit.next_run_at is not None
+        r1, c1 = A.start_run(session, audit, "schedule")
+        r2, c2 = A.start_run(session, audit, "manual")
+        assert c1 and not c2 and r1.id == r2.id
+        audit.next_run_at = utcnow() - timedelta(minutes=1)
+        session.commit()
+        assert A.claim_due_audits(session) == [audit_id]
+        assert A.claim_due_audits(session) == []  # advanced: fires again only at the next cron time
+        session.commit()
+        assert A.next_fire("*/5 * * * *", utcnow()) - utcnow() <= timedelta(minutes=5)
+
+
+def test_schemas_reject_bad_configs():
+    with pytest.raises(ValueError, match="cron"):
+        A.AuditCreate(name="x", prompt_set="s", detectors=DETECTORS, schedule="every day")
+    with pytest.raises(ValueError, match="regular expression"):
+        A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "regex", "patterns": ["(bad"]}])
+    with pytest.raises(ValueError, match="unknown detector kind"):
+        A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "magic"}])
+    with pytest.raises(ValueError, match="non-empty 'words'"):
+        A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "keywords"}])
+
+
+def test_builtin_prompt_sets_are_used_by_name(sqlite_url):
+    settings, maker = setup_db(sqlite_url)
+    with maker() as session:
+        audit = A.create_audit(session, A.AuditCreate(name="inj", model="tiny", prompt_set="prompt_injections",
+                               detectors=DETECTORS), settings)
+        session.commit()
+        ps = session.get(PromptSet, audit.prompt_set_id)
+        assert ps.source == "builtin" and ps.size >= 10
