@@ -1,0 +1,334 @@
+"""The HTTP API over real HTTP (uvicorn), against SQLite and PostgreSQL, with real Redis as the broker."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from selfie_jobs.auth import create_key, revoke_key
+from selfie_jobs.cards import WorkerIdentity, heartbeat
+from selfie_jobs.db import session_scope
+from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
+from tests.apisupport import (
+    NUM_LAYERS,
+    flush_model_queue,
+    live_server,
+    message_chunk_ids,
+    prepare_database,
+    queued_messages,
+    settings_for,
+)
+
+
+@pytest.fixture
+def env(database_url, redis_url):
+    """A migrated database with a model card under a name of its own (so queues of other tests never mix)."""
+    model = "tiny-" + uuid.uuid4().hex[:8]
+    prepare_database(database_url, model=model)
+    yield database_url, redis_url, model
+    flush_model_queue(redis_url, model)
+
+
+@pytest.fixture
+def server(env):
+    database_url, redis_url, model = env
+    with live_server(settings_for(database_url, redis_url)) as srv:
+        srv.model = model
+        yield srv
+
+
+def body(model, **kw):
+    kw.setdefault("prompts", ["The Eiffel Tower is located in Paris"])
+    return {"model": model, **kw}
+
+
+def count(url, entity) -> int:
+    with session_scope(url) as s:
+        return s.scalar(select(func.count()).select_from(entity))
+
+
+def test_submit_stores_and_enqueues_json_messages(env, server):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs", json=body(model, prompts=["a cat sat", "the dog ran to the park"],
+                                             targets={"layers": [0, 2, -1], "tokens": [0, -1]}, priority=7))
+        assert resp.status_code == 202, resp.text
+        accepted = resp.json()
+        assert accepted["total"] == 12 and accepted["chunks"] == 2 and accepted["enqueued"] == 2
+        assert resp.headers["location"] == accepted["link"] == f"{server.url}/v1/jobs/{accepted['id']}"
+
+        status = http.get(f"/v1/jobs/{accepted['id']}").json()
+    assert status["state"] == "queued" and status["progress"] == {"done": 0, "total": 12, "fraction": 0.0}
+    assert status["chunks"]["queued"] == 2 and status["queue_position"] == 0
+    assert status["prompts"][0]["tokens"] == ["<s>", "a", "cat", "sat"]
+    assert status["timings"]["created_at"].endswith(("Z", "+00:00"))
+
+    with session_scope(database_url) as s:
+        chunks = s.scalars(select(Chunk).where(Chunk.job_id == accepted["id"]).order_by(Chunk.index)).all()
+        chunk_ids = [c.id for c in chunks]
+        assert all(c.enqueued_at is not None and c.priority == 7 for c in chunks)
+        assert chunks[0].items[0] == [0, 0, 0]
+    messages = queued_messages(redis_url, model)
+    assert message_chunk_ids(messages) == chunk_ids
+    assert {m["properties"]["delivery_info"]["routing_key"] for m in messages} == {"selfie.model." + model}
+
+
+BAD_BODIES = [
+    ("unknown model", lambda m: body("no-such-model")),
+    ("layer past the depth", lambda m: body(m, targets={"layers": [NUM_LAYERS + 1]})),
+    ("token past the end", lambda m: body(m, targets={"tokens": [50]})),
+    ("negative token past the start", lambda m: body(m, targets={"pairs": [[0, -50]]})),
+    ("k past the depth", lambda m: body(m, k=NUM_LAYERS)),
+    ("k negative", lambda m: body(m, k=-1)),
+    ("empty prompt", lambda m: body(m, prompts=[""])),
+    ("no prompts", lambda m: body(m, prompts=[])),
+    ("over-long prompt", lambda m: body(m, prompts=["cat " * 200])),
+    ("too many prompts", lambda m: body(m, prompts=["cat"] * 21)),
+    ("unknown preset", lambda m: body(m, template="limerick")),
+    ("template without placeholder", lambda m: body(m, template={"parts": ["just text"]})),
+    ("temperature zero", lambda m: body(m, decoding={"temperature": 0})),
+    ("top_p above one", lambda m: body(m, decoding={"top_p": 2})),
+    ("max_new_tokens over cap", lambda m: body(m, max_new_tokens=1000)),
+    ("priority out of range", lambda m: body(m, priority=12)),
+    ("over the per-job cap", lambda m: body(m, prompts=["a cat sat on the mat"] * 20)),
+    ("wrong type", lambda m: body(m, k="one")),
+    ("unknown field", lambda m: body(m, colour="blue")),
+    ("NUL in prompt", lambda m: body(m, prompts=["a\x00b"])),
+]
+
+
+@pytest.mark.parametrize("name, make", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_input_is_refused_with_nothing_stored_or_enqueued(env, server, name, make):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs", json=make(model))
+    assert 400 <= resp.status_code < 500, (name, resp.status_code, resp.text)
+    assert resp.json()["detail"]
+    assert count(database_url, Job) == count(database_url, Chunk) == count(database_url, Prompt) == 0
+    assert queued_messages(redis_url, model) == []
+
+
+def test_malformed_json_is_refused(env, server):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs", content=b'{"prompts": ["x"', headers={"content-type": "application/json"})
+    assert resp.status_code == 422
+    assert count(database_url, Job) == 0 and queued_messages(redis_url, model) == []
+
+
+def test_idempotency_key(env, server):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        first = http.post("/v1/jobs", json=body(model, idempotency_key="retry-me"))
+        again = http.post("/v1/jobs", json=body(model, idempotency_key="retry-me"))
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["created"] is False
+    assert count(database_url, Job) == 1
+    assert len(queued_messages(redis_url, model)) == first.json()["chunks"]
+
+
+def test_cancel_cancels_job_and_queued_chunks(env, server):
+    database_url, _, model = env
+    with server.client() as http:
+        job_id = http.post("/v1/jobs", json=body(model)).json()["id"]
+        with session_scope(database_url) as s:  # a worker holds the first chunk
+            first = s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)).first()
+            first.state, first.owner = "running", "w1"
+        resp = http.post(f"/v1/jobs/{job_id}/cancel")
+        assert resp.status_code == 200 and resp.json() == {"id": job_id, "state": "cancelled", "cancelled": True}
+        assert http.post(f"/v1/jobs/{job_id}/cancel").json()["cancelled"] is False
+        status = http.get(f"/v1/jobs/{job_id}").json()
+    assert status["state"] == "cancelled" and status["timings"]["finished_at"]
+    assert status["chunks"]["running"] == 1 and status["chunks"]["queued"] == 0 and status["chunks"]["cancelled"] > 0
+    assert status["queue_position"] is None
+
+
+def _fill_results(url, job_id):
+    """Rows as a worker writes them: every (prompt, layer, token) of the job."""
+    with session_scope(url) as s:
+        chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id)).all()
+        n = 0
+        for chunk in chunks:
+            for p, layer, token in chunk.items:
+                n += 1
+                s.add(Interpretation(
+                    job_id=job_id, prompt_index=p, layer=layer, token=token, source_token=f"t{token}",
+                    text=f"about {'paris' if layer % 2 else 'a tower'} {n}", token_ids=[1, 2],
+                    relevancy=[0.1, 0.2], mean_relevancy=round((n * 7 % 13) / 13, 4), chunk_id=chunk.id,
+                    engine_run_id="r1", worker="w1", model=chunk.model, created_at=utcnow()))
+            chunk.state = "done"
+        job = s.get(Job, job_id)
+        job.done, job.state, job.started_at, job.finished_at = n, "succeeded", utcnow(), utcnow()
+    return n
+
+
+def test_interpretations_filters_sort_pagination_and_csv(env, server):
+    database_url, _, model = env
+    with server.client() as http:
+        job_id = http.post("/v1/jobs", json=body(model, prompts=["a cat sat", "the dog ran"])).json()["id"]
+        total = _fill_results(database_url, job_id)
+        assert total == 2 * (NUM_LAYERS + 1) * 4
+
+        seen, cursor = [], None
+        while True:
+            page = http.get(f"/v1/jobs/{job_id}/interpretations",
+                            params={"limit": 7, **({"cursor": cursor} if cursor else {})}).json()
+            seen += [(r["prompt_index"], r["layer"], r["token"]) for r in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == sorted(seen) and len(seen) == len(set(seen)) == total
+
+        by_rel, cursor = [], None
+        while True:
+            page = http.get(f"/v1/jobs/{job_id}/interpretations",
+                            params={"sort": "-relevancy", "limit": 9, **({"cursor": cursor} if cursor else {})}).json()
+            by_rel += [r["mean_relevancy"] for r in page["items"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert by_rel == sorted(by_rel, reverse=True) and len(by_rel) == total
+
+        filtered = http.get(f"/v1/jobs/{job_id}/interpretations",
+                            params={"prompt": 1, "layer_min": 1, "layer_max": 3, "token": 2, "min_relevancy": 0.2,
+                                    "q": "PARIS"}).json()["items"]
+        assert filtered and all(r["prompt_index"] == 1 and r["layer"] in (1, 3) and r["token"] == 2
+                                and r["mean_relevancy"] >= 0.2 and "paris" in r["text"] for r in filtered)
+        assert http.get(f"/v1/jobs/{job_id}/interpretations", params={"q": "100%_"}).json()["items"] == []
+
+        as_csv = http.get(f"/v1/jobs/{job_id}/interpretations", params={"format": "csv"})
+        assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+        assert len(rows) == total and rows[0]["text"].startswith("about") and rows[0]["relevancy"] == "[0.1, 0.2]"
+        accepted = http.get(f"/v1/jobs/{job_id}/interpretations", params={"prompt": 0, "limit": 5},
+                            headers={"Accept": "text/csv"})
+        assert accepted.headers["content-type"].startswith("text/csv")
+        assert len(list(csv.DictReader(io.StringIO(accepted.text)))) == 5
+
+        assert http.get(f"/v1/jobs/{job_id}/interpretations", params={"cursor": "bogus"}).status_code == 400
+        first = http.get(f"/v1/jobs/{job_id}/interpretations", params={"limit": 1}).json()["next_cursor"]
+        assert http.get(f"/v1/jobs/{job_id}/interpretations",
+                        params={"cursor": first, "sort": "layer"}).status_code == 400
+        status = http.get(f"/v1/jobs/{job_id}").json()
+        assert status["state"] == "succeeded" and status["progress"]["fraction"] == 1.0
+
+
+def test_list_jobs_filters_and_pages(env, server):
+    _, _, model = env
+    with server.client() as http:
+        ids = [http.post("/v1/jobs", json=body(model, targets={"pairs": [[0, 0]]})).json()["id"] for _ in range(5)]
+        http.post(f"/v1/jobs/{ids[0]}/cancel")
+        got, cursor = [], None
+        while True:
+            page = http.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+            got += [j["id"] for j in page["jobs"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert got == ids[::-1]
+        assert [j["id"] for j in http.get("/v1/jobs", params={"state": "cancelled"}).json()["jobs"]] == [ids[0]]
+        assert http.get("/v1/jobs", params={"model": "other"}).json()["jobs"] == []
+        future = (utcnow() + timedelta(hours=1)).isoformat()
+        assert http.get("/v1/jobs", params={"created_after": future}).json()["jobs"] == []
+        assert len(http.get("/v1/jobs", params={"created_before": future}).json()["jobs"]) == 5
+        assert http.get("/v1/jobs", params={"state": "bogus"}).status_code == 422
+        assert http.get("/v1/jobs/" + "0" * 32).status_code == 404
+        assert http.get("/v1/jobs/not-an-id").status_code == 404
+
+
+def test_auth_scoping(env):
+    database_url, redis_url, model = env
+    with session_scope(database_url) as s:
+        _, alice = create_key(s, "alice")
+        _, bob = create_key(s, "bob")
+        _, root = create_key(s, "root", admin=True)
+        gone_row, gone = create_key(s, "gone")
+        revoke_key(s, gone_row.id)
+    with live_server(settings_for(database_url, redis_url, auth_enabled=True)) as srv:
+        with srv.client() as anon:
+            assert anon.get("/v1/jobs").status_code == 401
+            assert anon.post("/v1/jobs", json=body(model)).status_code == 401
+            assert anon.get("/healthz").status_code == 200
+        with srv.client(gone) as http:
+            assert http.get("/v1/jobs").status_code == 401
+        with srv.client("sk-selfie-made-up-key-000000000000") as http:
+            assert http.get("/v1/jobs").status_code == 401
+        with srv.client(alice) as a, srv.client(bob) as b, srv.client(root) as r:
+            job_id = a.post("/v1/jobs", json=body(model, idempotency_key="same")).json()["id"]
+            # the same idempotency key under another key is another job
+            bob_job = b.post("/v1/jobs", json=body(model, idempotency_key="same"))
+            assert bob_job.status_code == 202 and bob_job.json()["id"] != job_id
+            for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/interpretations"):
+                assert a.get(path).status_code == 200
+                assert b.get(path).status_code == 404
+                assert r.get(path).status_code == 200
+            assert b.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
+            assert [j["id"] for j in a.get("/v1/jobs").json()["jobs"]] == [job_id]
+            assert job_id not in [j["id"] for j in b.get("/v1/jobs").json()["jobs"]]
+            assert {job_id, bob_job.json()["id"]} <= {j["id"] for j in r.get("/v1/jobs").json()["jobs"]}
+            assert r.post(f"/v1/jobs/{job_id}/cancel").json()["cancelled"] is True
+
+
+def test_rate_limit_answers_429_with_retry_after(env):
+    database_url, redis_url, _ = env
+    with session_scope(database_url) as s:
+        _, secret = create_key(s, "busy")
+    with live_server(settings_for(database_url, redis_url, auth_enabled=True, rate_limit_per_minute=3)) as srv:
+        with srv.client(secret) as http:
+            responses = [http.get("/v1/jobs") for _ in range(6)]
+    codes = [r.status_code for r in responses]
+    # 3 per minute: at most 3 + 3 pass even when the minute turns over during the loop
+    assert codes[:3] == [200, 200, 200] and 429 in codes, codes
+    limited = next(r for r in responses if r.status_code == 429)
+    assert int(limited.headers["retry-after"]) >= 1
+
+
+def test_models_from_live_heartbeats_and_health(env, server):
+    database_url, _, model = env
+    with server.client() as http:
+        assert http.get("/v1/models").json() == {"models": []}
+        with session_scope(database_url) as s:
+            heartbeat(s, WorkerIdentity("w@host:1", model, "host", 1, "cpu"))
+            heartbeat(s, WorkerIdentity("old@host:2", model, "host", 2, "cuda:0"), now=utcnow() - timedelta(hours=1))
+        models = http.get("/v1/models").json()["models"]
+        assert [m["name"] for m in models] == [model]
+        assert models[0]["num_layers"] == NUM_LAYERS and "summarize" in models[0]["presets"]
+        assert [w["name"] for w in models[0]["workers"]] == ["w@host:1"]
+        assert "tokenizer_json" not in models[0]["card"]
+        assert http.get("/healthz").json() == {"status": "ok"}
+        assert http.get("/readyz").json() == {"status": "ready", "database": "ok", "redis": "ok"}
+
+
+def test_readyz_reports_a_dead_redis(env):
+    database_url, _, _ = env
+    with live_server(settings_for(database_url, "redis://127.0.0.1:1/0")) as srv, srv.client() as http:
+        resp = http.get("/readyz")
+    assert resp.status_code == 503 and resp.json()["redis"].startswith("error")
+
+
+def test_database_down_answers_503_with_retry_after(redis_url):
+    dead = "postgresql+psycopg://postgres@127.0.0.1:1/nothing?connect_timeout=1"
+    with live_server(settings_for(dead, redis_url)) as srv, srv.client() as http:
+        for resp in (http.get("/v1/jobs"), http.post("/v1/jobs", json=body("tiny")), http.get("/readyz")):
+            assert resp.status_code == 503, resp.text
+            assert int(resp.headers["retry-after"]) > 0
+
+
+def test_cors_closed_by_default(server):
+    with server.client() as http:
+        resp = http.options("/v1/jobs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in resp.headers
+
+
+def test_broker_down_still_accepts_and_leaves_chunks_for_the_reconciler(env):
+    database_url, _, model = env
+    with live_server(settings_for(database_url, "redis://127.0.0.1:1/0")) as srv, srv.client() as http:
+        resp = http.post("/v1/jobs", json=body(model))
+    assert resp.status_code == 202 and resp.json()["enqueued"] == 0
+    with session_scope(database_url) as s:
+        assert s.scalars(select(Chunk.enqueued_at).where(Chunk.job_id == resp.json()["id"])).all() == [None] * 5
