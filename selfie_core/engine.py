@@ -125,6 +125,10 @@ class SelfieEngine:
         generation = generation or GenerationConfig()
         if isinstance(requests, (InterpretRequest, VectorRequest)):
             raise SelfieInputError("pass a list of requests, not a single request")
+        if isinstance(injection, dict):
+            injection = InjectionConfig.from_dict(injection)
+        if isinstance(generation, dict):
+            generation = GenerationConfig.from_dict(generation)
         prepared = self._prepare(template)
         check_injection(injection, self.num_layers)
         check_generation(generation, prepared, self.max_context)
@@ -164,6 +168,8 @@ class SelfieEngine:
                injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
                batch_size: int | None = None) -> Iterator[list[Interpretation]]:
         """Validate everything first, then yield one list of results per finished engine batch (request order)."""
+        if isinstance(requests, (InterpretRequest, VectorRequest)):
+            raise SelfieInputError("pass a list of requests, not a single request")
         requests = list(requests)
         prepared, injection, generation, token_ids, raw_vectors = self._validated(requests, template, injection, generation)
         return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size)
