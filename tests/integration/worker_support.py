@@ -1,0 +1,113 @@
+"""Helpers for worker tests: a tiny random LLaMA saved as a Hugging Face folder, real worker processes, waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+NUM_LAYERS = 2
+PROMPTS = ("The Eiffel Tower is located in Paris.", "The quick brown fox jumps over the lazy dog.")
+
+
+def save_tiny_model(path: Path, layers: int = NUM_LAYERS) -> Path:
+    """A random LLaMA (float32) with a small real BPE tokenizer, saved where `load_model(path)` finds it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.unit.core.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, *, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def worker_env(database_url: str, redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_")}
+    env.update(
+        SELFIE_DATABASE_URL=database_url,
+        SELFIE_REDIS_URL=redis_url,
+        SELFIE_DATA_DIR=str(data_dir),
+        SELFIE_HEARTBEAT_INTERVAL_SECONDS="1",
+        SELFIE_WORKER_ALIVE_SECONDS="6",
+        SELFIE_LEASE_SECONDS="30",
+        SELFIE_RECONCILE_INTERVAL_SECONDS="2",
+        SELFIE_ENQUEUE_GRACE_SECONDS="5",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """`python -m workers worker ...` in its own process group, with its log in a file."""
+
+    def __init__(self, name: str, model_path: Path, env: dict[str, str], log_dir: Path, *, batch_size: int = 4,
+                 extra: tuple[str, ...] = ()):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [sys.executable, "-m", "workers", "worker", "--model", MODEL, "--model-path", str(model_path),
+               "--batch-size", str(batch_size), "--hostname", f"{name}@testhost", "--loglevel", "INFO", *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def children(self) -> list[int]:
+        try:
+            return [c.pid for c in psutil.Process(self.pid).children()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+        # children that outlived their parent (they are in the same process group)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()

@@ -1,0 +1,50 @@
+"""`python -m workers worker --model NAME [--gpu N] ...`, `python -m workers beat`, `python -m workers reconcile`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m workers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="serve one model on one device")
+    w.add_argument("--model", required=True, help="served model name (its queue and card name)")
+    w.add_argument("--gpu", type=int, default=None, help="CUDA device index to pin this worker to")
+    w.add_argument("--model-path", default=None, help="load the weights from here (a local HF folder or hub id)")
+    w.add_argument("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu)")
+    w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    w.add_argument("--concurrency", type=int, default=1)
+    w.add_argument("--batch-size", type=int, default=None, help="rows per engine batch (default: engine's choice)")
+    w.add_argument("--hostname", default=None, help="Celery node name")
+    w.add_argument("--loglevel", default="INFO")
+    b = sub.add_parser("beat", help="the scheduler (reconcile, audits)")
+    b.add_argument("--loglevel", default="INFO")
+    b.add_argument("--schedule", default=None)
+    sub.add_parser("reconcile", help="re-send lost chunks once and print what was done")
+    args = parser.parse_args(argv)
+
+    if args.command == "worker":
+        from workers.launch import run_worker
+
+        run_worker(args.model, args.gpu, model_path=args.model_path, device=args.device, dtype=args.dtype,
+                   concurrency=args.concurrency, batch_size=args.batch_size, hostname=args.hostname,
+                   loglevel=args.loglevel)
+    elif args.command == "beat":
+        from workers.launch import run_beat
+
+        run_beat(loglevel=args.loglevel, schedule_file=args.schedule)
+    else:
+        from selfie_jobs.db import get_sessionmaker
+        from selfie_jobs.settings import get_settings
+        from workers.celery_app import create_celery_app
+        from workers.tasks import reconcile_once
+
+        settings = get_settings()
+        app = create_celery_app(settings, register=False)
+        print(json.dumps(reconcile_once(settings, get_sessionmaker(settings.resolved_database_url()), app)))
+
+
+if __name__ == "__main__":
+    main()

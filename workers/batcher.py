@@ -1,0 +1,246 @@
+"""The scheduler side of a worker: claimed chunks -> engine work items -> results back per chunk.
+
+It decides *what* runs together and what happens on failure; *how* a batch runs is the runner's business (the
+resident engine, `workers.runtime.EngineRunner`), and where results go is the sink's (`workers.sink.DbSink`).
+Only plain data crosses these boundaries, so this module imports neither torch nor SQLAlchemy sessions, and
+its failure handling is unit-tested with a fake runner.
+
+Failure policy:
+- a job whose input the engine rejects (SelfieInputError, non-finite results) fails with a stored error; the
+  other jobs of the batch run on without it;
+- out of memory: the batch is split in halves and each half retried (recursively), only for what is not done;
+- a device failure (CUDA device-side error) raises `DeviceFailure`: the process must be replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from selfie_jobs.chunks import ClaimedChunk, ResultRow, WriteOutcome
+
+log = logging.getLogger(__name__)
+
+Key = tuple[int, int, int, int]  # (chunk id, prompt index, layer, token): unique within one engine run
+
+
+class DeviceFailure(RuntimeError):
+    """The accelerator is in an unusable state (CUDA context lost); the worker process must exit."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    key: Key
+    job_id: str
+    prompt: str
+
+    @property
+    def chunk_id(self) -> int:
+        return self.key[0]
+
+
+@dataclass
+class BatchPlan:
+    """Chunks that share model and engine settings (batch_key), and the engine items they stand for."""
+
+    batch_key: str
+    spec: dict[str, Any]
+    chunks: list[ClaimedChunk]
+    items: list[WorkItem]
+
+
+@dataclass
+class ExecutionStats:
+    items: int = 0
+    inserted: int = 0
+    engine_batches: int = 0
+    splits: int = 0
+    chunks_done: list[int] = field(default_factory=list)
+    failed_jobs: dict[str, str] = field(default_factory=dict)
+    closed_jobs: set[str] = field(default_factory=set)
+
+
+class Runner(Protocol):
+    """How a batch runs: implemented by the resident engine (and by fakes in tests)."""
+
+    def validate(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> None: ...
+
+    def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]: ...
+
+    def is_input_error(self, exc: BaseException) -> bool: ...
+
+    def is_out_of_memory(self, exc: BaseException) -> bool: ...
+
+    def is_device_failure(self, exc: BaseException) -> bool: ...
+
+    def free_memory(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where results go: one transaction per chunk (and the job's failure)."""
+
+    def write(self, chunk_id: int, rows: Sequence[ResultRow], complete: bool) -> WriteOutcome: ...
+
+    def fail_job(self, job_id: str, error: str) -> None: ...
+
+
+def plan_batches(chunks: Sequence[ClaimedChunk], prompts: dict[tuple[str, int], str]) -> list[BatchPlan]:
+    """Group claimed chunks by batch_key (one engine run per group) and expand them into work items."""
+    plans: dict[str, BatchPlan] = {}
+    for chunk in chunks:
+        plan = plans.setdefault(chunk.batch_key, BatchPlan(chunk.batch_key, chunk.spec, [], []))
+        plan.chunks.append(chunk)
+        for prompt_index, layer, token in chunk.items:
+            text = prompts.get((chunk.job_id, prompt_index))
+            if text is None:
+                raise LookupError(f"job {chunk.job_id} has no prompt {prompt_index}")
+            plan.items.append(WorkItem((chunk.id, prompt_index, layer, token), chunk.job_id, text))
+    return list(plans.values())
+
+
+def _finite(value: Any) -> bool:
+    return not (isinstance(value, float) and not math.isfinite(value))
+
+
+def to_row(result: Any) -> ResultRow:
+    _, prompt_index, layer, token = result.key
+    return ResultRow(
+        prompt_index=int(prompt_index),
+        layer=int(layer),
+        token=int(token),
+        source_token=result.source_token or "",
+        text=result.text,
+        token_ids=[int(t) for t in result.token_ids],
+        relevancy=[float(r) for r in result.relevancy],
+        mean_relevancy=float(result.mean_relevancy),
+    )
+
+
+class _Execution:
+    def __init__(self, plan: BatchPlan, runner: Runner, sink: Sink):
+        self.plan = plan
+        self.runner = runner
+        self.sink = sink
+        self.stats = ExecutionStats(items=len(plan.items))
+        self.job_of = {c.id: c.job_id for c in plan.chunks}
+        self.remaining: dict[int, set[Key]] = {c.id: set() for c in plan.chunks}
+        for item in plan.items:
+            self.remaining[item.chunk_id].add(item.key)
+        self.completed: set[int] = set()
+
+    # -- helpers --------------------------------------------------------------------------------------------
+    def pending(self, items: Sequence[WorkItem]) -> list[WorkItem]:
+        closed = self.stats.closed_jobs
+        return [i for i in items if i.job_id not in closed and i.key in self.remaining[i.chunk_id]]
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        if job_id in self.stats.closed_jobs:
+            return
+        log.warning("job %s fails: %s", job_id, error)
+        self.sink.fail_job(job_id, error)
+        self.stats.failed_jobs[job_id] = error
+        self.stats.closed_jobs.add(job_id)
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def validate_per_job(self) -> None:
+        by_job: dict[str, list[WorkItem]] = defaultdict(list)
+        for item in self.plan.items:
+            by_job[item.job_id].append(item)
+        for job_id, items in by_job.items():
+            try:
+                self.runner.validate(items, self.plan.spec)
+            except Exception as exc:
+                if not self.runner.is_input_error(exc):
+                    raise
+                self.fail_job(job_id, f"the engine rejected this job's input: {exc}")
+
+    def deliver(self, results: Sequence[Any]) -> None:
+        by_chunk: dict[int, list[ResultRow]] = defaultdict(list)
+        for result in results:
+            chunk_id = result.key[0]
+            job_id = self.job_of.get(chunk_id)
+            if job_id is None or job_id in self.stats.closed_jobs:
+                continue
+            values = [result.mean_relevancy, *result.relevancy]
+            if not all(_finite(v) for v in values):
+                _, p, layer, token = result.key
+                self.fail_job(job_id, f"the engine produced non-finite relevancy (NaN/inf) for prompt {p}, "
+                                      f"layer {layer}, token {token}: the hidden state or model output is not finite")
+                continue
+            by_chunk[chunk_id].append(to_row(result))
+        for chunk_id, rows in by_chunk.items():
+            job_id = self.job_of[chunk_id]
+            if job_id in self.stats.closed_jobs:
+                continue
+            self.remaining[chunk_id].difference_update((chunk_id, r.prompt_index, r.layer, r.token) for r in rows)
+            complete = not self.remaining[chunk_id]
+            outcome = self.sink.write(chunk_id, rows, complete)
+            self.stats.inserted += outcome.inserted
+            if outcome.skipped_reason:
+                self.stats.closed_jobs.add(job_id)  # cancelled (or failed elsewhere): stop spending time on it
+            if complete:
+                self.completed.add(chunk_id)
+                if outcome.chunk_done:
+                    self.stats.chunks_done.append(chunk_id)
+
+    def run(self, items: Sequence[WorkItem]) -> None:
+        items = self.pending(items)
+        if not items:
+            return
+        try:
+            for results in self.runner.stream(items, self.plan.spec):
+                self.stats.engine_batches += 1
+                self.deliver(results)
+        except DeviceFailure:
+            raise
+        except Exception as exc:
+            if self.runner.is_device_failure(exc):
+                raise DeviceFailure(str(exc)) from exc
+            left = self.pending(items)
+            if self.runner.is_out_of_memory(exc):
+                self.runner.free_memory()
+                if len(left) <= 1:
+                    for job_id in {i.job_id for i in left}:
+                        self.fail_job(job_id, f"out of memory even for a single interpretation: {exc}")
+                    return
+                self.stats.splits += 1
+                half = len(left) // 2
+                log.warning("out of memory on %d items; retrying as %d + %d", len(left), half, len(left) - half)
+                self.run(left[:half])
+                self.run(left[half:])
+                return
+            if self.runner.is_input_error(exc):
+                jobs = list(dict.fromkeys(i.job_id for i in left))
+                if len(jobs) == 1:
+                    self.fail_job(jobs[0], f"the engine rejected this job's input: {exc}")
+                    return
+                for job_id in jobs:  # isolate the job that fails; the others go on
+                    self.run([i for i in left if i.job_id == job_id])
+                return
+            raise
+
+    def finish(self) -> None:
+        # chunks whose every item is written but which were never marked (e.g. an empty chunk)
+        for chunk in self.plan.chunks:
+            if chunk.id in self.completed or chunk.job_id in self.stats.closed_jobs:
+                continue
+            if self.remaining[chunk.id]:
+                raise RuntimeError(f"the engine returned no result for {len(self.remaining[chunk.id])} "
+                                   f"items of chunk {chunk.id}")
+            outcome = self.sink.write(chunk.id, [], True)
+            self.completed.add(chunk.id)
+            if outcome.chunk_done:
+                self.stats.chunks_done.append(chunk.id)
+
+
+def execute(plan: BatchPlan, runner: Runner, sink: Sink) -> ExecutionStats:
+    """Run one plan as one engine run: validate per job, stream, write each finished engine batch per chunk."""
+    execution = _Execution(plan, runner, sink)
+    execution.validate_per_job()
+    execution.run(plan.items)
+    execution.finish()
+    return execution.stats

@@ -1,0 +1,130 @@
+"""Start a worker (one per GPU, model resident) or beat. The `selfie worker` / `selfie beat` commands call these.
+
+`run_worker` pins the process to its GPU (CUDA_VISIBLE_DEVICES) before torch can initialise CUDA, hands the
+model options to the pool child through the environment, and runs Celery's prefork pool: the parent holds
+the broker connection and never loads the model; the child loads it once in `worker_process_init`. When the
+child dies (SIGKILL, OOM killer, CUDA abort) the parent starts a new one, and the unacknowledged message is
+redelivered (acks_late + reject_on_worker_lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+from celery import Celery, signals
+
+from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK, model_queue
+from selfie_jobs.settings import Settings, get_settings
+from workers.runtime import WorkerOptions
+
+log = logging.getLogger(__name__)
+
+#: Seconds a child whose model failed to load waits before exiting (the parent restarts it: no hot loop).
+LOAD_FAILURE_BACKOFF_S = 10.0
+
+
+def default_node_name(model: str, gpu: int | None) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+    where = f"gpu{gpu}" if gpu is not None else f"cpu{os.getpid()}"
+    return f"selfie-{safe}-{where}@{socket.gethostname()}"
+
+
+def pin_gpu(gpu: int | None) -> None:
+    """Make `gpu` the only visible device (cuda:0) for this process and its children; before CUDA starts."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA is already initialised in this process: pin the GPU before anything uses torch")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def install_worker_signals(app: Celery, settings: Settings) -> None:
+    """Model load/unload in the pool child; a reconcile at start-up from the parent."""
+
+    @signals.worker_process_init.connect(weak=False, dispatch_uid="selfie.runtime.init")
+    def _load_model(**_kwargs) -> None:
+        from workers.runtime import start_runtime
+
+        try:
+            start_runtime(settings)
+        except BaseException:  # noqa: BLE001 - a child without its model must not take work
+            log.exception("the model could not be loaded; this worker process exits")
+            logging.shutdown()
+            time.sleep(LOAD_FAILURE_BACKOFF_S)
+            os._exit(3)
+
+    @signals.worker_process_shutdown.connect(weak=False, dispatch_uid="selfie.runtime.shutdown")
+    def _unload_model(**_kwargs) -> None:
+        from workers.runtime import stop_runtime
+
+        stop_runtime("stopped")
+
+    @signals.worker_ready.connect(weak=False, dispatch_uid="selfie.reconcile.at_start")
+    def _reconcile_at_start(**_kwargs) -> None:
+        # Whatever Redis lost while no worker ran (a restart, a flush) is found now, not at the next beat.
+        try:
+            app.send_task(RECONCILE_TASK, queue=CONTROL_QUEUE)
+        except Exception:  # noqa: BLE001 - beat sends the next one
+            log.exception("could not send the start-up reconcile")
+
+
+def worker_argv(model: str, node_name: str, concurrency: int, loglevel: str, extra_args: Sequence[str]) -> list[str]:
+    return [
+        "worker",
+        # prefork: the parent survives a child's death (SIGKILL, CUDA abort) and starts a fresh one.
+        "--pool", "prefork",
+        # one child per GPU by default: the model is resident once per child.
+        "--concurrency", str(concurrency),
+        # this model's queue and the control queue (reconcile, audits), nothing else.
+        "--queues", f"{model_queue(model)},{CONTROL_QUEUE}",
+        "--hostname", node_name,
+        "--loglevel", loglevel,
+        # no revokes by id and no broadcast state: start-up sync and gossip would only add traffic.
+        "--without-mingle", "--without-gossip",
+        *extra_args,
+    ]
+
+
+def run_worker(
+    model: str,
+    gpu: int | None = None,
+    *,
+    model_path: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    concurrency: int = 1,
+    batch_size: int | None = None,
+    loglevel: str = "INFO",
+    hostname: str | None = None,
+    settings: Settings | None = None,
+    extra_args: Sequence[str] = (),
+) -> None:
+    """Run a worker serving `model` until it is stopped (blocks). `gpu`: the CUDA device index to pin to."""
+    pin_gpu(gpu)
+    settings = settings or get_settings()
+    node_name = hostname or default_node_name(model, gpu)
+    options = WorkerOptions(model=model, model_path=model_path, device=device or ("cuda:0" if gpu is not None else "cpu"),
+                            dtype=dtype, node_name=node_name, batch_size=batch_size, gpu=gpu)
+    os.environ.update(options.to_env())
+    from workers.celery_app import create_celery_app
+
+    app = create_celery_app(settings, models=[model])
+    install_worker_signals(app, settings)
+    app.worker_main(argv=worker_argv(model, node_name, concurrency, loglevel, extra_args))
+
+
+def run_beat(settings: Settings | None = None, *, loglevel: str = "INFO", schedule_file: str | None = None) -> None:
+    """Run Celery beat: reconcile every reconcile_interval_seconds (scheduled audits join the same schedule)."""
+    settings = settings or get_settings()
+    from workers.celery_app import create_celery_app
+
+    app = create_celery_app(settings, register=False)
+    schedule = schedule_file or app.conf.beat_schedule_filename
+    os.makedirs(os.path.dirname(schedule) or ".", exist_ok=True)
+    app.start(argv=["beat", "--loglevel", loglevel, "--schedule", schedule])

@@ -1,0 +1,324 @@
+"""The resident model of a worker process: loaded once in `worker_process_init` (never at import), warmed up,
+its card written to `served_models`, and a heartbeat thread that keeps the `workers` row and the leases fresh.
+
+Options come from the launcher through SELFIE_WORKER_* environment variables (the pool child inherits them),
+so the child needs nothing from the parent but its environment.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from selfie_jobs import cards
+from selfie_jobs import chunks as chunk_ops
+from selfie_jobs.settings import Settings
+from workers.batcher import WorkItem
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "SELFIE_WORKER_"
+WARMUP_PROMPT = "Hello"
+
+_DEVICE_FAILURE_MARKERS = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "cuda error",
+    "cudaerror",
+    "cublas_status_execution_failed",
+    "misaligned address",
+)
+
+
+@dataclass
+class WorkerOptions:
+    """What one worker serves and how: the launcher's flags, carried to the pool child by the environment."""
+
+    model: str
+    model_path: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    node_name: str = "selfie@localhost"
+    batch_size: int | None = None
+    gpu: int | None = None
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV_PREFIX + k.upper(): json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> WorkerOptions:
+        environ = dict(os.environ if environ is None else environ)
+        values = {}
+        for name in cls.__dataclass_fields__:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = json.loads(raw)
+        if "model" not in values:
+            raise RuntimeError(f"{ENV_PREFIX}MODEL is not set: start workers with workers.launch.run_worker")
+        return cls(**values)
+
+
+class EngineRunner:
+    """Runs work items on the resident `SelfieEngine` (the model-runner side of the batcher's Runner)."""
+
+    def __init__(self, engine: Any, batch_size: int | None = None):
+        self.engine = engine
+        self.batch_size = batch_size
+        self._configs: dict[str, tuple[Any, Any, Any]] = {}
+
+    def configs(self, spec: dict[str, Any]) -> tuple[Any, Any, Any]:
+        from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate, SelfieInputError
+
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._configs:
+            try:
+                tpl = spec.get("template") or {"preset": "summarize"}
+                if "preset" in tpl:
+                    template = InterpretationTemplate.preset(tpl["preset"], self.engine.tokenizer)
+                else:
+                    template = InterpretationTemplate.from_dict(tpl)
+                injection = InjectionConfig.from_dict(spec.get("injection") or {})
+                generation = GenerationConfig.from_dict(spec.get("generation") or {})
+            except SelfieInputError:
+                raise
+            except (TypeError, ValueError, KeyError) as exc:
+                raise SelfieInputError(f"invalid engine settings in the job spec: {exc}") from exc
+            self._configs[key] = (template, injection, generation)
+        return self._configs[key]
+
+    @staticmethod
+    def requests(items: Sequence[WorkItem]) -> list[Any]:
+        from selfie_core import InterpretRequest
+
+        return [InterpretRequest(prompt=i.prompt, layer=i.key[2], token=i.key[3], key=i.key) for i in items]
+
+    def validate(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> None:
+        template, injection, generation = self.configs(spec)
+        self.engine.validate(self.requests(items), template, injection, generation)
+
+    def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
+        template, injection, generation = self.configs(spec)
+        return self.engine.stream(self.requests(items), template=template, injection=injection,
+                                  generation=generation, batch_size=self.batch_size)
+
+    def is_input_error(self, exc: BaseException) -> bool:
+        from selfie_core import SelfieInputError
+
+        return isinstance(exc, SelfieInputError)
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+        return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+    def is_device_failure(self, exc: BaseException) -> bool:
+        import torch
+
+        if self.is_out_of_memory(exc):
+            return False
+        accelerator_error = getattr(torch, "AcceleratorError", None)
+        if accelerator_error is not None and isinstance(exc, accelerator_error):
+            return True
+        text = str(exc).lower()
+        return isinstance(exc, RuntimeError) and any(m in text for m in _DEVICE_FAILURE_MARKERS)
+
+    def free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    options: WorkerOptions
+    sessions: Callable[[], Session]
+    identity: cards.WorkerIdentity | None = None
+    engine: Any = None
+    runner: EngineRunner | None = None
+    batches_served: int = 0
+    rows_served: int = 0
+    loaded_in_s: float = 0.0
+    _held: set[int] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        assert self.identity is not None
+        return self.identity.name
+
+    @property
+    def model(self) -> str:
+        return self.options.model
+
+    # -- start and stop -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load, warm up, publish the card, heartbeat. Raises when the model cannot be served."""
+        from selfie_core import SelfieEngine, load_model
+
+        opts = self.options
+        self.identity = cards.worker_identity(opts.node_name, opts.model, opts.device)
+        self._db(lambda s: cards.mark_dead_local_workers(s, self.identity.hostname))
+        self._db(lambda s: cards.heartbeat(s, self.identity, state="loading", info=self.info()))
+        started = time.monotonic()
+        loaded = load_model(opts.model_path or opts.model, device=opts.device, dtype=opts.dtype,
+                            cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
+                            if not opts.model_path else None)
+        self.engine = SelfieEngine(loaded, name=opts.model)
+        self.runner = EngineRunner(self.engine, opts.batch_size)
+        self.warm_up()
+        self.loaded_in_s = time.monotonic() - started
+        card = self.model_card()
+        self._db(lambda s: cards.write_model_card(s, opts.model, card))
+        self._db(lambda s: cards.heartbeat(s, self.identity, state="ready", info=self.info()))
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="selfie-heartbeat", daemon=True)
+        self._thread.start()
+        log.info("worker %s serves %s on %s (loaded in %.1fs)", self.name, opts.model, opts.device, self.loaded_in_s)
+
+    def warm_up(self) -> None:
+        """One tiny interpretation: first-call costs (kernels, allocator) are paid before real work arrives."""
+        from selfie_core import GenerationConfig, InterpretationTemplate, InterpretRequest
+
+        template = InterpretationTemplate.preset("summarize", self.engine.tokenizer)
+        self.engine.interpret([InterpretRequest(prompt=WARMUP_PROMPT, layer=0, token=0, key="warmup")],
+                              template=template, generation=GenerationConfig(max_new_tokens=1))
+
+    def model_card(self) -> dict[str, Any]:
+        from selfie_core import PRESETS, InterpretationTemplate
+
+        card = dict(self.engine.model_card())
+        tok = self.engine.tokenizer
+        presets: dict[str, dict[str, Any]] = {}
+        for name in PRESETS:
+            try:
+                template = InterpretationTemplate.preset(name, tok)
+                presets[name] = {"parts": list(template.parts), "num_tokens": len(template.prepare(tok).input_ids)}
+            except Exception as exc:  # noqa: BLE001 - a preset this tokenizer cannot render is just not offered
+                log.warning("preset %s is not available for %s: %s", name, self.model, exc)
+        card.update(name=self.model, presets=presets, default_preset="summarize" if "summarize" in presets else None,
+                    source=self.options.model_path or self.options.model)
+        return card
+
+    def stop(self, state: str = "stopped") -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.identity is not None:
+            try:
+                self._db(lambda s: cards.mark_worker(s, self.name, state), retry=False)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                log.exception("could not mark worker %s %s", self.name, state)
+
+    # -- what the worker holds ------------------------------------------------------------------------------
+    def hold(self, chunk_ids: Sequence[int]) -> None:
+        with self._lock:
+            self._held.update(chunk_ids)
+
+    def unhold(self, chunk_ids: Sequence[int]) -> None:
+        with self._lock:
+            self._held.difference_update(chunk_ids)
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return sorted(self._held)
+
+    def served(self, rows: int) -> None:
+        with self._lock:
+            self.batches_served += 1
+            self.rows_served += rows
+
+    # -- heartbeat ------------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "device": self.options.device,
+            "gpu": self.options.gpu,
+            "dtype": self.options.dtype,
+            "batches_served": self.batches_served,
+            "rows_served": self.rows_served,
+            "held_chunks": self.held(),
+            "loaded_in_s": round(self.loaded_in_s, 2),
+        }
+        if self.options.device.startswith("cuda"):
+            try:
+                import torch
+
+                if torch.cuda.is_initialized():
+                    free, total = torch.cuda.mem_get_info()
+                    info["gpu_memory"] = {"allocated": torch.cuda.memory_allocated(),
+                                          "reserved": torch.cuda.memory_reserved(), "free": free, "total": total,
+                                          "name": torch.cuda.get_device_name()}
+            except Exception as exc:  # noqa: BLE001 - a heartbeat never fails for lack of memory figures
+                info["gpu_memory_error"] = str(exc)
+        return info
+
+    def heartbeat_once(self) -> None:
+        held = self.held()
+
+        def unit(session: Session) -> None:
+            cards.heartbeat(session, self.identity, state="ready", info=self.info())
+            if held:
+                kept = chunk_ops.renew_leases(session, held, self.name, self.settings.lease_seconds)
+                if kept < len(held):
+                    log.warning("worker %s lost the lease of %d chunk(s)", self.name, len(held) - kept)
+
+        self._db(unit, retry=False)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_interval_seconds):
+            try:
+                self.heartbeat_once()
+            except Exception:  # noqa: BLE001 - the next beat tries again; the reconciler covers long outages
+                log.exception("heartbeat failed")
+
+    def _db(self, fn: Callable[[Session], Any], *, retry: bool = True) -> Any:
+        def unit() -> Any:
+            with self.sessions() as session, session.begin():
+                return fn(session)
+
+        return chunk_ops.with_db_retry(unit, self.settings.db_retry_seconds) if retry else unit()
+
+
+_RUNTIME: Runtime | None = None
+
+
+def get_runtime() -> Runtime:
+    if _RUNTIME is None:
+        raise RuntimeError("no model is loaded in this process (the worker_process_init hook did not run)")
+    return _RUNTIME
+
+
+def start_runtime(settings: Settings, options: WorkerOptions | None = None) -> Runtime:
+    """Build and start this process's runtime (called in the pool child, or directly in tests)."""
+    global _RUNTIME
+    from selfie_jobs.db import get_engine, get_sessionmaker
+
+    get_engine.cache_clear()  # never reuse connections inherited from the parent through fork
+    options = options or WorkerOptions.from_env()
+    runtime = Runtime(settings=settings, options=options,
+                      sessions=get_sessionmaker(settings.resolved_database_url()))
+    runtime.start()
+    _RUNTIME = runtime
+    return runtime
+
+
+def stop_runtime(state: str = "stopped") -> None:
+    global _RUNTIME
+    if _RUNTIME is not None:
+        _RUNTIME.stop(state)
+        _RUNTIME = None

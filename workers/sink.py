@@ -1,0 +1,33 @@
+"""Where a worker's results go: the database, one transaction per chunk, retried through outages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from selfie_jobs import chunks as chunk_ops
+from selfie_jobs.chunks import ResultRow, WriteOutcome
+
+
+@dataclass
+class DbSink:
+    sessions: Callable[[], Session]
+    owner: str
+    model: str
+    engine_run_id: str
+    retry_seconds: float
+
+    def write(self, chunk_id: int, rows: Sequence[ResultRow], complete: bool) -> WriteOutcome:
+        return chunk_ops.complete_chunk(
+            self.sessions, chunk_id, self.owner, rows, engine_run_id=self.engine_run_id, worker=self.owner,
+            model=self.model, complete=complete, retry_seconds=self.retry_seconds,
+        )
+
+    def fail_job(self, job_id: str, error: str) -> None:
+        def unit() -> None:
+            with self.sessions() as session, session.begin():
+                chunk_ops.fail_job(session, job_id, error)
+
+        chunk_ops.with_db_retry(unit, self.retry_seconds)

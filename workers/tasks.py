@@ -1,0 +1,182 @@
+"""Celery tasks: thin wrappers; the logic is in `run_chunk` / `reconcile_once` (callable without Celery).
+
+`selfie.run_chunk(chunk_id)`: claim the chunk (compare-and-set) plus other queued chunks of the same model and
+engine settings, run them as one engine run, write each chunk's rows as engine batches finish. A message for a
+chunk that is done, cancelled, or held by a live worker is acknowledged without doing anything.
+`selfie.reconcile()`: re-send what the queue lost, fail jobs past their deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+from selfie_jobs import chunks as chunk_ops
+from selfie_jobs.cards import mark_dead_local_workers
+from selfie_jobs.models import Chunk
+from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, send_chunk
+from selfie_jobs.settings import Settings
+from workers import batcher
+from workers.sink import DbSink
+
+log = logging.getLogger(__name__)
+
+#: Exit status of a worker process whose accelerator failed (Celery's parent starts a fresh child).
+DEVICE_FAILURE_EXIT = 70
+
+
+def _claim(runtime, chunk_id: int) -> tuple[list[chunk_ops.ClaimedChunk], str | None]:
+    settings = runtime.settings
+    owner = runtime.name
+
+    def unit():
+        with runtime.sessions() as session, session.begin():
+            first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds)
+            if first is None:
+                row = session.get(Chunk, chunk_id)
+                if row is None:
+                    return [], "no such chunk"
+                if row.state != "running":
+                    return [], f"chunk is {row.state}"
+                if row.owner == owner:
+                    return [], "chunk is already being run by this worker"
+                if chunk_ops.owner_is_alive(session, row.owner, settings.worker_alive_seconds,
+                                            hostname=runtime.identity.hostname):
+                    return [], f"chunk is held by live worker {row.owner}"
+                first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner)
+                if first is None:
+                    return [], "another worker took the chunk first"
+                log.warning("took over chunk %s from dead worker %s", chunk_id, row.owner)
+            if first.model != runtime.model:
+                # a message in the wrong queue: hand it back for the right workers
+                chunk_ops.release_chunks(session, [first.id], owner, "sent to a worker of another model",
+                                         max_attempts=settings.max_chunk_attempts + first.attempts)
+                return [], f"chunk is for model {first.model}, this worker serves {runtime.model}"
+            if first.attempts > settings.max_chunk_attempts:
+                chunk_ops.fail_chunk(session, first.id, f"chunk {first.index} was started {first.attempts - 1} "
+                                                        "times without finishing (worker crashes or time limits)")
+                return [], "chunk failed after too many attempts"
+            budget = settings.max_batch_interpretations - first.size
+            more = chunk_ops.claim_more(session, owner, first.model, first.batch_key, budget, settings.lease_seconds,
+                                        exclude=[first.id])
+            return [first, *more], None
+
+    return chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+
+
+def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sender: TaskSender | None) -> None:
+    settings = runtime.settings
+    priority = {c.id: c.priority for c in claimed}
+
+    def unit():
+        with runtime.sessions() as session, session.begin():
+            return chunk_ops.release_chunks(session, list(priority), runtime.name, reason,
+                                            max_attempts=settings.max_chunk_attempts)
+
+    requeued = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+    if sender is not None:
+        for chunk_id in requeued:
+            try:
+                send_chunk(sender, chunk_id, runtime.model, priority[chunk_id])
+            except Exception:  # noqa: BLE001 - the reconciler re-sends queued chunks anyway
+                log.exception("could not re-send chunk %s", chunk_id)
+
+
+def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
+    """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
+    claimed, why = _claim(runtime, chunk_id)
+    if not claimed:
+        log.info("chunk %s: nothing to do (%s)", chunk_id, why)
+        return {"chunk_id": chunk_id, "skipped": why}
+    ids = [c.id for c in claimed]
+    runtime.hold(ids)
+    settings = runtime.settings
+    started = time.monotonic()
+    try:
+        with runtime.sessions() as session, session.begin():
+            prompts = chunk_ops.load_prompts(session, {(c.job_id, p) for c in claimed for p, _, _ in c.items})
+            run_id = chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed)
+        sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
+        total = batcher.ExecutionStats()
+        for plan in batcher.plan_batches(claimed, prompts):
+            stats = batcher.execute(plan, runtime.runner, sink)
+            total.items += stats.items
+            total.inserted += stats.inserted
+            total.engine_batches += stats.engine_batches
+            total.splits += stats.splits
+            total.chunks_done += stats.chunks_done
+            total.failed_jobs.update(stats.failed_jobs)
+        elapsed = time.monotonic() - started
+        with runtime.sessions() as session, session.begin():
+            chunk_ops.finish_engine_run(session, run_id, elapsed)
+        runtime.served(total.inserted)
+        log.info("engine run %s: %d chunks of %d jobs, %d items, %d rows new, %.2fs", run_id, len(claimed),
+                 len({c.job_id for c in claimed}), total.items, total.inserted, elapsed)
+        return {"chunk_id": chunk_id, "engine_run": run_id, "chunks": ids, "done": total.chunks_done,
+                "inserted": total.inserted, "failed_jobs": total.failed_jobs, "elapsed_s": round(elapsed, 3)}
+    except SoftTimeLimitExceeded:
+        log.error("chunk %s: soft time limit (%ss) exceeded; handing chunks back", chunk_id,
+                  settings.chunk_soft_time_limit_seconds)
+        _hand_back(runtime, claimed, f"soft time limit of {settings.chunk_soft_time_limit_seconds}s exceeded", sender)
+        return {"chunk_id": chunk_id, "timed_out": True}
+    except batcher.DeviceFailure as exc:
+        # The CUDA context is unusable after a device-side error: hand the chunks back, say so, and exit; the
+        # acks_late message is redelivered and Celery's parent starts a fresh process with a fresh context.
+        log.critical("device failure in chunk %s, restarting the worker process: %s", chunk_id, exc)
+        try:
+            _hand_back(runtime, claimed, f"device failure: {exc}", sender)
+            runtime.stop(state="dead")
+        finally:
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(DEVICE_FAILURE_EXIT)
+    except Exception as exc:
+        # Anything else is a bug or an outage beyond the retry window: put the chunks back and let the error
+        # surface in the logs; after max_chunk_attempts the job fails with this error stored.
+        log.exception("chunk %s failed", chunk_id)
+        _hand_back(runtime, claimed, f"{type(exc).__name__}: {exc}", sender)
+        raise
+    finally:
+        runtime.unhold(ids)
+
+
+def reconcile_once(settings: Settings, sessions, sender: TaskSender) -> dict[str, Any]:
+    """Re-send lost chunks and fail overdue jobs; returns what it did."""
+
+    def unit():
+        with sessions() as session, session.begin():
+            dead = mark_dead_local_workers(session)
+            return dead, chunk_ops.reconcile(session, settings)
+
+    dead, report = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+    sent = 0
+    for item in report.redeliver:
+        send_chunk(sender, item.chunk_id, item.model, item.priority)
+        sent += 1
+    if sent or report.timed_out_jobs or report.failed_jobs:
+        log.warning("reconcile: re-sent %d chunks, timed out %d jobs, failed %d jobs, dead workers %s", sent,
+                    len(report.timed_out_jobs), len(report.failed_jobs), dead)
+    return {"resent": [r.chunk_id for r in report.redeliver], "timed_out_jobs": report.timed_out_jobs,
+            "failed_jobs": report.failed_jobs, "dead_workers": dead}
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    """Register the task functions on `app` (tasks are bound to the app, never to a module-level one)."""
+
+    @app.task(name=RUN_CHUNK_TASK, ignore_result=True)
+    def run_chunk_task(chunk_id: int) -> dict[str, Any]:
+        from workers.runtime import get_runtime
+
+        return run_chunk(get_runtime(), int(chunk_id), sender=app)
+
+    @app.task(name=RECONCILE_TASK, ignore_result=True)
+    def reconcile_task() -> dict[str, Any]:
+        from selfie_jobs.db import get_sessionmaker
+
+        return reconcile_once(settings, get_sessionmaker(settings.resolved_database_url()), app)
