@@ -91,6 +91,13 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
 
     app.include_router(jobs.router)
     app.include_router(system.router)
+    # Audits, /metrics and the explorer pages.
+    from api import metrics
+    from api.routes import audits, pages
+
+    app.include_router(audits.router)
+    metrics.install(app)
+    pages.mount(app)
     return app
 
 

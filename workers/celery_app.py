@@ -119,7 +119,8 @@ def create_celery_app(
                 "schedule": settings.reconcile_interval_seconds,
                 "options": {"queue": CONTROL_QUEUE, "expires": settings.reconcile_interval_seconds * 2},
             },
-            # audits: the scheduled-audit entry is added by the audit scheduler when it exists.
+            # Audits: start runs whose cron fired, resume stalled fan-outs, scan finished jobs.
+            **_audit_beat_entries(settings),
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         timezone="UTC",
@@ -132,6 +133,12 @@ def create_celery_app(
 
         register_tasks(app, settings)
     return app
+
+
+def _audit_beat_entries(settings: Settings) -> dict[str, Any]:
+    from workers.audits import beat_entries
+
+    return beat_entries(settings)
 
 
 def __getattr__(name: str) -> Any:  # PEP 562: `celery -A workers.celery_app` finds `app` only when asked

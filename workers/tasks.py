@@ -180,3 +180,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         from selfie_jobs.db import get_sessionmaker
 
         return reconcile_once(settings, get_sessionmaker(settings.resolved_database_url()), app)
+
+    from workers.audits import register_audit_tasks
+
+    register_audit_tasks(app, settings)

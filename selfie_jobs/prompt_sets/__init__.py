@@ -75,7 +75,10 @@ def _text_lines(stream: IO[bytes]) -> Iterator[str]:
     except UnicodeDecodeError as exc:
         raise PromptSetError(f"the file is not UTF-8: {exc}") from None
     finally:
-        reader.detach()
+        try:
+            reader.detach()  # leave the caller's stream open
+        except ValueError:
+            pass  # the stream was closed already (an abandoned upload)
 
 
 def iter_jsonl(stream: IO[bytes], max_chars: int = 20_000) -> Iterator[Row]:

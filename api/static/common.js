@@ -1,0 +1,113 @@
+// Shared helpers of the explorer pages: the same JSON API the clients use, with the API key from localStorage.
+"use strict";
+const Selfie = (() => {
+  const KEY = "selfieApiKey";
+  // A key can be handed over in the URL fragment (#key=...), which never reaches the server's logs.
+  const m = location.hash.match(/key=([^&]+)/);
+  if (m) { localStorage.setItem(KEY, decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname + location.search); }
+
+  function headers(extra) {
+    const h = Object.assign({}, extra || {});
+    const key = localStorage.getItem(KEY);
+    if (key) h["Authorization"] = "Bearer " + key;
+    return h;
+  }
+
+  async function api(path, opts) {
+    opts = opts || {};
+    const res = await fetch(path, Object.assign({}, opts, { headers: headers(opts.headers) }));
+    if (res.status === 401) { askKey(); throw new Error("an API key is needed"); }
+    if (!res.ok) {
+      let detail = res.statusText;
+      try { detail = (await res.json()).detail || detail; } catch (e) { /* not JSON */ }
+      throw new Error(res.status + ": " + (typeof detail === "string" ? detail : JSON.stringify(detail)));
+    }
+    return res.json();
+  }
+
+  async function download(path, filename) {
+    const res = await fetch(path, { headers: headers() });
+    if (!res.ok) throw new Error("download failed: " + res.status);
+    saveBlob(await res.blob(), filename);
+  }
+
+  function saveBlob(blob, filename) {
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = filename;
+    document.body.appendChild(a);
+    a.click();
+    setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+  }
+
+  function askKey() {
+    const box = document.getElementById("keybox");
+    if (box) box.style.display = "block";
+  }
+
+  function setupKeyBox() {
+    const box = document.getElementById("keybox");
+    if (!box) return;
+    box.querySelector("button").onclick = () => {
+      localStorage.setItem(KEY, box.querySelector("input").value.trim());
+      location.reload();
+    };
+  }
+
+  // Sequential color scale: white -> deep blue, t in [0, 1].
+  function color(t) {
+    t = Math.max(0, Math.min(1, t));
+    const a = [255, 255, 255], b = [8, 48, 107], mid = [107, 174, 214];
+    const [c0, c1, u] = t < 0.5 ? [a, mid, t / 0.5] : [mid, b, (t - 0.5) / 0.5];
+    const c = c0.map((v, i) => Math.round(v + (c1[i] - v) * u));
+    return "rgb(" + c.join(",") + ")";
+  }
+  function textColor(t) { return t > 0.55 ? "#fff" : "#1d2330"; }
+
+  function el(tag, attrs, ...children) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") e.className = v; else if (k === "text") e.textContent = v;
+      else if (k.startsWith("on")) e[k] = v; else e.setAttribute(k, v);
+    }
+    for (const c of children) if (c != null) e.append(c);
+    return e;
+  }
+
+  // A bar chart as inline SVG (no library): bars = [{key, value, title}].
+  function barChart(bars, opts) {
+    opts = opts || {};
+    const W = opts.width || 640, H = opts.height || 180, pad = { l: 36, r: 8, t: 10, b: 28 };
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("role", "img");
+    if (opts.id) svg.setAttribute("id", opts.id);
+    const max = Math.max(1, ...bars.map(b => b.value));
+    const n = Math.max(1, bars.length), bw = (W - pad.l - pad.r) / n;
+    const mk = (tag, at) => { const e = document.createElementNS(ns, tag); for (const k in at) e.setAttribute(k, at[k]); return e; };
+    svg.append(mk("line", { x1: pad.l, y1: H - pad.b, x2: W - pad.r, y2: H - pad.b, stroke: "#999" }));
+    for (const frac of [0.5, 1]) {
+      const y = H - pad.b - frac * (H - pad.t - pad.b);
+      svg.append(mk("line", { x1: pad.l, y1: y, x2: W - pad.r, y2: y, stroke: "#eee" }));
+      const t = mk("text", { x: pad.l - 4, y: y + 4, "text-anchor": "end" }); t.textContent = Math.round(max * frac); svg.append(t);
+    }
+    bars.forEach((b, i) => {
+      const h = (b.value / max) * (H - pad.t - pad.b);
+      const r = mk("rect", { x: pad.l + i * bw + 1, y: H - pad.b - h, width: Math.max(1, bw - 2), height: h,
+                             fill: opts.fill || "#2453a6", class: "bar", "data-key": b.key, "data-value": b.value });
+      const title = document.createElementNS(ns, "title"); title.textContent = b.title || (b.key + ": " + b.value);
+      r.append(title); svg.append(r);
+      if (n <= 40 || i % Math.ceil(n / 40) === 0) {
+        const t = mk("text", { x: pad.l + i * bw + bw / 2, y: H - pad.b + 14, "text-anchor": "middle" }); t.textContent = b.key; svg.append(t);
+      }
+    });
+    if (opts.xlabel) { const t = mk("text", { x: (W + pad.l) / 2, y: H - 2, "text-anchor": "middle" }); t.textContent = opts.xlabel; svg.append(t); }
+    return svg;
+  }
+
+  function badge(state) { return el("span", { class: "badge " + state, text: state }); }
+  function progress(frac) { const d = el("div", { class: "progress" }, el("div")); d.firstChild.style.width = Math.round(100 * frac) + "%"; return d; }
+  function fmtTime(s) { return s ? new Date(s).toLocaleString() : ""; }
+
+  return { api, download, saveBlob, color, textColor, el, barChart, badge, progress, fmtTime, setupKeyBox };
+})();

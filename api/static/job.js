@@ -1,0 +1,110 @@
+// The job page: the layer x token grid of one prompt (tokens across, layers down), colored by mean relevancy.
+"use strict";
+(() => {
+  const { api, download, saveBlob, color, textColor, el } = Selfie;
+  const jobId = location.pathname.split("/").filter(Boolean).pop();
+  const $ = id => document.getElementById(id);
+  const state = { job: null, cells: new Map(), prompt: 0, pinned: null };
+
+  async function loadPrompt(index) {
+    state.prompt = index;
+    state.cells = new Map();
+    let cursor = null;
+    do {  // page through the interpretations endpoint, exactly as a client does
+      const q = new URLSearchParams({ prompt: index, limit: 1000, sort: "position" });
+      if (cursor) q.set("cursor", cursor);
+      const page = await api(`/v1/jobs/${jobId}/interpretations?` + q);
+      for (const r of page.items) state.cells.set(r.layer + ":" + r.token, r);
+      cursor = page.next_cursor;
+    } while (cursor);
+    const p = state.job.prompts.find(p => p.index === index);
+    $("prompt-text").textContent = p ? p.text : "";
+    render();
+  }
+
+  function render() {
+    const p = state.job.prompts.find(p => p.index === state.prompt) || { tokens: [] };
+    const rows = [...state.cells.values()];
+    const layers = [...new Set(rows.map(r => r.layer))].sort((a, b) => a - b);
+    const tokens = [...new Set(rows.map(r => r.token))].sort((a, b) => a - b);
+    const lmin = $("layer-min").value === "" ? -Infinity : +$("layer-min").value;
+    const lmax = $("layer-max").value === "" ? Infinity : +$("layer-max").value;
+    const minRel = +$("min-rel").value;
+    const needle = $("search").value.trim().toLowerCase();
+    const maxRel = Math.max(1e-9, ...rows.map(r => r.mean_relevancy));
+    const scale = $("scale").value === "abs" ? 1 : maxRel;
+    $("legend-range").textContent = "0 .. " + scale.toFixed(3);
+    $("legend-bar").style.background = `linear-gradient(to right, ${color(0)}, ${color(0.5)}, ${color(1)})`;
+
+    const table = $("grid");
+    table.replaceChildren();
+    const head = el("tr", {}, el("th", { class: "layer", text: "layer \\ token" }));
+    for (const t of tokens) head.append(el("th", { title: `token ${t}`, "data-token": t, text: JSON.stringify(p.tokens[t] ?? String(t)).slice(1, -1) || " " }));
+    table.append(el("thead", {}, head));
+    const body = el("tbody");
+    let shown = 0;
+    for (const l of layers) {
+      if (l < lmin || l > lmax) continue;
+      const tr = el("tr", {}, el("th", { class: "layer", text: String(l) }));
+      for (const t of tokens) {
+        const r = state.cells.get(l + ":" + t);
+        if (!r) { tr.append(el("td", { class: "cell empty" })); continue; }
+        const v = r.mean_relevancy / scale;
+        const td = el("td", { class: "cell", "data-layer": l, "data-token": t, "data-relevancy": r.mean_relevancy.toFixed(4),
+                              title: `layer ${l}, token ${t} ${JSON.stringify(r.source_token)}: ${r.text}` });
+        td.textContent = r.text.trim().slice(0, 40);
+        td.style.background = color(v);
+        td.style.color = textColor(v);
+        const hidden = r.mean_relevancy < minRel || (needle && !r.text.toLowerCase().includes(needle));
+        if (hidden) td.classList.add("dim");
+        if (needle && !hidden) td.classList.add("hit");
+        if (state.pinned === l + ":" + t) td.classList.add("selected");
+        td.onmouseenter = () => { if (!state.pinned) showDetail(r); };
+        td.onclick = () => {
+          state.pinned = state.pinned === l + ":" + t ? null : l + ":" + t;
+          table.querySelectorAll("td.selected").forEach(c => c.classList.remove("selected"));
+          if (state.pinned) td.classList.add("selected");
+          showDetail(r);
+        };
+        tr.append(td);
+        shown++;
+      }
+      body.append(tr);
+    }
+    table.append(body);
+    $("grid-info").textContent = `${shown} interpretations, ${layers.length} layers x ${tokens.length} tokens`;
+  }
+
+  function showDetail(r) {
+    const rel = r.relevancy.map(x => x.toFixed(3)).join(" ");
+    $("detail").replaceChildren(
+      el("div", { class: "muted", text: `layer ${r.layer} · token ${r.token} ${JSON.stringify(r.source_token)} · mean relevancy ${r.mean_relevancy.toFixed(4)}` }),
+      el("div", { class: "text", id: "detail-text", text: r.text }),
+      el("div", { class: "muted", text: "relevancy per generated token: " + rel }),
+    );
+  }
+
+  async function main() {
+    Selfie.setupKeyBox();
+    $("job-id").textContent = jobId;
+    try {
+      state.job = await api(`/v1/jobs/${jobId}`);
+    } catch (e) { $("error").textContent = e.message; return; }
+    const job = state.job;
+    $("job-state").replaceChildren(Selfie.badge(job.state));
+    $("job-progress").textContent = `${job.progress.done}/${job.progress.total} · ${job.model}`;
+    for (const p of job.prompts) $("prompt").append(el("option", { value: p.index, text: `${p.index}: ${p.text.slice(0, 60)}` }));
+    const wanted = +(new URLSearchParams(location.search).get("prompt") || 0);
+    $("prompt").value = wanted;
+    $("prompt").onchange = () => loadPrompt(+$("prompt").value).catch(e => $("error").textContent = e.message);
+    for (const id of ["min-rel", "search", "layer-min", "layer-max", "scale"]) $(id).oninput = () => {
+      $("min-rel-val").textContent = (+$("min-rel").value).toFixed(2); render();
+    };
+    $("dl-csv").onclick = () => download(`/v1/jobs/${jobId}/interpretations?format=csv`, `selfie-${jobId}.csv`);
+    $("dl-json").onclick = () => saveBlob(new Blob([JSON.stringify([...state.cells.values()], null, 1)], { type: "application/json" }),
+                                          `selfie-${jobId}-prompt${state.prompt}.json`);
+    try { await loadPrompt(job.prompts.length ? wanted : 0); } catch (e) { $("error").textContent = e.message; }
+    document.body.dataset.ready = "1";
+  }
+  main();
+})();

@@ -1,0 +1,180 @@
+"""Audits over real HTTP (uvicorn), real Redis and SQLite/PostgreSQL: upload, define, run, report, CSV, metrics.
+
+The fan-out and the tick are the task bodies a worker runs (`workers.audits`); results are written through the
+real chunk write path by a stand-in for the engine (the real-worker test is `test_audits_worker.py`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import redis
+
+from api.broker import make_producer
+from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
+from tests.apisupport import live_server, prepare_database, settings_for
+from tests.unit.audits.support import run_all_chunks
+from workers import audits as W
+
+pytestmark = pytest.mark.timeout(180)
+
+PROMPTS = ["the cat sat on the mat", "a dog ran to the park", "the eiffel tower is located in paris",
+           "paris , capital of france", "what meaning", "i will summarize the message"]
+
+
+def _jsonl(prompts):
+    return "".join(json.dumps({"prompt": p, "topic": "pets" if "cat" in p or "dog" in p else "other"}) + "\n"
+                   for p in prompts).encode()
+
+
+@pytest.fixture
+def stack(database_url, redis_url):
+    prepare_database(database_url)
+    settings = settings_for(database_url, redis_url, max_prompts_per_job=4)
+    r = redis.Redis.from_url(redis_url)
+    for key in r.keys(CONTROL_QUEUE + "*"):
+        r.delete(key)
+    with live_server(settings) as server:
+        yield server, settings, r
+
+
+def _control_messages(r):
+    out = []
+    for key in r.keys(CONTROL_QUEUE + "*"):
+        if r.type(key) == b"list":
+            out += [json.loads(m) for m in r.lrange(key, 0, -1)]
+    return out
+
+
+def test_audit_end_to_end_over_http(stack):
+    server, settings, r = stack
+    http = server.client()
+
+    # streamed uploads: JSONL and CSV, and a clear error with the line number
+    res = http.post("/v1/prompt-sets", files={"file": ("pets.jsonl", _jsonl(PROMPTS), "application/x-ndjson")},
+                    data={"name": "pets", "description": "animals"})
+    assert res.status_code == 201, res.text
+    assert res.json()["size"] == len(PROMPTS)
+    res = http.post("/v1/prompt-sets", files={"file": ("p.csv", b"id,prompt\n1,hello there\n2,\"a, b\"\n", "text/csv")},
+                    data={"name": "small-csv"})
+    assert res.status_code == 201 and res.json()["size"] == 2
+    res = http.post("/v1/prompt-sets", files={"file": ("bad.jsonl", b'{"prompt": "ok"}\n{oops\n', "text/plain")},
+                    data={"name": "bad"})
+    assert res.status_code == 422 and "line 2" in res.json()["detail"]
+    assert http.post("/v1/prompt-sets", files={"file": ("pets.jsonl", _jsonl(PROMPTS), "text/plain")},
+                     data={"name": "pets"}).status_code == 409
+    sets = http.get("/v1/prompt-sets").json()
+    assert {p["name"] for p in sets["prompt_sets"]} == {"pets", "small-csv"} and "prompt_injections" in sets["builtin"]
+    pets_id = next(p["id"] for p in sets["prompt_sets"] if p["name"] == "pets")
+    items = http.get(f"/v1/prompt-sets/{pets_id}/items", params={"limit": 2}).json()
+    assert [i["text"] for i in items["items"]] == PROMPTS[:2] and items["items"][0]["meta"] == {"topic": "pets"}
+
+    # define an audit; bad configs are refused with a clear message
+    body = {"name": "pets-audit", "model": "tiny", "prompt_set": "pets",
+            "targets": {"layers": [0, 2, 4], "tokens": {"last": 2}},
+            "options": {"template": "summarize", "max_new_tokens": 3},
+            "detectors": [{"kind": "keywords", "name": "animals", "words": ["cat", "dog"], "min_relevancy": 0.1}]}
+    bad = dict(body, detectors=[{"kind": "regex", "patterns": ["(oops"]}])
+    assert http.post("/v1/audits", json=bad).status_code == 422
+    assert http.post("/v1/audits", json=dict(body, schedule="whenever")).status_code == 422
+    res = http.post("/v1/audits", json=body)
+    assert res.status_code == 201, res.text
+    audit = res.json()
+    assert http.post("/v1/audits", json=body).status_code == 409
+
+    # start a run: 202, and the fan-out message waits on the control queue (JSON, ids only)
+    res = http.post(f"/v1/audits/{audit['id']}/runs")
+    assert res.status_code == 202, res.text
+    run = res.json()
+    assert run["state"] == "pending"
+    messages = [m for m in _control_messages(r) if m["headers"]["task"] == RUN_AUDIT_TASK]
+    assert len(messages) == 1 and messages[0]["content-type"] == "application/json"
+    assert http.post(f"/v1/audits/{audit['id']}/runs").json()["id"] == run["id"]  # no overlapping runs
+
+    # what the worker does for that message, then the engine's results, then the beat tick
+    producer = make_producer(settings.redis_url)
+    sessions = server.app.state.sessionmaker
+    out = W.run_audit(sessions, settings, producer, audit["id"], run["id"])
+    assert out["state"] == "running" and out["jobs"] == 2
+    progress = http.get(f"/v1/audit-runs/{run['id']}").json()["progress"]
+    assert progress["prompts_submitted"] == len(PROMPTS) and progress["interpretations_total"] == len(PROMPTS) * 6
+    jobs = http.get(f"/v1/audit-runs/{run['id']}/jobs").json()["jobs"]
+    assert [j["prompt_offset"] for j in jobs] == [0, 4]
+
+    run_all_chunks(sessions, lambda job, p, layer, tok: ({0: "nothing here", 2: "a cat", 4: "a dog"}[layer], 0.3))
+    tick = W.audit_tick(sessions, settings, producer)
+    assert tick["scanned"] == 2
+    status = http.get(f"/v1/audit-runs/{run['id']}").json()
+    assert status["state"] == "succeeded" and status["progress"]["fraction"] == 1.0
+
+    report = http.get(f"/v1/audit-runs/{run['id']}/report", params={"top": 3}).json()
+    assert {b["key"]: b["flags"] for b in report["by_layer"]} == {2: 12, 4: 12}
+    assert {b["key"] for b in report["by_token_from_end"]} == {-2, -1}
+    assert len(report["top"]) == 3 and report["top"][0]["prompt"] in PROMPTS
+    assert report["diff"]["previous_run_id"] is None
+
+    res = http.get(f"/v1/audit-runs/{run['id']}/findings", params={"format": "csv"})
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(res.text)))
+    assert len(rows) == 24 and {r["label"] for r in rows} == {"cat", "dog"}
+    page = http.get(f"/v1/audit-runs/{run['id']}/findings", params={"limit": 10, "layer": 4}).json()
+    assert len(page["items"]) == 10 and page["next_after"] and {f["layer"] for f in page["items"]} == {4}
+
+    # a second run where the dog is gone: the diff says so
+    run2 = http.post(f"/v1/audits/{audit['id']}/runs").json()
+    W.run_audit(sessions, settings, producer, audit["id"], run2["id"])
+    run_all_chunks(sessions, lambda job, p, layer, tok: ("a cat" if layer == 2 else "nothing", 0.3))
+    W.audit_tick(sessions, settings, producer)
+    diff = http.get(f"/v1/audit-runs/{run2['id']}/report").json()["diff"]
+    assert diff["previous_run_id"] == run["id"] and diff["new_count"] == 0 and diff["gone_count"] == 12
+    runs = http.get(f"/v1/audits/{audit['id']}/runs").json()["runs"]
+    assert [x["id"] for x in runs] == [run2["id"], run["id"]]
+
+    # schedule it; PATCH computes the next fire time
+    patched = http.patch(f"/v1/audits/{audit['id']}", json={"schedule": "0 3 * * *"}).json()
+    assert patched["schedule"] == "0 3 * * *" and patched["next_run_at"]
+
+    # /metrics: Prometheus text with the figures the spec asks for
+    text = http.get("/metrics").text
+    for name in ("selfie_queue_depth{model=\"tiny\"}", "selfie_jobs{state=\"succeeded\"} 4.0",
+                 "selfie_interpretations_total", "selfie_interpretations_per_second", "selfie_chunk_latency_seconds",
+                 "selfie_audit_runs{state=\"succeeded\"} 2.0", "selfie_redis_up 1.0", "selfie_database_up 1.0"):
+        assert name in text, name
+
+    # the pages are served, and they only call the API
+    for path in ("/ui", f"/ui/audits/{audit['id']}", f"/ui/jobs/{jobs[0]['job_id']}", "/ui/static/job.js",
+                 "/ui/static/audit.js", "/ui/static/common.js", "/ui/static/selfie.css"):
+        res = http.get(path)
+        assert res.status_code == 200, path
+        body = res.text.replace("http://www.w3.org/2000/svg", "")  # the SVG namespace is a name, not a fetch
+        assert "http://" not in body and "https://" not in body, path
+
+
+def test_cancel_run_and_auth_scoping(database_url, redis_url):
+    from selfie_jobs.auth import create_key
+    from selfie_jobs.db import session_scope
+
+    prepare_database(database_url)
+    settings = settings_for(database_url, redis_url, auth_enabled=True)
+    with session_scope(database_url) as s:
+        _, alice = create_key(s, "alice")
+        _, bob = create_key(s, "bob")
+    with live_server(settings) as server:
+        a, b = server.client(alice), server.client(bob)
+        assert server.client().get("/v1/audits").status_code == 401
+        res = a.post("/v1/audits", json={"name": "inj", "model": "tiny", "prompt_set": "prompt_injections",
+                                         "detectors": [{"kind": "keywords", "words": ["password"]}]})
+        assert res.status_code == 201, res.text
+        audit_id = res.json()["id"]
+        assert b.get(f"/v1/audits/{audit_id}").status_code == 404
+        assert b.get("/v1/audits").json()["audits"] == []
+        run = a.post(f"/v1/audits/{audit_id}/runs").json()
+        W.run_audit(server.app.state.sessionmaker, settings, make_producer(redis_url), audit_id, run["id"])
+        assert b.post(f"/v1/audit-runs/{run['id']}/cancel").status_code == 404
+        res = a.post(f"/v1/audit-runs/{run['id']}/cancel").json()
+        assert res["state"] == "cancelled"
+        jobs = a.get(f"/v1/audit-runs/{run['id']}/jobs").json()["jobs"]
+        assert jobs and all(a.get(f"/v1/jobs/{j['job_id']}").json()["state"] == "cancelled" for j in jobs)
