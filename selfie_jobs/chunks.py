@@ -306,9 +306,26 @@ def _insert_ignore(session: Session):
 
 
 def _lock_job(session: Session, job_id: str) -> Job | None:
-    # FOR UPDATE serialises the writers of one job on PostgreSQL (SQLite has one writer anyway), so the
-    # "no open chunk left" check below sees the other writers' committed chunks and exactly one marks success.
-    return session.execute(select(Job).where(Job.id == job_id).with_for_update()).scalar_one_or_none()
+    """Take the job's row lock before reading anything else of it, and return the job as it is now.
+
+    Every writer of a job's progress goes through here, so they are serialised per job: the "no open chunk
+    left" check then sees the other writers' committed chunks, and exactly one marks the job succeeded.
+    A no-op UPDATE is used (not only SELECT .. FOR UPDATE) because SQLite ignores FOR UPDATE and pysqlite
+    starts the transaction only at the first write: the UPDATE takes SQLite's write lock (waiting on
+    busy_timeout) and the row lock on PostgreSQL, so the reads that follow are never stale.
+    """
+    session.execute(
+        update(Job).where(Job.id == job_id).values(done=Job.done).execution_options(synchronize_session=False)
+    )
+    return session.execute(
+        select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+def _fresh_chunk(session: Session, chunk_id: int) -> Chunk | None:
+    return session.execute(
+        select(Chunk).where(Chunk.id == chunk_id).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
 
 
 def _finish_job_if_complete(session: Session, job: Job, now: datetime) -> None:
@@ -339,11 +356,12 @@ def write_results(
     The chunk is marked done only if this owner still holds it.
     """
     now = now or utcnow()
-    chunk = session.get(Chunk, chunk_id)
-    if chunk is None:
+    job_id = session.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
+    if job_id is None:
         return WriteOutcome(0, False, None, "chunk is gone")
-    job = _lock_job(session, chunk.job_id)
-    if job is None:
+    job = _lock_job(session, job_id)
+    chunk = _fresh_chunk(session, chunk_id)
+    if job is None or chunk is None:
         return WriteOutcome(0, False, None, "job is gone")
     if job.state in FINAL_JOB_STATES:
         if chunk.state in (ChunkState.QUEUED, ChunkState.RUNNING):
@@ -380,19 +398,28 @@ def write_results(
         )
         inserted = len(session.execute(stmt).all())
 
-    job.done = (job.done or 0) + inserted
-    if job.state == JobState.QUEUED:
-        job.state = JobState.RUNNING
-    if job.started_at is None:
-        job.started_at = now
-
+    # Counted in SQL, not read-modify-write in Python: the database adds, whatever this session read before.
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id)
+        .values(
+            done=Job.done + inserted,
+            state=JobState.RUNNING,  # the job is open (checked under the lock above)
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .execution_options(synchronize_session=False)
+    )
     chunk_done = False
-    if complete and chunk.owner == owner and chunk.state == ChunkState.RUNNING:
-        chunk.state = ChunkState.DONE
-        chunk.finished_at = now
-        chunk.lease_expires_at = None
-        chunk_done = True
-        session.flush()
+    if complete:
+        marked = session.execute(
+            update(Chunk)
+            .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
+            .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        chunk_done = marked.rowcount == 1
+    job = _lock_job(session, job.id)  # re-read (same transaction, lock already held)
+    if chunk_done:
         _finish_job_if_complete(session, job, now)
     session.flush()
     return WriteOutcome(inserted, chunk_done, job.state)
@@ -505,18 +532,23 @@ def release_chunks(
     """
     now = now or utcnow()
     requeued: list[int] = []
-    for chunk in session.scalars(
-        select(Chunk).where(Chunk.id.in_(list(chunk_ids)), Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
-    ).all():
-        if chunk.attempts >= max_attempts:
-            fail_job(session, chunk.job_id, f"chunk {chunk.index} failed {chunk.attempts} times; last: {reason}", now=now)
+    held = session.execute(
+        select(Chunk.id, Chunk.job_id, Chunk.index, Chunk.attempts).where(
+            Chunk.id.in_(list(chunk_ids)), Chunk.owner == owner, Chunk.state == ChunkState.RUNNING
+        )
+    ).all()
+    for chunk_id, job_id, index, attempts in held:
+        if attempts >= max_attempts:
+            fail_job(session, job_id, f"chunk {index} failed {attempts} times; last: {reason}", now=now)
             continue
-        chunk.state = ChunkState.QUEUED
-        chunk.owner = None
-        chunk.lease_expires_at = None
-        chunk.error = reason[:4000]
-        chunk.enqueued_at = now
-        requeued.append(chunk.id)
+        put_back = session.execute(
+            update(Chunk)
+            .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
+            .values(state=ChunkState.QUEUED, owner=None, lease_expires_at=None, error=reason[:4000], enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if put_back.rowcount == 1:
+            requeued.append(chunk_id)
     session.flush()
     return requeued
 

@@ -1,0 +1,240 @@
+"""Real worker processes (`python -m workers worker`, Celery prefork) with real Redis and SQLite/PostgreSQL,
+serving a tiny random LLaMA from a Hugging Face folder. Jobs are created through `selfie_jobs.submission`.
+
+Proves: rows are written exactly once; two jobs queued together share one engine run; two workers share one
+job; a worker child killed with SIGKILL mid-chunk has its chunk redelivered and finished; chunks whose
+messages were lost are re-sent by the start-up reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from selfie_jobs import submission
+from selfie_jobs.db import get_engine, get_sessionmaker
+from selfie_jobs.migrate import upgrade
+from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, ServedModel, Worker
+from selfie_jobs.settings import Settings
+from selfie_jobs.specs import JobCreate
+from tests.integration.worker_support import MODEL, NUM_LAYERS, PROMPTS, WorkerProcess, save_tiny_model, wait_for, \
+    worker_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+READY_TIMEOUT = 90
+JOB_TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / MODEL)
+
+
+class Stack:
+    """One database, one Redis, the workers of a test, and what a test needs to submit and inspect."""
+
+    def __init__(self, database_url: str, redis_url: str, tmp_path: Path, model_dir: Path):
+        from api.broker import make_producer
+
+        self.url = database_url
+        self.redis_url = redis_url
+        self.tmp = tmp_path
+        self.model_dir = model_dir
+        self.db = get_sessionmaker(database_url)
+        self.settings = Settings(database_url=database_url, redis_url=redis_url, data_dir=tmp_path, chunk_size=4,
+                                 auth_enabled=False)
+        self.producer = make_producer(redis_url)
+        self.workers: list[WorkerProcess] = []
+
+    def start_worker(self, name: str, *, max_batch: int = 256, batch_size: int = 4) -> WorkerProcess:
+        env = worker_env(self.url, self.redis_url, self.tmp / name, SELFIE_MAX_BATCH_INTERPRETATIONS=str(max_batch))
+        worker = WorkerProcess(name, self.model_dir, env, self.tmp, batch_size=batch_size)
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, worker: WorkerProcess) -> None:
+        def ready():
+            if worker.proc.poll() is not None:
+                raise AssertionError(f"worker {worker.name} exited:\n{worker.log()[-4000:]}")
+            with self.db() as s:
+                return s.scalar(select(func.count()).select_from(Worker).where(
+                    Worker.name.like(f"{worker.name}@testhost:%"), Worker.state == "ready"))
+
+        wait_for(ready, READY_TIMEOUT, what=f"worker {worker.name} ready")
+        # the consumer is attached shortly after the child reports ready
+        wait_for(lambda: "ready." in worker.log(), 30, what=f"worker {worker.name} consuming")
+
+    def request(self, **kw) -> JobCreate:
+        body = {"model": MODEL, "prompts": list(PROMPTS[:1]), "targets": {"layers": [0, 1, 2], "tokens": [0, 1, 2]},
+                "template": {"preset": "summarize"}, "max_new_tokens": 3}
+        body.update(kw)
+        return JobCreate(**body)
+
+    def submit(self, request: JobCreate) -> str:
+        with self.db() as s:
+            return submission.submit_job(s, request, self.settings, self.producer).job.id
+
+    def store_only(self, request: JobCreate) -> tuple[str, list[int]]:
+        """Write a job like a submit does, without sending its messages."""
+        with self.db() as s:
+            prepared = submission.prepare_job(s, request, self.settings)
+            job, chunks = submission.store_job(s, prepared, request, None, self.settings, None)
+            s.commit()
+            return job.id, [c.id for c in chunks]
+
+    def enqueue(self, job_id: str) -> None:
+        with self.db() as s:
+            chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)).all()
+            submission.enqueue_chunks(s, self.producer, chunks, MODEL, 5)
+
+    def wait_jobs(self, *job_ids: str, timeout: float = JOB_TIMEOUT) -> list[Job]:
+        def finished():
+            with self.db() as s:
+                jobs = [s.get(Job, j) for j in job_ids]
+                return jobs if all(j.state in ("succeeded", "failed", "cancelled") for j in jobs) else None
+
+        try:
+            return wait_for(finished, timeout, interval=0.3, what=f"jobs {job_ids}")
+        except TimeoutError:
+            logs = "\n".join(f"--- {w.name}\n{w.log()[-3000:]}" for w in self.workers)
+            raise AssertionError(f"jobs did not finish; worker logs:\n{logs}") from None
+
+    def assert_exactly_once(self, job_id: str) -> list[Interpretation]:
+        with self.db() as s:
+            job = s.get(Job, job_id)
+            rows = s.scalars(select(Interpretation).where(Interpretation.job_id == job_id)).all()
+            chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id)).all()
+        keys = Counter((r.prompt_index, r.layer, r.token) for r in rows)
+        assert job.state == "succeeded", job.error
+        assert len(rows) == job.total == job.done, (len(rows), job.total, job.done)
+        assert max(keys.values()) == 1
+        expected = {tuple(item) for c in chunks for item in c.items}
+        assert set(keys) == expected
+        assert {c.state for c in chunks} == {"done"}
+        return list(rows)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.producer.close()
+        get_engine.cache_clear()
+
+
+@pytest.fixture
+def stack(migrated_database_url, redis_url, tmp_path, tiny_model_dir):
+    redis.Redis.from_url(redis_url).flushdb()
+    s = Stack(migrated_database_url, redis_url, tmp_path, tiny_model_dir)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_worker_serves_jobs_once_and_batches_two_jobs_in_one_engine_run(stack):
+    worker = stack.start_worker("w1")
+    stack.wait_ready(worker)
+    with stack.db() as s:
+        card = s.get(ServedModel, MODEL)
+        assert card.num_layers == NUM_LAYERS and card.tokenizer_json and "summarize" in card.card["presets"]
+        assert card.card["presets"]["summarize"]["num_tokens"] > 0
+
+    # two jobs stored before either message is sent: the first message's claim takes both jobs' chunks
+    a, a_chunks = stack.store_only(stack.request(prompts=[PROMPTS[0]]))
+    b, b_chunks = stack.store_only(stack.request(prompts=[PROMPTS[1]]))
+    stack.enqueue(a)
+    stack.enqueue(b)
+    stack.wait_jobs(a, b)
+    rows = stack.assert_exactly_once(a) + stack.assert_exactly_once(b)
+    assert all(r.text is not None and r.source_token for r in rows)
+    with stack.db() as s:
+        runs = s.scalars(select(EngineRun)).all()
+    shared = [r for r in runs if set(r.job_ids) == {a, b}]
+    assert shared, [(r.job_ids, r.chunk_ids) for r in runs]
+    assert set(shared[0].chunk_ids) == set(a_chunks + b_chunks)
+    assert {r.engine_run_id for r in rows} == {shared[0].id}
+
+    # the redelivered messages (each chunk had its own) were no-ops; a second submit of the same key is too
+    before = len(rows)
+    job = stack.submit(stack.request(idempotency_key="k1"))
+    assert stack.submit(stack.request(idempotency_key="k1")) == job
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
+    with stack.db() as s:
+        assert s.scalar(select(func.count()).select_from(Interpretation)) == before + s.get(Job, job).total
+
+    def heartbeat_counts():  # the heartbeat thread publishes what the worker served
+        with stack.db() as s:
+            info = s.scalars(select(Worker.info).where(Worker.state == "ready")).first()
+        return info and info["batches_served"] >= 2 and info["rows_served"] == before + 9
+
+    wait_for(heartbeat_counts, 10, what="heartbeat with the served counts")
+
+
+def test_two_workers_share_one_job(stack):
+    # one chunk per engine run, so the chunks of one job spread over both workers
+    w1 = stack.start_worker("w1", max_batch=4, batch_size=2)
+    w2 = stack.start_worker("w2", max_batch=4, batch_size=2)
+    stack.wait_ready(w1)
+    stack.wait_ready(w2)
+    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
+                                     max_new_tokens=6))
+    stack.wait_jobs(job)
+    rows = stack.assert_exactly_once(job)
+    served_by = Counter(r.worker.split("@")[0] for r in rows)
+    assert set(served_by) == {"w1", "w2"}, served_by
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sigkill_of_the_worker_child_mid_chunk_redelivers_and_finishes(stack):
+    worker = stack.start_worker("w1", max_batch=32, batch_size=1)
+    stack.wait_ready(worker)
+    (child,) = worker.children()
+    # one big chunk, written in several engine batches (batch_size 1): kill after the first rows landed
+    stack.settings = stack.settings.model_copy(update={"chunk_size": 32})
+    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3, 4]},
+                                     max_new_tokens=24))
+
+    def partly_written():
+        with stack.db() as s:
+            done = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job))
+            total = s.get(Job, job).total
+            return 0 < done < total and done
+
+    written = wait_for(partly_written, 60, interval=0.05, what="the first rows of the chunk")
+    os.kill(child, signal.SIGKILL)
+    with stack.db() as s:
+        assert s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job)) < \
+            s.get(Job, job).total
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
+    with stack.db() as s:
+        chunks = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
+        owners = {c.owner for c in chunks}
+        attempts = [c.attempts for c in chunks]
+    assert child not in worker.children() and len(worker.children()) == 1  # the parent started a new child
+    assert max(attempts) >= 2 and all(not o.endswith(f":{child}") for o in owners)
+    assert written > 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_chunks_whose_messages_were_lost_are_resent_at_worker_start(stack):
+    # the card must exist to submit: serve once, stop, then store a job whose messages never reach Redis
+    first = stack.start_worker("w0")
+    stack.wait_ready(first)
+    first.stop()
+    job, _ = stack.store_only(stack.request())
+    with stack.db() as s, s.begin():
+        stored = s.get(Job, job)
+        stored.created_at = stored.created_at - timedelta(minutes=5)
+    worker = stack.start_worker("w1")
+    stack.wait_ready(worker)
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
