@@ -145,6 +145,12 @@ class ModelList(BaseModel):
     models: list[ModelOut]
 
 
+class Tokenized(BaseModel):
+    model: str
+    ids: list[int]
+    tokens: list[str]
+
+
 class Health(BaseModel):
     status: str
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
-from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, WorkerOut
+from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, Tokenized, WorkerOut
+from selfie_jobs.models import ServedModel
 from selfie_jobs.queries import live_models
+from selfie_jobs.submission import card_tokenizer
 
 router = APIRouter()
 
@@ -33,6 +37,19 @@ def get_models(session: SessionDep, settings: SettingsDep, who: PrincipalDep) ->
             card={k: v for k, v in card.items() if k not in _CARD_FIELDS},
         ))
     return ModelList(models=out)
+
+
+@router.get("/v1/models/{name}/tokenize", response_model=Tokenized, tags=["models"],
+            summary="A text's tokens as the model sees them (the token indices jobs refer to)",
+            responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+def tokenize(name: str, text: Annotated[str, Query(max_length=20_000)], session: SessionDep,
+             who: PrincipalDep) -> Tokenized:  # noqa: ARG001
+    card = session.get(ServedModel, name) if "\x00" not in name else None
+    if card is None:
+        raise HTTPException(404, f"no model card for {name!r}")
+    tokenizer = card_tokenizer(card)
+    ids = tokenizer.encode(text).ids
+    return Tokenized(model=name, ids=ids, tokens=tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False))
 
 
 @router.get("/healthz", response_model=Health, tags=["health"])

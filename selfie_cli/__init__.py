@@ -1,0 +1,1 @@
+"""The `selfie` command line: run the stack, submit jobs and read their results."""

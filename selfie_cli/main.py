@@ -1,0 +1,383 @@
+"""`selfie`: one console script for the whole service. Heavy modules are imported inside the commands only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
+                          help="The API's base URL (env SELFIE_URL).")
+KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None,
+                          help="Bearer API key (env SELFIE_API_KEY); not needed with `selfie up`.")
+
+
+def _client(url: str, api_key: str | None):
+    from selfie_client import Client
+
+    return Client(url, api_key)
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+def target_options(func):
+    """Options shared by `submit` and `interpret`: what to interpret and how."""
+    options = [
+        click.option("--model", default=None, help="Served model name (default: the service's default model)."),
+        click.option("--layers", default="all", show_default=True,
+                     help='"all", a list "0,4,8" or a range "0:31:5" (hidden_states indices).'),
+        click.option("--tokens", default="all", show_default=True,
+                     help='"all", a list "0,-1" or a range "-4:" (negative = from the end).'),
+        click.option("--pair", "pairs", multiple=True, metavar="LAYER,TOKEN",
+                     help="Explicit (layer, token) pair; repeatable; replaces --layers/--tokens."),
+        click.option("--template", default=None, help="Preset name (summarize, describe, ...)."),
+        click.option("--k", "k", type=int, default=1, show_default=True, help="Injection layer."),
+        click.option("--mode", "injection_mode", type=click.Choice(["replace", "blend", "add"]), default="replace"),
+        click.option("--strength", "injection_strength", type=float, default=1.0, show_default=True),
+        click.option("--max-new-tokens", type=int, default=30, show_default=True),
+        click.option("--sample/--greedy", "do_sample", default=False, help="Sample instead of greedy decoding."),
+        click.option("--temperature", type=float, default=1.0),
+        click.option("--top-p", type=float, default=1.0),
+        click.option("--seed", type=int, default=None),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _parse_pairs(pairs: tuple[str, ...]) -> list[tuple[int, int]] | None:
+    if not pairs:
+        return None
+    out = []
+    for pair in pairs:
+        try:
+            layer, token = (int(v) for v in pair.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{pair!r}: use LAYER,TOKEN", param_hint="--pair") from None
+        out.append((layer, token))
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="selfie")
+def cli() -> None:
+    """SelfIE as a service: ask a language model what its own hidden states mean."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# running the service
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--model", default=None, help="Model the worker serves (default: settings' default model).")
+@click.option("--model-path", default=None, help="Load the worker's weights from this folder or hub id.")
+@click.option("--demo", is_flag=True, help="Submit a sample job, show progress and print its layer x token table.")
+@click.option("--exit", "exit_after", is_flag=True, help="With --demo: stop the stack after the table.")
+@click.option("--prompt", default=None, help="The demo's prompt.")
+@click.option("--flower", is_flag=True, help="Also run Flower (basic auth) to watch the worker.")
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+@click.option("--beat/--no-beat", default=True, show_default=True, help="Run Celery beat (the reconciler).")
+@click.option("--worker/--no-worker", "with_worker", default=True, show_default=True)
+@click.option("--auth/--no-auth", default=False, show_default=True,
+              help="Require API keys; local mode runs without them.")
+def up(**options: Any) -> None:
+    """The whole stack on this machine: Redis (embedded unless SELFIE_REDIS_URL is set), SQLite (unless
+    SELFIE_DATABASE_URL is set), migrations, the API, one worker and beat; Ctrl-C stops it all."""
+    from selfie_cli.stack import run_up
+
+    sys.exit(run_up(**options))
+
+
+@cli.command()
+@click.option("--model", required=False, default=None, help="Served model name (its queue and card).")
+@click.option("--gpu", type=int, default=None, help="CUDA device index to pin this worker to.")
+@click.option("--model-path", default=None, help="Load the weights from here (local folder or hub id).")
+@click.option("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--concurrency", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Rows per engine batch.")
+@click.option("--hostname", default=None, help="Celery node name.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(model, gpu, model_path, device, dtype, concurrency, batch_size, hostname, loglevel) -> None:
+    """Serve one model on one device (blocks)."""
+    from selfie_jobs.settings import get_settings
+    from workers.launch import run_worker
+
+    run_worker(model or get_settings().default_model, gpu, model_path=model_path, device=device, dtype=dtype,
+               concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel)
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--schedule", default=None, help="Beat's schedule file.")
+def beat(loglevel: str, schedule: str | None) -> None:
+    """Run Celery beat: the reconciler and scheduled audits (blocks)."""
+    from workers.launch import run_beat
+
+    run_beat(loglevel=loglevel, schedule_file=schedule)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--workers", "processes", type=int, default=1, show_default=True, help="uvicorn worker processes.")
+@click.option("--log-level", default="info", show_default=True)
+def api(host: str, port: int, processes: int, log_level: str) -> None:
+    """Serve the HTTP API (uvicorn api.main:create_app --factory)."""
+    import uvicorn
+
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=processes, log_level=log_level)
+
+
+@cli.command()
+@click.option("--database-url", default=None, help="Default: settings (SELFIE_DATABASE_URL or the SQLite file).")
+def migrate(database_url: str | None) -> None:
+    """Bring the database schema to the newest revision."""
+    from selfie_jobs.migrate import upgrade
+    from selfie_jobs.settings import get_settings
+
+    url = database_url or get_settings().resolved_database_url()
+    upgrade(url)
+    click.echo(f"database at the newest schema: {_safe_url(url)}")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# using the service
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("prompts", nargs=-1, required=True)
+@target_options
+@click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 = most urgent.")
+@click.option("--idempotency-key", default=None)
+@click.option("--wait/--no-wait", default=False, help="Wait with a progress bar, then print the table.")
+@URL_OPTION
+@KEY_OPTION
+def submit(prompts, url, api_key, wait, pairs, layers, tokens, **options) -> None:
+    """Submit a job for one or more PROMPTS; prints its id and link."""
+    from selfie_client import SelfieError
+
+    with _client(url, api_key) as client:
+        try:
+            accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
+                                     **options)
+        except (SelfieError, ValueError) as exc:
+            _fail(exc)
+        click.echo(f"job {accepted['id']}: {accepted['total']} interpretations in {accepted['chunks']} chunks")
+        click.echo(accepted["link"])
+        if wait:
+            _wait_and_show(client, accepted["id"])
+
+
+def _wait_and_show(client, job_id: str) -> None:
+    from selfie_cli.render import print_table, status_line
+
+    status = client.wait(job_id)
+    click.echo(status_line(status))
+    if status["state"] == "succeeded":
+        df = client.results(job_id)
+        for prompt in status["prompts"]:
+            click.echo(f"\nprompt {prompt['index']}: {prompt['text']}")
+            print_table(df, prompt["index"])
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--wait", is_flag=True, help="Follow the job with a progress bar until it finishes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full status as JSON.")
+@URL_OPTION
+@KEY_OPTION
+def status(job_id: str, wait: bool, as_json: bool, url: str, api_key: str | None) -> None:
+    """A job's state, progress, queue position and timings."""
+    from selfie_cli.render import status_line
+    from selfie_client import SelfieError
+
+    with _client(url, api_key) as client:
+        try:
+            st = client.wait(job_id) if wait else client.status(job_id)
+        except SelfieError as exc:
+            _fail(exc)
+    click.echo(json.dumps(st, indent=2) if as_json else status_line(st))
+
+
+@cli.command()
+@click.argument("job_id")
+@URL_OPTION
+@KEY_OPTION
+def cancel(job_id: str, url: str, api_key: str | None) -> None:
+    """Cancel a job (its queued chunks are dropped)."""
+    from selfie_client import SelfieError
+
+    with _client(url, api_key) as client:
+        try:
+            out = client.cancel(job_id)
+        except SelfieError as exc:
+            _fail(exc)
+    click.echo(f"job {out['id']}: {out['state']}" + ("" if out["cancelled"] else " (already finished)"))
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--prompt", type=int, default=None, help="Only this prompt index.")
+@click.option("--layer-min", type=int, default=None)
+@click.option("--layer-max", type=int, default=None)
+@click.option("--token", type=int, default=None, help="Only this token index.")
+@click.option("--min-relevancy", type=float, default=None)
+@click.option("--search", "q", default=None, help="Interpretation text contains this (any case).")
+@click.option("--sort", default="position", show_default=True,
+              type=click.Choice(["position", "relevancy", "-relevancy", "layer", "-layer", "token", "created"]))
+@click.option("--width", type=int, default=24, show_default=True, help="Table cell width.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to a file.")
+@URL_OPTION
+@KEY_OPTION
+def results(job_id, fmt, width, output, url, api_key, **filters) -> None:
+    """A job's interpretations: a layer x token table per prompt, or CSV / JSON rows."""
+    from selfie_client import SelfieError
+
+    with _client(url, api_key) as client:
+        try:
+            if fmt == "csv":
+                text = client.results_csv(job_id, **filters)
+            else:
+                rows = list(client.iter_results(job_id, **filters))
+                if fmt == "json":
+                    text = json.dumps(rows, indent=1)
+                else:
+                    text = _tables(client.status(job_id), rows, width)
+        except SelfieError as exc:
+            _fail(exc)
+    if output:
+        with open(output, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        click.echo(f"written to {output}")
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+def _tables(status: dict[str, Any], rows: list[dict[str, Any]], width: int) -> str:
+    import io
+    from contextlib import redirect_stdout
+
+    import pandas as pd
+
+    from selfie_cli.render import print_table
+
+    df = pd.DataFrame(rows, columns=["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy"])
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        for prompt in status["prompts"]:
+            if (df["prompt_index"] == prompt["index"]).any():
+                print(f"prompt {prompt['index']}: {prompt['text']}")
+                print_table(df, prompt["index"], width=width)
+                print()
+    return buffer.getvalue() or "(no interpretations)\n"
+
+
+@cli.command()
+@click.argument("prompt")
+@target_options
+@click.option("--model-path", default=None, help="Load the weights from here instead of the model name.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
+@click.option("--width", type=int, default=24, show_default=True)
+def interpret(prompt, fmt, width, **options) -> None:
+    """Interpret PROMPT in this process with the engine (no API, no queue, no database)."""
+    from selfie_cli.local import interpret_locally
+
+    try:
+        df = interpret_locally(prompt, pairs=_parse_pairs(options.pop("pairs")), **options)
+    except ValueError as exc:
+        _fail(exc)
+    if fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+    else:
+        from selfie_cli.render import print_table
+
+        print_table(df, 0, width=width)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# API keys
+# --------------------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def keys() -> None:
+    """API keys (stored hashed in the database named by the settings)."""
+
+
+def _db_session():
+    from selfie_jobs.db import session_scope
+    from selfie_jobs.settings import get_settings
+
+    return session_scope(get_settings().resolved_database_url())
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="This key sees every job.")
+@click.option("--daily-quota", type=int, default=None, help="Interpretations per day (default: settings).")
+def keys_create(name: str, admin: bool, daily_quota: int | None) -> None:
+    """Make a key; its secret is shown once."""
+    from selfie_jobs.auth import create_key
+
+    with _db_session() as session:
+        row, secret = create_key(session, name, admin=admin, daily_quota=daily_quota)
+        key_id = row.id
+    click.echo(f"key {key_id} ({name}{', admin' if admin else ''}); the secret is shown only now:")
+    click.echo(secret)
+
+
+@keys.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+def keys_list(include_revoked: bool) -> None:
+    """Keys: id, prefix, name, admin, quota, created, revoked."""
+    from selfie_jobs.auth import list_keys
+
+    with _db_session() as session:
+        rows = list_keys(session, include_revoked=include_revoked)
+        lines = [
+            f"{r.id:>4}  {r.prefix}…  {r.name:<20}  {'admin' if r.is_admin else '     '}  "
+            f"quota={r.daily_quota or '-'}  created={r.created_at:%Y-%m-%d %H:%M}"
+            + (f"  revoked={r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "")
+            for r in rows
+        ]
+    click.echo("\n".join(lines) if lines else "(no keys)")
+
+
+@keys.command("revoke")
+@click.argument("key")
+def keys_revoke(key: str) -> None:
+    """Revoke a key by id or prefix."""
+    from selfie_jobs.auth import revoke_key
+
+    with _db_session() as session:
+        try:
+            row = revoke_key(session, key)
+        except ValueError as exc:
+            _fail(exc)
+        if row is None:
+            raise click.ClickException(f"no key {key!r}")
+        key_id = row.id
+    click.echo(f"key {key_id} revoked")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,236 @@
+"""HTTP client: submit, status, wait (with a progress bar), results as a DataFrame, cancel."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+Selector = str | int | range | slice | Sequence[int]
+
+
+class SelfieError(RuntimeError):
+    """The service refused a request (4xx) or failed (5xx); `status` and `detail` say why."""
+
+    def __init__(self, status: int, detail: Any, field: str | None = None):
+        self.status, self.detail, self.field = status, detail, field
+        where = f" ({field})" if field else ""
+        super().__init__(f"HTTP {status}{where}: {detail}")
+
+
+def selector(value: Selector) -> str | list[int] | dict[str, int | None]:
+    """Layers/tokens as the API takes them: "all", a list, or a {start, stop, step} range.
+
+    Accepts "all", an int, a list of ints, `range(...)`, `slice(...)` or a "start:stop:step" string ("0:31:5", "-3:").
+    """
+    if isinstance(value, str):
+        if value == "all":
+            return "all"
+        if ":" in value:
+            parts = [p.strip() for p in value.split(":")]
+            if len(parts) > 3:
+                raise ValueError(f"bad range {value!r}: use start:stop:step")
+            start, stop, step = (parts + ["", ""])[:3]
+            return {"start": int(start) if start else 0, "stop": int(stop) if stop else None,
+                    "step": int(step) if step else 1}
+        return [int(v) for v in value.replace(" ", "").split(",") if v]
+    if isinstance(value, bool):
+        raise TypeError("layers/tokens must be indices, not booleans")
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, range):
+        return {"start": value.start, "stop": value.stop, "step": value.step}
+    if isinstance(value, slice):
+        return {"start": value.start or 0, "stop": value.stop, "step": value.step or 1}
+    return [int(v) for v in value]
+
+
+def job_request(
+    prompts: str | Sequence[str],
+    *,
+    model: str | None = None,
+    layers: Selector = "all",
+    tokens: Selector = "all",
+    pairs: Sequence[tuple[int, int]] | None = None,
+    template: str | Sequence[str | int] | None = None,
+    k: int = 1,
+    injection_mode: str = "replace",
+    injection_strength: float = 1.0,
+    max_new_tokens: int = 30,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    priority: int = 5,
+    idempotency_key: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of POST /v1/jobs."""
+    body: dict[str, Any] = {
+        "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
+        "k": k,
+        "injection_mode": injection_mode,
+        "injection_strength": injection_strength,
+        "max_new_tokens": max_new_tokens,
+        "decoding": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed},
+        "priority": priority,
+    }
+    if model:
+        body["model"] = model
+    if pairs is not None:
+        body["targets"] = {"pairs": [[int(layer), int(token)] for layer, token in pairs]}
+    elif layers == "all" and tokens == "all":
+        body["targets"] = "all"
+    else:
+        body["targets"] = {"layers": selector(layers), "tokens": selector(tokens)}
+    if template is not None:
+        body["template"] = {"preset": template} if isinstance(template, str) else {"parts": list(template)}
+    if idempotency_key:
+        body["idempotency_key"] = idempotency_key
+    return body
+
+
+class Client:
+    """`Client(url, api_key=None)`; every call is one HTTP request except `wait`, `results` and `interpret`."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, *, timeout: float = 60.0,
+                 retries: int = 5, transport: httpx.BaseTransport | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.retries = retries
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One request; 503 (database away) and 429 (rate limit) are retried after the server's Retry-After."""
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self._http.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(min(2**attempt * 0.2, 5))
+                continue
+            if resp.status_code in (429, 503) and attempt < self.retries:
+                time.sleep(min(float(resp.headers.get("retry-after", "1") or 1), 30))
+                continue
+            if resp.status_code >= 400:
+                try:
+                    payload = resp.json()
+                except ValueError:
+                    payload = {"detail": resp.text}
+                detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+                raise SelfieError(resp.status_code, detail, payload.get("field") if isinstance(payload, dict) else None)
+            return resp
+        raise AssertionError("unreachable")
+
+    # -- jobs --------------------------------------------------------------------------------------------------
+    def submit(self, prompts: str | Sequence[str], **options: Any) -> dict[str, Any]:
+        """Submit a job (see `job_request` for the options); returns {id, total, link, ...} at once.
+
+        An idempotency key is made up when none is given, so the retry of a submit never makes a second job.
+        """
+        options.setdefault("idempotency_key", None)
+        options["idempotency_key"] = options["idempotency_key"] or "client-" + uuid.uuid4().hex
+        return self._request("POST", "/v1/jobs", json=job_request(prompts, **options)).json()
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
+    def jobs(self, *, state: str | None = None, model: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"state": state, "model": model, "limit": limit}.items() if v is not None}
+        return self._request("GET", "/v1/jobs", params=params).json()["jobs"]
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/models").json()["models"]
+
+    def tokenize(self, text: str, model: str) -> list[str]:
+        """The tokens of `text` for `model`: position i is token index i in a job."""
+        return self._request("GET", f"/v1/models/{model}/tokenize", params={"text": text}).json()["tokens"]
+
+    def wait(self, job_id: str, *, progress: bool = True, poll: float = 0.5, timeout: float | None = None) -> dict:
+        """Poll until the job is final; a tqdm bar shows done/total. Returns the final status."""
+        bar = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                status = self.status(job_id)
+                done, total = status["progress"]["done"], status["progress"]["total"]
+                if progress:
+                    if bar is None:
+                        from tqdm.auto import tqdm
+
+                        bar = tqdm(total=total, desc=f"job {job_id[:8]}", unit="interp", mininterval=1.0)
+                    bar.n = done
+                    position = status.get("queue_position")
+                    bar.set_postfix_str(status["state"] + (f", {position} chunks ahead" if position else ""))
+                    bar.refresh()
+                if status["state"] in FINAL_STATES:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} still {status['state']} after {timeout}s ({done}/{total})")
+                time.sleep(poll)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # -- results -----------------------------------------------------------------------------------------------
+    def iter_results(self, job_id: str, *, page_size: int = 1000, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every interpretation matching `filters` (prompt, layer_min, layer_max, token, min_relevancy, q, sort)."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        params["limit"] = page_size
+        cursor = None
+        while True:
+            page = self._request("GET", f"/v1/jobs/{job_id}/interpretations",
+                                 params={**params, **({"cursor": cursor} if cursor else {})}).json()
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def results(self, job_id: str, **filters: Any) -> pd.DataFrame:
+        """All interpretations of a job as a DataFrame (one row per prompt x layer x token)."""
+        import pandas as pd
+
+        columns = ["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy",
+                   "token_ids", "worker", "model", "created_at"]
+        return pd.DataFrame(list(self.iter_results(job_id, **filters)), columns=columns)
+
+    def results_csv(self, job_id: str, **filters: Any) -> str:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return self._request("GET", f"/v1/jobs/{job_id}/interpretations", params={**params, "format": "csv"}).text
+
+    def interpret(self, prompts: str | Sequence[str], *, progress: bool = True, timeout: float | None = None,
+                  poll: float = 0.5, **options: Any) -> pd.DataFrame:
+        """Submit, wait with a progress bar, and return the interpretations as a DataFrame.
+
+        `df.attrs` holds the job id, its link, its final state and the prompts' tokens. A failed job raises.
+        """
+        accepted = self.submit(prompts, **options)
+        status = self.wait(accepted["id"], progress=progress, poll=poll, timeout=timeout)
+        if status["state"] == "failed":
+            raise SelfieError(500, f"job {accepted['id']} failed: {status.get('error')}")
+        df = self.results(accepted["id"])
+        texts = {p["index"]: p["text"] for p in status.get("prompts", [])}
+        df.insert(1, "prompt", df["prompt_index"].map(texts))
+        df.attrs.update(job_id=accepted["id"], link=accepted["link"], state=status["state"],
+                        prompts=status.get("prompts", []))
+        return df

@@ -1,0 +1,26 @@
+"""Layer x token tables of interpretations, for terminals and notebooks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def layer_token_table(df: pd.DataFrame, prompt_index: int = 0, *, width: int | None = 28) -> pd.DataFrame:
+    """Rows: layers; columns: "index:token" of the prompt; cells: the interpretation text (cut to `width`)."""
+    import pandas as pd
+
+    part = df[df["prompt_index"] == prompt_index]
+    if part.empty:
+        return pd.DataFrame()
+    labels = {t: f"{t}:{s.strip() or repr(s)}" for t, s in zip(part["token"], part["source_token"], strict=True)}
+    texts = part["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+    if width:
+        texts = texts.map(lambda s: s if len(s) <= width else s[: width - 1] + "…")
+    table = part.assign(text=texts).pivot_table(index="layer", columns="token", values="text", aggfunc="first")
+    table = table.reindex(sorted(table.columns), axis=1)
+    table.columns = [labels[t] for t in table.columns]
+    table.index.name = "layer"
+    return table.fillna("")
