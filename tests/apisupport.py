@@ -162,3 +162,54 @@ def flush_model_queue(redis_url: str, model: str = MODEL) -> None:
     client = redis.Redis.from_url(redis_url)
     for key in client.keys(model_queue(model) + "*"):
         client.delete(key)
+
+
+class FakeWorker:
+    """Plays the worker's part on the database (claim, write rows, complete) without an engine or a queue:
+    the interpretation of (prompt p, layer L, token t) is the text "p<p> L<L> t<t> <source token>"."""
+
+    def __init__(self, database_url: str, model: str, *, delay_s: float = 0.0):
+        self.database_url, self.model, self.delay_s = database_url, model, delay_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> FakeWorker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.step():
+                time.sleep(0.05)
+
+    def step(self) -> bool:
+        from sqlalchemy import select
+
+        from selfie_jobs.chunks import ResultRow, claim_chunk, write_results
+        from selfie_jobs.db import session_scope
+        from selfie_jobs.models import Chunk, Prompt
+
+        with session_scope(self.database_url) as s:
+            chunk_id = s.scalar(select(Chunk.id).where(Chunk.model == self.model, Chunk.state == "queued")
+                                .order_by(Chunk.priority.desc(), Chunk.id).limit(1))
+            if chunk_id is None:
+                return False
+            claimed = claim_chunk(s, chunk_id, "fake@test:1", 60)
+        if claimed is None:
+            return True
+        time.sleep(self.delay_s)
+        with session_scope(self.database_url) as s:
+            tokens = {p.index: p.tokens for p in s.scalars(select(Prompt).where(Prompt.job_id == claimed.job_id))}
+            rows = [
+                ResultRow(prompt_index=p, layer=layer, token=t, source_token=tokens[p][t],
+                          text=f"p{p} L{layer} t{t} {tokens[p][t]}", token_ids=[5, 6], relevancy=[0.5, 0.25],
+                          mean_relevancy=0.375)
+                for p, layer, t in claimed.items
+            ]
+            write_results(s, claimed.id, "fake@test:1", rows, engine_run_id="fake-run", worker="fake@test:1",
+                          model=self.model, complete=True)
+        return True
