@@ -379,5 +379,14 @@ def keys_revoke(key: str) -> None:
     click.echo(f"key {key_id} revoked")
 
 
+
+def _register_audit_commands() -> None:
+    from selfie_cli.audit import audit
+
+    cli.add_command(audit)
+
+
+_register_audit_commands()
+
 if __name__ == "__main__":
     cli()

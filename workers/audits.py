@@ -18,7 +18,6 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from selfie_core import detectors
 from selfie_jobs import audits as A
 from selfie_jobs.audit_models import AuditRun, AuditRunJob, AuditRunState
 from selfie_jobs.chunks import as_utc
@@ -28,7 +27,8 @@ from selfie_jobs.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How often beat runs the audit tick (seconds): cron resolution is a minute, so twice a minute is enough.
+#: Upper bound of the audit tick period (seconds); it runs at the reconciler's cadence when that is shorter.
+#: Cron resolution is a minute, so twice a minute is enough.
 TICK_SECONDS = 30.0
 #: Jobs scanned per tick (each is one transaction; the next tick continues).
 SCAN_PER_TICK = 200
@@ -39,6 +39,8 @@ def driver_name() -> str:
 
 
 def detect_fn(configs: list[dict[str, Any]]) -> A.DetectFn:
+    from selfie_core import detectors  # here, not at import: beat reads the schedule without the engine
+
     built = detectors.build_all(configs)
     return lambda text, relevancy: detectors.detect(built, text, relevancy)
 
@@ -68,7 +70,7 @@ def run_audit(
             return {"run_id": run_id, "skipped": "no such run"}
         try:
             detect_fn(run.config.get("detectors") or [])
-        except detectors.DetectorConfigError as exc:
+        except ValueError as exc:  # selfie_core.detectors.DetectorConfigError
             run.state, run.error, run.finished_at = AuditRunState.FAILED, f"detectors: {exc}", utcnow()
             session.commit()
             return {"run_id": run_id, "state": run.state, "error": run.error}
@@ -134,14 +136,19 @@ def audit_tick(
     return {"started": started, "resumed": resumed, "scanned": scanned}
 
 
-def beat_entries(settings: Settings) -> dict[str, dict[str, Any]]:  # noqa: ARG001 - same shape as other entries
+def tick_seconds(settings: Settings) -> float:
+    return min(TICK_SECONDS, float(settings.reconcile_interval_seconds))
+
+
+def beat_entries(settings: Settings) -> dict[str, dict[str, Any]]:
     """The beat schedule entry of the audit tick (merged into the Celery app's beat_schedule)."""
+    period = tick_seconds(settings)
     return {
         "audit-tick": {
             "task": A.AUDIT_TICK_TASK,
-            "schedule": TICK_SECONDS,
+            "schedule": period,
             # A tick that waited longer than two periods is stale: the next one does the same work.
-            "options": {"queue": CONTROL_QUEUE, "expires": TICK_SECONDS * 2},
+            "options": {"queue": CONTROL_QUEUE, "expires": period * 2},
         }
     }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import and_, select
@@ -21,6 +21,10 @@ from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 
 router = APIRouter(tags=["audits"])
 INT_MAX = 2**31 - 1
+BIG_MAX = 2**62
+AuditId = Annotated[int, Path(ge=1, le=INT_MAX)]
+RunId = Annotated[int, Path(ge=1, le=INT_MAX)]
+PromptSetId = Annotated[int, Path(ge=1, le=INT_MAX)]
 
 
 class PromptSetOut(BaseModel):
@@ -171,7 +175,7 @@ def upload_prompt_set(
 
 @router.get("/v1/prompt-sets/{prompt_set_id}/items", summary="Items of a prompt set (keyset pages)")
 def prompt_set_items(
-    prompt_set_id: int,
+    prompt_set_id: PromptSetId,
     session: SessionDep,
     who: PrincipalDep,
     after: Annotated[int, Query(ge=-1, le=INT_MAX)] = -1,
@@ -213,12 +217,12 @@ def list_audits(request: Request, session: SessionDep, who: PrincipalDep) -> dic
 
 
 @router.get("/v1/audits/{audit_id}", response_model=AuditOut, summary="One audit")
-def get_audit(audit_id: int, request: Request, session: SessionDep, who: PrincipalDep) -> AuditOut:
+def get_audit(audit_id: AuditId, request: Request, session: SessionDep, who: PrincipalDep) -> AuditOut:
     return _audit_out(request, session, _audit_or_404(session, audit_id, who))
 
 
 @router.patch("/v1/audits/{audit_id}", response_model=AuditOut, summary="Change an audit (schedule, detectors, ...)")
-def patch_audit(audit_id: int, body: A.AuditUpdate, request: Request, session: SessionDep,
+def patch_audit(audit_id: AuditId, body: A.AuditUpdate, request: Request, session: SessionDep,
                 who: PrincipalDep) -> AuditOut:
     audit = _audit_or_404(session, audit_id, who)
     A.update_audit(session, audit, body)
@@ -228,7 +232,7 @@ def patch_audit(audit_id: int, body: A.AuditUpdate, request: Request, session: S
 
 @router.post("/v1/audits/{audit_id}/runs", response_model=RunOut, status_code=status.HTTP_202_ACCEPTED,
              summary="Start a run (or return the audit's open one)")
-def start_run(audit_id: int, request: Request, session: SessionDep, who: PrincipalDep, sender: SenderDep) -> RunOut:
+def start_run(audit_id: AuditId, request: Request, session: SessionDep, who: PrincipalDep, sender: SenderDep) -> RunOut:
     audit = _audit_or_404(session, audit_id, who)
     run, created = A.start_run(session, audit, "manual")
     session.commit()
@@ -242,7 +246,7 @@ def start_run(audit_id: int, request: Request, session: SessionDep, who: Princip
 
 
 @router.get("/v1/audits/{audit_id}/runs", summary="Runs of an audit (newest first)")
-def list_runs(audit_id: int, request: Request, session: SessionDep, who: PrincipalDep,
+def list_runs(audit_id: AuditId, request: Request, session: SessionDep, who: PrincipalDep,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> dict[str, Any]:
     _audit_or_404(session, audit_id, who)
     runs = session.scalars(
@@ -255,12 +259,12 @@ def list_runs(audit_id: int, request: Request, session: SessionDep, who: Princip
 
 
 @router.get("/v1/audit-runs/{run_id}", response_model=RunOut, summary="Run status and progress")
-def get_run(run_id: int, request: Request, session: SessionDep, who: PrincipalDep) -> RunOut:
+def get_run(run_id: RunId, request: Request, session: SessionDep, who: PrincipalDep) -> RunOut:
     return _run_out(request, session, _run_or_404(session, run_id, who))
 
 
 @router.post("/v1/audit-runs/{run_id}/cancel", response_model=RunOut, summary="Cancel a run and its open jobs")
-def cancel_run(run_id: int, request: Request, session: SessionDep, who: PrincipalDep) -> RunOut:
+def cancel_run(run_id: RunId, request: Request, session: SessionDep, who: PrincipalDep) -> RunOut:
     run = _run_or_404(session, run_id, who)
     A.cancel_run(session, run)
     session.commit()
@@ -268,7 +272,7 @@ def cancel_run(run_id: int, request: Request, session: SessionDep, who: Principa
 
 
 @router.get("/v1/audit-runs/{run_id}/report", summary="Flags per layer and token, top findings, diff vs previous run")
-def get_report(run_id: int, session: SessionDep, who: PrincipalDep,
+def get_report(run_id: RunId, session: SessionDep, who: PrincipalDep,
                top: Annotated[int, Query(ge=1, le=500)] = 20) -> dict[str, Any]:
     run = _run_or_404(session, run_id, who)
     report = run_report(session, run, top=top)
@@ -277,7 +281,7 @@ def get_report(run_id: int, session: SessionDep, who: PrincipalDep,
 
 
 @router.get("/v1/audit-runs/{run_id}/jobs", summary="The jobs a run fanned out into")
-def get_run_jobs(run_id: int, request: Request, session: SessionDep, who: PrincipalDep) -> dict[str, Any]:
+def get_run_jobs(run_id: RunId, request: Request, session: SessionDep, who: PrincipalDep) -> dict[str, Any]:
     _run_or_404(session, run_id, who)
     rows = session.scalars(select(AuditRunJob).where(AuditRunJob.run_id == run_id).order_by(AuditRunJob.batch)).all()
     root = _root(request)
@@ -290,14 +294,14 @@ def get_run_jobs(run_id: int, request: Request, session: SessionDep, who: Princi
 
 @router.get("/v1/audit-runs/{run_id}/findings", summary="Findings of a run: JSON pages or the whole CSV")
 def get_findings(
-    run_id: int,
+    run_id: RunId,
     session: SessionDep,
     maker: SessionMakerDep,
     who: PrincipalDep,
     format: Literal["json", "csv"] = "json",  # noqa: A002 - the query parameter's name
     detector: Annotated[str | None, Query(max_length=200)] = None,
     layer: Annotated[int | None, Query(ge=0, le=INT_MAX)] = None,
-    after: Annotated[int, Query(ge=0, description="Keyset cursor: the last id of the previous page.")] = 0,
+    after: Annotated[int, Query(ge=0, le=BIG_MAX, description="Keyset cursor: the last id of the previous page.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     sort: Literal["id", "relevancy"] = "id",
 ):

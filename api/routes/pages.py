@@ -6,13 +6,15 @@ fetched from outside the service).
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path as FsPath
 
-from fastapi import APIRouter, FastAPI
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Path
 from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = FsPath(__file__).resolve().parent.parent / "static"
 router = APIRouter(include_in_schema=False)
 # The pages hold no data (it comes from the API, with the caller's key), so they may be cached briefly.
 _HEADERS = {"Cache-Control": "no-cache"}
@@ -34,7 +36,7 @@ def job_page(job_id: str) -> FileResponse:  # noqa: ARG001 - the page reads the 
 
 
 @router.get("/ui/audits/{audit_id}")
-def audit_page(audit_id: int) -> FileResponse:  # noqa: ARG001
+def audit_page(audit_id: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> FileResponse:  # noqa: ARG001
     return FileResponse(STATIC / "audit.html", headers=_HEADERS)
 
 

@@ -77,7 +77,9 @@ const Selfie = (() => {
   // A bar chart as inline SVG (no library): bars = [{key, value, title}].
   function barChart(bars, opts) {
     opts = opts || {};
-    const W = opts.width || 640, H = opts.height || 180, pad = { l: 36, r: 8, t: 10, b: 28 };
+    const pad = { l: 36, r: 8, t: 10, b: 28 }, H = opts.height || 180;
+    // Bars at most 40 px wide, so a few layers do not make a wall of blue; many layers share the width.
+    const W = Math.min(opts.width || 720, pad.l + pad.r + 40 * Math.max(1, bars.length));
     const ns = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(ns, "svg");
     svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("role", "img");

@@ -1,0 +1,200 @@
+"""The results explorer in a real browser: headless Chromium (selenium) loads pages of a real run.
+
+Real parts end to end: uvicorn serving the API and the pages, Redis, SQLite, and a worker process
+(`python -m workers worker`) serving a tiny random LLaMA. The job page's layer x token grid is checked cell by
+cell against the JSON API, hover and filters are exercised, and screenshots are saved under the artifacts dir
+(`SELFIE_ARTIFACTS_DIR`, default `artifacts/`). The audit page is loaded for an audit run fanned out by the same
+worker (control queue) and scanned by the beat tick's task body.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.apisupport import live_server
+from tests.integration.worker_support import MODEL, NUM_LAYERS, ROOT, WorkerProcess, save_tiny_model, wait_for, \
+    worker_env
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run")
+PROMPT = "The Eiffel Tower is located in Paris."
+
+
+def artifacts_dir() -> Path:
+    path = Path(os.environ.get("SELFIE_ARTIFACTS_DIR", ROOT / "artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("headless Chromium is not installed (Debian packages `chromium` and `chromium-driver`)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (the dev extra lists it)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
+    options.add_argument("--window-size=1500,1000")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def stack(sqlite_url, redis_url, tmp_path):
+    from selfie_jobs.migrate import upgrade
+    from tests.apisupport import settings_for
+
+    upgrade(sqlite_url)
+    model_dir = save_tiny_model(tmp_path / "model")
+    worker = WorkerProcess("explorer", model_dir, worker_env(sqlite_url, redis_url, tmp_path / "w"), tmp_path)
+    settings = settings_for(sqlite_url, redis_url, max_prompts_per_job=4, chunk_size=16)
+    try:
+        with live_server(settings) as server:
+            http = server.client()
+            wait_for(lambda: _ready(worker, http), 120, what="the worker to serve the model")
+            yield server, http, settings
+    finally:
+        worker.stop()
+
+
+def _ready(worker, http) -> bool:
+    if worker.proc.poll() is not None:
+        raise AssertionError("worker exited:\n" + worker.log()[-4000:])
+    models = http.get("/v1/models").json()["models"]
+    ready = [m for m in models if m["name"] == MODEL and any(w["state"] == "ready" for w in m.get("workers", []))]
+    return bool(ready) and "ready." in worker.log()
+
+
+def _wait_page(driver, timeout=60):
+    wait_for(lambda: driver.execute_script("return document.body.dataset.ready === '1'")
+             or driver.find_element("id", "error").text, timeout, what="the page to load its data")
+    error = driver.find_element("id", "error").text
+    assert not error, error
+
+
+def test_job_page_grid_of_a_real_run(stack, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    server, http, _ = stack
+    res = http.post("/v1/jobs", json={"model": MODEL, "prompts": [PROMPT], "targets": "all",
+                                      "template": {"preset": "summarize"}, "max_new_tokens": 4})
+    assert res.status_code == 202, res.text
+    job_id = res.json()["id"]
+    wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", 120, what="the job")
+    job = http.get(f"/v1/jobs/{job_id}").json()
+    tokens = job["prompts"][0]["tokens"]
+    rows = http.get(f"/v1/jobs/{job_id}/interpretations", params={"limit": 1000}).json()["items"]
+    assert len(rows) == (NUM_LAYERS + 1) * len(tokens) == job["progress"]["total"]
+    by_cell = {(r["layer"], r["token"]): r for r in rows}
+
+    browser.get(f"{server.url}/ui/jobs/{job_id}")
+    _wait_page(browser)
+
+    # tokens across, layers down
+    headers = browser.find_elements(By.CSS_SELECTOR, "#grid thead th[data-token]")
+    assert [int(h.get_attribute("data-token")) for h in headers] == list(range(len(tokens)))
+    layer_heads = browser.find_elements(By.CSS_SELECTOR, "#grid tbody th.layer")
+    assert [int(h.text) for h in layer_heads] == list(range(NUM_LAYERS + 1))
+    cells = browser.find_elements(By.CSS_SELECTOR, "#grid td.cell")
+    assert len(cells) == len(rows)
+    colors = set()
+    for cell in cells:
+        key = (int(cell.get_attribute("data-layer")), int(cell.get_attribute("data-token")))
+        row = by_cell[key]
+        assert abs(float(cell.get_attribute("data-relevancy")) - row["mean_relevancy"]) < 1e-3
+        assert row["text"].strip()[:40] == cell.text.strip() or cell.text.strip() in row["text"]
+        colors.add(cell.value_of_css_property("background-color"))
+    assert len(colors) > 3, "cells should be shaded by relevancy"
+
+    # the most relevant cell is the darkest; hovering shows its interpretation
+    best = max(rows, key=lambda r: r["mean_relevancy"])
+    cell = browser.find_element(By.CSS_SELECTOR, f"td.cell[data-layer='{best['layer']}'][data-token='{best['token']}']")
+    ActionChains(browser).move_to_element(cell).perform()
+    wait_for(lambda: browser.find_element(By.ID, "detail-text").text == best["text"].strip(), 5, what="hover detail")
+    cell.click()
+    assert "selected" in cell.get_attribute("class")
+
+    # filters: minimum relevancy dims the rest; a layer range hides rows
+    browser.execute_script(
+        "const s = document.getElementById('min-rel'); s.value = arguments[0]; s.dispatchEvent(new Event('input'));",
+        best["mean_relevancy"])
+    dimmed = browser.find_elements(By.CSS_SELECTOR, "td.cell.dim")
+    assert len(dimmed) == sum(1 for r in rows if r["mean_relevancy"] < best["mean_relevancy"] - 1e-9)
+    browser.execute_script(
+        "const s = document.getElementById('min-rel'); s.value = 0; s.dispatchEvent(new Event('input'));")
+    layer_max = browser.find_element(By.ID, "layer-max")
+    layer_max.send_keys("1")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid tbody tr")) == 2
+    layer_max.clear()
+    browser.execute_script("document.getElementById('layer-max').dispatchEvent(new Event('input'));")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid tbody tr")) == NUM_LAYERS + 1
+
+    path = artifacts_dir() / "explorer_job_page.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+
+
+def test_audit_page_of_a_real_run(stack, browser):
+    from selenium.webdriver.common.by import By
+
+    from api.broker import make_producer
+    from workers.audits import audit_tick
+
+    server, http, settings = stack
+    res = http.post("/v1/audits", json={
+        "name": "browser-audit", "model": MODEL, "prompt_set": "prompt_injections",
+        "targets": {"layers": "all", "tokens": {"last": 2}}, "options": {"template": "summarize", "max_new_tokens": 3},
+        # random weights say random things: a pattern that matches most words makes a visible chart
+        "detectors": [{"kind": "regex", "name": "any-word", "patterns": [r"\w{3,}"]},
+                      {"kind": "keywords", "name": "secrets", "words": ["password", "secret"]}],
+    })
+    assert res.status_code == 201, res.text
+    audit_id = res.json()["id"]
+    run = http.post(f"/v1/audits/{audit_id}/runs").json()
+
+    # the worker fans the run out (control queue) and runs its jobs; the tick scans them
+    producer = make_producer(settings.redis_url)
+
+    def finished():
+        audit_tick(server.app.state.sessionmaker, settings, producer)
+        return http.get(f"/v1/audit-runs/{run['id']}").json()["state"] in ("succeeded", "failed")
+
+    wait_for(finished, 180, interval=1.0, what="the audit run")
+    status = http.get(f"/v1/audit-runs/{run['id']}").json()
+    assert status["state"] == "succeeded", status
+    report = http.get(f"/v1/audit-runs/{run['id']}/report").json()
+    assert report["flags"] > 0
+
+    browser.get(f"{server.url}/ui/audits/{audit_id}")
+    _wait_page(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")
+    bars = browser.find_elements(By.CSS_SELECTOR, "#layer-chart rect.bar")
+    assert len(bars) == NUM_LAYERS + 1
+    chart = {int(b.get_attribute("data-key")): int(b.get_attribute("data-value")) for b in bars}
+    assert chart == {layer: next((x["flags"] for x in report["by_layer"] if x["key"] == layer), 0)
+                     for layer in range(NUM_LAYERS + 1)}
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#top tbody tr")) == min(25, report["flags"])
+    time.sleep(0.2)
+    path = artifacts_dir() / "explorer_audit_page.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
