@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from selfie_jobs.queue import (
     BROKER_TRANSPORT_OPTIONS,
@@ -30,6 +30,12 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 def visibility_timeout(settings: Settings) -> int:
     """Longer than the longest chunk (its hard time limit) with a wide margin, and never under an hour."""
     return max(3600, 2 * (settings.chunk_soft_time_limit_seconds + 60))
+
+
+def declared_queue(name: str) -> Queue:
+    """A queue bound to its own direct exchange under its own name: exactly what a producer that only names the
+    queue (Celery's create_missing_queues) publishes to, and what a rejected message is restored through."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def create_celery_app(
@@ -86,7 +92,11 @@ def create_celery_app(
         # --- queues and routes ----------------------------------------------------------------------------------
         # One queue per served model (a worker only receives work for the model it holds) plus a control queue
         # for housekeeping any worker can do. run_chunk is routed by the sender (the model is in the call).
-        task_queues=[Queue(CONTROL_QUEUE), *(Queue(model_queue(m)) for m in models)],
+        # Each queue has its own exchange: with Celery's default exchange shared by all, a control message would
+        # also be copied into every model queue bound under the same key.
+        task_queues=[declared_queue(CONTROL_QUEUE), *(declared_queue(model_queue(m)) for m in models)],
+        task_default_exchange=CONTROL_QUEUE,
+        task_default_routing_key=CONTROL_QUEUE,
         task_default_queue=CONTROL_QUEUE,
         task_routes={RECONCILE_TASK: {"queue": CONTROL_QUEUE}, RUN_AUDIT_TASK: {"queue": CONTROL_QUEUE}},
         # Queues of models this app was not told about are still created when a task names them.

@@ -9,6 +9,7 @@ messages were lost are re-sent by the start-up reconcile.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections import Counter
 from datetime import timedelta
@@ -128,10 +129,23 @@ class Stack:
         get_engine.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def private_redis_url(tmp_path_factory):
+    """A real redis-server of this module's own (the embedded one `selfie up` uses).
+
+    Not the shared local server: test sessions running side by side use the same queue names ("selfie.model.tiny")
+    there, so another session's worker could take this test's messages, and its flushdb could drop them.
+    """
+    from workers.embedded import start_embedded_redis
+
+    with start_embedded_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
 @pytest.fixture
-def stack(migrated_database_url, redis_url, tmp_path, tiny_model_dir):
-    redis.Redis.from_url(redis_url).flushdb()
-    s = Stack(migrated_database_url, redis_url, tmp_path, tiny_model_dir)
+def stack(migrated_database_url, private_redis_url, tmp_path, tiny_model_dir):
+    redis.Redis.from_url(private_redis_url).flushdb()
+    s = Stack(migrated_database_url, private_redis_url, tmp_path, tiny_model_dir)
     try:
         yield s
     finally:
@@ -222,6 +236,9 @@ def test_sigkill_of_the_worker_child_mid_chunk_redelivers_and_finishes(stack):
     assert child not in worker.children() and len(worker.children()) == 1  # the parent started a new child
     assert max(attempts) >= 2 and all(not o.endswith(f":{child}") for o in owners)
     assert written > 0
+    # the very message of the killed child was put back (acks_late + reject_on_worker_lost) and run again
+    received = Counter(re.findall(r"selfie\.run_chunk\[([0-9a-f-]+)\] received", worker.log()))
+    assert received.most_common(1)[0][1] == 2, received
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
