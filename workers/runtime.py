@@ -51,6 +51,7 @@ class WorkerOptions:
     node_name: str = "selfie@localhost"
     batch_size: int | None = None
     gpu: int | None = None
+    inject_fault: str | None = None  # tests only: see workers.faults
 
     def to_env(self) -> dict[str, str]:
         return {ENV_PREFIX + k.upper(): json.dumps(v) for k, v in asdict(self).items()}
@@ -149,7 +150,7 @@ class Runtime:
     sessions: Callable[[], Session]
     identity: cards.WorkerIdentity | None = None
     engine: Any = None
-    runner: EngineRunner | None = None
+    runner: Any = None
     batches_served: int = 0
     rows_served: int = 0
     loaded_in_s: float = 0.0
@@ -182,6 +183,11 @@ class Runtime:
                             if not opts.model_path else None)
         self.engine = SelfieEngine(loaded, name=opts.model)
         self.runner = EngineRunner(self.engine, opts.batch_size)
+        if opts.inject_fault:
+            from workers.faults import FaultInjectingRunner
+
+            log.warning("fault injection is on: %s", opts.inject_fault)
+            self.runner = FaultInjectingRunner(self.runner, opts.inject_fault)
         self.warm_up()
         self.loaded_in_s = time.monotonic() - started
         card = self.model_card()

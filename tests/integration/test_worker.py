@@ -55,9 +55,10 @@ class Stack:
         self.producer = make_producer(redis_url)
         self.workers: list[WorkerProcess] = []
 
-    def start_worker(self, name: str, *, max_batch: int = 256, batch_size: int = 4) -> WorkerProcess:
+    def start_worker(self, name: str, *, max_batch: int = 256, batch_size: int = 4,
+                     extra: tuple[str, ...] = ()) -> WorkerProcess:
         env = worker_env(self.url, self.redis_url, self.tmp / name, SELFIE_MAX_BATCH_INTERPRETATIONS=str(max_batch))
-        worker = WorkerProcess(name, self.model_dir, env, self.tmp, batch_size=batch_size)
+        worker = WorkerProcess(name, self.model_dir, env, self.tmp, batch_size=batch_size, extra=extra)
         self.workers.append(worker)
         return worker
 

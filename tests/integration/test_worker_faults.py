@@ -1,0 +1,94 @@
+"""A real worker under faults: out of memory, a CUDA device-side error, a job the engine rejects, SIGTERM.
+
+OOM and device errors are injected (`--inject-fault`, workers.faults) since the tests run on CPU; everything
+else (Celery prefork, Redis redelivery, the database) is real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import pytest
+from sqlalchemy import select
+
+from selfie_jobs.models import Chunk, Job, Worker
+from tests.integration.test_worker import private_redis_url, stack, tiny_model_dir  # noqa: F401 - fixtures
+from tests.integration.worker_support import PROMPTS, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
+              pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+
+
+def test_out_of_memory_splits_the_batch_and_the_job_completes(stack):
+    worker = stack.start_worker("w1", batch_size=8, extra=("--inject-fault", "oom-above:3"))
+    stack.wait_ready(worker)
+    a, _ = stack.store_only(stack.request(prompts=[PROMPTS[0]]))
+    b, _ = stack.store_only(stack.request(prompts=[PROMPTS[1]]))
+    stack.enqueue(a)
+    stack.enqueue(b)
+    stack.wait_jobs(a, b)
+    stack.assert_exactly_once(a)
+    stack.assert_exactly_once(b)
+    assert "out of memory on" in worker.log()
+
+
+def test_device_failure_restarts_the_process_and_the_work_is_finished(stack, tmp_path):
+    marker = tmp_path / "fired"
+    worker = stack.start_worker("w1", extra=("--inject-fault", f"device-once:{marker}"))
+    stack.wait_ready(worker)
+    (first_child,) = worker.children()
+    job = stack.submit(stack.request())
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
+    assert marker.exists()
+    log = worker.log()
+    assert "device failure in chunk" in log and "exited with 'exitcode 70'" in log
+    assert first_child not in worker.children()
+    with stack.db() as s:
+        states = dict(s.execute(select(Worker.name, Worker.state)).all())
+    assert states[f"w1@testhost:{first_child}"] == "dead"
+
+
+def test_a_job_the_engine_rejects_fails_clearly_and_the_worker_goes_on(stack):
+    worker = stack.start_worker("w1")
+    stack.wait_ready(worker)
+    good, _ = stack.store_only(stack.request(prompts=[PROMPTS[0]]))
+    bad, bad_chunks = stack.store_only(stack.request(prompts=[PROMPTS[1]]))
+    with stack.db() as s, s.begin():  # a token index past the prompt's end (the API would have refused it)
+        chunk = s.get(Chunk, bad_chunks[0])
+        chunk.items = [[0, 0, 500], *chunk.items[1:]]
+    stack.enqueue(bad)
+    stack.enqueue(good)
+    stack.wait_jobs(good, bad)
+    stack.assert_exactly_once(good)
+    with stack.db() as s:
+        failed = s.get(Job, bad)
+    assert failed.state == "failed" and "token" in failed.error and "500" in failed.error, failed.error
+    # and it keeps serving
+    later = stack.submit(stack.request(prompts=[PROMPTS[1]], idempotency_key="after"))
+    stack.wait_jobs(later)
+    stack.assert_exactly_once(later)
+
+
+def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
+    worker = stack.start_worker("w1", max_batch=8, batch_size=1)
+    stack.wait_ready(worker)
+    stack.settings = stack.settings.model_copy(update={"chunk_size": 8})
+    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
+                                     max_new_tokens=24))
+
+    def running():
+        with stack.db() as s:
+            return s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "running")).first()
+
+    chunk_id = wait_for(running, 60, interval=0.05, what="a running chunk")
+    os.kill(worker.pid, signal.SIGTERM)  # warm shutdown, as docker stop / systemd send it to the main process
+    worker.proc.wait(60)
+    with stack.db() as s:
+        states = Counter(s.scalars(select(Chunk.state).where(Chunk.job_id == job)).all())
+        finished = s.get(Chunk, chunk_id)
+    assert finished.state == "done"
+    assert states["running"] == 0 and states["queued"] >= 1, states
+    assert "Warm shutdown" in worker.log()
