@@ -167,8 +167,9 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
             user = settings.flower_user or "selfie"
             password = settings.flower_password.get_secret_value() if settings.flower_password else \
                 secrets.token_urlsafe(12)
-            stack.spawn("flower", _python("-m", "celery", "--broker", redis_url, "flower", "--address", host,
-                                          "--port", str(flower_port), f"--basic-auth={user}:{password}"))
+            # Flower's own options only take the --name=value form.
+            stack.spawn("flower", _python("-m", "celery", "--broker", redis_url, "flower", f"--address={host}",
+                                          f"--port={flower_port}", f"--basic-auth={user}:{password}"))
             click.echo(f"flower    http://{host}:{flower_port}  (user {user}, password {password})")
 
         _wait_for("starting the API", lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200, stack, 60)

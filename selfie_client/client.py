@@ -149,8 +149,9 @@ class Client:
         options["idempotency_key"] = options["idempotency_key"] or "client-" + uuid.uuid4().hex
         return self._request("POST", "/v1/jobs", json=job_request(prompts, **options)).json()
 
-    def status(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}").json()
+    def status(self, job_id: str, *, include_prompts: bool = True) -> dict[str, Any]:
+        params = {} if include_prompts else {"include_prompts": "false"}
+        return self._request("GET", f"/v1/jobs/{job_id}", params=params).json()
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
@@ -172,7 +173,7 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
-                status = self.status(job_id)
+                status = self.status(job_id, include_prompts=False)
                 done, total = status["progress"]["done"], status["progress"]["total"]
                 if progress:
                     if bar is None:
@@ -184,7 +185,7 @@ class Client:
                     bar.set_postfix_str(status["state"] + (f", {position} chunks ahead" if position else ""))
                     bar.refresh()
                 if status["state"] in FINAL_STATES:
-                    return status
+                    return self.status(job_id)
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still {status['state']} after {timeout}s ({done}/{total})")
                 time.sleep(poll)

@@ -96,7 +96,7 @@ def visible_job(session: Session, job_id: str, who: Principal) -> Job | None:
     return job
 
 
-def _chunk_counts(session: Session, job_id: str) -> dict[str, int]:
+def job_chunk_counts(session: Session, job_id: str) -> dict[str, int]:
     counts = {state.value: 0 for state in ChunkState}
     for state, n in session.execute(
         select(Chunk.state, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.state)
@@ -139,7 +139,7 @@ def job_view(session: Session, job_id: str, who: Principal, *, with_prompts: boo
     position, ahead = _queue_position(session, job)
     prompts = list(session.scalars(select(Prompt).where(Prompt.job_id == job.id).order_by(Prompt.index)).all()) \
         if with_prompts else []
-    return JobView(job=job, chunks=_chunk_counts(session, job.id), queue_position=position, items_ahead=ahead,
+    return JobView(job=job, chunks=job_chunk_counts(session, job.id), queue_position=position, items_ahead=ahead,
                    prompts=prompts)
 
 

@@ -36,6 +36,7 @@ from selfie_jobs.queries import (
     cancel_job,
     interpretations_page,
     iter_interpretations,
+    job_chunk_counts,
     job_view,
     list_jobs,
     visible_job,
@@ -120,7 +121,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         state=job.state,
         model=job.model,
         total=job.total,
-        chunks=len(result.chunk_ids) if result.created else -(-job.total // settings.chunk_size),
+        chunks=len(result.chunk_ids) if result.created else sum(job_chunk_counts(session, job.id).values()),
         enqueued=result.enqueued,
         created=result.created,
         link=links.self,
@@ -162,9 +163,16 @@ def get_jobs(
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Job status and progress")
-def get_job(job_id: str, request: Request, session: SessionDep, settings: SettingsDep, who: PrincipalDep) -> JobStatus:
+def get_job(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    who: PrincipalDep,
+    include_prompts: Annotated[bool, Query(description="False leaves `prompts` empty (cheap polling).")] = True,
+) -> JobStatus:
     _visible_or_404(session, job_id, who)
-    view = job_view(session, job_id, who)
+    view = job_view(session, job_id, who, with_prompts=include_prompts)
     assert view is not None
     job = view.job
     links = job_links(request, settings, job.id)

@@ -63,6 +63,7 @@ def test_submit_stores_and_enqueues_json_messages(env, server):
         assert resp.headers["location"] == accepted["link"] == f"{server.url}/v1/jobs/{accepted['id']}"
 
         status = http.get(f"/v1/jobs/{accepted['id']}").json()
+        assert http.get(f"/v1/jobs/{accepted['id']}", params={"include_prompts": "false"}).json()["prompts"] == []
     assert status["state"] == "queued" and status["progress"] == {"done": 0, "total": 12, "fraction": 0.0}
     assert status["chunks"]["queued"] == 2 and status["queue_position"] == 0
     assert status["prompts"][0]["tokens"] == ["<s>", "a", "cat", "sat"]

