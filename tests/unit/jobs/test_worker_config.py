@@ -1,0 +1,73 @@
+"""The workers' Celery configuration and launch plumbing (no broker, no model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK, RUN_CHUNK_TASK, model_queue
+from selfie_jobs.settings import Settings
+from workers import launch
+from workers.celery_app import create_celery_app, visibility_timeout
+from workers.runtime import WorkerOptions
+
+
+def test_celery_settings_are_the_reliable_ones(tmp_path):
+    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0", chunk_soft_time_limit_seconds=900)
+    app = create_celery_app(settings, models=["tiny"])
+    conf = app.conf
+    assert conf.task_serializer == conf.result_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_ignore_result and conf.worker_send_task_events and conf.task_send_sent_event
+    assert conf.broker_connection_retry_on_startup and conf.worker_proc_alive_timeout >= 600
+    vt = conf.broker_transport_options["visibility_timeout"]
+    assert vt == visibility_timeout(settings) and vt > 900 + 60
+    assert conf.broker_transport_options["priority_steps"] == list(range(10))
+    queues = {q.name: q for q in conf.task_queues}
+    assert set(queues) == {CONTROL_QUEUE, model_queue("tiny")}
+    assert all(q.exchange.name == q.name and q.routing_key == q.name for q in queues.values())
+    assert conf.task_annotations[RUN_CHUNK_TASK]["soft_time_limit"] == 900
+    assert conf.beat_schedule["reconcile"]["task"] == RECONCILE_TASK
+    assert {RUN_CHUNK_TASK, RECONCILE_TASK} <= set(app.tasks)
+
+
+def test_importing_the_worker_modules_loads_no_torch_and_builds_no_app():
+    code = ("import sys, workers.celery_app, workers.tasks, workers.launch, workers.batcher, workers.embedded; "
+            "print(sys.modules.get('torch') is None, workers.celery_app._LAZY_APP is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["True", "True"]
+
+
+def test_worker_options_travel_through_the_environment():
+    opts = WorkerOptions(model="tiny", model_path="/m", device="cuda:0", dtype="bfloat16", node_name="n@h",
+                         batch_size=8, gpu=1)
+    assert WorkerOptions.from_env(opts.to_env()) == opts
+    assert json.loads(opts.to_env()["SELFIE_WORKER_GPU"]) == 1
+
+
+def test_gpu_pinning_and_worker_command_line(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    launch.pin_gpu(3)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    argv = launch.worker_argv("tiny", "selfie-tiny-gpu3@h", 1, "INFO", ["--max-tasks-per-child", "0"])
+    assert argv[:3] == ["worker", "--pool", "prefork"]
+    assert argv[argv.index("--queues") + 1] == f"{model_queue('tiny')},{CONTROL_QUEUE}"
+    assert argv[argv.index("--concurrency") + 1] == "1" and argv[-2:] == ["--max-tasks-per-child", "0"]
+    assert launch.default_node_name("org/model", 3).startswith("selfie-org_model-gpu3@")
+
+
+def test_embedded_redis_starts_and_stops(tmp_path):
+    import redis
+
+    from workers.embedded import start_embedded_redis
+
+    server = start_embedded_redis(tmp_path)
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.set("k", "v")
+        assert client.get("k") == b"v" and server.ping()
+    finally:
+        server.stop()
+    assert not server.ping()
