@@ -67,6 +67,9 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     app.state.redis_ping = _redis_pinger(broker_url)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
 
+    from api.limits import BodySizeLimit, max_body_bytes
+
+    app.add_middleware(BodySizeLimit, limit=max_body_bytes(settings))
     if settings.cors_origins:  # closed unless origins are configured
         app.add_middleware(
             CORSMiddleware,

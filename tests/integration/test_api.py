@@ -122,6 +122,15 @@ def test_malformed_json_is_refused(env, server):
     assert count(database_url, Job) == 0 and queued_messages(redis_url, model) == []
 
 
+def test_oversized_body_is_refused(env, server):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs", content=b'{"prompts": ["' + b"a" * (1 << 21) + b'"]}',
+                         headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    assert count(database_url, Job) == 0 and queued_messages(redis_url, model) == []
+
+
 def test_idempotency_key(env, server):
     database_url, redis_url, model = env
     with server.client() as http:
