@@ -1,0 +1,104 @@
+"""End to end over real HTTP with a real worker process (tiny random LLaMA) and a private Redis: submit through
+the API, watch progress, read and filter results, cancel a running job; SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from selfie_client import Client
+from selfie_jobs.db import get_engine, session_scope
+from selfie_jobs.models import Chunk, Interpretation
+from tests.apisupport import live_server, settings_for
+from tests.integration.worker_support import (
+    MODEL,
+    NUM_LAYERS,
+    PROMPTS,
+    WorkerProcess,
+    save_tiny_model,
+    wait_for,
+    worker_env,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / MODEL)
+
+
+@pytest.fixture(scope="module")
+def private_redis_url(tmp_path_factory):
+    """A Redis of this module's own: no other test session's worker or flush touches its "tiny" queue."""
+    from workers.embedded import start_embedded_redis
+
+    with start_embedded_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
+@pytest.fixture
+def served(migrated_database_url, private_redis_url, tmp_path, tiny_model_dir):
+    redis.Redis.from_url(private_redis_url).flushdb()
+    env = worker_env(migrated_database_url, private_redis_url, tmp_path / "w1", SELFIE_CHUNK_SIZE="4")
+    worker = WorkerProcess("apiw1", tiny_model_dir, env, tmp_path, batch_size=4)
+    try:
+        settings = settings_for(migrated_database_url, private_redis_url, chunk_size=4, default_model=MODEL,
+                                worker_alive_seconds=6, max_new_tokens_cap=64)
+        with live_server(settings) as server, Client(server.url) as client:
+            def ready():
+                if worker.proc.poll() is not None:
+                    raise AssertionError(worker.log()[-4000:])
+                return any(m["name"] == MODEL and any(w["state"] == "ready" for w in m["workers"])
+                           for m in client.models())
+
+            wait_for(ready, 120, what="worker ready")
+            wait_for(lambda: "ready." in worker.log(), 30, what="worker consuming")
+            yield client, migrated_database_url, worker
+    finally:
+        worker.stop()
+        get_engine.cache_clear()
+
+
+def test_submit_progress_results_and_filters_through_the_api(served):
+    client, _, worker = served
+    tokens = client.tokenize(PROMPTS[0], MODEL)
+    df = client.interpret(list(PROMPTS), layers="all", tokens=[0, -1], max_new_tokens=4, progress=False,
+                          timeout=120, poll=0.2)
+    assert df.attrs["state"] == "succeeded"
+    assert len(df) == len(PROMPTS) * (NUM_LAYERS + 1) * 2
+    assert df[["prompt_index", "layer", "token"]].duplicated().sum() == 0
+    first = df[df.prompt_index == 0]
+    assert set(first.token) == {0, len(tokens) - 1}
+    assert set(first.source_token) == {tokens[0], tokens[-1]}
+    assert all(isinstance(t, str) for t in df.text) and all(len(r) > 0 for r in df.relevancy)
+    status = client.status(df.attrs["job_id"])
+    assert status["progress"] == {"done": len(df), "total": len(df), "fraction": 1.0}
+    assert status["timings"]["running_seconds"] is not None and status["chunks"]["done"] == 3  # 12 items, 4 a chunk
+    assert len(client.results(df.attrs["job_id"], layer_min=1, prompt=1)) == NUM_LAYERS * 2
+    models = client.models()
+    assert models[0]["name"] == MODEL and models[0]["num_layers"] == NUM_LAYERS
+
+
+def test_cancel_a_running_job(served):
+    client, database_url, _ = served
+    # many small chunks with long generations: the job is still running when it is cancelled
+    job = client.submit([PROMPTS[0]] * 6, layers="all", tokens="all", max_new_tokens=48)
+    wait_for(lambda: client.status(job["id"], include_prompts=False)["progress"]["done"] > 0, 120, interval=0.1,
+             what="first results")
+    out = client.cancel(job["id"])
+    assert out["cancelled"] is True
+    time.sleep(2)  # a chunk the worker held finishes its batch but writes nothing
+    status = client.status(job["id"])
+    assert status["state"] == "cancelled" and status["chunks"]["queued"] == 0
+    with session_scope(database_url) as s:
+        rows = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job["id"]))
+        open_chunks = s.scalar(select(func.count()).select_from(Chunk).where(
+            Chunk.job_id == job["id"], Chunk.state.in_(["queued"])))
+    assert 0 < rows < job["total"] and open_chunks == 0
+    time.sleep(2)
+    assert client.status(job["id"])["progress"]["done"] == rows  # nothing written after the cancel settled
