@@ -296,6 +296,12 @@ class WriteOutcome:
     skipped_reason: str | None = None
 
 
+def storable_text(text: str | None) -> str:
+    """Text as every database stores it: PostgreSQL refuses NUL in text, and a random or broken model can
+    generate the token for byte 0x00. It becomes U+FFFD (the replacement character), visibly."""
+    return (text or "").replace("\x00", "\ufffd")
+
+
 def _insert_ignore(session: Session):
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -377,8 +383,8 @@ def write_results(
                 "prompt_index": r.prompt_index,
                 "layer": r.layer,
                 "token": r.token,
-                "source_token": r.source_token,
-                "text": r.text,
+                "source_token": storable_text(r.source_token),
+                "text": storable_text(r.text),
                 "token_ids": list(r.token_ids),
                 "relevancy": list(r.relevancy),
                 "mean_relevancy": r.mean_relevancy,

@@ -128,6 +128,17 @@ def test_redelivered_chunk_inserts_nothing_twice_and_job_succeeds(db):
         assert run.chunk_ids == ids and run.job_ids == [job_id]
 
 
+def test_nul_characters_are_stored_as_replacement_characters(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        c = C.claim_chunk(s, ids[0], "w1", 60)
+    rows = [C.ResultRow(p, l, t, "a\x00b", "x\x00\x00y", [0], [0.1], 0.1) for p, l, t in c.items]
+    assert C.complete_chunk(db, ids[0], "w1", rows, engine_run_id="r", worker="w1", model="tiny").inserted == 4
+    with db() as s:
+        texts = set(s.execute(select(Interpretation.source_token, Interpretation.text)).all())
+    assert texts == {("a\ufffdb", "x\ufffd\ufffdy")}
+
+
 def test_unique_key_holds_in_the_database(db):
     job_id, ids = _job(db)
     with db() as s, s.begin():
