@@ -12,15 +12,15 @@ the reconciler: the database, not Redis, is the source of truth.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 from tokenizers import Tokenizer
 
 from selfie_jobs.models import ApiKey, Chunk, Job, Prompt, ServedModel, utcnow
@@ -74,15 +74,22 @@ class SubmitResult:
 # --- model card -------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=16)
-def _tokenizer(model: str, version: str, tokenizer_json: str) -> Tokenizer:  # noqa: ARG001 - cache key parts
-    return Tokenizer.from_str(tokenizer_json)
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
+_TOKENIZERS_LOCK = threading.Lock()
 
 
 def card_tokenizer(card: ServedModel) -> Tokenizer:
-    """The model's tokenizer, parsed once per card version (a tokenizer.json is megabytes of text)."""
-    version = card.updated_at.isoformat() if card.updated_at else ""
-    return _tokenizer(card.name, version, card.tokenizer_json)
+    """The model's tokenizer, read and parsed once per card version (a tokenizer.json is megabytes of text,
+    so `load_card` defers the column and it is only loaded here, on a cache miss)."""
+    key = (card.name, card.updated_at.isoformat() if card.updated_at else "")
+    tokenizer = _TOKENIZERS.get(key)
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_str(card.tokenizer_json)
+        with _TOKENIZERS_LOCK:
+            for old in [k for k in _TOKENIZERS if k[0] == card.name]:
+                del _TOKENIZERS[old]  # an older version of this card
+            _TOKENIZERS[key] = tokenizer
+    return tokenizer
 
 
 def card_presets(card: ServedModel) -> dict[str, dict[str, Any]] | None:
@@ -106,7 +113,7 @@ def default_preset(card: ServedModel) -> str:
 
 
 def load_card(session: Session, model: str) -> ServedModel:
-    card = session.get(ServedModel, model)
+    card = session.get(ServedModel, model, options=[defer(ServedModel.tokenizer_json)])
     if card is None:
         known = sorted(session.scalars(select(ServedModel.name)).all())
         hint = f"; served models: {', '.join(known)}" if known else "; no model is served yet (start a worker)"

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.orm import defer
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, Tokenized, WorkerOut
@@ -44,7 +45,7 @@ def get_models(session: SessionDep, settings: SettingsDep, who: PrincipalDep) ->
             responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}})
 def tokenize(name: str, text: Annotated[str, Query(max_length=20_000)], session: SessionDep,
              who: PrincipalDep) -> Tokenized:  # noqa: ARG001
-    card = session.get(ServedModel, name) if "\x00" not in name else None
+    card = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)]) if "\x00" not in name else None
     if card is None:
         raise HTTPException(404, f"no model card for {name!r}")
     tokenizer = card_tokenizer(card)
