@@ -116,3 +116,23 @@ def test_cli_imports_nothing_heavy():
             " 'celery') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_cli_interpret_runs_the_engine_in_process(tmp_path):
+    from tests.integration.worker_support import NUM_LAYERS as TINY_LAYERS
+    from tests.integration.worker_support import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    env = {"SELFIE_DATA_DIR": str(tmp_path / "data")}
+    out = _cli("interpret", "The Eiffel Tower is located in Paris.", "--model-path", str(model_dir), "--layers",
+               "all", "--tokens", "0,-1", "--max-new-tokens", "3", "--format", "csv", env_extra=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    assert len(rows) == (TINY_LAYERS + 1) * 2
+    assert {r["prompt_index"] for r in rows} == {"0"} and {r["layer"] for r in rows} == {"0", "1", "2"}
+    table = _cli("interpret", "The Eiffel Tower is located in Paris.", "--model-path", str(model_dir), "--pair", "1,-1",
+                 "--max-new-tokens", "2", env_extra=env, timeout=300)
+    assert table.returncode == 0 and "layer" in table.stdout
+    bad = _cli("interpret", "Paris", "--model-path", str(model_dir), "--layers", "9", env_extra=env, timeout=300)
+    assert bad.returncode != 0 and "layer 9 is out of range" in bad.stderr
