@@ -593,12 +593,15 @@ def reconcile(
     max_attempts = max_attempts or getattr(settings, "max_chunk_attempts", 5)
     report = ReconcileReport()
 
+    open_job = Job.state.in_([JobState.QUEUED, JobState.RUNNING])
     timeout = timedelta(seconds=settings.job_timeout_seconds)
-    for job in session.scalars(select(Job).where(Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all():
-        deadline = as_utc(job.deadline_at) or as_utc(job.created_at) + timeout
-        if deadline < now:
-            if fail_job(session, job.id, f"job timed out: not finished by its deadline {deadline.isoformat()}", now=now):
-                report.timed_out_jobs.append(job.id)
+    overdue = or_(Job.deadline_at < now, and_(Job.deadline_at.is_(None), Job.created_at < now - timeout))
+    for job_id, deadline_at, created_at in session.execute(
+        select(Job.id, Job.deadline_at, Job.created_at).where(open_job, overdue)
+    ).all():
+        deadline = as_utc(deadline_at) or as_utc(created_at) + timeout
+        if fail_job(session, job_id, f"job timed out: not finished by its deadline {deadline.isoformat()}", now=now):
+            report.timed_out_jobs.append(job_id)
 
     grace = now - timedelta(seconds=settings.enqueue_grace_seconds)
     alive_since = now - timedelta(seconds=settings.worker_alive_seconds)
@@ -607,10 +610,21 @@ def reconcile(
             select(Worker.name).where(Worker.last_heartbeat >= alive_since, Worker.state.not_in(GONE_WORKER_STATES))
         ).all()
     )
+    # Only candidates come back from the database (a big backlog of freshly queued chunks is not read).
+    stale_queued = and_(
+        Chunk.state == ChunkState.QUEUED,
+        or_(Chunk.enqueued_at < grace, and_(Chunk.enqueued_at.is_(None), Job.created_at < grace)),
+    )
+    ownerless = [Chunk.lease_expires_at.is_(None), Chunk.lease_expires_at < now, Chunk.owner.is_(None)]
+    if live_owners:
+        ownerless.append(Chunk.owner.not_in(sorted(live_owners)))
+    else:
+        ownerless.append(Chunk.owner.is_not(None))
+    lost_running = and_(Chunk.state == ChunkState.RUNNING, or_(*ownerless))
     rows = session.execute(
         select(Chunk, Job.created_at)
         .join(Job, Job.id == Chunk.job_id)
-        .where(Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]), Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .where(open_job, or_(stale_queued, lost_running))
         .order_by(Chunk.priority.desc(), Chunk.id)
     ).all()
     for chunk, job_created in rows:

@@ -243,3 +243,33 @@ def test_with_db_retry_retries_transient_errors_only():
     with pytest.raises(OperationalError):
         C.with_db_retry(lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down"))), 0.05,
                         first_delay=0.01, sleep=lambda _: None)
+
+
+def test_reconcile_fails_a_job_whose_chunk_keeps_getting_lost(db):
+    now = utcnow()
+    settings = Settings(enqueue_grace_seconds=60, worker_alive_seconds=45, max_chunk_attempts=2)
+    job_id, ids = _job(db, chunk_size=8)
+    with db() as s, s.begin():
+        C.claim_chunk(s, ids[0], "gone-1", 10, now=now - timedelta(seconds=300))
+        C.claim_chunk(s, ids[0], "gone-2", 10, now=now - timedelta(seconds=200))
+    with db() as s, s.begin():
+        report = C.reconcile(s, settings, now)
+    assert report.redeliver == [] and report.failed_jobs == [job_id]
+    with db() as s:
+        job = s.get(Job, job_id)
+        assert job.state == "failed" and "lost 2 times" in job.error
+
+
+def test_owner_liveness(db):
+    import socket
+
+    now = utcnow()
+    with db() as s, s.begin():
+        heartbeat(s, WorkerIdentity("fresh", "tiny", "elsewhere", 1, "cpu"), now=now)
+        heartbeat(s, WorkerIdentity("stale", "tiny", "elsewhere", 1, "cpu"), now=now - timedelta(seconds=60))
+        heartbeat(s, WorkerIdentity("killed", "tiny", socket.gethostname(), 999_999, "cpu"), now=now)
+        heartbeat(s, WorkerIdentity("stopped", "tiny", "elsewhere", 1, "cpu"), state="stopped", now=now)
+    with db() as s:
+        alive = {n: C.owner_is_alive(s, n, 45, hostname=socket.gethostname(), now=now)
+                 for n in ("fresh", "stale", "killed", "stopped", "unknown", None)}
+    assert alive == {"fresh": True, "stale": False, "killed": False, "stopped": False, "unknown": False, None: False}
