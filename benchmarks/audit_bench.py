@@ -74,7 +74,7 @@ class PeakRss:
 
 
 def prompts(n: int):
-    """n prompts: the built-in example sets, cycled, each with a distinct suffix."""
+    """n prompts: the built-in example sets, cycled, each made distinct by a prefix (the last tokens stay real)."""
     from selfie_jobs.prompt_sets import BUILTIN, HERE
 
     base = []
@@ -82,7 +82,7 @@ def prompts(n: int):
         with open(HERE / f"{name}.jsonl") as fh:
             base += [json.loads(line)["prompt"] for line in fh if line.strip()]
     for i, text in zip(range(n), itertools.cycle(base)):
-        yield f"{text} (case {i})"
+        yield f"Case {i}. {text}"
 
 
 def redis_url(tmp: Path) -> tuple[str, object | None]:
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             "detectors": [
                 {"kind": "concepts", "name": "topics", "concepts": {
                     "people": ["person", "people", "user", "customer", "friend"], "money": ["money", "cash", "price"],
-                    "safety": ["safe", "safety", "danger", "dangerous", "harm"], "computers": ["computer", "virus", "email"]}},
+                    "safety": ["safe", "safety", "danger", "dangerous", "harm"], "computers": ["computer", "virus", "email"],
+                    "assistant": ["help", "assistant", "AI"]}},
                 {"kind": "regex", "name": "instructions", "patterns": [r"\binstruct\w*", r"\bignore\b", r"\bpassword"]},
                 {"kind": "keywords", "name": "ethics", "words": ["honest", "lie", "steal", "fair"], "min_relevancy": 0.01},
             ],

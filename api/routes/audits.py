@@ -16,6 +16,7 @@ from selfie_jobs.audit_models import Audit, AuditFinding, AuditRun, AuditRunJob,
 from selfie_jobs.audit_reports import finding_dict, iter_findings_csv, run_report, top_findings
 from selfie_jobs.auth import Principal
 from selfie_jobs.models import Prompt
+from selfie_jobs.queries import visible_job
 from selfie_jobs.prompt_sets import BUILTIN, PromptSetError, create_prompt_set, detect_format
 from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 
@@ -329,3 +330,22 @@ def get_findings(
     rows = session.execute(q).all()
     return {"run_id": run.id, "items": [finding_dict(f, t, toks) for f, t, toks in rows],
             "next_after": rows[-1][0].id if len(rows) == limit else None}
+
+
+@router.get("/v1/jobs/{job_id}/findings", summary="Audit findings on one job's interpretations (for the grid)")
+def get_job_findings(
+    job_id: Annotated[str, Path(min_length=32, max_length=32, pattern="^[0-9a-f]{32}$")],
+    session: SessionDep,
+    who: PrincipalDep,
+    prompt: Annotated[int | None, Query(ge=0, le=INT_MAX, description="Prompt index in the job.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 5_000,
+) -> dict[str, Any]:
+    if visible_job(session, job_id, who) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+    q = select(AuditFinding).where(AuditFinding.job_id == job_id).order_by(AuditFinding.id).limit(limit)
+    if prompt is not None:
+        q = q.where(AuditFinding.prompt_index == prompt)
+    rows = session.scalars(q).all()
+    return {"job_id": job_id, "run_id": rows[0].run_id if rows else None,
+            "items": [{"prompt_index": f.prompt_index, "layer": f.layer, "token": f.token, "detector": f.detector,
+                       "label": f.label, "match": f.match, "mean_relevancy": f.mean_relevancy} for f in rows]}

@@ -4,7 +4,7 @@
   const { api, download, saveBlob, color, textColor, el } = Selfie;
   const jobId = location.pathname.split("/").filter(Boolean).pop();
   const $ = id => document.getElementById(id);
-  const state = { job: null, cells: new Map(), prompt: 0, pinned: null };
+  const state = { job: null, cells: new Map(), flags: new Map(), prompt: 0, pinned: null };
 
   async function loadPrompt(index) {
     state.prompt = index;
@@ -17,6 +17,15 @@
       for (const r of page.items) state.cells.set(r.layer + ":" + r.token, r);
       cursor = page.next_cursor;
     } while (cursor);
+    state.flags = new Map();
+    try {  // audit findings on this prompt, when the job belongs to an audit run
+      const f = await api(`/v1/jobs/${jobId}/findings?prompt=${index}`);
+      for (const x of f.items) {
+        const k = x.layer + ":" + x.token;
+        if (!state.flags.has(k)) state.flags.set(k, []);
+        state.flags.get(k).push(x);
+      }
+    } catch (e) { /* no findings to show */ }
     const p = state.job.prompts.find(p => p.index === index);
     $("prompt-text").textContent = p ? p.text : "";
     render();
@@ -55,16 +64,19 @@
         td.textContent = r.text.trim().slice(0, 40);
         td.style.background = color(v);
         td.style.color = textColor(v);
-        const hidden = r.mean_relevancy < minRel || (needle && !r.text.toLowerCase().includes(needle));
+        const flags = state.flags.get(l + ":" + t);
+        if (flags) { td.classList.add("flag"); td.dataset.flags = flags.map(f => f.detector + ": " + f.label).join(", "); }
+        const hidden = r.mean_relevancy < minRel || (needle && !r.text.toLowerCase().includes(needle))
+                       || ($("flagged-only").checked && !flags);
         if (hidden) td.classList.add("dim");
         if (needle && !hidden) td.classList.add("hit");
         if (state.pinned === l + ":" + t) td.classList.add("selected");
-        td.onmouseenter = () => { if (!state.pinned) showDetail(r); };
+        td.onmouseenter = () => { if (!state.pinned) showDetail(r, flags); };
         td.onclick = () => {
           state.pinned = state.pinned === l + ":" + t ? null : l + ":" + t;
           table.querySelectorAll("td.selected").forEach(c => c.classList.remove("selected"));
           if (state.pinned) td.classList.add("selected");
-          showDetail(r);
+          showDetail(r, flags);
         };
         tr.append(td);
         shown++;
@@ -72,12 +84,14 @@
       body.append(tr);
     }
     table.append(body);
-    $("grid-info").textContent = `${shown} interpretations, ${layers.length} layers x ${tokens.length} tokens`;
+    $("grid-info").textContent = `${shown} interpretations, ${layers.length} layers x ${tokens.length} tokens`
+      + (state.flags.size ? `, ${state.flags.size} flagged by the audit` : "");
   }
 
-  function showDetail(r) {
+  function showDetail(r, flags) {
     const rel = r.relevancy.map(x => x.toFixed(3)).join(" ");
     $("detail").replaceChildren(
+      flags ? el("div", { class: "error", text: "flagged: " + flags.map(f => `${f.detector}: ${f.label} ("${f.match}")`).join("; ") }) : "",
       el("div", { class: "muted", text: `layer ${r.layer} · token ${r.token} ${JSON.stringify(r.source_token)} · mean relevancy ${r.mean_relevancy.toFixed(4)}` }),
       el("div", { class: "text", id: "detail-text", text: r.text }),
       el("div", { class: "muted", text: "relevancy per generated token: " + rel }),
@@ -97,6 +111,7 @@
     const wanted = +(new URLSearchParams(location.search).get("prompt") || 0);
     $("prompt").value = wanted;
     $("prompt").onchange = () => loadPrompt(+$("prompt").value).catch(e => $("error").textContent = e.message);
+    $("flagged-only").onchange = render;
     for (const id of ["min-rel", "search", "layer-min", "layer-max", "scale"]) $(id).oninput = () => {
       $("min-rel-val").textContent = (+$("min-rel").value).toFixed(2); render();
     };

@@ -30,13 +30,18 @@ def _jsonl(prompts):
                    for p in prompts).encode()
 
 
+def own_redis_db(redis_url: str, db: int = 13) -> str:
+    """A Redis database no worker listens on (worker tests elsewhere use the shared one), so queued messages stay."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
 @pytest.fixture
 def stack(database_url, redis_url):
     prepare_database(database_url)
+    redis_url = own_redis_db(redis_url)
     settings = settings_for(database_url, redis_url, max_prompts_per_job=4)
     r = redis.Redis.from_url(redis_url)
-    for key in r.keys(CONTROL_QUEUE + "*"):
-        r.delete(key)
+    r.flushdb()
     with live_server(settings) as server:
         yield server, settings, r
 
@@ -122,6 +127,11 @@ def test_audit_end_to_end_over_http(stack):
     assert len(rows) == 24 and {r["label"] for r in rows} == {"cat", "dog"}
     page = http.get(f"/v1/audit-runs/{run['id']}/findings", params={"limit": 10, "layer": 4}).json()
     assert len(page["items"]) == 10 and page["next_after"] and {f["layer"] for f in page["items"]} == {4}
+
+    # findings of one job, for its grid page
+    found = http.get(f"/v1/jobs/{jobs[0]['job_id']}/findings", params={"prompt": 0}).json()
+    assert found["run_id"] == run["id"] and {(f["layer"], f["label"]) for f in found["items"]} == {(2, "cat"), (4, "dog")}
+    assert http.get("/v1/jobs/" + "0" * 32 + "/findings").status_code == 404
 
     # a second run where the dog is gone: the diff says so
     run2 = http.post(f"/v1/audits/{audit['id']}/runs").json()

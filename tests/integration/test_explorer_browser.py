@@ -29,6 +29,15 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-sh
 PROMPT = "The Eiffel Tower is located in Paris."
 
 
+def own_redis_db(redis_url: str) -> str:
+    """A Redis database of its own: workers of other test runs on this machine listen on the shared one."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + "/15"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
 def artifacts_dir() -> Path:
     path = Path(os.environ.get("SELFIE_ARTIFACTS_DIR", ROOT / "artifacts"))
     path.mkdir(parents=True, exist_ok=True)
@@ -63,6 +72,7 @@ def stack(sqlite_url, redis_url, tmp_path):
     from selfie_jobs.migrate import upgrade
     from tests.apisupport import settings_for
 
+    redis_url = own_redis_db(redis_url)
     upgrade(sqlite_url)
     model_dir = save_tiny_model(tmp_path / "model")
     worker = WorkerProcess("explorer", model_dir, worker_env(sqlite_url, redis_url, tmp_path / "w"), tmp_path)
@@ -198,3 +208,76 @@ def test_audit_page_of_a_real_run(stack, browser):
     path = artifacts_dir() / "explorer_audit_page.png"
     browser.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
+
+    # the grid of one of the run's jobs marks the cells the audit flagged
+    job_id = http.get(f"/v1/audit-runs/{run['id']}/jobs").json()["jobs"][0]["job_id"]
+    findings = http.get(f"/v1/jobs/{job_id}/findings", params={"prompt": 0}).json()["items"]
+    flagged = {(f["layer"], f["token"]) for f in findings}
+    assert flagged
+    browser.get(f"{server.url}/ui/jobs/{job_id}?prompt=0")
+    _wait_page(browser)
+    cells = browser.find_elements(By.CSS_SELECTOR, "#grid td.cell.flag")
+    assert {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-token"))) for c in cells} == flagged
+    browser.find_element(By.ID, "flagged-only").click()
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid td.cell:not(.dim)")) == len(flagged)
+
+
+@pytest.mark.smollm2
+def test_job_page_with_smollm2(sqlite_url, redis_url, tmp_path, browser):
+    """The grid of a SmolLM2 run (readable interpretations), for the screenshot people look at."""
+    import signal
+    import subprocess
+    import sys
+
+    from selenium.webdriver.common.by import By
+
+    from selfie_jobs.migrate import upgrade
+    from tests.apisupport import settings_for
+
+    model = "smollm2-135m-instruct"
+    redis_url = own_redis_db(redis_url)
+    try:
+        from selfie_core.loading import gguf_location
+
+        gguf_location(model)
+    except Exception as exc:  # noqa: BLE001 - the model package is optional
+        pytest.skip(f"SmolLM2 is not installed: {exc}")
+    upgrade(sqlite_url)
+    env = worker_env(sqlite_url, redis_url, tmp_path / "w")
+    log_path = tmp_path / "smol.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "workers", "worker", "--model", model, "--hostname",
+                                 "smol@testhost"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        with live_server(settings_for(sqlite_url, redis_url, max_new_tokens_cap=32)) as server:
+            http = server.client()
+
+            def ready():
+                if proc.poll() is not None:
+                    raise AssertionError(log_path.read_text()[-3000:])
+                return any(m["name"] == model and any(w["state"] == "ready" for w in m["workers"])
+                           for m in http.get("/v1/models").json()["models"])
+
+            wait_for(ready, 300, what="the SmolLM2 worker")
+            res = http.post("/v1/jobs", json={"model": model, "prompts": [PROMPT],
+                                              "targets": {"layers": {"start": 0, "stop": None, "step": 6},
+                                                          "tokens": {"start": -7}},
+                                              "template": {"preset": "summarize"}, "max_new_tokens": 10})
+            assert res.status_code == 202, res.text
+            job_id = res.json()["id"]
+            wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", 600, interval=1.0,
+                     what="the SmolLM2 job")
+            total = http.get(f"/v1/jobs/{job_id}").json()["progress"]["total"]
+            browser.get(f"{server.url}/ui/jobs/{job_id}")
+            _wait_page(browser)
+            assert len(browser.find_elements(By.CSS_SELECTOR, "#grid td.cell:not(.empty)")) == total
+            path = artifacts_dir() / "explorer_job_page_smollm2.png"
+            browser.save_screenshot(str(path))
+            assert path.stat().st_size > 10_000
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
