@@ -289,8 +289,11 @@ class Runtime:
         while not self._stop.wait(self.settings.heartbeat_interval_seconds):
             try:
                 self.heartbeat_once()
-            except Exception:  # noqa: BLE001 - the next beat tries again; the reconciler covers long outages
-                log.exception("heartbeat failed")
+            except Exception as exc:  # noqa: BLE001 - the next beat tries again; the reconciler covers outages
+                if chunk_ops.is_transient(exc):
+                    log.warning("heartbeat failed, database unavailable: %s", str(exc).splitlines()[0])
+                else:
+                    log.exception("heartbeat failed")
 
     def _db(self, fn: Callable[[Session], Any], *, retry: bool = True) -> Any:
         def unit() -> Any:

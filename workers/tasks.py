@@ -99,9 +99,13 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
     settings = runtime.settings
     started = time.monotonic()
     try:
-        with runtime.sessions() as session, session.begin():
-            prompts = chunk_ops.load_prompts(session, {(c.job_id, p) for c in claimed for p, _, _ in c.items})
-            run_id = chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed)
+        def begin():
+            with runtime.sessions() as session, session.begin():
+                wanted = {(c.job_id, p) for c in claimed for p, _, _ in c.items}
+                return (chunk_ops.load_prompts(session, wanted),
+                        chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed))
+
+        prompts, run_id = chunk_ops.with_db_retry(begin, settings.db_retry_seconds)
         sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, prompts):
@@ -113,8 +117,11 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
             total.chunks_done += stats.chunks_done
             total.failed_jobs.update(stats.failed_jobs)
         elapsed = time.monotonic() - started
-        with runtime.sessions() as session, session.begin():
-            chunk_ops.finish_engine_run(session, run_id, elapsed)
+        def finish():
+            with runtime.sessions() as session, session.begin():
+                chunk_ops.finish_engine_run(session, run_id, elapsed)
+
+        chunk_ops.with_db_retry(finish, settings.db_retry_seconds)
         runtime.served(total.inserted)
         log.info("engine run %s: %d chunks of %d jobs, %d items, %d rows new, %.2fs", run_id, len(claimed),
                  len({c.job_id for c in claimed}), total.items, total.inserted, elapsed)

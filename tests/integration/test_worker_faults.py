@@ -17,10 +17,11 @@ from selfie_jobs.models import Chunk, Job, Worker
 from tests.integration.test_worker import private_redis_url, stack, tiny_model_dir  # noqa: F401 - fixtures
 from tests.integration.worker_support import PROMPTS, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240),
-              pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
+@SQLITE
 def test_out_of_memory_splits_the_batch_and_the_job_completes(stack):
     worker = stack.start_worker("w1", batch_size=8, extra=("--inject-fault", "oom-above:3"))
     stack.wait_ready(worker)
@@ -34,6 +35,7 @@ def test_out_of_memory_splits_the_batch_and_the_job_completes(stack):
     assert "out of memory on" in worker.log()
 
 
+@SQLITE
 def test_device_failure_restarts_the_process_and_the_work_is_finished(stack, tmp_path):
     marker = tmp_path / "fired"
     worker = stack.start_worker("w1", extra=("--inject-fault", f"device-once:{marker}"))
@@ -51,6 +53,7 @@ def test_device_failure_restarts_the_process_and_the_work_is_finished(stack, tmp
     assert states[f"w1@testhost:{first_child}"] == "dead"
 
 
+@SQLITE
 def test_a_job_the_engine_rejects_fails_clearly_and_the_worker_goes_on(stack):
     worker = stack.start_worker("w1")
     stack.wait_ready(worker)
@@ -72,6 +75,7 @@ def test_a_job_the_engine_rejects_fails_clearly_and_the_worker_goes_on(stack):
     stack.assert_exactly_once(later)
 
 
+@SQLITE
 def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
     worker = stack.start_worker("w1", max_batch=8, batch_size=1)
     stack.wait_ready(worker)
@@ -92,3 +96,40 @@ def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
     assert finished.state == "done"
     assert states["running"] == 0 and states["queued"] >= 1, states
     assert "Warm shutdown" in worker.log()
+
+
+@pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url):
+    from sqlalchemy import create_engine, func, text
+    from sqlalchemy.engine import make_url
+
+    from selfie_jobs.models import Interpretation
+
+    worker = stack.start_worker("w1", max_batch=8, batch_size=1)
+    stack.wait_ready(worker)
+    stack.settings = stack.settings.model_copy(update={"chunk_size": 8})
+    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
+                                     max_new_tokens=12))
+
+    def some_rows():
+        with stack.db() as s:
+            return s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job))
+
+    wait_for(some_rows, 60, interval=0.05, what="the first rows")
+    name = make_url(stack.url).database
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:  # no new connections, and every open one cut: the database is gone
+            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
+        import time
+
+        time.sleep(10)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
+    assert "database unavailable" in worker.log()
