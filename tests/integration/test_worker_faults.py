@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -133,3 +135,38 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
     stack.wait_jobs(job)
     stack.assert_exactly_once(job)
     assert "database unavailable" in worker.log()
+
+
+@SQLITE
+def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack):
+    import redis as redis_client
+
+    from tests.integration.worker_support import ROOT, worker_env
+
+    worker = stack.start_worker("w1", max_batch=8, batch_size=1)
+    stack.wait_ready(worker)
+    env = worker_env(stack.url, stack.redis_url, stack.tmp / "beat", SELFIE_RECONCILE_INTERVAL_SECONDS="1")
+    beat_log = open(stack.tmp / "beat.log", "wb")  # noqa: SIM115 - closed below
+    beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule", str(stack.tmp / "beat-schedule")],
+                            cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        stack.settings = stack.settings.model_copy(update={"chunk_size": 8})
+        job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
+                                         max_new_tokens=12))
+
+        def running():
+            with stack.db() as s:
+                return s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "running")).first()
+
+        wait_for(running, 60, interval=0.05, what="a running chunk")
+        redis_client.Redis.from_url(stack.redis_url).flushall()  # every queued message is gone
+        with stack.db() as s:
+            queued = s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "queued")).all()
+        assert queued, "the job finished before the flush; make it bigger"
+        stack.wait_jobs(job)
+        stack.assert_exactly_once(job)
+        assert "reconcile: re-sent" in worker.log()
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        beat.wait(20)
+        beat_log.close()
