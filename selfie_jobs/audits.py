@@ -18,15 +18,12 @@ This module never imports the engine: the detector function is passed in by the 
 
 from __future__ import annotations
 
-import hashlib
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,27 +31,45 @@ from selfie_jobs.audit_models import (
     FINAL_RUN_STATES,
     OPEN_RUN_STATES,
     Audit,
-    AuditFinding,
     AuditRun,
     AuditRunJob,
     AuditRunState,
     PromptSet,
 )
+from selfie_jobs.audit_scan import (  # noqa: F401 - re-exported: the audit API of this package
+    DetectFn,
+    fingerprint,
+    jobs_to_scan,
+    refresh_run,
+    run_progress,
+    scan_job,
+)
+from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
+    KNOWN_DETECTOR_KINDS,
+    AuditCreate,
+    AuditOptions,
+    AuditTargets,
+    AuditUpdate,
+    DetectorSpec,
+    LastTokens,
+    validate_cron,
+)
 from selfie_jobs.chunks import as_utc
-from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
+from selfie_jobs.models import Chunk, Job, utcnow
 from selfie_jobs.prompt_sets import BUILTIN, ensure_builtin, iter_items
 from selfie_jobs.queue import TaskSender
 from selfie_jobs.settings import Settings
-from selfie_jobs.specs import Decoding, IndexRange, JobCreate, Targets, Template, resolve_selector
+from selfie_jobs.specs import IndexRange, JobCreate, Targets, resolve_selector
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 AUDIT_TICK_TASK = "selfie.audit_tick"
-#: Detector kinds the core registry ships (checked against `selfie_core.detectors.kinds()` by a test).
-KNOWN_DETECTOR_KINDS = ("concepts", "keywords", "regex")
-_REQUIRED_FIELD = {"keywords": "words", "regex": "patterns", "concepts": "concepts"}
 
-#: (text, mean relevancy) -> hits, each with `.detector`, `.label`, `.match` (selfie_core.detectors.Hit).
-DetectFn = Callable[[str, float], Sequence[Any]]
+__all__ = [
+    "AUDIT_TICK_TASK", "KNOWN_DETECTOR_KINDS", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
+    "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "claim_due_audits",
+    "claim_run", "create_audit", "fan_out", "fingerprint", "jobs_to_scan", "next_fire", "open_run", "refresh_run",
+    "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job", "start_run", "update_audit", "validate_cron",
+]
 
 
 class AuditError(Exception):
@@ -62,128 +77,6 @@ class AuditError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
-
-
-# --- schemas --------------------------------------------------------------------------------------------------------
-
-
-class LastTokens(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    last: Annotated[int, Field(ge=1, le=1_000)]
-
-
-class AuditTargets(BaseModel):
-    """Layers as for jobs; tokens: all, the last n of each prompt, or chosen indices (negative from the end)."""
-
-    model_config = ConfigDict(extra="forbid")
-    layers: Literal["all"] | Annotated[list[int], Field(min_length=1, max_length=1_000)] | IndexRange = "all"
-    tokens: Literal["all"] | LastTokens | Annotated[list[int], Field(min_length=1, max_length=1_000)] = Field(
-        default_factory=lambda: LastTokens(last=1)
-    )
-
-
-class DetectorSpec(BaseModel):
-    """A detector config (see selfie_core.detectors): kind, name, min_relevancy and the kind's own fields."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: str
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    min_relevancy: float = Field(0.0, ge=0.0, le=1.0)
-
-    @field_validator("kind")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in KNOWN_DETECTOR_KINDS:
-            raise ValueError(f"unknown detector kind {value!r}; known: {', '.join(KNOWN_DETECTOR_KINDS)}")
-        return value
-
-    def checked(self) -> dict[str, Any]:
-        data = self.model_dump(exclude_none=True)
-        need = _REQUIRED_FIELD[self.kind]
-        value = data.get(need)
-        if not value or not isinstance(value, (list, dict)):
-            raise ValueError(f"a {self.kind} detector needs a non-empty '{need}'")
-        if self.kind == "regex":
-            for pattern in value:
-                try:
-                    re.compile(str(pattern))
-                except re.error as exc:
-                    raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
-        data.setdefault("name", self.kind)
-        return data
-
-
-class AuditOptions(BaseModel):
-    """Engine options of the audit's jobs (as in POST /v1/jobs)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    template: Template | None = None
-    k: Annotated[int, Field(ge=0, le=10_000)] = 1
-    injection_mode: Literal["replace", "blend", "add"] = "replace"
-    injection_strength: float = Field(1.0, ge=0.0, le=100.0)
-    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 20
-    decoding: Decoding = Field(default_factory=Decoding)
-    priority: Annotated[int, Field(ge=0, le=9)] = 3
-
-    @field_validator("template", mode="before")
-    @classmethod
-    def _preset_shorthand(cls, value: Any) -> Any:
-        return {"preset": value} if isinstance(value, str) else value
-
-
-def _check_detectors(value: list[DetectorSpec]) -> list[DetectorSpec]:
-    names = [d.name or d.kind for d in value]
-    if len(set(names)) != len(names):
-        raise ValueError("detector names must be unique (name them)")
-    for d in value:
-        d.checked()
-    return value
-
-
-def validate_cron(expr: str) -> str:
-    if not croniter.is_valid(expr):
-        raise ValueError(f"invalid cron expression {expr!r} (five fields: minute hour day month weekday)")
-    return expr
-
-
-class AuditCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    name: Annotated[str, Field(min_length=1, max_length=200)]
-    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    prompt_set: Annotated[str, Field(min_length=1, max_length=200)] = Field(
-        description="Name of an uploaded prompt set or of a built-in one: " + ", ".join(BUILTIN)
-    )
-    targets: AuditTargets = Field(default_factory=AuditTargets)
-    options: AuditOptions = Field(default_factory=AuditOptions)
-    detectors: Annotated[list[DetectorSpec], Field(min_length=1, max_length=50)]
-    schedule: Annotated[str, Field(max_length=120)] | None = Field(None, description="cron, UTC; null: manual only")
-    enabled: bool = True
-
-    _detectors = field_validator("detectors")(_check_detectors)
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        return validate_cron(value) if value else None
-
-
-class AuditUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    targets: AuditTargets | None = None
-    options: AuditOptions | None = None
-    detectors: Annotated[list[DetectorSpec], Field(min_length=1, max_length=50)] | None = None
-    schedule: Annotated[str, Field(max_length=120)] | None = None
-    enabled: bool | None = None
-
-    @field_validator("detectors")
-    @classmethod
-    def _dets(cls, value):
-        return _check_detectors(value) if value is not None else value
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        return validate_cron(value) if value else value
 
 
 # --- audits ---------------------------------------------------------------------------------------------------------
@@ -531,129 +424,3 @@ def cancel_run(session: Session, run: AuditRun) -> AuditRun:
     _cancel_open_jobs(session, run.id)
     session.flush()
     return run
-
-
-# --- scanning -------------------------------------------------------------------------------------------------------
-
-
-def fingerprint(prompt: str, layer: int, token: int, detector: str, label: str) -> str:
-    raw = "\x1f".join([prompt, str(layer), str(token), detector, label])
-    return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def jobs_to_scan(session: Session, run_id: int | None = None, limit: int = 50) -> list[int]:
-    """Unscanned run jobs whose job has finished (oldest first)."""
-    q = (
-        select(AuditRunJob.id)
-        .join(Job, Job.id == AuditRunJob.job_id)
-        .join(AuditRun, AuditRun.id == AuditRunJob.run_id)
-        .where(AuditRunJob.scanned.is_(False), Job.state.in_(list(FINAL_JOB_STATES)),
-               AuditRun.state.in_([AuditRunState.SUBMITTING, AuditRunState.RUNNING]))
-        .order_by(AuditRunJob.id)
-        .limit(limit)
-    )
-    if run_id is not None:
-        q = q.where(AuditRunJob.run_id == run_id)
-    return list(session.scalars(q))
-
-
-def scan_job(session: Session, run_job_id: int, detect: DetectFn, page: int = 2_000) -> int | None:
-    """Run the detectors over one finished job of a run and store its findings (the caller commits).
-
-    The "scanned" mark is a compare-and-set in the same transaction as the findings: a job is scanned once even if
-    two drivers try at the same time. Returns the number of findings, or None when someone else scanned it.
-    """
-    won = session.execute(
-        update(AuditRunJob).where(AuditRunJob.id == run_job_id, AuditRunJob.scanned.is_(False)).values(scanned=True)
-    ).rowcount
-    if won != 1:
-        return None
-    rj = session.get(AuditRunJob, run_job_id)
-    prompts = {
-        index: (text, len(tokens or []))
-        for index, text, tokens in session.execute(
-            select(Prompt.index, Prompt.text, Prompt.tokens).where(Prompt.job_id == rj.job_id)
-        )
-    }
-    cols = (Interpretation.id, Interpretation.prompt_index, Interpretation.layer, Interpretation.token,
-            Interpretation.source_token, Interpretation.text, Interpretation.mean_relevancy)
-    last_id = 0
-    total = 0
-    scanned = 0
-    while True:
-        rows = session.execute(
-            select(*cols).where(Interpretation.job_id == rj.job_id, Interpretation.id > last_id)
-            .order_by(Interpretation.id).limit(page)
-        ).all()
-        if not rows:
-            break
-        last_id = rows[-1][0]
-        scanned += len(rows)
-        values = []
-        seen: set[tuple] = set()
-        for _id, p, layer, token, source_token, text, rel in rows:
-            for hit in detect(text or "", float(rel or 0.0)):
-                key = (p, layer, token, hit.detector, hit.label)
-                if key in seen:
-                    continue
-                seen.add(key)
-                prompt_text, n_tokens = prompts.get(p, ("", 0))
-                values.append({
-                    "run_id": rj.run_id, "job_id": rj.job_id, "prompt_index": p, "item_index": rj.prompt_offset + p,
-                    "layer": layer, "token": token, "token_from_end": token - n_tokens, "source_token": source_token,
-                    "detector": hit.detector[:200], "label": hit.label[:500], "match": hit.match, "text": text,
-                    "mean_relevancy": float(rel or 0.0),
-                    "fingerprint": fingerprint(prompt_text, layer, token, hit.detector, hit.label),
-                })
-        if values:
-            session.execute(insert(AuditFinding), values)
-            total += len(values)
-    rj.flags = total
-    session.execute(
-        update(AuditRun).where(AuditRun.id == rj.run_id).values(
-            jobs_scanned=AuditRun.jobs_scanned + 1,
-            interpretations_scanned=AuditRun.interpretations_scanned + scanned,
-            flags=AuditRun.flags + total,
-        )
-    )
-    session.flush()
-    return total
-
-
-def refresh_run(session: Session, run_id: int) -> AuditRun:
-    """Close a fully submitted run whose jobs are all scanned (the caller commits)."""
-    run = session.get(AuditRun, run_id, populate_existing=True)
-    if run.state == AuditRunState.RUNNING and run.jobs_scanned >= run.jobs_total:
-        failed = session.scalar(
-            select(func.count()).select_from(Job).where(Job.audit_run_id == run_id, Job.state != JobState.SUCCEEDED)
-        ) or 0
-        run.finished_at = utcnow()
-        if run.jobs_total and failed == run.jobs_total:
-            run.state = AuditRunState.FAILED
-            run.error = "every job of the run failed"
-        else:
-            run.state = AuditRunState.SUCCEEDED
-            if failed:
-                run.error = f"{failed} of {run.jobs_total} jobs did not succeed; their results are partial"
-        session.flush()
-    return run
-
-
-def run_progress(session: Session, run: AuditRun) -> dict[str, Any]:
-    done, total = session.execute(
-        select(func.coalesce(func.sum(Job.done), 0), func.coalesce(func.sum(Job.total), 0)).where(
-            Job.audit_run_id == run.id
-        )
-    ).one()
-    return {
-        "prompts_total": run.prompts_total,
-        "prompts_submitted": run.prompts_submitted,
-        "prompts_skipped": run.prompts_skipped,
-        "jobs_total": run.jobs_total,
-        "jobs_scanned": run.jobs_scanned,
-        "interpretations_done": int(done),
-        "interpretations_total": int(total),
-        "interpretations_scanned": int(run.interpretations_scanned or 0),
-        "flags": run.flags,
-        "fraction": (int(done) / int(total)) if total else (1.0 if run.state in FINAL_RUN_STATES else 0.0),
-    }

@@ -61,7 +61,7 @@
         const v = r.mean_relevancy / scale;
         const td = el("td", { class: "cell", "data-layer": l, "data-token": t, "data-relevancy": r.mean_relevancy.toFixed(4),
                               title: `layer ${l}, token ${t} ${JSON.stringify(r.source_token)}: ${r.text}` });
-        td.textContent = r.text.trim().slice(0, 40);
+        td.textContent = r.text.trim().slice(0, 40) || "(blank)";  // e.g. an end-of-sequence right away
         td.style.background = color(v);
         td.style.color = textColor(v);
         const flags = state.flags.get(l + ":" + t);

@@ -1,0 +1,139 @@
+"""Audit request schemas: what a client may define (targets, engine options, detector configs, schedule).
+
+Detector configs are checked by shape here (the API never imports the engine); `selfie_core.detectors` builds
+them in the worker. `KNOWN_DETECTOR_KINDS` must list the core registry's kinds (a test compares them).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from selfie_jobs.prompt_sets import BUILTIN
+from selfie_jobs.specs import Decoding, IndexRange, Template
+
+#: Detector kinds the core registry ships (checked against `selfie_core.detectors.kinds()` by a test).
+KNOWN_DETECTOR_KINDS = ("concepts", "keywords", "regex")
+_REQUIRED_FIELD = {"keywords": "words", "regex": "patterns", "concepts": "concepts"}
+
+
+class LastTokens(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    last: Annotated[int, Field(ge=1, le=1_000)]
+
+
+class AuditTargets(BaseModel):
+    """Layers as for jobs; tokens: all, the last n of each prompt, or chosen indices (negative from the end)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layers: Literal["all"] | Annotated[list[int], Field(min_length=1, max_length=1_000)] | IndexRange = "all"
+    tokens: Literal["all"] | LastTokens | Annotated[list[int], Field(min_length=1, max_length=1_000)] = Field(
+        default_factory=lambda: LastTokens(last=1)
+    )
+
+
+class DetectorSpec(BaseModel):
+    """A detector config (see selfie_core.detectors): kind, name, min_relevancy and the kind's own fields."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    min_relevancy: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in KNOWN_DETECTOR_KINDS:
+            raise ValueError(f"unknown detector kind {value!r}; known: {', '.join(KNOWN_DETECTOR_KINDS)}")
+        return value
+
+    def checked(self) -> dict[str, Any]:
+        data = self.model_dump(exclude_none=True)
+        need = _REQUIRED_FIELD[self.kind]
+        value = data.get(need)
+        if not value or not isinstance(value, (list, dict)):
+            raise ValueError(f"a {self.kind} detector needs a non-empty '{need}'")
+        if self.kind == "regex":
+            for pattern in value:
+                try:
+                    re.compile(str(pattern))
+                except re.error as exc:
+                    raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+        data.setdefault("name", self.kind)
+        return data
+
+
+class AuditOptions(BaseModel):
+    """Engine options of the audit's jobs (as in POST /v1/jobs)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    template: Template | None = None
+    k: Annotated[int, Field(ge=0, le=10_000)] = 1
+    injection_mode: Literal["replace", "blend", "add"] = "replace"
+    injection_strength: float = Field(1.0, ge=0.0, le=100.0)
+    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 20
+    decoding: Decoding = Field(default_factory=Decoding)
+    priority: Annotated[int, Field(ge=0, le=9)] = 3
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _preset_shorthand(cls, value: Any) -> Any:
+        return {"preset": value} if isinstance(value, str) else value
+
+
+def _check_detectors(value: list[DetectorSpec]) -> list[DetectorSpec]:
+    names = [d.name or d.kind for d in value]
+    if len(set(names)) != len(names):
+        raise ValueError("detector names must be unique (name them)")
+    for d in value:
+        d.checked()
+    return value
+
+
+def validate_cron(expr: str) -> str:
+    if not croniter.is_valid(expr):
+        raise ValueError(f"invalid cron expression {expr!r} (five fields: minute hour day month weekday)")
+    return expr
+
+
+class AuditCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    model: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    prompt_set: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        description="Name of an uploaded prompt set or of a built-in one: " + ", ".join(BUILTIN)
+    )
+    targets: AuditTargets = Field(default_factory=AuditTargets)
+    options: AuditOptions = Field(default_factory=AuditOptions)
+    detectors: Annotated[list[DetectorSpec], Field(min_length=1, max_length=50)]
+    schedule: Annotated[str, Field(max_length=120)] | None = Field(None, description="cron, UTC; null: manual only")
+    enabled: bool = True
+
+    _detectors = field_validator("detectors")(_check_detectors)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return validate_cron(value) if value else None
+
+
+class AuditUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    targets: AuditTargets | None = None
+    options: AuditOptions | None = None
+    detectors: Annotated[list[DetectorSpec], Field(min_length=1, max_length=50)] | None = None
+    schedule: Annotated[str, Field(max_length=120)] | None = None
+    enabled: bool | None = None
+
+    @field_validator("detectors")
+    @classmethod
+    def _dets(cls, value):
+        return _check_detectors(value) if value is not None else value
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return validate_cron(value) if value else value
