@@ -6,33 +6,30 @@ the unique key (job, prompt index, layer, token), so a redelivered chunk never d
 progress counter grows by the number of rows actually inserted.
 
 Every function takes a Session and leaves commit to the caller, except `complete_chunk`, which is one
-transaction per chunk by contract and therefore takes a session factory. `with_db_retry` wraps a unit of work
-so that transient database outages (a restart, a failover) are retried with backoff instead of losing work.
+transaction per chunk by contract and therefore takes a session factory. `with_db_retry` (selfie_jobs.retry)
+wraps a unit of work so that transient database outages are retried with backoff instead of losing work.
+Finding what the queue lost is `selfie_jobs.reconcile`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, Worker, utcnow
+from selfie_jobs.retry import is_transient, with_db_retry  # noqa: F401 - part of this module's API
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 #: Worker row states that mean "this owner will never finish its chunks".
 GONE_WORKER_STATES = frozenset({"dead", "stopped"})
@@ -43,45 +40,6 @@ def as_utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# retries
-# --------------------------------------------------------------------------------------------------------------
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the database went away or was busy, not a bug in the statement."""
-    if isinstance(exc, OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-def with_db_retry(
-    fn: Callable[[], T],
-    retry_seconds: float,
-    *,
-    first_delay: float = 0.2,
-    max_delay: float = 5.0,
-    sleep: Callable[[float], None] = time.sleep,
-) -> T:
-    """Run `fn` (a whole unit of work: open session, work, commit) until it succeeds or `retry_seconds` pass.
-
-    Exponential backoff with jitter; non-transient errors are raised at once.
-    """
-    deadline = time.monotonic() + retry_seconds
-    delay = first_delay
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - filtered just below
-            if not is_transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("database unavailable (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
-            sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, max_delay)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -557,96 +515,3 @@ def release_chunks(
             requeued.append(chunk_id)
     session.flush()
     return requeued
-
-
-# --------------------------------------------------------------------------------------------------------------
-# reconciliation
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Redelivery:
-    chunk_id: int
-    model: str
-    priority: int
-
-
-@dataclass
-class ReconcileReport:
-    redeliver: list[Redelivery] = field(default_factory=list)
-    timed_out_jobs: list[str] = field(default_factory=list)
-    failed_jobs: list[str] = field(default_factory=list)
-
-
-def reconcile(
-    session: Session, settings: Any, now: datetime | None = None, *, max_attempts: int | None = None
-) -> ReconcileReport:
-    """Find what the queue lost. The caller commits, then sends one `run_chunk` per returned redelivery.
-
-    - jobs past their deadline (deadline_at, else created_at + job_timeout_seconds) fail with a stored error;
-    - `queued` chunks whose last enqueue is older than the grace period are sent again (Redis lost or flushed);
-    - `running` chunks whose lease ran out, or whose owner stopped heartbeating, are sent again (a crashed
-      worker); past `max_attempts` their job fails instead of crashing workers forever.
-    A duplicate message is harmless: the chunk's compare-and-set claim lets only one worker run it.
-    """
-    now = now or utcnow()
-    max_attempts = max_attempts or getattr(settings, "max_chunk_attempts", 5)
-    report = ReconcileReport()
-
-    open_job = Job.state.in_([JobState.QUEUED, JobState.RUNNING])
-    timeout = timedelta(seconds=settings.job_timeout_seconds)
-    overdue = or_(Job.deadline_at < now, and_(Job.deadline_at.is_(None), Job.created_at < now - timeout))
-    for job_id, deadline_at, created_at in session.execute(
-        select(Job.id, Job.deadline_at, Job.created_at).where(open_job, overdue)
-    ).all():
-        deadline = as_utc(deadline_at) or as_utc(created_at) + timeout
-        if fail_job(session, job_id, f"job timed out: not finished by its deadline {deadline.isoformat()}", now=now):
-            report.timed_out_jobs.append(job_id)
-
-    grace = now - timedelta(seconds=settings.enqueue_grace_seconds)
-    alive_since = now - timedelta(seconds=settings.worker_alive_seconds)
-    live_owners = set(
-        session.scalars(
-            select(Worker.name).where(Worker.last_heartbeat >= alive_since, Worker.state.not_in(GONE_WORKER_STATES))
-        ).all()
-    )
-    # Only candidates come back from the database (a big backlog of freshly queued chunks is not read).
-    stale_queued = and_(
-        Chunk.state == ChunkState.QUEUED,
-        or_(Chunk.enqueued_at < grace, and_(Chunk.enqueued_at.is_(None), Job.created_at < grace)),
-    )
-    ownerless = [Chunk.lease_expires_at.is_(None), Chunk.lease_expires_at < now, Chunk.owner.is_(None)]
-    if live_owners:
-        ownerless.append(Chunk.owner.not_in(sorted(live_owners)))
-    else:
-        ownerless.append(Chunk.owner.is_not(None))
-    lost_running = and_(Chunk.state == ChunkState.RUNNING, or_(*ownerless))
-    rows = session.execute(
-        select(Chunk, Job.created_at)
-        .join(Job, Job.id == Chunk.job_id)
-        .where(open_job, or_(stale_queued, lost_running))
-        .order_by(Chunk.priority.desc(), Chunk.id)
-    ).all()
-    for chunk, job_created in rows:
-        if chunk.state == ChunkState.QUEUED:
-            last_sent = as_utc(chunk.enqueued_at) or as_utc(job_created)
-            if last_sent > grace:
-                continue
-        else:
-            lease_over = chunk.lease_expires_at is None or as_utc(chunk.lease_expires_at) < now
-            if not lease_over and chunk.owner in live_owners:
-                continue
-            if chunk.attempts >= max_attempts:
-                if fail_job(
-                    session, chunk.job_id, f"chunk {chunk.index} was lost {chunk.attempts} times (worker crashes)", now=now
-                ):
-                    report.failed_jobs.append(chunk.job_id)
-                continue
-        chunk.enqueued_at = now
-        report.redeliver.append(Redelivery(chunk.id, chunk.model, chunk.priority))
-    session.flush()
-    return report
-
-
-def has_nan(values: Iterable[float]) -> bool:
-    return any(isinstance(v, float) and (math.isnan(v) or math.isinf(v)) for v in values)

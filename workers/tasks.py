@@ -19,6 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.cards import mark_dead_local_workers
+from selfie_jobs.reconcile import reconcile
 from selfie_jobs.models import Chunk
 from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, send_chunk
 from selfie_jobs.settings import Settings
@@ -159,7 +160,7 @@ def reconcile_once(settings: Settings, sessions, sender: TaskSender) -> dict[str
     def unit():
         with sessions() as session, session.begin():
             dead = mark_dead_local_workers(session)
-            return dead, chunk_ops.reconcile(session, settings)
+            return dead, reconcile(session, settings)
 
     dead, report = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
     sent = 0

@@ -21,7 +21,6 @@ from sqlalchemy import func, select
 
 from selfie_jobs import submission
 from selfie_jobs.db import get_engine, get_sessionmaker
-from selfie_jobs.migrate import upgrade
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, ServedModel, Worker
 from selfie_jobs.settings import Settings
 from selfie_jobs.specs import JobCreate

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from selfie_jobs import chunks as C
+from selfie_jobs import reconcile as R
 from selfie_jobs.cards import WorkerIdentity, heartbeat
 from selfie_jobs.db import get_sessionmaker
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, utcnow
@@ -218,13 +219,13 @@ def test_reconcile_finds_lost_chunks_and_times_out_jobs(db):
         heartbeat(s, WorkerIdentity("w-live", "tiny", "h", 1, "cpu"), now=now)
         heartbeat(s, WorkerIdentity("w-dead", "tiny", "h", 2, "cpu"), now=now - timedelta(seconds=100))
     with db() as s, s.begin():
-        report = C.reconcile(s, settings, now)
+        report = R.reconcile(s, settings, now)
     assert sorted(r.chunk_id for r in report.redeliver) == sorted([stale[0], expired[0], dead[0]])
     assert sorted(report.timed_out_jobs) == sorted([late_id, old_id])
     with db() as s, s.begin():
         assert s.get(Job, late_id).state == "failed" and "timed out" in s.get(Job, late_id).error
         # a re-sent queued chunk waits for the grace period again; a dead owner's chunk is sent until taken
-        again = C.reconcile(s, settings, now + timedelta(seconds=1))
+        again = R.reconcile(s, settings, now + timedelta(seconds=1))
     assert sorted(r.chunk_id for r in again.redeliver) == sorted([expired[0], dead[0]])
 
 
@@ -253,7 +254,7 @@ def test_reconcile_fails_a_job_whose_chunk_keeps_getting_lost(db):
         C.claim_chunk(s, ids[0], "gone-1", 10, now=now - timedelta(seconds=300))
         C.claim_chunk(s, ids[0], "gone-2", 10, now=now - timedelta(seconds=200))
     with db() as s, s.begin():
-        report = C.reconcile(s, settings, now)
+        report = R.reconcile(s, settings, now)
     assert report.redeliver == [] and report.failed_jobs == [job_id]
     with db() as s:
         job = s.get(Job, job_id)
