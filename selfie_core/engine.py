@@ -179,6 +179,9 @@ class SelfieEngine:
             return
         state = self._prompt_state(prepared)
         size = batch_size or self.batch_size or self._auto_batch_size(len(prepared.input_ids), generation.max_new_tokens)
+        if not batch_size and not self.batch_size:  # balance: 640 rows at most 565 a batch -> 2 x 320, not 565 + 75
+            batches = -(-len(requests) // size)
+            size = -(-len(requests) // batches)
         eos = _eos_ids(self.model, self.tokenizer, generation)
         # pairs still needed per prompt, so that a prompt is extracted once even when its rows span batches
         pending: dict[str, int] = {}

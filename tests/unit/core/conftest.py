@@ -38,6 +38,15 @@ def build_tokenizer():
     return fast
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Tiny models gain nothing from intra-op threads, and a shared CPU makes them slower; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
