@@ -57,13 +57,15 @@ def measure(fn, device: str):
     return out, seconds, peak
 
 
-def build_7b(device: str):
-    """A Llama-2-7B-shaped model with random weights (no download). The tokenizer is SmolLM2's when installed."""
+def build_7b(device: str, small: bool = False):
+    """A Llama-2-7B-shaped model with random weights (no download), bf16. The tokenizer is SmolLM2's (vocabulary
+    49152 instead of Llama-2's 32000: a slightly larger output layer). ``small`` shrinks it to check the script."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_model("smollm2-135m-instruct").tokenizer
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    hidden, inter, heads = (4096, 11008, 32) if not small else (256, 688, 8)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=32,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
     torch.manual_seed(0)
@@ -98,14 +100,16 @@ def main() -> None:
     ap.add_argument("--reference-batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--device", default=None, help="override the device of --gpu-7b (e.g. cpu with --small)")
+    ap.add_argument("--small", action="store_true", help="--gpu-7b with a narrow model, to check the script")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.gpu_7b:
-        device = "cuda"
-        model, tokenizer = build_7b(device)
+        device = args.device or "cuda"
+        model, tokenizer = build_7b(device, args.small)
         prompts = [prompt_of_length(tokenizer, 24)]
         layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(32))
         tokens = args.tokens or 20

@@ -221,7 +221,7 @@ class SelfieEngine:
         if not generation.do_sample:
             first: dict[bytes, int] = {}
             keep = []
-            cpu = vectors.detach().cpu()
+            cpu = vectors.detach().to("cpu", torch.promote_types(vectors.dtype, torch.float32))
             for i in range(len(chunk)):
                 j = first.setdefault(cpu[i].numpy().tobytes(), len(keep))
                 if j == len(keep):

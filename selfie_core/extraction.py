@@ -1,7 +1,8 @@
 """Extraction: one forward pass with all hidden states per source prompt, batched across prompts.
 
 Layer ``L`` is ``hidden_states[L]`` as Hugging Face returns it (0 = embedding output, ``L`` = input of decoder
-block ``L``); token ``t`` indexes ``tokenizer(prompt).input_ids``. Prompts are right-padded: with a causal mask and
+block ``L``; ``num_layers`` is what current transformers returns last, the output of the final norm for
+LLaMA and GPT-2 layouts); token ``t`` indexes ``tokenizer(prompt).input_ids``. Prompts are right-padded: with a causal mask and
 default position ids, a real token never sees the padding to its right, so its hidden states are those of the
 prompt run alone.
 """

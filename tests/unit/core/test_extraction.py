@@ -46,3 +46,17 @@ def test_batched_extraction_with_padding_matches_single(llama, tokenizer):
     for i in range(len(ids)):
         for key, vec in tiny_budget[i].items():
             assert torch.allclose(batched[i][key], vec, atol=1e-10)
+
+
+def test_last_layer_is_what_hugging_face_returns_after_the_final_norm(llama, gpt2, tokenizer):
+    """hidden_states[num_layers] is the *output* of the final norm in current transformers (LLaMA and GPT-2)."""
+    ids = tokenizer(PROMPTS[0]).input_ids
+    for model in (llama, gpt2):
+        adapter = get_adapter(model)
+        seen = {}
+        handle = adapter.final_norm.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+        try:
+            got = extract(model, [ids], [[(adapter.num_layers, 2)]], tokenizer.pad_token_id, torch.device("cpu"))[0]
+        finally:
+            handle.remove()
+        assert torch.allclose(got[(adapter.num_layers, 2)], seen["out"][0, 2])
