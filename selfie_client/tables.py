@@ -17,6 +17,7 @@ def layer_token_table(df: pd.DataFrame, prompt_index: int = 0, *, width: int | N
         return pd.DataFrame()
     labels = {t: f"{t}:{s.strip() or repr(s)}" for t, s in zip(part["token"], part["source_token"], strict=True)}
     texts = part["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+    texts = texts.mask(texts == "", "(blank)")  # an empty generation, not a missing cell
     if width:
         texts = texts.map(lambda s: s if len(s) <= width else s[: width - 1] + "…")
     table = part.assign(text=texts).pivot_table(index="layer", columns="token", values="text", aggfunc="first")
