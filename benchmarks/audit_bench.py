@@ -158,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     http = httpx.Client(base_url=base, timeout=600)
     result: dict = {"prompts": args.prompts, "layers": layers, "last_tokens": args.last_tokens,
-                    "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count()}
+                    "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(),
+                    # other work on the machine skews every figure: say how busy it was
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     try:
         def ready():
             if worker.poll() is not None or api.poll() is not None:
@@ -251,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if embedded is not None:
             embedded.shutdown()
     result["peak_rss_mb"] = {k: round(v / 2**20, 1) for k, v in peaks.items()}
+    result["load_average_after_run"] = [round(x, 2) for x in os.getloadavg()]
 
     if args.reference > 0:
         from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate, InterpretRequest, \
