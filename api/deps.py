@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -39,30 +37,6 @@ SessionMakerDep = Annotated[sessionmaker[Session], Depends(get_sessionmaker_dep)
 SenderDep = Annotated[TaskSender, Depends(get_sender)]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key made with `selfie keys create`.")
-
-
-class RateLimiter:
-    """Requests per key per minute, a fixed window per process (each api process enforces its own share)."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._lock = threading.Lock()
-        self._windows: dict[object, tuple[int, int]] = {}
-
-    def hit(self, key: object, now: float | None = None) -> int | None:
-        """None when allowed, else the seconds until the window resets."""
-        now = time.time() if now is None else now
-        window = int(now // 60)
-        with self._lock:
-            start, count = self._windows.get(key, (window, 0))
-            if start != window:
-                start, count = window, 0
-            if count >= self.per_minute:
-                return max(1, int(60 - now % 60))
-            self._windows[key] = (start, count + 1)
-            if len(self._windows) > 100_000:  # forget stale windows
-                self._windows = {k: v for k, v in self._windows.items() if v[0] == window}
-        return None
 
 
 def get_principal(

@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     `task_sender` replaces the producer-only Celery app (anything with `send_task`).
     """
     from api.broker import DEFAULT_REDIS_URL, make_producer
-    from api.deps import RateLimiter
+    from api.ratelimit import make_rate_limiter
     from api.routes import jobs, system
 
     settings = settings or get_settings()
@@ -54,6 +54,9 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
         yield
         if producer is not None:
             producer.close()
+        close = getattr(app.state.rate_limiter, "close", None)
+        if close is not None:
+            close()
 
     app = FastAPI(
         title="SelfIE interpretation service",
@@ -65,7 +68,9 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     app.state.sessionmaker = get_sessionmaker(settings.resolved_database_url())
     app.state.task_sender = task_sender
     app.state.redis_ping = _redis_pinger(broker_url)
-    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.rate_limiter = make_rate_limiter(
+        settings.redis_url, settings.rate_limit_per_minute, settings.resolved_database_url()
+    )
 
     from api.limits import BodySizeLimit, max_body_bytes
 
