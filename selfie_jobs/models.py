@@ -103,6 +103,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=5)
     # "<owner>:<client key>": unique, so a retried submit returns the first job instead of making a second one.
     idempotency_scope: Mapped[str | None] = mapped_column(String(300), unique=True, nullable=True)
+    # SHA-256 of the normalized request: a replayed idempotency key with another request is refused (409).
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Engine settings (template, injection, generation) as JSON, and their hash: chunks with the same
     # batch_key can share one engine batch.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -173,6 +173,15 @@ def spec_batch_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def request_hash(request: JobCreate, model: str) -> str:
+    """Hash of the request as validated (shorthands expanded, defaults filled, `model` resolved), without its
+    idempotency key: two bodies that ask for the same job hash alike however they were spelled."""
+    normalized = request.model_dump(mode="json", exclude={"idempotency_key"})
+    normalized["model"] = model
+    canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def resolve_selector(selector: Literal["all"] | list[int] | IndexRange, length: int, what: str) -> list[int]:
     """Indices in `range(length)` picked by `selector`; raises ValueError naming `what` on an out-of-range index."""
     if selector == "all":

@@ -31,6 +31,7 @@ from selfie_jobs.specs import (
     JobCreate,
     Targets,
     engine_spec,
+    request_hash,
     resolve_index,
     resolve_selector,
     spec_batch_key,
@@ -292,7 +293,7 @@ def check_quota(session: Session, owner_key_id: int | None, count: int, settings
 
 
 def store_job(session: Session, prepared: PreparedJob, request: JobCreate, owner_key_id: int | None,
-              settings: Settings, scope: str | None) -> tuple[Job, list[Chunk]]:
+              settings: Settings, scope: str | None, digest: str | None = None) -> tuple[Job, list[Chunk]]:
     """Add job + prompts + chunks to the session (the caller commits: one transaction)."""
     job = Job(
         owner_key_id=owner_key_id,
@@ -300,6 +301,7 @@ def store_job(session: Session, prepared: PreparedJob, request: JobCreate, owner
         state=JobState.QUEUED,
         priority=request.priority,
         idempotency_scope=scope,
+        request_hash=digest,
         spec=prepared.spec,
         batch_key=prepared.batch_key,
         total=len(prepared.items),
@@ -355,22 +357,36 @@ def _existing(session: Session, scope: str) -> Job | None:
     return session.scalars(select(Job).where(Job.idempotency_scope == scope)).first()
 
 
+def _replay(job: Job, digest: str, key: str) -> SubmitResult:
+    """The first job of an idempotency key, if this request is the same one; else a 409."""
+    if job.request_hash is not None and job.request_hash != digest:
+        raise SubmissionError(
+            f"idempotency key {key!r} was already used for a different request (job {job.id}); "
+            "send the same request to get that job again, or use a new key for a new job",
+            field="idempotency_key",
+            status=409,
+        )
+    return SubmitResult(job=job, created=False)
+
+
 def submit_job(session: Session, request: JobCreate, settings: Settings, sender: TaskSender,
                owner_key_id: int | None = None) -> SubmitResult:
-    """Validate, store (one transaction), then enqueue. A repeated idempotency key returns the first job."""
+    """Validate, store (one transaction), then enqueue. A repeated idempotency key returns the first job when the
+    request is the same (by the hash of its normalized form), and is refused with 409 when it differs."""
     scope = idempotency_scope(owner_key_id, request.idempotency_key) if request.idempotency_key else None
+    digest = request_hash(request, request.model or settings.default_model)
     if scope is not None and (job := _existing(session, scope)) is not None:
-        return SubmitResult(job=job, created=False)
+        return _replay(job, digest, request.idempotency_key or "")
 
     prepared = prepare_job(session, request, settings)
     check_quota(session, owner_key_id, len(prepared.items), settings)
     try:
-        job, chunks = store_job(session, prepared, request, owner_key_id, settings, scope)
+        job, chunks = store_job(session, prepared, request, owner_key_id, settings, scope, digest)
         session.commit()
     except IntegrityError:
         session.rollback()
         if scope is not None and (job := _existing(session, scope)) is not None:
-            return SubmitResult(job=job, created=False)  # a concurrent submit with the same key won
+            return _replay(job, digest, request.idempotency_key or "")  # a concurrent submit with the same key won
         raise
     chunk_ids = [c.id for c in chunks]
     enqueued = enqueue_chunks(session, sender, chunks, prepared.model, request.priority)

@@ -95,6 +95,7 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
     response_model=JobAccepted,
     responses={
         200: {"model": JobAccepted, "description": "A job with this idempotency key exists already; it is returned."},
+        409: {"model": ErrorOut, "description": "The idempotency key was used for a different request."},
         413: {"model": ErrorOut, "description": "More interpretations than a job may hold."},
         422: {"description": "Invalid request (shape, or against the model card)."},
         429: {"model": ErrorOut, "description": "Quota or rate limit; see Retry-After."},

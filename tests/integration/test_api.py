@@ -142,6 +142,21 @@ def test_idempotency_key(env, server):
     assert len(queued_messages(redis_url, model)) == first.json()["chunks"]
 
 
+def test_idempotency_key_replayed_with_another_body_is_a_conflict(env, server):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        first = http.post("/v1/jobs", json=body(model, idempotency_key="once", max_new_tokens=5))
+        other = http.post("/v1/jobs", json=body(model, idempotency_key="once", max_new_tokens=6))
+        same = http.post("/v1/jobs", json=body(model, idempotency_key="once", max_new_tokens=5, priority=5))
+    assert first.status_code == 202 and same.status_code == 200 and same.json()["id"] == first.json()["id"]
+    assert other.status_code == 409, other.text
+    detail = other.json()
+    assert detail["field"] == "idempotency_key" and "different request" in detail["detail"]
+    assert first.json()["id"] in detail["detail"]
+    assert count(database_url, Job) == 1
+    assert len(queued_messages(redis_url, model)) == first.json()["chunks"]
+
+
 def test_cancel_cancels_job_and_queued_chunks(env, server):
     database_url, _, model = env
     with server.client() as http:

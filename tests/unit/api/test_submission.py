@@ -123,11 +123,30 @@ def test_idempotency_key_returns_the_first_job(db):
     sender = Recorder()
     with maker() as s:
         first = submit_job(s, _req(idempotency_key="k1"), settings, sender, owner_key_id=None)
-        again = submit_job(s, _req(idempotency_key="k1", prompts=["other"]), settings, sender, owner_key_id=None)
+        again = submit_job(s, _req(idempotency_key="k1"), settings, sender, owner_key_id=None)
         other = submit_job(s, _req(idempotency_key="k2"), settings, sender)
     assert again.job.id == first.job.id and not again.created and again.enqueued == 0
     assert other.job.id != first.job.id
     assert len(sender.sent) == first.enqueued + other.enqueued
+
+
+def test_idempotency_key_with_another_request_is_refused(db):
+    maker, settings = db
+    sender = Recorder()
+    with maker() as s:
+        first = submit_job(s, _req(idempotency_key="k1"), settings, sender)
+        with pytest.raises(SubmissionError) as info:
+            submit_job(s, _req(idempotency_key="k1", prompts=["other"]), settings, sender)
+        with pytest.raises(SubmissionError):
+            submit_job(s, _req(idempotency_key="k1", max_new_tokens=3), settings, sender)
+        # the same request spelled otherwise (one prompt as a string, decoding defaults written out) is the same
+        same = submit_job(s, _req(idempotency_key="k1", prompts="the eiffel tower is in paris",
+                                  decoding={"do_sample": False, "top_p": 1.0}), settings, sender)
+        n_jobs = s.scalar(select(func.count()).select_from(Job))
+    assert info.value.status == 409 and info.value.field == "idempotency_key"
+    assert "different request" in info.value.message and first.job.id in info.value.message
+    assert same.job.id == first.job.id and not same.created
+    assert n_jobs == 1 and len(sender.sent) == first.enqueued
 
 
 def test_daily_quota(db):
