@@ -1,5 +1,5 @@
-"""The Python client and the `selfie` CLI against a live API (real HTTP, real Redis), with the worker's part
-played on the database by `FakeWorker` (the real worker has its own integration tests)."""
+"""The Python client and the `selfie` CLI against a live API (real HTTP, real Redis) with a real worker process
+(a tiny random LLaMA) behind it; one worker, one API and one database serve the whole module."""
 
 from __future__ import annotations
 
@@ -8,63 +8,104 @@ import io
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from selfie_client import Client, SelfieError, layer_token_table
-from tests.apisupport import FakeWorker, NUM_LAYERS, flush_model_queue, live_server, prepare_database, settings_for
+from selfie_jobs.db import get_engine
+from tests.apisupport import live_server, prepare_database, settings_for, tiny_card
+from tests.integration.worker_support import (
+    MODEL,
+    NUM_LAYERS,
+    WorkerProcess,
+    save_tiny_model,
+    wait_worker_ready,
+    worker_env,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
+IDLE = "idle"  # a model with a card but no worker: its jobs stay queued
+pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture
-def stack(sqlite_url, redis_url):
-    model = "tiny-" + uuid.uuid4().hex[:8]
-    prepare_database(sqlite_url, model=model)
-    with live_server(settings_for(sqlite_url, redis_url, default_model=model)) as srv:
-        srv.model, srv.database_url, srv.redis_url = model, sqlite_url, redis_url
-        yield srv
-    flush_model_queue(redis_url, model)
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Private Redis (no other session's worker takes these messages), a migrated SQLite file, one worker, one API."""
+    from workers.embedded import start_embedded_redis
+
+    root = tmp_path_factory.mktemp("client-stack")
+    database_url = f"sqlite:///{root / 'selfie.db'}"
+    prepare_database(database_url, model=IDLE, card=tiny_card(name=IDLE))
+    model_dir = save_tiny_model(root / MODEL)
+    with start_embedded_redis(root / "redis") as redis_server:
+        env = worker_env(database_url, redis_server.url, root / "worker")
+        worker = WorkerProcess("clientw", model_dir, env, root, batch_size=16)
+        try:
+            settings = settings_for(database_url, redis_server.url, default_model=MODEL, worker_alive_seconds=6,
+                                    max_new_tokens_cap=64)
+            with live_server(settings) as srv, Client(srv.url) as client:
+                wait_worker_ready(worker, client)
+                srv.database_url, srv.worker = database_url, worker
+                yield srv
+        finally:
+            worker.stop()
+            get_engine.cache_clear()
+
+
+def _label(index: int, token: str) -> str:
+    return f"{index}:{token}"
 
 
 def test_interpret_returns_a_dataframe(stack):
-    with FakeWorker(stack.database_url, stack.model), Client(stack.url) as client:
-        df = client.interpret(["a cat sat", "the dog ran"], layers=range(0, NUM_LAYERS + 1, 2), tokens=[-1, 1],
-                              model=stack.model, progress=False, timeout=60, poll=0.1)
-    assert len(df) == 2 * 3 * 2
+    prompts = ["a cat sat", "the dog ran"]
+    with Client(stack.url) as client:
+        tokens = [client.tokenize(p, MODEL) for p in prompts]
+        df = client.interpret(prompts, layers=range(0, NUM_LAYERS + 1, 2), tokens=[-1, 1], max_new_tokens=3,
+                              progress=False, timeout=120, poll=0.1)
+    assert len(df) == 2 * 2 * 2  # prompts x layers {0, 2} x tokens
     assert df.attrs["state"] == "succeeded" and df.attrs["link"].endswith(df.attrs["job_id"])
-    row = df[(df.prompt_index == 1) & (df.layer == 4) & (df.token == 3)].iloc[0]
-    assert row["text"] == "p1 L4 t3 ran" and row["prompt"] == "the dog ran"
+    assert df[["prompt_index", "layer", "token"]].duplicated().sum() == 0
+    last = len(tokens[1]) - 1
+    row = df[(df.prompt_index == 1) & (df.layer == NUM_LAYERS) & (df.token == last)].iloc[0]
+    assert row["source_token"] == tokens[1][last] and row["prompt"] == "the dog ran"
+    assert isinstance(row["text"], str) and len(row["relevancy"]) == len(row["token_ids"]) > 0
     table = layer_token_table(df, 0)
-    assert list(table.index) == [0, 2, 4] and list(table.columns) == ["1:a", "3:sat"]
-    assert table.loc[2, "3:sat"] == "p0 L2 t3 sat"
+    assert list(table.index) == [0, 2]
+    assert list(table.columns) == [_label(1, tokens[0][1]), _label(len(tokens[0]) - 1, tokens[0][-1])]
+    cell = df[(df.prompt_index == 0) & (df.layer == 2) & (df.token == 1)].iloc[0]["text"]
+    assert table.loc[2, _label(1, tokens[0][1])] in (cell, "(blank)")
 
 
 def test_client_submit_status_results_cancel_and_errors(stack):
     with Client(stack.url) as client:
-        accepted = client.submit("a cat sat on the mat", layers="0:2", tokens="-2:", model=stack.model, priority=9)
+        # a job for a model no worker serves stays queued
+        accepted = client.submit("a cat sat on the mat", layers="0:2", tokens="-2:", model=IDLE, priority=9)
         assert accepted["total"] == 4
         # a generated idempotency key makes a retried submit safe; an explicit one returns the same job
-        again = client.submit("x", idempotency_key="fixed")
-        assert client.submit("x", idempotency_key="fixed")["id"] == again["id"]
+        again = client.submit("x", idempotency_key="fixed", max_new_tokens=3)
+        assert client.submit("x", idempotency_key="fixed", max_new_tokens=3)["id"] == again["id"]
+        with pytest.raises(SelfieError) as conflict:
+            client.submit("y", idempotency_key="fixed", max_new_tokens=3)
+        assert conflict.value.status == 409 and conflict.value.field == "idempotency_key"
         status = client.status(accepted["id"])
         assert status["state"] == "queued" and status["prompts"][0]["tokens"][-1] == "mat"
-        assert client.tokenize("a cat", stack.model) == ["<s>", "a", "cat"]
-        assert [m["name"] for m in client.models()] == []
+        assert client.tokenize("a cat", IDLE) == ["<s>", "a", "cat"]
+        assert [m["name"] for m in client.models()] == [MODEL]  # only models with a live worker
         with pytest.raises(SelfieError) as info:
             client.submit("a cat", layers=[NUM_LAYERS + 3])
         assert info.value.status == 422 and info.value.field == "targets.layers"
         assert client.cancel(accepted["id"])["cancelled"] is True
         assert client.status(accepted["id"])["state"] == "cancelled"
-        assert {j["id"] for j in client.jobs()} == {accepted["id"], again["id"]}
-        with FakeWorker(stack.database_url, stack.model):
-            final = client.wait(again["id"], progress=False, timeout=30, poll=0.1)
+        assert {accepted["id"], again["id"]} <= {j["id"] for j in client.jobs(limit=500)}
+        final = client.wait(again["id"], progress=False, timeout=120, poll=0.1)
         assert final["state"] == "succeeded"
+        tokens = client.tokenize("x", MODEL)
+        assert final["progress"]["total"] == (NUM_LAYERS + 1) * len(tokens)
         rows = list(csv.DictReader(io.StringIO(client.results_csv(again["id"]))))
         assert len(rows) == final["progress"]["total"]
-        assert len(client.results(again["id"], layer_min=2)) == 3 * 2
+        assert all(r["worker"].startswith("clientw@") for r in rows)
+        assert len(client.results(again["id"], layer_min=2)) == 1 * len(tokens)
 
 
 def _cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -75,21 +116,26 @@ def _cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 6
 
 def test_cli_submit_status_results_cancel(stack):
     url = ["--url", stack.url]
-    with FakeWorker(stack.database_url, stack.model):
-        out = _cli("submit", "a cat sat", "--layers", "0,2", "--tokens", "-1", "--wait", *url)
-        assert out.returncode == 0, out.stderr
-        job_id = out.stdout.split()[1].rstrip(":")
-        assert f"/v1/jobs/{job_id}" in out.stdout and "succeeded" in out.stdout and "p0 L2 t3 sat" in out.stdout
+    with Client(stack.url) as client:
+        tokens = client.tokenize("a cat sat", MODEL)
+    last = len(tokens) - 1
+    out = _cli("submit", "a cat sat", "--layers", "0,2", "--tokens", "-1", "--max-new-tokens", "3", "--wait", *url,
+               timeout=120)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[1].rstrip(":")
+    assert f"/v1/jobs/{job_id}" in out.stdout and "succeeded" in out.stdout
+    assert _label(last, tokens[last]) in out.stdout
     status = _cli("status", job_id, *url)
     assert status.returncode == 0 and "succeeded" in status.stdout and "2/2" in status.stdout
     table = _cli("results", job_id, *url)
-    assert "3:sat" in table.stdout and "p0 L0 t3 sat" in table.stdout
+    assert _label(last, tokens[last]) in table.stdout
     as_csv = _cli("results", job_id, "--format", "csv", "--layer-min", "1", *url)
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
-    assert [(r["layer"], r["token"]) for r in rows] == [("2", "3")]
+    assert [(r["layer"], r["token"]) for r in rows] == [("2", str(last))]
+    assert rows[0]["source_token"] == tokens[last] and rows[0]["worker"].startswith("clientw@")
     bad = _cli("submit", "a cat", "--layers", "99", *url)
     assert bad.returncode != 0 and "layer 99 is out of range" in bad.stderr
-    queued = _cli("submit", "a cat", "--pair", "1,-1", *url).stdout.split()[1].rstrip(":")
+    queued = _cli("submit", "a cat", "--pair", "1,-1", "--model", IDLE, *url).stdout.split()[1].rstrip(":")
     cancelled = _cli("cancel", queued, *url)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     assert _cli("status", "0" * 32, *url).returncode != 0

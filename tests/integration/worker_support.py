@@ -111,3 +111,15 @@ class WorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self._log.close()
+
+
+def wait_worker_ready(worker: WorkerProcess, client: Any, model: str = MODEL, timeout: float = 120) -> None:
+    """Until the worker's heartbeat says ready (through the API's /v1/models) and Celery consumes its queue."""
+
+    def ready():
+        if worker.proc.poll() is not None:
+            raise AssertionError(worker.log()[-4000:])
+        return any(m["name"] == model and any(w["state"] == "ready" for w in m["workers"]) for m in client.models())
+
+    wait_for(ready, timeout, what="worker ready")
+    wait_for(lambda: "ready." in worker.log(), 30, what="worker consuming")
