@@ -69,6 +69,9 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
     todo = [i for i, s in enumerate(sequences) if len(s) > 1]
     if not todo:
         return result
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager"):  # e.g. flash attention takes no custom 4D mask: plain right-padded rows
+        return _plain_pass(model, state, sequences, todo, result, device, max_logit_elements)
     width = max(lane_width, max(len(sequences[i]) - 1 for i in todo))
     lanes = _pack(sequences, todo, width)
     width = max(len(lane["tokens"]) for lane in lanes)
@@ -94,6 +97,9 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
             for pad in range(m, width):  # padding sees only itself and the prompt
                 tree[pad, pad] = True
         cache = make_cache(model, state.kv, n)
+        if impl == "eager":  # eager attention adds the mask to the scores
+            dtype = state.kv[0][0].dtype
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
         logits, _, _ = forward(model, ids.to(device), cache=cache, attention_mask=mask.to(device),
                                position_ids=pos.to(device), use_cache=True)
         logits = wide(logits)
@@ -107,6 +113,30 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
                 p = (logits[lane_i, node_idx, tgt] - logz[lane_i, node_idx]).exp()
                 result[row].extend(p.tolist())
         del logits, logz
+    return result
+
+
+def _plain_pass(model, state, sequences, todo, result, device, max_logit_elements):
+    """One right-padded teacher-forced pass per chunk of rows (no prefix sharing), after the cached prompt."""
+    vocab = state.last_probs.shape[0]
+    width = max(len(sequences[i]) for i in todo) - 1
+    rows_per_pass = max(1, max_logit_elements // (width * vocab))
+    for start in range(0, len(todo), rows_per_pass):
+        chunk = todo[start : start + rows_per_pass]
+        inputs = torch.zeros((len(chunk), width), dtype=torch.long)
+        targets = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            seq = torch.tensor(sequences[i])
+            inputs[row, : len(seq) - 1] = seq[:-1]
+            targets[row, : len(seq) - 1] = seq[1:]
+        cache = make_cache(model, state.kv, len(chunk))
+        logits, _, _ = forward(model, inputs.to(device), cache=cache, use_cache=True)
+        logits = wide(logits)
+        targets = targets.to(logits.device)
+        probs = (logits.gather(-1, targets[..., None])[..., 0] - torch.logsumexp(logits, -1)).exp().cpu()
+        del logits, cache
+        for row, i in enumerate(chunk):
+            result[i].extend(probs[row, : len(sequences[i]) - 1].tolist())
     return result
 
 

@@ -32,6 +32,24 @@ def test_tree_packing_matches_plain_teacher_forcing(llama, gpt2, tokenizer):
                                       atol=1e-10)
 
 
+def test_eager_attention_mask_and_plain_fallback(tokenizer):
+    from selfie_core.relevancy import _plain_pass
+    from tests.unit.core.conftest import _llama
+
+    model = _llama(tokenizer, layers=2, seed=3)
+    model.config._attn_implementation = "eager"  # eager adds the mask to the scores: a bool mask would be wrong
+    prepared = InterpretationTemplate().prepare(tokenizer)
+    state = prepare_prompt_state(model, prepared, torch.device("cpu"))
+    seqs = [[5, 6, 7, 8], [5, 6, 9], [10, 11], [12]]
+    want = [plain_probs(model, prepared.input_ids, s) for s in seqs]
+    tree = no_inject_probs(model, state, seqs, torch.device("cpu"))
+    plain = _plain_pass(model, state, seqs, [0, 1, 2], [[float(state.last_probs[s[0]])] for s in seqs],
+                        torch.device("cpu"), 1 << 27)  # what attention kernels without custom masks use
+    for got in (tree, plain):
+        for g, w in zip(got, want):
+            assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-10)
+
+
 def test_pack_shares_prefixes():
     seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7], [9, 9]]
     lanes = _pack(seqs, [0, 1, 2, 3], width=100)
