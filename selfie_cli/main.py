@@ -137,6 +137,25 @@ def api(host: str, port: int, processes: int, log_level: str) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5555, show_default=True)
+def flower(host: str, port: int) -> None:
+    """Run Flower (basic auth from SELFIE_FLOWER_USER / SELFIE_FLOWER_PASSWORD, required) on the broker."""
+    import os
+
+    from selfie_cli.flower import FlowerConfigError, flower_argv
+    from selfie_jobs.settings import get_settings
+
+    settings = get_settings()
+    password = settings.flower_password.get_secret_value() if settings.flower_password else None
+    try:
+        argv = flower_argv(settings.flower_user, password, host=host, port=port)
+    except FlowerConfigError as exc:
+        _fail(exc)
+    os.execv(argv[0], argv)
+
+
+@cli.command()
 @click.option("--database-url", default=None, help="Default: settings (SELFIE_DATABASE_URL or the SQLite file).")
 def migrate(database_url: str | None) -> None:
     """Bring the database schema to the newest revision."""

@@ -1,0 +1,196 @@
+"""The security list of docs/architecture.md and the reliability spec, checked against the code: JSON-only Celery
+(producer, workers, Flower), Flower only behind basic auth, CORS closed unless configured, SQL only with bound
+parameters, and no default secrets in docker-compose."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import inspect
+
+from selfie_cli.flower import FlowerConfigError, flower_argv
+from selfie_jobs.db import get_engine
+from tests import services
+from tests.apisupport import live_server, prepare_database, settings_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("api", "selfie_jobs", "workers", "selfie_cli", "selfie_client", "migrations", "selfie_core")
+
+
+# --- JSON-only Celery -----------------------------------------------------------------------------------------------
+
+
+def test_every_celery_app_speaks_json_only(tmp_path):
+    from api.broker import make_producer
+    from selfie_jobs.settings import Settings
+    from workers.celery_app import create_celery_app
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0")
+    for app in (make_producer("redis://127.0.0.1:1/0"), create_celery_app(settings, register=False)):
+        conf = app.conf
+        assert conf.task_serializer == "json" and conf.result_serializer == "json", app.main
+        assert list(conf.accept_content) == ["json"], app.main
+        assert conf.event_serializer == "json", app.main
+    # Flower runs with the workers' app, not Celery's default one
+    argv = flower_argv("ops", "a-long-password", host="127.0.0.1", port=5555)
+    assert argv[argv.index("-A") + 1] == "workers.celery_app"
+
+
+# --- Flower ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("user", "password"), [(None, None), ("ops", None), (None, "a-long-password"),
+                                                ("ops", "short"), ("o:ps", "a-long-password")])
+def test_flower_never_runs_without_usable_credentials(user, password):
+    with pytest.raises(FlowerConfigError):
+        flower_argv(user, password, host="127.0.0.1", port=5555)
+
+
+def test_selfie_flower_refuses_to_start_without_credentials(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_")}
+    env["SELFIE_DATA_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "selfie_cli", "flower"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "SELFIE_FLOWER_USER and SELFIE_FLOWER_PASSWORD" in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_selfie_flower_answers_only_with_basic_auth(tmp_path, redis_url):
+    port = services.free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_")}
+    env.update(SELFIE_DATA_DIR=str(tmp_path), SELFIE_REDIS_URL=redis_url, SELFIE_FLOWER_USER="ops",
+               SELFIE_FLOWER_PASSWORD="correct-horse-battery", PYTHONPATH=str(ROOT),
+               SELFIE_DATABASE_URL=f"sqlite:///{tmp_path / 'f.db'}")
+    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "selfie_cli", "flower", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "flower.log").read_text()
+            try:
+                anonymous = httpx.get(url, timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "flower did not start: " + (tmp_path / "flower.log").read_text()
+                time.sleep(0.5)
+        assert anonymous.status_code == 401
+        assert httpx.get(url, auth=("ops", "wrong-password"), timeout=5).status_code == 401
+        assert httpx.get(url, auth=("ops", "correct-horse-battery"), timeout=10).status_code == 200
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+# --- CORS -----------------------------------------------------------------------------------------------------------
+
+
+def _preflight(http: httpx.Client, origin: str) -> httpx.Response:
+    return http.options("/v1/jobs", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+
+
+def test_cors_allows_only_the_configured_origins(sqlite_url, redis_url):
+    prepare_database(sqlite_url)
+    settings = settings_for(sqlite_url, redis_url, cors_origins=["https://explorer.example"])
+    with live_server(settings) as srv, srv.client() as http:
+        allowed = _preflight(http, "https://explorer.example")
+        refused = _preflight(http, "https://evil.example")
+        simple = http.get("/healthz", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://explorer.example"
+    assert "access-control-allow-credentials" not in allowed.headers
+    assert "access-control-allow-origin" not in refused.headers
+    assert "access-control-allow-origin" not in simple.headers
+
+
+def test_cors_is_closed_without_configuration(sqlite_url, redis_url, monkeypatch):
+    from selfie_jobs.settings import Settings
+
+    monkeypatch.delenv("SELFIE_CORS_ORIGINS", raising=False)
+    assert Settings(_env_file=None).cors_origins == []
+    prepare_database(sqlite_url)
+    with live_server(settings_for(sqlite_url, redis_url)) as srv, srv.client() as http:
+        for origin in ("https://evil.example", "null", srv.url):
+            assert "access-control-allow-origin" not in _preflight(http, origin).headers
+
+
+# --- SQL --------------------------------------------------------------------------------------------------------------
+
+_SQL_CALLS = {"text", "exec_driver_sql", "literal_column", "column", "table"}
+
+
+def _dynamic_sql_calls(path: Path) -> list[str]:
+    """Calls of text()/exec_driver_sql()/literal_column() (and friends) whose SQL is not a plain string literal."""
+    hits = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+        if name not in _SQL_CALLS:
+            continue
+        arg = node.args[0]
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            continue
+        if name in ("column", "table") and not isinstance(arg, (ast.JoinedStr, ast.BinOp)):
+            continue  # sqlalchemy column()/table() take names; only built strings are suspicious there
+        where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        hits.append(f"{where}:{node.lineno}: {name}({ast.unparse(arg)[:60]})")
+    return hits
+
+
+def test_sql_is_built_only_with_bound_parameters():
+    hits = [hit for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+            for hit in _dynamic_sql_calls(path)]
+    assert not hits, "SQL text built from values (use bound parameters):\n" + "\n".join(hits)
+
+
+def test_the_scan_sees_formatted_sql(tmp_path):
+    bad = tmp_path / "probe.py"
+    bad.write_text("from sqlalchemy import text\nname = 'x'\nq = text(f\"select * from jobs where id = '{name}'\")\n"
+                   "r = conn.exec_driver_sql('select %s' % name)\nok = text('select 1 where id = :id')\n")
+    assert [h.split(": ", 1)[1].split("(")[0] for h in _dynamic_sql_calls(bad)] == ["text", "exec_driver_sql"]
+
+
+def test_hostile_filter_values_are_data_not_sql(sqlite_url, redis_url):
+    prepare_database(sqlite_url)
+    hostile = ["'; DROP TABLE jobs; --", "%", "_", "\\", "' OR '1'='1", "x\" OR 1=1 --"]
+    with live_server(settings_for(sqlite_url, redis_url)) as srv, srv.client() as http:
+        job = http.post("/v1/jobs", json={"model": "tiny", "prompts": ["a cat sat"], "targets": {"pairs": [[1, -1]]}})
+        assert job.status_code == 202, job.text
+        for value in hostile:
+            page = http.get(f"/v1/jobs/{job.json()['id']}/interpretations", params={"q": value})
+            assert page.status_code == 200 and page.json()["items"] == [], (value, page.text)
+            listing = http.get("/v1/jobs", params={"model": value})
+            assert listing.status_code == 200 and listing.json()["jobs"] == [], value
+        assert [j["id"] for j in http.get("/v1/jobs").json()["jobs"]] == [job.json()["id"]]
+    engine = get_engine(sqlite_url)
+    assert "jobs" in inspect(engine).get_table_names()
+
+
+# --- docker-compose -------------------------------------------------------------------------------------------------
+
+
+def test_docker_compose_has_no_default_secrets():
+    text = (ROOT / "docker-compose.yml").read_text()
+    secrets = re.findall(r"\$\{([A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN|KEY)[A-Z0-9_]*)([^}]*)\}", text)
+    assert secrets, "expected the compose file to take its secrets from the environment"
+    for name, rest in secrets:
+        assert rest.startswith(":?"), f"${{{name}{rest}}} must be required (${{{name}:?...}}), not defaulted"
+    # and no literal password values
+    assert not re.search(r"(?i)(password|secret)\s*[:=]\s*[\"']?(?!\$\{)[A-Za-z0-9]", text)
+    # Flower runs through the command that insists on basic auth
+    assert "selfie\", \"flower\"" in text
