@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
 KEY_PREFIX = "selfie:ratelimit:"
+RETRY_REDIS_AFTER_SECONDS = 5.0
 
 # KEYS[1] = the window's counter; ARGV[1] = its lifetime in ms. Returns {count, remaining ms}.
 _HIT_SCRIPT = """
@@ -65,7 +66,8 @@ class LocalRateLimiter:
 
 class RedisRateLimiter:
     """The count of every api process, in Redis. If Redis does not answer, requests pass (the limit protects
-    capacity, it is not an access control) and a warning is logged at most once a minute."""
+    capacity, it is not an access control) for the next few seconds without asking it again, and a warning is
+    logged at most once a minute."""
 
     def __init__(self, redis_url: str, per_minute: int, *, prefix: str = KEY_PREFIX) -> None:
         import redis
@@ -76,16 +78,20 @@ class RedisRateLimiter:
                                             health_check_interval=30)
         self._script = self._client.register_script(_HIT_SCRIPT)
         self._last_warning = 0.0
+        self._skip_until = 0.0
 
     def hit(self, key: object, now: float | None = None) -> int | None:
         import redis
 
+        if time.monotonic() < self._skip_until:
+            return None  # Redis failed a moment ago: do not make every request wait for its timeout
         now = time.time() if now is None else now
         window = int(now // WINDOW_SECONDS)
         remaining_ms = int((WINDOW_SECONDS - now % WINDOW_SECONDS) * 1000) + 1000  # outlive the window a little
         try:
             count, ttl_ms = self._script(keys=[f"{self.prefix}{key}:{window}"], args=[remaining_ms])
         except redis.RedisError as exc:
+            self._skip_until = time.monotonic() + RETRY_REDIS_AFTER_SECONDS
             if time.monotonic() - self._last_warning > 60:
                 self._last_warning = time.monotonic()
                 log.warning("rate limit not enforced: Redis does not answer (%s)", exc)
