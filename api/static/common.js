@@ -79,13 +79,13 @@ const Selfie = (() => {
     opts = opts || {};
     const pad = { l: 36, r: 8, t: 10, b: 28 }, H = opts.height || 180;
     // Bars at most 40 px wide, so a few layers do not make a wall of blue; many layers share the width.
-    const W = Math.min(opts.width || 720, pad.l + pad.r + 40 * Math.max(1, bars.length));
+    const W = Math.max(280, Math.min(opts.width || 720, pad.l + pad.r + 40 * Math.max(1, bars.length)));
     const ns = "http://www.w3.org/2000/svg";
     const svg = document.createElementNS(ns, "svg");
     svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("role", "img");
     if (opts.id) svg.setAttribute("id", opts.id);
     const max = Math.max(1, ...bars.map(b => b.value));
-    const n = Math.max(1, bars.length), bw = (W - pad.l - pad.r) / n;
+    const n = Math.max(1, bars.length), bw = Math.min(40, (W - pad.l - pad.r) / n);
     const mk = (tag, at) => { const e = document.createElementNS(ns, tag); for (const k in at) e.setAttribute(k, at[k]); return e; };
     svg.append(mk("line", { x1: pad.l, y1: H - pad.b, x2: W - pad.r, y2: H - pad.b, stroke: "#999" }));
     for (const frac of [0.5, 1]) {
