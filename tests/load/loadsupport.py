@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -158,6 +159,8 @@ class LoadResult:
 
 async def _submitter(n: int, client: httpx.AsyncClient, make_body: Callable[[int, int], dict], deadline: float,
                      think_s: float, budget: list[int], result: LoadResult) -> None:
+    if think_s:  # start spread over one think time, not as one synchronized wave
+        await asyncio.sleep(random.Random(n).uniform(0, think_s))
     i = 0
     while time.monotonic() < deadline and budget[0] > 0:
         budget[0] -= 1
