@@ -6,12 +6,15 @@ keeps its data in `data_dir/redis/` (RDB snapshots) so queued messages survive a
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -38,8 +41,8 @@ class EmbeddedRedis:
         if server is not None:
             try:
                 server.shutdown(save=True, now=True)
-            except Exception:  # noqa: BLE001 - it may be gone already
-                pass
+            except Exception:  # noqa: BLE001 - it may be gone already; say so rather than hide it
+                log.info("embedded Redis was already stopped", exc_info=True)
 
     def __enter__(self) -> EmbeddedRedis:
         return self

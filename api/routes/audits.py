@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,8 @@ from selfie_jobs.models import Prompt
 from selfie_jobs.queries import visible_job
 from selfie_jobs.prompt_sets import BUILTIN, PromptSetError, create_prompt_set, detect_format
 from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["audits"])
 INT_MAX = 2**31 - 1
@@ -241,8 +244,8 @@ def start_run(audit_id: AuditId, request: Request, session: SessionDep, who: Pri
         # The fan-out runs on a worker (control queue); if this message is lost, the beat tick resumes the run.
         try:
             sender.send_task(RUN_AUDIT_TASK, args=[audit.id], kwargs={"run_id": run.id}, queue=CONTROL_QUEUE)
-        except Exception:  # noqa: BLE001 - broker down: the run is stored, the audit tick picks it up
-            pass
+        except Exception:  # noqa: BLE001 - any broker failure: the run is stored, the audit tick picks it up
+            log.warning("could not enqueue audit run %s; the next audit tick will start it", run.id, exc_info=True)
     return _run_out(request, session, run)
 
 
