@@ -1,0 +1,57 @@
+"""docker-compose.yml runs the same `selfie` commands the tests run, and is complete for production."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from selfie_cli.main import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def selfie_services() -> list[str]:
+    return [name for name, svc in SERVICES.items() if svc.get("command", [None])[0] == "selfie"]
+
+
+@pytest.mark.parametrize("service", selfie_services())
+def test_service_command_is_a_real_cli_command(service):
+    args = SERVICES[service]["command"][1:]
+    command = cli.get_command(click.Context(cli), args[0])
+    assert command is not None, f"{service}: `selfie {args[0]}` does not exist"
+    # Parsing the arguments with the real command catches unknown options and bad values.
+    command.make_context(f"selfie {args[0]}", list(args[1:]))
+
+
+def test_stack_has_every_role_with_health_checks():
+    assert {"redis", "postgres", "migrate", "api", "beat", "flower"} <= set(SERVICES)
+    workers = [n for n in selfie_services() if SERVICES[n]["command"][1] == "worker"]
+    assert workers, "no worker service"
+    for name in ("redis", "postgres", "api"):
+        assert "healthcheck" in SERVICES[name], name
+    assert "--appendonly" in SERVICES["redis"]["command"]
+    for name in workers:
+        command = SERVICES[name]["command"]
+        gpu = command[command.index("--gpu") + 1]
+        devices = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["device_ids"] == [gpu], f"{name}: --gpu and the reserved device differ"
+    assert SERVICES["migrate"]["command"][1:] == ["migrate"]
+    assert SERVICES["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+
+
+@pytest.mark.skipif(
+    shutil.which("docker") is None
+    or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
+    reason="the docker compose client is not installed here",
+)
+def test_docker_compose_config_validates():
+    env = {"POSTGRES_PASSWORD": "x" * 16, "FLOWER_USER": "ops", "FLOWER_PASSWORD": "y" * 16, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
