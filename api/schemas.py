@@ -17,6 +17,7 @@ class Links(BaseModel):
     self: str
     interpretations: str
     cancel: str
+    page: str  # the results explorer: the layer x token grid
 
 
 class ErrorOut(BaseModel):

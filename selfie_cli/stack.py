@@ -225,8 +225,9 @@ def _run_demo(url: str, model: str, prompt: str, stack: Stack) -> None:
         df = client.results(accepted["id"])
     click.echo(f"\n{prompt}\n")
     print_table(df, 0)
-    click.echo(f"\njob: {accepted['link']}")
-    click.echo(f"csv: {accepted['links']['interpretations']}?format=csv")
+    click.echo(f"\njob:  {accepted['link']}")
+    click.echo(f"grid: {accepted['links']['page']}")
+    click.echo(f"csv:  {accepted['links']['interpretations']}?format=csv")
 
 
 def _demo_tokens(tokens: list[str]) -> list[int]:

@@ -68,8 +68,10 @@ def base_url(request: Request, settings: Settings) -> str:
 
 
 def job_links(request: Request, settings: Settings, job_id: str) -> Links:
-    root = f"{base_url(request, settings)}/v1/jobs/{job_id}"
-    return Links(self=root, interpretations=root + "/interpretations", cancel=root + "/cancel")
+    base = base_url(request, settings)
+    root = f"{base}/v1/jobs/{job_id}"
+    return Links(self=root, interpretations=root + "/interpretations", cancel=root + "/cancel",
+                 page=f"{base}/ui/jobs/{job_id}")
 
 
 def _visible_or_404(session, job_id: str, who) -> Job:

@@ -61,6 +61,8 @@ def test_submit_stores_and_enqueues_json_messages(env, server):
         accepted = resp.json()
         assert accepted["total"] == 12 and accepted["chunks"] == 2 and accepted["enqueued"] == 2
         assert resp.headers["location"] == accepted["link"] == f"{server.url}/v1/jobs/{accepted['id']}"
+        page = http.get(accepted["links"]["page"])
+        assert accepted["links"]["page"] == f"{server.url}/ui/jobs/{accepted['id']}" and page.status_code == 200
 
         status = http.get(f"/v1/jobs/{accepted['id']}").json()
         assert http.get(f"/v1/jobs/{accepted['id']}", params={"include_prompts": "false"}).json()["prompts"] == []
