@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.integration.worker_support import wait_for  # noqa: E402 - after the sys.path line
+
 MODEL = "smollm2-135m-instruct"
 
 
@@ -101,17 +103,6 @@ def redis_url(tmp: Path) -> tuple[str, object | None]:
     return f"redis://127.0.0.1:{port}/0", server
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(interval)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=100, help="prompts in the audit (default 100)")
@@ -172,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return any(m["name"] == MODEL and any(w["state"] == "ready" for w in m["workers"]) for m in models)
 
         t0 = time.monotonic()
-        wait_for(ready, 600, "the worker to load SmolLM2")
+        wait_for(ready, 600, what="the worker to load SmolLM2", interval=0.5)
         result["worker_start_s"] = round(time.monotonic() - t0, 1)
 
         # streamed upload: the file is written line by line and sent from disk

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from tests.integration.worker_support import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -31,17 +33,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
-
-
-def _wait(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class ServiceStack:
@@ -101,7 +92,7 @@ class ServiceStack:
                 return any(m["name"] == self.model and any(w["state"] == "ready" for w in m["workers"])
                            for m in models)
 
-            _wait(ready, timeout, "the worker to be ready")
+            wait_for(ready, timeout, what="the worker to be ready", interval=0.25)
         time.sleep(1.0)  # Celery starts consuming right after the ready heartbeat
         return time.monotonic() - t0
 
