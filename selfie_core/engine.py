@@ -234,6 +234,7 @@ class SelfieEngine:
             strength=float(injection.strength), max_new_tokens=generation.max_new_tokens, eos_ids=eos,
             do_sample=generation.do_sample, temperature=float(generation.temperature), top_p=float(generation.top_p),
             row_seeds=seeds, device=self.input_device,
+            lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.layout == "llama" else None,
         )
         p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
         out = []

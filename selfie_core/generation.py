@@ -10,6 +10,7 @@ that emit an end-of-sequence id leave the batch (their cache rows are dropped).
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,6 +28,7 @@ class PromptState:
     prepared: PreparedPrompt
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     last_probs: torch.Tensor  # (vocab,) float32: P_no_inject of the first generated token
+    hidden: tuple[torch.Tensor, ...] | None = None  # hidden_states[L] (1, length, hidden) of the same run
 
     @property
     def length(self) -> int:
@@ -36,8 +38,40 @@ class PromptState:
 @torch.inference_mode()
 def prepare_prompt_state(model, prepared: PreparedPrompt, device: torch.device) -> PromptState:
     ids = torch.tensor([prepared.input_ids], device=device)
-    logits, cache, _ = forward(model, ids, logits_to_keep=1)
-    return PromptState(prepared, cache_tensors(cache), torch.softmax(wide(logits[0, -1]), -1))
+    logits, cache, hidden = forward(model, ids, logits_to_keep=1, output_hidden_states=True)
+    return PromptState(prepared, cache_tensors(cache), torch.softmax(wide(logits[0, -1]), -1), tuple(hidden))
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@contextmanager
+def _shared_lower_blocks(lower_blocks: Sequence[torch.nn.Module], block: torch.nn.Module, hidden_k: torch.Tensor):
+    """Skip ``lower_blocks`` (the blocks below k) and feed ``hidden_k`` to ``block`` (block k) instead.
+
+    Injection happens at block k's input, so below k every row computes exactly what the prompt's own run did:
+    its hidden states and KV cache are taken from there. A skipped block's forward returns its input unchanged
+    (LLaMA-layout blocks return a plain tensor); a forward pre-hook on block k then replaces that input with
+    ``hidden_k``. Hooks registered later (the injection) see the replaced input.
+    """
+    def replace(module, args, kwargs):
+        h = hidden_k.to(device=(args[0] if args else kwargs["hidden_states"]).device)
+        if args:
+            return (h, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = h
+        return args, kwargs
+
+    handle = block.register_forward_pre_hook(replace, with_kwargs=True)
+    try:
+        for b in lower_blocks:
+            b.forward = _passthrough
+        yield
+    finally:
+        for b in lower_blocks:
+            b.__dict__.pop("forward", None)
+        handle.remove()
 
 
 @dataclass
@@ -79,7 +113,10 @@ def generate_batch(
     top_p: float = 1.0,
     row_seeds: Sequence[int] | None = None,
     device: torch.device,
+    lower_blocks: Sequence[torch.nn.Module] | None = None,
 ) -> list[GeneratedRow]:
+    """``lower_blocks``: the blocks below k, when they may be skipped (LLaMA layout): the prefill then runs blocks
+    >= k only, from the prompt run's hidden state at block k, and the KV cache below k comes from that run."""
     batch = vectors.shape[0]
     prepared = state.prepared
     p0 = prepared.first_insert
@@ -87,8 +124,16 @@ def generate_batch(
     cache = make_cache(model, state.kv, batch, upto=p0) if p0 > 0 else None
     suffix = ids[p0:].unsqueeze(0).expand(batch, -1)
     positions = [p - p0 for p in prepared.insert_positions]
-    with inject(block, positions, vectors, mode, strength):
+    k = len(lower_blocks) if lower_blocks and state.hidden is not None else 0
+    with ExitStack() as stack:
+        if k:
+            hidden_k = state.hidden[k][:, p0:].expand(batch, -1, -1)
+            stack.enter_context(_shared_lower_blocks(lower_blocks, block, hidden_k))
+        stack.enter_context(inject(block, positions, vectors, mode, strength))
         logits, cache, _ = forward(model, suffix, cache=cache, logits_to_keep=1)
+    for i in range(k):  # the skipped blocks' cache: the prompt run's keys and values after the shared prefix
+        key, value = state.kv[i]
+        cache.layers[i].update(key[:, :, p0:].expand(batch, -1, -1, -1), value[:, :, p0:].expand(batch, -1, -1, -1))
     generators = None
     if do_sample:
         gen_device = device if device.type == "cuda" else torch.device("cpu")
