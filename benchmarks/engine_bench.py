@@ -11,6 +11,7 @@ alternate engine and reference ``--rounds`` times (the machine may be shared) an
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -146,6 +147,7 @@ def main() -> None:
         reference_interpret(model, tokenizer, requests[:2], template, injection, generation)
 
     eng_times, ref_times, eng_peaks, ref_peaks = [], [], [], []
+    load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         engine._states.clear()  # count the shared prompt pass in every round
         ours, t, peak = measure(lambda: engine.interpret(requests, template, injection, generation), device)
@@ -157,8 +159,10 @@ def main() -> None:
                                                                generation, batch_size=args.reference_batch), device)
             ref_times.append(t)
             ref_peaks.append(peak)
-            print(f"  reference {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB", flush=True)
+            print(f"  reference {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB"
+                  f"  (this round: {t / eng_times[-1]:.2f}x)", flush=True)
     e = statistics.median(eng_times)
+    print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"engine:    {len(requests) / e:.2f} interpretations/s, peak {max(eng_peaks):.2f} GiB "
           f"({'GPU allocated' if device == 'cuda' else 'process RSS'})")
     if not args.skip_reference:
