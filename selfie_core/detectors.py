@@ -143,13 +143,14 @@ def _regex(config: Mapping[str, Any]) -> DetectorFn:
         except re.error as exc:
             raise DetectorConfigError(f"detector {name!r}: invalid regular expression {source!r}: {exc}") from None
 
+    return _searcher(name, compiled)
+
+
+def _searcher(name: str, table: list[tuple[str, re.Pattern[str]]]) -> DetectorFn:
+    """A detector that reports, for each (label, pattern), the first match of the pattern in a text."""
+
     def detect(text: str) -> list[Hit]:
-        hits = []
-        for source, rx in compiled:
-            m = rx.search(text)
-            if m:
-                hits.append(Hit(name, source, m.group(0)))
-        return hits
+        return [Hit(name, label, m.group(0)) for label, rx in table if (m := rx.search(text))]
 
     return detect
 
@@ -169,15 +170,7 @@ def _concepts(config: Mapping[str, Any]) -> DetectorFn:
         checked = _terms({"name": name, "terms": list(terms) or [concept]}, "terms")
         table.append((str(concept), _alternation(_longest_first(checked))))
 
-    def detect(text: str) -> list[Hit]:
-        hits = []
-        for concept, rx in table:
-            m = rx.search(text)
-            if m:
-                hits.append(Hit(name, concept, m.group(0)))
-        return hits
-
-    return detect
+    return _searcher(name, table)
 
 
 def build(config: Mapping[str, Any]) -> Detector:
