@@ -121,7 +121,7 @@ def generate_batch(
     prepared = state.prepared
     p0 = prepared.first_insert
     ids = torch.tensor(prepared.input_ids, device=device)
-    cache = make_cache(model, state.kv, batch, upto=p0) if p0 > 0 else None
+    cache = make_cache(model, state.kv, batch, upto=p0, capacity=state.length + max_new_tokens)
     suffix = ids[p0:].unsqueeze(0).expand(batch, -1)
     positions = [p - p0 for p in prepared.insert_positions]
     k = len(lower_blocks) if lower_blocks and state.hidden is not None else 0

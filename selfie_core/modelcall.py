@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 @lru_cache(maxsize=64)
@@ -53,19 +54,71 @@ def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def make_cache(model, tensors: list[tuple[torch.Tensor, torch.Tensor]], batch: int, upto: int | None = None) -> DynamicCache:
-    """A new cache for ``batch`` rows holding the first ``upto`` positions of a batch-1 cache's tensors."""
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live in buffers sized once for the whole generation.
+
+    ``DynamicLayer`` grows by ``torch.cat``: every decode step copies the whole cache and allocates a new, larger
+    tensor (on a GPU with hundreds of rows, that copy and the allocator's churn cost more than the attention).
+    Here each step writes its positions in place and ``keys``/``values`` are views of the filled part, so the
+    attention reads exactly the same numbers.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+        self._filled = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._key_buffer is None:
+            batch, heads, _, dim = key_states.shape
+            self._key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
+            self._value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+            self.device = key_states.device
+            self.is_initialized = True
+        end = self._filled + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} positions)")
+        self._key_buffer[:, :, self._filled : end].copy_(key_states)
+        self._value_buffer[:, :, self._filled : end].copy_(value_states)
+        self._filled = end
+        self.keys = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def select(self, rows: torch.Tensor) -> None:
+        self._key_buffer = self._key_buffer.index_select(0, rows)
+        self._value_buffer = self._value_buffer.index_select(0, rows)
+        self.keys = self._key_buffer[:, :, : self._filled]
+        self.values = self._value_buffer[:, :, : self._filled]
+
+
+def make_cache(model, tensors: list[tuple[torch.Tensor, torch.Tensor]], batch: int, upto: int | None = None,
+               capacity: int | None = None) -> DynamicCache:
+    """A new cache for ``batch`` rows holding the first ``upto`` positions of a batch-1 cache's tensors.
+
+    ``capacity`` (positions): preallocate every full-attention layer for that many positions (for generation);
+    without it layers grow by concatenation (for a single forward).
+    """
     cache = DynamicCache(config=model.config)
+    if capacity is not None:
+        cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     for i, (k, v) in enumerate(tensors):
         if upto is not None:
             k, v = k[:, :, :upto], v[:, :, :upto]
-        cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), i)
+        k, v = k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)
+        if not isinstance(cache.layers[i], PreallocatedLayer):  # it copies into its buffer; cat needs real rows
+            k, v = k.contiguous(), v.contiguous()
+        cache.update(k, v, i)
     return cache
 
 
 def select_rows(cache, rows: torch.Tensor) -> None:
     """Keep only ``rows`` (a LongTensor of batch indices) in every layer of ``cache``."""
     for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel():
+        if isinstance(layer, PreallocatedLayer) and layer.is_initialized:
+            layer.select(rows.to(layer.device))
+        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
             layer.values = layer.values.index_select(0, rows.to(layer.values.device))
