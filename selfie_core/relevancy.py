@@ -51,6 +51,22 @@ def _pack(sequences: Sequence[Sequence[int]], rows: list[int], width: int):
     return lanes
 
 
+def _tree_masks(lanes: list[dict], width: int) -> torch.Tensor:
+    """(lanes, width, width) bool: node i may attend to node j iff j is i or one of its ancestors.
+
+    Nodes are numbered parents first, so filling depth by depth (a row inherits its parent's row) is exact.
+    Padding positions see only themselves.
+    """
+    tree = torch.eye(width, dtype=torch.bool).repeat(len(lanes), 1, 1)
+    for lane_i, lane in enumerate(lanes):
+        parents = torch.tensor(lane["parents"])
+        depths = torch.tensor(lane["depths"])
+        for depth in range(1, int(depths.max()) + 1 if len(depths) else 0):
+            nodes = (depths == depth).nonzero()[:, 0]
+            tree[lane_i, nodes] |= tree[lane_i, parents[nodes]]
+    return tree
+
+
 def _new_nodes(index: dict, seq: Sequence[int]) -> int:
     parent = -1
     for depth, tok in enumerate(seq):
@@ -85,34 +101,35 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
         pos = torch.full((n, width), plen, dtype=torch.long)
         mask = torch.zeros((n, 1, width, plen + width), dtype=torch.bool)
         mask[:, :, :, :plen] = True
+        mask[:, 0, :, plen:] = _tree_masks(group, width)
+        lane_of, node_of, target_of, owner = [], [], [], []
         for lane_i, lane in enumerate(group):
             m = len(lane["tokens"])
             ids[lane_i, :m] = torch.tensor(lane["tokens"])
             pos[lane_i, :m] += torch.tensor(lane["depths"])
-            tree = mask[lane_i, 0, :, plen:]
-            for node, parent in enumerate(lane["parents"]):
-                if parent >= 0:
-                    tree[node] = tree[parent]
-                tree[node, node] = True
-            for pad in range(m, width):  # padding sees only itself and the prompt
-                tree[pad, pad] = True
+            for row, nodes in lane["targets"].items():
+                lane_of += [lane_i] * len(nodes)
+                node_of += nodes
+                target_of += sequences[row][1:]
+                owner.append((row, len(nodes)))
         cache = make_cache(model, state.kv, n)
         if impl == "eager":  # eager attention adds the mask to the scores
             dtype = state.kv[0][0].dtype
             mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
         logits, _, _ = forward(model, ids.to(device), cache=cache, attention_mask=mask.to(device),
                                position_ids=pos.to(device), use_cache=True)
-        logits = wide(logits)
-        logz = torch.logsumexp(logits, -1)
         del cache
-        for lane_i, lane in enumerate(group):
-            for row, nodes in lane["targets"].items():
-                seq = sequences[row]
-                node_idx = torch.tensor(nodes, device=logits.device)
-                tgt = torch.tensor(seq[1:], device=logits.device)
-                p = (logits[lane_i, node_idx, tgt] - logz[lane_i, node_idx]).exp()
-                result[row].extend(p.tolist())
-        del logits, logz
+        # one gather and one transfer for the whole pass (a per-row .tolist() would wait for the device each time)
+        lane_idx = torch.tensor(lane_of, device=logits.device)
+        node_idx = torch.tensor(node_of, device=logits.device)
+        picked = wide(logits[lane_idx, node_idx])  # (targets, vocab)
+        tgt = torch.tensor(target_of, device=logits.device)
+        probs = (picked.gather(-1, tgt[:, None])[:, 0] - torch.logsumexp(picked, -1)).exp().tolist()
+        at = 0
+        for row, count in owner:
+            result[row].extend(probs[at : at + count])
+            at += count
+        del logits, picked
     return result
 
 
