@@ -13,6 +13,7 @@ from .adapters import get_adapter
 from .errors import SelfieInputError
 from .extraction import extract
 from .generation import PromptState, generate_batch, prepare_prompt_state
+from .modelcall import attention_kernels
 from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest, VectorRequest
 from .relevancy import no_inject_probs, relevancy_scores
 from .templates import InterpretationTemplate, PreparedPrompt
@@ -195,8 +196,9 @@ class SelfieEngine:
             chunk = requests[start : start + size]
             missing = list(dict.fromkeys(r.prompt for r in chunk if isinstance(r, InterpretRequest) and r.prompt not in extracted))
             if missing:
-                got = extract(self.model, [token_ids[p] for p in missing], [sorted(pairs[p]) for p in missing],
-                              self.pad_id, self.input_device, self.max_extract_tokens)
+                with attention_kernels(self.input_device):
+                    got = extract(self.model, [token_ids[p] for p in missing], [sorted(pairs[p]) for p in missing],
+                                  self.pad_id, self.input_device, self.max_extract_tokens)
                 extracted.update(zip(missing, got))
             vecs = []
             for j, req in enumerate(chunk):
@@ -212,6 +214,10 @@ class SelfieEngine:
             yield self._run_batch(chunk, vectors, state, injection, generation, eos, token_ids)
 
     def _run_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
+        with attention_kernels(self.input_device):
+            return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
+
+    def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
         seeds = None
         if generation.do_sample and generation.seed is not None:
             seeds = [_row_seed(generation.seed, self._identity(req)) for req in chunk]
@@ -263,7 +269,8 @@ class SelfieEngine:
         key = (prepared.input_ids, prepared.insert_positions)
         state = self._states.get(key)
         if state is None:
-            state = prepare_prompt_state(self.model, prepared, self.input_device)
+            with attention_kernels(self.input_device):
+                state = prepare_prompt_state(self.model, prepared, self.input_device)
             self._states[key] = state
             while len(self._states) > 8:
                 self._states.popitem(last=False)
@@ -276,6 +283,8 @@ class SelfieEngine:
         if device.type != "cuda":
             return 256  # fewer sequential decode steps per row; the no-inject pass is chunked by logits size
         free, _ = torch.cuda.mem_get_info(device)
+        # memory torch's allocator holds but no tensor uses is free for us too (mem_get_info counts it as used)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         cfg = self.model.config
         heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
         head_dim = getattr(cfg, "head_dim", None) or self.hidden_size // getattr(cfg, "num_attention_heads", 1)
