@@ -122,14 +122,15 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
         # one gather and one transfer for the whole pass (a per-row .tolist() would wait for the device each time)
         lane_idx = torch.tensor(lane_of, device=logits.device)
         node_idx = torch.tensor(node_of, device=logits.device)
-        picked = wide(logits[lane_idx, node_idx])  # (targets, vocab)
         tgt = torch.tensor(target_of, device=logits.device)
-        probs = (picked.gather(-1, tgt[:, None])[:, 0] - torch.logsumexp(picked, -1)).exp().tolist()
+        logits = wide(logits)
+        logz = torch.logsumexp(logits, -1)
+        probs = (logits[lane_idx, node_idx, tgt] - logz[lane_idx, node_idx]).exp().tolist()
         at = 0
         for row, count in owner:
             result[row].extend(probs[at : at + count])
             at += count
-        del logits, picked
+        del logits, logz
     return result
 
 
