@@ -7,6 +7,8 @@ keeps its data in `data_dir/redis/` (RDB snapshots) so queued messages survive a
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import time
 from contextlib import closing
@@ -35,20 +37,51 @@ class EmbeddedRedis:
         except Exception:  # noqa: BLE001
             return False
 
-    def stop(self) -> None:
-        """Stop the server (it also stops when this process exits)."""
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Snapshot and stop the server, and wait until its process is gone (killed if it does not go)."""
         server, self._server = self._server, None
-        if server is not None:
-            try:
-                server.shutdown(save=True, now=True)
-            except Exception:  # noqa: BLE001 - it may be gone already; say so rather than hide it
-                log.info("embedded Redis was already stopped", exc_info=True)
+        if server is None:
+            return
+        import redis
+
+        pid = server.pid
+        try:
+            server.shutdown(save=True)  # SHUTDOWN SAVE: the bundled server (6.2) knows no NOW or FORCE
+        except redis.RedisError as exc:  # it answered instead of exiting (e.g. the snapshot failed)
+            log.warning("embedded Redis (pid %s) did not shut down (%s); terminating it", pid, exc)
+            _signal(pid, signal.SIGTERM)
+        if not _wait_gone(pid, timeout_s):
+            log.warning("embedded Redis (pid %s) still runs after %.0f s; killing it", pid, timeout_s)
+            _signal(pid, signal.SIGKILL)
+            _wait_gone(pid, 5.0)
 
     def __enter__(self) -> EmbeddedRedis:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def start_embedded_redis(data_dir: str | Path, port: int | None = None, *, timeout_s: float = 15.0) -> EmbeddedRedis:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK, RUN_CHUNK_TASK, model_queue
 from selfie_jobs.settings import Settings
 from workers import launch
@@ -58,16 +60,23 @@ def test_gpu_pinning_and_worker_command_line(monkeypatch):
     assert launch.default_node_name("org/model", 3).startswith("selfie-org_model-gpu3@")
 
 
-def test_embedded_redis_starts_and_stops(tmp_path):
+def test_embedded_redis_stops_for_real_and_keeps_its_data(tmp_path):
+    import psutil
     import redis
 
     from workers.embedded import start_embedded_redis
 
     server = start_embedded_redis(tmp_path)
+    pid = server._server.pid
     try:
         client = redis.Redis.from_url(server.url)
         client.set("k", "v")
         assert client.get("k") == b"v" and server.ping()
     finally:
         server.stop()
-    assert not server.ping()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(server.url, socket_connect_timeout=1).ping()
+    # the snapshot taken on the way out brings the data back (queued messages survive a restart of the stack)
+    with start_embedded_redis(tmp_path) as again:
+        assert redis.Redis.from_url(again.url).get("k") == b"v"
