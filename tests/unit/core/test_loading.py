@@ -22,3 +22,9 @@ def test_bad_dtype():
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
         _dtype("int8")
     assert _dtype("torch.float16") is torch.float16
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-model"])
+def test_a_missing_local_folder_is_named_not_taken_for_a_hub_id(path):
+    with pytest.raises(FileNotFoundError, match=f"no model folder at {path}"):
+        load_model(path)
