@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 #: Worker row states that mean "this owner will never finish its chunks".
-GONE_WORKER_STATES = frozenset({"dead", "stopped"})
+GONE_WORKER_STATES = frozenset({"dead", "stopped", "load_failed"})
 
 
 def as_utc(value: datetime | None) -> datetime | None:

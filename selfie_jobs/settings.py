@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     job_timeout_seconds: int = Field(7 * 24 * 3600, ge=1)
     db_retry_seconds: float = Field(60.0, gt=0, description="How long a worker keeps retrying a failed write.")
     max_chunk_attempts: int = Field(5, ge=1, description="A chunk lost or crashed this often fails its job.")
+    worker_load_attempts: int = Field(5, ge=1, description="A worker whose model fails to load this many times "
+                                      "in a row stops, with exit status 3.")
+    worker_load_backoff_seconds: float = Field(10.0, ge=0, description="Wait after a failed model load before the "
+                                               "next try; doubled after each failure, at most 5 minutes.")
 
     # --- security ------------------------------------------------------------------------------------------
     auth_enabled: bool = Field(True, description="Only `selfie up` (local embedded mode) switches this off.")

@@ -9,13 +9,16 @@ redelivered (acks_late + reject_on_worker_lost).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from celery import Celery, signals
 
@@ -25,8 +28,34 @@ from workers.runtime import WorkerOptions
 
 log = logging.getLogger(__name__)
 
-#: Seconds a child whose model failed to load waits before exiting (the parent restarts it: no hot loop).
-LOAD_FAILURE_BACKOFF_S = 10.0
+#: Longest wait of a child whose model failed to load, before it exits and the parent starts the next try.
+MAX_LOAD_BACKOFF_S = 300.0
+#: Exit status of a worker that stopped because its model could not be loaded.
+EXIT_LOAD_FAILED = 3
+
+
+class LoadFailures:
+    """Consecutive model-load failures of one worker, in a file: every try runs in a new pool child process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"failures": 0, "error": None}
+
+    def record(self, error: str) -> int:
+        failures = int(self.read()["failures"]) + 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"failures": failures, "error": error}))
+        tmp.replace(self.path)
+        return failures
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def default_node_name(model: str, gpu: int | None) -> str:
@@ -44,7 +73,7 @@ def pin_gpu(gpu: int | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
-def install_worker_signals(app: Celery, settings: Settings) -> None:
+def install_worker_signals(app: Celery, settings: Settings, load_failures: LoadFailures) -> None:
     """Model load/unload in the pool child; a reconcile at start-up from the parent."""
 
     @signals.worker_process_init.connect(weak=False, dispatch_uid="selfie.runtime.init")
@@ -53,11 +82,21 @@ def install_worker_signals(app: Celery, settings: Settings) -> None:
 
         try:
             start_runtime(settings)
-        except BaseException:  # noqa: BLE001 - a child without its model must not take work
-            log.exception("the model could not be loaded; this worker process exits")
+        except BaseException as exc:  # noqa: BLE001 - a child without its model must not take work
+            failures = load_failures.record(f"{type(exc).__name__}: {exc}")
+            if failures >= settings.worker_load_attempts:
+                log.critical("the model could not be loaded (%d tries in a row); the worker stops", failures,
+                             exc_info=True)
+                logging.shutdown()
+                os.kill(os.getppid(), signal.SIGTERM)  # the parent would otherwise start the next child
+                os._exit(EXIT_LOAD_FAILED)
+            delay = min(MAX_LOAD_BACKOFF_S, settings.worker_load_backoff_seconds * 2 ** (failures - 1))
+            log.exception("the model could not be loaded (try %d of %d); this process exits and the next try "
+                          "starts in %.0f s", failures, settings.worker_load_attempts, delay)
             logging.shutdown()
-            time.sleep(LOAD_FAILURE_BACKOFF_S)
-            os._exit(3)
+            time.sleep(delay)  # the parent restarts a child as soon as this one exits: no hot loop
+            os._exit(EXIT_LOAD_FAILED)
+        load_failures.clear()
 
     @signals.worker_process_shutdown.connect(weak=False, dispatch_uid="selfie.runtime.shutdown")
     def _unload_model(**_kwargs) -> None:
@@ -116,9 +155,18 @@ def run_worker(
     os.environ.update(options.to_env())
     from workers.celery_app import create_celery_app
 
+    load_failures = LoadFailures(settings.data_dir / "workers" / f"{node_name}.load-failures.json")
+    load_failures.clear()
     app = create_celery_app(settings, models=[model])
-    install_worker_signals(app, settings)
-    app.worker_main(argv=worker_argv(model, node_name, concurrency, loglevel, extra_args))
+    install_worker_signals(app, settings, load_failures)
+    try:
+        app.worker_main(argv=worker_argv(model, node_name, concurrency, loglevel, extra_args))
+    finally:
+        failed = load_failures.read()
+        if failed["failures"] >= settings.worker_load_attempts:
+            print(f"selfie worker: model {model!r} could not be loaded ({failed['failures']} tries in a row): "
+                  f"{failed['error']}", file=sys.stderr)
+            raise SystemExit(EXIT_LOAD_FAILED)
 
 
 def run_beat(settings: Settings | None = None, *, loglevel: str = "INFO", schedule_file: str | None = None) -> None:

@@ -221,6 +221,17 @@ class Runtime:
                     source=self.options.model_path or self.options.model)
         return card
 
+    def mark_load_failed(self, exc: BaseException) -> None:
+        """Say on this worker's card why the model did not load (so the API and operators see it)."""
+        self._stop.set()
+        if self.identity is None:
+            return
+        info = {**self.info(), "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        try:
+            self._db(lambda s: cards.heartbeat(s, self.identity, state="load_failed", info=info), retry=False)
+        except Exception:  # noqa: BLE001 - the load error is what gets reported; this one is logged
+            log.exception("could not mark worker %s load_failed", self.name)
+
     def stop(self, state: str = "stopped") -> None:
         self._stop.set()
         if self._thread is not None:
@@ -321,7 +332,11 @@ def start_runtime(settings: Settings, options: WorkerOptions | None = None) -> R
     options = options or WorkerOptions.from_env()
     runtime = Runtime(settings=settings, options=options,
                       sessions=get_sessionmaker(settings.resolved_database_url()))
-    runtime.start()
+    try:
+        runtime.start()
+    except BaseException as exc:
+        runtime.mark_load_failed(exc)
+        raise
     _RUNTIME = runtime
     return runtime
 

@@ -7,6 +7,7 @@ else (Celery prefork, Redis redelivery, the database) is real.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from sqlalchemy import select
 
 from selfie_jobs.models import Chunk, Job, Worker
 from tests.integration.test_worker import private_redis_url, stack, tiny_model_dir  # noqa: F401 - fixtures
-from tests.integration.worker_support import PROMPTS, wait_for
+from tests.integration.worker_support import MODEL, PROMPTS, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -53,6 +54,33 @@ def test_device_failure_restarts_the_process_and_the_work_is_finished(stack, tmp
     with stack.db() as s:
         states = dict(s.execute(select(Worker.name, Worker.state)).all())
     assert states[f"w1@testhost:{first_child}"] == "dead"
+
+
+@SQLITE
+def test_a_model_that_does_not_load_stops_the_worker_and_its_job_waits(stack, tmp_path):
+    missing = tmp_path / "no-such-model"
+    first = stack.start_worker("w0")  # publishes the model card that submissions check, then goes away
+    stack.wait_ready(first)
+    first.stop()
+    job = stack.submit(stack.request())
+    broken = stack.start_worker("w1", model_path=missing, SELFIE_WORKER_LOAD_ATTEMPTS="2",
+                                SELFIE_WORKER_LOAD_BACKOFF_SECONDS="0.5")
+    assert broken.proc.wait(180) == 3, broken.log()[-4000:]
+    log = broken.log()
+    assert "could not be loaded (try 1 of 2); this process exits and the next try starts in 0 s" in log
+    # the command's own last word; a child the parent started while it was being stopped may count as a third try
+    assert re.search(rf"model {MODEL!r} could not be loaded \([23] tries in a row\): FileNotFoundError: "
+                     rf"no model folder at {re.escape(str(missing))}", log), log[-3000:]
+    with stack.db() as s:
+        tries = s.scalars(select(Worker).where(Worker.name.like("w1@testhost:%"))).all()
+        assert s.get(Job, job).state == "queued"
+    assert len(tries) >= 2 and {w.state for w in tries} == {"load_failed"}
+    assert all(w.info["error"] == f"FileNotFoundError: no model folder at {missing}" for w in tries)
+
+    worker = stack.start_worker("w2")  # a worker that can load the model finds the job waiting
+    stack.wait_ready(worker)
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
 
 
 @SQLITE
