@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list, description="Closed by default.")
     rate_limit_per_minute: int = Field(600, ge=1)
     default_daily_quota: int = Field(1_000_000, ge=1, description="Interpretations per key per day.")
+    metrics_token: SecretStr | None = Field(None, description="When set, /metrics asks for "
+                                            "`Authorization: Bearer <token>` (Prometheus' bearer_token).")
     flower_user: str | None = None
     flower_password: SecretStr | None = None
 

@@ -127,6 +127,22 @@ def test_cors_is_closed_without_configuration(sqlite_url, redis_url, monkeypatch
             assert "access-control-allow-origin" not in _preflight(http, origin).headers
 
 
+# --- /metrics ------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_ask_for_the_bearer_token_when_one_is_set(sqlite_url, redis_url):
+    prepare_database(sqlite_url)
+    with live_server(settings_for(sqlite_url, redis_url, metrics_token="scrape-secret-1")) as srv, \
+            srv.client() as http:
+        assert http.get("/metrics").status_code == 401
+        assert http.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/metrics", headers={"Authorization": "Basic scrape-secret-1"}).status_code == 401
+        ok = http.get("/metrics", headers={"Authorization": "Bearer scrape-secret-1"})
+    assert ok.status_code == 200 and "selfie_jobs" in ok.text
+    with live_server(settings_for(sqlite_url, redis_url)) as srv, srv.client() as http:
+        assert http.get("/metrics").status_code == 200  # without a token: open, as Prometheus endpoints usually are
+
+
 # --- SQL --------------------------------------------------------------------------------------------------------------
 
 _SQL_CALLS = {"text", "exec_driver_sql", "literal_column", "column", "table"}
