@@ -109,10 +109,21 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (batch indices), buffers included."""
         self._key_buffer = self._key_buffer.index_select(0, rows)
         self._value_buffer = self._value_buffer.index_select(0, rows)
         self.keys = self._key_buffer[:, :, : self._filled]
         self.values = self._value_buffer[:, :, : self._filled]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:  # Cache.batch_select_indices
+        if self.is_initialized:
+            self.select(indices.to(self.device))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a preallocated generation cache is not cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a preallocated generation cache is not repeated")
 
 
 def make_cache(model, tensors: list[tuple[torch.Tensor, torch.Tensor]], batch: int, upto: int | None = None,

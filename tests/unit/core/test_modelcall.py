@@ -23,6 +23,9 @@ def test_preallocated_cache_equals_dynamic_cache(llama):
             keep = torch.tensor([0, 2, 3])
             select_rows(ours, keep)
             select_rows(plain, keep)
+        if step == 4:  # the same through the Cache API
+            ours.batch_select_indices(torch.tensor([0, 2]))
+            plain.batch_select_indices(torch.tensor([0, 2]))
         rows = ours.layers[0].keys.shape[0]
         new = [(torch.randn(rows, 3, 1, 4), torch.randn(rows, 3, 1, 4)) for _ in kv]
         for i, (k, v) in enumerate(new):
@@ -31,7 +34,7 @@ def test_preallocated_cache_equals_dynamic_cache(llama):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert ours.get_seq_length() == plain.get_seq_length() == 3 + step + 1
     with pytest.raises(RuntimeError, match="capacity 9 exceeded"):
-        ours.update(torch.zeros(3, 3, 1, 4), torch.zeros(3, 3, 1, 4), 0)
+        ours.update(torch.zeros(2, 3, 1, 4), torch.zeros(2, 3, 1, 4), 0)
 
 
 def test_cache_without_prefix_starts_empty(llama):
