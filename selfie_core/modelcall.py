@@ -7,7 +7,7 @@ and copy cache tensors; the forward itself is always the model's own.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
@@ -54,15 +54,9 @@ def attention_kernels(device: torch.device):
     """
     if device.type != "cuda":
         return nullcontext()
-    return _without_cudnn_attention()
-
-
-@contextmanager
-def _without_cudnn_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def wide(logits: torch.Tensor) -> torch.Tensor:
@@ -108,16 +102,13 @@ class PreallocatedLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :end]
         return self.keys, self.values
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (batch indices), buffers included."""
-        self._key_buffer = self._key_buffer.index_select(0, rows)
-        self._value_buffer = self._value_buffer.index_select(0, rows)
-        self.keys = self._key_buffer[:, :, : self._filled]
-        self.values = self._value_buffer[:, :, : self._filled]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:  # Cache.batch_select_indices
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows ``indices`` (on this layer's device), buffers included."""
         if self.is_initialized:
-            self.select(indices.to(self.device))
+            self._key_buffer = self._key_buffer.index_select(0, indices)
+            self._value_buffer = self._value_buffer.index_select(0, indices)
+            self.keys = self._key_buffer[:, :, : self._filled]
+            self.values = self._value_buffer[:, :, : self._filled]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a preallocated generation cache is not cropped")
@@ -149,8 +140,6 @@ def make_cache(model, tensors: list[tuple[torch.Tensor, torch.Tensor]], batch: i
 def select_rows(cache, rows: torch.Tensor) -> None:
     """Keep only ``rows`` (a LongTensor of batch indices) in every layer of ``cache``."""
     for layer in cache.layers:
-        if isinstance(layer, PreallocatedLayer) and layer.is_initialized:
-            layer.select(rows.to(layer.device))
-        elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
-            layer.values = layer.values.index_select(0, rows.to(layer.values.device))
+        keys = getattr(layer, "keys", None)
+        if keys is not None:  # each layer on its own device (device_map may spread them)
+            layer.batch_select_indices(rows.to(keys.device))
