@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -125,10 +126,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
         hub_cache = {}
     else:
         source = str(name_or_path)
-        if source.startswith(("/", "./", "../", "~")) and not Path(source).expanduser().is_dir():
-            # a path, not a hub id: say so instead of the hub's "Repo id must be in the form ..."
-            raise FileNotFoundError(f"no model folder at {source}")
-        source = str(Path(source).expanduser()) if source.startswith("~") else source
+        if source.startswith(("/", "./", "../", "~")):  # a path, not a hub id
+            source = os.path.expanduser(source)
+            if not Path(source).is_dir():  # say so instead of the hub's "Repo id must be in the form ..."
+                raise FileNotFoundError(f"no model folder at {name_or_path}")
         hub_cache = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
     kwargs = dict(dtype=torch_dtype, **extra, **hub_cache)
     if device_map is not None:
