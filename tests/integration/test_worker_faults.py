@@ -105,19 +105,32 @@ def test_a_job_the_engine_rejects_fails_clearly_and_the_worker_goes_on(stack):
     stack.assert_exactly_once(later)
 
 
-@SQLITE
-def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
+def _start_one_row_worker(stack):
+    """A worker that runs one interpretation per engine batch, with 8-interpretation chunks: jobs take a while."""
     worker = stack.start_worker("w1", max_batch=8, batch_size=1)
     stack.wait_ready(worker)
     stack.settings = stack.settings.model_copy(update={"chunk_size": 8})
-    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
-                                     max_new_tokens=24))
+    return worker
 
+
+def _submit_long_job(stack, max_new_tokens: int) -> str:
+    return stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
+                                      max_new_tokens=max_new_tokens))
+
+
+def _wait_running_chunk(stack, job: str) -> int:
     def running():
         with stack.db() as s:
             return s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "running")).first()
 
-    chunk_id = wait_for(running, 60, interval=0.05, what="a running chunk")
+    return wait_for(running, 60, interval=0.05, what="a running chunk")
+
+
+@SQLITE
+def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
+    worker = _start_one_row_worker(stack)
+    job = _submit_long_job(stack, max_new_tokens=24)
+    chunk_id = _wait_running_chunk(stack, job)
     os.kill(worker.pid, signal.SIGTERM)  # warm shutdown, as docker stop / systemd send it to the main process
     worker.proc.wait(60)
     with stack.db() as s:
@@ -135,11 +148,8 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
 
     from selfie_jobs.models import Interpretation
 
-    worker = stack.start_worker("w1", max_batch=8, batch_size=1)
-    stack.wait_ready(worker)
-    stack.settings = stack.settings.model_copy(update={"chunk_size": 8})
-    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
-                                     max_new_tokens=12))
+    worker = _start_one_row_worker(stack)
+    job = _submit_long_job(stack, max_new_tokens=12)
 
     def some_rows():
         with stack.db() as s:
@@ -171,22 +181,14 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack):
 
     from tests.integration.worker_support import ROOT, worker_env
 
-    worker = stack.start_worker("w1", max_batch=8, batch_size=1)
-    stack.wait_ready(worker)
+    worker = _start_one_row_worker(stack)
     env = worker_env(stack.url, stack.redis_url, stack.tmp / "beat", SELFIE_RECONCILE_INTERVAL_SECONDS="1")
     beat_log = open(stack.tmp / "beat.log", "wb")  # noqa: SIM115 - closed below
     beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule", str(stack.tmp / "beat-schedule")],
                             cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        stack.settings = stack.settings.model_copy(update={"chunk_size": 8})
-        job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
-                                         max_new_tokens=12))
-
-        def running():
-            with stack.db() as s:
-                return s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "running")).first()
-
-        wait_for(running, 60, interval=0.05, what="a running chunk")
+        job = _submit_long_job(stack, max_new_tokens=12)
+        _wait_running_chunk(stack, job)
         redis_client.Redis.from_url(stack.redis_url).flushall()  # every queued message is gone
         with stack.db() as s:
             queued = s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "queued")).all()
