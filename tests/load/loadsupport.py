@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.worker_support import wait_for
+from tests.integration.worker_support import stop_process_group, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,19 +97,7 @@ class ServiceStack:
 
     def stop(self) -> None:
         for proc in (self.api, self.worker):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-                except ProcessLookupError:
-                    pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            stop_process_group(proc, 20)
         for fh in self._files.values():
             fh.close()
 
