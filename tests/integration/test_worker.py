@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from selfie_jobs import submission
 from selfie_jobs.db import get_engine, get_sessionmaker
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, ServedModel, Worker
+from selfie_jobs.queue import RECONCILE_TASK
 from selfie_jobs.settings import Settings
 from selfie_jobs.specs import JobCreate
 from tests.integration.worker_support import MODEL, NUM_LAYERS, PROMPTS, WorkerProcess, save_tiny_model, wait_for, \
@@ -73,6 +74,13 @@ class Stack:
         wait_for(ready, READY_TIMEOUT, what=f"worker {worker.name} ready")
         # the consumer is attached shortly after the child reports ready
         wait_for(lambda: "ready." in worker.log(), 30, what=f"worker {worker.name} consuming")
+
+    def wait_startup_reconciles(self, *workers: WorkerProcess) -> None:
+        """Every worker sends one reconcile when it starts. Until it has run, it may hold the only pool slot of
+        whichever worker took it (one message at a time, acks_late), and that worker takes no chunk."""
+        done = re.compile(rf"Task {re.escape(RECONCILE_TASK)}\[[^\]]+\] succeeded")
+        wait_for(lambda: sum(len(done.findall(w.log())) for w in workers) >= len(workers), 60,
+                 what="the start-up reconciles")
 
     def request(self, **kw) -> JobCreate:
         body = {"model": MODEL, "prompts": list(PROMPTS[:1]), "targets": {"layers": [0, 1, 2], "tokens": [0, 1, 2]},
@@ -199,6 +207,7 @@ def test_two_workers_share_one_job(stack):
     w2 = stack.start_worker("w2", max_batch=4, batch_size=2)
     stack.wait_ready(w1)
     stack.wait_ready(w2)
+    stack.wait_startup_reconciles(w1, w2)  # else one worker may sit on it while the other runs the whole job
     job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
                                      max_new_tokens=6))
     stack.wait_jobs(job)
