@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--no-cudnn-sdp", action="store_true",
                     help="CUDA: keep the reference's attention off cuDNN too (the engine always does)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="CUDA: the engine replays its decode steps as CUDA graphs (SelfieEngine(cuda_graphs=True))")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -146,9 +148,10 @@ def main() -> None:
                 else InterpretationTemplate.preset(args.template, tokenizer))
     injection = InjectionConfig(k=args.k)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    engine = SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size)
+    engine = SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)
     prompt_len = len(template.prepare(tokenizer).input_ids)
-    print(f"model: {name}; torch threads: {torch.get_num_threads()}")
+    print(f"model: {name}; torch threads: {torch.get_num_threads()}; engine decode steps: "
+          f"{'CUDA graphs' if args.cuda_graphs and device == 'cuda' else 'eager'}")
     print(f"template: {args.template}: {template.prepare(tokenizer).text!r}")
     print(f"workload: {len(requests)} interpretations ({len(prompts)} prompt(s) x {len(layers)} layers x {tokens} tokens), "
           f"interpretation prompt {prompt_len} tokens, {args.max_new_tokens} new tokens, k={args.k}")

@@ -59,11 +59,12 @@ class SelfieEngine:
     """Runs SelfIE interpretations on one resident model.
 
     ``SelfieEngine(load_model(...))`` or ``SelfieEngine(model, tokenizer)``. ``batch_size`` (rows per engine
-    batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA.
+    batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA. ``cuda_graphs``: on CUDA, run the
+    decode steps as CUDA graphs (``selfie_core.decoding``); off by default until measured on each setup.
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
-                 max_extract_tokens: int = 16384):
+                 max_extract_tokens: int = 16384, cuda_graphs: bool = False):
         if hasattr(model, "model") and hasattr(model, "tokenizer") and tokenizer is None:
             name = name or getattr(model, "name", None)
             model, tokenizer = model.model, model.tokenizer
@@ -75,6 +76,7 @@ class SelfieEngine:
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.batch_size = batch_size
         self.max_extract_tokens = max_extract_tokens
+        self.cuda_graphs = cuda_graphs
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
 
     # -- model facts ---------------------------------------------------------------------------------------
@@ -241,6 +243,7 @@ class SelfieEngine:
             do_sample=generation.do_sample, temperature=float(generation.temperature), top_p=float(generation.top_p),
             row_seeds=seeds, device=self.input_device,
             lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.layout == "llama" else None,
+            decode="graphs" if self.cuda_graphs else "growing",
         )
         p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
         out = []

@@ -76,6 +76,12 @@ class PreallocatedLayer(DynamicLayer):
     tensor (on a GPU with hundreds of rows, that copy and the allocator's churn cost more than the attention).
     Here each step writes its positions in place and ``keys``/``values`` are views of the filled part, so the
     attention reads exactly the same numbers.
+
+    After ``make_static(write_at)`` every update writes one position at the index held in the device tensor
+    ``write_at`` (which the caller advances) and returns the whole buffers: every decode step then has the same
+    shapes and the same tensor addresses, which a CUDA graph needs. The caller's attention mask hides the
+    positions not written yet; the buffers start zeroed, so those positions hold no NaN that a masked score
+    times a value could spread.
     """
 
     def __init__(self, capacity: int):
@@ -84,12 +90,17 @@ class PreallocatedLayer(DynamicLayer):
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
         self._filled = 0
+        self._write_at: torch.Tensor | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._write_at is not None:
+            self._key_buffer.index_copy_(2, self._write_at, key_states)
+            self._value_buffer.index_copy_(2, self._write_at, value_states)
+            return self._key_buffer, self._value_buffer
         if self._key_buffer is None:
             batch, heads, _, dim = key_states.shape
-            self._key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
-            self._value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+            self._key_buffer = key_states.new_zeros((batch, heads, self.capacity, dim))
+            self._value_buffer = value_states.new_zeros((batch, heads, self.capacity, value_states.shape[-1]))
             self.device = key_states.device
             self.is_initialized = True
         end = self._filled + key_states.shape[-2]
@@ -107,8 +118,17 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self._key_buffer = self._key_buffer.index_select(0, indices)
             self._value_buffer = self._value_buffer.index_select(0, indices)
-            self.keys = self._key_buffer[:, :, : self._filled]
-            self.values = self._value_buffer[:, :, : self._filled]
+            end = self.capacity if self._write_at is not None else self._filled
+            self.keys = self._key_buffer[:, :, :end]
+            self.values = self._value_buffer[:, :, :end]
+
+    def make_static(self, write_at: torch.Tensor) -> None:
+        """Switch to fixed-shape updates of one position at ``write_at`` (a (1,) long tensor on this layer's
+        device); ``keys``/``values`` become the whole buffers."""
+        if not self.is_initialized:
+            raise RuntimeError("a preallocated cache layer turns static only once it holds the prompt")
+        self._write_at = write_at
+        self.keys, self.values = self._key_buffer, self._value_buffer
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a preallocated generation cache is not cropped")

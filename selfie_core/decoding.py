@@ -1,0 +1,148 @@
+"""Decode steps: one new token per row over the KV cache that the prefill left.
+
+Two ways to run a step, both through the model's own forward:
+
+- ``GrowingDecoder``: the cache grows by one position per step and attention reads the filled part. Used when the
+  cache cannot be made static (a model spread over devices, a sliding-window or other special cache layer, an
+  attention implementation that takes no 4D mask).
+- ``StaticDecoder``: every step has the same shapes. The cache layers are ``PreallocatedLayer`` buffers in static
+  mode, written at a position held in a device tensor; the position ids and a 4D mask (columns up to that
+  position) are derived from the same tensor inside the step, which then advances it. Nothing in a step depends on
+  the host, so on CUDA the step can be captured once as a CUDA graph and replayed: a 7B-shaped model launches
+  hundreds of kernels per step, and replaying them costs the host one call instead of a full Python forward.
+
+All rows of a batch share one interpretation prompt, so cache index and position id are the same in every row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .modelcall import PreallocatedLayer, forward, select_rows
+
+
+class GrowingDecoder:
+    """Eager steps over a cache that grows by one position per step."""
+
+    graphed = False
+
+    def __init__(self, model, cache):
+        self.model = model
+        self.cache = cache
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (batch,) -> next-token logits (batch, vocab)."""
+        logits, self.cache, _ = forward(self.model, tokens[:, None], cache=self.cache, logits_to_keep=1)
+        return logits[:, -1]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (batch indices) in the cache."""
+        select_rows(self.cache, rows)
+
+    def prune_now(self, finished: int, batch: int) -> bool:
+        """Drop finished rows as soon as any finish: every later step is cheaper."""
+        return finished > 0
+
+    def close(self) -> None:
+        """Nothing to free beyond the cache, which the caller drops."""
+
+
+def static_decoding_supported(model, cache) -> bool:
+    """Every cache layer preallocated and on one device, and an attention implementation that takes a 4D mask."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in ("sdpa", "eager") or not cache.layers:
+        return False
+    if not all(isinstance(layer, PreallocatedLayer) and layer.is_initialized for layer in cache.layers):
+        return False
+    return len({layer.device for layer in cache.layers}) == 1
+
+
+class StaticDecoder:
+    """Fixed-shape steps over a static preallocated cache; on CUDA with ``graphs`` the step is a CUDA graph.
+
+    ``length``: positions the cache holds after the prefill (the interpretation prompt's length).
+    """
+
+    def __init__(self, model, cache, length: int, graphs: bool = False):
+        self.model = model
+        self.cache = cache
+        first = cache.layers[0]
+        self.device = first.device
+        self.capacity = first.capacity
+        if length >= self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({length + 1} positions)")
+        self.write_at = torch.tensor([length], device=self.device)
+        self._next = length  # the host's copy of write_at, for the capacity check
+        self.columns = torch.arange(self.capacity, device=self.device)
+        for layer in cache.layers:
+            layer.make_static(self.write_at)
+        eager_attention = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
+        self.mask_dtype = first.keys.dtype if eager_attention else None  # eager attention adds its mask
+        self.graphs = graphs and self.device.type == "cuda"
+        self._tokens: torch.Tensor | None = None  # the step's input buffer (graph input)
+        self._logits: torch.Tensor | None = None  # the graph's output buffer
+        self._graph = None
+
+    @property
+    def graphed(self) -> bool:
+        return self._graph is not None
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (batch,) -> next-token logits (batch, vocab). With a graph, the logits live in the graph's
+        output buffer and are valid until the next step."""
+        if self._next >= self.capacity:
+            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({self._next + 1} positions)")
+        self._next += 1
+        if self._tokens is None or self._tokens.shape[0] != tokens.shape[0]:
+            self._tokens = torch.empty((tokens.shape[0], 1), dtype=torch.long, device=self.device)
+        self._tokens[:, 0].copy_(tokens)
+        if self._graph is not None:
+            self._graph.replay()
+            return self._logits
+        if self.graphs:
+            return self._capture()
+        return self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        batch = self._tokens.shape[0]
+        position_ids = self.write_at.view(1, 1).expand(batch, 1)
+        visible = (self.columns <= self.write_at).view(1, 1, 1, -1).expand(batch, 1, 1, -1)
+        mask = visible
+        if self.mask_dtype is not None:
+            mask = torch.zeros(visible.shape, dtype=self.mask_dtype, device=self.device)
+            mask = mask.masked_fill(~visible, torch.finfo(self.mask_dtype).min)
+        logits, _, _ = forward(self.model, self._tokens, cache=self.cache, attention_mask=mask,
+                               position_ids=position_ids, logits_to_keep=1)
+        self.write_at.add_(1)
+        return logits[:, -1]
+
+    def _capture(self) -> torch.Tensor:
+        """Run this step for real on a side stream (CUDA's rule for the warm-up before a capture), then record the
+        same step as a graph. Recording runs no kernel, so the cache and ``write_at`` move only once."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            logits = self._forward().clone()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._logits = self._forward()
+        self._graph = graph
+        return logits
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows``: the buffers move, so a graph is dropped and captured again at the new size."""
+        select_rows(self.cache, rows)
+        self._graph = None
+        self._logits = None
+        self._tokens = None
+
+    def prune_now(self, finished: int, batch: int) -> bool:
+        """Eager steps drop finished rows at once. A graph keeps computing them (their tokens after EOS are
+        discarded) until half the batch has finished, so that it is captured again only a few times."""
+        return finished > 0 if not self.graphs else 2 * finished >= batch
+
+    def close(self) -> None:
+        """Free the graph and its memory pool."""
+        self._graph = None
+        self._logits = None
