@@ -92,6 +92,7 @@ def test_graphs_are_a_cuda_only_option_and_change_nothing_on_cpu(llama, tokenize
     assert [r.token_ids for r in plain] == [r.token_ids for r in graphed]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_steps_equal_eager_steps(tokenizer, dtype):
