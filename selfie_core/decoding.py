@@ -24,8 +24,6 @@ from .modelcall import PreallocatedLayer, forward, select_rows
 class GrowingDecoder:
     """Eager steps over a cache that grows by one position per step."""
 
-    graphed = False
-
     def __init__(self, model, cache):
         self.model = model
         self.cache = cache
@@ -83,10 +81,6 @@ class StaticDecoder:
         self._logits: torch.Tensor | None = None  # the graph's output buffer
         self._graph = None
 
-    @property
-    def graphed(self) -> bool:
-        return self._graph is not None
-
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (batch,) -> next-token logits (batch, vocab). With a graph, the logits live in the graph's
         output buffer and are valid until the next step."""
@@ -119,11 +113,13 @@ class StaticDecoder:
     def _capture(self) -> torch.Tensor:
         """Run this step for real on a side stream (CUDA's rule for the warm-up before a capture), then record the
         same step as a graph. Recording runs no kernel, so the cache and ``write_at`` move only once."""
+        current = torch.cuda.current_stream(self.device)
         stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            logits = self._forward().clone()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+            logits = self._forward()
+        current.wait_stream(stream)
+        logits.record_stream(current)  # read on this stream below: its memory is not reused before that
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._logits = self._forward()
