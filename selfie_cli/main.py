@@ -105,13 +105,16 @@ def up(**options: Any) -> None:
 @click.option("--batch-size", type=int, default=None, help="Rows per engine batch.")
 @click.option("--hostname", default=None, help="Celery node name.")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(model, gpu, model_path, device, dtype, concurrency, batch_size, hostname, loglevel) -> None:
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="CUDA: replay the engine's decode steps as CUDA graphs.")
+def worker(model, gpu, model_path, device, dtype, concurrency, batch_size, hostname, loglevel, cuda_graphs) -> None:
     """Serve one model on one device (blocks)."""
     from selfie_jobs.settings import get_settings
     from workers.launch import run_worker
 
     run_worker(model or get_settings().default_model, gpu, model_path=model_path, device=device, dtype=dtype,
-               concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel)
+               concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel,
+               cuda_graphs=cuda_graphs)
 
 
 @cli.command()

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--batch-size", type=int, default=None, help="rows per engine batch (default: engine's choice)")
     w.add_argument("--hostname", default=None, help="Celery node name")
     w.add_argument("--loglevel", default="INFO")
+    w.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay the engine's decode steps as CUDA graphs")
     w.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # fault tests only (workers.faults)
     b = sub.add_parser("beat", help="the scheduler (reconcile, audits)")
     b.add_argument("--loglevel", default="INFO")
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_worker(args.model, args.gpu, model_path=args.model_path, device=args.device, dtype=args.dtype,
                    concurrency=args.concurrency, batch_size=args.batch_size, hostname=args.hostname,
-                   loglevel=args.loglevel, inject_fault=args.inject_fault)
+                   loglevel=args.loglevel, inject_fault=args.inject_fault, cuda_graphs=args.cuda_graphs)
     elif args.command == "beat":
         from workers.launch import run_beat
 

@@ -51,6 +51,7 @@ class WorkerOptions:
     node_name: str = "selfie@localhost"
     batch_size: int | None = None
     gpu: int | None = None
+    cuda_graphs: bool = False  # decode steps as CUDA graphs (SelfieEngine(cuda_graphs=True))
     inject_fault: str | None = None  # tests only: see workers.faults
 
     def to_env(self) -> dict[str, str]:
@@ -181,7 +182,7 @@ class Runtime:
         loaded = load_model(opts.model_path or opts.model, device=opts.device, dtype=opts.dtype,
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
                             if not opts.model_path else None)
-        self.engine = SelfieEngine(loaded, name=opts.model)
+        self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs)
         self.runner = EngineRunner(self.engine, opts.batch_size)
         if opts.inject_fault:
             from workers.faults import FaultInjectingRunner
@@ -266,6 +267,7 @@ class Runtime:
             "device": self.options.device,
             "gpu": self.options.gpu,
             "dtype": self.options.dtype,
+            "cuda_graphs": self.options.cuda_graphs,
             "batches_served": self.batches_served,
             "rows_served": self.rows_served,
             "held_chunks": self.held(),
