@@ -121,7 +121,9 @@ class StaticDecoder:
         current.wait_stream(stream)
         logits.record_stream(current)  # read on this stream below: its memory is not reused before that
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads of the process (a worker's heartbeat asks the device for its free memory)
+        # may go on calling CUDA while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._logits = self._forward()
         self._graph = graph
         return logits
