@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .modelcall import PreallocatedLayer, forward, select_rows
+from .modelcall import (CUSTOM_MASK_ATTENTION, PreallocatedLayer, attention_implementation, custom_mask, forward,
+                        select_rows)
 
 
 class GrowingDecoder:
@@ -47,8 +48,7 @@ class GrowingDecoder:
 
 def static_decoding_supported(model, cache) -> bool:
     """Every cache layer preallocated and on one device, and an attention implementation that takes a 4D mask."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager") or not cache.layers:
+    if attention_implementation(model) not in CUSTOM_MASK_ATTENTION or not cache.layers:
         return False
     if not all(isinstance(layer, PreallocatedLayer) and layer.is_initialized for layer in cache.layers):
         return False
@@ -67,15 +67,12 @@ class StaticDecoder:
         first = cache.layers[0]
         self.device = first.device
         self.capacity = first.capacity
-        if length >= self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({length + 1} positions)")
         self.write_at = torch.tensor([length], device=self.device)
         self._next = length  # the host's copy of write_at, for the capacity check
         self.columns = torch.arange(self.capacity, device=self.device)
         for layer in cache.layers:
             layer.make_static(self.write_at)
-        eager_attention = (getattr(model.config, "_attn_implementation", None) or "eager") == "eager"
-        self.mask_dtype = first.keys.dtype if eager_attention else None  # eager attention adds its mask
+        self.dtype = first.keys.dtype
         self.graphs = graphs and self.device.type == "cuda"
         self._tokens: torch.Tensor | None = None  # the step's input buffer (graph input)
         self._logits: torch.Tensor | None = None  # the graph's output buffer
@@ -101,10 +98,7 @@ class StaticDecoder:
         batch = self._tokens.shape[0]
         position_ids = self.write_at.view(1, 1).expand(batch, 1)
         visible = (self.columns <= self.write_at).view(1, 1, 1, -1).expand(batch, 1, 1, -1)
-        mask = visible
-        if self.mask_dtype is not None:
-            mask = torch.zeros(visible.shape, dtype=self.mask_dtype, device=self.device)
-            mask = mask.masked_fill(~visible, torch.finfo(self.mask_dtype).min)
+        mask = custom_mask(self.model, visible, self.dtype)
         logits, _, _ = forward(self.model, self._tokens, cache=self.cache, attention_mask=mask,
                                position_ids=position_ids, logits_to_keep=1)
         self.write_at.add_(1)

@@ -59,6 +59,22 @@ def attention_kernels(device: torch.device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+#: Attention implementations that take a custom 4D mask (flash attention, for one, does not).
+CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def custom_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D bool mask (True: may attend) in the form the model's attention takes: eager attention adds its mask
+    to the scores, so it gets 0 and the most negative ``dtype`` value instead."""
+    if attention_implementation(model) != "eager":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def wide(logits: torch.Tensor) -> torch.Tensor:
     """Logits in at least float32 (float64 stays float64) for softmax."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from .generation import PromptState
-from .modelcall import forward, make_cache, wide
+from .modelcall import CUSTOM_MASK_ATTENTION, attention_implementation, custom_mask, forward, make_cache, wide
 
 
 def _pack(sequences: Sequence[Sequence[int]], rows: list[int], width: int):
@@ -85,8 +85,7 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
     todo = [i for i, s in enumerate(sequences) if len(s) > 1]
     if not todo:
         return result
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):  # e.g. flash attention takes no custom 4D mask: plain right-padded rows
+    if attention_implementation(model) not in CUSTOM_MASK_ATTENTION:  # plain right-padded rows instead
         return _plain_pass(model, state, sequences, todo, result, device, max_logit_elements)
     width = max(lane_width, max(len(sequences[i]) - 1 for i in todo))
     lanes = _pack(sequences, todo, width)
@@ -113,9 +112,7 @@ def no_inject_probs(model, state: PromptState, sequences: Sequence[Sequence[int]
                 target_of += sequences[row][1:]
                 owner.append((row, len(nodes)))
         cache = make_cache(model, state.kv, n)
-        if impl == "eager":  # eager attention adds the mask to the scores
-            dtype = state.kv[0][0].dtype
-            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        mask = custom_mask(model, mask, state.kv[0][0].dtype)
         logits, _, _ = forward(model, ids.to(device), cache=cache, attention_mask=mask.to(device),
                                position_ids=pos.to(device), use_cache=True)
         del cache
