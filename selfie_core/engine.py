@@ -8,6 +8,7 @@ from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from .adapters import get_adapter
 from .errors import SelfieInputError
@@ -61,10 +62,13 @@ class SelfieEngine:
     ``SelfieEngine(load_model(...))`` or ``SelfieEngine(model, tokenizer)``. ``batch_size`` (rows per engine
     batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA. ``cuda_graphs``: on CUDA, run the
     decode steps as CUDA graphs (``selfie_core.decoding``); off by default until measured on each setup.
+    ``compile_decode``: run the decode steps' model through ``torch.compile`` (fused element-wise kernels; compiles
+    once per batch size, so it pays only for long runs of equal batches).
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
-                 max_extract_tokens: int = 16384, cuda_graphs: bool = False):
+                 max_extract_tokens: int = 16384, cuda_graphs: bool = False,
+                 compile_decode: bool = False):
         if hasattr(model, "model") and hasattr(model, "tokenizer") and tokenizer is None:
             name = name or getattr(model, "name", None)
             model, tokenizer = model.model, model.tokenizer
@@ -77,6 +81,7 @@ class SelfieEngine:
         self.batch_size = batch_size
         self.max_extract_tokens = max_extract_tokens
         self.cuda_graphs = cuda_graphs
+        self.compile_decode = compile_decode
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
 
     # -- model facts ---------------------------------------------------------------------------------------
@@ -243,9 +248,10 @@ class SelfieEngine:
             do_sample=generation.do_sample, temperature=float(generation.temperature), top_p=float(generation.top_p),
             row_seeds=seeds, device=self.input_device,
             lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.layout == "llama" else None,
-            decode="graphs" if self.cuda_graphs else "growing",
+            decode=self._decode_mode(),
         )
-        p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
+        with record_function("selfie.no_inject"):
+            p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
         out = []
         for req, u in zip(chunk, unique_of):
             row, pn = rows[u], p_no[u]
@@ -260,6 +266,11 @@ class SelfieEngine:
                 out.append(Interpretation(req.key, req.label or "", None, None, None, text, list(row.token_ids), rel,
                                           sum(rel) / len(rel) if rel else 0.0))
         return out
+
+    def _decode_mode(self) -> str:
+        if self.compile_decode:
+            return "compiled-graphs" if self.cuda_graphs else "compiled"
+        return "graphs" if self.cuda_graphs else "growing"
 
     @staticmethod
     def _identity(req) -> bytes:

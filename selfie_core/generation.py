@@ -11,11 +11,12 @@ batch has finished). The decode steps themselves are in ``decoding``.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.profiler import record_function
 
 from .hooks import inject
 from .decoding import GrowingDecoder, StaticDecoder, static_decoding_supported
@@ -23,7 +24,7 @@ from .modelcall import cache_tensors, forward, make_cache, wide
 from .templates import PreparedPrompt
 
 
-DECODE_MODES = ("growing", "static", "graphs")
+DECODE_MODES = ("growing", "static", "graphs", "compiled", "compiled-graphs")
 
 
 @dataclass
@@ -126,7 +127,8 @@ def generate_batch(
 
     ``decode`` (see ``decoding``): "growing" steps over a cache that grows (the fastest eager steps: on the CPU the
     static ones were 2-5% slower, attending over the whole buffer); "static" fixed-shape steps; "graphs" static
-    steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows."""
+    steps replayed as CUDA graphs on CUDA (static eager steps elsewhere); "compiled" and "compiled-graphs" the same
+    through ``torch.compile``. A cache that cannot be static grows."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
     batch = vectors.shape[0]
@@ -142,6 +144,7 @@ def generate_batch(
             hidden_k = state.hidden[k][:, p0:].expand(batch, -1, -1)
             stack.enter_context(_shared_lower_blocks(lower_blocks, block, hidden_k))
         stack.enter_context(inject(block, positions, vectors, mode, strength))
+        stack.enter_context(record_function("selfie.prefill"))  # named spans for profiles (benchmarks/)
         logits, cache, _ = forward(model, suffix, cache=cache, logits_to_keep=1)
     for i in range(k):  # the skipped blocks' cache: the prompt run's keys and values after the shared prefix
         key, value = state.kv[i]
@@ -156,7 +159,8 @@ def generate_batch(
             generators.append(g)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     if decode != "growing" and static_decoding_supported(model, cache):
-        decoder = StaticDecoder(model, cache, state.length, graphs=decode == "graphs")
+        decoder = StaticDecoder(model, cache, state.length, graphs=decode.endswith("graphs"),
+                                compiled=decode.startswith("compiled"))
     else:
         decoder = GrowingDecoder(model, cache)
     # Tokens and their probabilities stay on the device, one column per step, indexed by original row; a row's
@@ -166,7 +170,7 @@ def generate_batch(
     active = torch.arange(batch, device=device)  # original row of each current batch row
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     step_logits = logits[:, -1]
-    try:
+    with record_function("selfie.decode"), closing(decoder):
         for step in range(max_new_tokens):
             step_logits = wide(step_logits)
             tokens = _choose(step_logits, do_sample, temperature, top_p, generators)
@@ -185,8 +189,6 @@ def generate_batch(
                 if generators is not None:
                     generators = [generators[i] for i in keep.tolist()]
             step_logits = decoder.step(tokens)
-    finally:
-        decoder.close()
     rows = []
     eos_set = set(eos_ids)
     for ids, probs in zip(chosen.tolist(), chosen_p.tolist()):

@@ -65,6 +65,19 @@ def test_rows_kept_after_eos_change_nothing(llama, tokenizer, monkeypatch):
     assert any(0 < f and 2 * f < b for f, b in calls), "no row was ever kept after its EOS"
 
 
+@pytest.mark.slow
+def test_compiled_steps_equal_growing_steps_and_compile_once_per_batch_size(tokenizer):
+    from torch._dynamo.utils import counters
+
+    model = _llama(tokenizer, layers=2, seed=11).to(torch.float32)
+    growing = _run(model, tokenizer, decode="growing")
+    before = counters["stats"]["unique_graphs"]
+    _assert_same(_run(model, tokenizer, decode="compiled"), growing, tol=1e-5)
+    assert counters["stats"]["unique_graphs"] == before + 1, "the decode step was not one compiled graph"
+    _assert_same(_run(model, tokenizer, decode="compiled"), growing, tol=1e-5)  # a new cache, same batch size
+    assert counters["stats"]["unique_graphs"] == before + 1, "the same batch size compiled again"
+
+
 def test_unknown_decode_mode_is_refused(llama, tokenizer):
     with pytest.raises(ValueError, match="decode must be one of"):
         _run(llama, tokenizer, decode="fast")
@@ -95,14 +108,15 @@ def test_graphs_are_a_cuda_only_option_and_change_nothing_on_cpu(llama, tokenize
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_steps_equal_eager_steps(tokenizer, dtype):
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_cuda_graph_steps_equal_eager_steps(tokenizer, dtype, compile_decode):
     model = _llama(tokenizer, layers=4, seed=7).to("cuda", dtype)
     requests = [InterpretRequest("The Eiffel Tower is located in Paris, the capital of France.", layer, t)
                 for layer in range(5) for t in (2, 5, 8)]
     gen = GenerationConfig(max_new_tokens=12)
     eager = SelfieEngine(model, tokenizer).interpret(requests, injection=InjectionConfig(k=2), generation=gen)
-    graphed = SelfieEngine(model, tokenizer, cuda_graphs=True).interpret(requests, injection=InjectionConfig(k=2),
-                                                                          generation=gen)
+    graphed = SelfieEngine(model, tokenizer, cuda_graphs=True, compile_decode=compile_decode).interpret(
+        requests, injection=InjectionConfig(k=2), generation=gen)
     assert [r.token_ids for r in eager] == [r.token_ids for r in graphed]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for a, b in zip(eager, graphed):
