@@ -119,7 +119,17 @@ def main() -> None:
                     help="comma list of the engine's decode modes to run side by side on the same model, each in every "
                          "round: growing (eager steps, the default engine), graphs (CUDA graphs, "
                          "SelfieEngine(cuda_graphs=True)), compiled / compiled-graphs (torch.compile, compile_decode=True)")
+    ap.add_argument("--static-attention", default=None, choices=["math", "efficient", "cudnn"],
+                    help="CUDA: the SDPA kernel of the static steps' masked attention (default: StaticDecoder's)")
     args = ap.parse_args()
+    if args.static_attention:
+        from torch.nn.attention import SDPBackend
+
+        from selfie_core.decoding import StaticDecoder
+
+        StaticDecoder.cuda_attention = ({"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                                         "cudnn": SDPBackend.CUDNN_ATTENTION}[args.static_attention],
+                                        SDPBackend.MATH)
     modes = args.decode.split(",")
     unknown = set(modes) - set(ENGINE_MODES)
     if unknown:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The engine's checks on a CUDA machine, in one go (about 6-9 minutes on an H200):
-#   1. the CUDA-only engine tests (CUDA graphs and compiled steps against eager steps, tiny models);
-#   2. bf16, 7B-shaped: eager decode steps and CUDA graphs, alternating in one process, with the reference;
-#   3. float32: every decode mode chooses the reference's tokens;
-#   4. bf16: CUDA graphs with and without torch.compile, then a profile of the compiled engine.
+# The engine's checks on a CUDA machine, in one go (about 6-8 minutes on an H200):
+#   1. the engine's masked attention calls, per SDPA backend (attention_bench.py);
+#   2. bf16, 7B-shaped: eager decode steps, CUDA graphs, and CUDA graphs over torch.compile'd steps, alternating
+#      in one process, with the reference;
+#   3. the same graphs with the static steps' attention on cuDNN, then a profile of one compiled engine run;
+#   4. float32: the decode modes choose the reference's tokens;
+#   5. the CUDA-only engine tests (CUDA graphs and compiled steps against eager steps, tiny models).
 # Each step has its own time limit, so one that fails or hangs leaves the others' figures.
 #
 #   bash benchmarks/gpu_check.sh TOKENIZER_DIR [PYTHON]
@@ -28,17 +30,18 @@ step() {  # step SECONDS TITLE COMMAND...
 
 "$python" -c 'import torch, transformers; assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' || exit 1
+step 60 "masked attention per SDPA backend" "$python" benchmarks/attention_bench.py
+step 150 "bf16: eager steps, CUDA graphs, compiled CUDA graphs, against the reference" \
+    "${bench[@]}" --decode growing,graphs,compiled-graphs --rounds 3
+step 100 "bf16: the static steps' attention on cuDNN; profile of the compiled engine" \
+    "${bench[@]}" --decode graphs,compiled-graphs --static-attention cudnn --skip-reference --rounds 2 --profile 25
+step 60 "float32: the decode modes give the reference's tokens" \
+    "${bench[@]}" --dtype float32 --layers 0,10,20,31 --tokens 5 --decode growing,graphs
 if "$python" -c 'import pytest' 2>/dev/null; then
     # only the engine tests' own fixtures: the service fixtures above them need Redis and PostgreSQL clients
-    step 150 "CUDA tests" "$python" -m pytest -q -p no:cacheprovider --confcutdir=tests/unit/core -m gpu \
+    step 90 "CUDA tests" "$python" -m pytest -q -p no:cacheprovider --confcutdir=tests/unit/core -m gpu \
         tests/unit/core/test_decoding.py
 else
     echo "pytest is not installed: CUDA tests skipped"
 fi
-step 120 "bf16: eager steps and CUDA graphs against the reference" \
-    "${bench[@]}" --decode growing,graphs --rounds 3
-step 90 "float32: the decode modes give the reference's tokens" \
-    "${bench[@]}" --dtype float32 --layers 0,10,20,31 --tokens 5 --decode growing,graphs
-step 200 "bf16: CUDA graphs with and without torch.compile; profile of the compiled engine" \
-    "${bench[@]}" --decode graphs,compiled-graphs --skip-reference --rounds 3 --profile 25
 exit $failed

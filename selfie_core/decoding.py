@@ -21,8 +21,10 @@ All rows of a batch share one interpretation prompt, so cache index and position
 from __future__ import annotations
 
 import weakref
+from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .modelcall import (CUSTOM_MASK_ATTENTION, PreallocatedLayer, attention_implementation, custom_mask, forward,
                         select_rows)
@@ -78,6 +80,9 @@ class StaticDecoder:
     ``length``: positions the cache holds after the prefill (the interpretation prompt's length).
     """
 
+    #: SDPA kernels for a step's masked attention on CUDA, in order of preference (flash takes no mask)
+    cuda_attention: tuple = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION)
+
     def __init__(self, model, cache, length: int, graphs: bool = False, compiled: bool = False):
         self.model = model
         self._call = compiled_model(model) if compiled else None
@@ -113,6 +118,15 @@ class StaticDecoder:
         return self._forward()
 
     def _forward(self) -> torch.Tensor:
+        with self._attention():
+            return self._masked_step()
+
+    def _attention(self):
+        if self.device.type != "cuda":
+            return nullcontext()
+        return sdpa_kernel(list(self.cuda_attention), set_priority=True)
+
+    def _masked_step(self) -> torch.Tensor:
         batch = self._tokens.shape[0]
         position_ids = self.write_at.view(1, 1).expand(batch, 1)
         visible = (self.columns <= self.write_at).view(1, 1, 1, -1).expand(batch, 1, 1, -1)
