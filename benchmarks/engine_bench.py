@@ -23,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfie_core import (GenerationConfig, InjectionConfig, InterpretationTemplate, InterpretRequest,  # noqa: E402
                          SelfieEngine, load_model)
+from selfie_core.decoding import GrowingDecoder, StaticDecoder  # noqa: E402
 from selfie_core.reference import reference_interpret  # noqa: E402
 
 ENGINE_MODES = ("growing", "graphs", "compiled", "compiled-graphs")
+ATTENTION = ("cudnn", "efficient", "flash", "math")  # a mode's ":KERNEL": its decode steps' first SDPA choice
 PROMPTS = ["The Eiffel Tower is located in Paris, the capital of France.",
            "The quick brown fox jumps over the lazy dog near the river bank."]
 
@@ -118,22 +120,15 @@ def main() -> None:
     ap.add_argument("--decode", default="growing",
                     help="comma list of the engine's decode modes to run side by side on the same model, each in every "
                          "round: growing (eager steps, the default engine), graphs (CUDA graphs, "
-                         "SelfieEngine(cuda_graphs=True)), compiled / compiled-graphs (torch.compile, compile_decode=True)")
-    ap.add_argument("--static-attention", default=None, choices=["math", "efficient", "cudnn"],
-                    help="CUDA: the SDPA kernel of the static steps' masked attention (default: StaticDecoder's)")
+                         "SelfieEngine(cuda_graphs=True)), compiled / compiled-graphs (torch.compile, compile_decode=True); "
+                         "MODE:KERNEL (cudnn, efficient, flash, math) puts that SDPA kernel first in the decode steps' "
+                         "attention on CUDA, e.g. growing:cudnn")
     args = ap.parse_args()
-    if args.static_attention:
-        from torch.nn.attention import SDPBackend
-
-        from selfie_core.decoding import StaticDecoder
-
-        StaticDecoder.cuda_attention = ({"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                                         "cudnn": SDPBackend.CUDNN_ATTENTION}[args.static_attention],
-                                        SDPBackend.MATH)
     modes = args.decode.split(",")
-    unknown = set(modes) - set(ENGINE_MODES)
+    unknown = {m.split(":")[0] for m in modes} - set(ENGINE_MODES) | {m.split(":")[1] for m in modes if ":" in m} - set(ATTENTION)
     if unknown:
-        ap.error(f"unknown --decode mode(s) {sorted(unknown)}; choose from {list(ENGINE_MODES)}")
+        ap.error(f"unknown --decode mode(s) {sorted(unknown)}; choose from {list(ENGINE_MODES)}, each with an "
+                 f"optional :KERNEL of {list(ATTENTION)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_cudnn_sdp:
@@ -166,7 +161,8 @@ def main() -> None:
     injection = InjectionConfig(k=args.k)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     engines = {mode: SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size,
-                                  cuda_graphs=mode.endswith("graphs"), compile_decode=mode.startswith("compiled"))
+                                  cuda_graphs=mode.split(":")[0].endswith("graphs"),
+                                  compile_decode=mode.startswith("compiled"))
                for mode in modes}
     prompt_len = len(template.prepare(tokenizer).input_ids)
     if device != "cuda" and any(m.endswith("graphs") for m in modes):
@@ -180,6 +176,7 @@ def main() -> None:
     # steps compile once per batch size, so they warm up on the whole workload
     for mode, engine in engines.items():
         t = time.perf_counter()
+        decode_attention(mode)
         engine.interpret(requests if mode.startswith("compiled") else requests[:2], template, injection, generation)
         print(f"  warm-up {mode}: {time.perf_counter() - t:.1f} s", flush=True)
     if not args.skip_reference:
@@ -193,6 +190,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode, engine in engines.items():
             engine._states.clear()  # count the shared prompt pass in every round
+            decode_attention(mode)
             results[mode], t, peak = measure(lambda: engine.interpret(requests, template, injection, generation),
                                              device)
             times[mode].append(t)
@@ -224,7 +222,23 @@ def main() -> None:
             print(f"ratio {mode}: {r / statistics.median(times[mode]):.2f}x  (same tokens as the reference in "
                   f"{_same(ours, ref)}/{len(requests)} rows, max relevancy diff {rel:.2e})")
     if args.profile:
+        decode_attention(modes[-1])
         profile_engine(engines[modes[-1]], requests, template, injection, generation, device, args.profile)
+
+
+_DEFAULT_ATTENTION = {cls: cls.cuda_attention for cls in (GrowingDecoder, StaticDecoder)}
+
+
+def decode_attention(mode: str) -> None:
+    """Set the decode steps' SDPA kernels for ``mode`` ("graphs:cudnn": cuDNN first; "graphs": the defaults)."""
+    from torch.nn.attention import SDPBackend
+
+    first = mode.split(":")[1] if ":" in mode else None
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
+    for cls, default in _DEFAULT_ATTENTION.items():
+        cls.cuda_attention = default if first is None else tuple(dict.fromkeys(
+            [backends[first], SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
 
 
 def _same(a, b) -> int:

@@ -30,8 +30,19 @@ from .modelcall import (CUSTOM_MASK_ATTENTION, PreallocatedLayer, attention_impl
                         select_rows)
 
 
+def step_attention(device: torch.device, backends: tuple | None):
+    """On CUDA, the SDPA kernels a decode step may use, in order of preference (None: the caller's choice)."""
+    if device.type != "cuda" or not backends:
+        return nullcontext()
+    return sdpa_kernel(list(backends), set_priority=True)
+
+
 class GrowingDecoder:
     """Eager steps over a cache that grows by one position per step."""
+
+    #: SDPA kernels of a step's attention on CUDA (None: the engine's, see ``modelcall.attention_kernels``). A step
+    #: attends with no mask, and every step has a new shape, so kernels that plan per shape (cuDNN) are left out.
+    cuda_attention: tuple | None = None
 
     def __init__(self, model, cache):
         self.model = model
@@ -39,7 +50,8 @@ class GrowingDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (batch,) -> next-token logits (batch, vocab)."""
-        logits, self.cache, _ = forward(self.model, tokens[:, None], cache=self.cache, logits_to_keep=1)
+        with step_attention(tokens.device, self.cuda_attention):
+            logits, self.cache, _ = forward(self.model, tokens[:, None], cache=self.cache, logits_to_keep=1)
         return logits[:, -1]
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -80,8 +92,11 @@ class StaticDecoder:
     ``length``: positions the cache holds after the prefill (the interpretation prompt's length).
     """
 
-    #: SDPA kernels for a step's masked attention on CUDA, in order of preference (flash takes no mask)
-    cuda_attention: tuple = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION)
+    #: SDPA kernels of a step's masked attention on CUDA, in order of preference. Flash takes no mask; for the
+    #: 7B-shaped step on an H200 (640 rows, one query, 40 positions) cuDNN took 330 us per layer, the
+    #: memory-efficient kernel 634 us, math 1223 us (benchmarks/attention_bench.py). The shapes stay fixed, so
+    #: cuDNN plans once per batch size; it takes no float32, which goes to the next kernel.
+    cuda_attention: tuple | None = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
     def __init__(self, model, cache, length: int, graphs: bool = False, compiled: bool = False):
         self.model = model
@@ -118,13 +133,8 @@ class StaticDecoder:
         return self._forward()
 
     def _forward(self) -> torch.Tensor:
-        with self._attention():
+        with step_attention(self.device, self.cuda_attention):
             return self._masked_step()
-
-    def _attention(self):
-        if self.device.type != "cuda":
-            return nullcontext()
-        return sdpa_kernel(list(self.cuda_attention), set_priority=True)
 
     def _masked_step(self) -> torch.Tensor:
         batch = self._tokens.shape[0]
