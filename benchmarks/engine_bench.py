@@ -26,7 +26,7 @@ from selfie_core import (GenerationConfig, InjectionConfig, InterpretationTempla
 from selfie_core.decoding import GrowingDecoder, StaticDecoder  # noqa: E402
 from selfie_core.reference import reference_interpret  # noqa: E402
 
-ENGINE_MODES = ("growing", "graphs", "compiled", "compiled-graphs")
+ENGINE_MODES = ("growing", "graphs")
 ATTENTION = ("cudnn", "efficient", "flash", "math")  # a mode's ":KERNEL": its decode steps' first SDPA choice
 PROMPTS = ["The Eiffel Tower is located in Paris, the capital of France.",
            "The quick brown fox jumps over the lazy dog near the river bank."]
@@ -119,8 +119,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
     ap.add_argument("--decode", default="growing",
                     help="comma list of the engine's decode modes to run side by side on the same model, each in every "
-                         "round: growing (eager steps, the default engine), graphs (CUDA graphs, "
-                         "SelfieEngine(cuda_graphs=True)), compiled / compiled-graphs (torch.compile, compile_decode=True); "
+                         "round: growing (eager steps, the engine's choice on the CPU), graphs (CUDA graphs, "
+                         "SelfieEngine(cuda_graphs=True), the default on CUDA); "
                          "MODE:KERNEL (cudnn, efficient, flash, math) puts that SDPA kernel first in the decode steps' "
                          "attention on CUDA, e.g. growing:cudnn")
     args = ap.parse_args()
@@ -161,23 +161,21 @@ def main() -> None:
     injection = InjectionConfig(k=args.k)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     engines = {mode: SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size,
-                                  cuda_graphs=mode.split(":")[0].endswith("graphs"),
-                                  compile_decode=mode.startswith("compiled"))
+                                  cuda_graphs=mode.split(":")[0] == "graphs")
                for mode in modes}
     prompt_len = len(template.prepare(tokenizer).input_ids)
     if device != "cuda" and any(m.endswith("graphs") for m in modes):
-        print("note: CUDA graphs are a CUDA-only option; here those engines take static eager steps")
+        print("note: CUDA graphs are a CUDA-only option; here those engines take the eager growing steps")
     print(f"model: {name}; torch threads: {torch.get_num_threads()}; engine decode modes: {', '.join(modes)}")
     print(f"template: {args.template}: {template.prepare(tokenizer).text!r}")
     print(f"workload: {len(requests)} interpretations ({len(prompts)} prompt(s) x {len(layers)} layers x {tokens} tokens), "
           f"interpretation prompt {prompt_len} tokens, {args.max_new_tokens} new tokens, k={args.k}")
 
-    # warm-up (kernels, allocator; the engine's prompt state is cleared before every timed run); compiled decode
-    # steps compile once per batch size, so they warm up on the whole workload
+    # warm-up (kernels, allocator; the engine's prompt state is cleared before every timed run)
     for mode, engine in engines.items():
         t = time.perf_counter()
         decode_attention(mode)
-        engine.interpret(requests if mode.startswith("compiled") else requests[:2], template, injection, generation)
+        engine.interpret(requests[:2], template, injection, generation)
         print(f"  warm-up {mode}: {time.perf_counter() - t:.1f} s", flush=True)
     if not args.skip_reference:
         reference_interpret(model, tokenizer, requests[:2], template, injection, generation)

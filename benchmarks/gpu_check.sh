@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The engine's checks on a CUDA machine, in one go (about 7 minutes on an H200):
+# The engine's checks on a CUDA machine, in one go (about 5 minutes on an H200):
 #   1. the engine's masked attention calls, per SDPA backend (attention_bench.py);
-#   2. bf16, 7B-shaped, 640 rows per batch: eager decode steps (the default kernels and cuDNN first), CUDA graphs,
-#      and CUDA graphs over torch.compile'd steps, alternating in one process, with the reference;
+#   2. bf16, 7B-shaped, 640 rows per batch: eager decode steps (their default kernels and cuDNN first) and CUDA
+#      graphs (the engine's default), alternating in one process, with the reference;
 #   3. the same at 64 rows per batch, where the host's launches weigh more;
 #   4. float32: the decode modes choose the reference's tokens;
-#   5. the CUDA-only engine tests (CUDA graphs and compiled steps against eager steps, tiny models).
+#   5. the CUDA-only engine tests (CUDA graphs against eager steps, tiny models).
 # Each step has its own time limit, so one that fails or hangs leaves the others' figures.
 #
 #   bash benchmarks/gpu_check.sh TOKENIZER_DIR [PYTHON]
@@ -31,8 +31,8 @@ step() {  # step SECONDS TITLE COMMAND...
 "$python" -c 'import torch, transformers; assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' || exit 1
 step 60 "masked attention per SDPA backend" "$python" benchmarks/attention_bench.py
-step 150 "bf16, 640 rows: eager steps, cuDNN first, CUDA graphs, compiled CUDA graphs, against the reference" \
-    "${bench[@]}" --decode growing,growing:cudnn,graphs,compiled-graphs --rounds 3
+step 150 "bf16, 640 rows: eager steps, eager steps with cuDNN first, CUDA graphs, against the reference" \
+    "${bench[@]}" --decode growing,growing:cudnn,graphs --rounds 3
 step 90 "bf16, 64 rows per batch: eager steps and CUDA graphs" \
     "${bench[@]}" --decode growing,graphs --batch-size 64 --skip-reference --rounds 2
 step 60 "float32: the decode modes give the reference's tokens" \

@@ -105,8 +105,8 @@ def up(**options: Any) -> None:
 @click.option("--batch-size", type=int, default=None, help="Rows per engine batch.")
 @click.option("--hostname", default=None, help="Celery node name.")
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
-              help="CUDA: replay the engine's decode steps as CUDA graphs.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="CUDA: replay the engine's decode steps as CUDA graphs (no effect on the CPU).")
 def worker(model, gpu, model_path, device, dtype, concurrency, batch_size, hostname, loglevel, cuda_graphs) -> None:
     """Serve one model on one device (blocks)."""
     from selfie_jobs.settings import get_settings

@@ -11,16 +11,11 @@ Two ways to run a step, both through the model's own forward:
   the host, so on CUDA the step can be captured once as a CUDA graph and replayed: a 7B-shaped model launches
   hundreds of kernels per step, and replaying them costs the host one call instead of a full Python forward.
 
-With ``compiled`` the static step calls the model through ``torch.compile`` (one graph, no breaks, on LLaMA):
-the compiler fuses the element-wise work (RMSNorm, rotary embedding, SiLU, residual adds) into fewer kernels. It
-compiles once per batch size (``dynamic=False``), so it suits fixed-size batches such as a benchmark's.
-
 All rows of a batch share one interpretation prompt, so cache index and position id are the same in every row.
 """
 
 from __future__ import annotations
 
-import weakref
 from contextlib import nullcontext
 
 import torch
@@ -75,19 +70,8 @@ def static_decoding_supported(model, cache) -> bool:
     return len({layer.device for layer in cache.layers}) == 1
 
 
-_compiled_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled_model(model):
-    """``torch.compile(model)``, made once per model: every decoder of that model shares its compiled graphs."""
-    if model not in _compiled_models:
-        _compiled_models[model] = torch.compile(model, dynamic=False)
-    return _compiled_models[model]
-
-
 class StaticDecoder:
-    """Fixed-shape steps over a static preallocated cache; on CUDA with ``graphs`` the step is a CUDA graph, with
-    ``compiled`` the model runs through ``torch.compile``.
+    """Fixed-shape steps over a static preallocated cache; on CUDA with ``graphs`` the step is a CUDA graph.
 
     ``length``: positions the cache holds after the prefill (the interpretation prompt's length).
     """
@@ -98,9 +82,8 @@ class StaticDecoder:
     #: cuDNN plans once per batch size; it takes no float32, which goes to the next kernel.
     cuda_attention: tuple | None = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
-    def __init__(self, model, cache, length: int, graphs: bool = False, compiled: bool = False):
+    def __init__(self, model, cache, length: int, graphs: bool = False):
         self.model = model
-        self._call = compiled_model(model) if compiled else None
         self.cache = cache
         first = cache.layers[0]
         self.device = first.device
@@ -142,7 +125,7 @@ class StaticDecoder:
         visible = (self.columns <= self.write_at).view(1, 1, 1, -1).expand(batch, 1, 1, -1)
         mask = custom_mask(self.model, visible, self.dtype)
         logits, _, _ = forward(self.model, self._tokens, cache=self.cache, attention_mask=mask,
-                               position_ids=position_ids, logits_to_keep=1, call=self._call)
+                               position_ids=position_ids, logits_to_keep=1)
         self.write_at.add_(1)
         return logits[:, -1]
 

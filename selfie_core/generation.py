@@ -24,7 +24,7 @@ from .modelcall import cache_tensors, forward, make_cache, wide
 from .templates import PreparedPrompt
 
 
-DECODE_MODES = ("growing", "static", "graphs", "compiled", "compiled-graphs")
+DECODE_MODES = ("growing", "static", "graphs")
 
 
 @dataclass
@@ -127,8 +127,7 @@ def generate_batch(
 
     ``decode`` (see ``decoding``): "growing" steps over a cache that grows (the fastest eager steps: on the CPU the
     static ones were 2-5% slower, attending over the whole buffer); "static" fixed-shape steps; "graphs" static
-    steps replayed as CUDA graphs on CUDA (static eager steps elsewhere); "compiled" and "compiled-graphs" the same
-    through ``torch.compile``. A cache that cannot be static grows."""
+    steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
     batch = vectors.shape[0]
@@ -159,8 +158,7 @@ def generate_batch(
             generators.append(g)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     if decode != "growing" and static_decoding_supported(model, cache):
-        decoder = StaticDecoder(model, cache, state.length, graphs=decode.endswith("graphs"),
-                                compiled=decode.startswith("compiled"))
+        decoder = StaticDecoder(model, cache, state.length, graphs=decode == "graphs")
     else:
         decoder = GrowingDecoder(model, cache)
     # Tokens and their probabilities stay on the device, one column per step, indexed by original row; a row's

@@ -21,10 +21,8 @@ def _forward_params(cls: type) -> frozenset[str]:
 
 
 def forward(model, input_ids: torch.Tensor, cache=None, attention_mask=None, logits_to_keep: int | None = None,
-            use_cache: bool = True, output_hidden_states: bool = False, position_ids: torch.Tensor | None = None,
-            call=None):
-    """Run ``model`` once; returns (logits, cache, hidden_states). ``call``: what to call instead of ``model``
-    with the same arguments (its compiled form)."""
+            use_cache: bool = True, output_hidden_states: bool = False, position_ids: torch.Tensor | None = None):
+    """Run ``model`` once; returns (logits, cache, hidden_states)."""
     params = _forward_params(type(model))
     kwargs: dict = {"input_ids": input_ids, "use_cache": use_cache}
     if attention_mask is not None:
@@ -37,7 +35,7 @@ def forward(model, input_ids: torch.Tensor, cache=None, attention_mask=None, log
         kwargs["cache" if "cache" in params else "past_key_values"] = cache
     if logits_to_keep is not None and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = logits_to_keep
-    out = (model if call is None else call)(**kwargs)
+    out = model(**kwargs)
     new_cache = getattr(out, "cache", None)
     if new_cache is None:
         new_cache = getattr(out, "past_key_values", None)

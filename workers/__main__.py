@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--batch-size", type=int, default=None, help="rows per engine batch (default: engine's choice)")
     w.add_argument("--hostname", default=None, help="Celery node name")
     w.add_argument("--loglevel", default="INFO")
-    w.add_argument("--cuda-graphs", action="store_true", help="CUDA: replay the engine's decode steps as CUDA graphs")
+    w.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: replay the engine's decode steps as CUDA graphs (no effect on the CPU)")
     w.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # fault tests only (workers.faults)
     b = sub.add_parser("beat", help="the scheduler (reconcile, audits)")
     b.add_argument("--loglevel", default="INFO")

@@ -144,7 +144,7 @@ def run_worker(
     settings: Settings | None = None,
     extra_args: Sequence[str] = (),
     inject_fault: str | None = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
 ) -> None:
     """Run a worker serving `model` until it is stopped (blocks). `gpu`: the CUDA device index to pin to."""
     pin_gpu(gpu)

@@ -51,7 +51,7 @@ class WorkerOptions:
     node_name: str = "selfie@localhost"
     batch_size: int | None = None
     gpu: int | None = None
-    cuda_graphs: bool = False  # decode steps as CUDA graphs (SelfieEngine(cuda_graphs=True))
+    cuda_graphs: bool = True  # on CUDA, decode steps as CUDA graphs (SelfieEngine(cuda_graphs=...))
     inject_fault: str | None = None  # tests only: see workers.faults
 
     def to_env(self) -> dict[str, str]:

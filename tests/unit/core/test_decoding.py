@@ -26,7 +26,7 @@ def _run(model, tokenizer, *, eos_ids=(), rows=6, max_new_tokens=10, decode="sta
 def _assert_same(a_rows, b_rows, tol=1e-9):
     assert [r.token_ids for r in a_rows] == [r.token_ids for r in b_rows]
     for a, b in zip(a_rows, b_rows):
-        assert max((abs(x - y) for x, y in zip(a.p_inject, b.p_inject)), default=0.0) < tol
+        assert max((abs(x - y) for x, y in zip(a.p_inject, b.p_inject)), default=0.0) <= tol
 
 
 @pytest.mark.parametrize("model_name", ["llama", "gpt2", "neox"])
@@ -65,19 +65,6 @@ def test_rows_kept_after_eos_change_nothing(llama, tokenizer, monkeypatch):
     assert any(0 < f and 2 * f < b for f, b in calls), "no row was ever kept after its EOS"
 
 
-@pytest.mark.slow
-def test_compiled_steps_equal_growing_steps_and_compile_once_per_batch_size(tokenizer):
-    from torch._dynamo.utils import counters
-
-    model = _llama(tokenizer, layers=2, seed=11).to(torch.float32)
-    growing = _run(model, tokenizer, decode="growing")
-    before = counters["stats"]["unique_graphs"]
-    _assert_same(_run(model, tokenizer, decode="compiled"), growing, tol=1e-5)
-    assert counters["stats"]["unique_graphs"] == before + 1, "the decode step was not one compiled graph"
-    _assert_same(_run(model, tokenizer, decode="compiled"), growing, tol=1e-5)  # a new cache, same batch size
-    assert counters["stats"]["unique_graphs"] == before + 1, "the same batch size compiled again"
-
-
 def test_unknown_decode_mode_is_refused(llama, tokenizer):
     with pytest.raises(ValueError, match="decode must be one of"):
         _run(llama, tokenizer, decode="fast")
@@ -97,26 +84,37 @@ def test_static_decoding_needs_one_device_and_preallocated_layers(llama, tokeniz
         decoder.step(token)
 
 
-def test_graphs_are_a_cuda_only_option_and_change_nothing_on_cpu(llama, tokenizer):
+def test_graphs_are_a_cuda_only_option_and_change_nothing_on_cpu(llama, tokenizer, monkeypatch):
+    """On by default; on the CPU the engine takes growing steps either way (static ones only cost more there)."""
     requests = [InterpretRequest("The Eiffel Tower is located in Paris", layer, 3) for layer in (1, 2, 3)]
-    plain = SelfieEngine(llama, tokenizer).interpret(requests, generation=GenerationConfig(max_new_tokens=6))
-    graphed = SelfieEngine(llama, tokenizer, cuda_graphs=True).interpret(requests,
-                                                                          generation=GenerationConfig(max_new_tokens=6))
-    assert [r.token_ids for r in plain] == [r.token_ids for r in graphed]
+    graphed, plain = SelfieEngine(llama, tokenizer), SelfieEngine(llama, tokenizer, cuda_graphs=False)
+    assert graphed.cuda_graphs and not plain.cuda_graphs
+    modes = []
+    real = decoding.GrowingDecoder.__init__
+
+    def spy(self, *args, **kwargs):
+        modes.append("growing")
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.GrowingDecoder, "__init__", spy)
+    gen = GenerationConfig(max_new_tokens=6)
+    assert [r.token_ids for r in plain.interpret(requests, generation=gen)] == \
+        [r.token_ids for r in graphed.interpret(requests, generation=gen)]
+    assert modes == ["growing", "growing"]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("compile_decode", [False, True])
-def test_cuda_graph_steps_equal_eager_steps(tokenizer, compile_decode):
+def test_cuda_graph_steps_equal_eager_steps(tokenizer):
     """float32: the engine with graphs gives the default engine's tokens and relevancy."""
     model = _llama(tokenizer, layers=4, seed=7).to("cuda", torch.float32)
     requests = [InterpretRequest("The Eiffel Tower is located in Paris, the capital of France.", layer, t)
                 for layer in range(5) for t in (2, 5, 8)]
     gen = GenerationConfig(max_new_tokens=12)
-    eager = SelfieEngine(model, tokenizer).interpret(requests, injection=InjectionConfig(k=2), generation=gen)
-    graphed = SelfieEngine(model, tokenizer, cuda_graphs=True, compile_decode=compile_decode).interpret(
-        requests, injection=InjectionConfig(k=2), generation=gen)
+    eager = SelfieEngine(model, tokenizer, cuda_graphs=False).interpret(requests, injection=InjectionConfig(k=2),
+                                                                        generation=gen)
+    graphed = SelfieEngine(model, tokenizer, cuda_graphs=True).interpret(requests, injection=InjectionConfig(k=2),
+                                                                          generation=gen)
     assert [r.token_ids for r in eager] == [r.token_ids for r in graphed]
     for a, b in zip(eager, graphed):
         assert max((abs(x - y) for x, y in zip(a.relevancy, b.relevancy)), default=0.0) < 1e-5
