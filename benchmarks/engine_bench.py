@@ -115,16 +115,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="--gpu-7b weights (float32 checks that both paths choose the same tokens)")
     ap.add_argument("--no-cudnn-sdp", action="store_true",
-                    help="CUDA: keep the reference's attention off cuDNN too (the engine always does)")
+                    help="CUDA: keep the reference's attention off cuDNN too (as the engine's eager steps do)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both runs (default: torch's)")
-    ap.add_argument("--decode", default="growing",
+    ap.add_argument("--decode", default=None,
                     help="comma list of the engine's decode modes to run side by side on the same model, each in every "
                          "round: growing (eager steps, the engine's choice on the CPU), graphs (CUDA graphs, "
                          "SelfieEngine(cuda_graphs=True), the default on CUDA); "
                          "MODE:KERNEL (cudnn, efficient, flash, math) puts that SDPA kernel first in the decode steps' "
-                         "attention on CUDA, e.g. growing:cudnn")
+                         "attention on CUDA, e.g. growing:cudnn (default: the engine's own choice, graphs on CUDA, growing on the CPU)")
     args = ap.parse_args()
-    modes = args.decode.split(",")
+    modes = (args.decode or ("graphs" if (args.device or ("cuda" if args.gpu_7b else "cpu")) == "cuda"
+                             else "growing")).split(",")
     unknown = {m.split(":")[0] for m in modes} - set(ENGINE_MODES) | {m.split(":")[1] for m in modes if ":" in m} - set(ATTENTION)
     if unknown:
         ap.error(f"unknown --decode mode(s) {sorted(unknown)}; choose from {list(ENGINE_MODES)}, each with an "
