@@ -122,11 +122,13 @@ def main() -> None:
                          "round: growing (eager steps, the engine's choice on the CPU), graphs (CUDA graphs, "
                          "SelfieEngine(cuda_graphs=True), the default on CUDA); "
                          "MODE:KERNEL (cudnn, efficient, flash, math) puts that SDPA kernel first in the decode steps' "
-                         "attention on CUDA, e.g. growing:cudnn (default: the engine's own choice, graphs on CUDA, growing on the CPU)")
+                         "attention on CUDA, e.g. growing:cudnn (default: the engine's own choice, graphs on CUDA, "
+                         "growing on the CPU)")
     args = ap.parse_args()
     modes = (args.decode or ("graphs" if (args.device or ("cuda" if args.gpu_7b else "cpu")) == "cuda"
                              else "growing")).split(",")
-    unknown = {m.split(":")[0] for m in modes} - set(ENGINE_MODES) | {m.split(":")[1] for m in modes if ":" in m} - set(ATTENTION)
+    unknown = ({m.split(":")[0] for m in modes} - set(ENGINE_MODES)) | \
+        ({m.split(":")[1] for m in modes if ":" in m} - set(ATTENTION))
     if unknown:
         ap.error(f"unknown --decode mode(s) {sorted(unknown)}; choose from {list(ENGINE_MODES)}, each with an "
                  f"optional :KERNEL of {list(ATTENTION)}")
@@ -207,7 +209,8 @@ def main() -> None:
     first = results[modes[0]]
     for mode in modes:
         e = statistics.median(times[mode])
-        line = f"engine {mode}: {len(requests) / e:.2f} interpretations/s (median), peak {max(peaks[mode]):.2f} GiB ({memory})"
+        line = (f"engine {mode}: {len(requests) / e:.2f} interpretations/s (median), "
+                f"peak {max(peaks[mode]):.2f} GiB ({memory})")
         if mode != modes[0]:
             line += f"; same tokens as {modes[0]} in {_same(results[mode], first)}/{len(requests)} rows"
         print(line)

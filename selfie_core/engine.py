@@ -60,9 +60,10 @@ class SelfieEngine:
     """Runs SelfIE interpretations on one resident model.
 
     ``SelfieEngine(load_model(...))`` or ``SelfieEngine(model, tokenizer)``. ``batch_size`` (rows per engine
-    batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA. ``cuda_graphs`` (default on): on CUDA, run the
-    decode steps as CUDA graphs (``selfie_core.decoding``); on an H200 with a 7B-shaped model they gave 1.9x the
-    eager steps' throughput at 64 rows per batch and 1.0-1.2x at 640 (benchmarks/README.md); no effect on the CPU.
+    batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA. ``cuda_graphs`` (default on): on
+    CUDA, run the decode steps as CUDA graphs (``selfie_core.decoding``); on an H200 with a 7B-shaped model they
+    gave 1.9x the eager steps' throughput at 64 rows per batch and 1.0-1.2x at 640 (benchmarks/README.md); no
+    effect on the CPU.
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
