@@ -16,26 +16,17 @@ All rows of a batch share one interpretation prompt, so cache index and position
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
-from .modelcall import (CUSTOM_MASK_ATTENTION, PreallocatedLayer, attention_implementation, custom_mask, forward,
-                        select_rows)
-
-
-def step_attention(device: torch.device, backends: tuple | None):
-    """On CUDA, the SDPA kernels a decode step may use, in order of preference (None: the caller's choice)."""
-    if device.type != "cuda" or not backends:
-        return nullcontext()
-    return sdpa_kernel(list(backends), set_priority=True)
+from .modelcall import (CUSTOM_MASK_ATTENTION, PreallocatedLayer, attention_implementation, attention_kernels,
+                        custom_mask, forward, select_rows)
 
 
 class GrowingDecoder:
     """Eager steps over a cache that grows by one position per step."""
 
-    #: SDPA kernels of a step's attention on CUDA (None: the engine's, see ``modelcall.attention_kernels``). A step
+    #: SDPA kernels of a step's attention on CUDA (None: the engine's, ``modelcall.WITHOUT_CUDNN``). A step
     #: attends with no mask, and every step has a new shape, so kernels that plan per shape (cuDNN) are left out.
     cuda_attention: tuple | None = None
 
@@ -45,7 +36,7 @@ class GrowingDecoder:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (batch,) -> next-token logits (batch, vocab)."""
-        with step_attention(tokens.device, self.cuda_attention):
+        with attention_kernels(tokens.device, self.cuda_attention):
             logits, self.cache, _ = forward(self.model, tokens[:, None], cache=self.cache, logits_to_keep=1)
         return logits[:, -1]
 
@@ -116,7 +107,7 @@ class StaticDecoder:
         return self._forward()
 
     def _forward(self) -> torch.Tensor:
-        with step_attention(self.device, self.cuda_attention):
+        with attention_kernels(self.device, self.cuda_attention):
             return self._masked_step()
 
     def _masked_step(self) -> torch.Tensor:

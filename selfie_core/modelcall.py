@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -45,18 +46,19 @@ def forward(model, input_ids: torch.Tensor, cache=None, attention_mask=None, log
     return logits, new_cache, getattr(out, "hidden_states", None)
 
 
-def attention_kernels(device: torch.device):
-    """On CUDA, keep scaled-dot-product attention off cuDNN (flash and memory-efficient kernels only).
+#: The engine's scaled-dot-product attention kernels on CUDA: off cuDNN. cuDNN builds an execution plan for every
+#: new shape, and generation changes shapes at every step (the cache grows, rows leave at EOS, batches differ): on
+#: an H200 with the 7B-shaped benchmark the first batch took 2.6 s with cuDNN and 1.7 s without, and later batches
+#: 1.6 s against 1.5 s.
+WITHOUT_CUDNN = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
-    cuDNN builds an execution plan for every new shape, and generation changes shapes at every step (the cache
-    grows, rows leave at EOS, batches differ): on an H200 with the 7B-shaped benchmark the first batch took
-    2.6 s with cuDNN and 1.7 s without, and later batches 1.6 s against 1.5 s.
-    """
-    if device.type != "cuda":
+
+def attention_kernels(device: torch.device, backends: tuple | None = WITHOUT_CUDNN):
+    """On CUDA, limit scaled-dot-product attention to ``backends``, tried in that order (None: no limit here,
+    whatever an enclosing call set holds). Elsewhere nothing changes."""
+    if device.type != "cuda" or not backends:
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    return sdpa_kernel(list(backends), set_priority=True)
 
 
 #: Attention implementations that take a custom 4D mask (flash attention, for one, does not).
