@@ -16,11 +16,25 @@ All rows of a batch share one interpretation prompt, so cache index and position
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.nn.attention import SDPBackend
 
+from . import triton_attention
 from .modelcall import (CUSTOM_MASK_ATTENTION, PreallocatedLayer, attention_implementation, attention_kernels,
                         custom_mask, forward, select_rows)
+
+#: How a static step attends: "sdpa" (the model's own attention, SDPA kernels in ``cuda_attention``'s order) or
+#: "triton" (``triton_attention``'s single-query kernel, for models on transformers' SDPA implementation).
+STEP_ATTENTION = ("sdpa", "triton")
+
+
+def check_step_attention(name: str) -> None:
+    if name not in STEP_ATTENTION:
+        raise ValueError(f"decode attention must be one of {STEP_ATTENTION}, not {name!r}")
+    if name == "triton" and not triton_attention.available():
+        raise RuntimeError("decode attention 'triton' needs the triton package (CUDA builds of torch bring it)")
 
 
 class GrowingDecoder:
@@ -64,7 +78,8 @@ def static_decoding_supported(model, cache) -> bool:
 class StaticDecoder:
     """Fixed-shape steps over a static preallocated cache; on CUDA with ``graphs`` the step is a CUDA graph.
 
-    ``length``: positions the cache holds after the prefill (the interpretation prompt's length).
+    ``length``: positions the cache holds after the prefill (the interpretation prompt's length). ``attention``:
+    one of ``STEP_ATTENTION``.
     """
 
     #: SDPA kernels of a step's masked attention on CUDA, in order of preference. Flash takes no mask; for the
@@ -73,8 +88,10 @@ class StaticDecoder:
     #: cuDNN plans once per batch size; it takes no float32, which goes to the next kernel.
     cuda_attention: tuple | None = (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
-    def __init__(self, model, cache, length: int, graphs: bool = False):
+    def __init__(self, model, cache, length: int, graphs: bool = False, attention: str = "sdpa"):
+        check_step_attention(attention)
         self.model = model
+        self.attention = attention
         self.cache = cache
         first = cache.layers[0]
         self.device = first.device
@@ -107,7 +124,8 @@ class StaticDecoder:
         return self._forward()
 
     def _forward(self) -> torch.Tensor:
-        with attention_kernels(self.device, self.cuda_attention):
+        kernel = triton_attention.selected(self.model) if self.attention == "triton" else nullcontext()
+        with attention_kernels(self.device, self.cuda_attention), kernel:
             return self._masked_step()
 
     def _masked_step(self) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from typing import Any, Iterator, Sequence
 
@@ -11,6 +10,7 @@ import torch
 from torch.profiler import record_function
 
 from .adapters import get_adapter
+from .decoding import check_step_attention
 from .errors import SelfieInputError
 from .extraction import extract
 from .generation import PromptState, generate_batch, prepare_prompt_state
@@ -63,11 +63,13 @@ class SelfieEngine:
     batch) defaults to 256 on CPU and to what free GPU memory allows on CUDA. ``cuda_graphs`` (default on): on
     CUDA, run the decode steps as CUDA graphs (``selfie_core.decoding``); on an H200 with a 7B-shaped model they
     gave 1.9x the eager steps' throughput at 64 rows per batch and 1.0-1.2x at 640 (benchmarks/README.md); no
-    effect on the CPU.
+    effect on the CPU. ``decode_attention``: how those CUDA steps attend, "sdpa" (the model's own attention) or
+    "triton" (``selfie_core.triton_attention``, a single-query kernel; opt-in until it is measured on a GPU).
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
-                 max_extract_tokens: int = 16384, cuda_graphs: bool = True):
+                 max_extract_tokens: int = 16384, cuda_graphs: bool = True, decode_attention: str = "sdpa"):
+        check_step_attention(decode_attention)
         if hasattr(model, "model") and hasattr(model, "tokenizer") and tokenizer is None:
             name = name or getattr(model, "name", None)
             model, tokenizer = model.model, model.tokenizer
@@ -80,6 +82,7 @@ class SelfieEngine:
         self.batch_size = batch_size
         self.max_extract_tokens = max_extract_tokens
         self.cuda_graphs = cuda_graphs
+        self.decode_attention = decode_attention
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
 
     # -- model facts ---------------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ class SelfieEngine:
             do_sample=generation.do_sample, temperature=float(generation.temperature), top_p=float(generation.top_p),
             row_seeds=seeds, device=self.input_device,
             lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.layout == "llama" else None,
-            decode=self._decode_mode(),
+            decode=self._decode_mode(), decode_attention=self.decode_attention,
         )
         with record_function("selfie.no_inject"):
             p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import record_function
 
 from .hooks import inject
-from .decoding import GrowingDecoder, StaticDecoder, static_decoding_supported
+from .decoding import GrowingDecoder, StaticDecoder, check_step_attention, static_decoding_supported
 from .modelcall import cache_tensors, forward, make_cache, wide
 from .templates import PreparedPrompt
 
@@ -121,15 +121,18 @@ def generate_batch(
     device: torch.device,
     lower_blocks: Sequence[torch.nn.Module] | None = None,
     decode: str = "growing",
+    decode_attention: str = "sdpa",
 ) -> list[GeneratedRow]:
     """``lower_blocks``: the blocks below k, when they may be skipped (LLaMA layout): the prefill then runs blocks
     >= k only, from the prompt run's hidden state at block k, and the KV cache below k comes from that run.
 
     ``decode`` (see ``decoding``): "growing" steps over a cache that grows (the fastest eager steps: on the CPU the
     static ones were 2-5% slower, attending over the whole buffer); "static" fixed-shape steps; "graphs" static
-    steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows."""
+    steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows.
+    ``decode_attention``: how static steps attend (``decoding.STEP_ATTENTION``); growing steps keep the model's."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
+    check_step_attention(decode_attention)
     batch = vectors.shape[0]
     prepared = state.prepared
     p0 = prepared.first_insert
@@ -158,7 +161,7 @@ def generate_batch(
             generators.append(g)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     if decode != "growing" and static_decoding_supported(model, cache):
-        decoder = StaticDecoder(model, cache, state.length, graphs=decode == "graphs")
+        decoder = StaticDecoder(model, cache, state.length, graphs=decode == "graphs", attention=decode_attention)
     else:
         decoder = GrowingDecoder(model, cache)
     # Tokens and their probabilities stay on the device, one column per step, indexed by original row; a row's

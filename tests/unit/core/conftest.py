@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without CUDA the engine's Triton kernel (selfie_core.triton_attention) runs in Triton's interpreter. Triton
+# decides that once, when it is imported, and torch imports it as soon as anything touches torch._dynamo: so the
+# choice is made here, before any test runs.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CORPUS = [
     "The Eiffel Tower is located in Paris, the capital of France.",
