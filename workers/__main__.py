@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: replay the engine's decode steps as CUDA graphs (no effect on the CPU)")
+    w.add_argument("--decode-attention", default="sdpa", choices=["sdpa", "triton"],
+                   help="how those steps attend: the model's SDPA attention or the engine's Triton kernel")
     w.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # fault tests only (workers.faults)
     b = sub.add_parser("beat", help="the scheduler (reconcile, audits)")
     b.add_argument("--loglevel", default="INFO")
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_worker(args.model, args.gpu, model_path=args.model_path, device=args.device, dtype=args.dtype,
                    concurrency=args.concurrency, batch_size=args.batch_size, hostname=args.hostname,
-                   loglevel=args.loglevel, inject_fault=args.inject_fault, cuda_graphs=args.cuda_graphs)
+                   loglevel=args.loglevel, inject_fault=args.inject_fault, cuda_graphs=args.cuda_graphs,
+                   decode_attention=args.decode_attention)
     elif args.command == "beat":
         from workers.launch import run_beat
 

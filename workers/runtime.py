@@ -52,6 +52,7 @@ class WorkerOptions:
     batch_size: int | None = None
     gpu: int | None = None
     cuda_graphs: bool = True  # on CUDA, decode steps as CUDA graphs (SelfieEngine(cuda_graphs=...))
+    decode_attention: str = "sdpa"  # how those steps attend (SelfieEngine(decode_attention=...))
     inject_fault: str | None = None  # tests only: see workers.faults
 
     def to_env(self) -> dict[str, str]:
@@ -182,7 +183,8 @@ class Runtime:
         loaded = load_model(opts.model_path or opts.model, device=opts.device, dtype=opts.dtype,
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
                             if not opts.model_path else None)
-        self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs)
+        self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
+                                   decode_attention=opts.decode_attention)
         self.runner = EngineRunner(self.engine, opts.batch_size)
         if opts.inject_fault:
             from workers.faults import FaultInjectingRunner
@@ -268,6 +270,7 @@ class Runtime:
             "gpu": self.options.gpu,
             "dtype": self.options.dtype,
             "cuda_graphs": self.options.cuda_graphs,
+            "decode_attention": self.options.decode_attention,
             "batches_served": self.batches_served,
             "rows_served": self.rows_served,
             "held_chunks": self.held(),

@@ -202,15 +202,16 @@ def test_worker_serves_jobs_once_and_batches_two_jobs_in_one_engine_run(stack):
 
 
 def test_two_workers_share_one_job(stack):
-    # one chunk per engine run, so the chunks of one job spread over both workers; w2 turns CUDA graphs off, which
-    # its heartbeat reports (on the CPU both take eager steps)
-    w1 = stack.start_worker("w1", max_batch=4, batch_size=2)
+    # one chunk per engine run, so the chunks of one job spread over both workers; w2 turns CUDA graphs off and
+    # w1 picks the Triton decode attention, which their heartbeats report (on the CPU both take eager steps)
+    w1 = stack.start_worker("w1", max_batch=4, batch_size=2, extra=("--decode-attention", "triton"))
     w2 = stack.start_worker("w2", max_batch=4, batch_size=2, extra=("--no-cuda-graphs",))
     stack.wait_ready(w1)
     stack.wait_ready(w2)
     with stack.db() as s:
-        graphs = {w.name.split("@")[0]: w.info["cuda_graphs"] for w in s.scalars(select(Worker))}
-    assert graphs == {"w1": True, "w2": False}
+        decode = {w.name.split("@")[0]: (w.info["cuda_graphs"], w.info["decode_attention"])
+                  for w in s.scalars(select(Worker))}
+    assert decode == {"w1": (True, "triton"), "w2": (False, "sdpa")}
     stack.wait_startup_reconciles(w1, w2)  # else one worker may sit on it while the other runs the whole job
     job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
                                      max_new_tokens=6))
