@@ -27,7 +27,8 @@ from selfie_core.decoding import GrowingDecoder, StaticDecoder  # noqa: E402
 from selfie_core.reference import reference_interpret  # noqa: E402
 
 ENGINE_MODES = ("growing", "graphs")
-ATTENTION = ("cudnn", "efficient", "flash", "math")  # a mode's ":KERNEL": its decode steps' first SDPA choice
+# a mode's ":KERNEL": its decode steps' first SDPA choice, or "triton" (SelfieEngine(decode_attention="triton"))
+ATTENTION = ("cudnn", "efficient", "flash", "math", "triton")
 PROMPTS = ["The Eiffel Tower is located in Paris, the capital of France.",
            "The quick brown fox jumps over the lazy dog near the river bank."]
 
@@ -122,8 +123,8 @@ def main() -> None:
                          "round: growing (eager steps, the engine's choice on the CPU), graphs (CUDA graphs, "
                          "SelfieEngine(cuda_graphs=True), the default on CUDA); "
                          "MODE:KERNEL (cudnn, efficient, flash, math) puts that SDPA kernel first in the decode steps' "
-                         "attention on CUDA, e.g. growing:cudnn (default: the engine's own choice, graphs on CUDA, "
-                         "growing on the CPU)")
+                         "attention on CUDA, e.g. growing:cudnn; graphs:triton attends through the engine's Triton "
+                         "single-query kernel (default: the engine's own choice, graphs on CUDA, growing on the CPU)")
     args = ap.parse_args()
     modes = (args.decode or ("graphs" if (args.device or ("cuda" if args.gpu_7b else "cpu")) == "cuda"
                              else "growing")).split(",")
@@ -164,10 +165,11 @@ def main() -> None:
     injection = InjectionConfig(k=args.k)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     engines = {mode: SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size,
-                                  cuda_graphs=mode.split(":")[0] == "graphs")
+                                  cuda_graphs=mode.split(":")[0] == "graphs",
+                                  decode_attention="triton" if mode.endswith(":triton") else "sdpa")
                for mode in modes}
     prompt_len = len(template.prepare(tokenizer).input_ids)
-    if device != "cuda" and any(m.endswith("graphs") for m in modes):
+    if device != "cuda" and any(m.split(":")[0] == "graphs" for m in modes):
         print("note: CUDA graphs are a CUDA-only option; here those engines take the eager growing steps")
     print(f"model: {name}; torch threads: {torch.get_num_threads()}; engine decode modes: {', '.join(modes)}")
     print(f"template: {args.template}: {template.prepare(tokenizer).text!r}")
@@ -236,6 +238,8 @@ def decode_attention(mode: str) -> None:
     from torch.nn.attention import SDPBackend
 
     first = mode.split(":")[1] if ":" in mode else None
+    if first == "triton":  # the engine's own option, set when it was made; SDPA keeps its defaults
+        first = None
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
     for cls, default in _DEFAULT_ATTENTION.items():
