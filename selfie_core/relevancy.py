@@ -54,16 +54,18 @@ def _pack(sequences: Sequence[Sequence[int]], rows: list[int], width: int):
 def _tree_masks(lanes: list[dict], width: int) -> torch.Tensor:
     """(lanes, width, width) bool: node i may attend to node j iff j is i or one of its ancestors.
 
-    Nodes are numbered parents first, so filling depth by depth (a row inherits its parent's row) is exact.
-    Padding positions see only themselves.
+    Nodes are numbered parents first, so filling depth by depth (a node inherits its parent's row) is exact; each
+    depth is one gather over every lane at once. Padding positions see only themselves.
     """
     tree = torch.eye(width, dtype=torch.bool).repeat(len(lanes), 1, 1)
+    parents = torch.zeros((len(lanes), width), dtype=torch.long)
+    depths = torch.full((len(lanes), width), -1, dtype=torch.long)  # -1: padding
     for lane_i, lane in enumerate(lanes):
-        parents = torch.tensor(lane["parents"])
-        depths = torch.tensor(lane["depths"])
-        for depth in range(1, int(depths.max()) + 1 if len(depths) else 0):
-            nodes = (depths == depth).nonzero()[:, 0]
-            tree[lane_i, nodes] |= tree[lane_i, parents[nodes]]
+        parents[lane_i, : len(lane["parents"])] = torch.tensor(lane["parents"], dtype=torch.long)
+        depths[lane_i, : len(lane["depths"])] = torch.tensor(lane["depths"], dtype=torch.long)
+    for depth in range(1, int(depths.max()) + 1):
+        lane_idx, node_idx = (depths == depth).nonzero(as_tuple=True)
+        tree[lane_idx, node_idx] |= tree[lane_idx, parents[lane_idx, node_idx]]
     return tree
 
 
