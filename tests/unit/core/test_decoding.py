@@ -105,16 +105,18 @@ def test_graphs_are_a_cuda_only_option_and_change_nothing_on_cpu(llama, tokenize
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_steps_equal_eager_steps(tokenizer):
-    """float32: the engine with graphs gives the default engine's tokens and relevancy."""
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_cuda_graph_steps_equal_eager_steps(tokenizer, attention):
+    """float32: the engine with graphs (attending through SDPA or the Triton kernel) gives the tokens and relevancy
+    of eager SDPA steps."""
     model = _llama(tokenizer, layers=4, seed=7).to("cuda", torch.float32)
     requests = [InterpretRequest("The Eiffel Tower is located in Paris, the capital of France.", layer, t)
                 for layer in range(5) for t in (2, 5, 8)]
     gen = GenerationConfig(max_new_tokens=12)
     eager = SelfieEngine(model, tokenizer, cuda_graphs=False).interpret(requests, injection=InjectionConfig(k=2),
                                                                         generation=gen)
-    graphed = SelfieEngine(model, tokenizer, cuda_graphs=True).interpret(requests, injection=InjectionConfig(k=2),
-                                                                          generation=gen)
+    graphed = SelfieEngine(model, tokenizer, cuda_graphs=True, decode_attention=attention).interpret(
+        requests, injection=InjectionConfig(k=2), generation=gen)
     assert [r.token_ids for r in eager] == [r.token_ids for r in graphed]
     for a, b in zip(eager, graphed):
         assert max((abs(x - y) for x, y in zip(a.relevancy, b.relevancy)), default=0.0) < 1e-5

@@ -1,7 +1,8 @@
 """The Triton single-query attention of static decode steps computes what SDPA computes.
 
 On a machine without CUDA, Triton's interpreter runs the same kernel on the CPU (TRITON_INTERPRET=1, set by this
-folder's conftest); with CUDA the compiled kernel runs on the GPU.
+folder's conftest); with CUDA the compiled kernel runs on the GPU. The engine's CUDA graphs through the kernel are
+checked against eager SDPA steps in test_decoding.py.
 """
 
 import os
@@ -14,7 +15,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from selfie_core import GenerationConfig, InterpretationTemplate, InterpretRequest, SelfieEngine
-from selfie_core import decoding, triton_attention
+from selfie_core import triton_attention
 from selfie_core.adapters import get_adapter
 from selfie_core.generation import generate_batch, prepare_prompt_state
 
@@ -171,19 +172,3 @@ def test_decode_attention_is_checked_and_is_a_no_op_on_growing_steps(llama, toke
     chosen = SelfieEngine(llama, tokenizer, decode_attention="triton")
     assert chosen.decode_attention == "triton"
     assert [r.token_ids for r in chosen.interpret(requests, generation=gen)] == [r.token_ids for r in plain]
-    assert decoding.STEP_ATTENTION == ("sdpa", "triton")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_through_the_kernel_equal_eager_sdpa_steps(tokenizer):
-    """float32 on CUDA: graphs captured with the kernel give the eager SDPA engine's tokens and relevancy."""
-    model = _llama(tokenizer, layers=4, seed=7).to("cuda", torch.float32)
-    requests = [InterpretRequest("The Eiffel Tower is located in Paris, the capital of France.", layer, t)
-                for layer in range(5) for t in (2, 5, 8)]
-    gen = GenerationConfig(max_new_tokens=12)
-    eager = SelfieEngine(model, tokenizer, cuda_graphs=False).interpret(requests, generation=gen)
-    graphed = SelfieEngine(model, tokenizer, decode_attention="triton").interpret(requests, generation=gen)
-    assert [r.token_ids for r in eager] == [r.token_ids for r in graphed]
-    for a, b in zip(eager, graphed):
-        assert max((abs(x - y) for x, y in zip(a.relevancy, b.relevancy)), default=0.0) < 1e-5
