@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from contextlib import nullcontext
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch.profiler import record_function
 
+from . import triton_norm
 from .adapters import get_adapter
 from .decoding import check_step_attention
 from .errors import SelfieInputError
@@ -65,11 +67,15 @@ class SelfieEngine:
     gave 1.9x the eager steps' throughput at 64 rows per batch and 1.0-1.2x at 640 (benchmarks/README.md); no
     effect on the CPU. ``decode_attention``: how those CUDA steps attend, "sdpa" (the model's own attention) or
     "triton" (``selfie_core.triton_attention``, a single-query kernel; opt-in until it is measured on a GPU).
+    ``rms_norm``: "model" (the model's own RMSNorm modules) or "triton" (``selfie_core.triton_norm``: each norm
+    one kernel, in the prefill, decode steps and no-inject pass; opt-in until it is measured on a GPU).
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
-                 max_extract_tokens: int = 16384, cuda_graphs: bool = True, decode_attention: str = "sdpa"):
+                 max_extract_tokens: int = 16384, cuda_graphs: bool = True, decode_attention: str = "sdpa",
+                 rms_norm: str = "model"):
         check_step_attention(decode_attention)
+        triton_norm.check_choice(rms_norm)
         if hasattr(model, "model") and hasattr(model, "tokenizer") and tokenizer is None:
             name = name or getattr(model, "name", None)
             model, tokenizer = model.model, model.tokenizer
@@ -83,6 +89,9 @@ class SelfieEngine:
         self.max_extract_tokens = max_extract_tokens
         self.cuda_graphs = cuda_graphs
         self.decode_attention = decode_attention
+        self.rms_norm = rms_norm
+        if rms_norm == "triton":
+            triton_norm.check_device(self.input_device)
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
 
     # -- model facts ---------------------------------------------------------------------------------------
@@ -222,7 +231,8 @@ class SelfieEngine:
             yield self._run_batch(chunk, vectors, state, injection, generation, eos, token_ids)
 
     def _run_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
-        with attention_kernels(self.input_device):
+        norms = triton_norm.fused(self.model) if self.rms_norm == "triton" else nullcontext()
+        with attention_kernels(self.input_device), norms:
             return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
 
     def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
