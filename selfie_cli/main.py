@@ -109,15 +109,17 @@ def up(**options: Any) -> None:
               help="CUDA: replay the engine's decode steps as CUDA graphs (no effect on the CPU).")
 @click.option("--decode-attention", type=click.Choice(["sdpa", "triton"]), default="sdpa", show_default=True,
               help="How those steps attend: the model's SDPA attention or the engine's Triton kernel.")
+@click.option("--rms-norm", type=click.Choice(["model", "triton"]), default="model", show_default=True,
+              help="RMSNorm through the model's own modules or the engine's Triton kernel.")
 def worker(model, gpu, model_path, device, dtype, concurrency, batch_size, hostname, loglevel, cuda_graphs,
-           decode_attention) -> None:
+           decode_attention, rms_norm) -> None:
     """Serve one model on one device (blocks)."""
     from selfie_jobs.settings import get_settings
     from workers.launch import run_worker
 
     run_worker(model or get_settings().default_model, gpu, model_path=model_path, device=device, dtype=dtype,
                concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel,
-               cuda_graphs=cuda_graphs, decode_attention=decode_attention)
+               cuda_graphs=cuda_graphs, decode_attention=decode_attention, rms_norm=rms_norm)
 
 
 @cli.command()

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="CUDA: replay the engine's decode steps as CUDA graphs (no effect on the CPU)")
     w.add_argument("--decode-attention", default="sdpa", choices=["sdpa", "triton"],
                    help="how those steps attend: the model's SDPA attention or the engine's Triton kernel")
+    w.add_argument("--rms-norm", default="model", choices=["model", "triton"],
+                   help="RMSNorm through the model's own modules or the engine's Triton kernel")
     w.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # fault tests only (workers.faults)
     b = sub.add_parser("beat", help="the scheduler (reconcile, audits)")
     b.add_argument("--loglevel", default="INFO")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args.model, args.gpu, model_path=args.model_path, device=args.device, dtype=args.dtype,
                    concurrency=args.concurrency, batch_size=args.batch_size, hostname=args.hostname,
                    loglevel=args.loglevel, inject_fault=args.inject_fault, cuda_graphs=args.cuda_graphs,
-                   decode_attention=args.decode_attention)
+                   decode_attention=args.decode_attention, rms_norm=args.rms_norm)
     elif args.command == "beat":
         from workers.launch import run_beat
 

@@ -146,6 +146,7 @@ def run_worker(
     inject_fault: str | None = None,
     cuda_graphs: bool = True,
     decode_attention: str = "sdpa",
+    rms_norm: str = "model",
 ) -> None:
     """Run a worker serving `model` until it is stopped (blocks). `gpu`: the CUDA device index to pin to."""
     pin_gpu(gpu)
@@ -153,7 +154,8 @@ def run_worker(
     node_name = hostname or default_node_name(model, gpu)
     options = WorkerOptions(model=model, model_path=model_path, device=device or ("cuda:0" if gpu is not None else "cpu"),
                             dtype=dtype, node_name=node_name, batch_size=batch_size, gpu=gpu,
-                            inject_fault=inject_fault, cuda_graphs=cuda_graphs, decode_attention=decode_attention)
+                            inject_fault=inject_fault, cuda_graphs=cuda_graphs, decode_attention=decode_attention,
+                            rms_norm=rms_norm)
     os.environ.update(options.to_env())
     from workers.celery_app import create_celery_app
 

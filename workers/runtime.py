@@ -53,6 +53,7 @@ class WorkerOptions:
     gpu: int | None = None
     cuda_graphs: bool = True  # on CUDA, decode steps as CUDA graphs (SelfieEngine(cuda_graphs=...))
     decode_attention: str = "sdpa"  # how those steps attend (SelfieEngine(decode_attention=...))
+    rms_norm: str = "model"  # the model's RMSNorm modules or the engine's Triton kernel (SelfieEngine(rms_norm=...))
     inject_fault: str | None = None  # tests only: see workers.faults
 
     def to_env(self) -> dict[str, str]:
@@ -184,7 +185,7 @@ class Runtime:
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
                             if not opts.model_path else None)
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
-                                   decode_attention=opts.decode_attention)
+                                   decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
         self.runner = EngineRunner(self.engine, opts.batch_size)
         if opts.inject_fault:
             from workers.faults import FaultInjectingRunner
@@ -271,6 +272,7 @@ class Runtime:
             "dtype": self.options.dtype,
             "cuda_graphs": self.options.cuda_graphs,
             "decode_attention": self.options.decode_attention,
+            "rms_norm": self.options.rms_norm,
             "batches_served": self.batches_served,
             "rows_served": self.rows_served,
             "held_chunks": self.held(),

@@ -209,9 +209,9 @@ def test_two_workers_share_one_job(stack):
     stack.wait_ready(w1)
     stack.wait_ready(w2)
     with stack.db() as s:
-        decode = {w.name.split("@")[0]: (w.info["cuda_graphs"], w.info["decode_attention"])
+        decode = {w.name.split("@")[0]: (w.info["cuda_graphs"], w.info["decode_attention"], w.info["rms_norm"])
                   for w in s.scalars(select(Worker))}
-    assert decode == {"w1": (True, "triton"), "w2": (False, "sdpa")}
+    assert decode == {"w1": (True, "triton", "model"), "w2": (False, "sdpa", "model")}
     stack.wait_startup_reconciles(w1, w2)  # else one worker may sit on it while the other runs the whole job
     job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
                                      max_new_tokens=6))

@@ -44,7 +44,8 @@ def test_importing_the_worker_modules_loads_no_torch_and_builds_no_app():
 
 def test_worker_options_travel_through_the_environment():
     opts = WorkerOptions(model="tiny", model_path="/m", device="cuda:0", dtype="bfloat16", node_name="n@h",
-                         batch_size=8, gpu=1, cuda_graphs=False, decode_attention="triton")
+                         batch_size=8, gpu=1, cuda_graphs=False, decode_attention="triton",
+                         rms_norm="triton")
     assert WorkerOptions.from_env(opts.to_env()) == opts
     assert json.loads(opts.to_env()["SELFIE_WORKER_GPU"]) == 1
 
