@@ -124,15 +124,19 @@ def main() -> None:
                          "SelfieEngine(cuda_graphs=True), the default on CUDA); "
                          "MODE:KERNEL (cudnn, efficient, flash, math) puts that SDPA kernel first in the decode steps' "
                          "attention on CUDA, e.g. growing:cudnn; graphs:triton attends through the engine's Triton "
-                         "single-query kernel (default: the engine's own choice, graphs on CUDA, growing on the CPU)")
+                         "single-query kernel; a +norm suffix runs RMSNorm through the engine's Triton kernel, "
+                         "SelfieEngine(rms_norm='triton'), e.g. graphs:triton+norm (default: the engine's own "
+                         "choice, graphs on CUDA, growing on the CPU)")
     args = ap.parse_args()
     modes = (args.decode or ("graphs" if (args.device or ("cuda" if args.gpu_7b else "cpu")) == "cuda"
                              else "growing")).split(",")
-    unknown = ({m.split(":")[0] for m in modes} - set(ENGINE_MODES)) | \
-        ({m.split(":")[1] for m in modes if ":" in m} - set(ATTENTION))
+    parsed = {m: parse_mode(m) for m in modes}
+    unknown = sorted(m for m, (decode, kernel, _) in parsed.items()
+                     if decode not in ENGINE_MODES or kernel not in (None, *ATTENTION) or m.count("+") > 1
+                     or ("+" in m and not m.endswith("+norm")))
     if unknown:
-        ap.error(f"unknown --decode mode(s) {sorted(unknown)}; choose from {list(ENGINE_MODES)}, each with an "
-                 f"optional :KERNEL of {list(ATTENTION)}")
+        ap.error(f"unknown --decode mode(s) {unknown}; choose from {list(ENGINE_MODES)}, each with an "
+                 f"optional :KERNEL of {list(ATTENTION)} and an optional +norm")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.no_cudnn_sdp:
@@ -165,11 +169,12 @@ def main() -> None:
     injection = InjectionConfig(k=args.k)
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     engines = {mode: SelfieEngine(model, tokenizer, name=name, batch_size=args.batch_size,
-                                  cuda_graphs=mode.split(":")[0] == "graphs",
-                                  decode_attention="triton" if mode.endswith(":triton") else "sdpa")
+                                  cuda_graphs=parsed[mode][0] == "graphs",
+                                  decode_attention="triton" if parsed[mode][1] == "triton" else "sdpa",
+                                  rms_norm="triton" if parsed[mode][2] else "model")
                for mode in modes}
     prompt_len = len(template.prepare(tokenizer).input_ids)
-    if device != "cuda" and any(m.split(":")[0] == "graphs" for m in modes):
+    if device != "cuda" and any(decode == "graphs" for decode, _, _ in parsed.values()):
         print("note: CUDA graphs are a CUDA-only option; here those engines take the eager growing steps")
     print(f"model: {name}; torch threads: {torch.get_num_threads()}; engine decode modes: {', '.join(modes)}")
     print(f"template: {args.template}: {template.prepare(tokenizer).text!r}")
@@ -237,7 +242,7 @@ def decode_attention(mode: str) -> None:
     """Set the decode steps' SDPA kernels for ``mode`` ("graphs:cudnn": cuDNN first; "graphs": the defaults)."""
     from torch.nn.attention import SDPBackend
 
-    first = mode.split(":")[1] if ":" in mode else None
+    first = parse_mode(mode)[1]
     if first == "triton":  # the engine's own option, set when it was made; SDPA keeps its defaults
         first = None
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -245,6 +250,13 @@ def decode_attention(mode: str) -> None:
     for cls, default in _DEFAULT_ATTENTION.items():
         cls.cuda_attention = default if first is None else tuple(dict.fromkeys(
             [backends[first], SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+
+
+def parse_mode(mode: str) -> tuple[str, str | None, bool]:
+    """"graphs:triton+norm" -> ("graphs", "triton", True): decode mode, attention kernel, Triton RMSNorm."""
+    base, _, extra = mode.partition("+")
+    decode, _, kernel = base.partition(":")
+    return decode, kernel or None, extra == "norm"
 
 
 def _same(a, b) -> int:
