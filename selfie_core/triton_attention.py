@@ -106,7 +106,7 @@ def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     block_d = triton.next_power_of_2(dim)
     # keys and values of one block in registers: 4096 elements keep a 128-dim head at 32 positions per block
     block_l = block_positions or max(1, min(triton.next_power_of_2(length), 4096 // block_d))
-    mask = visible.view(torch.uint8)  # same bytes; Triton loads bool pointers as int1 on some backends
+    mask = visible.view(torch.uint8)  # the same bytes, read as bytes (a bool tensor is an i1 pointer to Triton)
     kernel[(batch, heads)](
         query, key, value, mask, out, float(scale),
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
@@ -146,8 +146,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 def register() -> None:
     """Register ``attention_forward`` as ``NAME`` with transformers (once; later calls do nothing)."""
     from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if NAME not in AttentionInterface._global_mapping:
+    if NAME not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(NAME, attention_forward)
 
 
