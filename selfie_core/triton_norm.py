@@ -17,11 +17,12 @@ Triton is imported on first use; on the CPU its interpreter (``TRITON_INTERPRET=
 
 from __future__ import annotations
 
-import importlib.util
 from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
+
+from . import triton_attention
 
 #: RMSNorm classes whose forward is ``weight * (x.float() * rsqrt(mean(x.float()**2) + variance_epsilon)).to(x.dtype)``
 #: in the supported transformers range (tests/unit/core/test_triton_norm.py checks each against its own forward).
@@ -36,7 +37,7 @@ CHOICES = ("model", "triton")
 def check_choice(name: str) -> None:
     if name not in CHOICES:
         raise ValueError(f"rms_norm must be one of {CHOICES}, not {name!r}")
-    if name == "triton" and importlib.util.find_spec("triton") is None:
+    if name == "triton" and not triton_attention.available():
         raise RuntimeError("rms_norm 'triton' needs the triton package (CUDA builds of torch bring it)")
 
 
