@@ -132,8 +132,8 @@ def main() -> None:
                              else "growing")).split(",")
     parsed = {m: parse_mode(m) for m in modes}
     unknown = sorted(m for m, (decode, kernel, _) in parsed.items()
-                     if decode not in ENGINE_MODES or kernel not in (None, *ATTENTION) or m.count("+") > 1
-                     or ("+" in m and not m.endswith("+norm")))
+                     if decode not in ENGINE_MODES or kernel not in (None, *ATTENTION)
+                     or m.partition("+")[2] not in ("", "norm"))
     if unknown:
         ap.error(f"unknown --decode mode(s) {unknown}; choose from {list(ENGINE_MODES)}, each with an "
                  f"optional :KERNEL of {list(ATTENTION)} and an optional +norm")
@@ -184,7 +184,7 @@ def main() -> None:
     # warm-up (kernels, allocator; the engine's prompt state is cleared before every timed run)
     for mode, engine in engines.items():
         t = time.perf_counter()
-        decode_attention(mode)
+        order_sdpa_kernels(mode)
         engine.interpret(requests[:2], template, injection, generation)
         print(f"  warm-up {mode}: {time.perf_counter() - t:.1f} s", flush=True)
     if not args.skip_reference:
@@ -198,7 +198,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for mode, engine in engines.items():
             engine._states.clear()  # count the shared prompt pass in every round
-            decode_attention(mode)
+            order_sdpa_kernels(mode)
             results[mode], t, peak = measure(lambda: engine.interpret(requests, template, injection, generation),
                                              device)
             times[mode].append(t)
@@ -231,14 +231,14 @@ def main() -> None:
             print(f"ratio {mode}: {r / statistics.median(times[mode]):.2f}x  (same tokens as the reference in "
                   f"{_same(ours, ref)}/{len(requests)} rows, max relevancy diff {rel:.2e})")
     if args.profile:
-        decode_attention(modes[-1])
+        order_sdpa_kernels(modes[-1])
         profile_engine(engines[modes[-1]], requests, template, injection, generation, device, args.profile)
 
 
 _DEFAULT_ATTENTION = {cls: cls.cuda_attention for cls in (GrowingDecoder, StaticDecoder)}
 
 
-def decode_attention(mode: str) -> None:
+def order_sdpa_kernels(mode: str) -> None:
     """Set the decode steps' SDPA kernels for ``mode`` ("graphs:cudnn": cuDNN first; "graphs": the defaults)."""
     from torch.nn.attention import SDPBackend
 
