@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-# Without CUDA the engine's Triton kernel (selfie_core.triton_attention) runs in Triton's interpreter. Triton
-# decides that once, when it is imported, and torch imports it as soon as anything touches torch._dynamo: so the
-# choice is made here, before any test runs.
+# Without CUDA the engine's Triton kernels (selfie_core.triton_attention, triton_norm) run in Triton's interpreter.
+# Triton decides that once, when it is imported, and torch imports it as soon as anything touches torch._dynamo:
+# so the choice is made here, before any test runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -57,6 +61,38 @@ def _one_cpu_thread():
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_tokenizer()
+
+
+_COMPILE = """
+import json, sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import selfie_core.{module} as kernels
+
+constants, scalars, pointers, precision = json.loads(sys.argv[1])
+kernel, triton, tl = kernels._kernel()
+for capability in (80, 90):  # A100; H100 and H200
+    for pointer, wide in (("*bf16", "float32"), ("*fp16", "float32"), ("*fp32", "float32"), ("*fp64", "float64")):
+        signature = {{p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, pointer)
+                     if p.name.endswith("_ptr") else scalars.get(p.name, "i64") for p in kernel.params}}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature,
+                                            constexprs={{**constants, precision: getattr(tl, wide)}}),
+                                  target=GPUTarget("cuda", capability, 32))
+        print(capability, pointer, len(compiled.asm["cubin"]), "bytes of cubin")
+"""
+
+
+def compile_for_gpus(module: str, constants: dict, scalars: dict, pointers: dict, precision: str) -> str:
+    """Compile ``selfie_core.<module>``'s kernel for real, to cubins for sm_80 and sm_90 with bf16, fp16, fp32 and
+    fp64 data (``precision``: the constexpr that takes float32, or float64 for fp64 data), through Triton's own
+    ptxas: no GPU needed. The interpreter accepts code that the compiler refuses, and Triton decides once per
+    process whether it interprets, so this runs in a process of its own. Returns what it printed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE.format(module=module),
+                           json.dumps([constants, scalars, pointers, precision])],
+                          cwd=Path(__file__).resolve().parents[3], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def _llama(tokenizer, layers=4, seed=0):

@@ -5,11 +5,6 @@ folder's conftest); with CUDA the compiled kernel runs on the GPU. The engine's 
 checked against eager SDPA steps in test_decoding.py.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -19,10 +14,9 @@ from selfie_core import triton_attention
 from selfie_core.adapters import get_adapter
 from selfie_core.generation import generate_batch, prepare_prompt_state
 
-from .conftest import _llama
+from .conftest import _llama, compile_for_gpus
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def _reference(query, key, value, visible, scale):
@@ -64,34 +58,12 @@ def test_kernel_matches_a_float64_reference(dtype, tolerance, length):
     assert _relative_error(got, _reference(query, key, value, shared, scale)) < tolerance
 
 
-COMPILE = """
-import sys
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from selfie_core import triton_attention
-
-kernel, triton, tl = triton_attention._kernel()
-for capability in (80, 90):  # A100; H100 and H200
-    for pointer, acc in (("*bf16", tl.float32), ("*fp16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        constants = {"LENGTH": 40, "GROUP": 1, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_L": 32, "ACC": acc}
-        signature = {p.name: "constexpr" if p.is_constexpr else "*u8" if p.name == "mask_ptr"
-                     else pointer if p.name.endswith("_ptr") else "fp32" if p.name == "scale" else "i64"
-                     for p in kernel.params}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                                  target=GPUTarget("cuda", capability, 32))
-        print(capability, pointer, len(compiled.asm["cubin"]), "bytes of cubin")
-"""
-
-
 def test_kernel_compiles_to_gpu_machine_code():
-    """The interpreter accepts code that the compiler refuses: compile for real, to a cubin through Triton's own
-    ptxas, which needs no GPU; every dtype the engine loads models in, at the 7B-shaped step's sizes. In a process
-    of its own: Triton decides once per process whether it interprets."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes of cubin") == 8, done.stdout
+    """Every dtype the engine loads models in, at the 7B-shaped step's sizes."""
+    printed = compile_for_gpus("triton_attention", {"LENGTH": 40, "GROUP": 1, "HEAD_DIM": 128, "BLOCK_D": 128,
+                                                    "BLOCK_L": 32},
+                               scalars={"scale": "fp32"}, pointers={"mask_ptr": "*u8"}, precision="ACC")
+    assert printed.count("bytes of cubin") == 8, printed
 
 
 def test_kernel_refuses_shapes_it_does_not_compute():

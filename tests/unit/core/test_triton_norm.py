@@ -4,20 +4,15 @@ Without CUDA, Triton's interpreter runs the kernel on the CPU (TRITON_INTERPRET=
 """
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from selfie_core import GenerationConfig, InjectionConfig, InterpretRequest, SelfieEngine, triton_norm
 
-from .conftest import _llama
+from .conftest import _llama, compile_for_gpus
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROOT = Path(__file__).resolve().parents[3]
 # A bf16 result may be one step (2**-7 relative) off before the weight's multiply rounds it again: the sum of
 # squares adds up in another order, and Triton's interpreter truncates float32 -> bf16 where compiled kernels (and
 # torch) round to nearest even
@@ -107,27 +102,8 @@ def test_rms_norm_choice_is_checked(llama, tokenizer, monkeypatch):
             SelfieEngine(llama, tokenizer, rms_norm="triton")
 
 
-COMPILE = """
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from selfie_core import triton_norm
-
-kernel, triton, tl = triton_norm._kernel()
-for capability in (80, 90):
-    for pointer, product in (("*bf16", tl.float32), ("*fp16", tl.float32), ("*fp32", tl.float32), ("*fp64", tl.float64)):
-        signature = {p.name: "constexpr" if p.is_constexpr else pointer if p.name.endswith("_ptr")
-                     else "fp32" if p.name == "eps" else "i64" for p in kernel.params}
-        constants = {"WIDTH": 4096, "BLOCK": 4096, "PRODUCT": product}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                                  target=GPUTarget("cuda", capability, 32))
-        print(capability, pointer, len(compiled.asm["cubin"]), "bytes of cubin")
-"""
-
-
 def test_kernel_compiles_to_gpu_machine_code():
-    """As for the attention kernel: compiled for real in a process of its own (no interpreter), no GPU needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("bytes of cubin") == 8, done.stdout
+    """As for the attention kernel, at the 7B model's width."""
+    printed = compile_for_gpus("triton_norm", {"WIDTH": 4096, "BLOCK": 4096}, scalars={"eps": "fp32"}, pointers={},
+                               precision="PRODUCT")
+    assert printed.count("bytes of cubin") == 8, printed
