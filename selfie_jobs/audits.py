@@ -54,6 +54,7 @@ from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
     LastTokens,
     validate_cron,
 )
+from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.models import Chunk, Job, utcnow
 from selfie_jobs.prompt_sets import BUILTIN, ensure_builtin, iter_items
@@ -66,9 +67,10 @@ AUDIT_TICK_TASK = "selfie.audit_tick"
 
 __all__ = [
     "AUDIT_TICK_TASK", "KNOWN_DETECTOR_KINDS", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
-    "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "claim_due_audits",
-    "claim_run", "create_audit", "fan_out", "fingerprint", "jobs_to_scan", "next_fire", "open_run", "refresh_run",
-    "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job", "start_run", "update_audit", "validate_cron",
+    "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "check_audit_name",
+    "claim_due_audits", "claim_run", "create_audit", "fan_out", "fingerprint", "jobs_to_scan", "next_fire", "open_run",
+    "refresh_run", "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job", "start_run", "update_audit",
+    "validate_cron",
 ]
 
 
@@ -86,24 +88,34 @@ def next_fire(expr: str, after: datetime) -> datetime:
     return croniter(expr, as_utc(after)).get_next(datetime)
 
 
-def resolve_prompt_set(session: Session, name_or_id: str | int) -> PromptSet:
+def resolve_prompt_set(session: Session, name_or_id: str | int, who: Principal = LOCAL_PRINCIPAL) -> PromptSet:
+    """A built-in set or one `who` may see. Another key's set reads exactly like a missing one: an audit over it
+    would hand its prompts to `who` through the jobs the runs fan out."""
+
+    def usable(found: PromptSet | None) -> bool:
+        return found is not None and (found.source == "builtin" or who.can_see(found.owner_key_id))
+
     if isinstance(name_or_id, int) or str(name_or_id).isdigit():
         found = session.get(PromptSet, int(name_or_id))
-        if found is not None:
+        if usable(found):
             return found
     found = session.scalars(select(PromptSet).where(PromptSet.name == str(name_or_id))).first()
-    if found is not None:
+    if found is None and str(name_or_id) in BUILTIN:
+        found = ensure_builtin(session, str(name_or_id))
+    if usable(found):
         return found
-    if str(name_or_id) in BUILTIN:
-        return ensure_builtin(session, str(name_or_id))
     raise AuditError(f"no prompt set {name_or_id!r}; upload one or use a built-in: {', '.join(BUILTIN)}", status=404)
 
 
-def create_audit(session: Session, req: AuditCreate, settings: Settings, owner_key_id: int | None = None) -> Audit:
-    """Store an audit (the caller commits)."""
-    if session.scalar(select(Audit.id).where(Audit.name == req.name)) is not None:
-        raise AuditError(f"an audit named {req.name!r} already exists", status=409)
-    prompt_set = resolve_prompt_set(session, req.prompt_set)
+def check_audit_name(session: Session, name: str) -> None:
+    if session.scalar(select(Audit.id).where(Audit.name == name)) is not None:
+        raise AuditError(f"an audit named {name!r} already exists", status=409)
+
+
+def create_audit(session: Session, req: AuditCreate, settings: Settings, who: Principal = LOCAL_PRINCIPAL) -> Audit:
+    """Store an audit owned by `who` over a prompt set `who` may use (the caller commits)."""
+    check_audit_name(session, req.name)
+    prompt_set = resolve_prompt_set(session, req.prompt_set, who)
     audit = Audit(
         name=req.name,
         model=req.model or settings.default_model,
@@ -113,7 +125,7 @@ def create_audit(session: Session, req: AuditCreate, settings: Settings, owner_k
         detectors=[d.checked() for d in req.detectors],
         schedule=req.schedule,
         enabled=req.enabled,
-        owner_key_id=owner_key_id,
+        owner_key_id=who.key_id,
         next_run_at=next_fire(req.schedule, utcnow()) if req.schedule and req.enabled else None,
     )
     session.add(audit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -10,6 +11,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, 
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import and_, select
+from sqlalchemy.exc import IntegrityError
 
 from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
 from selfie_jobs import audits as A
@@ -18,7 +20,7 @@ from selfie_jobs.audit_reports import finding_dict, iter_findings_csv, run_repor
 from selfie_jobs.auth import Principal
 from selfie_jobs.models import Prompt
 from selfie_jobs.queries import visible_job
-from selfie_jobs.prompt_sets import BUILTIN, PromptSetError, create_prompt_set, detect_format
+from selfie_jobs.prompt_sets import BUILTIN, PromptSetError, check_name_free, create_prompt_set, detect_format
 from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,15 @@ def _error(exc: A.AuditError | PromptSetError | ValueError) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc))
 
 
+def _name_race(check: Callable[[], None]) -> None:
+    """After an insert hit a unique name: if a concurrent request took the name between our check and our insert,
+    answer the 409 the check gives; any other conflict stays an error."""
+    try:
+        check()
+    except (A.AuditError, PromptSetError) as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
+
 # --- prompt sets ----------------------------------------------------------------------------------------------------
 
 
@@ -174,6 +185,10 @@ def upload_prompt_set(
         session.rollback()
         status_code = 409 if "already exists" in str(exc) else 422
         raise HTTPException(status_code, str(exc)) from None
+    except IntegrityError:
+        session.rollback()
+        _name_race(lambda: check_name_free(session, name))
+        raise
     return PromptSetOut.model_validate(prompt_set, from_attributes=True)
 
 
@@ -206,11 +221,15 @@ def prompt_set_items(
 def create_audit(body: A.AuditCreate, request: Request, session: SessionDep, settings: SettingsDep,
                  who: PrincipalDep) -> AuditOut:
     try:
-        audit = A.create_audit(session, body, settings, owner_key_id=who.key_id)
+        audit = A.create_audit(session, body, settings, who)
         session.commit()
     except (A.AuditError, PromptSetError) as exc:
         session.rollback()
         raise _error(exc) from None
+    except IntegrityError:
+        session.rollback()
+        _name_race(lambda: A.check_audit_name(session, body.name))
+        raise
     return _audit_out(request, session, audit)
 
 

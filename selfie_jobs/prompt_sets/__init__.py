@@ -174,6 +174,11 @@ def store_rows(session: Session, prompt_set: PromptSet, rows: Iterable[Row], max
     return index
 
 
+def check_name_free(session: Session, name: str) -> None:
+    if session.scalar(select(PromptSet.id).where(PromptSet.name == name)) is not None:
+        raise PromptSetError(f"a prompt set named {name!r} already exists")
+
+
 def create_prompt_set(
     session: Session,
     name: str,
@@ -189,8 +194,10 @@ def create_prompt_set(
     """Create a prompt set from a stream (the caller commits; an error leaves nothing behind after rollback)."""
     if not name or len(name) > 200:
         raise PromptSetError("a prompt set needs a name of 1..200 characters")
-    if session.scalar(select(PromptSet.id).where(PromptSet.name == name)) is not None:
-        raise PromptSetError(f"a prompt set named {name!r} already exists")
+    if source != "builtin" and name in BUILTIN:
+        # names are global: an upload under a built-in's name would stand in for the built-in in every key's audits
+        raise PromptSetError(f"a built-in prompt set named {name!r} already exists")
+    check_name_free(session, name)
     prompt_set = PromptSet(name=name, description=description, source=source, owner_key_id=owner_key_id, size=0)
     session.add(prompt_set)
     session.flush()

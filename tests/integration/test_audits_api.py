@@ -188,3 +188,76 @@ def test_cancel_run_and_auth_scoping(database_url, redis_url):
         assert res["state"] == "cancelled"
         jobs = a.get(f"/v1/audit-runs/{run['id']}/jobs").json()["jobs"]
         assert jobs and all(a.get(f"/v1/jobs/{j['job_id']}").json()["state"] == "cancelled" for j in jobs)
+
+
+def test_another_keys_prompt_set_reads_as_missing(database_url, redis_url):
+    """An audit over another key's set would show its prompts through the jobs it fans out: refused as a missing set."""
+    from selfie_jobs.auth import create_key
+    from selfie_jobs.db import session_scope
+
+    prepare_database(database_url)
+    settings = settings_for(database_url, redis_url, auth_enabled=True)
+    with session_scope(database_url) as s:
+        _, alice = create_key(s, "alice")
+        _, bob = create_key(s, "bob")
+    with live_server(settings) as server:
+        a, b = server.client(alice), server.client(bob)
+        res = a.post("/v1/prompt-sets", files={"file": ("secret.jsonl", _jsonl(PROMPTS), "text/plain")},
+                     data={"name": "alice-secret"})
+        assert res.status_code == 201, res.text
+        secret_id = res.json()["id"]
+        audit = {"model": "tiny", "detectors": [{"kind": "keywords", "words": ["cat"]}]}
+
+        for ref, missing in (("alice-secret", "no-such-set"), (str(secret_id), "999999")):
+            refused = b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set=ref))
+            absent = b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set=missing))
+            assert refused.status_code == absent.status_code == 404, refused.text
+            assert refused.json()["detail"] == absent.json()["detail"].replace(repr(missing), repr(ref))
+        assert b.get("/v1/audits").json()["audits"] == []
+        assert b.get(f"/v1/prompt-sets/{secret_id}/items").status_code == 404
+
+        # the owner and the built-ins still work; an upload cannot take a built-in's name
+        assert a.post("/v1/audits", json=dict(audit, name="alice-audit", prompt_set="alice-secret")).status_code == 201
+        assert b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set="prompt_injections")).status_code == 201
+        res = a.post("/v1/prompt-sets", files={"file": ("x.jsonl", _jsonl(PROMPTS), "text/plain")},
+                     data={"name": "ethical_decisions"})
+        assert res.status_code == 409 and "built-in" in res.json()["detail"]
+
+
+def test_concurrent_requests_for_one_name_get_the_conflict_answer(stack):
+    """The second of two requests for one name passes the name check before the first commits, then hits the unique
+    index: it gets the 409 the check gives, not a 500."""
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.audit_models import Audit, PromptSet
+    from selfie_jobs.db import create_db_engine, get_engine
+    from tests.locksupport import LockStep
+
+    server, settings, _ = stack
+    http = server.client()
+    pets = http.post("/v1/prompt-sets", files={"file": ("pets.jsonl", _jsonl(PROMPTS), "text/plain")},
+                     data={"name": "pets"}).json()
+    own = create_db_engine(settings.database_url)
+    server_engine = get_engine(settings.resolved_database_url())
+    upload = {"files": {"file": ("dup.jsonl", _jsonl(PROMPTS), "text/plain")}, "data": {"name": "dup"}}
+    audit = {"name": "dup-audit", "model": "tiny", "prompt_set": "pets",
+             "detectors": [{"kind": "keywords", "words": ["cat"]}]}
+    cases = [
+        (PromptSet(name="dup", source="upload", size=0), lambda: http.post("/v1/prompt-sets", **upload),
+         "a prompt set named 'dup' already exists"),
+        (Audit(name="dup-audit", model="tiny", prompt_set_id=pets["id"], targets={}, detectors=[]),
+         lambda: http.post("/v1/audits", json=audit), "an audit named 'dup-audit' already exists"),
+    ]
+    try:
+        for row, request, detail in cases:
+            with Session(own) as first:
+                first.add(row)
+                first.flush()  # holds the name, not committed yet
+                second = LockStep(server_engine, request).start()
+                first.commit()
+            res = second.join()
+            assert res.status_code == 409, res.text
+            assert res.json()["detail"] == detail
+            assert request().json()["detail"] == detail  # what the check itself answers
+    finally:
+        own.dispose()
