@@ -1,0 +1,58 @@
+"""Check-then-write steps of the job domain under a forced interleaving of two transactions, on real SQLite and
+PostgreSQL (see tests/locksupport.py for how the order is forced without sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from selfie_jobs import chunks as C
+from selfie_jobs.auth import LOCAL_PRINCIPAL
+from selfie_jobs.db import create_db_engine, get_sessionmaker
+from selfie_jobs.models import Chunk, Job
+from selfie_jobs.queries import cancel_job, visible_job
+from tests.locksupport import LockStep
+from tests.unit.jobs.factories import make_job
+
+
+@pytest.fixture
+def db(migrated_database_url):
+    return get_sessionmaker(migrated_database_url)
+
+
+@pytest.fixture
+def other_engine(migrated_database_url):
+    """The engine of the other party (its statements are watched; the test's own go through `db`)."""
+    engine = create_db_engine(migrated_database_url)
+    yield engine
+    engine.dispose()
+
+
+def test_cancel_never_overwrites_a_job_that_succeeded_while_it_ran(db, other_engine):
+    with db() as s, s.begin():
+        job = make_job(s, chunk_size=8)
+        job_id, chunk_id = job.id, s.scalar(select(Chunk.id).where(Chunk.job_id == job.id))
+    with db() as s, s.begin():
+        claimed = C.claim_chunk(s, chunk_id, "w1", 60)
+    rows = [C.ResultRow(p, layer, t, "tok", "text", [1], [0.5], 0.5) for p, layer, t in claimed.items]
+
+    def cancel():  # as POST /v1/jobs/{id}/cancel does it: the job is read first, then cancelled
+        with Session(other_engine) as s:
+            assert visible_job(s, job_id, LOCAL_PRINCIPAL).state == "running"
+            _, cancelled = cancel_job(s, job_id, LOCAL_PRINCIPAL)
+            s.commit()
+            return cancelled
+
+    with db() as s, s.begin():
+        C.write_results(s, chunk_id, "w1", [], engine_run_id="r", worker="w1", model="tiny", complete=False)
+    with db() as worker:
+        outcome = C.write_results(worker, chunk_id, "w1", rows, engine_run_id="r", worker="w1", model="tiny",
+                                  complete=True)
+        assert outcome.job_state == "succeeded"
+        canceller = LockStep(other_engine, cancel).start()  # it has read "running"; its write waits on the worker
+        worker.commit()
+    assert canceller.join() is False
+    with db() as s:
+        job = s.get(Job, job_id)
+        assert (job.state, job.error, job.done) == ("succeeded", None, len(rows))
