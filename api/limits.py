@@ -26,20 +26,36 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await _too_large(send, self.limit)
         seen = 0
+        started = False  # the app has begun its response
+        refused = False  # the 413 went out
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    # Answered here, not by an exception handler: whatever reads the body (FastAPI's parsing, a
+                    # multipart parser) may catch the exception below and answer something else, which is dropped.
+                    if not started and not refused:
+                        refused = True
+                        await _too_large(send, self.limit)
                     raise _TooLarge
             return message
 
+        async def guarded_send(message):
+            nonlocal started
+            if refused:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            await _too_large(send, self.limit)
+            if not refused:
+                raise  # the response had begun: nothing to answer, the server drops the connection
 
 
 class _TooLarge(Exception):

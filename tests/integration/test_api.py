@@ -133,6 +133,30 @@ def test_oversized_body_is_refused(env, server):
     assert count(database_url, Job) == 0 and queued_messages(redis_url, model) == []
 
 
+def test_oversized_chunked_body_is_refused(env, server):
+    """No Content-Length to check up front: the body is counted as it streams in, and the 413 comes from there."""
+    from api.limits import max_body_bytes
+
+    database_url, redis_url, model = env
+    limit = max_body_bytes(server.app.state.settings)
+    sent = 0
+
+    def stream():
+        nonlocal sent
+        yield b'{"prompts": ["'
+        for _ in range(limit // 65536 + 2):
+            sent += 65536
+            yield b"a" * 65536
+        yield b'"]}'
+
+    with server.client() as http:
+        resp = http.post("/v1/jobs", content=stream(), headers={"content-type": "application/json"})
+    assert sent > limit
+    assert resp.status_code == 413, resp.text
+    assert resp.json() == {"detail": f"request body larger than {limit} bytes"}
+    assert count(database_url, Job) == 0 and queued_messages(redis_url, model) == []
+
+
 def test_idempotency_key(env, server):
     database_url, redis_url, model = env
     with server.client() as http:
