@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 from tokenizers import Tokenizer
 
+from selfie_jobs.locking import lock_row
 from selfie_jobs.models import ApiKey, Chunk, Job, Prompt, ServedModel, utcnow
 from selfie_jobs.queue import TaskSender, send_chunk
 from selfie_jobs.settings import Settings
@@ -274,9 +275,11 @@ def idempotency_scope(owner_key_id: int | None, key: str) -> str:
 
 
 def check_quota(session: Session, owner_key_id: int | None, count: int, settings: Settings) -> None:
-    """Interpretations per key over the last 24 hours."""
+    """Interpretations per key over the last 24 hours. Holds the key's row until the caller's transaction ends, so
+    concurrent submits of one key are checked one after the other, each counting the jobs stored before it."""
     if owner_key_id is None:
         return
+    lock_row(session, ApiKey, owner_key_id)
     key = session.get(ApiKey, owner_key_id)
     quota = (key.daily_quota if key is not None and key.daily_quota is not None else settings.default_daily_quota)
     since = utcnow() - timedelta(days=1)

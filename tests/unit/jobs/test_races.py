@@ -8,10 +8,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from selfie_jobs import chunks as C
-from selfie_jobs.auth import LOCAL_PRINCIPAL
+from selfie_jobs.auth import LOCAL_PRINCIPAL, create_key
 from selfie_jobs.db import create_db_engine, get_sessionmaker
 from selfie_jobs.models import Chunk, Job
 from selfie_jobs.queries import cancel_job, visible_job
+from selfie_jobs.settings import Settings
+from selfie_jobs.submission import SubmissionError, check_quota
 from tests.locksupport import LockStep
 from tests.unit.jobs.factories import make_job
 
@@ -56,3 +58,25 @@ def test_cancel_never_overwrites_a_job_that_succeeded_while_it_ran(db, other_eng
     with db() as s:
         job = s.get(Job, job_id)
         assert (job.state, job.error, job.done) == ("succeeded", None, len(rows))
+
+
+def test_quota_check_counts_the_job_of_a_concurrent_submit_of_the_same_key(db, other_engine):
+    settings = Settings(_env_file=None)
+    with db() as s, s.begin():
+        key, _ = create_key(s, "k", daily_quota=10)
+        key_id = key.id
+
+    def second_submit():
+        with Session(other_engine) as s:
+            check_quota(s, key_id, 8, settings)
+
+    with db() as first:
+        check_quota(first, key_id, 8, settings)
+        job = make_job(first)  # 8 interpretations, stored in the same transaction as the check
+        job.owner_key_id = key_id
+        first.flush()
+        second = LockStep(other_engine, second_submit).start()
+        first.commit()
+    with pytest.raises(SubmissionError) as refused:
+        second.join()
+    assert refused.value.status == 429 and "8 of 10" in refused.value.message
