@@ -56,6 +56,7 @@ from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
 )
 from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
 from selfie_jobs.chunks import as_utc
+from selfie_jobs.locking import lock_row
 from selfie_jobs.models import Chunk, Job, utcnow
 from selfie_jobs.prompt_sets import BUILTIN, ensure_builtin, iter_items
 from selfie_jobs.queue import TaskSender
@@ -170,7 +171,11 @@ def open_run(session: Session, audit_id: int) -> AuditRun | None:
 
 
 def start_run(session: Session, audit: Audit, trigger: str = "manual") -> tuple[AuditRun, bool]:
-    """A new pending run, or the audit's open one (runs of one audit never overlap). The caller commits."""
+    """A new pending run, or the audit's open one (runs of one audit never overlap). The caller commits.
+
+    The audit's row is held until then, so a manual start and the beat's cannot both find no open run and insert one.
+    """
+    lock_row(session, Audit, audit.id)
     existing = open_run(session, audit.id)
     if existing is not None:
         return existing, False

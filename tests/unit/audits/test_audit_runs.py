@@ -214,6 +214,36 @@ def test_one_open_run_per_audit_and_cron_claims(sqlite_url):
         assert A.next_fire("*/5 * * * *", utcnow()) - utcnow() <= timedelta(minutes=5)
 
 
+def test_concurrent_starts_make_one_run(database_url):
+    """A manual start and the beat's, in two transactions: the second waits for the first and returns its run."""
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.db import create_db_engine
+    from tests.locksupport import LockStep
+
+    settings, maker = setup_db(database_url)
+    audit_id = _audit(maker, settings)
+    other = create_db_engine(database_url)
+
+    def beat_start():
+        with Session(other) as session:
+            run, created = A.start_run(session, session.get(A.Audit, audit_id), "schedule")
+            session.commit()
+            return run.id, created
+
+    try:
+        with maker() as session:
+            manual, created = A.start_run(session, session.get(A.Audit, audit_id), "manual")
+            assert created
+            beat = LockStep(other, beat_start).start()
+            session.commit()
+        assert beat.join() == (manual.id, False)
+    finally:
+        other.dispose()
+    with maker() as session:
+        assert session.scalar(select(func.count()).select_from(AuditRun)) == 1
+
+
 def test_schemas_reject_bad_configs():
     with pytest.raises(ValueError, match="cron"):
         A.AuditCreate(name="x", prompt_set="s", detectors=DETECTORS, schedule="every day")
