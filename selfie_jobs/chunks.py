@@ -328,9 +328,16 @@ def write_results(
     if job is None or chunk is None:
         return WriteOutcome(0, False, None, "job is gone")
     if job.state in FINAL_JOB_STATES:
-        if chunk.state in (ChunkState.QUEUED, ChunkState.RUNNING):
-            chunk.state = ChunkState.CANCELLED if job.state == JobState.CANCELLED else ChunkState.FAILED
-            chunk.finished_at = now
+        # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job
+        # it holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
+        session.execute(
+            update(Chunk)
+            .where(Chunk.job_id == job.id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]),
+                   or_(Chunk.id == chunk_id, and_(Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)))
+            .values(state=ChunkState.CANCELLED if job.state == JobState.CANCELLED else ChunkState.FAILED,
+                    finished_at=now, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        )
         return WriteOutcome(0, False, job.state, f"job is {job.state}")
 
     inserted = 0

@@ -176,6 +176,20 @@ def test_cancelled_job_gets_no_rows_and_no_claims(db):
         assert s.scalar(select(func.count()).select_from(Interpretation)) == 0
 
 
+def test_a_write_to_a_cancelled_job_closes_every_chunk_of_it_the_writer_holds(db):
+    # the worker stops working on the job at that answer: its other held chunks must not stay `running`
+    job_id, ids = _job(db, items=[(0, 0, t) for t in range(6)], chunk_size=2)
+    with db() as s, s.begin():
+        mine = [C.claim_chunk(s, i, "w1", 60) for i in ids[:2]]
+        C.claim_chunk(s, ids[2], "w2", 60)
+        s.get(Job, job_id).state = "cancelled"
+    out = C.complete_chunk(db, ids[0], "w1", _rows(mine[0]), engine_run_id="r", worker="w1", model="tiny")
+    assert out.skipped_reason == "job is cancelled"
+    with db() as s:
+        states = {i: s.get(Chunk, i).state for i in ids}
+    assert states == {ids[0]: "cancelled", ids[1]: "cancelled", ids[2]: "running"}  # w2 closes its own
+
+
 def test_fail_chunk_fails_the_job_with_its_error(db):
     job_id, ids = _job(db)
     other_id, other = _job(db)
