@@ -3,7 +3,6 @@ the API, watch progress, read and filter results, cancel a running job; SQLite a
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -92,13 +91,18 @@ def test_cancel_a_running_job(served):
              what="first results")
     out = client.cancel(job["id"])
     assert out["cancelled"] is True
-    time.sleep(2)  # a chunk the worker held finishes its batch but writes nothing
+
+    def count(*where):
+        with session_scope(database_url) as s:
+            return (s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job["id"])),
+                    s.scalar(select(func.count()).select_from(Chunk).where(Chunk.job_id == job["id"], *where)))
+
+    # the cancel has committed: no write from now on may add a row
+    at_cancel, _ = count()
+    # a chunk the worker held finishes its engine batch, writes nothing and is closed by that write
+    wait_for(lambda: count(Chunk.state == "running")[1] == 0, 60, interval=0.1, what="no chunk of the job running")
+    rows, open_chunks = count(Chunk.state.in_(["queued", "running"]))
     status = client.status(job["id"])
     assert status["state"] == "cancelled" and status["chunks"]["queued"] == 0
-    with session_scope(database_url) as s:
-        rows = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job["id"]))
-        open_chunks = s.scalar(select(func.count()).select_from(Chunk).where(
-            Chunk.job_id == job["id"], Chunk.state.in_(["queued"])))
     assert 0 < rows < job["total"] and open_chunks == 0
-    time.sleep(2)
-    assert client.status(job["id"])["progress"]["done"] == rows  # nothing written after the cancel settled
+    assert rows == at_cancel == status["progress"]["done"]  # nothing written after the cancel
