@@ -25,6 +25,14 @@ class SelfieError(RuntimeError):
         super().__init__(f"HTTP {status}{where}: {detail}")
 
 
+def _retry_after(resp: httpx.Response) -> float:
+    """The seconds the server asks to wait; 1 when it does not say in seconds."""
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", "")))
+    except ValueError:
+        return 1.0
+
+
 def selector(value: Selector) -> str | list[int] | dict[str, int | None]:
     """Layers/tokens as the API takes them: "all", a list, or a {start, stop, step} range.
 
@@ -100,10 +108,14 @@ class Client:
     """`Client(url, api_key=None)`; every call is one HTTP request except `wait`, `results` and `interpret`."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, *, timeout: float = 60.0,
-                 retries: int = 5, transport: httpx.BaseTransport | None = None):
+                 retries: int = 5, max_wait: float = 60.0, transport: httpx.BaseTransport | None = None):
+        """A 429 or 503 is tried again up to `retries` times, after the wait the server's Retry-After asks for, as long
+        as one call waits `max_wait` seconds at most in all; a refusal that asks for longer (the daily quota asks for
+        an hour) is raised at once."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
         self.retries = retries
+        self.max_wait = max_wait
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
     # -- plumbing ----------------------------------------------------------------------------------------------
@@ -118,6 +130,7 @@ class Client:
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request; 503 (database away) and 429 (rate limit) are retried after the server's Retry-After."""
+        waited = 0.0
         for attempt in range(self.retries + 1):
             try:
                 resp = self._http.request(method, path, **kw)
@@ -127,8 +140,11 @@ class Client:
                 time.sleep(min(2**attempt * 0.2, 5))
                 continue
             if resp.status_code in (429, 503) and attempt < self.retries:
-                time.sleep(min(float(resp.headers.get("retry-after", "1") or 1), 30))
-                continue
+                wait = _retry_after(resp)
+                if waited + wait <= self.max_wait:
+                    time.sleep(wait)
+                    waited += wait
+                    continue
             if resp.status_code >= 400:
                 try:
                     payload = resp.json()
@@ -223,12 +239,17 @@ class Client:
                   poll: float = 0.5, **options: Any) -> pd.DataFrame:
         """Submit, wait with a progress bar, and return the interpretations as a DataFrame.
 
-        `df.attrs` holds the job id, its link, its final state and the prompts' tokens. A failed job raises.
+        `df.attrs` holds the job id, its link, its final state and the prompts' tokens. A failed job raises
+        SelfieError (status 500), and so does a cancelled one (status 409): its results are partial, and
+        `results(job_id)` still reads them.
         """
         accepted = self.submit(prompts, **options)
         status = self.wait(accepted["id"], progress=progress, poll=poll, timeout=timeout)
         if status["state"] == "failed":
             raise SelfieError(500, f"job {accepted['id']} failed: {status.get('error')}")
+        if status["state"] == "cancelled":
+            raise SelfieError(409, f"job {accepted['id']} was cancelled ({status.get('error') or 'no reason given'}); "
+                                   f"{status['progress']['done']} of {status['progress']['total']} interpretations done")
         df = self.results(accepted["id"])
         texts = {p["index"]: p["text"] for p in status.get("prompts", [])}
         df.insert(1, "prompt", df["prompt_index"].map(texts))

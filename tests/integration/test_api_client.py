@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from selfie_client import Client, SelfieError, layer_token_table
@@ -106,6 +107,56 @@ def test_client_submit_status_results_cancel_and_errors(stack):
         assert len(rows) == final["progress"]["total"]
         assert all(r["worker"].startswith("clientw@") for r in rows)
         assert len(client.results(again["id"], layer_min=2)) == 1 * len(tokens)
+
+
+class CountingTransport(httpx.HTTPTransport):
+    """Real HTTP that counts the requests sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        return super().handle_request(request)
+
+
+@pytest.fixture
+def api_only(tmp_path, redis_url):
+    """An API with auth on and no worker (its jobs stay queued); a key allowed 1 interpretation a day, and one not."""
+    from selfie_jobs.auth import create_key
+    from selfie_jobs.db import session_scope
+
+    database_url = f"sqlite:///{tmp_path / 'selfie.db'}"
+    prepare_database(database_url, model=IDLE, card=tiny_card(name=IDLE))
+    with session_scope(database_url) as s:
+        _, small = create_key(s, "small", daily_quota=1)
+        _, big = create_key(s, "big")
+    with live_server(settings_for(database_url, redis_url, auth_enabled=True)) as srv:
+        srv.small_key, srv.big_key = small, big
+        yield srv
+
+
+def test_a_refusal_that_asks_to_wait_longer_than_the_client_would_is_raised_at_once(api_only):
+    transport = CountingTransport()
+    with Client(api_only.url, api_only.small_key, retries=1, transport=transport) as client:
+        client.submit("a cat", model=IDLE, layers=[0], tokens=[-1])
+        with pytest.raises(SelfieError) as refused:
+            client.submit("a cat", model=IDLE, layers=[0], tokens=[-1])
+    assert refused.value.status == 429 and "daily quota exceeded" in refused.value.detail
+    assert transport.sent == 2  # the quota's Retry-After is an hour: not tried again
+
+
+def test_interpret_raises_for_a_cancelled_job(api_only):
+    options = {"model": IDLE, "layers": [0, 1], "tokens": [-1], "idempotency_key": "cancel-me"}
+    with Client(api_only.url, api_only.big_key) as client:
+        job = client.submit("a cat", **options)
+        client.cancel(job["id"])
+        # the same request with the same key is the cancelled job again
+        with pytest.raises(SelfieError) as info:
+            client.interpret("a cat", progress=False, timeout=30, poll=0.1, **options)
+    assert info.value.status == 409
+    assert f"job {job['id']} was cancelled (cancelled by request)" in str(info.value)
 
 
 def _cli(*args: str, env_extra: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
