@@ -11,6 +11,7 @@ batch has finished). The decode steps themselves are in ``decoding``.
 
 from __future__ import annotations
 
+import secrets
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from typing import Sequence
@@ -18,7 +19,7 @@ from typing import Sequence
 import torch
 from torch.profiler import record_function
 
-from .hooks import inject
+from .hooks import inject, replaced_forward
 from .decoding import GrowingDecoder, StaticDecoder, check_step_attention, static_decoding_supported
 from .modelcall import cache_tensors, forward, make_cache, wide
 from .templates import PreparedPrompt
@@ -71,12 +72,9 @@ def _shared_lower_blocks(lower_blocks: Sequence[torch.nn.Module], block: torch.n
 
     handle = block.register_forward_pre_hook(replace, with_kwargs=True)
     try:
-        for b in lower_blocks:
-            b.forward = _passthrough
-        yield
+        with replaced_forward(lower_blocks, lambda _: _passthrough):
+            yield
     finally:
-        for b in lower_blocks:
-            b.__dict__.pop("forward", None)
         handle.remove()
 
 
@@ -155,7 +153,8 @@ def generate_batch(
     if do_sample:
         gen_device = device if device.type == "cuda" else torch.device("cpu")
         generators = []
-        for s in row_seeds if row_seeds is not None else [torch.seed() for _ in range(batch)]:
+        # unseeded rows draw fresh seeds without touching torch's global generators (torch.seed() reseeds them)
+        for s in row_seeds if row_seeds is not None else [secrets.randbits(63) for _ in range(batch)]:
             g = torch.Generator(device=gen_device)
             g.manual_seed(int(s))
             generators.append(g)

@@ -2,12 +2,13 @@
 
 The hook fires once (the prefill pass); later calls (decode steps over the KV cache) pass through untouched.
 ``inject`` is a context manager that removes the hook in ``finally``, so an exception never leaves it behind.
+``replaced_forward`` gives modules a forward of the engine's own for one batch and puts back what was there.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,17 +35,16 @@ def apply_injection(hidden: torch.Tensor, positions: Sequence[int], vectors: tor
 
 
 class _InjectionHook:
-    def __init__(self, positions, vectors, mode, strength, once=True):
+    def __init__(self, positions, vectors, mode, strength):
         self.positions = list(positions)
         self.vectors = vectors
         self.mode = mode
         self.strength = float(strength)
-        self.once = once
         self.calls = 0
 
     def __call__(self, module, args, kwargs):
         self.calls += 1
-        if self.once and self.calls > 1:
+        if self.calls > 1:
             return None
         if args:
             return (apply_injection(args[0], self.positions, self.vectors, self.mode, self.strength), *args[1:]), kwargs
@@ -54,11 +54,36 @@ class _InjectionHook:
 
 
 @contextmanager
-def inject(block: nn.Module, positions: Sequence[int], vectors: torch.Tensor, mode: str = "replace", strength: float = 1.0, once: bool = True) -> Iterator[_InjectionHook]:
-    """Inject ``vectors`` at the input of ``block`` while the context is open (first forward only if ``once``)."""
-    hook = _InjectionHook(positions, vectors, mode, strength, once)
+def inject(block: nn.Module, positions: Sequence[int], vectors: torch.Tensor, mode: str = "replace",
+           strength: float = 1.0) -> Iterator[_InjectionHook]:
+    """Inject ``vectors`` at the input of ``block`` in its first forward while the context is open."""
+    hook = _InjectionHook(positions, vectors, mode, strength)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield hook
     finally:
         handle.remove()
+
+
+_NONE = object()
+
+
+@contextmanager
+def replaced_forward(modules: Sequence[nn.Module], make_forward: Callable[[nn.Module], Callable]) -> Iterator[None]:
+    """Give each module the instance attribute ``forward = make_forward(module)`` while the context is open.
+
+    Afterwards each module gets back exactly what its instance held before: nothing (its class's forward) or a
+    forward of its own, such as the wrapper accelerate installs on modules of a model dispatched with
+    ``device_map`` (it moves inputs to the module's device and loads offloaded weights).
+    """
+    saved = [module.__dict__.get("forward", _NONE) for module in modules]
+    try:
+        for module in modules:
+            module.forward = make_forward(module)
+        yield
+    finally:
+        for module, before in zip(modules, saved):
+            if before is _NONE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = before

@@ -23,6 +23,7 @@ from functools import lru_cache
 import torch
 
 from . import triton_attention
+from .hooks import replaced_forward
 
 #: RMSNorm classes whose forward is ``weight * (x.float() * rsqrt(mean(x.float()**2) + variance_epsilon)).to(x.dtype)``
 #: in the supported transformers range (tests/unit/core/test_triton_norm.py checks each against its own forward).
@@ -102,17 +103,15 @@ def _fused_forward(module):
 
 
 def fusable(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in CLASSES and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+    """A norm of the LLaMA formula whose instance has no forward of its own: a module with one (accelerate's
+    device-alignment wrapper under ``device_map``) keeps it, since the kernel would skip what it does."""
+    return (type(module).__name__ in CLASSES and hasattr(module, "variance_epsilon") and hasattr(module, "weight")
+            and "forward" not in module.__dict__)
 
 
 @contextmanager
 def fused(model: torch.nn.Module):
-    """Run every RMSNorm module of ``model`` in ``CLASSES`` through the kernel inside the block."""
+    """Run every fusable RMSNorm module of ``model`` through the kernel inside the block."""
     modules = [m for m in model.modules() if fusable(m)]
-    for module in modules:
-        module.forward = _fused_forward(module)
-    try:
+    with replaced_forward(modules, _fused_forward):
         yield len(modules)
-    finally:
-        for module in modules:
-            module.__dict__.pop("forward", None)

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from selfie_core import InterpretationTemplate
+from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate, InterpretRequest, SelfieEngine
 from selfie_core.generation import generate_batch, prepare_prompt_state
 
 
@@ -35,3 +35,32 @@ def test_skipping_lower_blocks_matches_running_them(llama, tokenizer, k, parts, 
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.p_inject, b.p_inject)) < 1e-9
     assert all("forward" not in b.__dict__ and not b._forward_pre_hooks for b in blocks)
+
+
+def test_a_forward_of_the_blocks_own_survives_skipping(llama, tokenizer):
+    """Under ``device_map`` accelerate wraps each block's forward on the instance; skipping must put it back."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    block = llama.model.layers[0]
+    requests = [InterpretRequest("The Eiffel Tower is in Paris", 2, 3)]
+    injection, generation = InjectionConfig(k=2), GenerationConfig(max_new_tokens=4)
+    plain = SelfieEngine(llama, tokenizer).interpret(requests, injection=injection, generation=generation)
+    add_hook_to_module(block, Counting())
+    try:
+        wrapped = block.__dict__["forward"]
+        hooked = SelfieEngine(llama, tokenizer).interpret(requests, injection=injection, generation=generation)
+        assert block.__dict__.get("forward") is wrapped
+        before = Counting.calls
+        llama(torch.tensor([[1, 2, 3]]))
+        assert Counting.calls == before + 1
+    finally:
+        remove_hook_from_module(block)
+        block.__dict__.pop("forward", None)  # accelerate leaves the class's forward bound on the instance
+    assert [r.token_ids for r in hooked] == [r.token_ids for r in plain]

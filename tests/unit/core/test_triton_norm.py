@@ -72,6 +72,17 @@ def test_norms_of_other_formulas_keep_their_forward():
         assert [("forward" in m.__dict__) for m in model] == [False, False, True]
 
 
+def test_a_norm_with_a_forward_of_its_own_keeps_it():
+    """accelerate's device-alignment wrapper (``device_map``) lives on the instance; fusing must not drop it."""
+    model = torch.nn.Sequential(*(_norm_class("LlamaRMSNorm")(8) for _ in range(2)))
+    wrapped = model[0].forward
+    model[0].forward = wrapped  # an instance attribute, as accelerate's add_hook_to_module leaves it
+    with triton_norm.fused(model) as count:
+        assert count == 1
+        assert model[0].__dict__["forward"] is wrapped and "forward" in model[1].__dict__
+    assert model[0].__dict__["forward"] is wrapped and "forward" not in model[1].__dict__
+
+
 def test_the_engine_with_fused_norms_gives_the_same_interpretations(tokenizer, monkeypatch):
     model = _llama(tokenizer, layers=3, seed=2).to(DEVICE, torch.float32)
     calls = []
