@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import weakref
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Any, Iterator, Sequence
@@ -16,11 +18,11 @@ from .decoding import check_step_attention
 from .errors import SelfieInputError
 from .extraction import extract
 from .generation import PromptState, generate_batch, prepare_prompt_state
-from .modelcall import attention_kernels
+from .modelcall import attention_kernels, sliding_window
 from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest, VectorRequest
 from .relevancy import no_inject_probs, relevancy_scores
 from .templates import InterpretationTemplate, PreparedPrompt
-from .validation import check_generation, check_injection, check_interpret_request, vector_tensor
+from .validation import check_batch_size, check_generation, check_injection, check_interpret_request, vector_tensor
 
 TemplateLike = InterpretationTemplate | dict | Sequence | str | None
 
@@ -53,6 +55,20 @@ def _eos_ids(model, tokenizer, gen: GenerationConfig) -> list[int]:
     return sorted(ids)
 
 
+# One lock per model: a batch hooks the model (injection, skipped blocks, swapped norms), so threads that share a
+# model take turns batch by batch instead of firing each other's hooks.
+_model_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.RLock()
+        return lock
+
+
 def _row_seed(seed: int, identity: bytes) -> int:
     digest = hashlib.blake2b(identity + seed.to_bytes(16, "little", signed=True), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -69,6 +85,7 @@ class SelfieEngine:
     "triton" (``selfie_core.triton_attention``, a single-query kernel; opt-in until it is measured on a GPU).
     ``rms_norm``: "model" (the model's own RMSNorm modules) or "triton" (``selfie_core.triton_norm``: each norm
     one kernel, in the prefill, decode steps and no-inject pass; opt-in until it is measured on a GPU).
+    Threads may share an engine or a model: batches on one model run one at a time (``model_lock``).
     """
 
     def __init__(self, model, tokenizer=None, *, name: str | None = None, batch_size: int | None = None,
@@ -76,6 +93,7 @@ class SelfieEngine:
                  rms_norm: str = "model"):
         check_step_attention(decode_attention)
         triton_norm.check_choice(rms_norm)
+        check_batch_size(batch_size)
         if hasattr(model, "model") and hasattr(model, "tokenizer") and tokenizer is None:
             name = name or getattr(model, "name", None)
             model, tokenizer = model.model, model.tokenizer
@@ -93,6 +111,7 @@ class SelfieEngine:
         if rms_norm == "triton":
             triton_norm.check_device(self.input_device)
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
+        self._lock = model_lock(self.model)
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -149,7 +168,7 @@ class SelfieEngine:
             generation = GenerationConfig.from_dict(generation)
         prepared = self._prepare(template)
         check_injection(injection, self.num_layers)
-        check_generation(generation, prepared, self.max_context)
+        check_generation(generation, prepared, self.max_context, sliding_window(self.model))
         token_ids: dict[str, list[int]] = {}
         vectors: dict[int, torch.Tensor] = {}
         for i, req in enumerate(requests):
@@ -189,13 +208,15 @@ class SelfieEngine:
         if isinstance(requests, (InterpretRequest, VectorRequest)):
             raise SelfieInputError("pass a list of requests, not a single request")
         requests = list(requests)
+        check_batch_size(batch_size)
         prepared, injection, generation, token_ids, raw_vectors = self._validated(requests, template, injection, generation)
         return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size)
 
     def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size):
         if not requests:
             return
-        state = self._prompt_state(prepared)
+        with self._lock:
+            state = self._prompt_state(prepared)
         size = batch_size or self.batch_size or self._auto_batch_size(len(prepared.input_ids), generation.max_new_tokens)
         if not batch_size and not self.batch_size:  # balance: 640 rows at most 565 a batch -> 2 x 320, not 565 + 75
             batches = -(-len(requests) // size)
@@ -213,7 +234,7 @@ class SelfieEngine:
             chunk = requests[start : start + size]
             missing = list(dict.fromkeys(r.prompt for r in chunk if isinstance(r, InterpretRequest) and r.prompt not in extracted))
             if missing:
-                with attention_kernels(self.input_device):
+                with self._lock, attention_kernels(self.input_device):
                     got = extract(self.model, [token_ids[p] for p in missing], [sorted(pairs[p]) for p in missing],
                                   self.pad_id, self.input_device, self.max_extract_tokens)
                 extracted.update(zip(missing, got))
@@ -232,7 +253,7 @@ class SelfieEngine:
 
     def _run_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
         norms = triton_norm.fused(self.model) if self.rms_norm == "triton" else nullcontext()
-        with attention_kernels(self.input_device), norms:
+        with self._lock, attention_kernels(self.input_device), norms:
             return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
 
     def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
@@ -256,7 +277,9 @@ class SelfieEngine:
         rows = generate_batch(
             self.model, self.adapter.blocks[injection.k], state, vectors, mode=injection.mode,
             strength=float(injection.strength), max_new_tokens=generation.max_new_tokens, eos_ids=eos,
-            do_sample=generation.do_sample, temperature=float(generation.temperature), top_p=float(generation.top_p),
+            do_sample=generation.do_sample,
+            temperature=float(generation.temperature) if generation.do_sample else 1.0,
+            top_p=float(generation.top_p) if generation.do_sample else 1.0,
             row_seeds=seeds, device=self.input_device,
             lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.layout == "llama" else None,
             decode=self._decode_mode(), decode_attention=self.decode_attention,

@@ -16,10 +16,6 @@ import torch
 from .modelcall import forward
 
 
-def tokenize_prompt(tokenizer, prompt: str) -> list[int]:
-    return list(tokenizer(prompt).input_ids)
-
-
 @torch.inference_mode()
 def extract(
     model,

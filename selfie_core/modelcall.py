@@ -37,9 +37,9 @@ def forward(model, input_ids: torch.Tensor, cache=None, attention_mask=None, log
     if logits_to_keep is not None and "logits_to_keep" in params:
         kwargs["logits_to_keep"] = logits_to_keep
     out = model(**kwargs)
-    new_cache = getattr(out, "cache", None)
-    if new_cache is None:
-        new_cache = getattr(out, "past_key_values", None)
+    # current outputs name the cache ``cache`` (``past_key_values`` is a deprecated alias that warns when read);
+    # older ones and other layouts have only ``past_key_values``
+    new_cache = out.cache if hasattr(out, "cache") else getattr(out, "past_key_values", None)
     logits = out.logits
     if logits_to_keep is not None and logits.shape[1] > logits_to_keep:
         logits = logits[:, -logits_to_keep:]
@@ -67,6 +67,16 @@ CUSTOM_MASK_ATTENTION = ("sdpa", "eager")
 
 def attention_implementation(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def sliding_window(model) -> int | None:
+    """How many positions back the model attends, where it limits that (None: the whole sequence). Qwen2 carries a
+    window that ``use_sliding_window`` turns off."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window
 
 
 def custom_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

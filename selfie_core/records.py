@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from .errors import SelfieInputError
 
 InjectionMode = Literal["replace", "blend", "add"]
 INJECTION_MODES = ("replace", "blend", "add")
+
+
+def _from_dict(cls, data):
+    """``cls(**data)``, refusing what is not a dict of its fields with an error that names them."""
+    if not isinstance(data, dict):
+        raise SelfieInputError(f"{cls.__name__} is built from a dict, not {type(data).__name__}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(known), key=str)
+    if unknown:
+        raise SelfieInputError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))}; "
+                               f"its fields: {', '.join(known)}")
+    return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ class InjectionConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "InjectionConfig":
-        return cls(**data)
+        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)
@@ -53,10 +67,9 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerationConfig":
-        data = dict(data)
-        if data.get("eos_token_ids") is not None:
-            data["eos_token_ids"] = tuple(data["eos_token_ids"])
-        return cls(**data)
+        if isinstance(data, dict) and isinstance(data.get("eos_token_ids"), list):
+            data = {**data, "eos_token_ids": tuple(data["eos_token_ids"])}
+        return _from_dict(cls, data)
 
 
 @dataclass(frozen=True)

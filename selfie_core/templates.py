@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from .errors import SelfieInputError
 
-PLACEHOLDER = 0
 PLACEHOLDER_TEXT = "_ "
+#: ``preset``'s chat formats: built-in renderings, the tokenizer's own chat template, or the original raw text
 CHAT_FORMATS = ("chatml", "llama2", "llama3", "tokenizer", "raw")
 
 _SENTINEL = "\ue000{}\ue001"
@@ -120,6 +120,10 @@ class InterpretationTemplate:
             raise SelfieInputError(f"unknown template preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         user_parts, prefix = PRESETS[name]
         fmt = chat_format or ("tokenizer" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "raw")
+        if fmt not in CHAT_FORMATS:
+            raise SelfieInputError(f"unknown chat format {fmt!r}; use one of {', '.join(CHAT_FORMATS)}")
+        if fmt == "tokenizer" and tokenizer is None:
+            raise SelfieInputError("chat format 'tokenizer' needs a tokenizer")
         if fmt == "raw":
             return cls(parts=("[INST]", *user_parts, "[/INST] " + prefix), name=name)
         return cls.chat(tokenizer if fmt == "tokenizer" else fmt, user_parts, prefix, name=name)

@@ -26,22 +26,50 @@ def check_injection(injection: InjectionConfig, num_layers: int) -> None:
         raise SelfieInputError(f"injection strength must be finite, got {injection.strength!r}")
 
 
-def check_generation(gen: GenerationConfig, prompt: PreparedPrompt, max_context: int | None) -> None:
+def check_generation(gen: GenerationConfig, prompt: PreparedPrompt, max_context: int | None,
+                     window: int | None = None) -> None:
+    """``window``: the model's sliding attention window. The engine's cache and masks assume that every position
+    sees the whole interpretation prompt and what was generated before it, so a window that hides some is
+    refused (extraction prompts may be longer: their forward pass keeps the model's own masks)."""
     n = gen.max_new_tokens
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS_CAP:
         raise SelfieInputError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {n!r}")
-    if gen.do_sample:
-        if not (isinstance(gen.temperature, (int, float)) and math.isfinite(gen.temperature) and gen.temperature > 0):
+    if not isinstance(gen.do_sample, bool):
+        raise SelfieInputError(f"do_sample must be True or False, got {gen.do_sample!r}")
+    if gen.do_sample:  # greedy decoding ignores temperature and top_p
+        if not (_is_number(gen.temperature) and math.isfinite(gen.temperature) and gen.temperature > 0):
             raise SelfieInputError(f"temperature must be a finite number > 0 when sampling, got {gen.temperature!r}")
-        if not (isinstance(gen.top_p, (int, float)) and 0 < gen.top_p <= 1):
+        if not (_is_number(gen.top_p) and 0 < gen.top_p <= 1):
             raise SelfieInputError(f"top_p must be in (0, 1], got {gen.top_p!r}")
-    if gen.seed is not None and (not isinstance(gen.seed, int) or isinstance(gen.seed, bool)):
-        raise SelfieInputError(f"seed must be an integer or None, got {gen.seed!r}")
+    if gen.seed is not None and (not _is_int(gen.seed) or not -(1 << 63) <= gen.seed < (1 << 63)):
+        raise SelfieInputError(f"seed must be None or an integer that fits in 64 bits, got {gen.seed!r}")
+    eos = gen.eos_token_ids
+    if eos is not None and (isinstance(eos, (str, bytes)) or not hasattr(eos, "__iter__")
+                            or not all(_is_int(i) and i >= 0 for i in eos)):
+        raise SelfieInputError(f"eos_token_ids must be None or a list of token ids (integers >= 0), got {eos!r}")
+    if window is not None and len(prompt.input_ids) + n > window:
+        raise SelfieInputError(
+            f"the interpretation prompt ({len(prompt.input_ids)} tokens) plus max_new_tokens={n} exceeds this "
+            f"model's sliding attention window of {window} tokens: use a shorter template or fewer new tokens"
+        )
     if max_context is not None and len(prompt.input_ids) + n > max_context:
         raise SelfieInputError(
             f"the interpretation prompt ({len(prompt.input_ids)} tokens) plus max_new_tokens={n} exceeds the "
             f"model's context of {max_context} tokens"
         )
+
+
+def check_batch_size(batch_size) -> None:
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise SelfieInputError(f"batch_size must be None (automatic) or an integer >= 1, got {batch_size!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_interpret_request(req, ids: list[int] | None, num_layers: int, max_context: int | None, where: str) -> None:

@@ -153,22 +153,26 @@ def test_sampling_is_reproducible(engine, tokenizer):
 
 
 def test_hooks_removed_when_generation_raises(engine, tokenizer):
-    blocks = engine.adapter.blocks
-    calls = {"n": 0}
+    """A failure in the middle of the injected prefill leaves no hook and no replaced forward behind."""
+    blocks, k = engine.adapter.blocks, 2
+    engine.interpret(requests_for(tokenizer)[:1], generation=GEN)  # transformers installs its output hooks once
     before = [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks]
+    during = []
 
     def explode(module, args, kwargs):
-        calls["n"] += 1
-        raise RuntimeError("device lost")
+        if len(blocks[k]._forward_pre_hooks) > before[k][0]:  # only in the prefill, where the engine's hooks are
+            during.append([("forward" in b.__dict__) for b in blocks[:k]])
+            raise RuntimeError("device lost")
 
     handle = blocks[-1].register_forward_pre_hook(explode, with_kwargs=True)
     try:
         with pytest.raises(RuntimeError, match="device lost"):
-            engine.interpret(requests_for(tokenizer)[:3], injection=InjectionConfig(k=1), generation=GEN)
+            engine.interpret(requests_for(tokenizer)[:3], injection=InjectionConfig(k=k), generation=GEN)
     finally:
         handle.remove()
-    assert calls["n"] >= 1
+    assert during == [[True] * k]  # it failed while the blocks below k were skipped
     assert [(len(b._forward_pre_hooks), len(b._forward_hooks)) for b in blocks] == before
+    assert not any("forward" in b.__dict__ for b in blocks)
     engine.interpret(requests_for(tokenizer)[:2], generation=GEN)  # still usable
 
 
@@ -187,3 +191,37 @@ def test_identical_vectors_are_run_once_with_identical_results(engine, tokenizer
         assert same[0].token_ids is not same[1].token_ids
     alone = engine.interpret([reqs[0]], generation=GEN)[0]
     assert alone.token_ids == results[0].token_ids
+
+
+def test_threads_sharing_a_model_get_what_they_get_alone(engine, tokenizer):
+    """The engine hooks the model for each batch; threads that share it take turns instead of mixing hooks."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [(requests_for(tokenizer)[i::3], InjectionConfig(k=1 + i % 2)) for i in range(3)]
+    alone = [[r.token_ids for r in engine.interpret(reqs, injection=inj, generation=GEN)] for reqs, inj in jobs]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(4):
+            futures = [pool.submit(engine.interpret, reqs, injection=inj, generation=GEN) for reqs, inj in jobs]
+            assert [[r.token_ids for r in f.result()] for f in futures] == alone
+
+
+def test_a_sliding_window_model_matches_reference_or_is_refused(tokenizer):
+    """The engine's cache and masks assume every position sees the whole interpretation prompt and the tokens
+    generated before it: within a sliding window it matches the reference; past it, a clear error."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(5)
+    cfg = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=1000, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    model = MistralForCausalLM(cfg).to(torch.float64).eval()
+    reqs = requests_for(tokenizer, prompts=PROMPTS[:2], layers=(1, 3))
+    eng = SelfieEngine(model, tokenizer)
+    assert_same(eng.interpret(reqs, generation=GEN), reference_interpret(model, tokenizer, reqs, None, None, GEN))
+    length = len(InterpretationTemplate().prepare(tokenizer).input_ids)
+    model.config.sliding_window = length + GEN.max_new_tokens - 1
+    with pytest.raises(SelfieInputError, match=f"sliding attention window of {length + 7} tokens"):
+        eng.interpret(reqs, generation=GEN)
+    model.config.sliding_window += 1
+    eng.validate(reqs, generation=GEN)

@@ -76,3 +76,12 @@ def test_tokenizer_chat_template_and_presets(tokenizer):
         assert len(chat.prepare(tokenizer).insert_positions) >= 5
     with pytest.raises(SelfieInputError, match="unknown template preset"):
         InterpretationTemplate.preset("nope")
+
+
+def test_preset_chat_formats(tokenizer):
+    assert InterpretationTemplate.preset("summarize", chat_format="llama2").parts[0] == "[INST] "
+    assert InterpretationTemplate.preset("summarize", tokenizer, chat_format="raw").parts[0] == "[INST]"
+    with pytest.raises(SelfieInputError, match="unknown chat format 'vicuna'; use one of chatml, llama2"):
+        InterpretationTemplate.preset("summarize", tokenizer, chat_format="vicuna")
+    with pytest.raises(SelfieInputError, match="chat format 'tokenizer' needs a tokenizer"):
+        InterpretationTemplate.preset("summarize", chat_format="tokenizer")

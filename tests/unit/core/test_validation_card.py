@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,15 @@ P = "The Eiffel Tower is located in Paris, the capital of France."
     ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(do_sample=True, temperature=0.0)}, "temperature"),
     ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(do_sample=True, top_p=0.0)}, "top_p"),
     ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(do_sample=True, top_p=1.5)}, "top_p"),
+    ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(do_sample=1)}, "do_sample must be True or False"),
+    ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(seed=2**200)}, "fits in 64 bits"),
+    ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(seed=1.5)}, "seed"),
+    ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(eos_token_ids=("x",))}, "eos_token_ids"),
+    ([InterpretRequest(P, 1, 0)], {"generation": GenerationConfig(eos_token_ids=5)}, "eos_token_ids"),
+    ([InterpretRequest(P, 1, 0)], {"generation": {"max_tokens": 5}}, "GenerationConfig has no field 'max_tokens'"),
+    ([InterpretRequest(P, 1, 0)], {"injection": {"k": 1, "layer": 2}}, "InjectionConfig has no field 'layer'"),
+    ([InterpretRequest(P, 1, 0)], {"template": "summarize", "batch_size": 0}, "batch_size must be"),
+    ([InterpretRequest(P, 1, 0)], {"batch_size": -1}, "batch_size must be"),
     ([VectorRequest(torch.zeros(63))], {}, r"shape \(63,\), expected \(64,\)"),
     ([VectorRequest([math.nan] * 64)], {}, "NaN or infinite"),
     ([VectorRequest(torch.full((64,), math.inf))], {}, "NaN or infinite"),
@@ -39,9 +49,10 @@ P = "The Eiffel Tower is located in Paris, the capital of France."
     (InterpretRequest(P, 1, 0), {}, "list of requests"),
 ])
 def test_validation_errors(engine, requests, kwargs, message):
+    if "batch_size" not in kwargs:  # a run's option, not part of what validate() checks
+        with pytest.raises(SelfieInputError, match=message):
+            engine.validate(requests, **kwargs)
     with pytest.raises(SelfieInputError, match=message):
-        engine.validate(requests, **kwargs)
-    with pytest.raises(SelfieInputError):
         engine.interpret(requests, **kwargs)
     assert issubclass(SelfieInputError, ValueError)
 
@@ -52,6 +63,29 @@ def test_valid_requests_pass(engine, tokenizer):
                     injection=InjectionConfig(k=3), generation=GenerationConfig(max_new_tokens=5, do_sample=True,
                                                                                  temperature=0.7, top_p=1.0))
     engine.validate([], template="describe")
+
+
+def test_an_engine_batch_size_below_one_is_refused(llama, tokenizer):
+    from selfie_core import SelfieEngine
+
+    for size in (0, -4, 2.5, True):
+        with pytest.raises(SelfieInputError, match="batch_size must be"):
+            SelfieEngine(llama, tokenizer, batch_size=size)
+
+
+def test_greedy_decoding_ignores_the_sampling_settings(engine):
+    requests = [InterpretRequest(P, 2, 3)]
+    plain = engine.interpret(requests, generation=GenerationConfig(max_new_tokens=3))
+    loose = engine.interpret(requests, generation=GenerationConfig(max_new_tokens=3, temperature=None, top_p=None))
+    assert [r.token_ids for r in loose] == [r.token_ids for r in plain]
+
+
+def test_unseeded_sampling_leaves_torchs_global_generator_alone(engine):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    engine.interpret([InterpretRequest(P, 2, 3)], generation=GenerationConfig(max_new_tokens=3, do_sample=True))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_model_card_is_json_and_tokenizes_like_the_engine(engine, tokenizer):
@@ -75,12 +109,32 @@ def test_gpt2_card(gpt2, tokenizer):
 
 
 def test_import_has_no_side_effects():
+    """Importing selfie_core imports no service package and reads no environment variable of its own."""
     root = Path(__file__).resolve().parents[3]
     code = (
         "import os, sys\n"
-        "reads = []\n"
-        "orig = os.environ.__class__.__getitem__\n"
-        "import selfie_core\n"
+        "from collections.abc import MutableMapping\n"
+        "import torch, transformers  # their own reads of the environment are theirs\n"
+        "readers = []\n"
+        "class Recording(MutableMapping):\n"
+        "    def __init__(self, env): self.env = env\n"
+        "    def _seen(self):\n"
+        "        frame = sys._getframe(2)\n"
+        "        while frame.f_code.co_filename.endswith(('_collections_abc.py', '_collections_abc>', '/os.py', ' os>')):\n"
+        "            frame = frame.f_back\n"
+        "        readers.append(frame.f_code.co_filename)\n"
+        "    def __getitem__(self, key): self._seen(); return self.env[key]\n"
+        "    def __contains__(self, key): self._seen(); return key in self.env\n"
+        "    def __setitem__(self, key, value): self.env[key] = value\n"
+        "    def __delitem__(self, key): del self.env[key]\n"
+        "    def __iter__(self): return iter(self.env)\n"
+        "    def __len__(self): return len(self.env)\n"
+        "os.environ = Recording(os.environ)\n"
+        "os.environ.get('PROBE')  # the recorder sees a read\n"
+        "assert readers == ['<string>'], readers\n"
+        "import selfie_core, selfie_core.engine, selfie_core.triton_attention, selfie_core.triton_norm\n"
+        "own = [r for r in readers if 'selfie_core' in r]\n"
+        "assert not own, own\n"
         "bad = [m for m in ('celery', 'sqlalchemy', 'pydantic_settings', 'selfie_jobs', 'workers') if m in sys.modules]\n"
         "assert not bad, bad\n"
         "print('ok')\n"
@@ -89,4 +143,4 @@ def test_import_has_no_side_effects():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
     for path in (root / "selfie_core").glob("*.py"):
         text = path.read_text()
-        assert "os.environ" not in text and "getenv" not in text, path
+        assert not re.search(r"\benviron\b|getenv", text), path
