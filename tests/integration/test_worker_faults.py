@@ -143,36 +143,49 @@ def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
 
 @pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url):
+    import time
+
     from sqlalchemy import create_engine, func, text
     from sqlalchemy.engine import make_url
 
-    from selfie_jobs.models import Interpretation
+    from selfie_jobs.models import Interpretation, utcnow
 
     worker = _start_one_row_worker(stack)
     job = _submit_long_job(stack, max_new_tokens=12)
 
-    def some_rows():
+    def rows(since=None):
         with stack.db() as s:
-            return s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job))
+            query = select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job)
+            if since is not None:
+                query = query.where(Interpretation.created_at > since)
+            return s.scalar(query)
 
-    wait_for(some_rows, 60, interval=0.05, what="the first rows")
+    wait_for(rows, 60, interval=0.05, what="the first rows")
     name = make_url(stack.url).database
     admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    log_before = len(worker.log())
+    with stack.db() as s:
+        total = s.get(Job, job).total
+    written_before = rows()
+    cut_at = utcnow()
     try:
         with admin.connect() as conn:  # no new connections, and every open one cut: the database is gone
             conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false'))
             conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                               "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
-        import time
-
-        time.sleep(10)
+        down_since = time.monotonic()
+        # down for 10 s, and at least until a unit of the worker's job work has hit the outage and is retrying
+        # (selfie_jobs.retry's message; the heartbeat thread logs "heartbeat failed, database unavailable")
+        wait_for(lambda: "database unavailable (attempt" in worker.log()[log_before:]
+                 and time.monotonic() - down_since >= 10, 60, what="the worker retrying through the outage")
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true'))
         admin.dispose()
+    assert written_before < total  # results were still missing when the database went away ...
     stack.wait_jobs(job)
     stack.assert_exactly_once(job)
-    assert "database unavailable" in worker.log()
+    assert rows(since=cut_at) > 0  # ... and were written after it came back, each exactly once
 
 
 @SQLITE
