@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,16 +76,22 @@ class WorkerOptions:
 class EngineRunner:
     """Runs work items on the resident `SelfieEngine` (the model-runner side of the batcher's Runner)."""
 
+    #: Engine settings kept per distinct job spec. Seeds, temperatures and custom templates are part of the spec,
+    #: so a long-lived worker sees an unbounded number of them: only the most recently used are kept.
+    MAX_CONFIGS = 64
+
     def __init__(self, engine: Any, batch_size: int | None = None):
         self.engine = engine
         self.batch_size = batch_size
-        self._configs: dict[str, tuple[Any, Any, Any]] = {}
+        self._configs: OrderedDict[str, tuple[Any, Any, Any]] = OrderedDict()
 
     def configs(self, spec: dict[str, Any]) -> tuple[Any, Any, Any]:
         from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate, SelfieInputError
 
         key = json.dumps(spec, sort_keys=True)
-        if key not in self._configs:
+        if key in self._configs:
+            self._configs.move_to_end(key)
+        else:
             try:
                 tpl = spec.get("template") or {"preset": "summarize"}
                 if "preset" in tpl:
@@ -98,6 +105,8 @@ class EngineRunner:
             except (TypeError, ValueError, KeyError) as exc:
                 raise SelfieInputError(f"invalid engine settings in the job spec: {exc}") from exc
             self._configs[key] = (template, injection, generation)
+            if len(self._configs) > self.MAX_CONFIGS:
+                self._configs.popitem(last=False)
         return self._configs[key]
 
     @staticmethod

@@ -13,7 +13,7 @@ from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK, RUN_CHUNK_TASK, mod
 from selfie_jobs.settings import Settings
 from workers import launch
 from workers.celery_app import create_celery_app, visibility_timeout
-from workers.runtime import WorkerOptions
+from workers.runtime import EngineRunner, WorkerOptions
 
 
 def test_celery_settings_are_the_reliable_ones(tmp_path):
@@ -81,3 +81,18 @@ def test_embedded_redis_stops_for_real_and_keeps_its_data(tmp_path):
     # the snapshot taken on the way out brings the data back (queued messages survive a restart of the stack)
     with start_embedded_redis(tmp_path) as again:
         assert redis.Redis.from_url(again.url).get("k") == b"v"
+
+
+def test_engine_settings_cache_keeps_only_the_most_recently_used_specs():
+    def spec(seed):  # custom template parts: no tokenizer (no model) is needed to build the settings
+        return {"template": {"parts": ["[INST]", 0, "[/INST]"]}, "injection": {"k": 1},
+                "generation": {"max_new_tokens": 2, "do_sample": True, "seed": seed}}
+
+    runner = EngineRunner(engine=None)
+    first = runner.configs(spec(0))
+    for seed in range(1, EngineRunner.MAX_CONFIGS + 40):
+        runner.configs(spec(seed))
+        assert runner.configs(spec(0)) is first  # in use all along: never evicted, never rebuilt
+    assert len(runner._configs) == EngineRunner.MAX_CONFIGS
+    assert runner.configs(spec(1))[2].seed == 1  # evicted long ago: built again, correctly
+    assert len(runner._configs) == EngineRunner.MAX_CONFIGS
