@@ -220,17 +220,23 @@ def prompt_set_items(
 @router.post("/v1/audits", response_model=AuditOut, status_code=status.HTTP_201_CREATED, summary="Define an audit")
 def create_audit(body: A.AuditCreate, request: Request, session: SessionDep, settings: SettingsDep,
                  who: PrincipalDep) -> AuditOut:
+    def store() -> AuditOut:
+        try:
+            audit = A.create_audit(session, body, settings, who)
+            session.commit()
+        except (A.AuditError, PromptSetError) as exc:
+            session.rollback()
+            raise _error(exc) from None
+        return _audit_out(request, session, audit)
+
     try:
-        audit = A.create_audit(session, body, settings, who)
-        session.commit()
-    except (A.AuditError, PromptSetError) as exc:
-        session.rollback()
-        raise _error(exc) from None
+        return store()
     except IntegrityError:
         session.rollback()
         _name_race(lambda: A.check_audit_name(session, body.name))
-        raise
-    return _audit_out(request, session, audit)
+    # The name is free, so a concurrent request stored the built-in prompt set this audit uses (built-ins are stored
+    # on first use) between our look-up and our insert: it is there now.
+    return store()
 
 
 @router.get("/v1/audits", summary="Audits")

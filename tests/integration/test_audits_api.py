@@ -261,3 +261,36 @@ def test_concurrent_requests_for_one_name_get_the_conflict_answer(stack):
             assert request().json()["detail"] == detail  # what the check itself answers
     finally:
         own.dispose()
+
+
+def test_concurrent_first_uses_of_a_built_in_set_both_get_their_audit(stack):
+    """Built-in prompt sets are stored on first use: an audit whose request finds the set missing, then meets the
+    row a concurrent request stored, is created over that row instead of failing on the unique name."""
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.audit_models import PromptSet
+    from selfie_jobs.db import create_db_engine, get_engine
+    from selfie_jobs.prompt_sets import ensure_builtin
+    from tests.locksupport import LockStep
+
+    server, settings, _ = stack
+    http = server.client()
+    own = create_db_engine(settings.database_url)
+    audit = {"name": "first-use", "model": "tiny", "prompt_set": "harmful_knowledge",
+             "detectors": [{"kind": "keywords", "words": ["poison"]}]}
+    try:
+        with Session(own) as first:
+            stored = ensure_builtin(first, "harmful_knowledge")  # not committed yet
+            second = LockStep(get_engine(settings.resolved_database_url()),
+                              lambda: http.post("/v1/audits", json=audit)).start()
+            first.commit()
+            stored_id = stored.id
+        res = second.join()
+        assert res.status_code == 201, res.text
+        assert res.json()["prompt_set_id"] == stored_id
+        with Session(own) as check:
+            assert check.scalar(select(func.count()).select_from(PromptSet)
+                                .where(PromptSet.name == "harmful_knowledge")) == 1
+    finally:
+        own.dispose()
