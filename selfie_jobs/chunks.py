@@ -106,16 +106,20 @@ def claim_chunk(
     *,
     now: datetime | None = None,
     dead_owner: str | None = None,
+    model: str | None = None,
 ) -> ClaimedChunk | None:
     """Take one chunk by compare-and-set; None when someone else holds it, it is finished, or its job is closed.
 
     `dead_owner`: the current owner, already judged dead by the caller (see `owner_is_alive`): its lease is
-    taken over at once instead of waiting for it to expire. The caller commits.
+    taken over at once instead of waiting for it to expire. `model`: only a chunk of this model is taken (a
+    worker can receive another model's message, and a claim it cannot run must not use up an attempt).
+    The caller commits.
     """
     now = now or utcnow()
+    same_model = [Chunk.model == model] if model is not None else []
     result = session.execute(
         update(Chunk)
-        .where(Chunk.id == chunk_id, _claimable(now, dead_owner))
+        .where(Chunk.id == chunk_id, _claimable(now, dead_owner), *same_model)
         .values(
             state=ChunkState.RUNNING,
             owner=owner,

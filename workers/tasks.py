@@ -2,7 +2,8 @@
 
 `selfie.run_chunk(chunk_id)`: claim the chunk (compare-and-set) plus other queued chunks of the same model and
 engine settings, run them as one engine run, write each chunk's rows as engine batches finish. A message for a
-chunk that is done, cancelled, or held by a live worker is acknowledged without doing anything.
+chunk that is done, cancelled, or held by a live worker is acknowledged without doing anything; one for a chunk of
+another model (two model names can share a queue) is sent on to that model's workers, claiming nothing.
 `selfie.reconcile()`: re-send what the queue lost, fail jobs past their deadline.
 """
 
@@ -12,14 +13,15 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
 from selfie_jobs import chunks as chunk_ops
-from selfie_jobs.cards import mark_dead_local_workers
-from selfie_jobs.reconcile import reconcile
+from selfie_jobs.cards import live_workers, mark_dead_local_workers
+from selfie_jobs.reconcile import Redelivery, reconcile
 from selfie_jobs.models import Chunk
 from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, send_chunk
 from selfie_jobs.settings import Settings
@@ -32,43 +34,63 @@ log = logging.getLogger(__name__)
 DEVICE_FAILURE_EXIT = 70
 
 
-def _claim(runtime, chunk_id: int) -> tuple[list[chunk_ops.ClaimedChunk], str | None]:
+@dataclass(frozen=True)
+class _Claim:
+    chunks: list[chunk_ops.ClaimedChunk]
+    why: str | None = None  # why nothing was claimed
+    resend: Redelivery | None = None  # a message for another model's chunk: sent on to that model's workers
+
+
+def _claim(runtime, chunk_id: int) -> _Claim:
     settings = runtime.settings
     owner = runtime.name
 
-    def unit():
+    def unit() -> _Claim:
         with runtime.sessions() as session, session.begin():
-            first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds)
+            # The model is part of the compare-and-set: a chunk this worker cannot run is never claimed, so a
+            # message that reached the wrong model's worker uses up none of the chunk's attempts.
+            first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, model=runtime.model)
             if first is None:
                 row = session.get(Chunk, chunk_id)
                 if row is None:
-                    return [], "no such chunk"
+                    return _Claim([], "no such chunk")
+                if row.model != runtime.model:
+                    return _misrouted(session, runtime, row)
                 if row.state != "running":
-                    return [], f"chunk is {row.state}"
+                    return _Claim([], f"chunk is {row.state}")
                 if row.owner == owner:
-                    return [], "chunk is already being run by this worker"
+                    return _Claim([], "chunk is already being run by this worker")
                 if chunk_ops.owner_is_alive(session, row.owner, settings.worker_alive_seconds,
                                             hostname=runtime.identity.hostname):
-                    return [], f"chunk is held by live worker {row.owner}"
-                first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner)
+                    return _Claim([], f"chunk is held by live worker {row.owner}")
+                first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner,
+                                              model=runtime.model)
                 if first is None:
-                    return [], "another worker took the chunk first"
+                    return _Claim([], "another worker took the chunk first")
                 log.warning("took over chunk %s from dead worker %s", chunk_id, row.owner)
-            if first.model != runtime.model:
-                # a message in the wrong queue: hand it back for the right workers
-                chunk_ops.release_chunks(session, [first.id], owner, "sent to a worker of another model",
-                                         max_attempts=settings.max_chunk_attempts + first.attempts)
-                return [], f"chunk is for model {first.model}, this worker serves {runtime.model}"
             if first.attempts > settings.max_chunk_attempts:
                 chunk_ops.fail_chunk(session, first.id, f"chunk {first.index} was started {first.attempts - 1} "
                                                         "times without finishing (worker crashes or time limits)")
-                return [], "chunk failed after too many attempts"
+                return _Claim([], "chunk failed after too many attempts")
             budget = settings.max_batch_interpretations - first.size
             more = chunk_ops.claim_more(session, owner, first.model, first.batch_key, budget, settings.lease_seconds,
                                         exclude=[first.id])
-            return [first, *more], None
+            return _Claim([first, *more])
 
     return chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+
+
+def _misrouted(session, runtime, row: Chunk) -> _Claim:
+    """A message for a chunk of another model: two model names can share a queue (`model_queue` replaces the
+    characters a queue name cannot hold), and this worker took the other model's message from it."""
+    why = f"chunk is for model {row.model}, this worker serves {runtime.model}"
+    if row.state != "queued":
+        return _Claim([], why)  # running or finished: its own model's workers and the reconciler have it
+    if not live_workers(session, runtime.settings.worker_alive_seconds, model=row.model):
+        # Nobody serves that model now: sending it on would only bring it back to this queue's workers at once.
+        # It waits, queued, like any job of an unserved model; the reconciler re-sends it later.
+        return _Claim([], why + " (no live worker serves it; left to the reconciler)")
+    return _Claim([], why + " (sent on)", Redelivery(row.id, row.model, row.priority))
 
 
 def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sender: TaskSender | None) -> None:
@@ -91,10 +113,16 @@ def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, send
 
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
     """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
-    claimed, why = _claim(runtime, chunk_id)
+    claim = _claim(runtime, chunk_id)
+    claimed = claim.chunks
     if not claimed:
-        log.info("chunk %s: nothing to do (%s)", chunk_id, why)
-        return {"chunk_id": chunk_id, "skipped": why}
+        log.info("chunk %s: nothing to do (%s)", chunk_id, claim.why)
+        if claim.resend is not None and sender is not None:
+            try:
+                send_chunk(sender, claim.resend.chunk_id, claim.resend.model, claim.resend.priority)
+            except Exception:  # noqa: BLE001 - the chunk is still queued: the reconciler re-sends it
+                log.exception("could not send chunk %s on to model %s", chunk_id, claim.resend.model)
+        return {"chunk_id": chunk_id, "skipped": claim.why}
     ids = [c.id for c in claimed]
     runtime.hold(ids)
     settings = runtime.settings
