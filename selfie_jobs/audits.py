@@ -353,7 +353,8 @@ def fan_out(
     stop_after: int | None = None,
 ) -> AuditRun:
     """Submit the run's remaining prompts as jobs; resumable at any point. `stop_after` (tests) stops early."""
-    from selfie_jobs.submission import SubmissionError, enqueue_chunks, idempotency_scope, prepare_job, store_job
+    from selfie_jobs.submission import (SubmissionError, check_quota, enqueue_chunks, idempotency_scope, prepare_job,
+                                        store_job)
 
     lease = lease_seconds or float(settings.lease_seconds)
     with session_factory() as session:
@@ -378,7 +379,10 @@ def fan_out(
                     batch = run.jobs_total
                     req = _job_request(config, prompts, sel, f"audit-run-{run_id}-batch-{batch}")
                     prepared = prepare_job(session, req, settings)
-                    job, chunks = store_job(session, prepared, req, audit.owner_key_id if audit else None, settings,
+                    owner_key_id = audit.owner_key_id if audit else None
+                    # the audit's jobs are its owner's jobs: they count against the owner's daily quota too
+                    check_quota(session, owner_key_id, len(prepared.items), settings)
+                    job, chunks = store_job(session, prepared, req, owner_key_id, settings,
                                             idempotency_scope(None, req.idempotency_key))
                     job.audit_run_id = run_id
                     session.add(AuditRunJob(run_id=run_id, batch=batch, job_id=job.id, prompt_offset=first,

@@ -83,6 +83,29 @@ def test_fan_out_makes_chunked_jobs_through_the_submission_path(sqlite_url):
     assert [s[0] for s in sender.sent] == [RUN_CHUNK_TASK] * n_chunks
 
 
+def test_an_audits_jobs_count_against_its_owners_daily_quota(sqlite_url):
+    from selfie_jobs.auth import Principal, create_key
+
+    settings, maker = setup_db(sqlite_url)
+    with maker() as session:
+        key, _ = create_key(session, "auditor", daily_quota=30)  # one full batch is 4 prompts x 6 = 24
+        session.commit()
+        who = Principal(key_id=key.id, is_admin=False)
+        ps = create_prompt_set(session, "quota-set", jsonl(PROMPTS), "jsonl", owner_key_id=key.id)
+        audit = A.create_audit(session, A.AuditCreate(name="quota", model="tiny", prompt_set=ps.name,
+                                                      detectors=DETECTORS,
+                                                      targets={"layers": [0, 2, 4], "tokens": {"last": 2}}),
+                               settings, who)
+        session.commit()
+        audit_id = audit.id
+    run = A.fan_out(maker, _start(maker, audit_id), settings, RecordingSender(), owner="w1")
+    assert run.state == "failed"
+    assert run.error.startswith("a batch was refused: daily quota exceeded: 24 of 30 interpretations used")
+    with maker() as session:
+        jobs = session.scalars(select(Job).where(Job.audit_run_id == run.id)).all()
+        assert [(j.total, j.owner_key_id) for j in jobs] == [(24, key.id)]
+
+
 def test_short_prompts_get_fewer_last_tokens_and_too_long_ones_are_skipped(sqlite_url):
     settings, maker = setup_db(sqlite_url)
     long_prompt = " ".join(["cat"] * 60)  # over the tiny model's 48-token context
