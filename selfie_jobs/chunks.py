@@ -78,8 +78,11 @@ def _claimable(now: datetime, dead_owner: str | None = None):
 def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChunk]:
     if not chunk_ids:
         return []
+    # populate_existing: the claim's UPDATE bypassed the session, and a row the caller read before it (e.g. to
+    # judge its owner) would otherwise come back with its old owner and attempts.
     rows = session.execute(
         select(Chunk, Job.spec).join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
+        .execution_options(populate_existing=True)
     ).all()
     by_id = {
         chunk.id: ClaimedChunk(

@@ -86,6 +86,17 @@ def test_expired_lease_and_dead_owner_can_be_taken_over(db):
     assert taken is not None and taken.attempts == 3
 
 
+def test_a_takeover_reports_the_claim_as_it_is_stored(db):
+    _, ids = _job(db)
+    with db() as s, s.begin():
+        assert C.claim_chunk(s, ids[0], "w1", 60)
+    with db() as s, s.begin():
+        before = s.get(Chunk, ids[0])  # read first, to judge the owner, as a worker does
+        assert (before.owner, before.attempts) == ("w1", 1)
+        taken = C.claim_chunk(s, ids[0], "w2", 60, dead_owner="w1")
+    assert taken.attempts == 2  # not the 1 of the row read before the claim (the attempt limit counts on it)
+
+
 def test_claim_more_batches_across_jobs_by_priority_and_key(db):
     _, a = _job(db, priority=5)
     _, b = _job(db, priority=8)
