@@ -6,6 +6,7 @@ Workers write both; the API reads them to validate requests and to list the mode
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,7 +59,7 @@ def read_model_card(session: Session, name: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class WorkerIdentity:
-    name: str  # unique per worker process: "<celery node name>:<pid>"; it is the chunk owner
+    name: str  # unique per worker process start: "<celery node name>:<pid>:<random>"; it is the chunk owner
     model: str
     hostname: str
     pid: int
@@ -66,8 +67,10 @@ class WorkerIdentity:
 
 
 def worker_identity(node_name: str, model: str, device: str) -> WorkerIdentity:
+    # Node name and pid repeat: a restarted container keeps its hostname and numbers its processes from 1 again.
+    # The random part tells this process apart from its dead predecessor, whose chunks it must not take for its own.
     pid = os.getpid()
-    return WorkerIdentity(f"{node_name}:{pid}", model, socket.gethostname(), pid, device)
+    return WorkerIdentity(f"{node_name}:{pid}:{secrets.token_hex(4)}", model, socket.gethostname(), pid, device)
 
 
 def heartbeat(
@@ -98,14 +101,21 @@ def mark_worker(session: Session, name: str, state: str, *, now: datetime | None
     session.execute(update(Worker).where(Worker.name == name).values(state=state, last_heartbeat=now or utcnow()))
 
 
-def mark_dead_local_workers(session: Session, hostname: str | None = None) -> list[str]:
-    """Mark rows of this host whose process is gone as dead (a killed worker process never says goodbye)."""
+def mark_dead_local_workers(session: Session, hostname: str | None = None, *, me: str | None = None) -> list[str]:
+    """Mark rows of this host whose process is gone as dead (a killed worker process never says goodbye).
+
+    `me`: the calling worker's own name. Another row with this process's pid is then an earlier process that had
+    the same pid (a restarted container), and is dead too; without `me` such a row may be the caller's own.
+    """
     hostname = hostname or socket.gethostname()
     dead = []
     for row in session.scalars(
         select(Worker).where(Worker.hostname == hostname, Worker.state.not_in(GONE_WORKER_STATES))
     ).all():
-        if row.pid != os.getpid() and not _pid_alive(row.pid):
+        if row.name == me:
+            continue
+        earlier_me = me is not None and row.pid == os.getpid()
+        if earlier_me or (row.pid != os.getpid() and not _pid_alive(row.pid)):
             row.state = "dead"
             dead.append(row.name)
     session.flush()

@@ -187,7 +187,7 @@ class Runtime:
 
         opts = self.options
         self.identity = cards.worker_identity(opts.node_name, opts.model, opts.device)
-        self._db(lambda s: cards.mark_dead_local_workers(s, self.identity.hostname))
+        self._db(lambda s: cards.mark_dead_local_workers(s, self.identity.hostname, me=self.identity.name))
         self._db(lambda s: cards.heartbeat(s, self.identity, state="loading", info=self.info()))
         started = time.monotonic()
         loaded = load_model(opts.model_path or opts.model, device=opts.device, dtype=opts.dtype,

@@ -59,15 +59,19 @@ def _claim(runtime, chunk_id: int) -> _Claim:
                 if row.state != "running":
                     return _Claim([], f"chunk is {row.state}")
                 if row.owner == owner:
-                    return _Claim([], "chunk is already being run by this worker")
-                if chunk_ops.owner_is_alive(session, row.owner, settings.worker_alive_seconds,
-                                            hostname=runtime.identity.hostname):
+                    if row.id in runtime.held():
+                        return _Claim([], "chunk is already being run by this worker")
+                    # This process claimed it in an earlier task that ended without handing it back (a failed
+                    # hand-back): nobody runs it, so the redelivered message takes it over now, not at lease end.
+                elif chunk_ops.owner_is_alive(session, row.owner, settings.worker_alive_seconds,
+                                              hostname=runtime.identity.hostname):
                     return _Claim([], f"chunk is held by live worker {row.owner}")
                 first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner,
                                               model=runtime.model)
                 if first is None:
                     return _Claim([], "another worker took the chunk first")
-                log.warning("took over chunk %s from dead worker %s", chunk_id, row.owner)
+                log.warning("took over chunk %s from %s", chunk_id,
+                            "an earlier task of this worker" if row.owner == owner else f"dead worker {row.owner}")
             if first.attempts > settings.max_chunk_attempts:
                 chunk_ops.fail_chunk(session, first.id, f"chunk {first.index} was started {first.attempts - 1} "
                                                         "times without finishing (worker crashes or time limits)")

@@ -86,3 +86,33 @@ def test_a_message_for_another_models_chunk_uses_no_attempt_and_is_sent_on(db, t
     # the chunk's own model claims it as its first attempt
     claim = tasks._claim(other, chunk_id)
     assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 1
+
+
+def test_a_worker_restarted_with_its_old_pid_takes_over_its_predecessors_chunk_at_once(db, tmp_path):
+    (chunk_id,) = chunks_of(db, "tiny")
+    before = runtime_for(db, tmp_path, "tiny")
+    with db() as s, s.begin():
+        cards.heartbeat(s, before.identity)
+    assert [c.id for c in tasks._claim(before, chunk_id).chunks] == [chunk_id]
+    # it dies holding the chunk, and its container restarts: same node name, same hostname, same pid, and its
+    # predecessor's heartbeat still fresh; the chunk's lease (120 s) has long to run
+    after = runtime_for(db, tmp_path, "tiny")
+    assert (after.identity.hostname, after.identity.pid) == (before.identity.hostname, before.identity.pid)
+    assert after.name != before.name
+    with db() as s, s.begin():  # what Runtime.start does before it serves anything
+        assert cards.mark_dead_local_workers(s, after.identity.hostname, me=after.name) == [before.name]
+        cards.heartbeat(s, after.identity)
+    claim = tasks._claim(after, chunk_id)  # the redelivered message
+    assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 2, claim.why
+
+
+def test_a_chunk_an_earlier_task_of_this_worker_left_behind_is_taken_over(db, tmp_path):
+    (chunk_id,) = chunks_of(db, "tiny")
+    worker = runtime_for(db, tmp_path, "tiny")
+    with db() as s, s.begin():
+        cards.heartbeat(s, worker.identity)
+    assert tasks._claim(worker, chunk_id).chunks  # the task ends without handing the chunk back
+    claim = tasks._claim(worker, chunk_id)  # its redelivered message
+    assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 2, claim.why
+    worker.hold([chunk_id])  # while this runtime does run it, a duplicate message leaves it alone
+    assert tasks._claim(worker, chunk_id).why == "chunk is already being run by this worker"

@@ -52,8 +52,8 @@ def test_device_failure_restarts_the_process_and_the_work_is_finished(stack, tmp
     assert "device failure in chunk" in log and "exited with 'exitcode 70'" in log
     assert first_child not in worker.children()
     with stack.db() as s:
-        states = dict(s.execute(select(Worker.name, Worker.state)).all())
-    assert states[f"w1@testhost:{first_child}"] == "dead"
+        states = dict(s.execute(select(Worker.pid, Worker.state)).all())
+    assert states[first_child] == "dead"
 
 
 @SQLITE
