@@ -18,6 +18,22 @@ from selfie_jobs.specs import Decoding, IndexRange, Template
 #: Detector kinds the core registry ships (checked against `selfie_core.detectors.kinds()` by a test).
 KNOWN_DETECTOR_KINDS = ("concepts", "keywords", "regex")
 _REQUIRED_FIELD = {"keywords": "words", "regex": "patterns", "concepts": "concepts"}
+# selfie_core.detectors' limits, checked here too so that the API refuses what a worker could not build
+# (tests/unit/audits/test_detectors.py runs the same bad configs through both)
+MAX_TERMS = 5_000
+MAX_TERM_CHARS = 500
+
+
+def _check_terms(where: str, terms: Any) -> None:
+    if not isinstance(terms, list) or not terms:
+        raise ValueError(f"{where} must be a non-empty list")
+    if len(terms) > MAX_TERMS:
+        raise ValueError(f"{where} holds at most {MAX_TERMS} entries")
+    for term in terms:
+        if not isinstance(term, str) or not term.strip():
+            raise ValueError(f"every entry of {where} must be a non-empty string")
+        if len(term) > MAX_TERM_CHARS:
+            raise ValueError(f"entries of {where} are at most {MAX_TERM_CHARS} characters")
 
 
 class LastTokens(BaseModel):
@@ -52,10 +68,17 @@ class DetectorSpec(BaseModel):
 
     def checked(self) -> dict[str, Any]:
         data = self.model_dump(exclude_none=True)
-        need = _REQUIRED_FIELD[self.kind]
+        need = _REQUIRED_FIELD.get(self.kind)
+        if need is None:  # a kind of its own: its factory checks its config when a worker builds it
+            data.setdefault("name", self.kind)
+            return data
         value = data.get(need)
-        if not value or not isinstance(value, (list, dict)):
-            raise ValueError(f"a {self.kind} detector needs a non-empty '{need}'")
+        if self.kind == "concepts" and isinstance(value, dict) and value:
+            for concept, terms in value.items():  # a term alone stands for a list; no terms: the concept's name
+                _check_terms(f"concept {concept!r}", [terms] if isinstance(terms, str) else
+                             [concept] if terms == [] else terms)
+        else:
+            _check_terms(f"a {self.kind} detector's '{need}'", value)
         if self.kind == "regex":
             for pattern in value:
                 try:

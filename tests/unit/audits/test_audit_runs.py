@@ -274,7 +274,7 @@ def test_schemas_reject_bad_configs():
         A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "regex", "patterns": ["(bad"]}])
     with pytest.raises(ValueError, match="unknown detector kind"):
         A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "magic"}])
-    with pytest.raises(ValueError, match="non-empty 'words'"):
+    with pytest.raises(ValueError, match="'words' must be a non-empty list"):
         A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "keywords"}])
 
 
