@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--last-tokens", type=int, default=1, help="interpret the last n tokens of each prompt")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=None, help="engine batch size of the worker")
-    ap.add_argument("--reference", type=int, default=20, help="prompts for the in-process engine reference (0: skip)")
+    ap.add_argument("--reference", type=int, default=256,
+                    help="prompts for the in-process engine reference (0: skip); the default gives at least one "
+                         "full batch of the worker's (256 rows on the CPU), so both sides run full batches")
     ap.add_argument("--timeout", type=float, default=7200.0)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine's checks on a CUDA machine, in one go (about 5 minutes on an H200):
 #   1. the engine's masked attention calls, per SDPA backend and through the engine's Triton kernel at several
-#      launch shapes (attention_bench.py);
+#      launch shapes (attention_bench.py), and RMSNorm, the module against the engine's kernel (norm_bench.py);
 #   2. bf16, 7B-shaped, 640 rows per batch: eager decode steps, CUDA graphs (the engine's default), CUDA graphs
 #      attending through the Triton kernel, and each with RMSNorm through the engine's Triton kernel too,
 #      alternating in one process, with the reference;
@@ -33,6 +33,8 @@ step() {  # step SECONDS TITLE COMMAND...
 "$python" -c 'import torch, transformers; assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name())' || exit 1
 step 60 "masked attention per SDPA backend and the Triton kernel" "$python" benchmarks/attention_bench.py --triton-shapes
+step 30 "RMSNorm: the module against the Triton kernel at the decode, prefill and no-inject sizes" \
+    "$python" benchmarks/norm_bench.py
 step 180 "bf16, 640 rows: eager steps, CUDA graphs, graphs through the Triton attention, +norm, against the reference" \
     "${bench[@]}" --decode growing,graphs,graphs:triton,graphs+norm,graphs:triton+norm --rounds 3
 step 90 "bf16, 64 rows per batch: eager steps, CUDA graphs, CUDA graphs through both Triton kernels" \
