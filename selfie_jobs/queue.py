@@ -6,6 +6,8 @@ Only ids travel on the queue, serialised as JSON; everything else is read from t
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 RUN_CHUNK_TASK = "selfie.run_chunk"
@@ -53,3 +55,24 @@ def send_chunk(sender: TaskSender, chunk_id: int, model: str, priority: int) -> 
     """Wake a worker of `model` up for one chunk. The message is a hint: the chunk row decides what happens."""
     sender.send_task(RUN_CHUNK_TASK, args=run_chunk_args(chunk_id), queue=model_queue(model),
                      priority=redis_priority(priority))
+
+
+@contextmanager
+def message_counter(app: Any) -> Iterator[Callable[[str], int]]:
+    """`waiting(queue)`: how many messages wait in `queue`, over all its priority lists, as the broker counts them.
+
+    `app` is a Celery app with the transport options above (they name the per-priority lists). Kombu counts for
+    the Redis transport; messages a worker has taken but not acknowledged are not waiting.
+    """
+    from kombu.exceptions import ChannelError
+
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+
+        def waiting(queue: str) -> int:
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except ChannelError:  # a queue none of whose lists exists holds no message
+                return 0
+
+        yield waiting

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from selfie_jobs.chunks import GONE_WORKER_STATES, as_utc, fail_job
 from selfie_jobs.models import Chunk, Job, Worker, utcnow
+from selfie_jobs.queue import model_queue
 from selfie_jobs.states import ChunkState, JobState
 
 
@@ -29,15 +31,27 @@ class ReconcileReport:
 
 
 def reconcile(
-    session: Session, settings: Any, now: datetime | None = None, *, max_attempts: int | None = None
+    session: Session,
+    settings: Any,
+    now: datetime | None = None,
+    *,
+    max_attempts: int | None = None,
+    waiting: Callable[[str], int] | None = None,
 ) -> ReconcileReport:
     """Find what the queue lost. The caller commits, then sends one `run_chunk` per returned redelivery.
 
     - jobs past their deadline (deadline_at, else created_at + job_timeout_seconds) fail with a stored error;
-    - `queued` chunks whose last enqueue is older than the grace period are sent again (Redis lost or flushed);
+    - `queued` chunks never sent (enqueued_at empty: the publish failed) are sent once the grace period is over;
+    - `queued` chunks sent longer ago than the grace period are sent again only as far as their queue is short of
+      messages (`waiting(queue)`, see `selfie_jobs.queue.message_counter`): a backlog waits in Redis with one
+      message per chunk, and re-sending it on every pass piled up duplicates growing with the square of its
+      length. Redis flushed or restarted empty, or a message lost after the commit, leave the queue holding fewer
+      messages than it has sent queued chunks; the chunks sent longest ago are re-sent, one per missing message.
+      Without `waiting` (the broker is not asked) every such chunk is re-sent;
     - `running` chunks whose lease ran out, or whose owner stopped heartbeating, are sent again (a crashed
       worker); past `max_attempts` their job fails instead of crashing workers forever.
-    A duplicate message is harmless: the chunk's compare-and-set claim lets only one worker run it.
+    A re-sent chunk waits for the grace period again. A duplicate message is harmless: the chunk's
+    compare-and-set claim lets only one worker run it.
     """
     now = now or utcnow()
     max_attempts = max_attempts or getattr(settings, "max_chunk_attempts", 5)
@@ -54,6 +68,25 @@ def reconcile(
             report.timed_out_jobs.append(job_id)
 
     grace = now - timedelta(seconds=settings.enqueue_grace_seconds)
+    sent_long_ago = Chunk.enqueued_at < grace
+    missing: dict[str, int] | None = None  # per queue: messages it lacks; None: every sent chunk counts as lost
+    if waiting is not None:
+        # Counted before the broker is asked: the api stamps enqueued_at only after it has published, so a
+        # submission in flight can add to the queue's messages here, never to the expected count. A worker between
+        # taking a message and claiming its chunk makes one message look missing: one harmless duplicate at most.
+        sent = session.execute(
+            select(Chunk.model, func.count())
+            .join(Job, Job.id == Chunk.job_id)
+            .where(open_job, Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at.is_not(None))
+            .group_by(Chunk.model)
+        ).all()
+        expected: dict[str, int] = {}
+        for model, count in sent:  # two model names can share a queue
+            expected[model_queue(model)] = expected.get(model_queue(model), 0) + count
+        missing = {queue: count - waiting(queue) for queue, count in expected.items()}
+        missing = {queue: count for queue, count in missing.items() if count > 0}
+        sent_long_ago = and_(sent_long_ago, Chunk.model.in_([m for m, _ in sent if model_queue(m) in missing]))
+
     alive_since = now - timedelta(seconds=settings.worker_alive_seconds)
     live_owners = set(
         session.scalars(
@@ -61,10 +94,8 @@ def reconcile(
         ).all()
     )
     # Only candidates come back from the database (a big backlog of freshly queued chunks is not read).
-    stale_queued = and_(
-        Chunk.state == ChunkState.QUEUED,
-        or_(Chunk.enqueued_at < grace, and_(Chunk.enqueued_at.is_(None), Job.created_at < grace)),
-    )
+    never_sent = and_(Chunk.enqueued_at.is_(None), Job.created_at < grace)
+    stale_queued = and_(Chunk.state == ChunkState.QUEUED, or_(sent_long_ago, never_sent))
     ownerless = [Chunk.lease_expires_at.is_(None), Chunk.lease_expires_at < now, Chunk.owner.is_(None)]
     if live_owners:
         ownerless.append(Chunk.owner.not_in(sorted(live_owners)))
@@ -77,10 +108,15 @@ def reconcile(
         .where(open_job, or_(stale_queued, lost_running))
         .order_by(Chunk.priority.desc(), Chunk.id)
     ).all()
+    lost: list[Chunk] = []
+    short_of_messages: dict[str, list[Chunk]] = {}
     for chunk, job_created in rows:
         if chunk.state == ChunkState.QUEUED:
             last_sent = as_utc(chunk.enqueued_at) or as_utc(job_created)
             if last_sent > grace:
+                continue
+            if missing is not None and chunk.enqueued_at is not None:
+                short_of_messages.setdefault(model_queue(chunk.model), []).append(chunk)
                 continue
         else:
             lease_over = chunk.lease_expires_at is None or as_utc(chunk.lease_expires_at) < now
@@ -92,6 +128,11 @@ def reconcile(
                 ):
                     report.failed_jobs.append(chunk.job_id)
                 continue
+        lost.append(chunk)
+    for queue, chunks in short_of_messages.items():
+        chunks.sort(key=lambda c: (as_utc(c.enqueued_at), -c.priority, c.id))
+        lost.extend(chunks[: missing[queue]])
+    for chunk in lost:
         chunk.enqueued_at = now
         report.redeliver.append(Redelivery(chunk.id, chunk.model, chunk.priority))
     session.flush()

@@ -23,7 +23,7 @@ from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.cards import live_workers, mark_dead_local_workers
 from selfie_jobs.reconcile import Redelivery, reconcile
 from selfie_jobs.models import Chunk
-from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, send_chunk
+from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, message_counter, send_chunk
 from selfie_jobs.settings import Settings
 from workers import batcher
 from workers.sink import DbSink
@@ -186,18 +186,20 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         runtime.unhold(ids)
 
 
-def reconcile_once(settings: Settings, sessions, sender: TaskSender) -> dict[str, Any]:
-    """Re-send lost chunks and fail overdue jobs; returns what it did."""
+def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
+    """Re-send lost chunks and fail overdue jobs; returns what it did. `app` sends, and its broker connection
+    counts the messages waiting in each queue (a queued chunk is lost only where its queue is short of them)."""
 
-    def unit():
-        with sessions() as session, session.begin():
-            dead = mark_dead_local_workers(session)
-            return dead, reconcile(session, settings)
+    with message_counter(app) as waiting:
+        def unit():
+            with sessions() as session, session.begin():
+                dead = mark_dead_local_workers(session)
+                return dead, reconcile(session, settings, waiting=waiting)
 
-    dead, report = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+        dead, report = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
     sent = 0
     for item in report.redeliver:
-        send_chunk(sender, item.chunk_id, item.model, item.priority)
+        send_chunk(app, item.chunk_id, item.model, item.priority)
         sent += 1
     if sent or report.timed_out_jobs or report.failed_jobs:
         log.warning("reconcile: re-sent %d chunks, timed out %d jobs, failed %d jobs, dead workers %s", sent,

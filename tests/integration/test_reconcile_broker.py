@@ -1,0 +1,133 @@
+"""The reconciler against a real Redis (and SQLite/PostgreSQL): queued chunks whose messages wait in their queue
+are a backlog, not lost messages; only what the queue lacks is re-sent."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from selfie_jobs.db import get_engine, get_sessionmaker
+from selfie_jobs.models import Chunk, utcnow
+from selfie_jobs.queue import message_counter, model_queue, send_chunk
+from selfie_jobs.reconcile import reconcile
+from selfie_jobs.settings import Settings
+from tests.apisupport import flush_model_queue, message_chunk_ids, queued_messages
+from tests.unit.jobs.factories import make_job
+from workers.celery_app import create_celery_app
+from workers.tasks import reconcile_once
+
+BACKLOG = 24
+
+
+@pytest.fixture
+def db(migrated_database_url):
+    yield get_sessionmaker(migrated_database_url)
+    get_engine.cache_clear()
+
+
+@pytest.fixture
+def app(redis_url, tmp_path):
+    app = create_celery_app(Settings(data_dir=tmp_path), broker_url=redis_url, register=False)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def models(redis_url):
+    """Two model names that share one queue (its messages count for both), unique to this test."""
+    tag = uuid.uuid4().hex[:8]
+    names = (f"org/m{tag}", f"org_m{tag}")
+    assert model_queue(names[0]) == model_queue(names[1])
+    yield names
+    flush_model_queue(redis_url, names[0])
+
+
+@pytest.fixture
+def backlog(db, app, models):
+    """BACKLOG queued chunks, sent ten minutes ago (well past the grace period), their messages in Redis at
+    several priorities, over the two models of one queue."""
+    sent_at = utcnow() - timedelta(minutes=10)
+    ids = []
+    with db() as s, s.begin():
+        for n, model in enumerate(models):
+            job = make_job(s, model=model, priority=3 + 4 * n, items=[(0, 0, t) for t in range(BACKLOG // 2)],
+                           chunk_size=1, enqueued_at=sent_at)
+            ids += [(c.id, c.model, c.priority) for c in s.scalars(select(Chunk).where(Chunk.job_id == job.id))]
+    for chunk_id, model, priority in ids:
+        send_chunk(app, chunk_id, model, priority)
+    return sorted(i for i, _, _ in ids)
+
+
+def _pass(db, app, settings, now):
+    with db() as s, s.begin(), message_counter(app) as waiting:
+        return [r.chunk_id for r in reconcile(s, settings, now, waiting=waiting).redeliver]
+
+
+def _send(app, db, chunk_ids):
+    with db() as s:
+        for chunk in s.scalars(select(Chunk).where(Chunk.id.in_(chunk_ids))):
+            send_chunk(app, chunk.id, chunk.model, chunk.priority)
+
+
+def test_the_counter_reads_every_priority_list_of_the_queue(redis_url, app, models, backlog):
+    keys = [k.decode() for k in redis.Redis.from_url(redis_url).keys(model_queue(models[0]) + "*")
+            if not k.startswith(b"_kombu")]
+    assert len(keys) == 2 and model_queue(models[0]) + ":6" in keys  # job priority 3 -> Redis priority 6
+    with message_counter(app) as waiting:
+        assert waiting(model_queue(models[0])) == BACKLOG
+        assert waiting(model_queue("no-such-model-" + uuid.uuid4().hex)) == 0
+
+
+def test_a_backlog_waiting_in_redis_is_not_resent(db, app, redis_url, models, backlog, tmp_path):
+    settings = Settings(data_dir=tmp_path, enqueue_grace_seconds=60)
+    now = utcnow()
+    for minute in range(5):  # pass after pass: nothing is lost, nothing is sent
+        assert _pass(db, app, settings, now + timedelta(minutes=minute)) == []
+    assert reconcile_once(settings, db, app)["resent"] == []  # the task's own path asks the broker too
+    assert message_chunk_ids(queued_messages(redis_url, models[0])) == backlog  # one message each, no more
+
+
+def test_lost_messages_are_resent_once_per_pass(db, app, redis_url, models, backlog, tmp_path):
+    settings = Settings(data_dir=tmp_path, enqueue_grace_seconds=60)
+    now = utcnow()
+    client = redis.Redis.from_url(redis_url)
+    # Redis comes back from a restart without its last writes: three messages are gone
+    for _ in range(3):
+        client.rpop(model_queue(models[0]) + ":6")
+    resent = _pass(db, app, settings, now)
+    assert len(resent) == 3 and set(resent) <= set(backlog)
+    _send(app, db, resent)
+    assert len(message_chunk_ids(queued_messages(redis_url, models[0]))) == BACKLOG
+    assert _pass(db, app, settings, now + timedelta(minutes=5)) == []
+
+    # the queue is emptied (Redis flushed): every chunk is re-sent, each once per pass, pass after pass while the
+    # messages keep getting lost, and nothing more once they stay
+    for minute in (10, 12, 14):
+        flush_model_queue(redis_url, models[0])
+        resent = _pass(db, app, settings, now + timedelta(minutes=minute))
+        assert sorted(resent) == backlog
+        _send(app, db, resent)
+    assert _pass(db, app, settings, now + timedelta(minutes=16)) == []
+    assert message_chunk_ids(queued_messages(redis_url, models[0])) == backlog
+
+    # the task's own path: flushed again, a real reconcile re-sends each chunk once
+    flush_model_queue(redis_url, models[0])
+    with db() as s, s.begin():
+        for chunk in s.scalars(select(Chunk).where(Chunk.id.in_(backlog))):
+            chunk.enqueued_at = now - timedelta(minutes=10)
+    assert sorted(reconcile_once(settings, db, app)["resent"]) == backlog
+    assert message_chunk_ids(queued_messages(redis_url, models[0])) == backlog
+
+
+def test_a_chunk_whose_publish_failed_is_sent_whatever_its_queue_holds(db, app, models, backlog, tmp_path):
+    # the api stamps enqueued_at only after publishing: a chunk without it was never sent, however many messages
+    # its queue holds for the others
+    settings = Settings(data_dir=tmp_path, enqueue_grace_seconds=60)
+    with db() as s, s.begin():
+        job = make_job(s, model=models[1], chunk_size=8, created_at=utcnow() - timedelta(minutes=10))
+        (never_sent,) = s.scalars(select(Chunk.id).where(Chunk.job_id == job.id))
+    assert _pass(db, app, settings, utcnow()) == [never_sent]
