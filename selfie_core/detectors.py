@@ -4,7 +4,8 @@ A detector is built from a JSON-serialisable config and called with one interpre
 it returns the hits it finds. Built-in kinds:
 
 - ``keywords``: a list of words or phrases, matched case-insensitively on word boundaries.
-- ``regex``: a list of regular expressions, matched case-insensitively.
+- ``regex``: a list of regular expressions, matched case-insensitively, each search within ``MATCH_SECONDS``
+  (``DetectorTimeout`` past it: a pattern that backtracks without end must not stall every audit's scanning).
 - ``concepts``: named concepts, each with its own terms (``{"weapons": ["explosive", "detonator"]}``); a hit
   names the concept, so reports can group by it.
 
@@ -25,6 +26,9 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+# The third-party ``regex`` module (a dependency of transformers) for user patterns: ``re`` with a timeout.
+import regex
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,15 @@ _REGISTRY: dict[str, Factory] = {}
 
 MAX_TERMS = 5_000
 MAX_TERM_CHARS = 500
+MATCH_SECONDS = 0.5
 
 
 class DetectorConfigError(ValueError):
     """A detector config that cannot be built; the message says what to change."""
+
+
+class DetectorTimeout(RuntimeError):
+    """A user's regular expression searched one text for longer than ``MATCH_SECONDS``."""
 
 
 def register(kind: str) -> Callable[[Factory], Factory]:
@@ -154,18 +163,28 @@ def _regex(config: Mapping[str, Any]) -> DetectorFn:
     compiled = []
     for source in _terms(config, "patterns"):
         try:
-            compiled.append((source, re.compile(source, re.IGNORECASE)))
-        except re.error as exc:
+            compiled.append((source, regex.compile(source, regex.IGNORECASE)))
+        except regex.error as exc:
             raise DetectorConfigError(f"detector {name!r}: invalid regular expression {source!r}: {exc}") from None
 
-    return _searcher(name, compiled)
+    def search(label: str, rx, text: str):
+        try:
+            return rx.search(text, timeout=MATCH_SECONDS)
+        except TimeoutError:
+            raise DetectorTimeout(f"detector {name!r}: the pattern {label!r} searched a {len(text)}-character "
+                                  f"interpretation for over {MATCH_SECONDS} s; simplify it (alternatives that can "
+                                  f"match the same text under a repeat, such as (a|aa)+, backtrack without end)"
+                                  ) from None
+
+    return _searcher(name, compiled, search)
 
 
-def _searcher(name: str, table: list[tuple[str, re.Pattern[str]]]) -> DetectorFn:
+def _searcher(name: str, table: list[tuple[str, Any]], search: Callable = lambda _, rx, text: rx.search(text)
+              ) -> DetectorFn:
     """A detector that reports, for each (label, pattern), the first match of the pattern in a text."""
 
     def detect(text: str) -> list[Hit]:
-        return [Hit(name, label, m.group(0)) for label, rx in table if (m := rx.search(text))]
+        return [Hit(name, label, m.group(0)) for label, rx in table if (m := search(label, rx, text))]
 
     return detect
 

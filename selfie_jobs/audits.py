@@ -69,7 +69,7 @@ AUDIT_TICK_TASK = "selfie.audit_tick"
 __all__ = [
     "AUDIT_TICK_TASK", "KNOWN_DETECTOR_KINDS", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
     "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "check_audit_name",
-    "claim_due_audits", "claim_run", "create_audit", "fan_out", "fingerprint", "jobs_to_scan", "next_fire", "open_run",
+    "claim_due_audits", "claim_run", "create_audit", "fail_run", "fan_out", "fingerprint", "jobs_to_scan", "next_fire", "open_run",
     "refresh_run", "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job", "start_run", "update_audit",
     "validate_cron",
 ]
@@ -401,7 +401,7 @@ def fan_out(
                 done_batches += 1
         except SubmissionError as exc:
             session.rollback()
-            return _fail_run(session, run_id, f"a batch was refused: {exc.message}")
+            return fail_run(session, run_id, f"a batch was refused: {exc.message}")
         run = session.get(AuditRun, run_id, populate_existing=True)
         if run.state == AuditRunState.SUBMITTING and run.owner == owner:
             run.state = AuditRunState.RUNNING
@@ -411,7 +411,8 @@ def fan_out(
         return run
 
 
-def _fail_run(session: Session, run_id: int, error: str) -> AuditRun:
+def fail_run(session: Session, run_id: int, error: str) -> AuditRun:
+    """Close the run as failed with ``error`` and cancel its open jobs (commits)."""
     run = session.get(AuditRun, run_id, populate_existing=True)
     run.state = AuditRunState.FAILED
     run.error = error

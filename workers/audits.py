@@ -70,9 +70,9 @@ def run_audit(
             return {"run_id": run_id, "skipped": "no such run"}
         try:
             detect_fn(run.config.get("detectors") or [])
-        except ValueError as exc:  # selfie_core.detectors.DetectorConfigError
-            run.state, run.error, run.finished_at = AuditRunState.FAILED, f"detectors: {exc}", utcnow()
-            session.commit()
+        except Exception as exc:  # noqa: BLE001 - the run records it: a config that cannot build never will
+            log.exception("audit run %s: its detectors cannot be built", run_id)
+            run = A.fail_run(session, run_id, f"detectors: {exc}")
             return {"run_id": run_id, "state": run.state, "error": run.error}
     run = A.fan_out(sessions, run_id, settings, sender, owner)
     scanned = scan_ready(sessions, run_id=run_id)
@@ -83,16 +83,30 @@ def run_audit(
 
 def scan_ready(sessions: Callable[[], Session], *, run_id: int | None = None, limit: int = SCAN_PER_TICK) -> int:
     """Scan finished jobs of open runs (one transaction each), then close runs that are complete."""
+    from selfie_core.detectors import DetectorTimeout
+
     cache: dict[int, A.DetectFn] = {}
+    failed: set[int] = set()
     scanned = 0
     with sessions() as session:
         for rj_id in A.jobs_to_scan(session, run_id, limit=limit):
             rj = session.get(AuditRunJob, rj_id)
-            if rj.run_id not in cache:
-                cache[rj.run_id] = detect_fn(session.get(AuditRun, rj.run_id).config.get("detectors") or [])
-            if A.scan_job(session, rj_id, cache[rj.run_id]) is not None:
-                scanned += 1
-            session.commit()
+            rid = rj.run_id
+            if rid in failed:
+                continue
+            # A run whose detectors cannot scan a job fails at once, with the reason: left open, its oldest job
+            # would come first in every tick and hold up the scanning of every other run.
+            try:
+                if rid not in cache:
+                    cache[rid] = detect_fn(session.get(AuditRun, rid).config.get("detectors") or [])
+                if A.scan_job(session, rj_id, cache[rid]) is not None:
+                    scanned += 1
+                session.commit()
+            except (ValueError, DetectorTimeout) as exc:  # a config error or a pattern past its time
+                session.rollback()
+                log.warning("audit run %s failed while scanning: %s", rid, exc)
+                A.fail_run(session, rid, f"scanning: {exc}")
+                failed.add(rid)
         open_runs = select(AuditRun.id).where(AuditRun.state == AuditRunState.RUNNING)
         if run_id is not None:
             open_runs = open_runs.where(AuditRun.id == run_id)

@@ -208,6 +208,48 @@ def test_min_relevancy_and_scan_is_once(sqlite_url):
         assert session.get(AuditRun, run_id).state == "succeeded"
 
 
+def test_a_run_whose_pattern_times_out_fails_and_the_others_are_scanned(sqlite_url):
+    """A pattern that backtracks without end fails its own run with the reason; left open, its job would come
+    first in every tick and hold up every other run's scanning."""
+    from workers import audits as W
+
+    settings, maker = setup_db(sqlite_url)
+    slow_id = _audit(maker, settings, name="slow")
+    with maker() as session:
+        audit = session.get(A.Audit, slow_id)
+        audit.detectors = [{"kind": "regex", "name": "runaway", "patterns": [r"(a|aa)+$"]}]
+        session.commit()
+    slow_run = _start(maker, slow_id)
+    A.fan_out(maker, slow_run, settings, RecordingSender(), owner="w1")
+    run_all_chunks(maker, lambda j, p, layer, t: ("a" * 60 + "b", 0.5))
+    pets_run = _start(maker, _audit(maker, settings, name="pets"))
+    A.fan_out(maker, pets_run, settings, RecordingSender(), owner="w1")
+    run_all_chunks(maker, lambda j, p, layer, t: ("a cat", 0.5))
+
+    assert W.scan_ready(maker) == 3  # the pets run's three jobs
+    with maker() as session:
+        slow, pets = session.get(AuditRun, slow_run), session.get(AuditRun, pets_run)
+        assert slow.state == "failed" and slow.error.startswith("scanning: detector 'runaway': the pattern")
+        assert pets.state == "succeeded"
+        assert session.scalar(select(func.count()).select_from(AuditFinding)
+                              .where(AuditFinding.run_id == slow_run)) == 0
+
+
+def test_a_run_whose_detectors_cannot_be_built_fails_instead_of_waiting_for_ever(sqlite_url):
+    from workers import audits as W
+
+    settings, maker = setup_db(sqlite_url)
+    audit_id = _audit(maker, settings)
+    with maker() as session:  # stored before the API checked concepts' terms
+        session.get(A.Audit, audit_id).detectors = [{"kind": "concepts", "concepts": {"x": 5}}]
+        session.commit()
+    run_id = _start(maker, audit_id)
+    out = W.run_audit(maker, settings, RecordingSender(), audit_id, run_id)
+    assert out["state"] == "failed" and out["error"] == "detectors: detector 'concepts': concept 'x' needs a list of terms, not int"
+    with maker() as session:
+        assert session.get(AuditRun, run_id).state == "failed"
+
+
 def test_cancel_run_cancels_its_jobs(sqlite_url):
     settings, maker = setup_db(sqlite_url)
     run_id = _start(maker, _audit(maker, settings))

@@ -39,6 +39,13 @@ def test_regex_detector_and_invalid_pattern():
         D.build({"kind": "regex", "patterns": ["(unclosed"]})
 
 
+def test_a_pattern_that_backtracks_without_end_times_out_with_a_clear_error():
+    det = D.build({"kind": "regex", "name": "slow", "patterns": [r"\bsecret\b", r"(a|aa)+$"]})
+    assert [h.label for h in det("the secret aaa")] == [r"\bsecret\b", r"(a|aa)+$"]
+    with pytest.raises(D.DetectorTimeout, match=r"^detector 'slow': the pattern '\(a\|aa\)\+\$' searched a 61-"):
+        det("a" * 60 + "b")
+
+
 def test_concepts_name_the_concept():
     det = D.build({"kind": "concepts", "concepts": {"poison": ["toxin", "lethal dose"], "weapons": ["explosive"]}})
     hits = det("A Lethal Dose of a toxin next to explosives")
@@ -121,7 +128,7 @@ def test_registry_makes_new_kinds_easy():
 
 
 def test_module_stands_alone_without_torch():
-    """The module itself needs only the standard library (loaded by path, so the package __init__ is bypassed)."""
+    """The module needs only the standard library and ``regex`` (loaded by path: the package __init__ is bypassed)."""
     import subprocess
 
     path = D.__file__
