@@ -40,7 +40,9 @@ class Settings(BaseSettings):
 
     # --- reliability ---------------------------------------------------------------------------------------
     lease_seconds: int = Field(120, ge=5, description="A running chunk whose lease ran out is re-enqueued.")
-    enqueue_grace_seconds: int = Field(60, ge=1, description="A queued chunk older than this is re-sent.")
+    enqueue_grace_seconds: int = Field(
+        60, ge=1, description="A queued chunk sent longer ago than this is re-sent when its model's queue lacks "
+                              "messages (every such chunk when the broker cannot be asked).")
     reconcile_interval_seconds: float = Field(30.0, gt=0)
     heartbeat_interval_seconds: float = Field(10.0, gt=0)
     worker_alive_seconds: float = Field(45.0, gt=0, description="A worker silent for longer is considered gone.")
