@@ -5,6 +5,7 @@ Only ids travel on the queue, serialised as JSON; everything else is read from t
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,8 +33,16 @@ _QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def model_queue(model: str) -> str:
-    """One queue per served model, so a worker only receives work for the model it holds."""
-    return "selfie.model." + _QUEUE_SAFE.sub("_", model)
+    """One queue per served model, so a worker only receives work for the model it holds.
+
+    A name made only of letters, digits, ``_``, ``.`` and ``-`` is the queue's name as it is. Any other character
+    becomes ``_`` and the name gets ``~`` and a hash of the model's own name, so that two models never share a queue
+    (``org/m`` and ``org_m`` would otherwise both be ``selfie.model.org_m``); ``~`` is never in a name kept as is.
+    """
+    safe = _QUEUE_SAFE.sub("_", model)
+    if safe == model:
+        return "selfie.model." + model
+    return f"selfie.model.{safe}~{hashlib.blake2b(model.encode(), digest_size=4).hexdigest()}"
 
 
 def redis_priority(priority: int) -> int:

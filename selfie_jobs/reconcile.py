@@ -81,7 +81,7 @@ def reconcile(
             .group_by(Chunk.model)
         ).all()
         expected: dict[str, int] = {}
-        for model, count in sent:  # two model names can share a queue
+        for model, count in sent:
             expected[model_queue(model)] = expected.get(model_queue(model), 0) + count
         missing = {queue: count - waiting(queue) for queue, count in expected.items()}
         missing = {queue: count for queue, count in missing.items() if count > 0}

@@ -3,7 +3,8 @@
 `selfie.run_chunk(chunk_id)`: claim the chunk (compare-and-set) plus other queued chunks of the same model and
 engine settings, run them as one engine run, write each chunk's rows as engine batches finish. A message for a
 chunk that is done, cancelled, or held by a live worker is acknowledged without doing anything; one for a chunk of
-another model (two model names can share a queue) is sent on to that model's workers, claiming nothing.
+another model (a message sent before a model's queue was renamed, or put on the wrong queue by hand) is sent on to
+that model's workers, claiming nothing.
 `selfie.reconcile()`: re-send what the queue lost, fail jobs past their deadline.
 """
 
@@ -85,8 +86,8 @@ def _claim(runtime, chunk_id: int) -> _Claim:
 
 
 def _misrouted(session, runtime, row: Chunk) -> _Claim:
-    """A message for a chunk of another model: two model names can share a queue (`model_queue` replaces the
-    characters a queue name cannot hold), and this worker took the other model's message from it."""
+    """A message for a chunk of another model: one sent while ``org/m`` and ``org_m`` still shared a queue (before
+    `model_queue` told such names apart), or put on the wrong queue by hand, and this worker took it."""
     why = f"chunk is for model {row.model}, this worker serves {runtime.model}"
     if row.state != "queued":
         return _Claim([], why)  # running or finished: its own model's workers and the reconciler have it

@@ -37,28 +37,26 @@ def app(redis_url, tmp_path):
 
 
 @pytest.fixture
-def models(redis_url):
-    """Two model names that share one queue (its messages count for both), unique to this test."""
-    tag = uuid.uuid4().hex[:8]
-    names = (f"org/m{tag}", f"org_m{tag}")
-    assert model_queue(names[0]) == model_queue(names[1])
-    yield names
-    flush_model_queue(redis_url, names[0])
+def model(redis_url):
+    """A model name unique to this test (the local Redis may be shared), with a character a queue name replaces."""
+    name = f"org/m{uuid.uuid4().hex[:8]}"
+    yield name
+    flush_model_queue(redis_url, name)
 
 
 @pytest.fixture
-def backlog(db, app, models):
-    """BACKLOG queued chunks, sent ten minutes ago (well past the grace period), their messages in Redis at
-    several priorities, over the two models of one queue."""
+def backlog(db, app, model):
+    """BACKLOG queued chunks of two jobs, sent ten minutes ago (well past the grace period), their messages in
+    Redis at two priorities."""
     sent_at = utcnow() - timedelta(minutes=10)
     ids = []
     with db() as s, s.begin():
-        for n, model in enumerate(models):
+        for n in range(2):
             job = make_job(s, model=model, priority=3 + 4 * n, items=[(0, 0, t) for t in range(BACKLOG // 2)],
                            chunk_size=1, enqueued_at=sent_at)
             ids += [(c.id, c.model, c.priority) for c in s.scalars(select(Chunk).where(Chunk.job_id == job.id))]
-    for chunk_id, model, priority in ids:
-        send_chunk(app, chunk_id, model, priority)
+    for chunk_id, chunk_model, priority in ids:
+        send_chunk(app, chunk_id, chunk_model, priority)
     return sorted(i for i, _, _ in ids)
 
 
@@ -73,61 +71,61 @@ def _send(app, db, chunk_ids):
             send_chunk(app, chunk.id, chunk.model, chunk.priority)
 
 
-def test_the_counter_reads_every_priority_list_of_the_queue(redis_url, app, models, backlog):
-    keys = [k.decode() for k in redis.Redis.from_url(redis_url).keys(model_queue(models[0]) + "*")
+def test_the_counter_reads_every_priority_list_of_the_queue(redis_url, app, model, backlog):
+    keys = [k.decode() for k in redis.Redis.from_url(redis_url).keys(model_queue(model) + "*")
             if not k.startswith(b"_kombu")]
-    assert len(keys) == 2 and model_queue(models[0]) + ":6" in keys  # job priority 3 -> Redis priority 6
+    assert len(keys) == 2 and model_queue(model) + ":6" in keys  # job priority 3 -> Redis priority 6
     with message_counter(app) as waiting:
-        assert waiting(model_queue(models[0])) == BACKLOG
+        assert waiting(model_queue(model)) == BACKLOG
         assert waiting(model_queue("no-such-model-" + uuid.uuid4().hex)) == 0
 
 
-def test_a_backlog_waiting_in_redis_is_not_resent(db, app, redis_url, models, backlog, tmp_path):
+def test_a_backlog_waiting_in_redis_is_not_resent(db, app, redis_url, model, backlog, tmp_path):
     settings = Settings(data_dir=tmp_path, enqueue_grace_seconds=60)
     now = utcnow()
     for minute in range(5):  # pass after pass: nothing is lost, nothing is sent
         assert _pass(db, app, settings, now + timedelta(minutes=minute)) == []
     assert reconcile_once(settings, db, app)["resent"] == []  # the task's own path asks the broker too
-    assert message_chunk_ids(queued_messages(redis_url, models[0])) == backlog  # one message each, no more
+    assert message_chunk_ids(queued_messages(redis_url, model)) == backlog  # one message each, no more
 
 
-def test_lost_messages_are_resent_once_per_pass(db, app, redis_url, models, backlog, tmp_path):
+def test_lost_messages_are_resent_once_per_pass(db, app, redis_url, model, backlog, tmp_path):
     settings = Settings(data_dir=tmp_path, enqueue_grace_seconds=60)
     now = utcnow()
     client = redis.Redis.from_url(redis_url)
     # Redis comes back from a restart without its last writes: three messages are gone
     for _ in range(3):
-        client.rpop(model_queue(models[0]) + ":6")
+        client.rpop(model_queue(model) + ":6")
     resent = _pass(db, app, settings, now)
     assert len(resent) == 3 and set(resent) <= set(backlog)
     _send(app, db, resent)
-    assert len(message_chunk_ids(queued_messages(redis_url, models[0]))) == BACKLOG
+    assert len(message_chunk_ids(queued_messages(redis_url, model))) == BACKLOG
     assert _pass(db, app, settings, now + timedelta(minutes=5)) == []
 
     # the queue is emptied (Redis flushed): every chunk is re-sent, each once per pass, pass after pass while the
     # messages keep getting lost, and nothing more once they stay
     for minute in (10, 12, 14):
-        flush_model_queue(redis_url, models[0])
+        flush_model_queue(redis_url, model)
         resent = _pass(db, app, settings, now + timedelta(minutes=minute))
         assert sorted(resent) == backlog
         _send(app, db, resent)
     assert _pass(db, app, settings, now + timedelta(minutes=16)) == []
-    assert message_chunk_ids(queued_messages(redis_url, models[0])) == backlog
+    assert message_chunk_ids(queued_messages(redis_url, model)) == backlog
 
     # the task's own path: flushed again, a real reconcile re-sends each chunk once
-    flush_model_queue(redis_url, models[0])
+    flush_model_queue(redis_url, model)
     with db() as s, s.begin():
         for chunk in s.scalars(select(Chunk).where(Chunk.id.in_(backlog))):
             chunk.enqueued_at = now - timedelta(minutes=10)
     assert sorted(reconcile_once(settings, db, app)["resent"]) == backlog
-    assert message_chunk_ids(queued_messages(redis_url, models[0])) == backlog
+    assert message_chunk_ids(queued_messages(redis_url, model)) == backlog
 
 
-def test_a_chunk_whose_publish_failed_is_sent_whatever_its_queue_holds(db, app, models, backlog, tmp_path):
+def test_a_chunk_whose_publish_failed_is_sent_whatever_its_queue_holds(db, app, model, backlog, tmp_path):
     # the api stamps enqueued_at only after publishing: a chunk without it was never sent, however many messages
     # its queue holds for the others
     settings = Settings(data_dir=tmp_path, enqueue_grace_seconds=60)
     with db() as s, s.begin():
-        job = make_job(s, model=models[1], chunk_size=8, created_at=utcnow() - timedelta(minutes=10))
+        job = make_job(s, model=model, chunk_size=8, created_at=utcnow() - timedelta(minutes=10))
         (never_sent,) = s.scalars(select(Chunk.id).where(Chunk.job_id == job.id))
     assert _pass(db, app, settings, utcnow()) == [never_sent]
