@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.chunks import GONE_WORKER_STATES, as_utc, fail_job
 from selfie_jobs.models import Chunk, Job, Worker, utcnow
 from selfie_jobs.queue import model_queue
-from selfie_jobs.states import ChunkState, JobState
+from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ReconcileReport:
     redeliver: list[Redelivery] = field(default_factory=list)
     timed_out_jobs: list[str] = field(default_factory=list)
     failed_jobs: list[str] = field(default_factory=list)
+    closed_chunks: int = 0  # running chunks of closed jobs whose owner is gone
 
 
 def reconcile(
@@ -50,6 +51,8 @@ def reconcile(
       Without `waiting` (the broker is not asked) every such chunk is re-sent;
     - `running` chunks whose lease ran out, or whose owner stopped heartbeating, are sent again (a crashed
       worker); past `max_attempts` their job fails instead of crashing workers forever.
+    - `running` chunks of a job that was closed (cancelled, failed) while their owner was gone are closed too: a
+      live owner closes its own when it writes, but nobody writes for a dead one.
     A re-sent chunk waits for the grace period again. A duplicate message is harmless: the chunk's
     compare-and-set claim lets only one worker run it.
     """
@@ -135,5 +138,14 @@ def reconcile(
     for chunk in lost:
         chunk.enqueued_at = now
         report.redeliver.append(Redelivery(chunk.id, chunk.model, chunk.priority))
+    for job_states, chunk_state in (([JobState.CANCELLED], ChunkState.CANCELLED),
+                                    ([s for s in FINAL_JOB_STATES if s != JobState.CANCELLED], ChunkState.FAILED)):
+        report.closed_chunks += session.execute(
+            update(Chunk)
+            .where(Chunk.state == ChunkState.RUNNING, or_(*ownerless),
+                   Chunk.job_id.in_(select(Job.id).where(Job.state.in_(job_states))))
+            .values(state=chunk_state, finished_at=now, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
     session.flush()
     return report

@@ -202,11 +202,12 @@ def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
     for item in report.redeliver:
         send_chunk(app, item.chunk_id, item.model, item.priority)
         sent += 1
-    if sent or report.timed_out_jobs or report.failed_jobs:
-        log.warning("reconcile: re-sent %d chunks, timed out %d jobs, failed %d jobs, dead workers %s", sent,
-                    len(report.timed_out_jobs), len(report.failed_jobs), dead)
+    if sent or report.timed_out_jobs or report.failed_jobs or report.closed_chunks:
+        log.warning("reconcile: re-sent %d chunks, timed out %d jobs, failed %d jobs, closed %d chunks of closed "
+                    "jobs, dead workers %s", sent, len(report.timed_out_jobs), len(report.failed_jobs),
+                    report.closed_chunks, dead)
     return {"resent": [r.chunk_id for r in report.redeliver], "timed_out_jobs": report.timed_out_jobs,
-            "failed_jobs": report.failed_jobs, "dead_workers": dead}
+            "failed_jobs": report.failed_jobs, "closed_chunks": report.closed_chunks, "dead_workers": dead}
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:

@@ -254,6 +254,27 @@ def test_reconcile_finds_lost_chunks_and_times_out_jobs(db):
     assert sorted(r.chunk_id for r in again.redeliver) == sorted([expired[0], dead[0]])
 
 
+def test_reconcile_closes_running_chunks_of_closed_jobs_whose_owner_is_gone(db):
+    now = utcnow()
+    settings = Settings(enqueue_grace_seconds=60, worker_alive_seconds=45)
+    cancelled_id, cancelled = _job(db, enqueued_at=now, chunk_size=2)
+    failed_id, failed = _job(db, enqueued_at=now, chunk_size=2)
+    with db() as s, s.begin():
+        heartbeat(s, WorkerIdentity("w-live", "tiny", "h", 1, "cpu"), now=now)
+        for ids in (cancelled, failed):
+            C.claim_chunk(s, ids[0], "w-dead", 120, now=now)
+            C.claim_chunk(s, ids[1], "w-live", 120, now=now)
+        s.get(Job, cancelled_id).state = "cancelled"
+        s.get(Job, failed_id).state = "failed"
+    with db() as s, s.begin():
+        report = R.reconcile(s, settings, now)
+    assert report.closed_chunks == 2 and report.redeliver == []
+    with db() as s:
+        states = {cid: s.get(Chunk, cid).state for cid in cancelled[:2] + failed[:2]}
+    # the live owner's chunks stay its own to close when it writes (write_results closes them)
+    assert states == {cancelled[0]: "cancelled", cancelled[1]: "running", failed[0]: "failed", failed[1]: "running"}
+
+
 def test_with_db_retry_retries_transient_errors_only():
     calls = []
 
