@@ -163,7 +163,9 @@ def test_audit_end_to_end_over_http(stack):
         assert "http://" not in body and "https://" not in body, path
 
 
-def test_cancel_run_and_auth_scoping(database_url, redis_url):
+@pytest.fixture
+def two_keys(database_url, redis_url):
+    """A live server with auth on: (server, settings, alice's client, bob's client)."""
     from selfie_jobs.auth import create_key
     from selfie_jobs.db import session_scope
 
@@ -173,55 +175,50 @@ def test_cancel_run_and_auth_scoping(database_url, redis_url):
         _, alice = create_key(s, "alice")
         _, bob = create_key(s, "bob")
     with live_server(settings) as server:
-        a, b = server.client(alice), server.client(bob)
-        assert server.client().get("/v1/audits").status_code == 401
-        res = a.post("/v1/audits", json={"name": "inj", "model": "tiny", "prompt_set": "prompt_injections",
-                                         "detectors": [{"kind": "keywords", "words": ["password"]}]})
-        assert res.status_code == 201, res.text
-        audit_id = res.json()["id"]
-        assert b.get(f"/v1/audits/{audit_id}").status_code == 404
-        assert b.get("/v1/audits").json()["audits"] == []
-        run = a.post(f"/v1/audits/{audit_id}/runs").json()
-        W.run_audit(server.app.state.sessionmaker, settings, make_producer(redis_url), audit_id, run["id"])
-        assert b.post(f"/v1/audit-runs/{run['id']}/cancel").status_code == 404
-        res = a.post(f"/v1/audit-runs/{run['id']}/cancel").json()
-        assert res["state"] == "cancelled"
-        jobs = a.get(f"/v1/audit-runs/{run['id']}/jobs").json()["jobs"]
-        assert jobs and all(a.get(f"/v1/jobs/{j['job_id']}").json()["state"] == "cancelled" for j in jobs)
+        yield server, settings, server.client(alice), server.client(bob)
 
 
-def test_another_keys_prompt_set_reads_as_missing(database_url, redis_url):
+def test_cancel_run_and_auth_scoping(two_keys, redis_url):
+    server, settings, a, b = two_keys
+    assert server.client().get("/v1/audits").status_code == 401
+    res = a.post("/v1/audits", json={"name": "inj", "model": "tiny", "prompt_set": "prompt_injections",
+                                     "detectors": [{"kind": "keywords", "words": ["password"]}]})
+    assert res.status_code == 201, res.text
+    audit_id = res.json()["id"]
+    assert b.get(f"/v1/audits/{audit_id}").status_code == 404
+    assert b.get("/v1/audits").json()["audits"] == []
+    run = a.post(f"/v1/audits/{audit_id}/runs").json()
+    W.run_audit(server.app.state.sessionmaker, settings, make_producer(redis_url), audit_id, run["id"])
+    assert b.post(f"/v1/audit-runs/{run['id']}/cancel").status_code == 404
+    res = a.post(f"/v1/audit-runs/{run['id']}/cancel").json()
+    assert res["state"] == "cancelled"
+    jobs = a.get(f"/v1/audit-runs/{run['id']}/jobs").json()["jobs"]
+    assert jobs and all(a.get(f"/v1/jobs/{j['job_id']}").json()["state"] == "cancelled" for j in jobs)
+
+
+def test_another_keys_prompt_set_reads_as_missing(two_keys):
     """An audit over another key's set would show its prompts through the jobs it fans out: refused as a missing set."""
-    from selfie_jobs.auth import create_key
-    from selfie_jobs.db import session_scope
+    _, _, a, b = two_keys
+    res = a.post("/v1/prompt-sets", files={"file": ("secret.jsonl", _jsonl(PROMPTS), "text/plain")},
+                 data={"name": "alice-secret"})
+    assert res.status_code == 201, res.text
+    secret_id = res.json()["id"]
+    audit = {"model": "tiny", "detectors": [{"kind": "keywords", "words": ["cat"]}]}
 
-    prepare_database(database_url)
-    settings = settings_for(database_url, redis_url, auth_enabled=True)
-    with session_scope(database_url) as s:
-        _, alice = create_key(s, "alice")
-        _, bob = create_key(s, "bob")
-    with live_server(settings) as server:
-        a, b = server.client(alice), server.client(bob)
-        res = a.post("/v1/prompt-sets", files={"file": ("secret.jsonl", _jsonl(PROMPTS), "text/plain")},
-                     data={"name": "alice-secret"})
-        assert res.status_code == 201, res.text
-        secret_id = res.json()["id"]
-        audit = {"model": "tiny", "detectors": [{"kind": "keywords", "words": ["cat"]}]}
+    for ref, missing in (("alice-secret", "no-such-set"), (str(secret_id), "999999")):
+        refused = b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set=ref))
+        absent = b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set=missing))
+        assert refused.status_code == absent.status_code == 404, refused.text
+        assert refused.json()["detail"] == absent.json()["detail"].replace(repr(missing), repr(ref))
+    assert b.get("/v1/audits").json()["audits"] == []
+    assert b.get(f"/v1/prompt-sets/{secret_id}/items").status_code == 404
 
-        for ref, missing in (("alice-secret", "no-such-set"), (str(secret_id), "999999")):
-            refused = b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set=ref))
-            absent = b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set=missing))
-            assert refused.status_code == absent.status_code == 404, refused.text
-            assert refused.json()["detail"] == absent.json()["detail"].replace(repr(missing), repr(ref))
-        assert b.get("/v1/audits").json()["audits"] == []
-        assert b.get(f"/v1/prompt-sets/{secret_id}/items").status_code == 404
-
-        # the owner and the built-ins still work; an upload cannot take a built-in's name
-        assert a.post("/v1/audits", json=dict(audit, name="alice-audit", prompt_set="alice-secret")).status_code == 201
-        assert b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set="prompt_injections")).status_code == 201
-        res = a.post("/v1/prompt-sets", files={"file": ("x.jsonl", _jsonl(PROMPTS), "text/plain")},
-                     data={"name": "ethical_decisions"})
-        assert res.status_code == 409 and "built-in" in res.json()["detail"]
+    # the owner and the built-ins still work; an upload cannot take a built-in's name
+    assert a.post("/v1/audits", json=dict(audit, name="alice-audit", prompt_set="alice-secret")).status_code == 201
+    assert b.post("/v1/audits", json=dict(audit, name="bob-audit", prompt_set="prompt_injections")).status_code == 201
+    res = a.post("/v1/prompt-sets", files={"file": ("x.jsonl", _jsonl(PROMPTS), "text/plain")},
+                 data={"name": "ethical_decisions"})
+    assert res.status_code == 409 and "built-in" in res.json()["detail"]
 
 
 def test_concurrent_requests_for_one_name_get_the_conflict_answer(stack):
