@@ -80,3 +80,37 @@ def test_quota_check_counts_the_job_of_a_concurrent_submit_of_the_same_key(db, o
     with pytest.raises(SubmissionError) as refused:
         second.join()
     assert refused.value.status == 429 and "8 of 10" in refused.value.message
+
+
+def test_a_row_lock_leaves_the_row_as_it_was_and_sets_no_key(db, other_engine):
+    """lock_row's no-op UPDATE sets a plain column: not the primary key (SQLite then checks every row that
+    references it: all of a key's jobs on each submit), and not updated_at (an onupdate default)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy import event
+
+    from selfie_jobs.audit_models import Audit, PromptSet
+    from selfie_jobs.locking import lock_row
+    from selfie_jobs.models import ApiKey
+
+    then = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    with db() as s, s.begin():
+        key, _ = create_key(s, "k")
+        prompt_set = PromptSet(name="ps", source="upload", size=0)
+        s.add(prompt_set)
+        s.flush()
+        audit = Audit(name="a", model="tiny", prompt_set_id=prompt_set.id, targets={}, detectors=[],
+                      created_at=then, updated_at=then)
+        s.add(audit)
+        s.flush()
+        key_id, audit_id = key.id, audit.id
+    statements = []
+    event.listen(other_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with Session(other_engine) as s, s.begin():
+        lock_row(s, ApiKey, key_id)
+        lock_row(s, Audit, audit_id)
+    updates = [sql for sql in statements if sql.lstrip().upper().startswith("UPDATE")]
+    assert len(updates) == 2 and not any("SET id" in sql for sql in updates), updates
+    with db() as s:
+        assert s.get(Audit, audit_id).updated_at.replace(tzinfo=timezone.utc) == then
+        assert s.get(ApiKey, key_id).name == "k"
