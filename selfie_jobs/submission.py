@@ -382,7 +382,14 @@ def submit_job(session: Session, request: JobCreate, settings: Settings, sender:
         return _replay(job, digest, request.idempotency_key or "")
 
     prepared = prepare_job(session, request, settings)
-    check_quota(session, owner_key_id, len(prepared.items), settings)
+    try:
+        check_quota(session, owner_key_id, len(prepared.items), settings)
+    except SubmissionError:
+        # Checked under the key's lock: a submit with the same idempotency key that stored its job while this one
+        # waited for it counts in the quota, and that job is the answer (a client's retry after a timeout).
+        if scope is not None and (job := _existing(session, scope)) is not None:
+            return _replay(job, digest, request.idempotency_key or "")
+        raise
     try:
         job, chunks = store_job(session, prepared, request, owner_key_id, settings, scope, digest)
         session.commit()

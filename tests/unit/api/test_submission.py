@@ -176,3 +176,45 @@ def test_api_keys_hashed_found_by_prefix_and_revocable(db):
         assert authenticate(s, secret) is None
         assert [k.name for k in list_keys(s)] == ["root"]
         assert revoke_key(s, str(admin.id)).revoked_at is not None
+
+
+def test_a_retry_the_quota_refuses_gets_the_job_its_first_try_stored(db):
+    """A client retries a submit (same idempotency key) while the first try is still storing its job, near its
+    key's quota: under the key's lock the retry counts the first job in the quota, and that job is its answer."""
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.db import create_db_engine
+    from selfie_jobs.models import ApiKey
+    from selfie_jobs.submission import check_quota, idempotency_scope, request_hash, store_job
+    from tests.locksupport import LockStep
+
+    maker, settings = db
+    request = _req(idempotency_key="retry")
+    with maker() as s:
+        size = len(prepare_job(s, request, settings).items)
+        key, _ = create_key(s, "k", daily_quota=size)  # room for one job, not two
+        s.commit()
+        key_id = key.id
+    other = create_db_engine(settings.database_url)
+
+    def retry():
+        with Session(other) as s:
+            return submit_job(s, request, settings, Recorder(), owner_key_id=key_id)
+
+    try:
+        with maker() as first:  # the first try, between its quota check and its commit
+            prepared = prepare_job(first, request, settings)
+            check_quota(first, key_id, size, settings)
+            job, _ = store_job(first, prepared, request, key_id, settings, idempotency_scope(key_id, "retry"),
+                               request_hash(request, MODEL))
+            first.flush()
+            second = LockStep(other, retry).start()
+            first.commit()
+            first_id = job.id
+        result = second.join()
+    finally:
+        other.dispose()
+    assert result.job.id == first_id and not result.created
+    with maker() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+        assert s.get(ApiKey, key_id).daily_quota == size
