@@ -14,11 +14,13 @@ import logging
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.cards import live_workers, mark_dead_local_workers
@@ -191,7 +193,15 @@ def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
     """Re-send lost chunks and fail overdue jobs; returns what it did. `app` sends, and its broker connection
     counts the messages waiting in each queue (a queued chunk is lost only where its queue is short of them)."""
 
-    with message_counter(app) as waiting:
+    with ExitStack() as stack:
+        try:
+            waiting = stack.enter_context(message_counter(app))
+        except KombuOperationalError as exc:
+            # The rest of the pass needs no broker (overdue jobs, dead workers, chunks of closed jobs); without
+            # counts every queued chunk past the grace period counts as lost, as the reconcile rule says.
+            log.warning("reconcile: the broker cannot count its messages (%s); going on without its counts", exc)
+            waiting = None
+
         def unit():
             with sessions() as session, session.begin():
                 dead = mark_dead_local_workers(session)

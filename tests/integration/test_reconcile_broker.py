@@ -129,3 +129,20 @@ def test_a_chunk_whose_publish_failed_is_sent_whatever_its_queue_holds(db, app, 
         job = make_job(s, model=model, chunk_size=8, created_at=utcnow() - timedelta(minutes=10))
         (never_sent,) = s.scalars(select(Chunk.id).where(Chunk.job_id == job.id))
     assert _pass(db, app, settings, utcnow()) == [never_sent]
+
+
+def test_a_pass_without_the_broker_still_does_what_needs_only_the_database(db, tmp_path):
+    """Redis is unreachable: overdue jobs still fail and nothing waits for the broker's counts."""
+    from selfie_jobs.models import Job
+
+    dead_broker = create_celery_app(Settings(data_dir=tmp_path), broker_url="redis://127.0.0.1:1/0", register=False)
+    with db() as s, s.begin():
+        late = make_job(s, chunk_size=8, enqueued_at=utcnow(), deadline_at=utcnow() - timedelta(seconds=1))
+        late_id = late.id
+    try:
+        out = reconcile_once(Settings(data_dir=tmp_path), db, dead_broker)
+    finally:
+        dead_broker.close()
+    assert out["timed_out_jobs"] == [late_id] and out["resent"] == []
+    with db() as s:
+        assert s.get(Job, late_id).state == "failed"
