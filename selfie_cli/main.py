@@ -102,7 +102,8 @@ def up(**options: Any) -> None:
 @click.option("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--concurrency", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Rows per engine batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows per engine batch (default: the engine's choice).")
 @click.option("--hostname", default=None, help="Celery node name.")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
@@ -321,7 +322,7 @@ def _tables(status: dict[str, Any], rows: list[dict[str, Any]], width: int) -> s
 @click.option("--model-path", default=None, help="Load the weights from here instead of the model name.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 @click.option("--width", type=int, default=24, show_default=True)
 def interpret(prompt, fmt, width, **options) -> None:

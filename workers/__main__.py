@@ -6,6 +6,13 @@ import argparse
 import json
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -16,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu)")
     w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     w.add_argument("--concurrency", type=int, default=1)
-    w.add_argument("--batch-size", type=int, default=None, help="rows per engine batch (default: engine's choice)")
+    w.add_argument("--batch-size", type=_at_least_one, default=None,
+                   help="rows per engine batch (default: engine's choice)")
     w.add_argument("--hostname", default=None, help="Celery node name")
     w.add_argument("--loglevel", default="INFO")
     w.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,

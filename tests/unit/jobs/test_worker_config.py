@@ -96,3 +96,17 @@ def test_engine_settings_cache_keeps_only_the_most_recently_used_specs():
     assert len(runner._configs) == EngineRunner.MAX_CONFIGS
     assert runner.configs(spec(1))[2].seed == 1  # evicted long ago: built again, correctly
     assert len(runner._configs) == EngineRunner.MAX_CONFIGS
+
+
+def test_both_worker_commands_refuse_a_batch_size_below_one(capsys):
+    """The engine refuses it per job, which would fail every job as the client's bad input: refused at start."""
+    from click.testing import CliRunner
+
+    from selfie_cli.main import cli
+    from workers.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["worker", "--model", "m", "--batch-size", "0"])
+    assert exited.value.code == 2 and "--batch-size: must be at least 1, not 0" in capsys.readouterr().err
+    result = CliRunner().invoke(cli, ["worker", "--model", "m", "--batch-size", "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
