@@ -33,3 +33,21 @@ def test_upgrade_is_idempotent_and_downgrade_works(database_url):
     migrate.downgrade(database_url, "base")
     assert migrate.current_revision(database_url) is None
     assert not migrate.check(database_url)
+
+
+def test_uploads_named_like_a_built_in_are_renamed(database_url):
+    from sqlalchemy import text
+
+    migrate.upgrade(database_url, "0003_job_request_hash")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO prompt_sets (id, name, description, source, size, created_at) VALUES "
+                              "(7, 'prompt_injections', '', 'upload', 0, CURRENT_TIMESTAMP), "
+                              "(8, 'mine', '', 'upload', 0, CURRENT_TIMESTAMP)"))
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            names = dict(conn.execute(text("SELECT id, name FROM prompt_sets ORDER BY id")).all())
+    finally:
+        engine.dispose()
+    assert names == {7: "prompt_injections (upload 7)", 8: "mine"}
