@@ -57,7 +57,7 @@ from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
 from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.locking import lock_row
-from selfie_jobs.models import Chunk, Job, utcnow
+from selfie_jobs.models import ApiKey, Chunk, Job, utcnow
 from selfie_jobs.prompt_sets import BUILTIN, ensure_builtin, iter_items
 from selfie_jobs.queue import TaskSender
 from selfie_jobs.settings import Settings
@@ -365,6 +365,10 @@ def fan_out(
         run = session.get(AuditRun, run_id)
         audit = session.get(Audit, run.audit_id)
         config = run.config
+        if not _owner_may_use(session, audit, config["prompt_set_id"]):
+            # an audit stored before create_audit checked this: its jobs would show another key's prompts
+            return fail_run(session, run_id, f"this audit's key may not use prompt set {config['prompt_set_id']}, "
+                                             "which belongs to another key")
         done_batches = 0
         try:
             for first, cursor, prompts, sel, skipped in _plan(session, config, run.prompts_submitted, settings):
@@ -409,6 +413,16 @@ def fan_out(
             run.lease_expires_at = None
             session.commit()
         return run
+
+
+def _owner_may_use(session: Session, audit: Audit | None, prompt_set_id: int) -> bool:
+    """Whether the audit's key may see the prompt set, by the rule the API applies to a caller."""
+    prompt_set = session.get(PromptSet, prompt_set_id)
+    owner_key_id = audit.owner_key_id if audit else None
+    if prompt_set is None or prompt_set.source == "builtin" or owner_key_id is None:
+        return True  # a missing set fails in the plan; without an owner the audit is the local (admin) user's
+    key = session.get(ApiKey, owner_key_id)
+    return key is not None and Principal(key_id=owner_key_id, is_admin=key.is_admin).can_see(prompt_set.owner_key_id)
 
 
 def fail_run(session: Session, run_id: int, error: str) -> AuditRun:

@@ -106,6 +106,32 @@ def test_an_audits_jobs_count_against_its_owners_daily_quota(sqlite_url):
         assert [(j.total, j.owner_key_id) for j in jobs] == [(24, key.id)]
 
 
+def test_an_audit_over_another_keys_prompt_set_stored_before_the_check_does_not_run(sqlite_url):
+    """create_audit now refuses another key's set; an audit stored before that must not show its prompts either."""
+    from selfie_jobs.auth import create_key
+
+    settings, maker = setup_db(sqlite_url)
+    with maker() as session:
+        alice, _ = create_key(session, "alice")
+        bob, _ = create_key(session, "bob")
+        admin, _ = create_key(session, "admin", admin=True)
+        ps = create_prompt_set(session, "alice-set", jsonl(PROMPTS), "jsonl", owner_key_id=alice.id)
+        audits = {}
+        for key in (bob, alice, admin):
+            audit = A.Audit(name=f"by-{key.name}", model="tiny", prompt_set_id=ps.id, owner_key_id=key.id,
+                            targets={"layers": [0], "tokens": {"last": 1}}, detectors=DETECTORS)
+            session.add(audit)
+            session.flush()
+            audits[key.name] = audit.id
+        session.commit()
+    runs = {name: A.fan_out(maker, _start(maker, audit_id), settings, RecordingSender(), owner="w1")
+            for name, audit_id in audits.items()}
+    assert runs["bob"].state == "failed" and "may not use prompt set" in runs["bob"].error
+    assert runs["alice"].state == runs["admin"].state == "running"
+    with maker() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.audit_run_id == runs["bob"].id)) == 0
+
+
 def test_short_prompts_get_fewer_last_tokens_and_too_long_ones_are_skipped(sqlite_url):
     settings, maker = setup_db(sqlite_url)
     long_prompt = " ".join(["cat"] * 60)  # over the tiny model's 48-token context
