@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from selfie_jobs.locking import lock_row
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, Worker, utcnow
 from selfie_jobs.retry import is_transient, with_db_retry  # noqa: F401 - part of this module's API
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
@@ -276,18 +277,15 @@ def _insert_ignore(session: Session):
     raise NotImplementedError(f"no INSERT .. ON CONFLICT DO NOTHING for dialect {dialect!r}")
 
 
-def _lock_job(session: Session, job_id: str) -> Job | None:
-    """Take the job's row lock before reading anything else of it, and return the job as it is now.
+def lock_job(session: Session, job_id: str) -> Job | None:
+    """Take the job's row lock (``locking.lock_row``) before reading anything else of it, and return the job as it
+    is now.
 
-    Every writer of a job's progress goes through here, so they are serialised per job: the "no open chunk
-    left" check then sees the other writers' committed chunks, and exactly one marks the job succeeded.
-    A no-op UPDATE is used (not only SELECT .. FOR UPDATE) because SQLite ignores FOR UPDATE and pysqlite
-    starts the transaction only at the first write: the UPDATE takes SQLite's write lock (waiting on
-    busy_timeout) and the row lock on PostgreSQL, so the reads that follow are never stale.
+    Every writer of a job's progress goes through here, and so does a cancel, so they are serialised per job: the
+    "no open chunk left" check then sees the other writers' committed chunks, and exactly one marks the job
+    succeeded; a cancel never overwrites a state written after it read it.
     """
-    session.execute(
-        update(Job).where(Job.id == job_id).values(done=Job.done).execution_options(synchronize_session=False)
-    )
+    lock_row(session, Job, job_id)
     return session.execute(
         select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
     ).scalar_one_or_none()
@@ -330,7 +328,7 @@ def write_results(
     job_id = session.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
     if job_id is None:
         return WriteOutcome(0, False, None, "chunk is gone")
-    job = _lock_job(session, job_id)
+    job = lock_job(session, job_id)
     chunk = _fresh_chunk(session, chunk_id)
     if job is None or chunk is None:
         return WriteOutcome(0, False, None, "job is gone")
@@ -396,7 +394,7 @@ def write_results(
             .execution_options(synchronize_session=False)
         )
         chunk_done = marked.rowcount == 1
-    job = _lock_job(session, job.id)  # re-read (same transaction, lock already held)
+    job = lock_job(session, job.id)  # re-read (same transaction, lock already held)
     if chunk_done:
         _finish_job_if_complete(session, job, now)
     session.flush()
@@ -468,7 +466,7 @@ def load_prompts(session: Session, keys: Iterable[tuple[str, int]]) -> dict[tupl
 def fail_job(session: Session, job_id: str, error: str, *, now: datetime | None = None) -> bool:
     """Fail an open job with a stored error; its open chunks are closed so nobody picks them up again."""
     now = now or utcnow()
-    job = _lock_job(session, job_id)
+    job = lock_job(session, job_id)
     if job is None or job.state in FINAL_JOB_STATES:
         return False
     job.state = JobState.FAILED

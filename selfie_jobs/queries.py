@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from selfie_jobs.auth import Principal
 from selfie_jobs.cards import served_models
-from selfie_jobs.chunks import _lock_job, as_utc
+from selfie_jobs.chunks import as_utc, lock_job
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
@@ -200,7 +200,7 @@ def cancel_job(session: Session, job_id: str, who: Principal) -> tuple[Job, bool
     """
     # The lock every writer of a job's state takes first: a worker's last write cannot land between the state read
     # here and the cancel written from it (SELECT .. FOR UPDATE alone holds nothing on SQLite).
-    job = _lock_job(session, job_id)
+    job = lock_job(session, job_id)
     if job is None or not who.can_see(job.owner_key_id):
         return None
     if job.state in FINAL_JOB_STATES:
