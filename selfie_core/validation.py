@@ -14,7 +14,7 @@ MAX_NEW_TOKENS_CAP = 1024
 
 
 def check_injection(injection: InjectionConfig, num_layers: int) -> None:
-    if not isinstance(injection.k, int) or isinstance(injection.k, bool) or not 0 <= injection.k < num_layers:
+    if not _is_int(injection.k) or not 0 <= injection.k < num_layers:
         raise SelfieInputError(f"injection layer k={injection.k!r} is outside the model: use 0 <= k < {num_layers}")
     if injection.mode not in INJECTION_MODES:
         raise SelfieInputError(f"injection mode {injection.mode!r} is unknown: use one of {', '.join(INJECTION_MODES)}")
@@ -32,7 +32,7 @@ def check_generation(gen: GenerationConfig, prompt: PreparedPrompt, max_context:
     sees the whole interpretation prompt and what was generated before it, so a window that hides some is
     refused (extraction prompts may be longer: their forward pass keeps the model's own masks)."""
     n = gen.max_new_tokens
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS_CAP:
+    if not _is_int(n) or not 1 <= n <= MAX_NEW_TOKENS_CAP:
         raise SelfieInputError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS_CAP}, got {n!r}")
     if not isinstance(gen.do_sample, bool):
         raise SelfieInputError(f"do_sample must be True or False, got {gen.do_sample!r}")
@@ -80,9 +80,9 @@ def check_interpret_request(req, ids: list[int] | None, num_layers: int, max_con
     assert ids is not None
     if max_context is not None and len(ids) > max_context:
         raise SelfieInputError(f"{where}: the prompt has {len(ids)} tokens, longer than the model's context of {max_context}")
-    if not isinstance(req.layer, int) or isinstance(req.layer, bool) or not 0 <= req.layer <= num_layers:
+    if not _is_int(req.layer) or not 0 <= req.layer <= num_layers:
         raise SelfieInputError(f"{where}: layer {req.layer!r} is out of range: use 0..{num_layers} (0 = embeddings)")
-    if not isinstance(req.token, int) or isinstance(req.token, bool) or not 0 <= req.token < len(ids):
+    if not _is_int(req.token) or not 0 <= req.token < len(ids):
         raise SelfieInputError(
             f"{where}: token {req.token!r} is out of range: the prompt has {len(ids)} tokens (valid 0..{len(ids) - 1})"
         )
