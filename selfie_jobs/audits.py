@@ -69,9 +69,9 @@ AUDIT_TICK_TASK = "selfie.audit_tick"
 __all__ = [
     "AUDIT_TICK_TASK", "KNOWN_DETECTOR_KINDS", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
     "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "check_audit_name",
-    "claim_due_audits", "claim_run", "create_audit", "fail_run", "fan_out", "fingerprint", "jobs_to_scan", "next_fire", "open_run",
-    "refresh_run", "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job", "start_run", "update_audit",
-    "validate_cron",
+    "claim_due_audits", "claim_run", "create_audit", "fail_run", "fan_out", "fingerprint", "jobs_to_scan",
+    "next_fire", "open_run", "refresh_run", "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job",
+    "start_run", "update_audit", "validate_cron",
 ]
 
 

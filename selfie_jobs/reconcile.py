@@ -83,9 +83,7 @@ def reconcile(
             .where(open_job, Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at.is_not(None))
             .group_by(Chunk.model)
         ).all()
-        expected: dict[str, int] = {}
-        for model, count in sent:
-            expected[model_queue(model)] = expected.get(model_queue(model), 0) + count
+        expected = {model_queue(model): count for model, count in sent}  # one queue per model
         missing = {queue: count - waiting(queue) for queue, count in expected.items()}
         missing = {queue: count for queue, count in missing.items() if count > 0}
         sent_long_ago = and_(sent_long_ago, Chunk.model.in_([m for m, _ in sent if model_queue(m) in missing]))
