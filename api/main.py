@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import DataError, OperationalError
 
 from selfie_jobs.db import get_sessionmaker
@@ -58,7 +59,10 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
         if close is not None:
             close()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets the fastapi-offline wheel ships, not from a CDN: GPU clusters are often
+    # air-gapped, and /docs should work wherever the explorer pages do.
+    app = FastAPIOffline(
+        static_url="/docs-assets",
         title="SelfIE interpretation service",
         version="0.1.0",
         description="Ask a language model what its own hidden states mean: submit jobs, follow them, read results.",

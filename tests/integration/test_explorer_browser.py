@@ -10,22 +10,18 @@ worker (control queue) and scanned by the beat tick's task body.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.apisupport import live_server
+from tests.integration.browser_support import chromium
 from tests.integration.worker_support import MODEL, NUM_LAYERS, ROOT, WorkerProcess, save_tiny_model, wait_for, \
     worker_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(300)]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-CHROMEDRIVER = shutil.which("chromedriver")
-CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run")
 PROMPT = "The Eiffel Tower is located in Paris."
 
 
@@ -46,25 +42,8 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture
 def browser(tmp_path):
-    if CHROMIUM is None or CHROMEDRIVER is None:
-        pytest.skip("headless Chromium is not installed (Debian packages `chromium` and `chromium-driver`)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (the dev extra lists it)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'chrome-profile'}")
-    options.add_argument("--window-size=1500,1000")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    try:
+    with chromium(tmp_path / "chrome-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture
