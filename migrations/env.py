@@ -52,9 +52,21 @@ def run_migrations_online() -> None:
     engine = create_db_engine(_url())
     try:
         with engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # A batch migration rebuilds a table (copy, drop, rename). With foreign keys on, dropping the old
+                # table runs ON DELETE CASCADE on the rows that refer to it (a prompt set's items, an audit's runs):
+                # they would be lost. The pragma only takes effect outside a transaction, so it is set here, and
+                # every reference is checked before the migration commits.
+                conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                conn.commit()  # ends SQLAlchemy's implicit transaction, so that Alembic's own commits
             _configure(connection=conn)
             with context.begin_transaction():
                 context.run_migrations()
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"the migration left rows referring to missing rows: {broken[:10]}")
     finally:
         engine.dispose()
 

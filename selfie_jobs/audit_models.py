@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from selfie_jobs.models import Base, BigId, utcnow
@@ -28,9 +28,13 @@ class PromptSet(Base):
     """A named list of prompts: uploaded (JSONL/CSV) or one of the examples shipped with the project."""
 
     __tablename__ = "prompt_sets"
+    # Names are unique per key, not across keys: a global name would tell another key, by a 409, that it exists.
+    # Built-in sets and the local user's (no key) have no owner: NULLs never collide in a unique index, so the
+    # index is on COALESCE(owner_key_id, 0) (key ids start at 1), which makes "no owner" one owner of its own.
+    __table_args__ = (Index("uq_prompt_sets_owner_name", func.coalesce(text("owner_key_id"), 0), "name", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
     source: Mapped[str] = mapped_column(String(32), default="upload")  # upload | builtin
     size: Mapped[int] = mapped_column(Integer, default=0)
@@ -54,9 +58,11 @@ class Audit(Base):
     """What to run: a model over a prompt set, which hidden states, the engine spec, detectors, a schedule."""
 
     __tablename__ = "audits"
+    # per key, as prompt set names
+    __table_args__ = (Index("uq_audits_owner_name", func.coalesce(text("owner_key_id"), 0), "name", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
     model: Mapped[str] = mapped_column(String(200))
     prompt_set_id: Mapped[int] = mapped_column(ForeignKey("prompt_sets.id"), index=True)
     # {"layers": "all" | [..] | {"start","stop","step"}, "tokens": "all" | {"last": n} | [..]}

@@ -56,6 +56,7 @@ from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
 )
 from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
 from selfie_jobs.chunks import as_utc
+from selfie_jobs.ids import INT_MAX, parse_id
 from selfie_jobs.locking import lock_row
 from selfie_jobs.models import ApiKey, Chunk, Job, utcnow
 from selfie_jobs.prompt_sets import BUILTIN, ensure_builtin, iter_items
@@ -91,31 +92,46 @@ def next_fire(expr: str, after: datetime) -> datetime:
 
 def resolve_prompt_set(session: Session, name_or_id: str | int, who: Principal = LOCAL_PRINCIPAL) -> PromptSet:
     """A built-in set or one `who` may see. Another key's set reads exactly like a missing one: an audit over it
-    would hand its prompts to `who` through the jobs the runs fan out."""
+    would hand its prompts to `who` through the jobs the runs fan out.
+
+    By name: `who`'s own set, else the built-in one; an admin may name another key's set when only one has that
+    name. An id is ASCII digits (as in a path); anything else is a name.
+    """
 
     def usable(found: PromptSet | None) -> bool:
         return found is not None and (found.source == "builtin" or who.can_see(found.owner_key_id))
 
-    if isinstance(name_or_id, int) or str(name_or_id).isdigit():
-        found = session.get(PromptSet, int(name_or_id))
+    set_id = name_or_id if isinstance(name_or_id, int) else parse_id(str(name_or_id))
+    if set_id is not None:
+        found = session.get(PromptSet, set_id) if 0 < set_id <= INT_MAX else None
         if usable(found):
             return found
-    found = session.scalars(select(PromptSet).where(PromptSet.name == str(name_or_id))).first()
-    if found is None and str(name_or_id) in BUILTIN:
-        found = ensure_builtin(session, str(name_or_id))
-    if usable(found):
-        return found
+    name = str(name_or_id)
+    named = session.scalars(select(PromptSet).where(PromptSet.name == name).order_by(PromptSet.id)).all()
+    own = [p for p in named if p.source != "builtin" and p.owner_key_id == who.key_id]
+    builtin = [p for p in named if p.source == "builtin"]
+    if own or builtin:
+        return (own or builtin)[0]
+    if name in BUILTIN:
+        return ensure_builtin(session, name)
+    others = [p for p in named if usable(p)]
+    if len(others) == 1:
+        return others[0]
+    if len(others) > 1:
+        raise AuditError(f"{len(others)} prompt sets of different keys are named {name!r}; give its id", status=409)
     raise AuditError(f"no prompt set {name_or_id!r}; upload one or use a built-in: {', '.join(BUILTIN)}", status=404)
 
 
-def check_audit_name(session: Session, name: str) -> None:
-    if session.scalar(select(Audit.id).where(Audit.name == name)) is not None:
+def check_audit_name(session: Session, name: str, owner_key_id: int | None) -> None:
+    """Audit names are unique per key: another key's audit of that name is not looked at (nor told of)."""
+    owned = Audit.owner_key_id.is_(None) if owner_key_id is None else Audit.owner_key_id == owner_key_id
+    if session.scalar(select(Audit.id).where(Audit.name == name, owned)) is not None:
         raise AuditError(f"an audit named {name!r} already exists", status=409)
 
 
 def create_audit(session: Session, req: AuditCreate, settings: Settings, who: Principal = LOCAL_PRINCIPAL) -> Audit:
     """Store an audit owned by `who` over a prompt set `who` may use (the caller commits)."""
-    check_audit_name(session, req.name)
+    check_audit_name(session, req.name, who.key_id)
     prompt_set = resolve_prompt_set(session, req.prompt_set, who)
     audit = Audit(
         name=req.name,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from selfie_jobs.ids import INT_MAX, parse_id
 from selfie_jobs.models import ApiKey, utcnow
 
 KEY_MARK = "sk-selfie-"
@@ -78,8 +79,9 @@ def list_keys(session: Session, include_revoked: bool = False) -> list[ApiKey]:
 
 def revoke_key(session: Session, id_or_prefix: str | int) -> ApiKey | None:
     """Revoke by numeric id or by prefix (as shown in listings); returns the row, or None if nothing matched."""
-    if isinstance(id_or_prefix, int) or str(id_or_prefix).isdigit():
-        row = session.get(ApiKey, int(id_or_prefix))
+    key_id = id_or_prefix if isinstance(id_or_prefix, int) else parse_id(str(id_or_prefix))
+    if key_id is not None:
+        row = session.get(ApiKey, key_id) if 0 < key_id <= INT_MAX else None
     else:
         matches = session.scalars(select(ApiKey).where(ApiKey.prefix == str(id_or_prefix)[:PREFIX_LEN])).all()
         if len(matches) > 1:

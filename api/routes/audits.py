@@ -18,6 +18,7 @@ from selfie_jobs import audits as A
 from selfie_jobs.audit_models import Audit, AuditFinding, AuditRun, AuditRunJob, PromptSet, PromptSetItem
 from selfie_jobs.audit_reports import finding_dict, iter_findings_csv, run_report, top_findings
 from selfie_jobs.auth import Principal
+from selfie_jobs.ids import BIG_MAX, INT_MAX
 from selfie_jobs.models import Prompt
 from selfie_jobs.queries import visible_job
 from selfie_jobs.prompt_sets import BUILTIN, PromptSetError, check_name_free, create_prompt_set, detect_format
@@ -26,8 +27,6 @@ from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["audits"])
-INT_MAX = 2**31 - 1
-BIG_MAX = 2**62
 AuditId = Annotated[int, Path(ge=1, le=INT_MAX)]
 RunId = Annotated[int, Path(ge=1, le=INT_MAX)]
 PromptSetId = Annotated[int, Path(ge=1, le=INT_MAX)]
@@ -40,6 +39,7 @@ class PromptSetOut(BaseModel):
     source: str
     size: int
     created_at: datetime
+    owner_key_id: int | None = None  # the key that uploaded it (callers other than admins only see their own)
 
 
 class PromptSetList(BaseModel):
@@ -60,6 +60,7 @@ class AuditOut(BaseModel):
     enabled: bool
     next_run_at: datetime | None
     created_at: datetime
+    owner_key_id: int | None = None  # as for prompt sets
     last_run: dict[str, Any] | None = None
     link: str
 
@@ -126,7 +127,7 @@ def _audit_out(request: Request, session, audit: Audit) -> AuditOut:
         id=audit.id, name=audit.name, model=audit.model, prompt_set_id=audit.prompt_set_id,
         prompt_set=prompt_set.name if prompt_set else None, targets=audit.targets, options=audit.options,
         detectors=audit.detectors, schedule=audit.schedule, enabled=audit.enabled, next_run_at=audit.next_run_at,
-        created_at=audit.created_at,
+        created_at=audit.created_at, owner_key_id=audit.owner_key_id,
         last_run={"id": last.id, "state": last.state, "flags": last.flags, "created_at": last.created_at.isoformat()}
         if last else None,
         link=f"{_root(request)}/v1/audits/{audit.id}",
@@ -187,7 +188,7 @@ def upload_prompt_set(
         raise HTTPException(status_code, str(exc)) from None
     except IntegrityError:
         session.rollback()
-        _name_race(lambda: check_name_free(session, name))
+        _name_race(lambda: check_name_free(session, name, who.key_id))
         raise
     return PromptSetOut.model_validate(prompt_set, from_attributes=True)
 
@@ -233,7 +234,7 @@ def create_audit(body: A.AuditCreate, request: Request, session: SessionDep, set
         return store()
     except IntegrityError:
         session.rollback()
-        _name_race(lambda: A.check_audit_name(session, body.name))
+        _name_race(lambda: A.check_audit_name(session, body.name, who.key_id))
     # The name is free, so a concurrent request stored the built-in prompt set this audit uses (built-ins are stored
     # on first use) between our look-up and our insert: it is there now.
     return store()

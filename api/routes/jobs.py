@@ -28,6 +28,7 @@ from api.schemas import (
     PromptOut,
     Timings,
 )
+from selfie_jobs.ids import INT_MAX
 from selfie_jobs.models import Job
 from selfie_jobs.queries import (
     SORT_NAMES,
@@ -49,7 +50,6 @@ from selfie_jobs.submission import SubmissionError, submit_job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-INT_MAX = 2**31 - 1
 CSV_COLUMNS = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy", "token_ids",
                "worker", "model", "created_at")
 

@@ -174,9 +174,14 @@ def store_rows(session: Session, prompt_set: PromptSet, rows: Iterable[Row], max
     return index
 
 
-def check_name_free(session: Session, name: str) -> None:
-    if session.scalar(select(PromptSet.id).where(PromptSet.name == name)) is not None:
+def check_name_free(session: Session, name: str, owner_key_id: int | None) -> None:
+    """Names are unique per key: another key's set of that name is not looked at (nor told of)."""
+    if session.scalar(select(PromptSet.id).where(PromptSet.name == name, _owned_by(owner_key_id))) is not None:
         raise PromptSetError(f"a prompt set named {name!r} already exists")
+
+
+def _owned_by(owner_key_id: int | None):
+    return PromptSet.owner_key_id.is_(None) if owner_key_id is None else PromptSet.owner_key_id == owner_key_id
 
 
 def create_prompt_set(
@@ -195,9 +200,9 @@ def create_prompt_set(
     if not name or len(name) > 200:
         raise PromptSetError("a prompt set needs a name of 1..200 characters")
     if source != "builtin" and name in BUILTIN:
-        # names are global: an upload under a built-in's name would stand in for the built-in in every key's audits
+        # an upload under a built-in's name would stand in for the built-in in its owner's audits
         raise PromptSetError(f"a built-in prompt set named {name!r} already exists")
-    check_name_free(session, name)
+    check_name_free(session, name, owner_key_id)
     prompt_set = PromptSet(name=name, description=description, source=source, owner_key_id=owner_key_id, size=0)
     session.add(prompt_set)
     session.flush()
@@ -215,7 +220,9 @@ def builtin_path(name: str) -> Path:
 
 def ensure_builtin(session: Session, name: str) -> PromptSet:
     """The built-in set `name`, stored on first use (the caller commits)."""
-    existing = session.scalars(select(PromptSet).where(PromptSet.name == name)).first()
+    existing = session.scalars(
+        select(PromptSet).where(PromptSet.name == name, PromptSet.source == "builtin").order_by(PromptSet.id)
+    ).first()
     if existing is not None:
         return existing
     with builtin_path(name).open("rb") as fh:

@@ -221,6 +221,36 @@ def test_another_keys_prompt_set_reads_as_missing(two_keys):
     assert res.status_code == 409 and "built-in" in res.json()["detail"]
 
 
+def test_names_are_unique_per_key_not_across_keys(two_keys, database_url):
+    """A name another key uses is free (a 409 would tell that it exists); each key resolves its own set by name;
+    an admin sees who owns what."""
+    from selfie_jobs.auth import create_key
+    from selfie_jobs.db import session_scope
+
+    server, _, a, b = two_keys
+    audit = {"model": "tiny", "detectors": [{"kind": "keywords", "words": ["cat"]}], "name": "nightly"}
+    sets = {}
+    for who, prompts in ((a, PROMPTS[:2]), (b, PROMPTS[2:])):
+        res = who.post("/v1/prompt-sets", files={"file": ("p.jsonl", _jsonl(prompts), "text/plain")},
+                       data={"name": "pets"})
+        assert res.status_code == 201, res.text
+        sets[who] = res.json()["id"]
+        res = who.post("/v1/audits", json=dict(audit, prompt_set="pets"))
+        assert res.status_code == 201, res.text
+        assert res.json()["prompt_set_id"] == sets[who]  # its own 'pets', not the other key's
+    assert sets[a] != sets[b]
+    # one key still cannot use a name twice
+    assert a.post("/v1/prompt-sets", files={"file": ("p.jsonl", _jsonl(PROMPTS), "text/plain")},
+                  data={"name": "pets"}).status_code == 409
+    assert a.post("/v1/audits", json=dict(audit, prompt_set="pets")).status_code == 409
+    with session_scope(database_url) as s:
+        _, admin = create_key(s, "root", admin=True)
+    owners = {p["id"]: p["owner_key_id"] for p in server.client(admin).get("/v1/prompt-sets").json()["prompt_sets"]}
+    assert owners[sets[a]] != owners[sets[b]] and None not in (owners[sets[a]], owners[sets[b]])
+    audits = server.client(admin).get("/v1/audits").json()["audits"]
+    assert sorted(x["owner_key_id"] for x in audits) == sorted([owners[sets[a]], owners[sets[b]]])
+
+
 def test_concurrent_requests_for_one_name_get_the_conflict_answer(stack):
     """The second of two requests for one name passes the name check before the first commits, then hits the unique
     index: it gets the 409 the check gives, not a 500."""

@@ -51,3 +51,51 @@ def test_uploads_named_like_a_built_in_are_renamed(database_url):
     finally:
         engine.dispose()
     assert names == {7: "prompt_injections (upload 7)", 8: "mine"}
+
+
+def test_names_unique_per_key_keeps_every_row(database_url):
+    """0005 on a database at 0004 with data in it: every row kept, and two keys may now use the same name."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    migrate.upgrade(database_url, "0004_uploads_named_like_builtins")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, created_at) VALUES "
+                              "(1, 'a', 'sk-selfie-aaaaaa', 'h1', false, CURRENT_TIMESTAMP), "
+                              "(2, 'b', 'sk-selfie-bbbbbb', 'h2', false, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO prompt_sets (id, name, description, source, size, owner_key_id, created_at) "
+                              "VALUES (1, 'mine', '', 'upload', 1, 1, CURRENT_TIMESTAMP), "
+                              "(2, 'ethical_decisions', '', 'builtin', 0, NULL, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO prompt_set_items (id, prompt_set_id, \"index\", text, meta) VALUES "
+                              "(1, 1, 0, 'a prompt', '{}')"))
+            conn.execute(text("INSERT INTO audits (id, name, model, prompt_set_id, targets, options, detectors, "
+                              "enabled, owner_key_id, created_at, updated_at) VALUES (1, 'nightly', 'm', 1, '{}', "
+                              "'{}', '[]', true, 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        migrate.upgrade(database_url)
+        with engine.begin() as conn:
+            sets = conn.execute(text("SELECT id, name, owner_key_id FROM prompt_sets ORDER BY id")).all()
+            items = conn.execute(text("SELECT prompt_set_id, text FROM prompt_set_items")).all()
+            audits = conn.execute(text("SELECT id, name, prompt_set_id, owner_key_id FROM audits")).all()
+            # key 2 takes the names key 1 uses
+            conn.execute(text("INSERT INTO prompt_sets (id, name, description, source, size, owner_key_id, "
+                              "created_at) VALUES (3, 'mine', '', 'upload', 0, 2, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO audits (id, name, model, prompt_set_id, targets, options, detectors, "
+                              "enabled, owner_key_id, created_at, updated_at) VALUES (2, 'nightly', 'm', 3, '{}', "
+                              "'{}', '[]', true, 2, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        refused = []
+        for owner in ("1", "NULL"):  # one key (or the keyless owner of built-ins) still cannot use a name twice
+            name = "mine" if owner == "1" else "ethical_decisions"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text("INSERT INTO prompt_sets (id, name, description, source, size, owner_key_id, "
+                                      f"created_at) VALUES (9, '{name}', '', 'upload', 0, {owner}, CURRENT_TIMESTAMP)"))
+            except IntegrityError:
+                refused.append(owner)
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in sets] == [(1, "mine", 1), (2, "ethical_decisions", None)]
+    assert [tuple(r) for r in items] == [(1, "a prompt")]
+    assert [tuple(r) for r in audits] == [(1, "nightly", 1, 1)]
+    assert refused == ["1", "NULL"]
