@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from .modelcall import sliding_window
+
 
 def _int_or_list(value):
     if isinstance(value, (list, tuple)):
@@ -23,9 +25,11 @@ def model_card(engine) -> dict:
         "architecture": archs[0],
         "model_type": getattr(cfg, "model_type", None),
         "layout": engine.adapter.layout,
+        "family": engine.adapter.family,
         "num_layers": engine.num_layers,
         "hidden_size": engine.hidden_size,
         "max_context": engine.max_context,
+        "sliding_window": sliding_window(model),
         "vocab_size": int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else getattr(cfg, "vocab_size", None),
         "eos_token_id": _int_or_list(tok.eos_token_id),
         "bos_token_id": _int_or_list(tok.bos_token_id),

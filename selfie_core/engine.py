@@ -281,7 +281,7 @@ class SelfieEngine:
             temperature=float(generation.temperature) if generation.do_sample else 1.0,
             top_p=float(generation.top_p) if generation.do_sample else 1.0,
             row_seeds=seeds, device=self.input_device,
-            lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.layout == "llama" else None,
+            lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.skippable else None,
             decode=self._decode_mode(), decode_attention=self.decode_attention,
         )
         with record_function("selfie.no_inject"):
