@@ -82,12 +82,37 @@ class ModelAdapter:
         return self.layout in SKIPPABLE_LAYOUTS
 
     def block_device(self, k: int) -> torch.device:
-        for p in self.blocks[k].parameters():
-            return p.device
-        return torch.device("cpu")
+        """Where block ``k`` computes (``module_device``)."""
+        return module_device(self.blocks[k])
 
     def embedding_device(self) -> torch.device:
-        return self.embeddings.weight.device
+        return module_device(self.embeddings)
+
+    def devices(self) -> list[torch.device]:
+        """The distinct devices the blocks compute on, in block order."""
+        return list(dict.fromkeys(module_device(block) for block in self.blocks))
+
+
+def _hook_device(module: nn.Module) -> torch.device | None:
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # accelerate chains hooks in a SequentialHook
+        device = getattr(h, "execution_device", None)
+        if device is not None:
+            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return None
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes. A module that accelerate offloads (to the CPU or disk) keeps its weights on the
+    meta device between forwards and runs on its hook's execution device."""
+    for sub in module.modules():
+        device = _hook_device(sub)
+        if device is not None:
+            return device
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
 
 
 def check_supported(config, class_name: str | None = None) -> tuple[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from .templates import InterpretationTemplate, PreparedPrompt
 from .validation import check_batch_size, check_generation, check_injection, check_interpret_request, vector_tensor
 
 TemplateLike = InterpretationTemplate | dict | Sequence | str | None
+
+log = logging.getLogger(__name__)
 
 
 def as_template(template: TemplateLike, tokenizer=None) -> InterpretationTemplate:
@@ -67,6 +70,24 @@ def model_lock(model) -> threading.RLock:
         if lock is None:
             lock = _model_locks[model] = threading.RLock()
         return lock
+
+
+def graphs_off_reason(model, adapter) -> str | None:
+    """Why decode steps cannot be captured as CUDA graphs for this placement of the model (None: they can).
+
+    A captured step keeps its cache position in one device tensor and its buffers at fixed addresses: blocks on
+    several devices would each need their own, and an offloaded block copies its weights in during the forward."""
+    devices = adapter.devices()
+    if len(devices) > 1:
+        return (f"its blocks compute on {len(devices)} devices ({', '.join(map(str, devices))}); decode steps run "
+                "eagerly over a cache that grows")
+    offloaded = [name for name, module in model.named_modules()
+                 if any(getattr(h, "offload", False)
+                        for h in getattr(getattr(module, "_hf_hook", None), "hooks", None)
+                        or [getattr(module, "_hf_hook", None)])]
+    if offloaded:
+        return f"{len(offloaded)} module(s) are offloaded (e.g. {offloaded[0]}); decode steps run eagerly"
+    return None
 
 
 def _row_seed(seed: int, identity: bytes) -> int:
@@ -112,6 +133,9 @@ class SelfieEngine:
             triton_norm.check_device(self.input_device)
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
         self._lock = model_lock(self.model)
+        self.graphs_off_reason = graphs_off_reason(self.model, self.adapter) if cuda_graphs else None
+        if self.graphs_off_reason and self.input_device.type == "cuda":
+            log.warning("CUDA graphs are off for %s: %s", self.name, self.graphs_off_reason)
 
     # -- model facts ---------------------------------------------------------------------------------------
     @property
@@ -303,7 +327,9 @@ class SelfieEngine:
 
     def _decode_mode(self) -> str:
         # on the CPU static steps cost 2-5% more than growing ones and there is no graph to gain
-        return "graphs" if self.cuda_graphs and self.input_device.type == "cuda" else "growing"
+        if self.cuda_graphs and self.input_device.type == "cuda" and not self.graphs_off_reason:
+            return "graphs"
+        return "growing"
 
     @staticmethod
     def _identity(req) -> bytes:

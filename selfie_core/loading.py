@@ -106,8 +106,12 @@ def _save_cache(model, tokenizer, target: Path, source: str) -> None:
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32",
                device_map: str | dict | None = None, cache_dir: str | Path | None = None,
-               attn_implementation: str | None = None) -> LoadedModel:
-    """Load a causal LM and its tokenizer for the engine (eval mode, no gradients)."""
+               attn_implementation: str | None = None, max_memory: dict | None = None,
+               offload_folder: str | Path | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer for the engine (eval mode, no gradients).
+
+    ``device_map`` (with ``max_memory`` per device and ``offload_folder`` for modules mapped to "disk") spreads the
+    model over devices through accelerate, as ``from_pretrained`` takes them; ``device`` is then ignored."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
@@ -134,6 +138,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
     kwargs = dict(dtype=torch_dtype, **extra, **hub_cache)
     if device_map is not None:
         kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     tokenizer = AutoTokenizer.from_pretrained(source, **hub_cache)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device_map is None:
