@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from sqlalchemy.exc import DataError, OperationalError
 
 from selfie_jobs.db import get_sessionmaker
 from selfie_jobs.queue import TaskSender
 from selfie_jobs.settings import Settings, get_settings
-
-log = logging.getLogger(__name__)
-
-RETRY_AFTER_SECONDS = 5
 
 
 def _redis_pinger(url: str):
@@ -39,6 +32,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
 
     `task_sender` replaces the producer-only Celery app (anything with `send_task`).
     """
+    from api import errors
     from api.broker import DEFAULT_REDIS_URL, make_producer
     from api.ratelimit import make_rate_limiter
     from api.routes import jobs, system
@@ -87,20 +81,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
             allow_headers=["Authorization", "Content-Type"],
         )
 
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(_request: Request, exc: OperationalError) -> JSONResponse:
-        log.warning("database unavailable: %s", exc.orig)
-        return JSONResponse(
-            status_code=503,
-            content={"detail": "the database is unavailable; retry later"},
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-
-    @app.exception_handler(DataError)
-    async def bad_value(_request: Request, exc: DataError) -> JSONResponse:
-        log.info("value rejected by the database: %s", exc.orig)
-        return JSONResponse(status_code=400, content={"detail": "a value is out of the range the database accepts"})
-
+    errors.install(app)
     app.include_router(jobs.router)
     app.include_router(system.router)
     # Audits, /metrics and the explorer pages.

@@ -56,6 +56,7 @@ from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
 )
 from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
 from selfie_jobs.chunks import as_utc
+from selfie_jobs.errors import DomainError
 from selfie_jobs.ids import INT_MAX, parse_id
 from selfie_jobs.locking import lock_row
 from selfie_jobs.models import ApiKey, Chunk, Job, utcnow
@@ -76,11 +77,8 @@ __all__ = [
 ]
 
 
-class AuditError(Exception):
-    def __init__(self, message: str, *, status: int = 422):
-        super().__init__(message)
-        self.message = message
-        self.status = status
+class AuditError(DomainError):
+    """An audit request the service refuses (a prompt set it may not use, a name taken)."""
 
 
 # --- audits ---------------------------------------------------------------------------------------------------------

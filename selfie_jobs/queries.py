@@ -21,12 +21,13 @@ from sqlalchemy.orm import Session
 from selfie_jobs.auth import Principal
 from selfie_jobs.cards import served_models
 from selfie_jobs.chunks import as_utc, lock_job
+from selfie_jobs.errors import BadQuery
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 
-class QueryError(ValueError):
-    """A malformed filter or cursor (maps to 400)."""
+class QueryError(BadQuery, ValueError):
+    """A malformed filter or cursor."""
 
 
 # --- cursors ----------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 from tokenizers import Tokenizer
 
+from selfie_jobs.errors import SubmissionError
 from selfie_jobs.locking import lock_row
 from selfie_jobs.models import ApiKey, Chunk, Job, Prompt, ServedModel, utcnow
 from selfie_jobs.queue import TaskSender, send_chunk
@@ -43,17 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Text that stands for one placeholder when the template is rendered (as in the engine).
 PLACEHOLDER_TEXT = "_ "
-
-
-class SubmissionError(Exception):
-    """A request the service refuses; `status` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, *, field: str | None = None, status: int = 422, retry_after: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.status = status
-        self.retry_after = retry_after
 
 
 @dataclass

@@ -74,3 +74,13 @@ def test_import_has_no_side_effects(module, tmp_path):
         [sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_routes_leave_domain_errors_to_the_registered_handlers():
+    """Routes raise domain errors (`selfie_jobs.errors`) and never build an HTTP error themselves: `api/errors.py`
+    maps each to its status once, for every route."""
+    offenders = [
+        str(path.relative_to(ROOT)) for path in sorted((ROOT / "api" / "routes").glob("*.py"))
+        if "HTTPException" in path.read_text() or "except SubmissionError" in path.read_text()
+    ]
+    assert not offenders

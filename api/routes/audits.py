@@ -7,7 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import and_, select
@@ -18,10 +18,11 @@ from selfie_jobs import audits as A
 from selfie_jobs.audit_models import Audit, AuditFinding, AuditRun, AuditRunJob, PromptSet, PromptSetItem
 from selfie_jobs.audit_reports import finding_dict, iter_findings_csv, run_report, top_findings
 from selfie_jobs.auth import Principal
+from selfie_jobs.errors import NotFound
 from selfie_jobs.ids import BIG_MAX, INT_MAX
 from selfie_jobs.models import Prompt
 from selfie_jobs.queries import visible_job
-from selfie_jobs.prompt_sets import BUILTIN, PromptSetError, check_name_free, create_prompt_set, detect_format
+from selfie_jobs.prompt_sets import BUILTIN, check_name_free, create_prompt_set, detect_format
 from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,14 @@ def _visible(who: Principal, owner_key_id: int | None) -> bool:
 def _audit_or_404(session, audit_id: int, who: Principal) -> Audit:
     audit = session.get(Audit, audit_id)
     if audit is None or not _visible(who, audit.owner_key_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no audit {audit_id}")
+        raise NotFound(f"no audit {audit_id}")
     return audit
 
 
 def _run_or_404(session, run_id: int, who: Principal) -> AuditRun:
     run = session.get(AuditRun, run_id)
     if run is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no audit run {run_id}")
+        raise NotFound(f"no audit run {run_id}")
     _audit_or_404(session, run.audit_id, who)
     return run
 
@@ -134,19 +135,10 @@ def _audit_out(request: Request, session, audit: Audit) -> AuditOut:
     )
 
 
-def _error(exc: A.AuditError | PromptSetError | ValueError) -> HTTPException:
-    if isinstance(exc, A.AuditError):
-        return HTTPException(exc.status, exc.message)
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc))
-
-
 def _name_race(check: Callable[[], None]) -> None:
     """After an insert hit a unique name: if a concurrent request took the name between our check and our insert,
-    answer the 409 the check gives; any other conflict stays an error."""
-    try:
-        check()
-    except (A.AuditError, PromptSetError) as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+    the check raises the 409 it gives; any other conflict stays an error."""
+    check()
 
 
 # --- prompt sets ----------------------------------------------------------------------------------------------------
@@ -182,10 +174,6 @@ def upload_prompt_set(
             max_chars=settings.max_prompt_chars, max_items=1_000_000,
         )
         session.commit()
-    except PromptSetError as exc:
-        session.rollback()
-        status_code = 409 if "already exists" in str(exc) else 422
-        raise HTTPException(status_code, str(exc)) from None
     except IntegrityError:
         session.rollback()
         _name_race(lambda: check_name_free(session, name, who.key_id))
@@ -203,7 +191,7 @@ def prompt_set_items(
 ) -> dict[str, Any]:
     ps = session.get(PromptSet, prompt_set_id)
     if ps is None or not (ps.source == "builtin" or _visible(who, ps.owner_key_id)):
-        raise HTTPException(404, f"no prompt set {prompt_set_id}")
+        raise NotFound(f"no prompt set {prompt_set_id}")
     rows = session.scalars(
         select(PromptSetItem).where(PromptSetItem.prompt_set_id == ps.id, PromptSetItem.index > after)
         .order_by(PromptSetItem.index).limit(limit)
@@ -222,12 +210,8 @@ def prompt_set_items(
 def create_audit(body: A.AuditCreate, request: Request, session: SessionDep, settings: SettingsDep,
                  who: PrincipalDep) -> AuditOut:
     def store() -> AuditOut:
-        try:
-            audit = A.create_audit(session, body, settings, who)
-            session.commit()
-        except (A.AuditError, PromptSetError) as exc:
-            session.rollback()
-            raise _error(exc) from None
+        audit = A.create_audit(session, body, settings, who)
+        session.commit()
         return _audit_out(request, session, audit)
 
     try:
@@ -370,7 +354,7 @@ def get_job_findings(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 5_000,
 ) -> dict[str, Any]:
     if visible_job(session, job_id, who) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+        raise NotFound(f"no job {job_id!r}")
     q = select(AuditFinding).where(AuditFinding.job_id == job_id).order_by(AuditFinding.id).limit(limit)
     if prompt is not None:
         q = q.where(AuditFinding.prompt_index == prompt)

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 
 from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
 from api.schemas import (
@@ -28,12 +28,12 @@ from api.schemas import (
     PromptOut,
     Timings,
 )
+from selfie_jobs.errors import DomainError, NotFound
 from selfie_jobs.ids import INT_MAX
 from selfie_jobs.models import Job
 from selfie_jobs.queries import (
     SORT_NAMES,
     InterpretationFilter,
-    QueryError,
     cancel_job,
     interpretations_page,
     iter_interpretations,
@@ -45,7 +45,7 @@ from selfie_jobs.queries import (
 from selfie_jobs.settings import Settings
 from selfie_jobs.specs import JobCreate
 from selfie_jobs.states import JobState
-from selfie_jobs.submission import SubmissionError, submit_job
+from selfie_jobs.submission import submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -77,7 +77,7 @@ def job_links(request: Request, settings: Settings, job_id: str) -> Links:
 def _visible_or_404(session, job_id: str, who) -> Job:
     job = visible_job(session, job_id, who) if _JOB_ID.fullmatch(job_id) else None
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+        raise NotFound(f"no job {job_id!r}")
     return job
 
 
@@ -88,7 +88,7 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
         value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
         return value.astimezone(timezone.utc)
     except (OverflowError, ValueError):
-        raise HTTPException(422, f"{name} is out of range") from None
+        raise DomainError(f"{name} is out of range", field=name) from None
 
 
 @router.post(
@@ -107,13 +107,7 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
 )
 def create_job(body: JobCreate, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                who: PrincipalDep, sender: SenderDep) -> JobAccepted:
-    try:
-        result = submit_job(session, body, settings, sender, owner_key_id=who.key_id)
-    except SubmissionError as exc:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return JSONResponse(  # type: ignore[return-value]
-            status_code=exc.status, content={"detail": exc.message, "field": exc.field}, headers=headers
-        )
+    result = submit_job(session, body, settings, sender, owner_key_id=who.key_id)
     job = result.job
     links = job_links(request, settings, job.id)
     response.headers["Location"] = links.self
@@ -146,14 +140,11 @@ def get_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> JobList:
-    try:
-        page = list_jobs(
-            session, who, state=state.value if state else None, model=model,
-            created_after=_utc(created_after, "created_after"), created_before=_utc(created_before, "created_before"),
-            owner_key_id=owner, limit=limit, cursor=cursor,
-        )
-    except QueryError as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    page = list_jobs(
+        session, who, state=state.value if state else None, model=model,
+        created_after=_utc(created_after, "created_after"), created_before=_utc(created_before, "created_before"),
+        owner_key_id=owner, limit=limit, cursor=cursor,
+    )
     return JobList(
         jobs=[
             JobSummary(id=j.id, model=j.model, state=j.state, priority=j.priority, done=j.done, total=j.total,
@@ -203,7 +194,7 @@ def post_cancel(job_id: str, session: SessionDep, who: PrincipalDep) -> CancelOu
     _visible_or_404(session, job_id, who)
     result = cancel_job(session, job_id, who)
     if result is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
+        raise NotFound(f"no job {job_id!r}")
     job, cancelled = result
     session.commit()
     return CancelOut(id=job.id, state=job.state, cancelled=cancelled)
@@ -257,18 +248,15 @@ def get_interpretations(
     flt = InterpretationFilter(prompt=prompt, layer_min=layer_min, layer_max=layer_max, token=token,
                                source_token=source_token, min_relevancy=min_relevancy, q=q)
     as_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
-    try:
-        if as_csv:
-            # Validate the cursor now: once streaming starts the status is sent.
-            interpretations_page(session, job.id, flt, sort=sort, limit=1, cursor=cursor)
-            return StreamingResponse(
-                _csv_rows(maker, job.id, flt, sort, cursor, limit),
-                media_type="text/csv; charset=utf-8",
-                headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
-            )
-        page = interpretations_page(session, job.id, flt, sort=sort, limit=limit or 100, cursor=cursor)
-    except QueryError as exc:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    if as_csv:
+        # Validate the cursor now: once streaming starts the status is sent.
+        interpretations_page(session, job.id, flt, sort=sort, limit=1, cursor=cursor)
+        return StreamingResponse(
+            _csv_rows(maker, job.id, flt, sort, cursor, limit),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
+        )
+    page = interpretations_page(session, job.id, flt, sort=sort, limit=limit or 100, cursor=cursor)
     return InterpretationList(
         job_id=job.id,
         state=job.state,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.orm import defer
 
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, Tokenized, WorkerOut
+from selfie_jobs.errors import NotFound
 from selfie_jobs.models import ServedModel
 from selfie_jobs.queries import live_models
 from selfie_jobs.submission import card_tokenizer
@@ -47,7 +48,7 @@ def tokenize(name: str, text: Annotated[str, Query(max_length=20_000)], session:
              who: PrincipalDep) -> Tokenized:  # noqa: ARG001
     card = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)]) if "\x00" not in name else None
     if card is None:
-        raise HTTPException(404, f"no model card for {name!r}")
+        raise NotFound(f"no model card for {name!r}")
     tokenizer = card_tokenizer(card)
     ids = tokenizer.encode(text).ids
     return Tokenized(model=name, ids=ids, tokens=tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False))

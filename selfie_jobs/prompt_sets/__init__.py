@@ -19,6 +19,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from selfie_jobs.audit_models import PromptSet, PromptSetItem
+from selfie_jobs.errors import DomainError
 
 HERE = Path(__file__).resolve().parent
 INSERT_BATCH = 1_000
@@ -41,8 +42,8 @@ BUILTIN: dict[str, dict[str, str]] = {
 }
 
 
-class PromptSetError(ValueError):
-    """An upload that cannot be read; the message names the line."""
+class PromptSetError(DomainError, ValueError):
+    """An upload that cannot be read (the message names the line), or a name that is taken (status 409)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def store_rows(session: Session, prompt_set: PromptSet, rows: Iterable[Row], max
 def check_name_free(session: Session, name: str, owner_key_id: int | None) -> None:
     """Names are unique per key: another key's set of that name is not looked at (nor told of)."""
     if session.scalar(select(PromptSet.id).where(PromptSet.name == name, _owned_by(owner_key_id))) is not None:
-        raise PromptSetError(f"a prompt set named {name!r} already exists")
+        raise PromptSetError(f"a prompt set named {name!r} already exists", status=409)
 
 
 def _owned_by(owner_key_id: int | None):
@@ -201,7 +202,7 @@ def create_prompt_set(
         raise PromptSetError("a prompt set needs a name of 1..200 characters")
     if source != "builtin" and name in BUILTIN:
         # an upload under a built-in's name would stand in for the built-in in its owner's audits
-        raise PromptSetError(f"a built-in prompt set named {name!r} already exists")
+        raise PromptSetError(f"a built-in prompt set named {name!r} already exists", status=409)
     check_name_free(session, name, owner_key_id)
     prompt_set = PromptSet(name=name, description=description, source=source, owner_key_id=owner_key_id, size=0)
     session.add(prompt_set)
