@@ -171,10 +171,14 @@ class SelfieCollector:
             if isinstance(info.get("rows_served"), (int, float)):
                 rows.add_metric(lv, float(info["rows_served"]))
             gpu = info.get("gpu_memory")
-            if isinstance(gpu, dict):
+            # one dict for a one-GPU worker, one per device for a worker spread over several
+            for entry in gpu if isinstance(gpu, list) else [gpu]:
+                if not isinstance(entry, dict):
+                    continue
+                where = [w.name, w.model, str(entry.get("device") or w.device)]
                 for kind in ("allocated", "reserved", "free", "total"):
-                    if isinstance(gpu.get(kind), (int, float)):
-                        mem.add_metric([*lv, kind], float(gpu[kind]))
+                    if isinstance(entry.get(kind), (int, float)):
+                        mem.add_metric([*where, kind], float(entry[kind]))
         yield from (up, mem, rows, age)
 
     # -- redis -------------------------------------------------------------------------------------------------

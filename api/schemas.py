@@ -127,6 +127,8 @@ class InterpretationList(BaseModel):
 class WorkerOut(BaseModel):
     name: str
     device: str
+    devices: list[str] = Field(default_factory=list, description="Every device the worker computes on (several "
+                               "for a model spread over GPUs).")
     state: str
     last_heartbeat: UtcDatetime | None
 

@@ -95,9 +95,22 @@ def up(**options: Any) -> None:
     sys.exit(run_up(**options))
 
 
+def _gpus_option(ctx, param, value):
+    if value is None:
+        return None
+    from workers.gpus import parse_gpus
+
+    try:
+        return parse_gpus(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 @cli.command()
 @click.option("--model", required=False, default=None, help="Served model name (its queue and card).")
-@click.option("--gpu", type=int, default=None, help="CUDA device index to pin this worker to.")
+@click.option("--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index to pin this worker to.")
+@click.option("--gpus", default=None, callback=_gpus_option, metavar="0,1,...",
+              help="Spread the model over these CUDA devices (a device_map; see workers/gpus.py for the memory rule).")
 @click.option("--model-path", default=None, help="Load the weights from here (local folder or hub id).")
 @click.option("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
@@ -112,13 +125,17 @@ def up(**options: Any) -> None:
               help="How those steps attend: the model's SDPA attention or the engine's Triton kernel.")
 @click.option("--rms-norm", type=click.Choice(["model", "triton"]), default="model", show_default=True,
               help="RMSNorm through the model's own modules or the engine's Triton kernel.")
-def worker(model, gpu, model_path, device, dtype, concurrency, batch_size, hostname, loglevel, cuda_graphs,
+def worker(model, gpu, gpus, model_path, device, dtype, concurrency, batch_size, hostname, loglevel, cuda_graphs,
            decode_attention, rms_norm) -> None:
-    """Serve one model on one device (blocks)."""
+    """Serve one model on one device, or spread over several GPUs with --gpus (blocks)."""
     from selfie_jobs.settings import get_settings
     from workers.launch import run_worker
 
-    run_worker(model or get_settings().default_model, gpu, model_path=model_path, device=device, dtype=dtype,
+    if gpu is not None and gpus:
+        raise click.UsageError("give --gpu N or --gpus N,M,..., not both")
+    if gpus and len(gpus) > 1 and device:
+        raise click.UsageError("--device names one device; a model spread over --gpus has several")
+    run_worker(model or get_settings().default_model, gpu, gpus=gpus, model_path=model_path, device=device, dtype=dtype,
                concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel,
                cuda_graphs=cuda_graphs, decode_attention=decode_attention, rms_norm=rms_norm)
 

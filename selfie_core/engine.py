@@ -14,10 +14,11 @@ import torch
 from torch.profiler import record_function
 
 from . import triton_norm
-from .adapters import get_adapter
+from .adapters import get_adapter, module_device
 from .decoding import check_step_attention
 from .errors import SelfieInputError
 from .extraction import extract
+from .memory import row_bytes, rows_that_fit
 from .generation import PromptState, generate_batch, prepare_prompt_state
 from .modelcall import attention_kernels, sliding_window
 from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest, VectorRequest
@@ -355,15 +356,28 @@ class SelfieEngine:
         device = self.input_device
         if device.type != "cuda":
             return 256  # fewer sequential decode steps per row; the no-inject pass is chunked by logits size
-        free, _ = torch.cuda.mem_get_info(device)
-        # memory torch's allocator holds but no tensor uses is free for us too (mem_get_info counts it as used)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        per_row = self._row_bytes(prompt_len + max_new_tokens)
+        free = {}
+        for name in per_row:
+            dev = torch.device(name)
+            if dev.type != "cuda":
+                continue  # offloaded to host memory: not what limits a batch
+            got, _ = torch.cuda.mem_get_info(dev)
+            # memory torch's allocator holds but no tensor uses is free for us too (mem_get_info counts it as used)
+            free[name] = got + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return rows_that_fit(free, {d: b for d, b in per_row.items() if d in free})
+
+    def _row_bytes(self, tokens: int) -> dict[str, int]:
+        """Bytes per batch row on each device the model computes on (``memory.row_bytes``)."""
         cfg = self.model.config
+        layers: dict[str, int] = {}
+        for i in range(self.num_layers):
+            name = str(self.adapter.block_device(i))
+            layers[name] = layers.get(name, 0) + 1
+        output = self.model.get_output_embeddings()
+        out_device = str(module_device(output)) if output is not None else str(self.input_device)
         heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", 1)
         head_dim = getattr(cfg, "head_dim", None) or self.hidden_size // getattr(cfg, "num_attention_heads", 1)
-        elem = torch.finfo(next(self.model.parameters()).dtype).bits // 8
-        tokens = prompt_len + max_new_tokens
-        kv = 2 * self.num_layers * heads * head_dim * tokens * elem
-        vocab = int(getattr(cfg, "vocab_size", 32000))
-        per_row = 3 * kv + 4 * vocab * 4 + 16 * self.hidden_size * tokens * elem  # cache copies, logits, activations
-        return int(max(1, min(2048, (free * 0.6) // per_row)))
+        elem = torch.finfo(self.adapter.embeddings.weight.dtype).bits // 8
+        return row_bytes(layers, out_device, kv_heads=heads, head_dim=head_dim, hidden_size=self.hidden_size,
+                         vocab_size=int(getattr(cfg, "vocab_size", 32000)), tokens=tokens, elem_bytes=elem)

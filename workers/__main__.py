@@ -13,12 +13,22 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _gpu_list(text: str) -> tuple[int, ...]:
+    from workers.gpus import parse_gpus
+
+    try:
+        return parse_gpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workers")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="serve one model on one device")
     w.add_argument("--model", required=True, help="served model name (its queue and card name)")
     w.add_argument("--gpu", type=int, default=None, help="CUDA device index to pin this worker to")
+    w.add_argument("--gpus", type=_gpu_list, default=None, help="spread the model over these CUDA devices (0,1,...)")
     w.add_argument("--model-path", default=None, help="load the weights from here (a local HF folder or hub id)")
     w.add_argument("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu)")
     w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -43,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "worker":
         from workers.launch import run_worker
 
-        run_worker(args.model, args.gpu, model_path=args.model_path, device=args.device, dtype=args.dtype,
+        if args.gpu is not None and args.gpus:
+            parser.error("give --gpu N or --gpus N,M,..., not both")
+        run_worker(args.model, args.gpu, gpus=args.gpus, model_path=args.model_path, device=args.device, dtype=args.dtype,
                    concurrency=args.concurrency, batch_size=args.batch_size, hostname=args.hostname,
                    loglevel=args.loglevel, inject_fault=args.inject_fault, cuda_graphs=args.cuda_graphs,
                    decode_attention=args.decode_attention, rms_norm=args.rms_norm)

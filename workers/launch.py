@@ -1,6 +1,6 @@
 """Start a worker (one per GPU, model resident) or beat. The `selfie worker` / `selfie beat` commands call these.
 
-`run_worker` pins the process to its GPU (CUDA_VISIBLE_DEVICES) before torch can initialise CUDA, hands the
+`run_worker` pins the process to its GPUs (CUDA_VISIBLE_DEVICES, `workers.gpus`) before torch can initialise CUDA, hands the
 model options to the pool child through the environment, and runs Celery's prefork pool: the parent holds
 the broker connection and never loads the model; the child loads it once in `worker_process_init`. When the
 child dies (SIGKILL, OOM killer, CUDA abort) the parent starts a new one, and the unacknowledged message is
@@ -24,6 +24,7 @@ from celery import Celery, signals
 
 from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK, model_queue
 from selfie_jobs.settings import Settings, get_settings
+from workers.gpus import pin_gpus
 from workers.runtime import WorkerOptions
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,12 @@ class LoadFailures:
         self.path.unlink(missing_ok=True)
 
 
-def default_node_name(model: str, gpu: int | None) -> str:
+def default_node_name(model: str, gpus: int | Sequence[int] | None) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
-    where = f"gpu{gpu}" if gpu is not None else f"cpu{os.getpid()}"
+    if isinstance(gpus, int):
+        gpus = (gpus,)
+    where = "gpu" + "-".join(str(g) for g in gpus) if gpus else f"cpu{os.getpid()}"
     return f"selfie-{safe}-{where}@{socket.gethostname()}"
-
-
-def pin_gpu(gpu: int | None) -> None:
-    """Make `gpu` the only visible device (cuda:0) for this process and its children; before CUDA starts."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        raise RuntimeError("CUDA is already initialised in this process: pin the GPU before anything uses torch")
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
 def install_worker_signals(app: Celery, settings: Settings, load_failures: LoadFailures) -> None:
@@ -134,6 +128,7 @@ def run_worker(
     model: str,
     gpu: int | None = None,
     *,
+    gpus: Sequence[int] | None = None,
     model_path: str | None = None,
     device: str | None = None,
     dtype: str = "float32",
@@ -148,12 +143,19 @@ def run_worker(
     decode_attention: str = "sdpa",
     rms_norm: str = "model",
 ) -> None:
-    """Run a worker serving `model` until it is stopped (blocks). `gpu`: the CUDA device index to pin to."""
-    pin_gpu(gpu)
+    """Run a worker serving `model` until it is stopped (blocks). `gpu`: the CUDA device to pin to; `gpus`:
+    several, over which the model is spread (`workers.gpus`)."""
+    if gpu is not None and gpus:
+        raise ValueError("give either gpu or gpus, not both")
+    gpus = tuple(gpus) if gpus else ((gpu,) if gpu is not None else ())
+    if len(gpus) > 1 and device is not None:
+        raise ValueError("a model spread over several GPUs has no single device to name")
+    pin_gpus(gpus)
     settings = settings or get_settings()
-    node_name = hostname or default_node_name(model, gpu)
-    options = WorkerOptions(model=model, model_path=model_path, device=device or ("cuda:0" if gpu is not None else "cpu"),
-                            dtype=dtype, node_name=node_name, batch_size=batch_size, gpu=gpu,
+    node_name = hostname or default_node_name(model, gpus)
+    options = WorkerOptions(model=model, model_path=model_path, device=device or ("cuda:0" if gpus else "cpu"),
+                            dtype=dtype, node_name=node_name, batch_size=batch_size,
+                            gpu=gpus[0] if len(gpus) == 1 else None, gpus=list(gpus) if len(gpus) > 1 else None,
                             inject_fault=inject_fault, cuda_graphs=cuda_graphs, decode_attention=decode_attention,
                             rms_norm=rms_norm)
     os.environ.update(options.to_env())

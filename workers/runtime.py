@@ -52,10 +52,22 @@ class WorkerOptions:
     node_name: str = "selfie@localhost"
     batch_size: int | None = None
     gpu: int | None = None
+    gpus: list[int] | None = None  # several GPUs (visible as cuda:0..n-1) over which the model is spread
     cuda_graphs: bool = True  # on CUDA, decode steps as CUDA graphs (SelfieEngine(cuda_graphs=...))
     decode_attention: str = "sdpa"  # how those steps attend (SelfieEngine(decode_attention=...))
     rms_norm: str = "model"  # the model's RMSNorm modules or the engine's Triton kernel (SelfieEngine(rms_norm=...))
     inject_fault: str | None = None  # tests only: see workers.faults
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices this worker computes on."""
+        return [f"cuda:{i}" for i in range(len(self.gpus))] if self.gpus else [self.device]
+
+    @property
+    def device_label(self) -> str:
+        """The devices as the `workers` row's device column holds them (64 characters at most)."""
+        label = ",".join(self.devices)
+        return label if len(label) <= 64 else f"cuda:0..{len(self.devices) - 1}"
 
     def to_env(self) -> dict[str, str]:
         return {ENV_PREFIX + k.upper(): json.dumps(v) for k, v in asdict(self).items()}
@@ -186,13 +198,19 @@ class Runtime:
         from selfie_core import SelfieEngine, load_model
 
         opts = self.options
-        self.identity = cards.worker_identity(opts.node_name, opts.model, opts.device)
+        self.identity = cards.worker_identity(opts.node_name, opts.model, opts.device_label)
         self._db(lambda s: cards.mark_dead_local_workers(s, self.identity.hostname, me=self.identity.name))
         self._db(lambda s: cards.heartbeat(s, self.identity, state="loading", info=self.info()))
         started = time.monotonic()
+        spread: dict[str, Any] = {}
+        if opts.gpus:
+            from workers.gpus import free_memory, weights_max_memory
+
+            # balanced over the GPUs, each leaving a quarter of its free memory for batches (workers.gpus)
+            spread = {"device_map": "auto", "max_memory": weights_max_memory(free_memory())}
         loaded = load_model(opts.model_path or opts.model, device=opts.device, dtype=opts.dtype,
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
-                            if not opts.model_path else None)
+                            if not opts.model_path else None, **spread)
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
                                    decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
         self.runner = EngineRunner(self.engine, opts.batch_size)
@@ -208,7 +226,7 @@ class Runtime:
         self._db(lambda s: cards.heartbeat(s, self.identity, state="ready", info=self.info()))
         self._thread = threading.Thread(target=self._heartbeat_loop, name="selfie-heartbeat", daemon=True)
         self._thread.start()
-        log.info("worker %s serves %s on %s (loaded in %.1fs)", self.name, opts.model, opts.device, self.loaded_in_s)
+        log.info("worker %s serves %s on %s (loaded in %.1fs)", self.name, opts.model, opts.device_label, self.loaded_in_s)
 
     def warm_up(self) -> None:
         """One tiny interpretation: first-call costs (kernels, allocator) are paid before real work arrives."""
@@ -278,6 +296,8 @@ class Runtime:
         info: dict[str, Any] = {
             "device": self.options.device,
             "gpu": self.options.gpu,
+            "gpus": self.options.gpus,
+            "devices": self.options.devices,
             "dtype": self.options.dtype,
             "cuda_graphs": self.options.cuda_graphs,
             "decode_attention": self.options.decode_attention,
@@ -287,15 +307,23 @@ class Runtime:
             "held_chunks": self.held(),
             "loaded_in_s": round(self.loaded_in_s, 2),
         }
+        if self.engine is not None:
+            info["cuda_graphs_off"] = self.engine.graphs_off_reason
+            device_map = getattr(self.engine.model, "hf_device_map", None)
+            if device_map:
+                info["device_map"] = {k: str(v) for k, v in device_map.items()}
         if self.options.device.startswith("cuda"):
             try:
                 import torch
 
                 if torch.cuda.is_initialized():
-                    free, total = torch.cuda.mem_get_info()
-                    info["gpu_memory"] = {"allocated": torch.cuda.memory_allocated(),
-                                          "reserved": torch.cuda.memory_reserved(), "free": free, "total": total,
-                                          "name": torch.cuda.get_device_name()}
+                    memory = []
+                    for device in self.options.devices:
+                        free, total = torch.cuda.mem_get_info(device)
+                        memory.append({"device": device, "allocated": torch.cuda.memory_allocated(device),
+                                       "reserved": torch.cuda.memory_reserved(device), "free": free,
+                                       "total": total, "name": torch.cuda.get_device_name(device)})
+                    info["gpu_memory"] = memory[0] if len(memory) == 1 else memory
             except Exception as exc:  # noqa: BLE001 - a heartbeat never fails for lack of memory figures
                 info["gpu_memory_error"] = str(exc)
         return info

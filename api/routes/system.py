@@ -35,6 +35,7 @@ def get_models(session: SessionDep, settings: SettingsDep, who: PrincipalDep) ->
             max_context=card.get("max_context"),
             presets=sorted(presets) if isinstance(presets, (list, dict)) else [],
             workers=[WorkerOut(name=w["name"], device=w["device"], state=w["state"],
+                               devices=(w.get("info") or {}).get("devices") or [w["device"]],
                                last_heartbeat=w.get("last_heartbeat")) for w in card.get("workers", [])],
             card={k: v for k, v in card.items() if k not in _CARD_FIELDS},
         ))

@@ -351,6 +351,18 @@ def test_models_from_live_heartbeats_and_health(env, server):
         assert models[0]["num_layers"] == NUM_LAYERS and "summarize" in models[0]["presets"]
         assert [w["name"] for w in models[0]["workers"]] == ["w@host:1"]
         assert "tokenizer_json" not in models[0]["card"]
+        assert models[0]["workers"][0]["devices"] == ["cpu"]
+        # a worker spread over two GPUs names both, here and in its memory gauges
+        memory = [{"device": f"cuda:{i}", "allocated": 10 + i, "reserved": 20, "free": 30, "total": 40}
+                  for i in range(2)]
+        with session_scope(database_url) as s:
+            heartbeat(s, WorkerIdentity("x@host:3", model, "host", 3, "cuda:0,cuda:1"),
+                      info={"devices": ["cuda:0", "cuda:1"], "gpus": [2, 3], "gpu_memory": memory})
+        workers = {w["name"]: w for w in http.get("/v1/models").json()["models"][0]["workers"]}
+        assert workers["x@host:3"]["devices"] == ["cuda:0", "cuda:1"]
+        assert workers["x@host:3"]["device"] == "cuda:0,cuda:1"
+        text = http.get("/metrics").text
+        assert 'selfie_worker_gpu_memory_bytes{device="cuda:1",kind="allocated",model="%s",worker="x@host:3"} 11.0' % model in text
         assert http.get("/healthz").json() == {"status": "ok"}
         assert http.get("/readyz").json() == {"status": "ready", "database": "ok", "redis": "ok"}
 

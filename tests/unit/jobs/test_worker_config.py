@@ -13,6 +13,7 @@ from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK, RUN_CHUNK_TASK, mod
 from selfie_jobs.settings import Settings
 from workers import launch
 from workers.celery_app import create_celery_app, visibility_timeout
+from workers.gpus import pin_gpus
 from workers.runtime import EngineRunner, WorkerOptions
 
 
@@ -52,7 +53,7 @@ def test_worker_options_travel_through_the_environment():
 
 def test_gpu_pinning_and_worker_command_line(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    launch.pin_gpu(3)
+    pin_gpus((3,))
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     argv = launch.worker_argv("tiny", "selfie-tiny-gpu3@h", 1, "INFO", ["--max-tasks-per-child", "0"])
     assert argv[:3] == ["worker", "--pool", "prefork"]

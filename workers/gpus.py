@@ -1,0 +1,76 @@
+"""Which GPUs a worker uses, how it makes only those visible, and how much of each its model's weights may take.
+
+``--gpu N`` and ``--gpus 0,1,2,3`` name devices as CUDA numbers them for the process that starts the worker: when
+that process already sees a subset (CUDA_VISIBLE_DEVICES set, e.g. by a scheduler), the numbers index that subset,
+as CUDA's own device numbers would. The worker then sets CUDA_VISIBLE_DEVICES to exactly those devices before
+anything initialises CUDA, so inside the worker they are cuda:0 .. cuda:n-1 and its pool children inherit them.
+
+Memory rule for a model spread over several GPUs (``weights_max_memory``): the weights may take at most
+``WEIGHTS_SHARE`` (75%) of the memory free on each device when the worker starts; accelerate's balanced
+``device_map`` spreads the blocks within those limits, so at least a quarter of every device stays for the
+engine's batches, whose size is then computed from what is really free on all devices (``selfie_core.memory``).
+A model that does not fit in 75% of the devices' free memory fails to load with accelerate's message, instead of
+spilling to host memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import MutableMapping, Sequence
+
+#: Most of each device's free memory the weights may take (the rest is kept for batches).
+WEIGHTS_SHARE = 0.75
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """``"0,1,2,3"`` -> (0, 1, 2, 3); ValueError with a one-line reason for anything else."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not text or not str(text).strip() or any(p == "" for p in parts):
+        raise ValueError(f"expected device numbers separated by commas, like 0,1,2,3; got {text!r}")
+    gpus = []
+    for p in parts:
+        if not p.isdigit():
+            raise ValueError(f"{p!r} is not a device number (0, 1, ...)")
+        gpus.append(int(p))
+    repeated = sorted({g for g in gpus if gpus.count(g) > 1})
+    if repeated:
+        raise ValueError(f"device {repeated[0]} is named twice")
+    return tuple(gpus)
+
+
+def visible_devices(gpus: Sequence[int], inherited: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES value that makes exactly ``gpus`` visible, given the one the process inherited
+    (None or empty: all devices, numbered as the driver does)."""
+    if not gpus:
+        raise ValueError("no device given")
+    entries = [e.strip() for e in inherited.split(",")] if inherited and inherited.strip() else None
+    if entries is None:
+        return ",".join(str(g) for g in gpus)
+    beyond = [g for g in gpus if g >= len(entries)]
+    if beyond:
+        raise ValueError(f"device {beyond[0]} does not exist here: CUDA_VISIBLE_DEVICES={inherited} shows "
+                         f"{len(entries)} device(s), numbered 0..{len(entries) - 1}")
+    return ",".join(entries[g] for g in gpus)
+
+
+def pin_gpus(gpus: Sequence[int] | None, environ: MutableMapping[str, str] | None = None) -> None:
+    """Make exactly ``gpus`` visible (as cuda:0 ..) to this process and its children; before CUDA starts."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA is already initialised in this process: pin the GPUs before anything uses torch")
+    if gpus:
+        environ = os.environ if environ is None else environ
+        environ["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus, environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def weights_max_memory(free_bytes: Sequence[int], share: float = WEIGHTS_SHARE) -> dict[int, int]:
+    """accelerate's ``max_memory`` for visible devices 0..n-1 with ``free_bytes`` free on each."""
+    return {i: int(free * share) for i, free in enumerate(free_bytes)}
+
+
+def free_memory() -> list[int]:
+    """Bytes free on each visible CUDA device now."""
+    import torch
+
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
