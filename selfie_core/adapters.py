@@ -55,6 +55,13 @@ def supported_families() -> str:
     """The supported families, for error messages."""
     return ", ".join(f"{name} [{model_type}]" for model_type, (name, _) in FAMILIES.items())
 
+# layout name -> (MLP, the norm whose output is the MLP's input), attribute names on one decoder block.
+BLOCK_PARTS: dict[str, tuple[str, str]] = {
+    "llama": ("mlp", "post_attention_layernorm"),
+    "gpt2": ("mlp", "ln_2"),
+    "gpt_neox": ("mlp", "post_attention_layernorm"),
+}
+
 
 def _get(obj, path: str):
     for name in path.split("."):
@@ -92,6 +99,31 @@ class ModelAdapter:
         """The distinct devices the blocks compute on, in block order."""
         return list(dict.fromkeys(module_device(block) for block in self.blocks))
 
+    def mlp_name(self) -> str:
+        """The attribute under which every decoder block holds its MLP."""
+        return BLOCK_PARTS[self.layout][0]
+
+    def mlp(self, block: int) -> nn.Module:
+        return getattr(self.blocks[block], self.mlp_name())
+
+    def mlp_norm(self, block: int) -> nn.Module:
+        """The norm whose input is the block's residual stream after attention and whose output feeds the MLP.
+
+        GPT-NeoX with ``use_parallel_residual`` feeds its MLP from the block's input, not from the stream after
+        attention: there the MLP's input is not a norm of the residual it is added to, and edits refuse it."""
+        block_module = self.blocks[block]
+        config = getattr(block_module, "config", None)
+        parallel = getattr(block_module, "use_parallel_residual", getattr(config, "use_parallel_residual", False))
+        if self.layout == "gpt_neox" and parallel:
+            raise UnsupportedArchitectureError(
+                "GPT-NeoX with use_parallel_residual adds its MLP's output to the block input, not to the stream "
+                "after attention: the MLP states of an edit (residual, pre_mlp, post) do not exist there")
+        if hasattr(block_module, "post_feedforward_layernorm"):  # Gemma 2/3: post = residual + norm(MLP(...))
+            raise UnsupportedArchitectureError(
+                f"{type(block_module).__name__} normalises its MLP's output before adding it to the residual: "
+                "post == MLP(pre_mlp) + residual does not hold there, and edits refuse it")
+        return getattr(block_module, BLOCK_PARTS[self.layout][1])
+
 
 def _hook_device(module: nn.Module) -> torch.device | None:
     hook = getattr(module, "_hf_hook", None)
@@ -127,6 +159,7 @@ def check_supported(config, class_name: str | None = None) -> tuple[str, str]:
         raise UnsupportedArchitectureError(
             f"{what} is not supported. Supported families: {supported_families()}.{hint}")
     return FAMILIES[model_type]
+
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

@@ -25,6 +25,7 @@ from .records import GenerationConfig, InjectionConfig, Interpretation, Interpre
 from .relevancy import no_inject_probs, relevancy_scores
 from .templates import InterpretationTemplate, PreparedPrompt
 from .validation import check_batch_size, check_generation, check_injection, check_interpret_request, vector_tensor
+from .weights import weights_key
 
 TemplateLike = InterpretationTemplate | dict | Sequence | str | None
 
@@ -240,8 +241,6 @@ class SelfieEngine:
     def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size):
         if not requests:
             return
-        with self._lock:
-            state = self._prompt_state(prepared)
         size = batch_size or self.batch_size or self._auto_batch_size(len(prepared.input_ids), generation.max_new_tokens)
         if not batch_size and not self.batch_size:  # balance: 640 rows at most 565 a batch -> 2 x 320, not 565 + 75
             batches = -(-len(requests) // size)
@@ -274,11 +273,14 @@ class SelfieEngine:
                     vecs.append(raw_vectors[start + j])
             device = self.adapter.block_device(injection.k)
             vectors = torch.stack([v.to(device) for v in vecs])
-            yield self._run_batch(chunk, vectors, state, injection, generation, eos, token_ids)
+            yield self._run_batch(chunk, vectors, prepared, injection, generation, eos, token_ids)
 
-    def _run_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
+    def _run_batch(self, chunk, vectors, prepared, injection, generation, eos, token_ids) -> list[Interpretation]:
         norms = triton_norm.fused(self.model) if self.rms_norm == "triton" else nullcontext()
         with self._lock, attention_kernels(self.input_device), norms:
+            # looked up per batch, under the lock: the weights in use (an edit swapped in) may differ between
+            # batches of one stream, and the state must be the one of the weights this batch runs with
+            state = self._prompt_state(prepared)
             return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
 
     def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
@@ -340,7 +342,9 @@ class SelfieEngine:
         return vec.to(torch.float32).numpy().tobytes()
 
     def _prompt_state(self, prepared: PreparedPrompt) -> PromptState:
-        key = (prepared.input_ids, prepared.insert_positions)
+        # keyed by the weights in use too: the prompt's pass runs through every block, so a state of the base
+        # model is wrong under an edit (selfie_core.weights), and one epoch's edit is wrong under the next
+        key = (weights_key(self.model), prepared.input_ids, prepared.insert_positions)
         state = self._states.get(key)
         if state is None:
             with attention_kernels(self.input_device):
