@@ -29,7 +29,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from selfie_jobs.audit_models import AuditRun
-from selfie_jobs.cards import live_workers
+from selfie_jobs.liveness import live_workers
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.models import Chunk, Job, ServedModel, Worker, utcnow
 from selfie_jobs.queue import BROKER_TRANSPORT_OPTIONS, CONTROL_QUEUE, model_queue

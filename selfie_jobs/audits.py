@@ -294,7 +294,7 @@ def _plan(session: Session, config: dict[str, Any], start: int, settings: Settin
     A batch holds consecutive prompts with the same token selection, within the per-job caps; a prompt the model
     cannot take (too long) is skipped and ends the batch, so job prompt i is always prompt set item offset + i.
     """
-    from selfie_jobs.submission import card_tokenizer, load_card
+    from selfie_jobs.cards import card_tokenizer, load_card
 
     card = load_card(session, config["model"])
     tokenizer = card_tokenizer(card)

@@ -1,6 +1,7 @@
 """Model cards (what a served model accepts) and worker heartbeats (who serves it, right now).
 
-Workers write both; the API reads them to validate requests and to list the models that live workers serve.
+Workers write both; the API reads them, through this module only, to validate requests and to list the models that
+live workers serve. Whether a worker is alive is `selfie_jobs.liveness`.
 """
 
 from __future__ import annotations
@@ -8,14 +9,18 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
+from tokenizers import Tokenizer
 
-from selfie_jobs.chunks import GONE_WORKER_STATES, _pid_alive, as_utc
+from selfie_jobs.chunks import as_utc
+from selfie_jobs.errors import SubmissionError
+from selfie_jobs.liveness import GONE_WORKER_STATES, live_workers, pid_alive
 from selfie_jobs.models import ServedModel, Worker, utcnow
 
 _CARD_COLUMNS = ("architecture", "num_layers", "hidden_size", "max_context")
@@ -46,6 +51,53 @@ def write_model_card(session: Session, name: str, card: dict[str, Any], *, now: 
     row.updated_at = now
     session.flush()
     return row
+
+
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def card_tokenizer(card: ServedModel) -> Tokenizer:
+    """The model's tokenizer, read and parsed once per card version (a tokenizer.json is megabytes of text,
+    so `load_card` defers the column and it is only loaded here, on a cache miss)."""
+    key = (card.name, card.updated_at.isoformat() if card.updated_at else "")
+    tokenizer = _TOKENIZERS.get(key)
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_str(card.tokenizer_json)
+        with _TOKENIZERS_LOCK:
+            for old in [k for k in _TOKENIZERS if k[0] == card.name]:
+                del _TOKENIZERS[old]  # an older version of this card
+            _TOKENIZERS[key] = tokenizer
+    return tokenizer
+
+
+def card_presets(card: ServedModel) -> dict[str, dict[str, Any]] | None:
+    """Preset name -> what the card says about it ({} when it only lists names); None when the card is silent."""
+    presets = (card.card or {}).get("presets")
+    if presets is None:
+        return None
+    if isinstance(presets, dict):
+        return {str(k): (v if isinstance(v, dict) else {}) for k, v in presets.items()}
+    return {str(name): {} for name in presets}
+
+
+def default_preset(card: ServedModel) -> str:
+    info = card.card or {}
+    if info.get("default_preset"):
+        return str(info["default_preset"])
+    presets = card_presets(card)
+    if not presets or "summarize" in presets:
+        return "summarize"
+    return next(iter(presets))
+
+
+def load_card(session: Session, model: str) -> ServedModel:
+    card = session.get(ServedModel, model, options=[defer(ServedModel.tokenizer_json)])
+    if card is None:
+        known = sorted(session.scalars(select(ServedModel.name)).all())
+        hint = f"; served models: {', '.join(known)}" if known else "; no model is served yet (start a worker)"
+        raise SubmissionError(f"unknown model {model!r}{hint}", field="model")
+    return card
 
 
 def read_model_card(session: Session, name: str) -> dict[str, Any] | None:
@@ -115,23 +167,11 @@ def mark_dead_local_workers(session: Session, hostname: str | None = None, *, me
         if row.name == me:
             continue
         earlier_me = me is not None and row.pid == os.getpid()
-        if earlier_me or (row.pid != os.getpid() and not _pid_alive(row.pid)):
+        if earlier_me or (row.pid != os.getpid() and not pid_alive(row.pid)):
             row.state = "dead"
             dead.append(row.name)
     session.flush()
     return dead
-
-
-def live_workers(
-    session: Session, alive_seconds: float, *, model: str | None = None, now: datetime | None = None
-) -> list[Worker]:
-    now = now or utcnow()
-    query = select(Worker).where(
-        Worker.last_heartbeat >= now - timedelta(seconds=alive_seconds), Worker.state.not_in(GONE_WORKER_STATES)
-    )
-    if model is not None:
-        query = query.where(Worker.model == model)
-    return [w for w in session.scalars(query.order_by(Worker.name)).all() if as_utc(w.last_heartbeat)]
 
 
 def served_models(session: Session, alive_seconds: float, *, now: datetime | None = None) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ Finding what the queue lost is `selfie_jobs.reconcile`.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -25,15 +24,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from selfie_jobs.locking import lock_row
-from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, Worker, utcnow
+from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, utcnow
 from selfie_jobs.retry import is_transient, with_db_retry  # noqa: F401 - part of this module's API
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 log = logging.getLogger(__name__)
-
-
-#: Worker row states that mean "this owner will never finish its chunks".
-GONE_WORKER_STATES = frozenset({"dead", "stopped", "load_failed"})
 
 
 def as_utc(value: datetime | None) -> datetime | None:
@@ -114,8 +109,8 @@ def claim_chunk(
 ) -> ClaimedChunk | None:
     """Take one chunk by compare-and-set; None when someone else holds it, it is finished, or its job is closed.
 
-    `dead_owner`: the current owner, already judged dead by the caller (see `owner_is_alive`): its lease is
-    taken over at once instead of waiting for it to expire. `model`: only a chunk of this model is taken (a
+    `dead_owner`: the current owner, already judged dead by the caller (`selfie_jobs.liveness.owner_is_alive`): its
+    lease is taken over at once instead of waiting for it to expire. `model`: only a chunk of this model is taken (a
     worker can receive another model's message, and a claim it cannot run must not use up an attempt).
     The caller commits.
     """
@@ -197,42 +192,6 @@ def renew_leases(
         .execution_options(synchronize_session=False)
     )
     return result.rowcount or 0
-
-
-# --------------------------------------------------------------------------------------------------------------
-# liveness of owners
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_is_alive(
-    session: Session, owner: str | None, alive_seconds: float, *, hostname: str | None = None, now: datetime | None = None
-) -> bool:
-    """Whether a chunk owner may still finish: its worker row heartbeats and is not marked gone.
-
-    When the caller runs on the same host (`hostname`), a process that no longer exists is dead at once: this
-    is how a restarted worker process takes over the chunk its killed predecessor held, without waiting.
-    """
-    if not owner:
-        return False
-    now = now or utcnow()
-    row = session.get(Worker, owner)
-    if row is None or row.state in GONE_WORKER_STATES:
-        return False
-    if as_utc(row.last_heartbeat) < now - timedelta(seconds=alive_seconds):
-        return False
-    if hostname is not None and row.hostname == hostname and not _pid_alive(row.pid):
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------------

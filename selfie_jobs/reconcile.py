@@ -10,8 +10,9 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from selfie_jobs.chunks import GONE_WORKER_STATES, as_utc, fail_job
-from selfie_jobs.models import Chunk, Job, Worker, utcnow
+from selfie_jobs.chunks import as_utc, fail_job
+from selfie_jobs.liveness import live_worker_names
+from selfie_jobs.models import Chunk, Job, utcnow
 from selfie_jobs.queue import model_queue
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
@@ -88,12 +89,7 @@ def reconcile(
         missing = {queue: count for queue, count in missing.items() if count > 0}
         sent_long_ago = and_(sent_long_ago, Chunk.model.in_([m for m, _ in sent if model_queue(m) in missing]))
 
-    alive_since = now - timedelta(seconds=settings.worker_alive_seconds)
-    live_owners = set(
-        session.scalars(
-            select(Worker.name).where(Worker.last_heartbeat >= alive_since, Worker.state.not_in(GONE_WORKER_STATES))
-        ).all()
-    )
+    live_owners = live_worker_names(session, settings.worker_alive_seconds, now=now)
     # Only candidates come back from the database (a big backlog of freshly queued chunks is not read).
     never_sent = and_(Chunk.enqueued_at.is_(None), Job.created_at < grace)
     stale_queued = and_(Chunk.state == ChunkState.QUEUED, or_(sent_long_ago, never_sent))

@@ -12,7 +12,6 @@ the reconciler: the database, not Redis, is the source of truth.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -20,9 +19,10 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 from tokenizers import Tokenizer
 
+from selfie_jobs.cards import card_presets, card_tokenizer, default_preset, load_card
 from selfie_jobs.errors import SubmissionError
 from selfie_jobs.locking import lock_row
 from selfie_jobs.models import ApiKey, Chunk, Job, Prompt, ServedModel, utcnow
@@ -61,56 +61,6 @@ class SubmitResult:
     created: bool
     chunk_ids: list[int] = field(default_factory=list)
     enqueued: int = 0
-
-
-# --- model card -------------------------------------------------------------------------------------------------
-
-
-_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
-_TOKENIZERS_LOCK = threading.Lock()
-
-
-def card_tokenizer(card: ServedModel) -> Tokenizer:
-    """The model's tokenizer, read and parsed once per card version (a tokenizer.json is megabytes of text,
-    so `load_card` defers the column and it is only loaded here, on a cache miss)."""
-    key = (card.name, card.updated_at.isoformat() if card.updated_at else "")
-    tokenizer = _TOKENIZERS.get(key)
-    if tokenizer is None:
-        tokenizer = Tokenizer.from_str(card.tokenizer_json)
-        with _TOKENIZERS_LOCK:
-            for old in [k for k in _TOKENIZERS if k[0] == card.name]:
-                del _TOKENIZERS[old]  # an older version of this card
-            _TOKENIZERS[key] = tokenizer
-    return tokenizer
-
-
-def card_presets(card: ServedModel) -> dict[str, dict[str, Any]] | None:
-    """Preset name -> what the card says about it ({} when it only lists names); None when the card is silent."""
-    presets = (card.card or {}).get("presets")
-    if presets is None:
-        return None
-    if isinstance(presets, dict):
-        return {str(k): (v if isinstance(v, dict) else {}) for k, v in presets.items()}
-    return {str(name): {} for name in presets}
-
-
-def default_preset(card: ServedModel) -> str:
-    info = card.card or {}
-    if info.get("default_preset"):
-        return str(info["default_preset"])
-    presets = card_presets(card)
-    if not presets or "summarize" in presets:
-        return "summarize"
-    return next(iter(presets))
-
-
-def load_card(session: Session, model: str) -> ServedModel:
-    card = session.get(ServedModel, model, options=[defer(ServedModel.tokenizer_json)])
-    if card is None:
-        known = sorted(session.scalars(select(ServedModel.name)).all())
-        hint = f"; served models: {', '.join(known)}" if known else "; no model is served yet (start a worker)"
-        raise SubmissionError(f"unknown model {model!r}{hint}", field="model")
-    return card
 
 
 # --- validation and expansion ---------------------------------------------------------------------------------------
@@ -398,7 +348,6 @@ __all__ = [
     "PreparedJob",
     "SubmissionError",
     "SubmitResult",
-    "card_tokenizer",
     "prepare_job",
     "store_job",
     "submit_job",

@@ -23,7 +23,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from selfie_jobs import chunks as chunk_ops
-from selfie_jobs.cards import live_workers, mark_dead_local_workers
+from selfie_jobs.cards import mark_dead_local_workers
+from selfie_jobs.liveness import live_workers, owner_is_alive
 from selfie_jobs.reconcile import Redelivery, reconcile
 from selfie_jobs.models import Chunk
 from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, message_counter, send_chunk
@@ -66,8 +67,8 @@ def _claim(runtime, chunk_id: int) -> _Claim:
                         return _Claim([], "chunk is already being run by this worker")
                     # This process claimed it in an earlier task that ended without handing it back (a failed
                     # hand-back): nobody runs it, so the redelivered message takes it over now, not at lease end.
-                elif chunk_ops.owner_is_alive(session, row.owner, settings.worker_alive_seconds,
-                                              hostname=runtime.identity.hostname):
+                elif owner_is_alive(session, row.owner, settings.worker_alive_seconds,
+                                    hostname=runtime.identity.hostname):
                     return _Claim([], f"chunk is held by live worker {row.owner}")
                 first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner,
                                               model=runtime.model)

@@ -14,7 +14,7 @@ from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, Tokenized,
 from selfie_jobs.errors import NotFound
 from selfie_jobs.models import ServedModel
 from selfie_jobs.queries import live_models
-from selfie_jobs.submission import card_tokenizer
+from selfie_jobs.cards import card_tokenizer
 
 router = APIRouter()
 

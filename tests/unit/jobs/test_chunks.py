@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from selfie_jobs import chunks as C
+from selfie_jobs import liveness
 from selfie_jobs import reconcile as R
 from selfie_jobs.cards import WorkerIdentity, heartbeat
 from selfie_jobs.db import get_sessionmaker
@@ -317,6 +318,6 @@ def test_owner_liveness(db):
         heartbeat(s, WorkerIdentity("killed", "tiny", socket.gethostname(), 999_999, "cpu"), now=now)
         heartbeat(s, WorkerIdentity("stopped", "tiny", "elsewhere", 1, "cpu"), state="stopped", now=now)
     with db() as s:
-        alive = {n: C.owner_is_alive(s, n, 45, hostname=socket.gethostname(), now=now)
+        alive = {n: liveness.owner_is_alive(s, n, 45, hostname=socket.gethostname(), now=now)
                  for n in ("fresh", "stale", "killed", "stopped", "unknown", None)}
     assert alive == {"fresh": True, "stale": False, "killed": False, "stopped": False, "unknown": False, None: False}
