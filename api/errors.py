@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 
+from api.bodies import json_safe
 from selfie_jobs.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,13 @@ async def value_out_of_range(_request: Request, exc: DataError) -> JSONResponse:
     return JSONResponse(status_code=400, content={"detail": "a value is out of the range the database accepts"})
 
 
+async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422, with the echoed input made encodable: a NaN or a lone surrogate in it made the answer a 500
+    return JSONResponse(status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))})
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(DomainError, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, database_unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(DataError, value_out_of_range)  # type: ignore[arg-type]

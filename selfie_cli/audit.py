@@ -269,16 +269,19 @@ def report(run_id: int, top: int, as_json: bool, url: str, api_key: str | None) 
 @audit.command("export")
 @click.argument("run_id", type=int)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="-", help="CSV file (default: stdout).")
+@click.option("--raw", is_flag=True, help="The text exactly as stored. Default: spreadsheet-safe (cells that would "
+                                          "run as formulas are prefixed with ').")
 @URL_OPTION
 @KEY_OPTION
-def export(run_id: int, output: str, url: str, api_key: str | None) -> None:
-    """All findings of a run as CSV (streamed)."""
+def export(run_id: int, output: str, raw: bool, url: str, api_key: str | None) -> None:
+    """All findings of a run as CSV (streamed; spreadsheet-safe unless --raw)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out = sys.stdout.buffer if output == "-" else open(output, "wb")  # noqa: SIM115 - closed below
     try:
-        with httpx.stream("GET", f"{url.rstrip('/')}/v1/audit-runs/{run_id}/findings", params={"format": "csv"},
+        params = {"format": "csv", "csv": "raw" if raw else "safe"}
+        with httpx.stream("GET", f"{url.rstrip('/')}/v1/audit-runs/{run_id}/findings", params=params,
                           headers=headers, timeout=300) as res:
             if res.status_code >= 400:
                 res.read()

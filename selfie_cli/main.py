@@ -288,16 +288,19 @@ def cancel(job_id: str, url: str, api_key: str | None) -> None:
               type=click.Choice(["position", "relevancy", "-relevancy", "layer", "-layer", "token", "created"]))
 @click.option("--width", type=int, default=24, show_default=True, help="Table cell width.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to a file.")
+@click.option("--raw", is_flag=True, help="CSV: the text exactly as stored. Default: spreadsheet-safe (cells that "
+                                          "would run as formulas are prefixed with ').")
 @URL_OPTION
 @KEY_OPTION
-def results(job_id, fmt, width, output, url, api_key, **filters) -> None:
+def results(job_id, fmt, width, output, raw, url, api_key, **filters) -> None:
     """A job's interpretations: a layer x token table per prompt, or CSV / JSON rows."""
     from selfie_client import SelfieError
 
     with _client(url, api_key) as client:
         try:
             if fmt == "csv":
-                text = client.results_csv(job_id, **filters)
+                # a CSV file from the command line is likely opened in a spreadsheet: safe unless --raw
+                text = client.results_csv(job_id, safe=not raw, **filters)
             else:
                 rows = list(client.iter_results(job_id, **filters))
                 if fmt == "json":
@@ -410,7 +413,8 @@ def keys_list(include_revoked: bool) -> None:
 @keys.command("revoke")
 @click.argument("key")
 def keys_revoke(key: str) -> None:
-    """Revoke a key by id or prefix."""
+    """Revoke a key by id or prefix; its scheduled audits stop and its open audit runs are cancelled."""
+    from selfie_jobs.audits import stop_key_audits
     from selfie_jobs.auth import revoke_key
 
     with _db_session() as session:
@@ -421,7 +425,10 @@ def keys_revoke(key: str) -> None:
         if row is None:
             raise click.ClickException(f"no key {key!r}")
         key_id = row.id
-    click.echo(f"key {key_id} revoked")
+        stopped, cancelled = stop_key_audits(session, key_id)
+    click.echo(f"key {key_id} revoked; schedules stopped: {len(stopped)} audit(s)"
+               + (f" ({', '.join(map(str, stopped))})" if stopped else "")
+               + f"; open audit runs cancelled: {len(cancelled)}")
 
 
 

@@ -231,9 +231,12 @@ class Client:
                    "token_ids", "worker", "model", "created_at"]
         return pd.DataFrame(list(self.iter_results(job_id, **filters)), columns=columns)
 
-    def results_csv(self, job_id: str, **filters: Any) -> str:
+    def results_csv(self, job_id: str, *, safe: bool = False, **filters: Any) -> str:
+        """The interpretations as CSV text. Raw by default (the exact text, for code that parses it); `safe=True`
+        asks for the spreadsheet-safe form (cells that would run as formulas prefixed with ')."""
         params = {k: v for k, v in filters.items() if v is not None}
-        return self._request("GET", f"/v1/jobs/{job_id}/interpretations", params={**params, "format": "csv"}).text
+        params.update({"format": "csv", "csv": "safe" if safe else "raw"})
+        return self._request("GET", f"/v1/jobs/{job_id}/interpretations", params=params).text
 
     def interpret(self, prompts: str | Sequence[str], *, progress: bool = True, timeout: float | None = None,
                   poll: float = 0.5, **options: Any) -> pd.DataFrame:

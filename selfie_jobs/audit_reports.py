@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
+from selfie_jobs.csv_cells import CsvMode, csv_row
 from selfie_jobs.audit_models import AuditFinding, AuditRun, AuditRunState, PromptSetItem
 from selfie_jobs.models import Prompt
 
@@ -125,8 +126,9 @@ def run_report(session: Session, run: AuditRun, *, top: int = 20) -> dict[str, A
     }
 
 
-def iter_findings_csv(session: Session, run_id: int, page: int = 2_000) -> Iterator[str]:
-    """The run's findings as CSV text pieces (header first), read in keyset pages: bounded memory."""
+def iter_findings_csv(session: Session, run_id: int, page: int = 2_000, mode: CsvMode = "safe") -> Iterator[str]:
+    """The run's findings as CSV text pieces (header first), read in keyset pages: bounded memory. `mode`: see
+    `selfie_jobs.csv_cells` (safe for spreadsheets, or raw)."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(CSV_COLUMNS)
@@ -145,8 +147,9 @@ def iter_findings_csv(session: Session, run_id: int, page: int = 2_000) -> Itera
         buf.seek(0)
         buf.truncate()
         for f, prompt in rows:
-            writer.writerow([f.run_id, f.job_id, f.item_index, f.prompt_index, f.layer, f.token, f.token_from_end,
-                             f.source_token, f.detector, f.label, f.match, f"{f.mean_relevancy:.6f}", f.text, prompt])
+            writer.writerow(csv_row([f.run_id, f.job_id, f.item_index, f.prompt_index, f.layer, f.token,
+                                     f.token_from_end, f.source_token, f.detector, f.label, f.match,
+                                     f"{f.mean_relevancy:.6f}", f.text, prompt], mode))
         last_id = rows[-1][0].id
         session.expunge_all()
         yield buf.getvalue()

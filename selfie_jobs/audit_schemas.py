@@ -7,13 +7,14 @@ them in the worker. `KNOWN_DETECTOR_KINDS` must list the core registry's kinds (
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selfie_jobs.prompt_sets import BUILTIN
-from selfie_jobs.specs import Decoding, IndexRange, Template
+from selfie_jobs.specs import Bool, Decoding, Float, Index, IndexRange, Int, Template
 
 #: Detector kinds the core registry ships (checked against `selfie_core.detectors.kinds()` by a test).
 KNOWN_DETECTOR_KINDS = ("concepts", "keywords", "regex")
@@ -38,15 +39,15 @@ def _check_terms(where: str, terms: Any) -> None:
 
 class LastTokens(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    last: Annotated[int, Field(ge=1, le=1_000)]
+    last: Annotated[Int, Field(ge=1, le=1_000)]
 
 
 class AuditTargets(BaseModel):
     """Layers as for jobs; tokens: all, the last n of each prompt, or chosen indices (negative from the end)."""
 
     model_config = ConfigDict(extra="forbid")
-    layers: Literal["all"] | Annotated[list[int], Field(min_length=1, max_length=1_000)] | IndexRange = "all"
-    tokens: Literal["all"] | LastTokens | Annotated[list[int], Field(min_length=1, max_length=1_000)] = Field(
+    layers: Literal["all"] | Annotated[list[Index], Field(min_length=1, max_length=1_000)] | IndexRange = "all"
+    tokens: Literal["all"] | LastTokens | Annotated[list[Index], Field(min_length=1, max_length=1_000)] = Field(
         default_factory=lambda: LastTokens(last=1)
     )
 
@@ -57,7 +58,7 @@ class DetectorSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     kind: str
     name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    min_relevancy: float = Field(0.0, ge=0.0, le=1.0)
+    min_relevancy: Float = Field(0.0, ge=0.0, le=1.0)
 
     @field_validator("kind")
     @classmethod
@@ -94,12 +95,12 @@ class AuditOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     template: Template | None = None
-    k: Annotated[int, Field(ge=0, le=10_000)] = 1
+    k: Annotated[Int, Field(ge=0, le=10_000)] = 1
     injection_mode: Literal["replace", "blend", "add"] = "replace"
-    injection_strength: float = Field(1.0, ge=0.0, le=100.0)
-    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 20
+    injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
+    max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 20
     decoding: Decoding = Field(default_factory=Decoding)
-    priority: Annotated[int, Field(ge=0, le=9)] = 3
+    priority: Annotated[Int, Field(ge=0, le=9)] = 3
 
     @field_validator("template", mode="before")
     @classmethod
@@ -119,6 +120,10 @@ def _check_detectors(value: list[DetectorSpec]) -> list[DetectorSpec]:
 def validate_cron(expr: str) -> str:
     if not croniter.is_valid(expr):
         raise ValueError(f"invalid cron expression {expr!r} (five fields: minute hour day month weekday)")
+    try:  # an expression can parse and never fire (30 February): the scheduler could not compute its next run
+        croniter(expr, datetime.now(timezone.utc)).get_next(datetime)
+    except (CroniterBadDateError, ValueError, OverflowError):
+        raise ValueError(f"cron expression {expr!r} never fires (no such date)") from None
     return expr
 
 
@@ -133,7 +138,7 @@ class AuditCreate(BaseModel):
     options: AuditOptions = Field(default_factory=AuditOptions)
     detectors: Annotated[list[DetectorSpec], Field(min_length=1, max_length=50)]
     schedule: Annotated[str, Field(max_length=120)] | None = Field(None, description="cron, UTC; null: manual only")
-    enabled: bool = True
+    enabled: Bool = True
 
     _detectors = field_validator("detectors")(_check_detectors)
 
@@ -149,7 +154,7 @@ class AuditUpdate(BaseModel):
     options: AuditOptions | None = None
     detectors: Annotated[list[DetectorSpec], Field(min_length=1, max_length=50)] | None = None
     schedule: Annotated[str, Field(max_length=120)] | None = None
-    enabled: bool | None = None
+    enabled: Bool | None = None
 
     @field_validator("detectors")
     @classmethod

@@ -18,13 +18,14 @@ This module never imports the engine: the detector function is passed in by the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from selfie_jobs.audit_models import (
@@ -54,7 +55,7 @@ from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
     LastTokens,
     validate_cron,
 )
-from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
+from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal, key_revoked
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.errors import DomainError
 from selfie_jobs.ids import INT_MAX, parse_id
@@ -68,12 +69,14 @@ from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 AUDIT_TICK_TASK = "selfie.audit_tick"
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "AUDIT_TICK_TASK", "KNOWN_DETECTOR_KINDS", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
     "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "check_audit_name",
     "claim_due_audits", "claim_run", "create_audit", "fail_run", "fan_out", "fingerprint", "jobs_to_scan",
     "next_fire", "open_run", "refresh_run", "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job",
-    "start_run", "update_audit", "validate_cron",
+    "start_run", "stop_key_audits", "update_audit", "validate_cron",
 ]
 
 
@@ -127,13 +130,42 @@ def check_audit_name(session: Session, name: str, owner_key_id: int | None) -> N
         raise AuditError(f"an audit named {name!r} already exists", status=409)
 
 
+def check_against_card(session: Session, model: str, targets: dict[str, Any], options: dict[str, Any],
+                       settings: Settings) -> None:
+    """Refuse, when the audit is defined, what its fan-out would refuse for every prompt: an unknown model, a layer
+    or token index past the model, k past its blocks, options a job of this model may not have (AuditError 422,
+    naming the field). Checked as one job of a one-token prompt, through the job submission's own checks."""
+    from selfie_jobs.submission import SubmissionError, load_card, prepare_job
+
+    try:
+        card = load_card(session, model)
+        tokens = targets.get("tokens", {"last": 1})
+        context = card.max_context
+        chosen = [tokens["last"]] if isinstance(tokens, dict) else [] if tokens == "all" else tokens
+        for token in chosen:
+            if isinstance(tokens, dict) and token > context:
+                raise SubmissionError(f"last {token} tokens: {model!r} takes at most {context}", field="targets.tokens")
+            if not isinstance(tokens, dict) and not -context <= token < context:
+                raise SubmissionError(f"token {token} is out of range for {model!r}: prompts have at most {context} "
+                                      f"tokens (valid are 0..{context - 1} or -{context}..-1)", field="targets.tokens")
+        probe = JobCreate(model=model, prompts=["x"], targets=Targets(layers=targets.get("layers", "all"), tokens=[-1]),
+                          **options)
+        prepare_job(session, probe, settings)
+    except SubmissionError as exc:
+        where = f"{exc.field}: " if exc.field else ""
+        raise AuditError(f"{where}{exc.message}", field=exc.field, status=exc.status) from None
+
+
 def create_audit(session: Session, req: AuditCreate, settings: Settings, who: Principal = LOCAL_PRINCIPAL) -> Audit:
     """Store an audit owned by `who` over a prompt set `who` may use (the caller commits)."""
     check_audit_name(session, req.name, who.key_id)
+    model = req.model or settings.default_model
+    check_against_card(session, model, req.targets.model_dump(mode="json"),
+                       req.options.model_dump(mode="json", exclude_none=True), settings)
     prompt_set = resolve_prompt_set(session, req.prompt_set, who)
     audit = Audit(
         name=req.name,
-        model=req.model or settings.default_model,
+        model=model,
         prompt_set_id=prompt_set.id,
         targets=req.targets.model_dump(mode="json"),
         options=req.options.model_dump(mode="json", exclude_none=True),
@@ -148,8 +180,12 @@ def create_audit(session: Session, req: AuditCreate, settings: Settings, who: Pr
     return audit
 
 
-def update_audit(session: Session, audit: Audit, req: AuditUpdate) -> Audit:
+def update_audit(session: Session, audit: Audit, req: AuditUpdate, settings: Settings) -> Audit:
     fields = req.model_fields_set
+    if {"targets", "options"} & fields:
+        targets = req.targets.model_dump(mode="json") if req.targets is not None else audit.targets
+        options = req.options.model_dump(mode="json", exclude_none=True) if req.options is not None else audit.options
+        check_against_card(session, audit.model, targets, options, settings)
     if "targets" in fields and req.targets is not None:
         audit.targets = req.targets.model_dump(mode="json")
     if "options" in fields and req.options is not None:
@@ -163,6 +199,21 @@ def update_audit(session: Session, audit: Audit, req: AuditUpdate) -> Audit:
     audit.next_run_at = next_fire(audit.schedule, utcnow()) if audit.schedule and audit.enabled else None
     session.flush()
     return audit
+
+
+def stop_key_audits(session: Session, key_id: int) -> tuple[list[int], list[int]]:
+    """A revoked key's audits: schedules stopped (disabled, no next run) and open runs cancelled with their jobs.
+    Returns (audits whose schedule stopped, runs cancelled); the caller commits."""
+    scheduled = list(session.scalars(select(Audit.id).where(
+        Audit.owner_key_id == key_id, Audit.schedule.is_not(None), Audit.enabled.is_(True))))
+    if scheduled:
+        session.execute(update(Audit).where(Audit.id.in_(scheduled)).values(enabled=False, next_run_at=None))
+    runs = session.scalars(select(AuditRun).join(Audit, Audit.id == AuditRun.audit_id).where(
+        Audit.owner_key_id == key_id, AuditRun.state.in_(OPEN_RUN_STATES))).all()
+    for run in runs:
+        cancel_run(session, run)
+    session.flush()
+    return scheduled, [run.id for run in runs]
 
 
 def audit_config(audit: Audit) -> dict[str, Any]:
@@ -210,17 +261,26 @@ def start_run(session: Session, audit: Audit, trigger: str = "manual") -> tuple[
 def claim_due_audits(session: Session, now: datetime | None = None) -> list[int]:
     """Audits whose schedule fired: advance `next_run_at` with a compare-and-set (one beat wins) and return them."""
     now = now or utcnow()
+    live_keys = select(ApiKey.id).where(ApiKey.revoked_at.is_(None))
     due = session.execute(
         select(Audit.id, Audit.schedule, Audit.next_run_at).where(
-            Audit.enabled.is_(True), Audit.schedule.is_not(None), Audit.next_run_at <= now
+            Audit.enabled.is_(True), Audit.schedule.is_not(None), Audit.next_run_at <= now,
+            # a revoked key's schedule never fires, whatever its row says (one stored before revoking stopped it)
+            or_(Audit.owner_key_id.is_(None), Audit.owner_key_id.in_(live_keys)),
         )
     ).all()
     won = []
     for audit_id, schedule, fired_at in due:
+        try:
+            following = next_fire(schedule, now)
+        except (CroniterBadDateError, ValueError):
+            # stored before schedules were checked to fire: stop it (this fire still runs) rather than fail the tick
+            log.warning("audit %s: schedule %r never fires again; its schedule is stopped", audit_id, schedule)
+            following = None
         result = session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.next_run_at == fired_at)
-            .values(next_run_at=next_fire(schedule, now))
+            .values(next_run_at=following)
         )
         if result.rowcount == 1:
             won.append(audit_id)
@@ -379,6 +439,8 @@ def fan_out(
         run = session.get(AuditRun, run_id)
         audit = session.get(Audit, run.audit_id)
         config = run.config
+        if key_revoked(session, audit.owner_key_id if audit else None):
+            return fail_run(session, run_id, "the audit's API key was revoked")
         if not _owner_may_use(session, audit, config["prompt_set_id"]):
             # an audit stored before create_audit checked this: its jobs would show another key's prompts
             return fail_run(session, run_id, f"this audit's key may not use prompt set {config['prompt_set_id']}, "
@@ -420,6 +482,14 @@ def fan_out(
         except SubmissionError as exc:
             session.rollback()
             return fail_run(session, run_id, f"a batch was refused: {exc.message}")
+        except OperationalError:
+            raise  # the database is unreachable: the run keeps its cursor, and the next driver resumes it
+        except Exception as exc:  # noqa: BLE001 - stored as the run's error and logged, not swallowed
+            # Anything else (a target the model no longer has, a prompt set gone) fails the same way on every
+            # retry: the run would stay `submitting` and block every later run of its audit.
+            log.exception("audit run %s: the fan-out failed", run_id)
+            session.rollback()
+            return fail_run(session, run_id, f"the fan-out failed: {type(exc).__name__}: {exc}")
         run = session.get(AuditRun, run_id, populate_existing=True)
         if run.state == AuditRunState.SUBMITTING and run.owner == owner:
             run.state = AuditRunState.RUNNING

@@ -91,3 +91,11 @@ def revoke_key(session: Session, id_or_prefix: str | int) -> ApiKey | None:
         row.revoked_at = utcnow()
         session.flush()
     return row
+
+
+def key_revoked(session: Session, key_id: int | None) -> bool:
+    """Whether work owned by `key_id` may no longer run: its key was revoked (or deleted). No key: the local user."""
+    if key_id is None:
+        return False
+    row = session.get(ApiKey, key_id)
+    return row is None or row.revoked_at is not None

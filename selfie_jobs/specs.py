@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 # Hard ceilings that hold whatever the settings say; the configurable caps are applied at submission.
 MAX_PROMPTS_HARD = 100_000
@@ -26,7 +26,12 @@ def _no_nul(value: str) -> str:
 
 
 SafeStr = Annotated[str, AfterValidator(_no_nul)]
-Index = Annotated[int, Field(ge=-MAX_INDEX, le=MAX_INDEX)]
+# Numbers in request bodies are strict: `true` is not 1 and `"3"` is not 3 (JSON has booleans and numbers apart, and
+# so does this API); a float field takes an integer, nothing else. Every numeric body field uses these.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Index = Annotated[Int, Field(ge=-MAX_INDEX, le=MAX_INDEX)]
 
 
 class IndexRange(BaseModel):
@@ -36,7 +41,7 @@ class IndexRange(BaseModel):
 
     start: Index = 0
     stop: Index | None = None
-    step: Annotated[int, Field(ge=1, le=MAX_INDEX)] = 1
+    step: Annotated[Int, Field(ge=1, le=MAX_INDEX)] = 1
 
 
 Selector = Literal["all"] | Annotated[list[Index], Field(min_length=1, max_length=100_000)] | IndexRange
@@ -63,7 +68,14 @@ class Targets(BaseModel):
         return data
 
 
-TemplatePart = SafeStr | Literal[0]
+def _placeholder(value: Any) -> Any:
+    # Literal[0] alone also takes false and 0.0
+    if type(value) is not int:
+        raise ValueError("a placeholder is the integer 0")
+    return value
+
+
+TemplatePart = SafeStr | Annotated[Literal[0], BeforeValidator(_placeholder)]
 
 
 class Template(BaseModel):
@@ -89,10 +101,10 @@ class Template(BaseModel):
 class Decoding(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0.0, le=10.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    do_sample: Bool = False
+    temperature: Float = Field(1.0, gt=0.0, le=10.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
 
 
 class JobCreate(BaseModel):
@@ -123,12 +135,12 @@ class JobCreate(BaseModel):
     )
     targets: Literal["all"] | Targets = Field("all", description="'all' = every layer x every token.")
     template: Template | None = Field(None, description="Default: the model's default preset.")
-    k: Annotated[int, Field(ge=0, le=MAX_INDEX)] = Field(1, description="Injection layer (input of block k).")
+    k: Annotated[Int, Field(ge=0, le=MAX_INDEX)] = Field(1, description="Injection layer (input of block k).")
     injection_mode: Literal["replace", "blend", "add"] = "replace"
-    injection_strength: float = Field(1.0, ge=0.0, le=100.0)
-    max_new_tokens: Annotated[int, Field(ge=1, le=100_000)] = 30
+    injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
+    max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 30
     decoding: Decoding = Field(default_factory=Decoding)
-    priority: Annotated[int, Field(ge=0, le=9)] = Field(5, description="0 (lowest) .. 9 (most urgent).")
+    priority: Annotated[Int, Field(ge=0, le=9)] = Field(5, description="0 (lowest) .. 9 (most urgent).")
     idempotency_key: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
         None, description="A retried submit with the same key returns the first job instead of making another."
     )

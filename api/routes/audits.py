@@ -13,12 +13,14 @@ from pydantic import BaseModel
 from sqlalchemy import and_, select
 from sqlalchemy.exc import IntegrityError
 
+from api.bodies import StrictJSONRoute
 from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
 from selfie_jobs import audits as A
 from selfie_jobs.audit_models import Audit, AuditFinding, AuditRun, AuditRunJob, PromptSet, PromptSetItem
 from selfie_jobs.audit_reports import finding_dict, iter_findings_csv, run_report, top_findings
 from selfie_jobs.auth import Principal
 from selfie_jobs.errors import NotFound
+from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode
 from selfie_jobs.ids import BIG_MAX, INT_MAX
 from selfie_jobs.models import Prompt
 from selfie_jobs.queries import visible_job
@@ -27,7 +29,7 @@ from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(tags=["audits"])
+router = APIRouter(tags=["audits"], route_class=StrictJSONRoute)
 AuditId = Annotated[int, Path(ge=1, le=INT_MAX)]
 RunId = Annotated[int, Path(ge=1, le=INT_MAX)]
 PromptSetId = Annotated[int, Path(ge=1, le=INT_MAX)]
@@ -237,9 +239,9 @@ def get_audit(audit_id: AuditId, request: Request, session: SessionDep, who: Pri
 
 @router.patch("/v1/audits/{audit_id}", response_model=AuditOut, summary="Change an audit (schedule, detectors, ...)")
 def patch_audit(audit_id: AuditId, body: A.AuditUpdate, request: Request, session: SessionDep,
-                who: PrincipalDep) -> AuditOut:
+                settings: SettingsDep, who: PrincipalDep) -> AuditOut:
     audit = _audit_or_404(session, audit_id, who)
-    A.update_audit(session, audit, body)
+    A.update_audit(session, audit, body, settings)  # checks before it changes anything
     session.commit()
     return _audit_out(request, session, audit)
 
@@ -318,12 +320,13 @@ def get_findings(
     after: Annotated[int, Query(ge=0, le=BIG_MAX, description="Keyset cursor: the last id of the previous page.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     sort: Literal["id", "relevancy"] = "id",
+    csv_mode: Annotated[CsvMode, Query(alias="csv", description=CSV_MODE_DOC)] = "safe",
 ):
     run = _run_or_404(session, run_id, who)
     if format == "csv":
         def rows():
             with maker() as s:
-                yield from iter_findings_csv(s, run.id)
+                yield from iter_findings_csv(s, run.id, mode=csv_mode)
 
         return StreamingResponse(rows(), media_type="text/csv; charset=utf-8",
                                  headers={"Content-Disposition": f'attachment; filename="audit-run-{run.id}.csv"'})

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 
+from api.bodies import StrictJSONRoute
 from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
 from api.schemas import (
     CancelOut,
@@ -29,6 +30,7 @@ from api.schemas import (
     Timings,
 )
 from selfie_jobs.errors import DomainError, NotFound
+from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_row
 from selfie_jobs.ids import INT_MAX
 from selfie_jobs.models import Job
 from selfie_jobs.queries import (
@@ -47,7 +49,7 @@ from selfie_jobs.specs import JobCreate
 from selfie_jobs.states import JobState
 from selfie_jobs.submission import submit_job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 CSV_COLUMNS = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy", "token_ids",
@@ -201,17 +203,17 @@ def post_cancel(job_id: str, session: SessionDep, who: PrincipalDep) -> CancelOu
 
 
 def _csv_rows(maker, job_id: str, flt: InterpretationFilter, sort: str, cursor: str | None,
-              limit: int | None) -> Iterator[str]:
+              limit: int | None, mode: CsvMode) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
     with maker() as session:
         for n, row in enumerate(iter_interpretations(session, job_id, flt, sort=sort, cursor=cursor, limit=limit)):
-            writer.writerow([
+            writer.writerow(csv_row([
                 row.prompt_index, row.layer, row.token, row.source_token, row.text, row.mean_relevancy,
                 json.dumps(row.relevancy), json.dumps(row.token_ids), row.worker, row.model,
                 row.created_at.isoformat() if row.created_at else "",
-            ])
+            ], mode))
             if n % 200 == 0:
                 yield buffer.getvalue()
                 buffer.seek(0)
@@ -242,6 +244,7 @@ def get_interpretations(
     limit: Annotated[int | None, Query(ge=1, le=1000, description="JSON default 100; CSV default all.")] = None,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
     format: Annotated[Literal["json", "csv"] | None, Query()] = None,  # noqa: A002 - the query parameter's name
+    csv_mode: Annotated[CsvMode, Query(alias="csv", description=CSV_MODE_DOC)] = "safe",
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ):
     job = _visible_or_404(session, job_id, who)
@@ -252,7 +255,7 @@ def get_interpretations(
         # Validate the cursor now: once streaming starts the status is sent.
         interpretations_page(session, job.id, flt, sort=sort, limit=1, cursor=cursor)
         return StreamingResponse(
-            _csv_rows(maker, job.id, flt, sort, cursor, limit),
+            _csv_rows(maker, job.id, flt, sort, cursor, limit, csv_mode),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
         )

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.orm import defer
 
+from api.bodies import StrictJSONRoute
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, Tokenized, WorkerOut
 from selfie_jobs.errors import NotFound
@@ -16,7 +17,7 @@ from selfie_jobs.models import ServedModel
 from selfie_jobs.queries import live_models
 from selfie_jobs.cards import card_tokenizer
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 _CARD_FIELDS = ("name", "architecture", "num_layers", "hidden_size", "max_context", "presets", "workers")
 

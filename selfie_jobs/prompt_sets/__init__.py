@@ -20,10 +20,13 @@ from sqlalchemy.orm import Session
 
 from selfie_jobs.audit_models import PromptSet, PromptSetItem
 from selfie_jobs.errors import DomainError
+from selfie_jobs.jsontext import JSONTextError, loads_strict
 
 HERE = Path(__file__).resolve().parent
 INSERT_BATCH = 1_000
 MAX_META_CHARS = 4_000
+#: Deepest nesting of a JSONL line (its metadata): a category or a list of tags needs a few levels.
+META_DEPTH = 16
 
 #: The example sets shipped with the project, and the detector example (in selfie_core.detectors) each suits.
 BUILTIN: dict[str, dict[str, str]] = {
@@ -88,9 +91,12 @@ def iter_jsonl(stream: IO[bytes], max_chars: int = 20_000) -> Iterator[Row]:
             continue
         where = f"line {lineno}"
         try:
-            data = json.loads(line)
+            # what cannot be stored or read back (NaN, a lone surrogate in a key or value, deep nesting) is refused
+            data = loads_strict(line, root="the line", max_depth=META_DEPTH)
         except json.JSONDecodeError as exc:
             raise PromptSetError(f"{where}: not valid JSON ({exc.msg})") from None
+        except JSONTextError as exc:
+            raise PromptSetError(f"{where}: {exc}") from None
         if isinstance(data, str):
             text, meta = data, {}
         elif isinstance(data, dict):

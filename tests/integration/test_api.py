@@ -269,6 +269,36 @@ def test_interpretations_filters_sort_pagination_and_csv(env, server):
         assert status["state"] == "succeeded" and status["progress"]["fraction"] == 1.0
 
 
+HOSTILE = ["=HYPERLINK(\"http://x\")", "+1+cmd", "-2+3", "@SUM(A1)", "\t=1", "\r=1", "plain", "-0.5"]
+
+
+def test_csv_is_spreadsheet_safe_by_default_and_raw_on_request(env, server):
+    """Cells a spreadsheet would run as formulas are prefixed with ' in the default CSV (the browser's download);
+    `csv=raw` gives the exact text; the client is raw by default, the CLI safe unless --raw."""
+    database_url, _, model = env
+    with server.client() as http:
+        job_id = http.post("/v1/jobs", json=body(model, targets={"pairs": [[0, 0]]}, prompts=["a"] * 8)).json()["id"]
+        _fill_results(database_url, job_id)
+        with session_scope(database_url) as s:
+            rows = s.scalars(select(Interpretation).where(Interpretation.job_id == job_id)
+                             .order_by(Interpretation.prompt_index)).all()
+            for row, text in zip(rows, HOSTILE, strict=True):
+                row.text, row.source_token = text, text
+        safe = list(csv.DictReader(io.StringIO(http.get(f"/v1/jobs/{job_id}/interpretations",
+                                                        params={"format": "csv"}).text)))
+        raw = list(csv.DictReader(io.StringIO(http.get(f"/v1/jobs/{job_id}/interpretations",
+                                                       params={"format": "csv", "csv": "raw"}).text)))
+        assert http.get(f"/v1/jobs/{job_id}/interpretations", params={"format": "csv", "csv": "x"}).status_code == 422
+    expected = ["'" + t if t[0] in "=+-@\t\r" and t != "-0.5" else t for t in HOSTILE]
+    assert [r["text"] for r in safe] == [r["source_token"] for r in safe] == expected
+    assert [r["text"] for r in raw] == HOSTILE
+    from selfie_client import Client
+
+    with Client(server.url) as client:
+        assert [r["text"] for r in csv.DictReader(io.StringIO(client.results_csv(job_id)))] == HOSTILE
+        assert [r["text"] for r in csv.DictReader(io.StringIO(client.results_csv(job_id, safe=True)))] == expected
+
+
 def test_list_jobs_filters_and_pages(env, server):
     _, _, model = env
     with server.client() as http:

@@ -221,6 +221,101 @@ def test_another_keys_prompt_set_reads_as_missing(two_keys):
     assert res.status_code == 409 and "built-in" in res.json()["detail"]
 
 
+AUDIT = {"model": "tiny", "prompt_set": "ethical_decisions", "detectors": [{"kind": "keywords", "words": ["cat"]}]}
+# The tiny card: hidden states 0..4, blocks 0..3 (k), 48 tokens of context; the test settings cap max_new_tokens at 32.
+OUT_OF_CARD = [
+    {"targets": {"layers": [5]}}, {"targets": {"layers": [-6]}}, {"targets": {"layers": {"start": 9}}},
+    {"targets": {"tokens": [48]}}, {"targets": {"tokens": [-49]}}, {"targets": {"tokens": {"last": 49}}},
+    {"options": {"k": 4}}, {"options": {"max_new_tokens": 33}}, {"options": {"template": "no-such-preset"}},
+    {"options": {"template": {"parts": ["sure", 0, "x"]}, "max_new_tokens": 32, "k": 3}, "model": "no-such-model"},
+]
+
+
+def test_audit_targets_and_options_are_checked_against_the_model_card(two_keys):
+    """What the fan-out would refuse for every prompt is refused when the audit is defined or changed (422)."""
+    _, _, a, _ = two_keys
+    for bad in OUT_OF_CARD:
+        res = a.post("/v1/audits", json={**AUDIT, "name": "bad", **bad})
+        assert res.status_code == 422, (bad, res.text)
+    res = a.post("/v1/audits", json={**AUDIT, "name": "ok", "targets": {"layers": [4, -5], "tokens": [47, -48]},
+                                     "options": {"k": 3, "max_new_tokens": 32}})
+    assert res.status_code == 201, res.text
+    audit = res.json()
+    for bad in OUT_OF_CARD[:-1]:
+        res = a.patch(f"/v1/audits/{audit['id']}", json=bad)
+        assert res.status_code == 422, (bad, res.text)
+    after = a.get(f"/v1/audits/{audit['id']}").json()
+    assert (after["targets"], after["options"]) == (audit["targets"], audit["options"])
+    assert a.get("/v1/audits").json()["audits"] == [after]
+
+
+def test_a_fan_out_error_fails_the_run_with_its_reason_and_frees_the_audit(two_keys, database_url, redis_url):
+    """An audit whose targets the model does not have (stored before they were checked, or a card that changed):
+    its run fails with the reason stored, instead of staying `submitting` for ever, and a later run can start."""
+    from selfie_jobs.audit_models import Audit
+    from selfie_jobs.db import session_scope
+
+    server, settings, a, _ = two_keys
+    audit = a.post("/v1/audits", json={**AUDIT, "name": "shrunk"}).json()
+    with session_scope(database_url) as s:
+        s.get(Audit, audit["id"]).targets = {"layers": [99], "tokens": {"last": 1}}
+    run = a.post(f"/v1/audits/{audit['id']}/runs").json()
+    out = W.run_audit(server.app.state.sessionmaker, settings, make_producer(redis_url), audit["id"], run["id"])
+    assert out["state"] == "failed"
+    failed = a.get(f"/v1/audit-runs/{run['id']}").json()
+    assert failed["state"] == "failed" and "layer 99 is out of range" in failed["error"], failed
+    assert failed["finished_at"] is not None
+    again = a.post(f"/v1/audits/{audit['id']}/runs")
+    assert again.status_code == 202 and again.json()["id"] != run["id"] and again.json()["state"] == "pending"
+
+
+class _Sent:
+    def __init__(self):
+        self.tasks = []
+
+    def send_task(self, name, args=None, kwargs=None, **options):
+        self.tasks.append((name, args, kwargs))
+
+
+def test_a_revoked_keys_schedules_stop_and_never_fire(two_keys, database_url):
+    """`selfie keys revoke` stops the key's schedules and says so; a tick never starts a run for a revoked key, even
+    for an audit whose row still says it is due (stored before revoking stopped schedules)."""
+    import os
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from selfie_jobs.audit_models import Audit, AuditRun
+    from selfie_jobs.db import session_scope
+    from selfie_jobs.models import ApiKey, utcnow
+
+    server, settings, a, b = two_keys
+    for who, name in ((a, "alice-nightly"), (b, "bob-nightly")):
+        assert who.post("/v1/audits", json={**AUDIT, "name": name, "schedule": "* * * * *"}).status_code == 201
+    with session_scope(database_url) as s:
+        alice = s.scalar(select(ApiKey.id).where(ApiKey.name == "alice"))
+    env = {**os.environ, "SELFIE_DATABASE_URL": database_url}
+    out = subprocess.run([sys.executable, "-m", "selfie_cli", "keys", "revoke", str(alice)], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"key {alice} revoked; schedules stopped: 1 audit(s)" in out.stdout, out.stdout
+    with session_scope(database_url) as s:
+        mine = s.scalars(select(Audit).where(Audit.owner_key_id == alice)).one()
+        assert not mine.enabled and mine.next_run_at is None
+        # as a row written before revoking stopped schedules (or revoked by hand): still enabled and due
+        mine.enabled = True
+        for audit in s.scalars(select(Audit)):
+            audit.next_run_at = utcnow() - timedelta(minutes=1)
+    sent = _Sent()
+    tick = W.audit_tick(server.app.state.sessionmaker, settings, sent)
+    with session_scope(database_url) as s:
+        runs = {s.get(Audit, r.audit_id).name for r in s.scalars(select(AuditRun))}
+    assert runs == {"bob-nightly"} and len(tick["started"]) == 1, (runs, tick)
+    assert all(kwargs["run_id"] in tick["started"] for _, _, kwargs in sent.tasks)
+
+
 def test_names_are_unique_per_key_not_across_keys(two_keys, database_url):
     """A name another key uses is free (a 409 would tell that it exists); each key resolves its own set by name;
     an admin sees who owns what."""
