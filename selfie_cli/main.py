@@ -169,16 +169,16 @@ def flower(host: str, port: int) -> None:
     """Run Flower (basic auth from SELFIE_FLOWER_USER / SELFIE_FLOWER_PASSWORD, required) on the broker."""
     import os
 
-    from selfie_cli.flower import FlowerConfigError, flower_argv
+    from selfie_cli.flower import FlowerConfigError, flower_command
     from selfie_jobs.settings import get_settings
 
     settings = get_settings()
     password = settings.flower_password.get_secret_value() if settings.flower_password else None
     try:
-        argv = flower_argv(settings.flower_user, password, host=host, port=port)
+        argv, env = flower_command(settings.flower_user, password, host=host, port=port)
     except FlowerConfigError as exc:
         _fail(exc)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, {**os.environ, **env})  # the credentials in the environment, not in argv
 
 
 @cli.command()

@@ -50,13 +50,14 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
-    def spawn(self, name: str, argv: list[str]) -> Child:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        """Start a child; `env` adds to the stack's environment (for secrets, which never go in argv)."""
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"{name}.log"
         fh = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         # A session of its own: Ctrl-C reaches `selfie up` only, which then stops the children in order.
-        proc = subprocess.Popen(argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
         fh.close()
         child = Child(name, proc, log)
@@ -182,9 +183,10 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
             user = settings.flower_user or "selfie"
             password = settings.flower_password.get_secret_value() if settings.flower_password else \
                 secrets.token_urlsafe(12)
-            # Flower's own options only take the --name=value form.
-            stack.spawn("flower", _python("-m", "celery", "--broker", redis_url, "flower", f"--address={host}",
-                                          f"--port={flower_port}", f"--basic-auth={user}:{password}"))
+            from selfie_cli.flower import flower_command
+
+            argv, flower_env = flower_command(user, password, host=host, port=flower_port, broker=redis_url)
+            stack.spawn("flower", argv, env=flower_env)
             click.echo(f"flower    http://{host}:{flower_port}  (user {user}, password {password})")
 
         _wait_for("starting the API", lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200, stack, 60)

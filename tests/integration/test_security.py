@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import inspect
 
-from selfie_cli.flower import FlowerConfigError, flower_argv
+from selfie_cli.flower import FlowerConfigError, flower_command
 from selfie_jobs.db import get_engine
 from tests import services
 from tests.apisupport import live_server, prepare_database, settings_for
@@ -40,8 +40,10 @@ def test_every_celery_app_speaks_json_only(tmp_path):
         assert list(conf.accept_content) == ["json"], app.main
         assert conf.event_serializer == "json", app.main
     # Flower runs with the workers' app, not Celery's default one
-    argv = flower_argv("ops", "a-long-password", host="127.0.0.1", port=5555)
+    argv, env = flower_command("ops", "a-long-password", host="127.0.0.1", port=5555)
     assert argv[argv.index("-A") + 1] == "workers.celery_app"
+    # the credentials travel in Flower's environment, never on its command line (readable by anyone with `ps`)
+    assert env == {"FLOWER_BASIC_AUTH": "ops:a-long-password"} and not any("a-long-password" in a for a in argv)
 
 
 # --- Flower ---------------------------------------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def test_every_celery_app_speaks_json_only(tmp_path):
                                                 ("ops", "short"), ("o:ps", "a-long-password")])
 def test_flower_never_runs_without_usable_credentials(user, password):
     with pytest.raises(FlowerConfigError):
-        flower_argv(user, password, host="127.0.0.1", port=5555)
+        flower_command(user, password, host="127.0.0.1", port=5555)
 
 
 def test_selfie_flower_refuses_to_start_without_credentials(tmp_path):
@@ -87,6 +89,18 @@ def test_selfie_flower_answers_only_with_basic_auth(tmp_path, redis_url):
         assert anonymous.status_code == 401
         assert httpx.get(url, auth=("ops", "wrong-password"), timeout=5).status_code == 401
         assert httpx.get(url, auth=("ops", "correct-horse-battery"), timeout=10).status_code == 200
+        # Flower's Prometheus page names workers and tasks: behind the same auth
+        assert httpx.get(url + "metrics", timeout=5).status_code == 401
+        assert httpx.get(url + "metrics", auth=("ops", "wrong-password"), timeout=5).status_code == 401
+        metrics = httpx.get(url + "metrics", auth=("ops", "correct-horse-battery"), timeout=10)
+        assert metrics.status_code == 200 and "flower_" in metrics.text
+        # the password is not on the command line of the process serving Flower (what `ps` shows every user)
+        import psutil
+
+        serving = psutil.Process(proc.pid)
+        cmdline = " ".join(serving.cmdline())
+        assert "flower" in cmdline and "correct-horse-battery" not in cmdline, cmdline
+        assert all("correct-horse-battery" not in " ".join(p.cmdline()) for p in serving.children(recursive=True))
     finally:
         proc.terminate()
         try:
