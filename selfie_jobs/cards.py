@@ -24,6 +24,8 @@ from selfie_jobs.liveness import GONE_WORKER_STATES, live_workers, pid_alive
 from selfie_jobs.models import ServedModel, Worker, utcnow
 
 _CARD_COLUMNS = ("architecture", "num_layers", "hidden_size", "max_context")
+#: Key of the card that holds a catalogued model's entry: {"path", "dtype", "added_at"}.
+CATALOGUE_KEY = "catalogue"
 
 
 def write_model_card(session: Session, name: str, card: dict[str, Any], *, now: datetime | None = None) -> ServedModel:
@@ -42,6 +44,8 @@ def write_model_card(session: Session, name: str, card: dict[str, Any], *, now: 
     if row is None:
         row = ServedModel(name=name)
         session.add(row)
+    elif CATALOGUE_KEY not in body and CATALOGUE_KEY in (row.card or {}):
+        body[CATALOGUE_KEY] = row.card[CATALOGUE_KEY]  # a worker's card keeps the model's catalogue entry
     row.architecture = str(card["architecture"])
     row.num_layers = int(card["num_layers"])
     row.hidden_size = int(card["hidden_size"])
@@ -107,6 +111,41 @@ def read_model_card(session: Session, name: str) -> dict[str, Any] | None:
         return None
     return {**(row.card or {}), "name": row.name, "architecture": row.architecture, "num_layers": row.num_layers,
             "hidden_size": row.hidden_size, "max_context": row.max_context, "tokenizer_json": row.tokenizer_json}
+
+
+def add_to_catalogue(session: Session, name: str, card: dict[str, Any], *, path: str, dtype: str,
+                     now: datetime | None = None) -> ServedModel:
+    """Make the model at `path` (a folder the workers can read, or a hub id) servable as `name`.
+
+    `card` is computed from the model's config and tokenizer (`selfie_core.cardinfo.folder_card`), so the API
+    validates jobs for it before any worker has loaded it; a worker that loads it replaces the card with its own
+    and keeps this entry. Adding a name again replaces its entry and card.
+    """
+    now = now or utcnow()
+    entry = {"path": path, "dtype": dtype, "added_at": now.isoformat()}
+    return write_model_card(session, name, {**card, CATALOGUE_KEY: entry}, now=now)
+
+
+def catalogue_entry(session: Session, name: str) -> dict[str, Any] | None:
+    """{"path", "dtype", "added_at"} of a catalogued model, or None."""
+    row = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)])
+    return (row.card or {}).get(CATALOGUE_KEY) if row is not None else None
+
+
+def remove_from_catalogue(session: Session, name: str) -> bool:
+    """Drop the catalogue entry and the card of `name` (False when it was not catalogued)."""
+    row = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)])
+    if row is None or CATALOGUE_KEY not in (row.card or {}):
+        return False
+    session.delete(row)
+    session.flush()
+    return True
+
+
+def catalogued_models(session: Session) -> dict[str, dict[str, Any]]:
+    """Name -> catalogue entry, for every catalogued model."""
+    rows = session.execute(select(ServedModel.name, ServedModel.card)).all()
+    return {name: card[CATALOGUE_KEY] for name, card in rows if isinstance(card, dict) and CATALOGUE_KEY in card}
 
 
 @dataclass(frozen=True)
@@ -175,9 +214,10 @@ def mark_dead_local_workers(session: Session, hostname: str | None = None, *, me
 
 
 def served_models(session: Session, alive_seconds: float, *, now: datetime | None = None) -> list[dict[str, Any]]:
-    """The models live workers serve, each with its card (without the tokenizer) and its workers."""
+    """The models live workers serve and the catalogued ones, each with its card (without the tokenizer) and its
+    live workers (none for a catalogued model no worker serves yet: jobs for it are validated and wait queued)."""
     workers = live_workers(session, alive_seconds, now=now)
-    by_model: dict[str, list[Worker]] = {}
+    by_model: dict[str, list[Worker]] = {name: [] for name in catalogued_models(session)}
     for w in workers:
         by_model.setdefault(w.model, []).append(w)
     out = []

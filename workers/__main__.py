@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     w.add_argument("--gpus", type=_gpu_list, default=None, help="spread the model over these CUDA devices (0,1,...)")
     w.add_argument("--model-path", default=None, help="load the weights from here (a local HF folder or hub id)")
     w.add_argument("--device", default=None, help="cpu, cuda:0 ... (default: cuda:0 with --gpu, else cpu)")
-    w.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    w.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the dtype the model was added with (selfie models add), else float32")
     w.add_argument("--concurrency", type=int, default=1)
     w.add_argument("--batch-size", type=_at_least_one, default=None,
                    help="rows per engine batch (default: engine's choice)")

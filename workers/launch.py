@@ -131,7 +131,7 @@ def run_worker(
     gpus: Sequence[int] | None = None,
     model_path: str | None = None,
     device: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     concurrency: int = 1,
     batch_size: int | None = None,
     loglevel: str = "INFO",

@@ -48,7 +48,7 @@ class WorkerOptions:
     model: str
     model_path: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the model catalogue's dtype for this model, else float32
     node_name: str = "selfie@localhost"
     batch_size: int | None = None
     gpu: int | None = None
@@ -178,6 +178,8 @@ class Runtime:
     batches_served: int = 0
     rows_served: int = 0
     loaded_in_s: float = 0.0
+    source: str | None = None  # the folder or hub id the weights came from (None: the built-in model by name)
+    dtype: str | None = None  # the dtype the model was loaded in
     _held: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -208,9 +210,13 @@ class Runtime:
 
             # balanced over the GPUs, each leaving a quarter of its free memory for batches (workers.gpus)
             spread = {"device_map": "auto", "max_memory": weights_max_memory(free_memory())}
-        loaded = load_model(opts.model_path or opts.model, device=opts.device, dtype=opts.dtype,
+        # a model added with `selfie models add` loads from the folder (or hub id) and dtype recorded there
+        entry = None if opts.model_path else self._db(lambda s: cards.catalogue_entry(s, opts.model))
+        self.source = opts.model_path or (entry or {}).get("path")
+        self.dtype = opts.dtype or (entry or {}).get("dtype") or "float32"
+        loaded = load_model(self.source or opts.model, device=opts.device, dtype=self.dtype,
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
-                            if not opts.model_path else None, **spread)
+                            if not self.source else None, **spread)
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
                                    decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
         self.runner = EngineRunner(self.engine, opts.batch_size)
@@ -237,19 +243,12 @@ class Runtime:
                               template=template, generation=GenerationConfig(max_new_tokens=1))
 
     def model_card(self) -> dict[str, Any]:
-        from selfie_core import PRESETS, InterpretationTemplate
+        from selfie_core.cardinfo import preset_facts
 
         card = dict(self.engine.model_card())
-        tok = self.engine.tokenizer
-        presets: dict[str, dict[str, Any]] = {}
-        for name in PRESETS:
-            try:
-                template = InterpretationTemplate.preset(name, tok)
-                presets[name] = {"parts": list(template.parts), "num_tokens": len(template.prepare(tok).input_ids)}
-            except Exception as exc:  # noqa: BLE001 - a preset this tokenizer cannot render is just not offered
-                log.warning("preset %s is not available for %s: %s", name, self.model, exc)
+        presets = preset_facts(self.engine.tokenizer, self.model)
         card.update(name=self.model, presets=presets, default_preset="summarize" if "summarize" in presets else None,
-                    source=self.options.model_path or self.options.model)
+                    source=self.source or self.options.model)
         return card
 
     def mark_load_failed(self, exc: BaseException) -> None:
@@ -298,7 +297,7 @@ class Runtime:
             "gpu": self.options.gpu,
             "gpus": self.options.gpus,
             "devices": self.options.devices,
-            "dtype": self.options.dtype,
+            "dtype": self.dtype or self.options.dtype,
             "cuda_graphs": self.options.cuda_graphs,
             "decode_attention": self.options.decode_attention,
             "rms_norm": self.options.rms_norm,

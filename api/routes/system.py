@@ -1,4 +1,5 @@
-"""/v1/models (what live workers serve), /healthz (the process answers), /readyz (database and Redis answer)."""
+"""/v1/models (what live workers serve, and the model catalogue), /healthz (the process answers), /readyz (database
+and Redis answer)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ router = APIRouter(route_class=StrictJSONRoute)
 _CARD_FIELDS = ("name", "architecture", "num_layers", "hidden_size", "max_context", "presets", "workers")
 
 
-@router.get("/v1/models", response_model=ModelList, tags=["models"], summary="Models served by live workers",
+@router.get("/v1/models", response_model=ModelList, tags=["models"],
+            summary="Models served by live workers, and catalogued ones (selfie models add)",
             responses={401: {"model": ErrorOut}, 503: {"model": ErrorOut}})
 def get_models(session: SessionDep, settings: SettingsDep, who: PrincipalDep) -> ModelList:  # noqa: ARG001
     out = []

@@ -425,3 +425,34 @@ def test_broker_down_still_accepts_and_leaves_chunks_for_the_reconciler(env):
     assert resp.status_code == 202 and resp.json()["enqueued"] == 0
     with session_scope(database_url) as s:
         assert s.scalars(select(Chunk.enqueued_at).where(Chunk.job_id == resp.json()["id"])).all() == [None] * 5
+
+
+def test_a_catalogued_model_no_worker_serves_is_listed_and_validated(env, server, tmp_path):
+    """`selfie models add` writes a card from the folder's config and tokenizer: the API lists the model with no
+    workers and validates jobs for it as for a served one; valid jobs wait queued for a worker."""
+    import torch
+
+    from selfie_core.cardinfo import folder_card
+    from selfie_jobs.cards import add_to_catalogue
+    from tests.unit.core.conftest import _llama, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    _llama(tokenizer, layers=3).to(torch.float32).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    name = "added-" + uuid.uuid4().hex[:8]
+    database_url, redis_url, _ = env
+    try:
+        with session_scope(database_url) as s:
+            add_to_catalogue(s, name, folder_card(str(tmp_path), name, "bfloat16"), path=str(tmp_path),
+                             dtype="bfloat16")
+        with server.client() as http:
+            listed = {m["name"]: m for m in http.get("/v1/models").json()["models"]}
+            assert listed[name]["workers"] == [] and listed[name]["num_layers"] == 3
+            assert listed[name]["card"]["catalogue"]["dtype"] == "bfloat16"
+            bad = http.post("/v1/jobs", json=body(name, k=3))
+            assert bad.status_code == 422 and "0..2" in bad.text
+            ok = http.post("/v1/jobs", json=body(name, k=1, max_new_tokens=4))
+            assert ok.status_code == 202, ok.text
+            assert http.get(f"/v1/jobs/{ok.json()['id']}").json()["state"] == "queued"
+    finally:
+        flush_model_queue(redis_url, name)

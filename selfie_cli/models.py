@@ -1,0 +1,93 @@
+"""`selfie models add|list|remove`: the model catalogue, in the service's database.
+
+`selfie models add NAME --path DIR` reads the folder's config and tokenizer (not its weights), checks that the
+engine supports the model's family, and writes the model's card under NAME with the folder and dtype. From then on
+the API lists NAME and validates jobs for it (they wait queued until a worker serves it), and `selfie worker
+--model NAME` loads the weights from that folder in that dtype. The folder must be readable at the same path on
+every worker's machine (a shared or identical mount). A hub id instead of a folder loads where the hub is
+reachable (or the model is in the local hub cache); elsewhere the command fails and says so.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _db_session():
+    from selfie_jobs.db import session_scope
+    from selfie_jobs.settings import get_settings
+
+    return session_scope(get_settings().resolved_database_url())
+
+
+def resolve_source(path: str) -> str:
+    """An absolute folder, or the hub id as given; a path that names no folder is refused."""
+    from selfie_core.loading import is_hub_id
+
+    folder = Path(os.path.expanduser(path))
+    if folder.is_dir():
+        return str(folder.resolve())
+    if not is_hub_id(path) or path.count("/") > 1:  # hub ids are "name" or "org/name"
+        raise click.BadParameter(f"no model folder at {path}", param_hint="--path")
+    return path
+
+
+@click.group()
+def models() -> None:
+    """The model catalogue: local Hugging Face folders served under a name."""
+
+
+@models.command("add")
+@click.argument("name")
+@click.option("--path", "path", required=True, help="A Hugging Face model folder (or a hub id).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
+              help="The dtype workers load the weights in.")
+def models_add(name: str, path: str, dtype: str) -> None:
+    """Make the model at --path servable as NAME (selfie worker --model NAME)."""
+    from selfie_core import UnsupportedArchitectureError
+    from selfie_core.cardinfo import folder_card
+    from selfie_core.loading import BUILTIN, ModelUnavailableError
+    from selfie_jobs.cards import add_to_catalogue
+
+    if name in BUILTIN:
+        raise click.BadParameter(f"{name!r} is the built-in model's name; choose another", param_hint="NAME")
+    source = resolve_source(path)
+    try:
+        card = folder_card(source, name, dtype)
+    except (UnsupportedArchitectureError, ModelUnavailableError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (OSError, ValueError) as exc:  # a folder without config.json, an unreadable tokenizer ...
+        raise click.ClickException(f"cannot read a model at {source}: {str(exc).splitlines()[0]}") from exc
+    with _db_session() as session:
+        add_to_catalogue(session, name, card, path=source, dtype=dtype)
+    click.echo(f"{name}: {card['architecture']} ({card['family']}), {card['num_layers']} layers, hidden size "
+               f"{card['hidden_size']}, context {card['max_context']}, {dtype}, from {source}")
+
+
+@models.command("list")
+def models_list() -> None:
+    """Catalogued models: name, dtype, path."""
+    from selfie_jobs.cards import catalogued_models
+
+    with _db_session() as session:
+        entries = catalogued_models(session)
+    for name, entry in sorted(entries.items()):
+        click.echo(f"{name}\t{entry.get('dtype')}\t{entry.get('path')}")
+
+
+@models.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Take NAME out of the catalogue (its card goes with it; running workers are not stopped)."""
+    from selfie_jobs.cards import remove_from_catalogue
+
+    with _db_session() as session:
+        removed = remove_from_catalogue(session, name)
+    if not removed:
+        raise click.ClickException(f"{name!r} is not in the model catalogue")
+    click.echo(f"removed {name}")

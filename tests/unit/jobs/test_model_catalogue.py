@@ -1,0 +1,131 @@
+"""The model catalogue: `selfie models add` makes a local folder a named model (card from its config and tokenizer,
+no weights loaded), the API validates jobs for it before any worker serves it, a worker given only the name loads
+the folder in the recorded dtype and keeps the entry, and a hub id this machine cannot reach fails clearly."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfie_jobs import cards
+from selfie_jobs.db import session_scope
+from selfie_jobs.migrate import upgrade
+from selfie_jobs.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tests.unit.core.conftest import _llama, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    _llama(tokenizer).to(torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'selfie.db'}"
+    upgrade(url)
+    return url
+
+
+def selfie(database_url, *args, **env):
+    environ = {**os.environ, "SELFIE_DATABASE_URL": database_url, "SELFIE_DATA_DIR": str(Path(database_url[10:]).parent),
+               "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-m", "selfie_cli", *args], capture_output=True, text=True, timeout=300,
+                          env=environ, cwd=ROOT)
+
+
+def test_an_added_folder_is_listed_and_carded_without_a_worker(folder, database):
+    done = selfie(database, "models", "add", "tiny-llama", "--path", str(folder), "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert "LlamaForCausalLM (LLaMA 2/3 (and SmolLM2)), 4 layers, hidden size 64, context 256" in done.stdout
+    with session_scope(database) as s:
+        card = cards.read_model_card(s, "tiny-llama")
+        assert cards.catalogue_entry(s, "tiny-llama")["path"] == str(folder.resolve())
+        listed = cards.served_models(s, 45.0)
+    assert (card["num_layers"], card["hidden_size"], card["max_context"]) == (4, 64, 256)
+    assert card["family"] == "LLaMA 2/3 (and SmolLM2)" and card["chat_template"].startswith("{% for message")
+    assert card["catalogue"]["dtype"] == "float32" and "summarize" in card["presets"]
+    assert [(m["name"], m["workers"]) for m in listed] == [("tiny-llama", [])]
+    # the card validates the way a worker's does: the same tokenizer, the same layer count
+    from tokenizers import Tokenizer
+
+    from tests.unit.core.conftest import build_tokenizer
+
+    text = "The Eiffel Tower is in Paris."
+    assert Tokenizer.from_str(card["tokenizer_json"]).encode(text).ids == build_tokenizer()(text).input_ids
+    listing = selfie(database, "models", "list")
+    assert listing.stdout.split() == ["tiny-llama", "float32", str(folder.resolve())]
+    assert selfie(database, "models", "remove", "tiny-llama").returncode == 0
+    gone = selfie(database, "models", "remove", "tiny-llama")
+    assert gone.returncode == 1 and gone.stderr.strip() == "Error: 'tiny-llama' is not in the model catalogue"
+
+
+def test_a_worker_serves_a_catalogued_model_by_name_in_its_dtype(folder, database, tmp_path):
+    from selfie_core.cardinfo import folder_card
+    from workers.runtime import WorkerOptions, start_runtime, stop_runtime
+
+    with session_scope(database) as s:
+        cards.add_to_catalogue(s, "tiny", folder_card(str(folder), "tiny", "bfloat16"), path=str(folder),
+                               dtype="bfloat16")
+    settings = Settings(data_dir=tmp_path, database_url=database, heartbeat_interval_seconds=60)
+    runtime = start_runtime(settings, WorkerOptions(model="tiny", node_name="t@h"))
+    try:
+        assert runtime.source == str(folder) and runtime.dtype == "bfloat16"
+        assert next(runtime.engine.model.parameters()).dtype == torch.bfloat16
+        with session_scope(database) as s:
+            card = cards.read_model_card(s, "tiny")
+            assert card["catalogue"]["path"] == str(folder) and card["dtype"] == "bfloat16"
+            assert card["source"] == str(folder) and card["num_layers"] == 4
+            assert [w["info"]["dtype"] for w in cards.served_models(s, 45.0)[0]["workers"]] == ["bfloat16"]
+    finally:
+        stop_runtime()
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/no/such/folder", "Invalid value for --path: no model folder at /no/such/folder"),
+    ("org/some-model", "'org/some-model' is a Hugging Face hub id that is not in this machine's hub cache"),
+])
+def test_what_cannot_be_added_says_why_in_one_line(database, tmp_path, path, message):
+    done = selfie(database, "models", "add", "m", "--path", path, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode in (1, 2) and message in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
+    if path.startswith("org/"):
+        assert "HF_HUB_OFFLINE is set" in done.stderr and done.returncode == 1
+
+
+def test_an_unsupported_family_is_refused_at_add(database, tmp_path):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from tests.unit.core.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=32)).save_pretrained(tmp_path / "opt")
+    tokenizer.save_pretrained(tmp_path / "opt")
+    done = selfie(database, "models", "add", "opt", "--path", str(tmp_path / "opt"))
+    assert done.returncode == 1 and "(model_type 'opt') is not supported. Supported families: LLaMA" in done.stderr
+    with session_scope(database) as s:
+        assert cards.read_model_card(s, "opt") is None
+
+
+def test_a_hub_id_offline_fails_clearly_in_the_engine(tmp_path, monkeypatch):
+    code = ("from selfie_core import load_model\n"
+            "try:\n    load_model('org/some-model')\n"
+            "except OSError as exc:\n    print(type(exc).__name__, exc)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("ModelUnavailableError model 'org/some-model' is a Hugging Face hub id")
+    assert "HF_HUB_OFFLINE is set, so the hub is not asked" in out and "selfie models add NAME --path DIR" in out
