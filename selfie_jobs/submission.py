@@ -198,6 +198,13 @@ def prepare_job(session: Session, request: JobCreate, settings: Settings) -> Pre
             f"of {model!r} ({context} tokens)",
             field="max_new_tokens",
         )
+    window = (card.card or {}).get("sliding_window")  # as the engine's check_generation
+    if template_len is not None and isinstance(window, int) and template_len + request.max_new_tokens > window:
+        raise SubmissionError(
+            f"template ({template_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the sliding "
+            f"attention window of {model!r} ({window} tokens): use a shorter template or fewer new tokens",
+            field="max_new_tokens",
+        )
 
     targets = Targets(layers="all", tokens="all") if request.targets == "all" else request.targets
     items = _count_and_expand(

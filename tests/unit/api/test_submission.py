@@ -91,6 +91,22 @@ def test_template_parts_and_context(db):
             prepare_job(s, _req(template={"parts": ["what " * 30, 0, "meaning"]}, max_new_tokens=30), settings)
 
 
+def test_a_sliding_window_card_refuses_what_the_engine_would(db):
+    from selfie_jobs.models import ServedModel
+
+    maker, settings = db
+    parts = {"template": {"parts": ["what", 0, 0, "meaning"]}}
+    with maker() as s:
+        prepare_job(s, _req(**parts, max_new_tokens=12), settings)  # no window: fits the context
+        card = s.get(ServedModel, MODEL)
+        card.card = {**card.card, "sliding_window": 12}
+        s.commit()
+        prepare_job(s, _req(**parts, max_new_tokens=1), settings)
+        with pytest.raises(SubmissionError, match=r"exceed the sliding attention window of .* \(12 tokens\)") as info:
+            prepare_job(s, _req(**parts, max_new_tokens=12), settings)
+        assert info.value.field == "max_new_tokens"
+
+
 def test_submit_stores_one_transaction_then_enqueues(db):
     maker, settings = db
     sender = Recorder()
