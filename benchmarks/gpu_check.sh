@@ -7,7 +7,9 @@
 #      alternating in one process, with the reference;
 #   3. the same at 64 rows per batch, where the host's launches weigh more;
 #   4. float32: the decode modes choose the reference's tokens;
-#   5. the CUDA-only engine tests (CUDA graphs against eager steps, the Triton kernels on the GPU, tiny models).
+#   5. the CUDA-only engine tests (CUDA graphs against eager steps, the Triton kernels on the GPU, tiny models);
+#   6. with two or more GPUs: a Llama-shaped random model spread over two, as `selfie worker --gpus 0,1` loads it,
+#      against the one-GPU run (float32 tokens and relevancy), and the speed of each (multi_gpu_check.py).
 # Each step has its own time limit, so one that fails or hangs leaves the others' figures.
 #
 #   bash benchmarks/gpu_check.sh TOKENIZER_DIR [PYTHON]
@@ -49,5 +51,12 @@ if "$python" -c 'import pytest' 2>/dev/null; then
         tests/unit/core/test_triton_attention.py tests/unit/core/test_triton_norm.py
 else
     echo "pytest is not installed: CUDA tests skipped"
+fi
+gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+    step 600 "two GPUs: a split Llama-shaped model against one GPU (float32), and the speed of each (bf16, 7B-shaped)" \
+        "$python" benchmarks/multi_gpu_check.py --tokenizer "$tokenizer"
+else
+    echo "one GPU here: the two-GPU check (multi_gpu_check.py) is skipped"
 fi
 exit $failed
