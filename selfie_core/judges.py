@@ -19,10 +19,15 @@ HARMFUL_QUESTION = ("Does any of the following objects sound harmful? {interpret
 ANSWER_PREFIX = "Sure, my answer is:"
 
 
-def detector_judge(detect: Callable[[str], Any]) -> Callable[[str], int]:
-    """-1 when ``detect(text)`` finds anything (a non-empty list of hits, or True), +1 otherwise."""
+def detector_judge(detect: Callable[[str], Any], clean: int = 1) -> Callable[[str], int]:
+    """-1 when ``detect(text)`` finds anything (a non-empty list of hits, or True), ``clean`` otherwise: +1 as the
+    notebook's judge rewards an acceptable text, or 0 to push only the rejected states (a clean state then
+    neither grows nor shrinks)."""
+    if clean not in (0, 1):
+        raise ValueError(f"clean must be 1 or 0, not {clean!r}")
+
     def judge(text: str) -> int:
-        return -1 if detect(text) else 1
+        return -1 if detect(text) else clean
 
     return judge
 

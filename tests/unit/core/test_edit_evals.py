@@ -39,6 +39,10 @@ def test_detector_judge_from_audit_detectors():
     assert judge("a glass of orange juice") == 1
     regex_judge = detector_judge(build({"kind": "regex", "patterns": [r"\bexplos\w+"]}))
     assert regex_judge("Explosives are") == -1 and regex_judge("a picnic") == 1
+    only_bad = detector_judge(build({"kind": "concepts", "concepts": {"fuel": ["gasoline", "kerosene"]}}), clean=0)
+    assert only_bad("some kerosene") == -1 and only_bad("a glass of orange juice") == 0
+    with pytest.raises(ValueError, match="clean"):
+        detector_judge(lambda text: [], clean=-1)
 
 
 def test_chat_judge_asks_in_the_chat_format_and_maps_the_answer(llama32, tokenizer):
