@@ -9,8 +9,8 @@ Memory rule for a model spread over several GPUs (``weights_max_memory``): the w
 ``WEIGHTS_SHARE`` (75%) of the memory free on each device when the worker starts; accelerate's balanced
 ``device_map`` spreads the blocks within those limits, so at least a quarter of every device stays for the
 engine's batches, whose size is then computed from what is really free on all devices (``selfie_core.memory``).
-A model that does not fit in 75% of the devices' free memory fails to load with accelerate's message, instead of
-spilling to host memory.
+accelerate puts what does not fit in those limits on the disk (offloaded, loaded at every forward): a worker
+refuses such a placement (``check_placement``) and says how much did not fit, instead of serving at disk speed.
 """
 
 from __future__ import annotations
@@ -67,6 +67,18 @@ def pin_gpus(gpus: Sequence[int] | None, environ: MutableMapping[str, str] | Non
 def weights_max_memory(free_bytes: Sequence[int], share: float = WEIGHTS_SHARE) -> dict[int, int]:
     """accelerate's ``max_memory`` for visible devices 0..n-1 with ``free_bytes`` free on each."""
     return {i: int(free * share) for i, free in enumerate(free_bytes)}
+
+
+def check_placement(device_map: dict, gpus: int) -> None:
+    """Raise when accelerate placed any module elsewhere than on visible GPUs 0..gpus-1 (the disk, host memory)."""
+    allowed = {str(i) for i in range(gpus)} | {f"cuda:{i}" for i in range(gpus)}
+    elsewhere = sorted(name for name, where in device_map.items() if str(where) not in allowed)
+    if elsewhere:
+        places = sorted({str(device_map[name]) for name in elsewhere})
+        raise RuntimeError(
+            f"the model does not fit in {WEIGHTS_SHARE:.0%} of the free memory of its {gpus} GPU(s): {len(elsewhere)} "
+            f"module(s) (e.g. {elsewhere[0]}) would go to {', '.join(places)}; give the worker more GPUs or free "
+            "memory, or load it in a smaller dtype")
 
 
 def free_memory() -> list[int]:

@@ -217,6 +217,10 @@ class Runtime:
         loaded = load_model(self.source or opts.model, device=opts.device, dtype=self.dtype,
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
                             if not self.source else None, **spread)
+        if opts.gpus:
+            from workers.gpus import check_placement
+
+            check_placement(loaded.model.hf_device_map, len(opts.gpus))
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
                                    decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
         self.runner = EngineRunner(self.engine, opts.batch_size)

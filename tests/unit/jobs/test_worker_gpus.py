@@ -11,7 +11,7 @@ import pytest
 
 from selfie_core.memory import row_bytes, rows_that_fit
 from workers import launch
-from workers.gpus import parse_gpus, pin_gpus, visible_devices, weights_max_memory
+from workers.gpus import check_placement, parse_gpus, pin_gpus, visible_devices, weights_max_memory
 from workers.runtime import WorkerOptions
 
 GiB = 1 << 30
@@ -68,6 +68,16 @@ def test_worker_options_name_every_device():
 
 def test_weights_leave_a_quarter_of_each_device_for_batches():
     assert weights_max_memory([80 * GiB, 40 * GiB]) == {0: 60 * GiB, 1: 30 * GiB}
+
+
+def test_a_model_that_spills_off_its_gpus_is_refused():
+    check_placement({"model.embed_tokens": 0, "model.layers.0": 1, "lm_head": "cuda:1"}, 2)
+    # what accelerate does with what does not fit the max_memory limits: the disk
+    with pytest.raises(RuntimeError, match=r"does not fit in 75% of the free memory of its 2 GPU\(s\): 2 module\(s\) "
+                                           r"\(e.g. lm_head\) would go to cpu, disk"):
+        check_placement({"model.embed_tokens": 0, "model.layers": 1, "model.norm": "disk", "lm_head": "cpu"}, 2)
+    with pytest.raises(RuntimeError, match="would go to 2"):
+        check_placement({"model.embed_tokens": 0, "model.layers": 2}, 2)
 
 
 def _llama70b_rows(layers_per_device, output_device, tokens=100):
