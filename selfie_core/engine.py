@@ -89,6 +89,9 @@ def graphs_off_reason(model, adapter) -> str | None:
                         or [getattr(module, "_hf_hook", None)])]
     if offloaded:
         return f"{len(offloaded)} module(s) are offloaded (e.g. {offloaded[0]}); decode steps run eagerly"
+    if sliding_window(model) is not None:
+        return ("its sliding-window layers keep a cache of their own kind, which is not preallocated; decode steps "
+                "run eagerly over a cache that grows")
     return None
 
 

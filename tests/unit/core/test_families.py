@@ -162,3 +162,11 @@ def test_an_unsupported_family_names_the_supported_ones(tokenizer):
                        match=r"OPTForCausalLM \(model_type 'opt'\) is not supported\. Supported families: "
                              r"LLaMA 2/3.*Mistral.*Qwen2/2\.5.*Qwen3.*Gemma 2.*Gemma 3.*Phi-3.*GPT-2.*GPT-NeoX"):
         SelfieEngine(model, tokenizer)
+
+
+def test_sliding_window_families_say_why_they_decode_without_cuda_graphs(tokenizer):
+    """Their sliding layers' cache is not preallocated, so the static (graph) steps never apply: said, not silent."""
+    for name in BUILDERS:
+        reason = SelfieEngine(tiny(name, tokenizer), tokenizer).graphs_off_reason
+        sliding = name in ("mistral", "qwen2", "gemma2", "gemma3", "phi3")
+        assert (reason is not None and "sliding-window layers" in reason) is sliding, name
