@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +17,9 @@ T = TypeVar("T")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors worth retrying: the database went away or was busy, not a bug in the statement."""
-    if isinstance(exc, OperationalError):
+    """Errors worth retrying: the database went away or was busy (or its pool or write gate was, see
+    `selfie_jobs.db.DatabaseBusy`), not a bug in the statement."""
+    if isinstance(exc, (OperationalError, PoolTimeoutError)):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 

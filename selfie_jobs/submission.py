@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from tokenizers import Tokenizer
 
@@ -294,12 +294,19 @@ def enqueue_chunks(session: Session, sender: TaskSender, chunks: Sequence[Chunk]
         log.exception("enqueueing failed after %d of %d chunks; the reconciler will re-send the rest",
                       len(sent), len(chunks))
     if sent:
-        now = utcnow()
-        for start in range(0, len(sent), 500):
-            session.execute(
-                update(Chunk).where(Chunk.id.in_(sent[start : start + 500])).values(enqueued_at=now)
-            )
-        session.commit()
+        try:
+            now = utcnow()
+            for start in range(0, len(sent), 500):
+                session.execute(
+                    update(Chunk).where(Chunk.id.in_(sent[start : start + 500])).values(enqueued_at=now)
+                )
+            session.commit()
+        except SQLAlchemyError:
+            # The job is committed and its messages are out: it will run, and the client must hear so (202), not
+            # 500. Unstamped chunks look unsent to the reconciler, which sends them again after the grace period;
+            # a second message for a chunk is harmless (the claim is a compare-and-set).
+            session.rollback()
+            log.exception("stamping enqueued_at of %d sent chunks failed; the reconciler re-sends them", len(sent))
     return len(sent)
 
 
