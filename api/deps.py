@@ -9,7 +9,8 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal, authenticate
+from api.gate import PRINCIPAL_STATE_KEY, lookup_principal
+from selfie_jobs.auth import LOCAL_PRINCIPAL, Principal
 from selfie_jobs.queue import TaskSender
 from selfie_jobs.settings import Settings
 
@@ -41,26 +42,29 @@ _bearer = HTTPBearer(auto_error=False, description="An API key made with `selfie
 
 def get_principal(
     request: Request,
-    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The key asking, as `api.gate.Authentication` found it before the body was read (it answered 401 for a
+    missing or dead key), then counted against the key's rate limit. Holds no database session: a request's
+    session is opened only where the route uses it."""
     settings: Settings = request.app.state.settings
     if not settings.auth_enabled:
         return LOCAL_PRINCIPAL
-    unauthorized = {"WWW-Authenticate": "Bearer"}
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing bearer token (an API key)", headers=unauthorized)
-    key = authenticate(session, credentials.credentials)
-    if key is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers=unauthorized)
-    retry = request.app.state.rate_limiter.hit(key.id)
+    principal = getattr(request.state, PRINCIPAL_STATE_KEY, None)
+    if principal is None:  # an app without the middleware: look the key up here, the same way
+        token = credentials.credentials if credentials is not None and credentials.scheme.lower() == "bearer" else None
+        principal = lookup_principal(request.app.state.sessionmaker, token) if token else None
+        if principal is None:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing, invalid or revoked API key",
+                                headers={"WWW-Authenticate": "Bearer"})
+    retry = request.app.state.rate_limiter.hit(principal.key_id)
     if retry is not None:
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             f"rate limit: {settings.rate_limit_per_minute} requests per minute",
             headers={"Retry-After": str(retry)},
         )
-    return Principal(key_id=key.id, is_admin=key.is_admin, name=key.name)
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]

@@ -12,6 +12,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from api.bodies import json_safe
 from selfie_jobs.errors import DomainError
@@ -36,6 +37,17 @@ async def database_unavailable(_request: Request, exc: OperationalError) -> JSON
     )
 
 
+async def database_busy(_request: Request, exc: PoolTimeoutError) -> JSONResponse:
+    """No pool connection (or, on SQLite, no write turn: selfie_jobs.db.DatabaseBusy) in time: an overload,
+    answered like an outage, never 500."""
+    log.warning("database busy: %s", exc)
+    return JSONResponse(
+        status_code=503,
+        content={"detail": "the database is busy; retry later"},
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 async def value_out_of_range(_request: Request, exc: DataError) -> JSONResponse:
     log.info("value rejected by the database: %s", exc.orig)
     return JSONResponse(status_code=400, content={"detail": "a value is out of the range the database accepts"})
@@ -50,4 +62,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     app.add_exception_handler(DomainError, domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, database_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(PoolTimeoutError, database_busy)  # type: ignore[arg-type]
     app.add_exception_handler(DataError, value_out_of_range)  # type: ignore[arg-type]

@@ -1,30 +1,66 @@
-"""A request body size limit (413), checked before anything parses the body."""
+"""Request body limits per route (413), checked before anything parses the body.
+
+`BODY_LIMITS` says what each route that takes a large body may receive; every other route gets the small
+`max_body_bytes` (audit definitions and changes are JSON of a few kilobytes). A new upload route (vectors as
+`.npy` / `.safetensors` under /v1/jobs, say) is one more line here, with the setting that sizes it. A route marked
+`streamed` reads its body in pieces (the multipart parser spools a file to disk), so its larger limit costs disk,
+not memory; a JSON route's limit is what its parser may hold in memory at once.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from api.gate import route_for, send_json
 from selfie_jobs.settings import Settings
 
 
-def max_body_bytes(settings: Settings) -> int:
-    """Room for the largest job the caps allow (a character may take 6 bytes as a JSON escape), plus 1 MiB."""
-    return settings.max_prompts_per_job * settings.max_prompt_chars * 6 + (1 << 20)
+@dataclass(frozen=True)
+class BodyLimit:
+    method: str
+    path: str  # the route's path as declared, e.g. "/v1/jobs" or "/v1/jobs/{job_id}/vectors"
+    limit: Callable[[Settings], int]
+    streamed: bool = False
+
+
+def job_body_bytes(settings: Settings) -> int:
+    """A job's JSON: room for the most prompt text the caps allow (a character may take 6 bytes as a JSON escape)
+    plus 64 KiB for the rest, but never more than `max_job_body_bytes` (the caps multiply up to 120 MB, which no
+    job needs in one request)."""
+    return min(settings.max_job_body_bytes, settings.max_prompts_per_job * settings.max_prompt_chars * 6 + (1 << 16))
+
+
+BODY_LIMITS: tuple[BodyLimit, ...] = (
+    BodyLimit("POST", "/v1/jobs", job_body_bytes),
+    # a JSONL / CSV file, spooled to disk by the multipart parser and read row by row
+    BodyLimit("POST", "/v1/prompt-sets", lambda s: s.max_upload_bytes, streamed=True),
+)
+
+
+def body_limit(settings: Settings, method: str, path: str | None) -> int:
+    """The most bytes a request to `method path` (a declared route path; None: no route) may send."""
+    for rule in BODY_LIMITS:
+        if rule.method == method and rule.path == path:
+            return rule.limit(settings)
+    return settings.max_body_bytes
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware: refuses a declared Content-Length over the limit, and stops a streamed body there."""
+    """Pure ASGI middleware: refuses a declared Content-Length over the route's limit, and stops a streamed body
+    there."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app) -> None:
         self.app = app
-        self.limit = limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        route = route_for(scope)
+        limit = body_limit(scope["app"].state.settings, scope["method"], getattr(route, "path", None))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _too_large(send, self.limit)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _too_large(send, limit)
         seen = 0
         started = False  # the app has begun its response
         refused = False  # the 413 went out
@@ -34,12 +70,12 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     # Answered here, not by an exception handler: whatever reads the body (FastAPI's parsing, a
                     # multipart parser) may catch the exception below and answer something else, which is dropped.
                     if not started and not refused:
                         refused = True
-                        await _too_large(send, self.limit)
+                        await _too_large(send, limit)
                     raise _TooLarge
             return message
 
@@ -63,7 +99,7 @@ class _TooLarge(Exception):
 
 
 async def _too_large(send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body larger than {limit} bytes"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_json(send, 413, f"request body larger than {limit} bytes", close=True)
+
+
+__all__ = ["BODY_LIMITS", "BodyLimit", "BodySizeLimit", "body_limit", "job_body_bytes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
@@ -46,6 +47,8 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # the sync routes' threads: as many as requests served at once (the database pool has room for them all)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrent_requests
         yield
         if producer is not None:
             producer.close()
@@ -70,9 +73,15 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
         settings.redis_url, settings.rate_limit_per_minute, settings.resolved_database_url()
     )
 
-    from api.limits import BodySizeLimit, max_body_bytes
+    from api.gate import Authentication
+    from api.limits import BodySizeLimit
+    from api.overload import ConcurrencyLimit
 
-    app.add_middleware(BodySizeLimit, limit=max_body_bytes(settings))
+    # Outermost last: a request waits for a slot, then its key is checked, then its body is counted as it is read.
+    app.add_middleware(BodySizeLimit)
+    app.add_middleware(Authentication)
+    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrent_requests,
+                       wait_seconds=settings.queue_wait_seconds)
     if settings.cors_origins:  # closed unless origins are configured
         app.add_middleware(
             CORSMiddleware,

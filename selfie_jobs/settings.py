@@ -67,6 +67,16 @@ class Settings(BaseSettings):
 
     # --- api -----------------------------------------------------------------------------------------------
     public_url: str = Field("http://127.0.0.1:8000", description="Base of the links the API hands out.")
+    max_job_body_bytes: int = Field(16 << 20, ge=1024, description="A POST /v1/jobs body (JSON). The prompt caps "
+                                    "allow more text than this in one job; such a job is split into several.")
+    max_upload_bytes: int = Field(256 << 20, ge=1024, description="An upload (prompt-set file), spooled to disk "
+                                  "and read row by row, never held in memory whole.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="The body of any other route (audit definitions, "
+                                "changes): small JSON.")
+    max_concurrent_requests: int = Field(40, ge=1, description="Requests one API process serves at once (its "
+                                         "thread pool); more wait in line, see queue_wait_seconds.")
+    queue_wait_seconds: float = Field(30.0, gt=0, description="How long a request waits in line before it is "
+                                      "answered 503 with Retry-After (overload sheds load, never 500).")
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'selfie.db'}"

@@ -135,10 +135,10 @@ def test_oversized_body_is_refused(env, server):
 
 def test_oversized_chunked_body_is_refused(env, server):
     """No Content-Length to check up front: the body is counted as it streams in, and the 413 comes from there."""
-    from api.limits import max_body_bytes
+    from api.limits import body_limit
 
     database_url, redis_url, model = env
-    limit = max_body_bytes(server.app.state.settings)
+    limit = body_limit(server.app.state.settings, "POST", "/v1/jobs")
     sent = 0
 
     def stream():
