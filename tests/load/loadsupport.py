@@ -76,10 +76,11 @@ class ServiceStack:
         self._files[name].flush()
         return self.logs[name].read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 300) -> float:
+    def wait_ready(self, timeout: float = 300, api_key: str | None = None) -> float:
         """Seconds until the worker's model is loaded and its heartbeat says ready (seen through the API)."""
         t0 = time.monotonic()
-        with httpx.Client(base_url=self.url, timeout=10) as http:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        with httpx.Client(base_url=self.url, timeout=10, headers=headers) as http:
             def ready():
                 for name, proc in (("worker", self.worker), ("api", self.api)):
                     if proc.poll() is not None:
@@ -116,6 +117,8 @@ class LoadResult:
     statuses: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)  # transport errors by type
     accepted: list[str] = field(default_factory=list)  # job ids
+    # per request, by its idempotency key: (the submitter, the status, the job id answered or None)
+    outcomes: dict[str, tuple[int, int, str | None]] = field(default_factory=dict)
     interpretations: int = 0
     wall_s: float = 0.0
 
@@ -136,7 +139,8 @@ class LoadResult:
 
 
 async def _submitter(n: int, client: httpx.AsyncClient, make_body: Callable[[int, int], dict], deadline: float,
-                     think_s: float, budget: list[int], result: LoadResult) -> None:
+                     think_s: float, budget: list[int], result: LoadResult,
+                     headers: Callable[[int], dict[str, str]] | None) -> None:
     if think_s:  # start spread over one think time, not as one synchronized wave
         await asyncio.sleep(random.Random(n).uniform(0, think_s))
     i = 0
@@ -146,24 +150,29 @@ async def _submitter(n: int, client: httpx.AsyncClient, make_body: Callable[[int
         i += 1
         t0 = time.perf_counter()
         try:
-            resp = await client.post("/v1/jobs", json=body)
+            resp = await client.post("/v1/jobs", json=body, headers=headers(n) if headers else None)
         except httpx.HTTPError as exc:
             result.errors[type(exc).__name__] += 1
             continue
         result.latencies_ms.append((time.perf_counter() - t0) * 1000)
         result.statuses[resp.status_code] += 1
+        job_id = None
         if resp.status_code in (200, 202):
             data = resp.json()
-            result.accepted.append(data["id"])
+            job_id = data["id"]
+            result.accepted.append(job_id)
             result.interpretations += data["total"]
+        if body.get("idempotency_key"):
+            result.outcomes[body["idempotency_key"]] = (n, resp.status_code, job_id)
         if think_s:
             await asyncio.sleep(think_s)
 
 
 def run_load(url: str, make_body: Callable[[int, int], dict], *, submitters: int, seconds: float,
-             think_s: float = 0.0, max_requests: int | None = None, timeout_s: float = 60.0) -> LoadResult:
-    """`submitters` concurrent clients, each submitting `make_body(submitter, i)` in a loop (pausing `think_s`
-    after each answer) until `seconds` pass or `max_requests` were sent in all."""
+             think_s: float = 0.0, max_requests: int | None = None, timeout_s: float = 60.0,
+             headers: Callable[[int], dict[str, str]] | None = None) -> LoadResult:
+    """`submitters` concurrent clients, each submitting `make_body(submitter, i)` (with `headers(submitter)`) in
+    a loop (pausing `think_s` after each answer) until `seconds` pass or `max_requests` were sent in all."""
     result = LoadResult(submitters=submitters, seconds=seconds)
 
     async def main() -> None:
@@ -172,7 +181,7 @@ def run_load(url: str, make_body: Callable[[int, int], dict], *, submitters: int
             deadline = time.monotonic() + seconds
             budget = [max_requests if max_requests is not None else 1 << 62]
             t0 = time.monotonic()
-            await asyncio.gather(*(_submitter(n, client, make_body, deadline, think_s, budget, result)
+            await asyncio.gather(*(_submitter(n, client, make_body, deadline, think_s, budget, result, headers)
                                    for n in range(submitters)))
             result.wall_s = time.monotonic() - t0
 
