@@ -79,7 +79,9 @@ class WriteGate:
             self._cond.notify_all()
 
 
-def _configure_sqlite(engine: Engine, gate: WriteGate) -> None:
+def configure_sqlite(engine: Engine, gate: WriteGate | None) -> None:
+    """The pragmas every connection gets, and the write gate (None: none, as `benchmarks/sqlite_write_bench.py`
+    measures the naive way)."""
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection, _record):  # noqa: ANN001 - DB-API objects
         cursor = dbapi_connection.cursor()
@@ -89,6 +91,9 @@ def _configure_sqlite(engine: Engine, gate: WriteGate) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
+
+    if gate is None:
+        return
 
     @event.listens_for(engine, "before_cursor_execute")
     def _take_gate(conn, _cursor, statement, _params, _context, _many):  # noqa: ANN001
@@ -117,7 +122,7 @@ def create_db_engine(url: str) -> Engine:
             pool = {}  # one in-memory database per connection: SQLAlchemy picks its single-connection pool
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
                                **pool)
-        _configure_sqlite(engine, WriteGate(SQLITE_WRITE_WAIT_SECONDS))
+        configure_sqlite(engine, WriteGate(SQLITE_WRITE_WAIT_SECONDS))
         return engine
     # pool_pre_ping: a restarted database must not hand out dead connections to the next request.
     return create_engine(url, pool_pre_ping=True, **pool)
