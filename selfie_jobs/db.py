@@ -9,7 +9,6 @@ time sleeping while the worker's writes starved. Measured figures: benchmarks/RE
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +32,6 @@ SQLITE_WRITE_WAIT_SECONDS = 15.0
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER")
-_GATE_HELD = "selfie_write_gate_held"
 
 
 class DatabaseBusy(PoolTimeoutError):
@@ -44,39 +42,18 @@ class DatabaseBusy(PoolTimeoutError):
 
 
 class WriteGate:
-    """One writer at a time per process, first come first served, with a bounded wait.
-
-    Taken before the first write statement of a transaction (pysqlite begins the transaction there, so a writer
-    waiting here holds no SQLite lock) and given back when the transaction ends or its connection is returned."""
+    """One writer at a time per process, with a bounded wait."""
 
     def __init__(self, wait_seconds: float) -> None:
         self.wait_seconds = wait_seconds
-        self._cond = threading.Condition()
-        self._waiting: deque[object] = deque()
-        self._held = False
+        self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        ticket = object()
-        deadline = time.monotonic() + self.wait_seconds
-        with self._cond:
-            self._waiting.append(ticket)
-            try:
-                while self._held or self._waiting[0] is not ticket:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise DatabaseBusy(
-                            f"waited {self.wait_seconds:.0f} s for the SQLite write gate ({len(self._waiting) - 1} "
-                            "writers ahead or holding it)")
-                    self._cond.wait(remaining)
-                self._held = True
-            finally:
-                self._waiting.remove(ticket)
-                self._cond.notify_all()  # the next ticket may be first now
+        if not self._lock.acquire(timeout=self.wait_seconds):
+            raise DatabaseBusy(f"waited {self.wait_seconds:.0f} s for the SQLite write gate")
 
     def release(self) -> None:
-        with self._cond:
-            self._held = False
-            self._cond.notify_all()
+        self._lock.release()
 
 
 def configure_sqlite(engine: Engine, gate: WriteGate | None) -> None:
@@ -95,21 +72,42 @@ def configure_sqlite(engine: Engine, gate: WriteGate | None) -> None:
     if gate is None:
         return
 
+    holders: set[int] = set()  # ids of the DB-API connections that hold the gate
+
     @event.listens_for(engine, "before_cursor_execute")
     def _take_gate(conn, _cursor, statement, _params, _context, _many):  # noqa: ANN001
-        if not conn.info.get(_GATE_HELD) and statement.lstrip()[:7].upper().startswith(_WRITES):
+        key = id(conn.connection.dbapi_connection)
+        if key not in holders and statement.lstrip()[:7].upper().startswith(_WRITES):
             gate.acquire()
-            conn.info[_GATE_HELD] = True
+            holders.add(key)
 
-    def _give_back(info) -> None:  # noqa: ANN001
-        if info.pop(_GATE_HELD, False):
+    def _give_back(dbapi_connection) -> None:  # noqa: ANN001
+        if id(dbapi_connection) in holders:
+            holders.discard(id(dbapi_connection))
             gate.release()
 
-    # The commit/rollback events come just before the driver's commit: the next writer may meet SQLite's lock for
-    # the length of one commit, which busy_timeout covers. "checkin" covers a connection returned mid-transaction.
-    event.listen(engine, "commit", lambda conn: _give_back(conn.info))
-    event.listen(engine, "rollback", lambda conn: _give_back(conn.info))
-    event.listen(engine.pool, "checkin", lambda _dbapi, record: _give_back(record.info))
+    # Given back after the driver's commit or rollback has released SQLite's lock (SQLAlchemy's commit event comes
+    # before it, and the next writer then met the lock and slept in SQLite's busy handler), and when a connection
+    # goes back to the pool (it is rolled back there) or is closed.
+    dialect = engine.dialect
+    do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
+
+    def commit_then_give_back(dbapi_connection) -> None:  # noqa: ANN001
+        try:
+            do_commit(dbapi_connection)
+        finally:
+            _give_back(dbapi_connection)
+
+    def rollback_then_give_back(dbapi_connection) -> None:  # noqa: ANN001
+        try:
+            do_rollback(dbapi_connection)
+        finally:
+            _give_back(dbapi_connection)
+
+    dialect.do_commit = commit_then_give_back  # this engine's own dialect instance
+    dialect.do_rollback = rollback_then_give_back
+    event.listen(engine.pool, "checkin", lambda dbapi_connection, _record: _give_back(dbapi_connection))
+    event.listen(engine.pool, "close", lambda dbapi_connection, _record: _give_back(dbapi_connection))
 
 
 def create_db_engine(url: str) -> Engine:
