@@ -1,15 +1,16 @@
 """Engine and session factories. Nothing is created at import: callers pass settings (or a URL).
 
-Connection pools are per process (`get_engine` caches one engine per URL). On SQLite, writers of one process queue
-on an in-process write gate (`WriteGate`) instead of polling the file lock: SQLite lets one writer at a time in,
-and its busy handler makes the others sleep and retry, so 40 threads fighting for the lock wasted most of their
-time sleeping while the worker's writes starved. Measured figures: benchmarks/README.md ("Submit load").
+Connection pools are per process (`get_engine` caches one engine per URL). On SQLite, writers of one process wait
+for an in-process write gate (`WriteGate`) instead of polling the file lock: SQLite lets one writer at a time in
+and its busy handler makes the others sleep and retry, so 40 API threads fighting for the lock kept a worker's
+writes waiting and let a writer wait for seconds; with the gate the worker's writes go through, a writer's wait is
+bounded (DatabaseBusy, a 503), and the API's peak write rate is lower but far above what it submits.
+Measured figures: benchmarks/README.md ("Submit load").
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
