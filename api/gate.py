@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 
+from api.errors import RETRY_AFTER_SECONDS
 from selfie_jobs.auth import Principal, authenticate
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 ROUTE_SCOPE_KEY = "selfie.route"
 #: The request-state key of the principal the middleware authenticated.
 PRINCIPAL_STATE_KEY = "principal"
-RETRY_AFTER_SECONDS = 5
 
 
 def _flat_routes(routes) -> Iterator[BaseRoute]:

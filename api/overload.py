@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from api.errors import RETRY_AFTER_SECONDS
 from api.gate import has_body, send_json
 
 log = logging.getLogger(__name__)
 
 #: Answered without waiting in line: liveness must not look dead because the service is busy.
 UNQUEUED_PATHS = frozenset({"/healthz"})
-RETRY_AFTER_SECONDS = 5
 
 
 class ConcurrencyLimit:
