@@ -23,12 +23,8 @@ def _client(url: str, api_key: str | None):
 
 
 def _call(client, method: str, path: str, **kw: Any) -> Any:
-    from selfie_client.client import SelfieError
-
-    try:
-        return client._request(method, path, **kw).json()
-    except SelfieError as exc:
-        raise click.ClickException(str(exc)) from None
+    """One request's JSON; a refusal (SelfieError) reaches the user as one line through selfie_cli.errors."""
+    return client._request(method, path, **kw).json()
 
 
 def _audit_id(client, audit: str) -> int:
@@ -176,22 +172,17 @@ def schedule(audit_ref: str, cron: str, url: str, api_key: str | None) -> None:
 
 
 def _wait(c, run_id: int) -> dict[str, Any]:
-    from tqdm import tqdm
+    from selfie_cli.render import progress_bar
 
-    bar = tqdm(total=1, unit="interp", disable=not sys.stderr.isatty(), desc=f"run {run_id}")
-    try:
+    with progress_bar(f"run {run_id}", None, enabled=sys.stderr.isatty()) as update:
         while True:
             run = _call(c, "GET", f"/v1/audit-runs/{run_id}")
             p = run["progress"]
-            bar.total = max(1, p["interpretations_total"])
-            bar.n = p["interpretations_done"]
-            bar.set_postfix(state=run["state"], flags=p["flags"], refresh=False)
-            bar.refresh()
+            update(done=p["interpretations_done"], total=max(1, p["interpretations_total"]),
+                   status=f"{run['state']}, {p['flags']} flags")
             if run["state"] in FINAL:
                 return run
             time.sleep(1.0)
-    finally:
-        bar.close()
 
 
 @audit.command("run")

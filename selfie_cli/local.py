@@ -26,11 +26,11 @@ def interpret_locally(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> Any:
-    """Interpret `prompt` and return a DataFrame with the columns the service's results have."""
-    from tqdm.auto import tqdm
-
+    """Interpret `prompt` and return a DataFrame in the shape of the service's results (`selfie_core.to_dataframe`)."""
+    from selfie_cli.render import progress_bar
     from selfie_client.client import selector
     from selfie_jobs.settings import get_settings
     from selfie_jobs.specs import Targets, resolve_index, resolve_selector
@@ -45,6 +45,9 @@ def interpret_locally(
         to_dataframe,
     )
 
+    from selfie_core.threads import set_threads
+
+    set_threads(threads)  # before the model loads
     settings = get_settings()
     name = model or settings.default_model
     loaded = load_model(model_path or name, device=device, dtype=dtype,
@@ -65,10 +68,8 @@ def interpret_locally(
     generation = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                   top_p=top_p, seed=seed)
     results = []
-    with tqdm(total=len(requests), desc="interpreting", unit="interp", disable=not progress) as bar:
+    with progress_bar("interpreting", len(requests), enabled=progress) as update:
         for batch in engine.stream(requests, template or "summarize", injection, generation, batch_size):
             results.extend(batch)
-            bar.update(len(batch))
-    df = to_dataframe(results).drop(columns=["key"])
-    df.insert(0, "prompt_index", 0)
-    return df
+            update(advance=len(batch))
+    return to_dataframe(results).drop(columns=["key"])

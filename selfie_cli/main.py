@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import click
 
+from selfie_cli.errors import SelfieGroup
+
 URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="The API's base URL (env SELFIE_URL).")
+THREADS_OPTION = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="torch CPU threads (default: half the usable cores, at most 8; 1 on a 2-core machine; "
+         "see selfie_core/threads.py).")
 KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None,
                           help="Bearer API key (env SELFIE_API_KEY); not needed with `selfie up`.")
 
@@ -21,16 +28,29 @@ def _client(url: str, api_key: str | None):
 
 
 def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc)) from exc
+    from selfie_cli.errors import translate
+
+    raise (translate(exc) or click.ClickException(str(exc))) from exc
+
+
+def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--layers / --tokens: refused as a usage error here, before anything loads or is sent."""
+    from selfie_client.client import selector
+
+    try:
+        selector(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
 
 
 def target_options(func):
     """Options shared by `submit` and `interpret`: what to interpret and how."""
     options = [
         click.option("--model", default=None, help="Served model name (default: the service's default model)."),
-        click.option("--layers", default="all", show_default=True,
+        click.option("--layers", default="all", show_default=True, callback=_check_selector,
                      help='"all", a list "0,4,8" or a range "0:31:5" (hidden_states indices).'),
-        click.option("--tokens", default="all", show_default=True,
+        click.option("--tokens", default="all", show_default=True, callback=_check_selector,
                      help='"all", a list "0,-1" or a range "-4:" (negative = from the end).'),
         click.option("--pair", "pairs", multiple=True, metavar="LAYER,TOKEN",
                      help="Explicit (layer, token) pair; repeatable; replaces --layers/--tokens."),
@@ -49,6 +69,15 @@ def target_options(func):
     return func
 
 
+def _check_model_path(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A missing local folder is refused before torch loads (seconds), by load_model's rule for what is a path."""
+    from pathlib import Path
+
+    if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
+        raise click.BadParameter(f"no model folder at {value}", ctx=ctx, param=param)
+    return value
+
+
 def _parse_pairs(pairs: tuple[str, ...]) -> list[tuple[int, int]] | None:
     if not pairs:
         return None
@@ -62,10 +91,20 @@ def _parse_pairs(pairs: tuple[str, ...]) -> list[tuple[int, int]] | None:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _set_debug(_ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:  # the environment, so that the error handling (selfie_cli.errors) and child processes see it
+        os.environ["SELFIE_DEBUG"] = "1"
+    return value
+
+
+@click.group(cls=SelfieGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option("0.1.0", prog_name="selfie")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=_set_debug,
+              help="Show the full traceback of an error instead of its one-line message (env SELFIE_DEBUG=1).")
 def cli() -> None:
-    """SelfIE as a service: ask a language model what its own hidden states mean."""
+    """SelfIE as a service: ask a language model what its own hidden states mean.
+
+    Errors are reported in a line or two: exit status 2 for a bad command line, 1 for anything else."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,8 +165,9 @@ def _gpus_option(ctx, param, value):
               help="How those steps attend: the model's SDPA attention or the engine's Triton kernel.")
 @click.option("--rms-norm", type=click.Choice(["model", "triton"]), default="model", show_default=True,
               help="RMSNorm through the model's own modules or the engine's Triton kernel.")
+@THREADS_OPTION
 def worker(model, gpu, gpus, model_path, device, dtype, concurrency, batch_size, hostname, loglevel, cuda_graphs,
-           decode_attention, rms_norm) -> None:
+           decode_attention, rms_norm, threads) -> None:
     """Serve one model on one device, or spread over several GPUs with --gpus (blocks)."""
     from selfie_jobs.settings import get_settings
     from workers.launch import run_worker
@@ -138,7 +178,7 @@ def worker(model, gpu, gpus, model_path, device, dtype, concurrency, batch_size,
         raise click.UsageError("--device names one device; a model spread over --gpus has several")
     run_worker(model or get_settings().default_model, gpu, gpus=gpus, model_path=model_path, device=device, dtype=dtype,
                concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel,
-               cuda_graphs=cuda_graphs, decode_attention=decode_attention, rms_norm=rms_norm)
+               cuda_graphs=cuda_graphs, decode_attention=decode_attention, rms_norm=rms_norm, threads=threads)
 
 
 @cli.command()
@@ -215,14 +255,8 @@ def _safe_url(url: str) -> str:
 @KEY_OPTION
 def submit(prompts, url, api_key, wait, pairs, layers, tokens, **options) -> None:
     """Submit a job for one or more PROMPTS; prints its id and link."""
-    from selfie_client import SelfieError
-
     with _client(url, api_key) as client:
-        try:
-            accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
-                                     **options)
-        except (SelfieError, ValueError) as exc:
-            _fail(exc)
+        accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs), **options)
         click.echo(f"job {accepted['id']}: {accepted['total']} interpretations in {accepted['chunks']} chunks")
         click.echo(accepted["link"])
         if wait:
@@ -250,13 +284,9 @@ def _wait_and_show(client, job_id: str) -> None:
 def status(job_id: str, wait: bool, as_json: bool, url: str, api_key: str | None) -> None:
     """A job's state, progress, queue position and timings."""
     from selfie_cli.render import status_line
-    from selfie_client import SelfieError
 
     with _client(url, api_key) as client:
-        try:
-            st = client.wait(job_id) if wait else client.status(job_id)
-        except SelfieError as exc:
-            _fail(exc)
+        st = client.wait(job_id) if wait else client.status(job_id)
     click.echo(json.dumps(st, indent=2) if as_json else status_line(st))
 
 
@@ -266,14 +296,25 @@ def status(job_id: str, wait: bool, as_json: bool, url: str, api_key: str | None
 @KEY_OPTION
 def cancel(job_id: str, url: str, api_key: str | None) -> None:
     """Cancel a job (its queued chunks are dropped)."""
-    from selfie_client import SelfieError
-
     with _client(url, api_key) as client:
-        try:
-            out = client.cancel(job_id)
-        except SelfieError as exc:
-            _fail(exc)
+        out = client.cancel(job_id)
     click.echo(f"job {out['id']}: {out['state']}" + ("" if out["cancelled"] else " (already finished)"))
+
+
+TABLE_OPTIONS = [
+    click.option("--width", type=click.IntRange(min=4), default=24, show_default=True,
+                 help="Table column width; longer texts wrap onto more lines."),
+    click.option("--relevancy/--no-relevancy", "show_relevancy", default=True, show_default=True,
+                 help="Print each cell's mean relevancy under its text."),
+    click.option("--shade/--no-shade", default=True, show_default=True,
+                 help="Shade each cell by its mean relevancy (on a color terminal; white .. deep blue)."),
+]
+
+
+def table_options(func):
+    for option in reversed(TABLE_OPTIONS):
+        func = option(func)
+    return func
 
 
 @cli.command()
@@ -287,29 +328,31 @@ def cancel(job_id: str, url: str, api_key: str | None) -> None:
 @click.option("--search", "q", default=None, help="Interpretation text contains this (any case).")
 @click.option("--sort", default="position", show_default=True,
               type=click.Choice(["position", "relevancy", "-relevancy", "layer", "-layer", "token", "created"]))
-@click.option("--width", type=int, default=24, show_default=True, help="Table cell width.")
+@table_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write to a file.")
 @click.option("--raw", is_flag=True, help="CSV: the text exactly as stored. Default: spreadsheet-safe (cells that "
                                           "would run as formulas are prefixed with ').")
 @URL_OPTION
 @KEY_OPTION
-def results(job_id, fmt, width, output, raw, url, api_key, **filters) -> None:
+def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key, **filters) -> None:
     """A job's interpretations: a layer x token table per prompt, or CSV / JSON rows."""
-    from selfie_client import SelfieError
+    import io
 
+    buffer = io.StringIO()
     with _client(url, api_key) as client:
-        try:
-            if fmt == "csv":
-                # a CSV file from the command line is likely opened in a spreadsheet: safe unless --raw
-                text = client.results_csv(job_id, safe=not raw, **filters)
+        if fmt == "csv":
+            # a CSV file from the command line is likely opened in a spreadsheet: safe unless --raw
+            buffer.write(client.results_csv(job_id, safe=not raw, **filters))
+        else:
+            rows = list(client.iter_results(job_id, **filters))
+            if fmt == "json":
+                buffer.write(json.dumps(rows, indent=1))
+            elif not output:
+                _tables(client.status(job_id), rows, width=width, relevancy=show_relevancy, shade=shade)
+                return
             else:
-                rows = list(client.iter_results(job_id, **filters))
-                if fmt == "json":
-                    text = json.dumps(rows, indent=1)
-                else:
-                    text = _tables(client.status(job_id), rows, width)
-        except SelfieError as exc:
-            _fail(exc)
+                _tables(client.status(job_id), rows, width=width, relevancy=show_relevancy, shade=False, file=buffer)
+    text = buffer.getvalue()
     if output:
         with open(output, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -318,48 +361,46 @@ def results(job_id, fmt, width, output, raw, url, api_key, **filters) -> None:
         click.echo(text, nl=not text.endswith("\n"))
 
 
-def _tables(status: dict[str, Any], rows: list[dict[str, Any]], width: int) -> str:
-    import io
-    from contextlib import redirect_stdout
-
+def _tables(status: dict[str, Any], rows: list[dict[str, Any]], *, file: Any = None, **table: Any) -> None:
     import pandas as pd
 
-    from selfie_cli.render import print_table
+    from selfie_cli.render import console, print_table
 
     df = pd.DataFrame(rows, columns=["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy"])
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        for prompt in status["prompts"]:
-            if (df["prompt_index"] == prompt["index"]).any():
-                print(f"prompt {prompt['index']}: {prompt['text']}")
-                print_table(df, prompt["index"], width=width)
-                print()
-    return buffer.getvalue() or "(no interpretations)\n"
+    out = console(file)
+    shown = False
+    for prompt in status["prompts"]:
+        if (df["prompt_index"] == prompt["index"]).any():
+            out.print(f"prompt {prompt['index']}: {prompt['text']}")
+            print_table(df, prompt["index"], file=file, **table)
+            out.print()
+            shown = True
+    if not shown:
+        out.print("(no interpretations)")
 
 
 @cli.command()
 @click.argument("prompt")
 @target_options
-@click.option("--model-path", default=None, help="Load the weights from here instead of the model name.")
+@click.option("--model-path", default=None, callback=_check_model_path,
+              help="Load the weights from here instead of the model name.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@THREADS_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
-@click.option("--width", type=int, default=24, show_default=True)
-def interpret(prompt, fmt, width, **options) -> None:
+@table_options
+def interpret(prompt, fmt, width, show_relevancy, shade, **options) -> None:
     """Interpret PROMPT in this process with the engine (no API, no queue, no database)."""
     from selfie_cli.local import interpret_locally
 
-    try:
-        df = interpret_locally(prompt, pairs=_parse_pairs(options.pop("pairs")), **options)
-    except ValueError as exc:
-        _fail(exc)
+    df = interpret_locally(prompt, pairs=_parse_pairs(options.pop("pairs")), **options)
     if fmt == "csv":
         click.echo(df.to_csv(index=False), nl=False)
     else:
         from selfie_cli.render import print_table
 
-        print_table(df, 0, width=width)
+        print_table(df, 0, width=width, relevancy=show_relevancy, shade=shade)
 
 
 # --------------------------------------------------------------------------------------------------------------

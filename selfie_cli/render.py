@@ -1,25 +1,102 @@
-"""Terminal output: layer x token tables, job status lines."""
+"""Terminal output through rich: layer x token tables (cells wrap, shaded by relevancy), progress bars, status lines."""
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
 
-import click
+# The explorer's scale (api/static/common.js): white -> light blue -> deep blue as relevancy rises.
+_WHITE, _MID, _DEEP = (255, 255, 255), (107, 174, 214), (8, 48, 107)
 
 
-def print_table(df, prompt_index: int = 0, width: int = 24) -> None:
-    """A layer x token table of one prompt's interpretations."""
-    import pandas as pd
+def relevancy_color(t: float) -> tuple[int, int, int]:
+    """The background for relevancy `t` in [0, 1] of the table's scale (the explorer grid's colors)."""
+    t = min(1.0, max(0.0, t))
+    c0, c1, u = (_WHITE, _MID, t / 0.5) if t < 0.5 else (_MID, _DEEP, (t - 0.5) / 0.5)
+    return tuple(round(a + (b - a) * u) for a, b in zip(c0, c1, strict=True))  # type: ignore[return-value]
 
-    from selfie_client.tables import layer_token_table
 
-    table = layer_token_table(df, prompt_index, width=width)
-    if table.empty:
-        click.echo(f"(no interpretations for prompt {prompt_index})")
-        return
-    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", width + 2,
-                           "display.max_rows", 10_000):
-        click.echo(table.to_string())
+def console(file: Any = None):
+    """A rich console on stdout; a wide one when stdout is not a terminal, so piped tables wrap only long cells."""
+    from rich.console import Console
+
+    file = file or sys.stdout
+    return Console(file=file, width=None if file.isatty() else 200, highlight=False, soft_wrap=False)
+
+
+def layer_token_rich_table(df, prompt_index: int = 0, *, width: int = 24, relevancy: bool = True,
+                           shade: bool = True):
+    """One prompt's interpretations as a rich Table: layers down, "index:token" across, each cell the text
+    (wrapped to `width`, never cut), its mean relevancy under it and its background shaded by it."""
+    from rich.table import Table
+    from rich.text import Text
+
+    part = df[(df["prompt_index"] == prompt_index).fillna(False).astype(bool)]  # a vector's row has no prompt
+    if part.empty:
+        return None
+    tokens = sorted(set(part["token"]))
+    layers = sorted(set(part["layer"]))
+    labels = {t: f"{t}:{s.strip() or repr(s)}" for t, s in zip(part["token"], part["source_token"], strict=True)}
+    cells = {(r.layer, r.token): r for r in part.itertuples(index=False)}
+    scale = max(1e-9, float(part["mean_relevancy"].max()))
+    table = Table(show_lines=True, header_style="bold", caption=(
+        f"under each text its mean relevancy; shading 0..{scale:.3f}" if relevancy else None))
+    table.add_column("layer", justify="right", no_wrap=True)
+    for t in tokens:
+        table.add_column(labels[t], min_width=min(len(labels[t]), width), max_width=max(width, len(labels[t])),
+                         overflow="fold")
+    for layer in layers:
+        row: list[Any] = [str(layer)]
+        for t in tokens:
+            r = cells.get((layer, t))
+            if r is None:
+                row.append("")
+                continue
+            text = " ".join(str(r.text).split()) or "(blank)"  # an empty generation, not a missing cell
+            cell = Text(text)
+            if relevancy:
+                cell.append(f"\n{r.mean_relevancy:.3f}", style="italic")
+            if shade:
+                v = r.mean_relevancy / scale
+                red, green, blue = relevancy_color(v)
+                cell.stylize(f"{'white' if v > 0.55 else 'black'} on rgb({red},{green},{blue})")
+            row.append(cell)
+        table.add_row(*row)
+    return table
+
+
+def print_table(df, prompt_index: int = 0, width: int = 24, *, relevancy: bool = True, shade: bool = True,
+                file: Any = None) -> None:
+    """Print one prompt's layer x token table (or a line saying it has none)."""
+    out = console(file)
+    table = layer_token_rich_table(df, prompt_index, width=width, relevancy=relevancy, shade=shade)
+    if table is None:
+        out.print(f"(no interpretations for prompt {prompt_index})")
+    else:
+        out.print(table)
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None, *, enabled: bool = True) -> Iterator[Any]:
+    """A rich progress bar on stderr: `update(done=..., total=..., status=...)`; nothing drawn when disabled."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[status]}"), console=Console(stderr=True), disable=not enabled,
+                        transient=False)
+    with progress:
+        task = progress.add_task(description, total=total, status="")
+
+        def update(done: int | None = None, total: int | None = None, status: str | None = None,
+                   advance: int | None = None) -> None:
+            fields: dict[str, Any] = {}
+            if status is not None:
+                fields["status"] = status
+            progress.update(task, completed=done, total=total, advance=advance, **fields)
+
+        yield update
 
 
 def status_line(status: dict[str, Any]) -> str:
@@ -27,6 +104,8 @@ def status_line(status: dict[str, Any]) -> str:
     parts = [f"job {status['id']}", status["state"], f"{p['done']}/{p['total']} ({100 * p['fraction']:.0f}%)"]
     if status.get("queue_position"):
         parts.append(f"{status['queue_position']} chunks ahead")
+    if status.get("waiting"):
+        parts.append(status["waiting"])
     timings = status.get("timings") or {}
     if timings.get("total_seconds") is not None:
         parts.append(f"{timings['total_seconds']:.1f}s")

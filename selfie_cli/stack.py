@@ -105,10 +105,10 @@ def _python(*args: str) -> list[str]:
 
 def _wait_for(what: str, check: Callable[[], bool], stack: Stack, timeout_s: float, progress: bool = True) -> None:
     """Poll `check` with a spinner until it is true; fail early when a child died."""
-    from tqdm.auto import tqdm
+    from selfie_cli.render import progress_bar
 
     started = time.monotonic()
-    with tqdm(desc=what, bar_format="{desc} {elapsed}", mininterval=1.0, disable=not progress) as bar:
+    with progress_bar(what, None, enabled=progress):  # no total: rich draws a pulsing bar and the time taken
         while True:
             try:
                 if check():
@@ -121,7 +121,6 @@ def _wait_for(what: str, check: Callable[[], bool], stack: Stack, timeout_s: flo
             if time.monotonic() - started > timeout_s:
                 raise click.ClickException(f"timed out after {timeout_s:.0f}s: {what}")
             time.sleep(0.25)
-            bar.update(0)
 
 
 def run_up(*, host: str, port: int, model: str | None, model_path: str | None, demo: bool, exit_after: bool,

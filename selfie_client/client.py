@@ -9,9 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from selfie_jobs.selectors import parse_selector
+
 if TYPE_CHECKING:
     import pandas as pd
 
+# The DataFrame shape of results, shared with the engine's `selfie_core.to_dataframe` (whose docstring defines each
+# column; a test holds the two lists equal: the client cannot import the engine).
+RESULT_COLUMNS = ["prompt_index", "prompt", "label", "layer", "token", "source_token", "text", "mean_relevancy",
+                  "relevancy", "token_ids"]
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 Selector = str | int | range | slice | Sequence[int]
 
@@ -25,6 +31,14 @@ class SelfieError(RuntimeError):
         super().__init__(f"HTTP {status}{where}: {detail}")
 
 
+class ServiceUnreachable(ConnectionError):
+    """Nothing answers at the service's URL (refused, unknown host): raised at once, since waiting rarely helps."""
+
+    def __init__(self, url: str, cause: Exception):
+        self.url = url
+        super().__init__(f"cannot reach the SelfIE API at {url} ({cause})")
+
+
 def _retry_after(resp: httpx.Response) -> float:
     """The seconds the server asks to wait; 1 when it does not say in seconds."""
     try:
@@ -33,22 +47,22 @@ def _retry_after(resp: httpx.Response) -> float:
         return 1.0
 
 
+def _progress():
+    """The progress bar of `wait`: rich, on stderr (the terminal, or a notebook cell's output)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=Console(stderr=True))
+
+
 def selector(value: Selector) -> str | list[int] | dict[str, int | None]:
     """Layers/tokens as the API takes them: "all", a list, or a {start, stop, step} range.
 
     Accepts "all", an int, a list of ints, `range(...)`, `slice(...)` or a "start:stop:step" string ("0:31:5", "-3:").
     """
     if isinstance(value, str):
-        if value == "all":
-            return "all"
-        if ":" in value:
-            parts = [p.strip() for p in value.split(":")]
-            if len(parts) > 3:
-                raise ValueError(f"bad range {value!r}: use start:stop:step")
-            start, stop, step = (parts + ["", ""])[:3]
-            return {"start": int(start) if start else 0, "stop": int(stop) if stop else None,
-                    "step": int(step) if step else 1}
-        return [int(v) for v in value.replace(" ", "").split(",") if v]
+        return parse_selector(value)
     if isinstance(value, bool):
         raise TypeError("layers/tokens must be indices, not booleans")
     if isinstance(value, int):
@@ -117,6 +131,9 @@ class Client:
         self.retries = retries
         self.max_wait = max_wait
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        # Whether the server has answered this client yet: a refused connection before that is a wrong URL or a
+        # stopped server, raised at once; after it, a restart (retried like any dropped connection).
+        self._answered = False
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -129,16 +146,23 @@ class Client:
         self.close()
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """One request; 503 (database away) and 429 (rate limit) are retried after the server's Retry-After."""
+        """One request; 503 (database away) and 429 (rate limit) are retried after the server's Retry-After, a
+        dropped connection with backoff; a server never reached raises ServiceUnreachable at once."""
         waited = 0.0
         for attempt in range(self.retries + 1):
             try:
                 resp = self._http.request(method, path, **kw)
+            except httpx.ConnectError as exc:
+                if not self._answered or attempt == self.retries:
+                    raise ServiceUnreachable(self.url, exc) from exc
+                time.sleep(min(2**attempt * 0.2, 5))
+                continue
             except httpx.TransportError:
                 if attempt == self.retries:
                     raise
                 time.sleep(min(2**attempt * 0.2, 5))
                 continue
+            self._answered = True
             if resp.status_code in (429, 503) and attempt < self.retries:
                 wait = _retry_after(resp)
                 if waited + wait <= self.max_wait:
@@ -184,30 +208,28 @@ class Client:
         return self._request("GET", f"/v1/models/{model}/tokenize", params={"text": text}).json()["tokens"]
 
     def wait(self, job_id: str, *, progress: bool = True, poll: float = 0.5, timeout: float | None = None) -> dict:
-        """Poll until the job is final; a tqdm bar shows done/total. Returns the final status."""
-        bar = None
+        """Poll until the job is final; a rich progress bar (on stderr) shows done/total. Returns the final status."""
+        from contextlib import ExitStack
+
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
+        with ExitStack() as stack:
+            bar = task = None
             while True:
                 status = self.status(job_id, include_prompts=False)
                 done, total = status["progress"]["done"], status["progress"]["total"]
                 if progress:
                     if bar is None:
-                        from tqdm.auto import tqdm
-
-                        bar = tqdm(total=total, desc=f"job {job_id[:8]}", unit="interp", mininterval=1.0)
-                    bar.n = done
+                        bar = stack.enter_context(_progress())
+                        task = bar.add_task(f"job {job_id[:8]}", total=total, status="")
                     position = status.get("queue_position")
-                    bar.set_postfix_str(status["state"] + (f", {position} chunks ahead" if position else ""))
-                    bar.refresh()
+                    bar.update(task, completed=done, total=total,
+                               status=status["state"] + (f", {position} chunks ahead" if position else "")
+                               + (f" ({status['waiting']})" if status.get("waiting") else ""))
                 if status["state"] in FINAL_STATES:
                     return self.status(job_id)
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {job_id} still {status['state']} after {timeout}s ({done}/{total})")
                 time.sleep(poll)
-        finally:
-            if bar is not None:
-                bar.close()
 
     # -- results -----------------------------------------------------------------------------------------------
     def iter_results(self, job_id: str, *, page_size: int = 1000, **filters: Any) -> Iterator[dict[str, Any]]:
@@ -224,12 +246,24 @@ class Client:
                 return
 
     def results(self, job_id: str, **filters: Any) -> pd.DataFrame:
-        """All interpretations of a job as a DataFrame (one row per prompt x layer x token)."""
+        """All interpretations of a job as a DataFrame, one row per prompt x layer x token: the columns of
+        `selfie_core.to_dataframe` (RESULT_COLUMNS), then `worker`, `model` and `created_at`."""
         import pandas as pd
 
-        columns = ["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy",
-                   "token_ids", "worker", "model", "created_at"]
-        return pd.DataFrame(list(self.iter_results(job_id, **filters)), columns=columns)
+        texts = {p["index"]: p["text"] for p in self.status(job_id).get("prompts", [])}
+        rows = []
+        for item in self.iter_results(job_id, **filters):
+            row = dict(item)
+            if row.get("label") is None:
+                row["label"] = None
+                row["prompt"] = texts.get(row.get("prompt_index"))
+            else:  # a vector's row: its label says what it is, not a prompt
+                row["prompt"] = None
+            rows.append(row)
+        df = pd.DataFrame(rows, columns=RESULT_COLUMNS + ["worker", "model", "created_at"])
+        for column in ("prompt_index", "layer", "token"):
+            df[column] = df[column].astype("Int64")
+        return df
 
     def results_csv(self, job_id: str, *, safe: bool = False, **filters: Any) -> str:
         """The interpretations as CSV text. Raw by default (the exact text, for code that parses it); `safe=True`
@@ -254,8 +288,6 @@ class Client:
             raise SelfieError(409, f"job {accepted['id']} was cancelled ({status.get('error') or 'no reason given'}); "
                                    f"{status['progress']['done']} of {status['progress']['total']} interpretations done")
         df = self.results(accepted["id"])
-        texts = {p["index"]: p["text"] for p in status.get("prompts", [])}
-        df.insert(1, "prompt", df["prompt_index"].map(texts))
         df.attrs.update(job_id=accepted["id"], link=accepted["link"], state=status["state"],
                         prompts=status.get("prompts", []))
         return df

@@ -9,10 +9,13 @@ if TYPE_CHECKING:
 
 
 def layer_token_table(df: pd.DataFrame, prompt_index: int = 0, *, width: int | None = 28) -> pd.DataFrame:
-    """Rows: layers; columns: "index:token" of the prompt; cells: the interpretation text (cut to `width`)."""
+    """Rows: layers; columns: "index:token" of the prompt; cells: the interpretation text (cut to `width`).
+
+    Takes the results of the client (`Client.results`, `Client.interpret`) and of the engine
+    (`selfie_core.to_dataframe`) alike: both have the same columns."""
     import pandas as pd
 
-    part = df[df["prompt_index"] == prompt_index]
+    part = df[(df["prompt_index"] == prompt_index).fillna(False).astype(bool)]  # a vector's row has no prompt
     if part.empty:
         return pd.DataFrame()
     labels = {t: f"{t}:{s.strip() or repr(s)}" for t, s in zip(part["token"], part["source_token"], strict=True)}

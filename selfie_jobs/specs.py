@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
+from selfie_jobs.selectors import parse_selector
+
 # Hard ceilings that hold whatever the settings say; the configurable caps are applied at submission.
 MAX_PROMPTS_HARD = 100_000
 MAX_INDEX = 1_000_000
@@ -59,6 +61,14 @@ class Targets(BaseModel):
     pairs: Annotated[list[tuple[Index, Index]], Field(min_length=1, max_length=100_000)] | None = None
     layers: Selector = "all"
     tokens: Selector = "all"
+
+    @field_validator("layers", "tokens", mode="before")
+    @classmethod
+    def _text_form(cls, value: Any) -> Any:
+        # "0:30:5", "-3:", "0,4,8": the text the CLI and the client take, with the same meaning (selfie_jobs.selectors)
+        if isinstance(value, str) and value != "all":
+            return parse_selector(value)
+        return value
 
     @model_validator(mode="before")
     @classmethod

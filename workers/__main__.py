@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="how those steps attend: the model's SDPA attention or the engine's Triton kernel")
     w.add_argument("--rms-norm", default="model", choices=["model", "triton"],
                    help="RMSNorm through the model's own modules or the engine's Triton kernel")
+    w.add_argument("--threads", type=_at_least_one, default=None,
+                   help="torch CPU threads (default: selfie_core.threads.default_threads())")
     w.add_argument("--inject-fault", default=None, help=argparse.SUPPRESS)  # fault tests only (workers.faults)
     b = sub.add_parser("beat", help="the scheduler (reconcile, audits)")
     b.add_argument("--loglevel", default="INFO")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         run_worker(args.model, args.gpu, gpus=args.gpus, model_path=args.model_path, device=args.device, dtype=args.dtype,
                    concurrency=args.concurrency, batch_size=args.batch_size, hostname=args.hostname,
                    loglevel=args.loglevel, inject_fault=args.inject_fault, cuda_graphs=args.cuda_graphs,
-                   decode_attention=args.decode_attention, rms_norm=args.rms_norm)
+                   decode_attention=args.decode_attention, rms_norm=args.rms_norm, threads=args.threads)
     elif args.command == "beat":
         from workers.launch import run_beat
 

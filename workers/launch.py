@@ -142,6 +142,7 @@ def run_worker(
     cuda_graphs: bool = True,
     decode_attention: str = "sdpa",
     rms_norm: str = "model",
+    threads: int | None = None,
 ) -> None:
     """Run a worker serving `model` until it is stopped (blocks). `gpu`: the CUDA device to pin to; `gpus`:
     several, over which the model is spread (`workers.gpus`)."""
@@ -157,7 +158,7 @@ def run_worker(
                             dtype=dtype, node_name=node_name, batch_size=batch_size,
                             gpu=gpus[0] if len(gpus) == 1 else None, gpus=list(gpus) if len(gpus) > 1 else None,
                             inject_fault=inject_fault, cuda_graphs=cuda_graphs, decode_attention=decode_attention,
-                            rms_norm=rms_norm)
+                            rms_norm=rms_norm, threads=threads)
     os.environ.update(options.to_env())
     from workers.celery_app import create_celery_app
 

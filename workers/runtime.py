@@ -56,6 +56,7 @@ class WorkerOptions:
     cuda_graphs: bool = True  # on CUDA, decode steps as CUDA graphs (SelfieEngine(cuda_graphs=...))
     decode_attention: str = "sdpa"  # how those steps attend (SelfieEngine(decode_attention=...))
     rms_norm: str = "model"  # the model's RMSNorm modules or the engine's Triton kernel (SelfieEngine(rms_norm=...))
+    threads: int | None = None  # torch CPU threads (None: selfie_core.threads.default_threads())
     inject_fault: str | None = None  # tests only: see workers.faults
 
     @property
@@ -180,6 +181,7 @@ class Runtime:
     loaded_in_s: float = 0.0
     source: str | None = None  # the folder or hub id the weights came from (None: the built-in model by name)
     dtype: str | None = None  # the dtype the model was loaded in
+    threads: int | None = None  # torch's CPU threads in this process, once start() has set them
     _held: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -198,8 +200,10 @@ class Runtime:
     def start(self) -> None:
         """Load, warm up, publish the card, heartbeat. Raises when the model cannot be served."""
         from selfie_core import SelfieEngine, load_model
+        from selfie_core.threads import set_threads
 
         opts = self.options
+        self.threads = set_threads(opts.threads)  # before the model loads: its first ops run with them
         self.identity = cards.worker_identity(opts.node_name, opts.model, opts.device_label)
         self._db(lambda s: cards.mark_dead_local_workers(s, self.identity.hostname, me=self.identity.name))
         self._db(lambda s: cards.heartbeat(s, self.identity, state="loading", info=self.info()))
@@ -305,6 +309,7 @@ class Runtime:
             "cuda_graphs": self.options.cuda_graphs,
             "decode_attention": self.options.decode_attention,
             "rms_norm": self.options.rms_norm,
+            "threads": self.threads,
             "batches_served": self.batches_served,
             "rows_served": self.rows_served,
             "held_chunks": self.held(),

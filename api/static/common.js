@@ -91,7 +91,7 @@ const Selfie = (() => {
     for (const frac of [0.5, 1]) {
       const y = H - pad.b - frac * (H - pad.t - pad.b);
       svg.append(mk("line", { x1: pad.l, y1: y, x2: W - pad.r, y2: y, stroke: "#eee" }));
-      const t = mk("text", { x: pad.l - 4, y: y + 4, "text-anchor": "end" }); t.textContent = Math.round(max * frac); svg.append(t);
+      const t = mk("text", { x: pad.l - 4, y: y + 4, "text-anchor": "end" }); t.textContent = tickLabel(max * frac); svg.append(t);
     }
     bars.forEach((b, i) => {
       const h = (b.value / max) * (H - pad.t - pad.b);
@@ -106,6 +106,9 @@ const Selfie = (() => {
     if (opts.xlabel) { const t = mk("text", { x: (W + pad.l) / 2, y: H - 2, "text-anchor": "middle" }); t.textContent = opts.xlabel; svg.append(t); }
     return svg;
   }
+
+  // A gridline's value as it is: counts halve to x.5 (1.5 of 3), which rounding would misreport as 2.
+  function tickLabel(v) { return Number.isInteger(v) ? String(v) : v.toFixed(1); }
 
   function badge(state) { return el("span", { class: "badge " + state, text: state }); }
   function progress(frac) { const d = el("div", { class: "progress" }, el("div")); d.firstChild.style.width = Math.round(100 * frac) + "%"; return d; }

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from selfie_client import Client, SelfieError, layer_token_table
+from selfie_client.client import RESULT_COLUMNS
 from selfie_jobs.db import get_engine
 from tests.apisupport import live_server, prepare_database, settings_for, tiny_card
 from tests.integration.worker_support import (
@@ -41,7 +42,7 @@ def stack(tmp_path_factory):
     model_dir = save_tiny_model(root / MODEL)
     with start_embedded_redis(root / "redis") as redis_server:
         env = worker_env(database_url, redis_server.url, root / "worker")
-        worker = WorkerProcess("clientw", model_dir, env, root, batch_size=16)
+        worker = WorkerProcess("clientw", model_dir, env, root, batch_size=16, extra=("--threads", "2"))
         try:
             settings = settings_for(database_url, redis_server.url, default_model=MODEL, worker_alive_seconds=6,
                                     max_new_tokens_cap=64)
@@ -65,6 +66,9 @@ def test_interpret_returns_a_dataframe(stack):
         df = client.interpret(prompts, layers=range(0, NUM_LAYERS + 1, 2), tokens=[-1, 1], max_new_tokens=3,
                               progress=False, timeout=120, poll=0.1)
     assert len(df) == 2 * 2 * 2  # prompts x layers {0, 2} x tokens
+    # the engine's shape (selfie_core.to_dataframe), then the service's own columns
+    assert list(df.columns) == RESULT_COLUMNS + ["worker", "model", "created_at"]
+    assert df["label"].isna().all() and str(df["layer"].dtype) == "Int64"
     assert df.attrs["state"] == "succeeded" and df.attrs["link"].endswith(df.attrs["job_id"])
     assert df[["prompt_index", "layer", "token"]].duplicated().sum() == 0
     last = len(tokens[1]) - 1
@@ -73,6 +77,13 @@ def test_interpret_returns_a_dataframe(stack):
     assert isinstance(row["text"], str) and len(row["relevancy"]) == len(row["token_ids"]) > 0
     table = layer_token_table(df, 0)
     assert list(table.index) == [0, 2]
+
+    from selfie_jobs.db import session_scope
+    from selfie_jobs.models import Worker
+
+    with session_scope(stack.database_url) as session:
+        infos = [w.info for w in session.query(Worker).filter(Worker.model == MODEL)]
+    assert [info["threads"] for info in infos] == [2]  # the worker's `--threads 2`, in its heartbeat
     assert list(table.columns) == [_label(1, tokens[0][1]), _label(len(tokens[0]) - 1, tokens[0][-1])]
     cell = df[(df.prompt_index == 0) & (df.layer == 2) & (df.token == 1)].iloc[0]["text"]
     assert table.loc[2, _label(1, tokens[0][1])] in (cell, "(blank)")

@@ -1,0 +1,56 @@
+"""The CLI's rich tables: long interpretations wrap instead of being cut, relevancy is printed and shades cells."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+
+from selfie_cli.render import layer_token_rich_table, print_table, relevancy_color
+
+LONG = "the capital city of France, famous for the Eiffel Tower and the Louvre museum"
+
+
+def frame() -> pd.DataFrame:
+    return pd.DataFrame([
+        {"prompt_index": 0, "layer": 2, "token": 5, "source_token": " Paris", "text": LONG, "mean_relevancy": 0.4},
+        {"prompt_index": 0, "layer": 6, "token": 5, "source_token": " Paris", "text": "a city", "mean_relevancy": 0.1},
+        {"prompt_index": 0, "layer": 2, "token": 6, "source_token": ".", "text": "", "mean_relevancy": 0.0},
+        {"prompt_index": 1, "layer": 2, "token": 0, "source_token": "x", "text": "other", "mean_relevancy": 0.2},
+    ])
+
+
+def rendered(**options) -> str:
+    buffer = io.StringIO()
+    print_table(frame(), 0, width=16, file=buffer, **options)
+    return buffer.getvalue()
+
+
+def test_long_cells_wrap_and_keep_every_word():
+    text = rendered()
+    for word in LONG.replace(",", "").split():
+        assert word in text, word
+    assert "…" not in text
+    assert "5:Paris" in text and "6:." in text and "(blank)" in text and "other" not in text
+    assert max(len(line) for line in text.splitlines()) < 80  # narrow columns: the long text took several lines
+
+
+def test_relevancy_is_printed_and_can_be_left_out():
+    assert "0.400" in rendered() and "0.100" in rendered()
+    assert "0.400" not in rendered(relevancy=False)
+
+
+def test_cells_are_shaded_by_relevancy_on_the_explorer_scale():
+    table = layer_token_rich_table(frame(), 0, width=16)
+    paris = table.columns[1]._cells  # layer rows 2, 6
+    styles = [str(span.style) for span in paris[0].spans]
+    assert any("on rgb(8,48,107)" in s for s in styles)  # the table's highest relevancy: the deepest blue
+    assert relevancy_color(0) == (255, 255, 255) and relevancy_color(1) == (8, 48, 107)
+    plain = layer_token_rich_table(frame(), 0, width=16, shade=False)
+    assert not any("on rgb" in str(span.style) for span in plain.columns[1]._cells[0].spans)
+
+
+def test_a_prompt_without_rows_says_so():
+    buffer = io.StringIO()
+    print_table(frame(), 7, file=buffer)
+    assert buffer.getvalue().strip() == "(no interpretations for prompt 7)"
