@@ -69,6 +69,8 @@ class JobStatus(BaseModel):
     chunks: dict[str, int]
     queue_position: int | None = Field(description="Queued chunks of the same model served before this job's next one.")
     items_ahead: int | None = Field(description="Interpretations in those chunks.")
+    waiting: str | None = Field(None, description="Why the job's queued chunks are not being served now: its model "
+                                "is loading, failed to load, or has no live worker. None when a worker is ready.")
     timings: Timings
     error: str | None
     spec: dict[str, Any]

@@ -11,7 +11,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
@@ -95,8 +95,18 @@ def default_preset(card: ServedModel) -> str:
     return next(iter(presets))
 
 
-def load_card(session: Session, model: str) -> ServedModel:
+def load_card(session: Session, model: str, alive_seconds: float | None = None) -> ServedModel:
+    """The model's card. Without one: 503 with Retry-After while a live worker loads the model for the first time
+    (its card is written when the load finishes, and the same submit then succeeds), else 422 naming what is served.
+    `alive_seconds` (the heartbeat age that counts as live) turns the loading check on."""
     card = session.get(ServedModel, model, options=[defer(ServedModel.tokenizer_json)])
+    if card is None and alive_seconds is not None:
+        loading = loading_workers(session, model, alive_seconds)
+        if loading:
+            raise SubmissionError(
+                f"model {model!r} is still loading on worker {', '.join(loading)} (first load: the checks this "
+                f"request needs come with it); retry in {LOADING_RETRY_AFTER_SECONDS} s",
+                field="model", status=503, retry_after=LOADING_RETRY_AFTER_SECONDS)
     if card is None:
         known = sorted(session.scalars(select(ServedModel.name)).all())
         hint = f"; served models: {', '.join(known)}" if known else "; no model is served yet (start a worker)"
@@ -231,3 +241,36 @@ def served_models(session: Session, alive_seconds: float, *, now: datetime | Non
         ]
         out.append(card)
     return out
+
+
+#: Seconds a submit for a model that is loading for the first time (no card yet) is asked to wait before it retries.
+LOADING_RETRY_AFTER_SECONDS = 10
+
+
+def wait_reason(session: Session, model: str, alive_seconds: float, *, now: datetime | None = None) -> str | None:
+    """Why work for `model` is not being served right now, or None when a live worker is ready for it.
+
+    What a queued job's status shows: the model is loading on a worker, every worker of it failed to load (with
+    the error), or no live worker serves it at all.
+    """
+    workers = live_workers(session, alive_seconds, model=model, now=now)
+    if any(w.state == "ready" for w in workers):
+        return None
+    loading = [w.name for w in workers if w.state == "loading"]
+    if loading:
+        return f"waiting for model {model!r} to load on worker {', '.join(loading)}"
+    # A worker that failed to load is gone from the live ones, but its row says why until it tries again.
+    failed = session.scalars(
+        select(Worker).where(Worker.model == model, Worker.state == "load_failed",
+                             Worker.last_heartbeat >= (now or utcnow()) - timedelta(seconds=alive_seconds))
+        .order_by(Worker.last_heartbeat.desc()).limit(1)
+    ).first()
+    if failed is not None:
+        error = (failed.info or {}).get("error") or "no error recorded"
+        return f"model {model!r} failed to load on worker {failed.name} ({error}); it tries again with backoff"
+    return f"no live worker serves model {model!r}; start one (`selfie worker --model {model}`)"
+
+
+def loading_workers(session: Session, model: str, alive_seconds: float) -> list[str]:
+    """Names of the live workers loading `model` now."""
+    return [w.name for w in live_workers(session, alive_seconds, model=model) if w.state == "loading"]

@@ -19,7 +19,7 @@ from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.auth import Principal
-from selfie_jobs.cards import served_models
+from selfie_jobs.cards import served_models, wait_reason
 from selfie_jobs.chunks import as_utc, lock_job
 from selfie_jobs.errors import BadQuery
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
@@ -73,6 +73,7 @@ class JobView:
     queue_position: int | None
     items_ahead: int | None
     prompts: list[Prompt] = field(default_factory=list)
+    waiting: str | None = None  # why a job that is not final waits (its model loading, no worker), if it does
 
     @property
     def progress(self) -> float:
@@ -133,15 +134,19 @@ def _queue_position(session: Session, job: Job) -> tuple[int | None, int | None]
     return int(n), int(items)
 
 
-def job_view(session: Session, job_id: str, who: Principal, *, with_prompts: bool = True) -> JobView | None:
+def job_view(session: Session, job_id: str, who: Principal, *, with_prompts: bool = True,
+             alive_seconds: float | None = None) -> JobView | None:
+    """The job's status parts; with `alive_seconds`, a job that still has queued chunks says why it waits."""
     job = visible_job(session, job_id, who)
     if job is None:
         return None
     position, ahead = _queue_position(session, job)
+    waiting = wait_reason(session, job.model, alive_seconds) \
+        if alive_seconds is not None and position is not None else None
     prompts = list(session.scalars(select(Prompt).where(Prompt.job_id == job.id).order_by(Prompt.index)).all()) \
         if with_prompts else []
     return JobView(job=job, chunks=job_chunk_counts(session, job.id), queue_position=position, items_ahead=ahead,
-                   prompts=prompts)
+                   prompts=prompts, waiting=waiting)
 
 
 @dataclass

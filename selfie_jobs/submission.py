@@ -170,7 +170,7 @@ def prepare_job(session: Session, request: JobCreate, settings: Settings) -> Pre
             f"max_new_tokens={request.max_new_tokens}; at most {settings.max_new_tokens_cap}", field="max_new_tokens"
         )
 
-    card = load_card(session, model)
+    card = load_card(session, model, settings.worker_alive_seconds)
     depth, context = card.num_layers, card.max_context
     if request.k >= depth:
         raise SubmissionError(

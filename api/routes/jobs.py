@@ -168,7 +168,7 @@ def get_job(
     include_prompts: Annotated[bool, Query(description="False leaves `prompts` empty (cheap polling).")] = True,
 ) -> JobStatus:
     _visible_or_404(session, job_id, who)
-    view = job_view(session, job_id, who, with_prompts=include_prompts)
+    view = job_view(session, job_id, who, with_prompts=include_prompts, alive_seconds=settings.worker_alive_seconds)
     assert view is not None
     job = view.job
     links = job_links(request, settings, job.id)
@@ -181,6 +181,7 @@ def get_job(
         chunks=view.chunks,
         queue_position=view.queue_position,
         items_ahead=view.items_ahead,
+        waiting=view.waiting,
         timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                         **view.timings()),
         error=job.error,

@@ -78,3 +78,29 @@ def test_openapi_schema_of_request_is_complete():
     for name in ("model", "prompts", "targets", "template", "k", "injection_mode", "injection_strength",
                  "max_new_tokens", "decoding", "priority", "idempotency_key"):
         assert name in schema["properties"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0:30:5", {"start": 0, "stop": 30, "step": 5}),
+    ("-3:", {"start": -3, "stop": None, "step": 1}),
+    (":4", {"start": 0, "stop": 4, "step": 1}),
+    ("0,4,-1", [0, 4, -1]),
+    ("all", "all"),
+])
+def test_text_selections_mean_what_the_client_and_cli_send(text, expected):
+    """The API takes the "0:30:5" text the CLI and client take, and it means the same as their JSON form."""
+    from selfie_client.client import selector
+
+    as_text = JobCreate(prompts=["a"], targets={"layers": text, "tokens": text})
+    as_json = JobCreate(prompts=["a"], targets={"layers": selector(text), "tokens": expected})
+    assert as_text.targets == as_json.targets
+    chosen = resolve_selector(as_text.targets.layers, 31, "layer")
+    picked = list(range(31))[slice(*expected.values())] if isinstance(expected, dict) else (
+        list(range(31)) if expected == "all" else [i % 31 for i in expected])
+    assert chosen == picked
+
+
+@pytest.mark.parametrize("text", ["last3", "abc", "1:2:3:4", ",", "0:x"])
+def test_bad_text_selections_are_refused_with_the_forms(text):
+    with pytest.raises(ValidationError, match="0:31:5"):
+        JobCreate(prompts=["a"], targets={"layers": text})
