@@ -13,7 +13,7 @@ from sqlalchemy.orm import defer
 from api.bodies import StrictJSONRoute
 from api.deps import PrincipalDep, SessionDep, SettingsDep
 from api.schemas import ErrorOut, Health, ModelList, ModelOut, Ready, Tokenized, WorkerOut
-from selfie_jobs.errors import NotFound
+from selfie_jobs.errors import DomainError, NotFound
 from selfie_jobs.models import ServedModel
 from selfie_jobs.queries import live_models
 from selfie_jobs.cards import card_tokenizer
@@ -56,6 +56,25 @@ def tokenize(name: str, text: Annotated[str, Query(max_length=20_000)], session:
     tokenizer = card_tokenizer(card)
     ids = tokenizer.encode(text).ids
     return Tokenized(model=name, ids=ids, tokens=tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False))
+
+
+@router.get("/v1/models/{name}/detokenize", response_model=Tokenized, tags=["models"],
+            summary="Token ids as text, one string per id (e.g. an interpretation's generated tokens)",
+            responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut},
+                       503: {"model": ErrorOut}})
+def detokenize(name: str, ids: Annotated[str, Query(max_length=20_000, pattern=r"^[0-9]{1,9}(,[0-9]{1,9})*$",
+                                                    description="Comma-separated token ids.")],
+               session: SessionDep, who: PrincipalDep) -> Tokenized:  # noqa: ARG001
+    card = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)]) if "\x00" not in name else None
+    if card is None:
+        raise NotFound(f"no model card for {name!r}")
+    tokenizer = card_tokenizer(card)
+    values = [int(i) for i in ids.split(",")]
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if any(i >= vocab for i in values):
+        raise DomainError(f"token ids must be below the vocabulary size of {name!r} ({vocab})", field="ids")
+    return Tokenized(model=name, ids=values,
+                     tokens=tokenizer.decode_batch([[i] for i in values], skip_special_tokens=False))
 
 
 @router.get("/healthz", response_model=Health, tags=["health"])

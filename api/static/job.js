@@ -88,14 +88,47 @@
       + (state.flags.size ? `, ${state.flags.size} flagged by the audit` : "");
   }
 
+  // Generated tokens as text, per row (the API decodes ids with the model card's tokenizer); fetched once per row.
+  const tokenTexts = new Map();
+  function generatedTokens(r) {
+    const key = r.token_ids.join(",");
+    if (!tokenTexts.has(key)) {
+      tokenTexts.set(key, r.token_ids.length
+        ? api(`/v1/models/${encodeURIComponent(state.job.model)}/detokenize?ids=${key}`).then(t => t.tokens)
+        : Promise.resolve([]));
+    }
+    return tokenTexts.get(key);
+  }
+
+  // Each generated token with its relevancy under it, shaded on the grid's scale against the row's largest value,
+  // so the words the injected state caused stand out.
+  function tokenStrip(r, texts) {
+    const top = Math.max(1e-9, ...r.relevancy);
+    return el("div", { class: "tokens", id: "detail-tokens" }, ...r.relevancy.map((rel, i) => {
+      const v = rel / top;
+      const chip = el("span", { class: "tok", "data-relevancy": rel.toFixed(4), title: `relevancy ${rel.toFixed(4)}` },
+        el("span", { class: "tok-text", text: texts ? (texts[i] ?? "") : "#" + r.token_ids[i] }),
+        el("span", { class: "tok-rel", text: rel.toFixed(3) }));
+      chip.style.background = color(v);
+      chip.style.color = textColor(v);
+      return chip;
+    }));
+  }
+
   function showDetail(r, flags) {
-    const rel = r.relevancy.map(x => x.toFixed(3)).join(" ");
+    const key = r.layer + ":" + r.token;
+    const strip = tokenStrip(r, null);
+    $("detail").dataset.cell = key;
     $("detail").replaceChildren(
       flags ? el("div", { class: "error", text: "flagged: " + flags.map(f => `${f.detector}: ${f.label} ("${f.match}")`).join("; ") }) : "",
       el("div", { class: "muted", text: `layer ${r.layer} · token ${r.token} ${JSON.stringify(r.source_token)} · mean relevancy ${r.mean_relevancy.toFixed(4)}` }),
       el("div", { class: "text", id: "detail-text", text: r.text }),
-      el("div", { class: "muted", text: "relevancy per generated token: " + rel }),
+      el("div", { class: "muted", text: "generated tokens, shaded by relevancy (how much the injected state caused each):" }),
+      strip,
     );
+    generatedTokens(r).then(texts => {
+      if ($("detail").dataset.cell === key) strip.replaceWith(tokenStrip(r, texts));
+    }).catch(e => { $("error").textContent = e.message; });
   }
 
   async function main() {

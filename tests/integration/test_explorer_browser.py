@@ -123,6 +123,22 @@ def test_job_page_grid_of_a_real_run(stack, browser):
     cell.click()
     assert "selected" in cell.get_attribute("class")
 
+    # the detail panel: each generated token as text with its relevancy under it, shaded by it
+    texts = http.get(f"/v1/models/{MODEL}/detokenize",
+                     params={"ids": ",".join(map(str, best["token_ids"]))}).json()["tokens"]
+    wait_for(lambda: [c.get_attribute("textContent")
+                      for c in browser.find_elements(By.CSS_SELECTOR, "#detail-tokens .tok-text")] == texts, 10,
+             what="the generated tokens in the detail panel")
+    chips = browser.find_elements(By.CSS_SELECTOR, "#detail-tokens .tok")
+    assert len(chips) == len(best["relevancy"]) == len(best["token_ids"]) > 0
+    for chip, rel in zip(chips, best["relevancy"], strict=True):
+        assert abs(float(chip.get_attribute("data-relevancy")) - rel) < 1e-3
+        assert chip.find_element(By.CSS_SELECTOR, ".tok-rel").text == f"{rel:.3f}"
+    shades = {chip.get_attribute("data-relevancy"): chip.value_of_css_property("background-color") for chip in chips}
+    top, low = max(best["relevancy"]), min(best["relevancy"])
+    if top - low > 1e-3:
+        assert shades[f"{top:.4f}"] != shades[f"{low:.4f}"], "tokens should be shaded by their relevancy"
+
     # filters: minimum relevancy dims the rest; a layer range hides rows
     browser.execute_script(
         "const s = document.getElementById('min-rel'); s.value = arguments[0]; s.dispatchEvent(new Event('input'));",
