@@ -53,7 +53,8 @@ class Targets(BaseModel):
     """What to interpret in every prompt: explicit [layer, token] pairs, or layers x tokens.
 
     Layers are `hidden_states` indices (0 = embeddings .. num_layers); token indices index the prompt's tokens,
-    negative ones counted from the end (-1 = the last token).
+    negative ones counted from the end (-1 = the last token). `layers` and `tokens` also take the text forms of the
+    CLI and the client: "0:31:5", "-3:" (a range) or "0,4,-1" (a list), with the same meaning (selfie_jobs.selectors).
     """
 
     model_config = ConfigDict(extra="forbid")
