@@ -456,3 +456,15 @@ def test_a_catalogued_model_no_worker_serves_is_listed_and_validated(env, server
             assert http.get(f"/v1/jobs/{ok.json()['id']}").json()["state"] == "queued"
     finally:
         flush_model_queue(redis_url, name)
+
+
+def test_tokenize_and_detokenize_agree_and_bad_ids_are_refused(env, server):
+    _, _, model = env
+    with server.client() as http:
+        tokens = http.get(f"/v1/models/{model}/tokenize", params={"text": "the cat sat"}).json()
+        back = http.get(f"/v1/models/{model}/detokenize", params={"ids": ",".join(map(str, tokens["ids"]))})
+        assert back.status_code == 200 and back.json() == tokens
+        assert http.get(f"/v1/models/{model}/detokenize", params={"ids": "1,x"}).status_code == 422
+        past = http.get(f"/v1/models/{model}/detokenize", params={"ids": "999999"})
+        assert past.status_code == 422 and past.json()["field"] == "ids"
+        assert http.get("/v1/models/nobody/detokenize", params={"ids": "1"}).status_code == 404

@@ -8,7 +8,15 @@ import pytest
 
 from selfie_jobs.cards import LOADING_RETRY_AFTER_SECONDS, heartbeat, worker_identity
 from selfie_jobs.db import get_engine, session_scope
-from tests.apisupport import MODEL, flush_model_queue, live_server, prepare_database, queued_messages, settings_for
+from tests.apisupport import (
+    MODEL,
+    flush_model_queue,
+    live_server,
+    message_chunk_ids,
+    prepare_database,
+    queued_messages,
+    settings_for,
+)
 
 pytestmark = pytest.mark.timeout(120)
 FRESH = "fresh"  # a model whose worker loads it for the first time: no card yet
@@ -39,6 +47,17 @@ def job_body(model: str) -> dict:
             "max_new_tokens": 2}
 
 
+def job_chunk_ids(database_url: str, job_id: str) -> set[int]:
+    from sqlalchemy import select
+
+    from selfie_jobs.models import Chunk
+
+    with session_scope(database_url) as session:
+        ids = set(session.scalars(select(Chunk.id).where(Chunk.job_id == job_id)))
+    assert ids
+    return ids
+
+
 def stored_jobs(database_url: str) -> int:
     from sqlalchemy import func, select
 
@@ -57,7 +76,7 @@ def test_a_model_with_a_card_is_queued_while_its_worker_loads_and_the_status_say
     status = http.get(f"/v1/jobs/{job_id}").json()
     assert status["state"] == "queued"
     assert status["waiting"] == f"waiting for model {MODEL!r} to load on worker {identity.name}"
-    assert len(queued_messages(server.redis_url, MODEL)) == 1
+    assert job_chunk_ids(server.database_url, job_id) <= set(message_chunk_ids(queued_messages(server.redis_url)))
 
     worker_says(server.database_url, MODEL, "ready", identity)
     assert http.get(f"/v1/jobs/{job_id}").json()["waiting"] is None  # a worker is ready: just queued
