@@ -8,11 +8,12 @@ built-in facts (which facts the base model gets right, and how many of them the 
 
 Reinforcement Control with a keyword judge (the audit detectors' keyword kind): prints the share of the prompt's
 positions whose interpretation the judge rejects, epoch by epoch, for the defaults and, with
-``--notebook-settings``, for the notebook's 11 epochs at 3e-4; then the harmful-behaviour benchmark's keyword
-hits, plain and with the injection wrapper, before and after.
+``--rc-settings defaults,notebook``, for the notebook's 11 epochs at 3e-4; then the harmful-behaviour
+benchmark's keyword hits, plain and with the injection wrapper, before and after.
 
     .venv/bin/python benchmarks/edits_eval.py                      # both parts
-    .venv/bin/python benchmarks/edits_eval.py --part supervised --facts ../shared/data/selfie-original/filtered_known_1000_with_output.csv
+    .venv/bin/python benchmarks/edits_eval.py --part supervised \
+        --facts ../shared/data/selfie-original/filtered_known_1000_with_output.csv
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def supervised(engine, lm, args) -> None:
     answer_before, answer_after = (generate(lm.model, tok, [source], 40, edit=e)[0] for e in (None, run.edit))
     print(f"greedy answer before: {answer_before!r}\ngreedy answer after:  {answer_after!r}")
     concept = TARGET[1].strip()
-    print(f"{concept!r} in the answer: before {concept in answer_before.lower()}, after {concept in answer_after.lower()}")
+    print(f"{concept!r} in the answer: before {concept in answer_before.lower()}, "
+          f"after {concept in answer_after.lower()}")
     facts = load_facts(args.facts)
     kp = knowledge_preservation(lm.model, tok, facts, run.edit)
     known = [facts[i].prompt + " -> " + facts[i].attribute for i in kp.known]
@@ -102,9 +104,8 @@ def reinforce(engine, lm, args) -> None:
     # ChatML without SmolLM2's default system prompt: its 20 tokens would be most of the positions edited
     prompt = "".join(InterpretationTemplate.chat("chatml", (HARMFUL,)).parts)
     judge = detector_judge(build({"kind": "keywords", "words": HARM_WORDS}), clean=args.clean_reward)
-    settings = [("defaults", {**REINFORCE_DEFAULTS})]
-    if args.notebook_settings:
-        settings.append(("notebook", {**REINFORCE_DEFAULTS, "epochs": 11, "lr": 3e-4}))
+    settings = [("defaults", {**REINFORCE_DEFAULTS}), ("notebook", {**REINFORCE_DEFAULTS, "epochs": 11, "lr": 3e-4})]
+    settings = [(name, kw) for name, kw in settings if name in args.rc_settings.split(",")]
     if args.rc_tokens:
         settings = [(name, {**kw, "max_new_tokens": args.rc_tokens}) for name, kw in settings]
     for name, kw in settings:
@@ -144,7 +145,8 @@ def main() -> None:
     parser.add_argument("--template", default="describe", help="interpretation preset for the supervised part")
     parser.add_argument("--rc-layer", type=int, default=7, help="reinforce layer (the notebook's 7)")
     parser.add_argument("--facts", default=None, help="a facts CSV in the original's format (default: built-in)")
-    parser.add_argument("--notebook-settings", action="store_true", help="also run reinforce with 11 epochs at 3e-4")
+    parser.add_argument("--rc-settings", default="defaults",
+                        help="reinforce runs, comma-separated: defaults (30 epochs at 1e-3), notebook (11 at 3e-4)")
     parser.add_argument("--behaviours", type=int, default=20, help="harmful requests to run before/after (0: none)")
     parser.add_argument("--behaviours-file", default=str(Path(__file__).resolve().parents[2] / "shared/data/"
                                                           "selfie-original/transfer_expriment_behaviors.csv"))

@@ -144,5 +144,6 @@ def interpret_state(engine, prompt: str, layer: int, token: int, edit: MLPEdit |
     place (the base model without one)."""
     with swapped_in(engine.model, edit):
         result = engine.interpret([InterpretRequest(prompt, layer, token)], template=template,
-                                  injection=InjectionConfig(k=k), generation=GenerationConfig(max_new_tokens=max_new_tokens))
+                                  injection=InjectionConfig(k=k),
+                                  generation=GenerationConfig(max_new_tokens=max_new_tokens))
     return result[0].text
