@@ -1,6 +1,10 @@
 """Prompt set and audit names are unique per key instead of across all keys: a global name let any key learn, from
 a 409, that another key had used it. Every row is kept (names unique across keys are unique per key too).
 
+The unique index is on an expression (COALESCE(owner_key_id, 0), name), which SQLAlchemy cannot reflect on SQLite:
+a later batch migration that rebuilds `prompt_sets` or `audits` on SQLite must create it again (the test
+`test_names_unique_per_key_keeps_every_row` upgrades to the head and checks that a name still cannot be used twice).
+
 Revision ID: 0005_names_unique_per_key
 Revises: 0004_uploads_named_like_builtins
 Create Date: 2026-11-30 14:30:00
