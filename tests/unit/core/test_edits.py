@@ -51,6 +51,28 @@ def test_post_is_mlp_of_pre_mlp_plus_residual(request, tokenizer, fixture):
             assert torch.equal(s.post, hidden[block + 1][0])
 
 
+@pytest.mark.parametrize("name", ["llama2", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2",
+                                  "gpt_neox"])
+def test_mlp_states_in_every_family(name, tokenizer):
+    """The identity holds in every family whose MLP output is added to the stream it reads; the others (Gemma
+    normalises the MLP's output, GPT-NeoX adds it to the block input) are refused by name."""
+    from .test_families import BUILDERS
+
+    torch.manual_seed(0)
+    model = BUILDERS[name](tokenizer).float().eval()
+    adapter = get_adapter(model)
+    ids = _ids(tokenizer, PROMPT)
+    if name in ("gemma2", "gemma3", "gpt_neox"):
+        with pytest.raises(UnsupportedArchitectureError, match="normalises|parallel_residual"):
+            read_block_states(model, adapter, ids, 1, torch.device("cpu"))
+        return
+    hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    s = read_block_states(model, adapter, ids, 1, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.allclose(adapter.mlp(1)(s.pre_mlp) + s.residual, s.post, atol=1e-5, rtol=0)
+    assert torch.equal(s.post, hidden[2][0])
+
+
 def test_parallel_residual_neox_is_refused(neox, tokenizer):
     adapter = get_adapter(neox)
     with pytest.raises(UnsupportedArchitectureError, match="parallel_residual"):
