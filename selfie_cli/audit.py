@@ -48,7 +48,7 @@ def _detectors(example: str | None, detectors_file: str | None, keywords: str | 
                concepts_file: str | None, min_relevancy: float) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if example:
-        from selfie_core.detectors import EXAMPLES
+        from selfie_jobs.audit_detectors import EXAMPLES
 
         if example not in EXAMPLES:
             raise click.BadParameter(f"known examples: {', '.join(EXAMPLES)}", param_hint="--example")

@@ -1,7 +1,7 @@
 """Scanning: the detectors run over a finished job's interpretations; findings are stored once per job.
 
-The detector function is passed in (the worker builds it with `selfie_core.detectors`), so this module, like all
-of selfie_jobs, never imports the engine.
+The detector function is passed in (the worker builds it with `selfie_jobs.audit_detectors`), so scanning can be
+tested with any function.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from selfie_jobs.audit_models import FINAL_RUN_STATES, AuditFinding, AuditRun, A
 from selfie_jobs.models import Interpretation, Job, Prompt, utcnow
 from selfie_jobs.states import FINAL_JOB_STATES, JobState
 
-#: (text, mean relevancy) -> hits, each with `.detector`, `.label`, `.match` (selfie_core.detectors.Hit).
+#: (text, mean relevancy) -> hits, each with `.detector`, `.label`, `.match` (selfie_jobs.audit_detectors.Hit).
 DetectFn = Callable[[str, float], Sequence[Any]]
 
 

@@ -1,40 +1,20 @@
 """Audit request schemas: what a client may define (targets, engine options, detector configs, schedule).
 
-Detector configs are checked by shape here (the API never imports the engine); `selfie_core.detectors` builds
-them in the worker. `KNOWN_DETECTOR_KINDS` must list the core registry's kinds (a test compares them).
+Detector configs are checked by building them with `selfie_jobs.audit_detectors`, the registry the workers scan
+with: the API accepts exactly the configs a worker can build.
 """
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from croniter import CroniterBadDateError, croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from selfie_jobs import audit_detectors
 from selfie_jobs.prompt_sets import BUILTIN
-from selfie_jobs.specs import Bool, Decoding, Float, Index, IndexRange, Int, Template
-
-#: Detector kinds the core registry ships (checked against `selfie_core.detectors.kinds()` by a test).
-KNOWN_DETECTOR_KINDS = ("concepts", "keywords", "regex")
-_REQUIRED_FIELD = {"keywords": "words", "regex": "patterns", "concepts": "concepts"}
-# selfie_core.detectors' limits, checked here too so that the API refuses what a worker could not build
-# (tests/unit/audits/test_detectors.py runs the same bad configs through both)
-MAX_TERMS = 5_000
-MAX_TERM_CHARS = 500
-
-
-def _check_terms(where: str, terms: Any) -> None:
-    if not isinstance(terms, list) or not terms:
-        raise ValueError(f"{where} must be a non-empty list")
-    if len(terms) > MAX_TERMS:
-        raise ValueError(f"{where} holds at most {MAX_TERMS} entries")
-    for term in terms:
-        if not isinstance(term, str) or not term.strip():
-            raise ValueError(f"every entry of {where} must be a non-empty string")
-        if len(term) > MAX_TERM_CHARS:
-            raise ValueError(f"entries of {where} are at most {MAX_TERM_CHARS} characters")
+from selfie_jobs.specs import Bool, EngineOptions, Float, Index, IndexRange, Int
 
 
 class LastTokens(BaseModel):
@@ -53,7 +33,7 @@ class AuditTargets(BaseModel):
 
 
 class DetectorSpec(BaseModel):
-    """A detector config (see selfie_core.detectors): kind, name, min_relevancy and the kind's own fields."""
+    """A detector config (see `selfie_jobs.audit_detectors`): kind, name, min_relevancy and the kind's own fields."""
 
     model_config = ConfigDict(extra="allow")
     kind: str
@@ -63,49 +43,26 @@ class DetectorSpec(BaseModel):
     @field_validator("kind")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in KNOWN_DETECTOR_KINDS:
-            raise ValueError(f"unknown detector kind {value!r}; known: {', '.join(KNOWN_DETECTOR_KINDS)}")
+        known = audit_detectors.kinds()
+        if value not in known:
+            raise ValueError(f"unknown detector kind {value!r}; known: {', '.join(known)}")
         return value
 
     def checked(self) -> dict[str, Any]:
+        """The config as stored, once the registry's factory has built it (a `DetectorConfigError`, which is a
+        ValueError, says what to change)."""
         data = self.model_dump(exclude_none=True)
-        need = _REQUIRED_FIELD.get(self.kind)
-        if need is None:  # a kind of its own: its factory checks its config when a worker builds it
-            data.setdefault("name", self.kind)
-            return data
-        value = data.get(need)
-        if self.kind == "concepts" and isinstance(value, dict) and value:
-            for concept, terms in value.items():  # a term alone stands for a list; no terms: the concept's name
-                _check_terms(f"concept {concept!r}", [terms] if isinstance(terms, str) else
-                             [concept] if terms == [] else terms)
-        else:
-            _check_terms(f"a {self.kind} detector's '{need}'", value)
-        if self.kind == "regex":
-            for pattern in value:
-                try:
-                    re.compile(str(pattern))
-                except re.error as exc:
-                    raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
         data.setdefault("name", self.kind)
+        audit_detectors.build(data)
         return data
 
 
-class AuditOptions(BaseModel):
-    """Engine options of the audit's jobs (as in POST /v1/jobs)."""
+class AuditOptions(EngineOptions):
+    """Options of the audit's jobs: the engine options of POST /v1/jobs (the same schema, the same defaults), and a
+    priority below interactive jobs'. An audit stores its options with every default written out, so an audit
+    stored before the schemas were one keeps the defaults it was made with (max_new_tokens 20)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    template: Template | None = None
-    k: Annotated[Int, Field(ge=0, le=10_000)] = 1
-    injection_mode: Literal["replace", "blend", "add"] = "replace"
-    injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
-    max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 20
-    decoding: Decoding = Field(default_factory=Decoding)
     priority: Annotated[Int, Field(ge=0, le=9)] = 3
-
-    @field_validator("template", mode="before")
-    @classmethod
-    def _preset_shorthand(cls, value: Any) -> Any:
-        return {"preset": value} if isinstance(value, str) else value
 
 
 def _check_detectors(value: list[DetectorSpec]) -> list[DetectorSpec]:

@@ -12,8 +12,8 @@ Life of a run (the database holds every step, so a restarted worker or beat resu
    findings together with the "scanned" mark in one transaction.
 4. `refresh_run` closes the run once every job is submitted and scanned.
 
-This module never imports the engine: the detector function is passed in by the worker
-(`selfie_core.detectors`), and the API validates detector configs by shape only.
+The detector function is passed in by the worker, which builds it from the run's configs with
+`selfie_jobs.audit_detectors`, the registry the API validates those configs with.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from selfie_jobs.audit_scan import (  # noqa: F401 - re-exported: the audit API 
     scan_job,
 )
 from selfie_jobs.audit_schemas import (  # noqa: F401 - re-exported
-    KNOWN_DETECTOR_KINDS,
     AuditCreate,
     AuditOptions,
     AuditTargets,
@@ -72,7 +71,7 @@ AUDIT_TICK_TASK = "selfie.audit_tick"
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "AUDIT_TICK_TASK", "KNOWN_DETECTOR_KINDS", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
+    "AUDIT_TICK_TASK", "Audit", "AuditCreate", "AuditError", "AuditOptions", "AuditTargets",
     "AuditUpdate", "DetectFn", "DetectorSpec", "LastTokens", "audit_config", "cancel_run", "check_audit_name",
     "claim_due_audits", "claim_run", "create_audit", "fail_run", "fan_out", "fingerprint", "jobs_to_scan",
     "next_fire", "open_run", "refresh_run", "resolve_prompt_set", "run_progress", "runs_to_resume", "scan_job",

@@ -118,7 +118,26 @@ class Decoding(BaseModel):
     seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
 
 
-class JobCreate(BaseModel):
+class EngineOptions(BaseModel):
+    """How the engine interprets: template, injection and generation. One schema for a job's request and for an
+    audit's options, so both accept the same values with the same defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    template: Template | None = Field(None, description="Default: the model's default preset.")
+    k: Annotated[Int, Field(ge=0, le=MAX_INDEX)] = Field(1, description="Injection layer (input of block k).")
+    injection_mode: Literal["replace", "blend", "add"] = "replace"
+    injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
+    max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 30
+    decoding: Decoding = Field(default_factory=Decoding)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _preset_shorthand(cls, value: Any) -> Any:
+        return {"preset": value} if isinstance(value, str) else value
+
+
+class JobCreate(EngineOptions):
     """A request to interpret hidden states of one model over one or many prompts."""
 
     model_config = ConfigDict(
@@ -145,12 +164,6 @@ class JobCreate(BaseModel):
         description="One prompt or a list of prompts."
     )
     targets: Literal["all"] | Targets = Field("all", description="'all' = every layer x every token.")
-    template: Template | None = Field(None, description="Default: the model's default preset.")
-    k: Annotated[Int, Field(ge=0, le=MAX_INDEX)] = Field(1, description="Injection layer (input of block k).")
-    injection_mode: Literal["replace", "blend", "add"] = "replace"
-    injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
-    max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 30
-    decoding: Decoding = Field(default_factory=Decoding)
     priority: Annotated[Int, Field(ge=0, le=9)] = Field(5, description="0 (lowest) .. 9 (most urgent).")
     idempotency_key: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
         None, description="A retried submit with the same key returns the first job instead of making another."
@@ -160,11 +173,6 @@ class JobCreate(BaseModel):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("template", mode="before")
-    @classmethod
-    def _preset_shorthand(cls, value: Any) -> Any:
-        return {"preset": value} if isinstance(value, str) else value
 
     @field_validator("prompts")
     @classmethod

@@ -1,5 +1,5 @@
 """Audit tasks: `selfie.run_audit` (fan a run out into jobs) and `selfie.audit_tick` (beat: cron driver, resume,
-scan finished jobs, close runs). Thin wrappers over `selfie_jobs.audits`; the detectors come from the core.
+scan finished jobs, close runs). Thin wrappers over `selfie_jobs.audits`; the detectors are `selfie_jobs.audit_detectors`.
 
 Both task bodies are plain functions (`run_audit`, `audit_tick`) callable without Celery, and both are safe to run
 twice or concurrently: every step is a compare-and-set on a database row.
@@ -18,7 +18,9 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from selfie_jobs import audit_detectors as detectors
 from selfie_jobs import audits as A
+from selfie_jobs.audit_detectors import DetectorTimeout
 from selfie_jobs.audit_models import AuditRun, AuditRunJob, AuditRunState
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.models import utcnow
@@ -39,8 +41,6 @@ def driver_name() -> str:
 
 
 def detect_fn(configs: list[dict[str, Any]]) -> A.DetectFn:
-    from selfie_core import detectors  # here, not at import: beat reads the schedule without the engine
-
     built = detectors.build_all(configs)
     return lambda text, relevancy: detectors.detect(built, text, relevancy)
 
@@ -83,8 +83,6 @@ def run_audit(
 
 def scan_ready(sessions: Callable[[], Session], *, run_id: int | None = None, limit: int = SCAN_PER_TICK) -> int:
     """Scan finished jobs of open runs (one transaction each), then close runs that are complete."""
-    from selfie_core.detectors import DetectorTimeout
-
     cache: dict[int, A.DetectFn] = {}
     failed: set[int] = set()
     scanned = 0

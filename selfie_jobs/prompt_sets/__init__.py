@@ -28,7 +28,7 @@ MAX_META_CHARS = 4_000
 #: Deepest nesting of a JSONL line (its metadata): a category or a list of tags needs a few levels.
 META_DEPTH = 16
 
-#: The example sets shipped with the project, and the detector example (in selfie_core.detectors) each suits.
+#: The example sets shipped with the project, and the detector example (in selfie_jobs.audit_detectors) each suits.
 BUILTIN: dict[str, dict[str, str]] = {
     "ethical_decisions": {
         "description": "Everyday ethical dilemmas: does the model weigh honesty, harm and self-interest?",

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from selfie_core import detectors as D
+from selfie_jobs import audit_detectors as D
 from selfie_jobs import audits as A
 from selfie_jobs.audit_models import AuditFinding, AuditRun, AuditRunJob, PromptSet
 from selfie_jobs.audit_reports import iter_findings_csv, run_report
@@ -57,8 +57,26 @@ def _detect(configs=DETECTORS):
     return lambda text, rel: D.detect(built, text, rel)
 
 
-def test_detector_kinds_match_the_core_registry():
-    assert tuple(sorted(A.KNOWN_DETECTOR_KINDS)) == tuple(D.kinds())
+def test_the_api_checks_detectors_with_the_registry_the_workers_build_from():
+    """One registry: a kind registered there is accepted by the audit schema, and what its factory refuses is refused
+    there too, with the factory's message."""
+
+    @D.register("test-length")
+    def _length(config):
+        if not isinstance(config.get("max_chars"), int):
+            raise D.DetectorConfigError("max_chars must be an integer")
+        return lambda text: []
+
+    try:
+        created = A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "test-length", "max_chars": 5}])
+        assert created.detectors[0].checked() == {"kind": "test-length", "name": "test-length", "min_relevancy": 0.0,
+                                                  "max_chars": 5}
+        with pytest.raises(ValueError, match="max_chars must be an integer"):
+            A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "test-length"}])
+    finally:
+        D._REGISTRY.pop("test-length")
+    with pytest.raises(ValueError, match="unknown detector kind"):
+        A.AuditCreate(name="x", prompt_set="s", detectors=[{"kind": "test-length", "max_chars": 5}])
 
 
 def test_fan_out_makes_chunked_jobs_through_the_submission_path(sqlite_url):
@@ -354,3 +372,26 @@ def test_builtin_prompt_sets_are_used_by_name(sqlite_url):
         session.commit()
         ps = session.get(PromptSet, audit.prompt_set_id)
         assert ps.source == "builtin" and ps.size >= 10
+
+
+def test_audit_options_are_the_job_engine_options():
+    """One engine-options schema: an audit accepts what a job accepts, with the same defaults (k was capped at
+    10,000 and max_new_tokens defaulted to 20 in a copy of its own); the audit's priority stays below jobs'."""
+    from selfie_jobs.specs import EngineOptions, JobCreate
+
+    assert issubclass(A.AuditOptions, EngineOptions) and issubclass(JobCreate, EngineOptions)
+    options, job = A.AuditOptions(), JobCreate(prompts=["x"])
+    assert {name: getattr(options, name) for name in EngineOptions.model_fields} == \
+           {name: getattr(job, name) for name in EngineOptions.model_fields}
+    assert options.max_new_tokens == 30 and options.priority == 3 and job.priority == 5
+    assert A.AuditOptions(k=1_000_000).k == 1_000_000
+    with pytest.raises(ValueError):
+        A.AuditOptions(k=1_000_001)
+    # New audits store every default written out, so a later change of a default never changes a stored audit...
+    stored = A.AuditCreate(name="x", prompt_set="s", detectors=DETECTORS).options.model_dump(mode="json",
+                                                                                               exclude_none=True)
+    assert stored["max_new_tokens"] == 30
+    # ...and an audit stored under the old default (20) keeps it in the jobs its runs submit.
+    config = {"model": "tiny", "targets": {"layers": "all"},
+              "options": {**stored, "max_new_tokens": 20}}
+    assert A._job_request(config, ["a prompt"], "all", "key").max_new_tokens == 20

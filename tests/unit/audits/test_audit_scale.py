@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 from sqlalchemy import func, select
 
-from selfie_core import detectors as D
+from selfie_jobs import audit_detectors as D
 from selfie_jobs import audits as A
 from selfie_jobs.audit_models import AuditRunJob
 from selfie_jobs.models import Chunk, Job

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfie_core import SelfieEngine
-from selfie_core.detectors import build
+from selfie_jobs.audit_detectors import build
 from selfie_core.edit_evals import (GRANDMA_ANSWER, harmful_behaviour, interpret_state, knowledge,
                                     knowledge_preservation, load_behaviours, load_facts, load_reference_texts,
                                     source_distance)

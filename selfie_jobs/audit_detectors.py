@@ -1,4 +1,8 @@
-"""Detectors: pure functions that flag interpretations (no torch, no I/O).
+"""Detectors: pure functions that flag interpretations (no torch, no I/O, standard library and ``regex`` only).
+
+The one definition of the detector kinds, their configs and limits: the API validates an audit's detector configs
+by building them here (`audit_schemas.DetectorSpec`), and the workers build the same configs to scan. A config the
+API accepts is one a worker can build.
 
 A detector is built from a JSON-serialisable config and called with one interpretation's text and mean relevancy;
 it returns the hits it finds. Built-in kinds:
@@ -27,7 +31,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# The third-party ``regex`` module (a dependency of transformers) for user patterns: ``re`` with a timeout.
+# The third-party ``regex`` module for user patterns: ``re`` with a timeout (a declared dependency of the job domain,
+# so the API process loads it too: it validates patterns with the module the workers search with).
 import regex
 
 
