@@ -439,11 +439,11 @@ def fan_out(
         audit = session.get(Audit, run.audit_id)
         config = run.config
         if key_revoked(session, audit.owner_key_id if audit else None):
-            return fail_run(session, run_id, "the audit's API key was revoked")
+            return _fail_committed(session, run_id, "the audit's API key was revoked")
         if not _owner_may_use(session, audit, config["prompt_set_id"]):
             # an audit stored before create_audit checked this: its jobs would show another key's prompts
-            return fail_run(session, run_id, f"this audit's key may not use prompt set {config['prompt_set_id']}, "
-                                             "which belongs to another key")
+            return _fail_committed(session, run_id, f"this audit's key may not use prompt set "
+                                                     f"{config['prompt_set_id']}, which belongs to another key")
         done_batches = 0
         try:
             for first, cursor, prompts, sel, skipped in _plan(session, config, run.prompts_submitted, settings):
@@ -480,7 +480,7 @@ def fan_out(
                 done_batches += 1
         except SubmissionError as exc:
             session.rollback()
-            return fail_run(session, run_id, f"a batch was refused: {exc.message}")
+            return _fail_committed(session, run_id, f"a batch was refused: {exc.message}")
         except OperationalError:
             raise  # the database is unreachable: the run keeps its cursor, and the next driver resumes it
         except Exception as exc:  # noqa: BLE001 - stored as the run's error and logged, not swallowed
@@ -488,7 +488,7 @@ def fan_out(
             # retry: the run would stay `submitting` and block every later run of its audit.
             log.exception("audit run %s: the fan-out failed", run_id)
             session.rollback()
-            return fail_run(session, run_id, f"the fan-out failed: {type(exc).__name__}: {exc}")
+            return _fail_committed(session, run_id, f"the fan-out failed: {type(exc).__name__}: {exc}")
         run = session.get(AuditRun, run_id, populate_existing=True)
         if run.state == AuditRunState.SUBMITTING and run.owner == owner:
             run.state = AuditRunState.RUNNING
@@ -496,6 +496,12 @@ def fan_out(
             run.lease_expires_at = None
             session.commit()
         return run
+
+
+def _fail_committed(session: Session, run_id: int, error: str) -> AuditRun:
+    run = fail_run(session, run_id, error)
+    session.commit()
+    return run
 
 
 def _owner_may_use(session: Session, audit: Audit | None, prompt_set_id: int) -> bool:
@@ -509,13 +515,13 @@ def _owner_may_use(session: Session, audit: Audit | None, prompt_set_id: int) ->
 
 
 def fail_run(session: Session, run_id: int, error: str) -> AuditRun:
-    """Close the run as failed with ``error`` and cancel its open jobs (commits)."""
+    """Close the run as failed with ``error`` and cancel its open jobs (the caller commits)."""
     run = session.get(AuditRun, run_id, populate_existing=True)
     run.state = AuditRunState.FAILED
     run.error = error
     run.finished_at = utcnow()
     _cancel_open_jobs(session, run_id)
-    session.commit()
+    session.flush()
     return run
 
 

@@ -6,8 +6,8 @@ the unique key (job, prompt index, layer, token), so a redelivered chunk never d
 progress counter grows by the number of rows actually inserted.
 
 Every function takes a Session and leaves commit to the caller, except `complete_chunk`, which is one
-transaction per chunk by contract and therefore takes a session factory. `with_db_retry` (selfie_jobs.retry)
-wraps a unit of work so that transient database outages are retried with backoff instead of losing work.
+transaction per chunk by contract and therefore takes a session factory. `unit_of_work` (selfie_jobs.retry)
+runs a transaction so that transient database outages are retried with backoff instead of losing work.
 Finding what the queue lost is `selfie_jobs.reconcile`.
 """
 
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from selfie_jobs.locking import lock_row
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, utcnow
-from selfie_jobs.retry import is_transient, with_db_retry  # noqa: F401 - part of this module's API
+from selfie_jobs.retry import is_transient, unit_of_work, with_db_retry  # noqa: F401 - part of this module's API
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 log = logging.getLogger(__name__)
@@ -374,14 +374,13 @@ def complete_chunk(
 ) -> WriteOutcome:
     """`write_results` in one transaction of its own, retried with backoff on transient database errors."""
 
-    def unit() -> WriteOutcome:
-        with session_factory() as session, session.begin():
-            return write_results(
-                session, chunk_id, owner, rows, engine_run_id=engine_run_id, worker=worker, model=model,
-                complete=complete,
-            )
-
-    return with_db_retry(unit, retry_seconds) if retry_seconds > 0 else unit()
+    return unit_of_work(
+        session_factory,
+        lambda session: write_results(
+            session, chunk_id, owner, rows, engine_run_id=engine_run_id, worker=worker, model=model, complete=complete
+        ),
+        retry_seconds,
+    )
 
 
 def start_engine_run(

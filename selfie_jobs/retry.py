@@ -1,4 +1,10 @@
-"""Retrying a unit of database work through transient outages (a restart, a failover, a busy database)."""
+"""A unit of work: one transaction in a session of its own, retried whole through transient database outages
+(a restart, a failover, a busy database).
+
+The commit rule (docs/architecture.md): orchestrators (routes, task bodies, the use cases that span a transaction
+and a broker send) commit; domain functions take a Session, flush at most, and leave the commit to their caller.
+An orchestrator that should wait out an outage runs its transaction through `unit_of_work`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +56,15 @@ def with_db_retry(
             log.warning("database unavailable (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
             sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, max_delay)
+
+
+def unit_of_work(sessions: Callable[[], Session], work: Callable[[Session], T], retry_seconds: float = 0.0) -> T:
+    """Run `work(session)` in one transaction of a new session: committed when it returns, rolled back when it
+    raises. A transient database error starts the whole unit again (with a new session), with backoff, until
+    `retry_seconds` pass; 0 runs it once."""
+
+    def attempt() -> T:
+        with sessions() as session, session.begin():
+            return work(session)
+
+    return with_db_retry(attempt, retry_seconds) if retry_seconds > 0 else attempt()

@@ -284,7 +284,8 @@ def store_job(session: Session, prepared: PreparedJob, request: JobCreate, owner
 
 
 def enqueue_chunks(session: Session, sender: TaskSender, chunks: Sequence[Chunk], model: str, priority: int) -> int:
-    """Send one wake-up per chunk and stamp `enqueued_at`; a failed send is left to the reconciler."""
+    """Send one wake-up per chunk and stamp `enqueued_at` in a transaction of its own, after the job's: a failed send
+    or stamp is left to the reconciler."""
     sent: list[int] = []
     try:
         for chunk in chunks:

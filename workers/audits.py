@@ -73,6 +73,7 @@ def run_audit(
         except Exception as exc:  # noqa: BLE001 - the run records it: a config that cannot build never will
             log.exception("audit run %s: its detectors cannot be built", run_id)
             run = A.fail_run(session, run_id, f"detectors: {exc}")
+            session.commit()
             return {"run_id": run_id, "state": run.state, "error": run.error}
     run = A.fan_out(sessions, run_id, settings, sender, owner)
     scanned = scan_ready(sessions, run_id=run_id)
@@ -104,6 +105,7 @@ def scan_ready(sessions: Callable[[], Session], *, run_id: int | None = None, li
                 session.rollback()
                 log.warning("audit run %s failed while scanning: %s", rid, exc)
                 A.fail_run(session, rid, f"scanning: {exc}")
+                session.commit()
                 failed.add(rid)
         open_runs = select(AuditRun.id).where(AuditRun.state == AuditRunState.RUNNING)
         if run_id is not None:

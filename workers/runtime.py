@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from selfie_jobs import cards
 from selfie_jobs import chunks as chunk_ops
+from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
 from workers.batcher import WorkItem
 
@@ -359,11 +360,7 @@ class Runtime:
                     log.exception("heartbeat failed")
 
     def _db(self, fn: Callable[[Session], Any], *, retry: bool = True) -> Any:
-        def unit() -> Any:
-            with self.sessions() as session, session.begin():
-                return fn(session)
-
-        return chunk_ops.with_db_retry(unit, self.settings.db_retry_seconds) if retry else unit()
+        return unit_of_work(self.sessions, fn, self.settings.db_retry_seconds if retry else 0.0)
 
 
 _RUNTIME: Runtime | None = None

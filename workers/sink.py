@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.chunks import ResultRow, WriteOutcome
+from selfie_jobs.retry import unit_of_work
 
 
 @dataclass
@@ -26,8 +27,4 @@ class DbSink:
         )
 
     def fail_job(self, job_id: str, error: str) -> None:
-        def unit() -> None:
-            with self.sessions() as session, session.begin():
-                chunk_ops.fail_job(session, job_id, error)
-
-        chunk_ops.with_db_retry(unit, self.retry_seconds)
+        unit_of_work(self.sessions, lambda session: chunk_ops.fail_job(session, job_id, error), self.retry_seconds)

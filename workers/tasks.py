@@ -28,6 +28,7 @@ from selfie_jobs.liveness import live_workers, owner_is_alive
 from selfie_jobs.reconcile import Redelivery, reconcile
 from selfie_jobs.models import Chunk
 from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, message_counter, send_chunk
+from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
 from workers import batcher
 from workers.sink import DbSink
@@ -49,43 +50,42 @@ def _claim(runtime, chunk_id: int) -> _Claim:
     settings = runtime.settings
     owner = runtime.name
 
-    def unit() -> _Claim:
-        with runtime.sessions() as session, session.begin():
-            # The model is part of the compare-and-set: a chunk this worker cannot run is never claimed, so a
-            # message that reached the wrong model's worker uses up none of the chunk's attempts.
-            first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, model=runtime.model)
+    def unit(session) -> _Claim:
+        # The model is part of the compare-and-set: a chunk this worker cannot run is never claimed, so a
+        # message that reached the wrong model's worker uses up none of the chunk's attempts.
+        first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, model=runtime.model)
+        if first is None:
+            row = session.get(Chunk, chunk_id)
+            if row is None:
+                return _Claim([], "no such chunk")
+            if row.model != runtime.model:
+                return _misrouted(session, runtime, row)
+            if row.state != "running":
+                return _Claim([], f"chunk is {row.state}")
+            if row.owner == owner:
+                if row.id in runtime.held():
+                    return _Claim([], "chunk is already being run by this worker")
+                # This process claimed it in an earlier task that ended without handing it back (a failed
+                # hand-back): nobody runs it, so the redelivered message takes it over now, not at lease end.
+            elif owner_is_alive(session, row.owner, settings.worker_alive_seconds,
+                                hostname=runtime.identity.hostname):
+                return _Claim([], f"chunk is held by live worker {row.owner}")
+            first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner,
+                                          model=runtime.model)
             if first is None:
-                row = session.get(Chunk, chunk_id)
-                if row is None:
-                    return _Claim([], "no such chunk")
-                if row.model != runtime.model:
-                    return _misrouted(session, runtime, row)
-                if row.state != "running":
-                    return _Claim([], f"chunk is {row.state}")
-                if row.owner == owner:
-                    if row.id in runtime.held():
-                        return _Claim([], "chunk is already being run by this worker")
-                    # This process claimed it in an earlier task that ended without handing it back (a failed
-                    # hand-back): nobody runs it, so the redelivered message takes it over now, not at lease end.
-                elif owner_is_alive(session, row.owner, settings.worker_alive_seconds,
-                                    hostname=runtime.identity.hostname):
-                    return _Claim([], f"chunk is held by live worker {row.owner}")
-                first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner,
-                                              model=runtime.model)
-                if first is None:
-                    return _Claim([], "another worker took the chunk first")
-                log.warning("took over chunk %s from %s", chunk_id,
-                            "an earlier task of this worker" if row.owner == owner else f"dead worker {row.owner}")
-            if first.attempts > settings.max_chunk_attempts:
-                chunk_ops.fail_chunk(session, first.id, f"chunk {first.index} was started {first.attempts - 1} "
-                                                        "times without finishing (worker crashes or time limits)")
-                return _Claim([], "chunk failed after too many attempts")
-            budget = settings.max_batch_interpretations - first.size
-            more = chunk_ops.claim_more(session, owner, first.model, first.batch_key, budget, settings.lease_seconds,
-                                        exclude=[first.id])
-            return _Claim([first, *more])
+                return _Claim([], "another worker took the chunk first")
+            log.warning("took over chunk %s from %s", chunk_id,
+                        "an earlier task of this worker" if row.owner == owner else f"dead worker {row.owner}")
+        if first.attempts > settings.max_chunk_attempts:
+            chunk_ops.fail_chunk(session, first.id, f"chunk {first.index} was started {first.attempts - 1} "
+                                                    "times without finishing (worker crashes or time limits)")
+            return _Claim([], "chunk failed after too many attempts")
+        budget = settings.max_batch_interpretations - first.size
+        more = chunk_ops.claim_more(session, owner, first.model, first.batch_key, budget, settings.lease_seconds,
+                                    exclude=[first.id])
+        return _Claim([first, *more])
 
-    return chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+    return unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
 
 
 def _misrouted(session, runtime, row: Chunk) -> _Claim:
@@ -105,12 +105,11 @@ def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, send
     settings = runtime.settings
     priority = {c.id: c.priority for c in claimed}
 
-    def unit():
-        with runtime.sessions() as session, session.begin():
-            return chunk_ops.release_chunks(session, list(priority), runtime.name, reason,
-                                            max_attempts=settings.max_chunk_attempts)
+    def unit(session):
+        return chunk_ops.release_chunks(session, list(priority), runtime.name, reason,
+                                        max_attempts=settings.max_chunk_attempts)
 
-    requeued = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+    requeued = unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
     if sender is not None:
         for chunk_id in requeued:
             try:
@@ -136,13 +135,12 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
     settings = runtime.settings
     started = time.monotonic()
     try:
-        def begin():
-            with runtime.sessions() as session, session.begin():
-                wanted = {(c.job_id, p) for c in claimed for p, _, _ in c.items}
-                return (chunk_ops.load_prompts(session, wanted),
-                        chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed))
+        def begin(session):
+            wanted = {(c.job_id, p) for c in claimed for p, _, _ in c.items}
+            return (chunk_ops.load_prompts(session, wanted),
+                    chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed))
 
-        prompts, run_id = chunk_ops.with_db_retry(begin, settings.db_retry_seconds)
+        prompts, run_id = unit_of_work(runtime.sessions, begin, settings.db_retry_seconds)
         sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, prompts):
@@ -154,11 +152,8 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
             total.chunks_done += stats.chunks_done
             total.failed_jobs.update(stats.failed_jobs)
         elapsed = time.monotonic() - started
-        def finish():
-            with runtime.sessions() as session, session.begin():
-                chunk_ops.finish_engine_run(session, run_id, elapsed)
-
-        chunk_ops.with_db_retry(finish, settings.db_retry_seconds)
+        unit_of_work(runtime.sessions, lambda session: chunk_ops.finish_engine_run(session, run_id, elapsed),
+                     settings.db_retry_seconds)
         runtime.served(total.inserted)
         log.info("engine run %s: %d chunks of %d jobs, %d items, %d rows new, %.2fs", run_id, len(claimed),
                  len({c.job_id for c in claimed}), total.items, total.inserted, elapsed)
@@ -203,12 +198,10 @@ def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
             log.warning("reconcile: the broker cannot count its messages (%s); going on without its counts", exc)
             waiting = None
 
-        def unit():
-            with sessions() as session, session.begin():
-                dead = mark_dead_local_workers(session)
-                return dead, reconcile(session, settings, waiting=waiting)
+        def unit(session):
+            return mark_dead_local_workers(session), reconcile(session, settings, waiting=waiting)
 
-        dead, report = chunk_ops.with_db_retry(unit, settings.db_retry_seconds)
+        dead, report = unit_of_work(sessions, unit, settings.db_retry_seconds)
     sent = 0
     for item in report.redeliver:
         send_chunk(app, item.chunk_id, item.model, item.priority)

@@ -293,6 +293,35 @@ def test_with_db_retry_retries_transient_errors_only():
                         first_delay=0.01, sleep=lambda _: None)
 
 
+def test_unit_of_work_commits_rolls_back_and_retries_with_a_new_session(db, caplog):
+    job_id, _ = _job(db)
+    sessions = []
+
+    def fail_then_cancel(session):
+        sessions.append(session)
+        session.get(Job, job_id).state = "cancelled"
+        if len(sessions) == 1:  # the first attempt's change must not survive: it is rolled back
+            session.flush()
+            raise OperationalError("update jobs", {}, Exception("server closed the connection"))
+        return "done"
+
+    with caplog.at_level("WARNING", logger="selfie_jobs.retry"):
+        assert C.unit_of_work(db, fail_then_cancel, 10) == "done"
+    assert len(sessions) == 2 and sessions[0] is not sessions[1]
+    assert "database unavailable (attempt 1)" in caplog.text
+    with db() as s:
+        assert s.get(Job, job_id).state == "cancelled"  # committed
+
+    def bug(session):
+        session.get(Job, job_id).state = "failed"
+        raise ValueError("bug")
+
+    with pytest.raises(ValueError):
+        C.unit_of_work(db, bug, 10)  # not transient: raised at once, rolled back
+    with db() as s:
+        assert s.get(Job, job_id).state == "cancelled"
+
+
 def test_reconcile_fails_a_job_whose_chunk_keeps_getting_lost(db):
     now = utcnow()
     settings = Settings(enqueue_grace_seconds=60, worker_alive_seconds=45, max_chunk_attempts=2)
