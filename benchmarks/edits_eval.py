@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from selfie_core import InterpretationTemplate, SelfieEngine, load_model
-from selfie_core.detectors import build
+from selfie_jobs.audit_detectors import build
 from selfie_core.edit_evals import (harmful_behaviour, interpret_state, knowledge_preservation, load_behaviours,
                                     load_facts, load_reference_texts)
 from selfie_core.edits import REINFORCE_DEFAULTS, SUPERVISED_DEFAULTS, ReinforceEdit, SupervisedEdit, hidden_state
