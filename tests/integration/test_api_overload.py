@@ -123,3 +123,28 @@ def test_error_after_commit_still_answers_202_and_the_reconciler_sends_the_chunk
         producer.close()
         flush_model_queue(redis_url, model)
         get_engine.cache_clear()
+
+
+def test_no_turn_to_write_in_time_answers_503_and_stores_nothing(sqlite_url, redis_url, monkeypatch):
+    """Another writer of the process holds the SQLite write gate past its bounded wait: the submit is refused with
+    503 + Retry-After (DatabaseBusy), never 500, and nothing is stored or enqueued."""
+    model = "tiny-" + uuid.uuid4().hex[:8]
+    prepare_database(sqlite_url, model=model)
+    get_engine.cache_clear()
+    monkeypatch.setattr(db, "SQLITE_WRITE_WAIT_SECONDS", 0.5)  # the gate's wait, shortened for the test
+    hold, release = _sqlite_write_gate(sqlite_url)
+    try:
+        with live_server(settings_for(sqlite_url, redis_url)) as srv, srv.client() as http:
+            hold()
+            resp = http.post("/v1/jobs", json={"model": model, "prompts": ["The Eiffel Tower is in Paris"]})
+            release()
+            assert resp.status_code == 503 and int(resp.headers["retry-after"]) > 0, resp.text
+            ok = http.post("/v1/jobs", json={"model": model, "prompts": ["Paris"]})
+            assert ok.status_code == 202
+        with session_scope(sqlite_url) as s:
+            assert len(s.scalars(select(Job.id)).all()) == 1
+        assert len(queued_messages(redis_url, model)) == ok.json()["chunks"]
+    finally:
+        release()
+        flush_model_queue(redis_url, model)
+        get_engine.cache_clear()
