@@ -69,6 +69,21 @@ def weights_max_memory(free_bytes: Sequence[int], share: float = WEIGHTS_SHARE) 
     return {i: int(free * share) for i, free in enumerate(free_bytes)}
 
 
+def check_devices_seen(gpus: Sequence[int], seen: int) -> None:
+    """Raise unless the process sees as many CUDA devices as ``--gpus`` named.
+
+    CUDA stops reading CUDA_VISIBLE_DEVICES at its first entry that names no device, so ``--gpus 0,1`` on a one-GPU
+    machine sees one device (the model would load on it alone) and on a machine without a GPU none (accelerate would
+    put the whole model on the disk): both are refused here, before any weights are read.
+    """
+    if seen < len(gpus):
+        named = ",".join(str(g) for g in gpus)
+        raise RuntimeError(
+            f"--gpus {named} names {len(gpus)} CUDA device(s) but this process sees {seen} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}): name only devices this machine "
+            "has (nvidia-smi -L lists them)" + ("; without a GPU, serve on the CPU (no --gpus)" if not seen else ""))
+
+
 def check_placement(device_map: dict, gpus: int) -> None:
     """Raise when accelerate placed any module elsewhere than on visible GPUs 0..gpus-1 (the disk, host memory)."""
     allowed = {str(i) for i in range(gpus)} | {f"cuda:{i}" for i in range(gpus)}
@@ -77,7 +92,7 @@ def check_placement(device_map: dict, gpus: int) -> None:
         places = sorted({str(device_map[name]) for name in elsewhere})
         raise RuntimeError(
             f"the model does not fit in {WEIGHTS_SHARE:.0%} of the free memory of its {gpus} GPU(s): {len(elsewhere)} "
-            f"module(s) (e.g. {elsewhere[0]}) would go to {', '.join(places)}; give the worker more GPUs or free "
+            f"module(s) (e.g. {elsewhere[0] or 'the whole model'}) would go to {', '.join(places)}; give the worker more GPUs or free "
             "memory, or load it in a smaller dtype")
 
 

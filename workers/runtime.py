@@ -211,10 +211,12 @@ class Runtime:
         started = time.monotonic()
         spread: dict[str, Any] = {}
         if opts.gpus:
-            from workers.gpus import free_memory, weights_max_memory
+            from workers.gpus import check_devices_seen, free_memory, weights_max_memory
 
+            free = free_memory()
+            check_devices_seen(opts.gpus, len(free))
             # balanced over the GPUs, each leaving a quarter of its free memory for batches (workers.gpus)
-            spread = {"device_map": "auto", "max_memory": weights_max_memory(free_memory())}
+            spread = {"device_map": "auto", "max_memory": weights_max_memory(free)}
         # a model added with `selfie models add` loads from the folder (or hub id) and dtype recorded there
         entry = None if opts.model_path else self._db(lambda s: cards.catalogue_entry(s, opts.model))
         self.source = opts.model_path or (entry or {}).get("path")

@@ -93,6 +93,27 @@ def test_a_worker_serves_a_catalogued_model_by_name_in_its_dtype(folder, databas
         stop_runtime()
 
 
+def test_a_worker_naming_gpus_it_does_not_see_refuses_before_loading(folder, database, tmp_path):
+    from selfie_core.cardinfo import folder_card
+
+    # CUDA_VISIBLE_DEVICES=-1 hides every GPU, on any machine; the worker used to load the model onto the disk and
+    # then say it "does not fit in 75% of the free memory of its 2 GPU(s)"
+    with session_scope(database) as s:
+        cards.add_to_catalogue(s, "tiny", folder_card(str(folder), "tiny", "float32"), path=str(folder),
+                               dtype="float32")
+    code = ("from selfie_jobs.settings import Settings\n"
+            "from workers.runtime import WorkerOptions, start_runtime\n"
+            f"settings = Settings(data_dir={str(tmp_path)!r}, database_url={database!r})\n"
+            "try:\n"
+            "    start_runtime(settings, WorkerOptions(model='tiny', node_name='t@h', device='cuda:0', gpus=[0, 1]))\n"
+            "except RuntimeError as exc:\n    print(exc)\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "-1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.stdout.startswith("--gpus 0,1 names 2 CUDA device(s) but this process sees 0 (CUDA_VISIBLE_DEVICES='-1')"), (
+        out.stdout + out.stderr)
+    assert "without a GPU, serve on the CPU" in out.stdout
+
+
 @pytest.mark.parametrize("path, message", [
     ("/no/such/folder", "Invalid value for --path: no model folder at /no/such/folder"),
     ("org/some-model", "'org/some-model' is a Hugging Face hub id that is not in this machine's hub cache"),

@@ -11,7 +11,7 @@ import pytest
 
 from selfie_core.memory import row_bytes, rows_that_fit
 from workers import launch
-from workers.gpus import check_placement, parse_gpus, pin_gpus, visible_devices, weights_max_memory
+from workers.gpus import check_devices_seen, check_placement, parse_gpus, pin_gpus, visible_devices, weights_max_memory
 from workers.runtime import WorkerOptions
 
 GiB = 1 << 30
@@ -78,6 +78,19 @@ def test_a_model_that_spills_off_its_gpus_is_refused():
         check_placement({"model.embed_tokens": 0, "model.layers": 1, "model.norm": "disk", "lm_head": "cpu"}, 2)
     with pytest.raises(RuntimeError, match="would go to 2"):
         check_placement({"model.embed_tokens": 0, "model.layers": 2}, 2)
+
+
+def test_a_worker_that_sees_fewer_gpus_than_it_names_is_refused():
+    check_devices_seen((0, 1), 2)
+    check_devices_seen((3,), 4)
+    # CUDA stops at the first CUDA_VISIBLE_DEVICES entry naming no device: on a one-GPU machine --gpus 0,1 sees one
+    with pytest.raises(RuntimeError, match=r"--gpus 0,1 names 2 CUDA device\(s\) but this process sees 1 "):
+        check_devices_seen((0, 1), 1)
+    with pytest.raises(RuntimeError, match="sees 0 .*without a GPU, serve on the CPU"):
+        check_devices_seen((0,), 0)
+    # accelerate's map of a model with no GPU to go to: the root module, named ''
+    with pytest.raises(RuntimeError, match=r"1 module\(s\) \(e.g. the whole model\) would go to disk"):
+        check_placement({"": "disk"}, 2)
 
 
 def _llama70b_rows(layers_per_device, output_device, tokens=100):
