@@ -16,7 +16,7 @@ import redis
 from api.broker import make_producer
 from selfie_jobs.queue import CONTROL_QUEUE, RUN_AUDIT_TASK
 from tests.apisupport import live_server, prepare_database, settings_for
-from tests.unit.audits.support import run_all_chunks
+from tests.unit.jobs.audits.support import run_all_chunks
 from workers import audits as W
 
 pytestmark = pytest.mark.timeout(180)

@@ -14,7 +14,7 @@ from selfie_jobs import audits as A
 from selfie_jobs.audit_models import AuditRunJob
 from selfie_jobs.models import Chunk, Job
 from selfie_jobs.prompt_sets import create_prompt_set
-from tests.unit.audits.support import RecordingSender, run_all_chunks, setup_db
+from tests.unit.jobs.audits.support import RecordingSender, run_all_chunks, setup_db
 
 pytestmark = pytest.mark.slow
 

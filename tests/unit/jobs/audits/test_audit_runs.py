@@ -16,7 +16,7 @@ from selfie_jobs.audit_reports import iter_findings_csv, run_report
 from selfie_jobs.models import Chunk, Job, Prompt, utcnow
 from selfie_jobs.prompt_sets import create_prompt_set
 from selfie_jobs.queue import RUN_CHUNK_TASK
-from tests.unit.audits.support import RecordingSender, jsonl, run_all_chunks, scan_all, setup_db
+from tests.unit.jobs.audits.support import RecordingSender, jsonl, run_all_chunks, scan_all, setup_db
 
 PROMPTS = [
     "the cat sat on the mat",
