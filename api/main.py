@@ -47,8 +47,10 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # the sync routes' threads: as many as requests served at once (the database pool has room for them all)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.max_concurrent_requests
+        # The sync routes' threads: two per request served at once, so that no admitted request waits for a thread
+        # held by another admitted request (a route may use two at a time: a sync dependency's exit, a streamed
+        # CSV's reads); the database pool holds two connections per request too (selfie_jobs.db).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2 * settings.max_concurrent_requests
         yield
         if producer is not None:
             producer.close()

@@ -1,10 +1,11 @@
 """Overload sheds load with 503 + Retry-After, never 500, and never by collapsing.
 
-One API process serves at most `max_concurrent_requests` requests at once (its thread pool's size, and fewer than
-its database pool holds, so a request never waits for a connection while holding another); the others wait in
-line, first come first served, for up to `queue_wait_seconds`, then get 503 with Retry-After. Without the line, a
-burst of submitters held pooled connections while waiting for threads that were themselves waiting for
-connections: every request timed out (benchmarks/README.md, "Submit load").
+One API process serves at most `max_concurrent_requests` requests at once (with two threads and two pooled
+connections each, so a request never waits for a thread or a connection that another admitted request holds);
+the others wait in line, first come first served, for up to `queue_wait_seconds`, then get 503 with Retry-After.
+Without the line, a burst of
+submitters held pooled connections while waiting for threads that were themselves waiting for connections: every
+request timed out (benchmarks/README.md, "Submit load").
 """
 
 from __future__ import annotations

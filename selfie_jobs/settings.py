@@ -73,8 +73,8 @@ class Settings(BaseSettings):
                                   "and read row by row, never held in memory whole.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="The body of any other route (audit definitions, "
                                 "changes): small JSON.")
-    max_concurrent_requests: int = Field(40, ge=1, description="Requests one API process serves at once (its "
-                                         "thread pool); more wait in line, see queue_wait_seconds.")
+    max_concurrent_requests: int = Field(40, ge=1, description="Requests one API process serves at once (with "
+                                         "two threads each); more wait in line, see queue_wait_seconds.")
     queue_wait_seconds: float = Field(30.0, gt=0, description="How long a request waits in line before it is "
                                       "answered 503 with Retry-After (overload sheds load, never 500).")
 
