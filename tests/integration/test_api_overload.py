@@ -148,3 +148,48 @@ def test_no_turn_to_write_in_time_answers_503_and_stores_nothing(sqlite_url, red
         release()
         flush_model_queue(redis_url, model)
         get_engine.cache_clear()
+
+
+class BlockingSender:
+    """The API's real producer, holding the first submit inside its send until `go` is set (a slow broker)."""
+
+    def __init__(self, producer):
+        self.producer = producer
+        self.inside = threading.Event()
+        self.go = threading.Event()
+
+    def send_task(self, name, args=None, **options):
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.go.wait(30)
+        return self.producer.send_task(name, args=args, **options)
+
+
+def test_a_full_api_answers_503_with_retry_after_and_liveness_still_answers(sqlite_url, redis_url):
+    """Over real HTTP, one slot and half a second in line: while a submit holds the slot, another request gets 503
+    + Retry-After (not a wait without end, not 500), /healthz answers, and the held submit then completes."""
+    model = "tiny-" + uuid.uuid4().hex[:8]
+    prepare_database(sqlite_url, model=model)
+    producer = make_producer(redis_url)
+    sender = BlockingSender(producer)
+    settings = settings_for(sqlite_url, redis_url, max_concurrent_requests=1, queue_wait_seconds=0.5)
+    answers = {}
+    try:
+        with live_server(settings, task_sender=sender) as srv, srv.client() as http:
+            first = threading.Thread(target=lambda: answers.setdefault("first", http.post(
+                "/v1/jobs", json={"model": model, "prompts": ["The Eiffel Tower is in Paris"]})))
+            first.start()
+            assert sender.inside.wait(20)
+            with srv.client() as other:
+                refused = other.get("/v1/jobs")
+                assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0, refused.text
+                assert other.get("/healthz").status_code == 200
+            sender.go.set()
+            first.join(30)
+            assert answers["first"].status_code == 202
+            assert http.get("/v1/jobs").status_code == 200
+    finally:
+        sender.go.set()
+        producer.close()
+        flush_model_queue(redis_url, model)
+        get_engine.cache_clear()
