@@ -16,8 +16,9 @@ UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 class Links(BaseModel):
     self: str
     interpretations: str
+    results: str  # every kind's results (the interpretations of an interpret job, the rows of a vectors job)
     cancel: str
-    page: str  # the results explorer: the layer x token grid
+    page: str  # the results explorer: the layer x token grid, or the table of a vectors job
 
 
 class ErrorOut(BaseModel):
@@ -27,9 +28,10 @@ class ErrorOut(BaseModel):
 
 class JobAccepted(BaseModel):
     id: str
+    kind: str = Field("interpret", description="The job kind: interpret or vectors.")
     state: str
     model: str
-    total: int = Field(description="Interpretations the job will produce.")
+    total: int = Field(description="Results the job will produce (interpretations, or interpreted vectors).")
     chunks: int
     enqueued: int = Field(description="Chunks sent to the queue by this call (0 for a repeated idempotency key).")
     created: bool = Field(description="False when an earlier job with the same idempotency key is returned.")
@@ -62,6 +64,7 @@ class PromptOut(BaseModel):
 
 class JobStatus(BaseModel):
     id: str
+    kind: str = "interpret"
     model: str
     state: str
     priority: int
@@ -81,6 +84,7 @@ class JobStatus(BaseModel):
 
 class JobSummary(BaseModel):
     id: str
+    kind: str = "interpret"
     model: str
     state: str
     priority: int
@@ -123,6 +127,17 @@ class InterpretationList(BaseModel):
     job_id: str
     state: str
     items: list[InterpretationOut]
+    next_cursor: str | None
+
+
+class ResultList(BaseModel):
+    """A page of any kind's results; `items` hold the kind's columns (`columns`), as its CSV export does."""
+
+    job_id: str
+    kind: str
+    state: str
+    columns: list[str]
+    items: list[dict[str, Any]]
     next_cursor: str | None
 
 

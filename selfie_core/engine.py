@@ -223,6 +223,36 @@ class SelfieEngine:
             results.extend(batch)
         return results
 
+    def hidden_states(self, wanted: dict[str, Sequence[tuple[int, int]]]) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+        """``{prompt: {(layer, token): hidden_states[layer][token]}}`` for every pair asked of each prompt.
+
+        Layer and token follow ``InterpretRequest`` (token negative counts from the end; the keys of the answer are
+        the indices as asked). One forward per prompt batch, as interpretation extracts them.
+        """
+        prompts = list(wanted)
+        token_ids: list[list[int]] = []
+        pairs: list[list[tuple[int, int]]] = []
+        for i, prompt in enumerate(prompts):
+            ids = None
+            if isinstance(prompt, str) and prompt.strip():
+                ids = list(self.tokenizer(prompt).input_ids)
+            resolved = []
+            for layer, token in wanted[prompt]:
+                if ids is not None and isinstance(token, int) and not isinstance(token, bool) and token < 0:
+                    token += len(ids)
+                check_interpret_request(InterpretRequest(prompt, layer, token), ids, self.num_layers,
+                                        self.max_context, f"state {i}")
+                resolved.append((layer, token))
+            token_ids.append(ids)
+            pairs.append(sorted(set(resolved)))
+        with self._lock, attention_kernels(self.input_device):
+            got = extract(self.model, token_ids, pairs, self.pad_id, self.input_device, self.max_extract_tokens)
+        out: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+        for prompt, ids, states in zip(prompts, token_ids, got):
+            out[prompt] = {(layer, token): states[(layer, token + len(ids) if token < 0 else token)]
+                           for layer, token in wanted[prompt]}
+        return out
+
     def interpret_vectors(self, vectors: Sequence[VectorRequest | Any], template: TemplateLike = None,
                           injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
                           batch_size: int | None = None) -> list[Interpretation]:

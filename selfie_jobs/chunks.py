@@ -2,8 +2,8 @@
 
 The database decides who works on what. A queue message only names a chunk; whoever wins the compare-and-set
 UPDATE on the chunk row runs it, under a lease it renews. Results are inserted with ON CONFLICT DO NOTHING on
-the unique key (job, prompt index, layer, token), so a redelivered chunk never duplicates a row, and the job's
-progress counter grows by the number of rows actually inserted.
+their kind's unique key (job and item: prompt index, layer, token for interpretations; vector index for vectors),
+so a redelivered chunk never duplicates a row, and the job's progress counter grows by the rows actually inserted.
 
 Every function takes a Session and leaves commit to the caller, except `complete_chunk`, which is one
 transaction per chunk by contract and therefore takes a session factory. `unit_of_work` (selfie_jobs.retry)
@@ -23,8 +23,10 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from selfie_jobs.kinds import DEFAULT_KIND, item_tuple
+from selfie_jobs.kinds.interpret import ResultRow  # noqa: F401 - its writers import it from here
 from selfie_jobs.locking import lock_row
-from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, Prompt, utcnow
+from selfie_jobs.models import Chunk, EngineRun, Job, utcnow
 from selfie_jobs.retry import is_transient, unit_of_work, with_db_retry  # noqa: F401 - part of this module's API
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
@@ -53,9 +55,10 @@ class ClaimedChunk:
     model: str
     batch_key: str
     priority: int
-    items: tuple[tuple[int, int, int], ...]
+    items: tuple[tuple[int, ...], ...]  # the job kind's items
     attempts: int
     spec: dict[str, Any] = field(default_factory=dict, compare=False)
+    kind: str = DEFAULT_KIND
 
     @property
     def size(self) -> int:
@@ -77,7 +80,7 @@ def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChu
     # populate_existing: the claim's UPDATE bypassed the session, and a row the caller read before it (e.g. to
     # judge its owner) would otherwise come back with its old owner and attempts.
     rows = session.execute(
-        select(Chunk, Job.spec).join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
+        select(Chunk, Job.spec, Job.kind).join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
         .execution_options(populate_existing=True)
     ).all()
     by_id = {
@@ -88,11 +91,12 @@ def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChu
             model=chunk.model,
             batch_key=chunk.batch_key,
             priority=chunk.priority,
-            items=tuple((int(p), int(l), int(t)) for p, l, t in chunk.items),
+            items=tuple(item_tuple(item) for item in chunk.items),
             attempts=chunk.attempts,
             spec=spec or {},
+            kind=kind or DEFAULT_KIND,
         )
-        for chunk, spec in rows
+        for chunk, spec, kind in rows
     }
     return [by_id[i] for i in chunk_ids if i in by_id]
 
@@ -200,20 +204,6 @@ def renew_leases(
 
 
 @dataclass(frozen=True)
-class ResultRow:
-    """One interpretation ready to be stored (plain values, built by the worker from an engine record)."""
-
-    prompt_index: int
-    layer: int
-    token: int
-    source_token: str
-    text: str
-    token_ids: list[int]
-    relevancy: list[float]
-    mean_relevancy: float
-
-
-@dataclass(frozen=True)
 class WriteOutcome:
     inserted: int
     chunk_done: bool
@@ -227,12 +217,12 @@ def storable_text(text: str | None) -> str:
     return (text or "").replace("\x00", "\ufffd")
 
 
-def _insert_ignore(session: Session):
+def _insert_ignore(session: Session, table: Any):
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        return postgresql.insert(Interpretation)
+        return postgresql.insert(table)
     if dialect == "sqlite":
-        return sqlite.insert(Interpretation)
+        return sqlite.insert(table)
     raise NotImplementedError(f"no INSERT .. ON CONFLICT DO NOTHING for dialect {dialect!r}")
 
 
@@ -269,7 +259,7 @@ def write_results(
     session: Session,
     chunk_id: int,
     owner: str,
-    rows: Sequence[ResultRow],
+    rows: Sequence[Any],
     *,
     engine_run_id: str,
     worker: str,
@@ -306,17 +296,13 @@ def write_results(
 
     inserted = 0
     if rows:
+        # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
+        row_type = type(rows[0])
+        table = row_type.TABLE
         values = [
             {
                 "job_id": job.id,
-                "prompt_index": r.prompt_index,
-                "layer": r.layer,
-                "token": r.token,
-                "source_token": storable_text(r.source_token),
-                "text": storable_text(r.text),
-                "token_ids": list(r.token_ids),
-                "relevancy": list(r.relevancy),
-                "mean_relevancy": r.mean_relevancy,
+                **r.values(storable_text),
                 "chunk_id": chunk_id,
                 "engine_run_id": engine_run_id,
                 "worker": worker,
@@ -326,10 +312,10 @@ def write_results(
             for r in rows
         ]
         stmt = (
-            _insert_ignore(session)
+            _insert_ignore(session, table)
             .values(values)
-            .on_conflict_do_nothing(index_elements=["job_id", "prompt_index", "layer", "token"])
-            .returning(Interpretation.id)
+            .on_conflict_do_nothing(index_elements=["job_id", *row_type.ITEM_COLUMNS])
+            .returning(table.id)
         )
         inserted = len(session.execute(stmt).all())
 
@@ -364,7 +350,7 @@ def complete_chunk(
     session_factory: Callable[[], Session],
     chunk_id: int,
     owner: str,
-    rows: Sequence[ResultRow],
+    rows: Sequence[Any],
     *,
     engine_run_id: str,
     worker: str,
@@ -404,16 +390,6 @@ def start_engine_run(
 
 def finish_engine_run(session: Session, run_id: str, elapsed_s: float) -> None:
     session.execute(update(EngineRun).where(EngineRun.id == run_id).values(elapsed_s=float(elapsed_s)))
-
-
-def load_prompts(session: Session, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
-    """Prompt texts for (job id, prompt index) pairs."""
-    wanted = set(keys)
-    if not wanted:
-        return {}
-    job_ids = {j for j, _ in wanted}
-    rows = session.execute(select(Prompt.job_id, Prompt.index, Prompt.text).where(Prompt.job_id.in_(job_ids))).all()
-    return {(j, i): t for j, i, t in rows if (j, i) in wanted}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -99,6 +99,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
     owner_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
     model: Mapped[str] = mapped_column(String(200), index=True)
+    # What kind of work (selfie_jobs.kinds): decides the request schema, the inputs, the result table and runner.
+    kind: Mapped[str] = mapped_column(String(32), default="interpret", server_default="interpret")
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED, index=True)
     priority: Mapped[int] = mapped_column(Integer, default=5)
     # "<owner>:<client key>": unique, so a retried submit returns the first job instead of making a second one.
@@ -151,7 +153,8 @@ class Chunk(Base):
     batch_key: Mapped[str] = mapped_column(String(64))
     priority: Mapped[int] = mapped_column(Integer, default=5)
     state: Mapped[str] = mapped_column(String(16), default=ChunkState.QUEUED)
-    items: Mapped[list[Any]] = mapped_column(JSON)  # [[prompt_index, layer, token], ...]
+    # The job kind's items: [[prompt_index, layer, token], ...] for interpret, [[vector_index], ...] for vectors.
+    items: Mapped[list[Any]] = mapped_column(JSON)
     size: Mapped[int] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     owner: Mapped[str | None] = mapped_column(String(255), nullable=True)
@@ -191,6 +194,46 @@ class Interpretation(Base):
     layer: Mapped[int] = mapped_column(Integer)
     token: Mapped[int] = mapped_column(Integer)
     source_token: Mapped[str] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[Any]] = mapped_column(JSON)
+    relevancy: Mapped[list[Any]] = mapped_column(JSON)
+    mean_relevancy: Mapped[float] = mapped_column(Float)
+    chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
+    engine_run_id: Mapped[str] = mapped_column(String(32), index=True)
+    worker: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobVector(Base):
+    """An input of a `vectors` job: a vector as submitted (`vector`), or an expression over hidden states
+    (`expression`: {"terms": [{"coef", "prompt", "layer", "token"}, ...]}) that the worker extracts and sums."""
+
+    __tablename__ = "job_vectors"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    vector: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    expression: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class VectorInterpretation(Base):
+    """A result of a `vectors` job: what the model says about one submitted vector."""
+
+    __tablename__ = "vector_interpretations"
+    __table_args__ = (
+        # A redelivered chunk can never duplicate a result.
+        UniqueConstraint("job_id", "vector_index"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    vector_index: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(Text)
+    norm: Mapped[float] = mapped_column(Float)
     text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[list[Any]] = mapped_column(JSON)
     relevancy: Mapped[list[Any]] = mapped_column(JSON)

@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     max_prompts_per_job: int = Field(1_000, ge=1)
     max_prompt_chars: int = Field(20_000, ge=1)
     max_new_tokens_cap: int = Field(256, ge=1)
+    max_vectors_per_job: int = Field(10_000, ge=1, description="Vectors (or expressions) one `vectors` job may hold.")
+    max_vector_upload_bytes: int = Field(64 << 20, ge=1, description="Largest .npy/.safetensors file a `vectors` "
+                                         "upload may send.")
+    max_expression_terms: int = Field(16, ge=1, description="Terms of one expression over hidden states.")
     chunk_size: int = Field(64, ge=1, description="Interpretations per chunk (the unit of work and of progress).")
     max_batch_interpretations: int = Field(256, ge=1, description="Upper bound of one cross-job engine batch.")
 

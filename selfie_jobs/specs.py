@@ -137,7 +137,20 @@ class EngineOptions(BaseModel):
         return {"preset": value} if isinstance(value, str) else value
 
 
-class JobCreate(EngineOptions):
+class EngineJobFields(EngineOptions):
+    """What every kind of job request holds besides its inputs: the engine options, the model, and the job's
+    priority and idempotency key (`engine_spec` turns the options into the stored spec)."""
+
+    model: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="Served model name; default: the service's default model."
+    )
+    priority: Annotated[Int, Field(ge=0, le=9)] = Field(5, description="0 (lowest) .. 9 (most urgent).")
+    idempotency_key: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
+        None, description="A retried submit with the same key returns the first job instead of making another."
+    )
+
+
+class JobCreate(EngineJobFields):
     """A request to interpret hidden states of one model over one or many prompts."""
 
     model_config = ConfigDict(
@@ -157,17 +170,10 @@ class JobCreate(EngineOptions):
         },
     )
 
-    model: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
-        None, description="Served model name; default: the service's default model."
-    )
     prompts: Annotated[list[SafeStr], Field(min_length=1, max_length=MAX_PROMPTS_HARD)] = Field(
         description="One prompt or a list of prompts."
     )
     targets: Literal["all"] | Targets = Field("all", description="'all' = every layer x every token.")
-    priority: Annotated[Int, Field(ge=0, le=9)] = Field(5, description="0 (lowest) .. 9 (most urgent).")
-    idempotency_key: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
-        None, description="A retried submit with the same key returns the first job instead of making another."
-    )
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -183,7 +189,7 @@ class JobCreate(EngineOptions):
         return value
 
 
-def engine_spec(request: JobCreate, template: dict[str, Any]) -> dict[str, Any]:
+def engine_spec(request: EngineJobFields, template: dict[str, Any]) -> dict[str, Any]:
     """The stored `jobs.spec`: what the engine needs besides the (prompt, layer, token) items."""
     return {
         "template": template,
@@ -204,11 +210,14 @@ def spec_batch_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def request_hash(request: JobCreate, model: str) -> str:
+def request_hash(request: EngineJobFields, model: str, kind: str | None = None) -> str:
     """Hash of the request as validated (shorthands expanded, defaults filled, `model` resolved), without its
-    idempotency key: two bodies that ask for the same job hash alike however they were spelled."""
+    idempotency key: two bodies that ask for the same job hash alike however they were spelled. `kind`: the job
+    kind, hashed in for every kind but `interpret` (whose hashes were stored before kinds existed)."""
     normalized = request.model_dump(mode="json", exclude={"idempotency_key"})
     normalized["model"] = model
+    if kind is not None:
+        normalized["kind"] = kind
     canonical = json.dumps(normalized, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

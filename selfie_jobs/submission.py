@@ -24,11 +24,13 @@ from tokenizers import Tokenizer
 
 from selfie_jobs.cards import card_presets, card_tokenizer, default_preset, load_card
 from selfie_jobs.errors import SubmissionError
+from selfie_jobs.kinds import DEFAULT_KIND, PreparedJob, get_kind, kind_of_request
 from selfie_jobs.locking import lock_row
-from selfie_jobs.models import ApiKey, Chunk, Job, Prompt, ServedModel, utcnow
+from selfie_jobs.models import ApiKey, Chunk, Job, ServedModel, utcnow
 from selfie_jobs.queue import TaskSender, send_chunk
 from selfie_jobs.settings import Settings
 from selfie_jobs.specs import (
+    EngineJobFields,
     IndexRange,
     JobCreate,
     Targets,
@@ -44,15 +46,6 @@ log = logging.getLogger(__name__)
 
 #: Text that stands for one placeholder when the template is rendered (as in the engine).
 PLACEHOLDER_TEXT = "_ "
-
-
-@dataclass
-class PreparedJob:
-    model: str
-    spec: dict[str, Any]
-    batch_key: str
-    prompts: list[tuple[str, list[str]]]  # (text, decoded tokens)
-    items: list[list[int]]  # [prompt_index, layer, token]
 
 
 @dataclass
@@ -88,7 +81,7 @@ def _template_length(tokenizer: Tokenizer, parts: Sequence[str | int]) -> int:
     return len(ids)
 
 
-def _check_template(request: JobCreate, card: ServedModel, tokenizer: Tokenizer) -> tuple[dict[str, Any], int | None]:
+def _check_template(request: EngineJobFields, card: ServedModel, tokenizer: Tokenizer) -> tuple[dict[str, Any], int | None]:
     """The normalized template spec and its token length when it can be known here."""
     template = request.template
     if template is None or template.preset is not None:
@@ -153,8 +146,39 @@ def _too_many(count: int, cap: int) -> SubmissionError:
     )
 
 
+def check_engine_fields(session: Session, request: EngineJobFields, model: str,
+                        settings: Settings) -> tuple[ServedModel, dict[str, Any], int | None]:
+    """The checks every kind shares, against the model card: max_new_tokens, k, the template and the context.
+    Returns the card, the normalized template spec and the template's token length (when known)."""
+    if request.max_new_tokens > settings.max_new_tokens_cap:
+        raise SubmissionError(
+            f"max_new_tokens={request.max_new_tokens}; at most {settings.max_new_tokens_cap}", field="max_new_tokens"
+        )
+    card = load_card(session, model, settings.worker_alive_seconds)
+    if request.k >= card.num_layers:
+        raise SubmissionError(
+            f"k={request.k} is out of range: the injection layer must be in 0..{card.num_layers - 1} for {model!r}",
+            field="k",
+        )
+    template, template_len = _check_template(request, card, card_tokenizer(card))
+    if template_len is not None and template_len + request.max_new_tokens > card.max_context:
+        raise SubmissionError(
+            f"template ({template_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the context "
+            f"of {model!r} ({card.max_context} tokens)",
+            field="max_new_tokens",
+        )
+    window = (card.card or {}).get("sliding_window")  # as the engine's check_generation
+    if template_len is not None and isinstance(window, int) and template_len + request.max_new_tokens > window:
+        raise SubmissionError(
+            f"template ({template_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the sliding "
+            f"attention window of {model!r} ({window} tokens): use a shorter template or fewer new tokens",
+            field="max_new_tokens",
+        )
+    return card, template, template_len
+
+
 def prepare_job(session: Session, request: JobCreate, settings: Settings) -> PreparedJob:
-    """Everything the engine would reject, rejected here, with no write."""
+    """Everything the engine would reject, rejected here, with no write (the `interpret` kind's planner)."""
     model = request.model or settings.default_model
     if len(request.prompts) > settings.max_prompts_per_job:
         raise SubmissionError(
@@ -165,18 +189,8 @@ def prepare_job(session: Session, request: JobCreate, settings: Settings) -> Pre
             raise SubmissionError(
                 f"prompt {i} has {len(prompt)} characters; at most {settings.max_prompt_chars}", field="prompts"
             )
-    if request.max_new_tokens > settings.max_new_tokens_cap:
-        raise SubmissionError(
-            f"max_new_tokens={request.max_new_tokens}; at most {settings.max_new_tokens_cap}", field="max_new_tokens"
-        )
-
-    card = load_card(session, model, settings.worker_alive_seconds)
+    card, template, _ = check_engine_fields(session, request, model, settings)
     depth, context = card.num_layers, card.max_context
-    if request.k >= depth:
-        raise SubmissionError(
-            f"k={request.k} is out of range: the injection layer must be in 0..{depth - 1} for {model!r}", field="k"
-        )
-
     tokenizer = card_tokenizer(card)
     encodings = tokenizer.encode_batch(list(request.prompts))
     prompts: list[tuple[str, list[str]]] = []
@@ -190,21 +204,6 @@ def prepare_job(session: Session, request: JobCreate, settings: Settings) -> Pre
             )
         tokens = tokenizer.decode_batch([[t] for t in ids], skip_special_tokens=False)
         prompts.append((text, tokens))
-
-    template, template_len = _check_template(request, card, tokenizer)
-    if template_len is not None and template_len + request.max_new_tokens > context:
-        raise SubmissionError(
-            f"template ({template_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the context "
-            f"of {model!r} ({context} tokens)",
-            field="max_new_tokens",
-        )
-    window = (card.card or {}).get("sliding_window")  # as the engine's check_generation
-    if template_len is not None and isinstance(window, int) and template_len + request.max_new_tokens > window:
-        raise SubmissionError(
-            f"template ({template_len} tokens) + max_new_tokens ({request.max_new_tokens}) exceed the sliding "
-            f"attention window of {model!r} ({window} tokens): use a shorter template or fewer new tokens",
-            field="max_new_tokens",
-        )
 
     targets = Targets(layers="all", tokens="all") if request.targets == "all" else request.targets
     items = _count_and_expand(
@@ -242,12 +241,14 @@ def check_quota(session: Session, owner_key_id: int | None, count: int, settings
         )
 
 
-def store_job(session: Session, prepared: PreparedJob, request: JobCreate, owner_key_id: int | None,
+def store_job(session: Session, prepared: PreparedJob, request: EngineJobFields, owner_key_id: int | None,
               settings: Settings, scope: str | None, digest: str | None = None) -> tuple[Job, list[Chunk]]:
-    """Add job + prompts + chunks to the session (the caller commits: one transaction)."""
+    """Add job + the kind's inputs (prompts, vectors) + chunks to the session (the caller commits: one
+    transaction)."""
     job = Job(
         owner_key_id=owner_key_id,
         model=prepared.model,
+        kind=prepared.kind,
         state=JobState.QUEUED,
         priority=request.priority,
         idempotency_scope=scope,
@@ -261,9 +262,7 @@ def store_job(session: Session, prepared: PreparedJob, request: JobCreate, owner
     )
     session.add(job)
     session.flush()
-    session.add_all(
-        Prompt(job_id=job.id, index=i, text=text, tokens=tokens) for i, (text, tokens) in enumerate(prepared.prompts)
-    )
+    get_kind(prepared.kind).store_inputs(session, job.id, prepared)
     size = settings.chunk_size
     chunks = [
         Chunk(
@@ -327,16 +326,19 @@ def _replay(job: Job, digest: str, key: str) -> SubmitResult:
     return SubmitResult(job=job, created=False)
 
 
-def submit_job(session: Session, request: JobCreate, settings: Settings, sender: TaskSender,
+def submit_job(session: Session, request: EngineJobFields, settings: Settings, sender: TaskSender,
                owner_key_id: int | None = None) -> SubmitResult:
-    """Validate, store (one transaction), then enqueue. A repeated idempotency key returns the first job when the
-    request is the same (by the hash of its normalized form), and is refused with 409 when it differs."""
+    """Validate, store (one transaction), then enqueue, for a request of any job kind (`selfie_jobs.kinds`).
+    A repeated idempotency key returns the first job when the request is the same (by the hash of its normalized
+    form), and is refused with 409 when it differs."""
+    kind = kind_of_request(request)
     scope = idempotency_scope(owner_key_id, request.idempotency_key) if request.idempotency_key else None
-    digest = request_hash(request, request.model or settings.default_model)
+    digest = request_hash(request, request.model or settings.default_model,
+                          kind=None if kind.name == DEFAULT_KIND else kind.name)
     if scope is not None and (job := _existing(session, scope)) is not None:
         return _replay(job, digest, request.idempotency_key or "")
 
-    prepared = prepare_job(session, request, settings)
+    prepared = kind.prepare(session, request, settings)
     try:
         check_quota(session, owner_key_id, len(prepared.items), settings)
     except SubmissionError:

@@ -1,7 +1,9 @@
 """The scheduler side of a worker: claimed chunks -> engine work items -> results back per chunk.
 
 It decides *what* runs together and what happens on failure; *how* a batch runs is the runner's business (the
-resident engine, `workers.runtime.EngineRunner`), and where results go is the sink's (`workers.sink.DbSink`).
+resident engine, one runner per job kind in `workers.runners`), and where results go is the sink's
+(`workers.sink.DbSink`). What a kind's items, inputs and rows are is the kind's (`selfie_jobs.kinds`): a plan holds
+chunks of one kind and one batch key only.
 Only plain data crosses these boundaries, so this module imports neither torch nor SQLAlchemy sessions, and
 its failure handling is unit-tested with a fake runner.
 
@@ -21,11 +23,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from selfie_jobs.chunks import ClaimedChunk, ResultRow, WriteOutcome
+from selfie_jobs.chunks import ClaimedChunk, WriteOutcome
+from selfie_jobs.kinds import DEFAULT_KIND, get_kind
 
 log = logging.getLogger(__name__)
 
-Key = tuple[int, int, int, int]  # (chunk id, prompt index, layer, token): unique within one engine run
+#: (chunk id, *item): unique within one engine run (interpret: (chunk, prompt index, layer, token); vectors:
+#: (chunk, vector index)).
+Key = tuple[int, ...]
 
 
 class DeviceFailure(RuntimeError):
@@ -36,7 +41,8 @@ class DeviceFailure(RuntimeError):
 class WorkItem:
     key: Key
     job_id: str
-    prompt: str
+    prompt: str  # the prompt (interpret) or the vector's label (vectors)
+    payload: Any = None  # what else the kind's runner needs (vectors: the values or the expression)
 
     @property
     def chunk_id(self) -> int:
@@ -45,12 +51,13 @@ class WorkItem:
 
 @dataclass
 class BatchPlan:
-    """Chunks that share model and engine settings (batch_key), and the engine items they stand for."""
+    """Chunks that share kind, model and engine settings (batch_key), and the engine items they stand for."""
 
     batch_key: str
     spec: dict[str, Any]
     chunks: list[ClaimedChunk]
     items: list[WorkItem]
+    kind: str = DEFAULT_KIND
 
 
 @dataclass
@@ -83,22 +90,22 @@ class Runner(Protocol):
 class Sink(Protocol):
     """Where results go: one transaction per chunk (and the job's failure)."""
 
-    def write(self, chunk_id: int, rows: Sequence[ResultRow], complete: bool) -> WriteOutcome: ...
+    def write(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> WriteOutcome: ...
 
     def fail_job(self, job_id: str, error: str) -> None: ...
 
 
-def plan_batches(chunks: Sequence[ClaimedChunk], prompts: dict[tuple[str, int], str]) -> list[BatchPlan]:
-    """Group claimed chunks by batch_key (one engine run per group) and expand them into work items."""
-    plans: dict[str, BatchPlan] = {}
+def plan_batches(chunks: Sequence[ClaimedChunk], inputs: dict[Any, Any]) -> list[BatchPlan]:
+    """Group claimed chunks by kind and batch_key (one engine run per group) and expand them into work items;
+    `inputs` is what the chunks' kinds loaded for them (`JobKind.load_inputs`: prompts, vectors)."""
+    plans: dict[tuple[str, str], BatchPlan] = {}
     for chunk in chunks:
-        plan = plans.setdefault(chunk.batch_key, BatchPlan(chunk.batch_key, chunk.spec, [], []))
+        kind = get_kind(chunk.kind)
+        plan = plans.setdefault((chunk.kind, chunk.batch_key),
+                                BatchPlan(chunk.batch_key, chunk.spec, [], [], kind=chunk.kind))
         plan.chunks.append(chunk)
-        for prompt_index, layer, token in chunk.items:
-            text = prompts.get((chunk.job_id, prompt_index))
-            if text is None:
-                raise LookupError(f"job {chunk.job_id} has no prompt {prompt_index}")
-            plan.items.append(WorkItem((chunk.id, prompt_index, layer, token), chunk.job_id, text))
+        for work in kind.work_inputs(chunk, inputs):
+            plan.items.append(WorkItem((chunk.id, *work.item), chunk.job_id, work.text, work.payload))
     return list(plans.values())
 
 
@@ -106,25 +113,12 @@ def _finite(value: Any) -> bool:
     return not (isinstance(value, float) and not math.isfinite(value))
 
 
-def to_row(result: Any) -> ResultRow:
-    _, prompt_index, layer, token = result.key
-    return ResultRow(
-        prompt_index=int(prompt_index),
-        layer=int(layer),
-        token=int(token),
-        source_token=result.source_token or "",
-        text=result.text,
-        token_ids=[int(t) for t in result.token_ids],
-        relevancy=[float(r) for r in result.relevancy],
-        mean_relevancy=float(result.mean_relevancy),
-    )
-
-
 class _Execution:
     def __init__(self, plan: BatchPlan, runner: Runner, sink: Sink):
         self.plan = plan
         self.runner = runner
         self.sink = sink
+        self.kind = get_kind(plan.kind)
         self.stats = ExecutionStats(items=len(plan.items))
         self.job_of = {c.id: c.job_id for c in plan.chunks}
         self.remaining: dict[int, set[Key]] = {c.id: set() for c in plan.chunks}
@@ -159,7 +153,7 @@ class _Execution:
                 self.fail_job(job_id, f"the engine rejected this job's input: {exc}")
 
     def deliver(self, results: Sequence[Any]) -> None:
-        by_chunk: dict[int, list[ResultRow]] = defaultdict(list)
+        by_chunk: dict[int, list[Any]] = defaultdict(list)
         for result in results:
             chunk_id = result.key[0]
             job_id = self.job_of.get(chunk_id)
@@ -167,16 +161,16 @@ class _Execution:
                 continue
             values = [result.mean_relevancy, *result.relevancy]
             if not all(_finite(v) for v in values):
-                _, p, layer, token = result.key
-                self.fail_job(job_id, f"the engine produced non-finite relevancy (NaN/inf) for prompt {p}, "
-                                      f"layer {layer}, token {token}: the hidden state or model output is not finite")
+                self.fail_job(job_id, f"the engine produced non-finite relevancy (NaN/inf) for "
+                                      f"{self.kind.describe(result.key[1:])}: the hidden state or model output is "
+                                      "not finite")
                 continue
-            by_chunk[chunk_id].append(to_row(result))
+            by_chunk[chunk_id].append(self.kind.row_from(result))
         for chunk_id, rows in by_chunk.items():
             job_id = self.job_of[chunk_id]
             if job_id in self.stats.closed_jobs:
                 continue
-            self.remaining[chunk_id].difference_update((chunk_id, r.prompt_index, r.layer, r.token) for r in rows)
+            self.remaining[chunk_id].difference_update((chunk_id, *r.item) for r in rows)
             complete = not self.remaining[chunk_id]
             outcome = self.sink.write(chunk_id, rows, complete)
             self.stats.inserted += outcome.inserted

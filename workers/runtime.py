@@ -7,14 +7,12 @@ so the child needs nothing from the parent but its environment.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,22 +22,13 @@ from selfie_jobs import cards
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
-from workers.batcher import WorkItem
+from workers.runners import EngineRunner, build_runners  # noqa: F401 - EngineRunner: the interpret runner
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "SELFIE_WORKER_"
 WARMUP_PROMPT = "Hello"
 
-_DEVICE_FAILURE_MARKERS = (
-    "device-side assert",
-    "illegal memory access",
-    "unspecified launch failure",
-    "cuda error",
-    "cudaerror",
-    "cublas_status_execution_failed",
-    "misaligned address",
-)
 
 
 @dataclass
@@ -87,88 +76,6 @@ class WorkerOptions:
         return cls(**values)
 
 
-class EngineRunner:
-    """Runs work items on the resident `SelfieEngine` (the model-runner side of the batcher's Runner)."""
-
-    #: Engine settings kept per distinct job spec. Seeds, temperatures and custom templates are part of the spec,
-    #: so a long-lived worker sees an unbounded number of them: only the most recently used are kept.
-    MAX_CONFIGS = 64
-
-    def __init__(self, engine: Any, batch_size: int | None = None):
-        self.engine = engine
-        self.batch_size = batch_size
-        self._configs: OrderedDict[str, tuple[Any, Any, Any]] = OrderedDict()
-
-    def configs(self, spec: dict[str, Any]) -> tuple[Any, Any, Any]:
-        from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate, SelfieInputError
-
-        key = json.dumps(spec, sort_keys=True)
-        if key in self._configs:
-            self._configs.move_to_end(key)
-        else:
-            try:
-                tpl = spec.get("template") or {"preset": "summarize"}
-                if "preset" in tpl:
-                    template = InterpretationTemplate.preset(tpl["preset"], self.engine.tokenizer)
-                else:
-                    template = InterpretationTemplate.from_dict(tpl)
-                injection = InjectionConfig.from_dict(spec.get("injection") or {})
-                generation = GenerationConfig.from_dict(spec.get("generation") or {})
-            except SelfieInputError:
-                raise
-            except (TypeError, ValueError, KeyError) as exc:
-                raise SelfieInputError(f"invalid engine settings in the job spec: {exc}") from exc
-            self._configs[key] = (template, injection, generation)
-            if len(self._configs) > self.MAX_CONFIGS:
-                self._configs.popitem(last=False)
-        return self._configs[key]
-
-    @staticmethod
-    def requests(items: Sequence[WorkItem]) -> list[Any]:
-        from selfie_core import InterpretRequest
-
-        return [InterpretRequest(prompt=i.prompt, layer=i.key[2], token=i.key[3], key=i.key) for i in items]
-
-    def validate(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> None:
-        template, injection, generation = self.configs(spec)
-        self.engine.validate(self.requests(items), template, injection, generation)
-
-    def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
-        template, injection, generation = self.configs(spec)
-        return self.engine.stream(self.requests(items), template=template, injection=injection,
-                                  generation=generation, batch_size=self.batch_size)
-
-    def is_input_error(self, exc: BaseException) -> bool:
-        from selfie_core import SelfieInputError
-
-        return isinstance(exc, SelfieInputError)
-
-    def is_out_of_memory(self, exc: BaseException) -> bool:
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-        return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-    def is_device_failure(self, exc: BaseException) -> bool:
-        import torch
-
-        if self.is_out_of_memory(exc):
-            return False
-        accelerator_error = getattr(torch, "AcceleratorError", None)
-        if accelerator_error is not None and isinstance(exc, accelerator_error):
-            return True
-        text = str(exc).lower()
-        return isinstance(exc, RuntimeError) and any(m in text for m in _DEVICE_FAILURE_MARKERS)
-
-    def free_memory(self) -> None:
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-
-
 @dataclass
 class Runtime:
     settings: Settings
@@ -176,7 +83,8 @@ class Runtime:
     sessions: Callable[[], Session]
     identity: cards.WorkerIdentity | None = None
     engine: Any = None
-    runner: Any = None
+    runner: Any = None  # the interpret kind's runner
+    runners: dict[str, Any] = field(default_factory=dict)  # job kind -> runner over the resident engine
     batches_served: int = 0
     rows_served: int = 0
     loaded_in_s: float = 0.0
@@ -230,12 +138,13 @@ class Runtime:
             check_placement(loaded.model.hf_device_map, len(opts.gpus))
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
                                    decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
-        self.runner = EngineRunner(self.engine, opts.batch_size)
+        self.runners = build_runners(self.engine, opts.batch_size)
         if opts.inject_fault:
             from workers.faults import FaultInjectingRunner
 
             log.warning("fault injection is on: %s", opts.inject_fault)
-            self.runner = FaultInjectingRunner(self.runner, opts.inject_fault)
+            self.runners = {kind: FaultInjectingRunner(r, opts.inject_fault) for kind, r in self.runners.items()}
+        self.runner = self.runners["interpret"]
         self.warm_up()
         self.loaded_in_s = time.monotonic() - started
         card = self.model_card()
@@ -282,6 +191,12 @@ class Runtime:
                 self._db(lambda s: cards.mark_worker(s, self.name, state), retry=False)
             except Exception:  # noqa: BLE001 - best effort on the way out
                 log.exception("could not mark worker %s %s", self.name, state)
+
+    def runner_for(self, kind: str) -> Any:
+        runner = self.runners.get(kind)
+        if runner is None:
+            raise LookupError(f"this worker has no runner for job kind {kind!r}")
+        return runner
 
     # -- what the worker holds ------------------------------------------------------------------------------
     def hold(self, chunk_ids: Sequence[int]) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session
 
 from selfie_jobs import chunks as chunk_ops
-from selfie_jobs.chunks import ResultRow, WriteOutcome
+from selfie_jobs.chunks import WriteOutcome
 from selfie_jobs.retry import unit_of_work
 
 
@@ -20,7 +21,7 @@ class DbSink:
     engine_run_id: str
     retry_seconds: float
 
-    def write(self, chunk_id: int, rows: Sequence[ResultRow], complete: bool) -> WriteOutcome:
+    def write(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> WriteOutcome:
         return chunk_ops.complete_chunk(
             self.sessions, chunk_id, self.owner, rows, engine_run_id=self.engine_run_id, worker=self.owner,
             model=self.model, complete=complete, retry_seconds=self.retry_seconds,

@@ -25,6 +25,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.cards import mark_dead_local_workers
 from selfie_jobs.liveness import live_workers, owner_is_alive
+from selfie_jobs.kinds import get_kind
 from selfie_jobs.reconcile import Redelivery, reconcile
 from selfie_jobs.models import Chunk
 from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, message_counter, send_chunk
@@ -136,15 +137,16 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
     started = time.monotonic()
     try:
         def begin(session):
-            wanted = {(c.job_id, p) for c in claimed for p, _, _ in c.items}
-            return (chunk_ops.load_prompts(session, wanted),
-                    chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed))
+            inputs: dict[Any, Any] = {}
+            for kind in dict.fromkeys(c.kind for c in claimed):  # what each kind's items need (prompts, vectors)
+                inputs.update(get_kind(kind).load_inputs(session, [c for c in claimed if c.kind == kind]))
+            return inputs, chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed)
 
-        prompts, run_id = unit_of_work(runtime.sessions, begin, settings.db_retry_seconds)
+        inputs, run_id = unit_of_work(runtime.sessions, begin, settings.db_retry_seconds)
         sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
         total = batcher.ExecutionStats()
-        for plan in batcher.plan_batches(claimed, prompts):
-            stats = batcher.execute(plan, runtime.runner, sink)
+        for plan in batcher.plan_batches(claimed, inputs):
+            stats = batcher.execute(plan, runtime.runner_for(plan.kind), sink)
             total.items += stats.items
             total.inserted += stats.inserted
             total.engine_batches += stats.engine_batches

@@ -1,4 +1,5 @@
-"""/v1/jobs: submit, status, cancel, list, interpretations (JSON or CSV)."""
+"""/v1/jobs: submit (one route per job kind, from `selfie_jobs.kinds`), status, cancel, list, results of any kind
+and interpretations (JSON or CSV)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ from api.schemas import (
     Links,
     Progress,
     PromptOut,
+    ResultList,
     Timings,
 )
-from selfie_jobs.errors import DomainError, NotFound
+from selfie_jobs.errors import BadQuery, DomainError, NotFound
 from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_row
 from selfie_jobs.ids import INT_MAX
+from selfie_jobs.kinds import DEFAULT_KIND, all_kinds, get_kind
 from selfie_jobs.models import Job
 from selfie_jobs.queries import (
     SORT_NAMES,
@@ -45,7 +48,7 @@ from selfie_jobs.queries import (
     visible_job,
 )
 from selfie_jobs.settings import Settings
-from selfie_jobs.specs import JobCreate
+from selfie_jobs.specs import EngineJobFields, JobCreate
 from selfie_jobs.states import JobState
 from selfie_jobs.submission import submit_job
 
@@ -72,8 +75,8 @@ def base_url(request: Request, settings: Settings) -> str:
 def job_links(request: Request, settings: Settings, job_id: str) -> Links:
     base = base_url(request, settings)
     root = f"{base}/v1/jobs/{job_id}"
-    return Links(self=root, interpretations=root + "/interpretations", cancel=root + "/cancel",
-                 page=f"{base}/ui/jobs/{job_id}")
+    return Links(self=root, interpretations=root + "/interpretations", results=root + "/results",
+                 cancel=root + "/cancel", page=f"{base}/ui/jobs/{job_id}")
 
 
 def _visible_or_404(session, job_id: str, who) -> Job:
@@ -93,22 +96,26 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
         raise DomainError(f"{name} is out of range", field=name) from None
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobAccepted,
-    responses={
-        200: {"model": JobAccepted, "description": "A job with this idempotency key exists already; it is returned."},
-        409: {"model": ErrorOut, "description": "The idempotency key was used for a different request."},
-        413: {"model": ErrorOut, "description": "More interpretations than a job may hold."},
-        422: {"description": "Invalid request (shape, or against the model card)."},
-        429: {"model": ErrorOut, "description": "Quota or rate limit; see Retry-After."},
-        **{k: v for k, v in _ERRORS.items() if k in (401, 503)},
-    },
-    summary="Submit a job",
-)
+SUBMIT_RESPONSES = {
+    200: {"model": JobAccepted, "description": "A job with this idempotency key exists already; it is returned."},
+    409: {"model": ErrorOut, "description": "The idempotency key was used for a different request."},
+    413: {"model": ErrorOut, "description": "More interpretations (or vectors) than a job may hold."},
+    422: {"description": "Invalid request (shape, or against the model card)."},
+    429: {"model": ErrorOut, "description": "Quota or rate limit; see Retry-After."},
+    **{k: v for k, v in _ERRORS.items() if k in (401, 503)},
+}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted, responses=SUBMIT_RESPONSES,
+             summary="Submit a job (interpret prompts' hidden states)")
 def create_job(body: JobCreate, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
                who: PrincipalDep, sender: SenderDep) -> JobAccepted:
+    return submit(body, request, response, session, settings, who, sender)
+
+
+def submit(body: EngineJobFields, request: Request, response: Response, session, settings: Settings, who,
+           sender) -> JobAccepted:
+    """Submit a request of any job kind and answer as the submit routes do (also for uploads)."""
     result = submit_job(session, body, settings, sender, owner_key_id=who.key_id)
     job = result.job
     links = job_links(request, settings, job.id)
@@ -117,6 +124,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
         response.status_code = status.HTTP_200_OK
     return JobAccepted(
         id=job.id,
+        kind=job.kind,
         state=job.state,
         model=job.model,
         total=job.total,
@@ -149,7 +157,7 @@ def get_jobs(
     )
     return JobList(
         jobs=[
-            JobSummary(id=j.id, model=j.model, state=j.state, priority=j.priority, done=j.done, total=j.total,
+            JobSummary(id=j.id, kind=j.kind, model=j.model, state=j.state, priority=j.priority, done=j.done, total=j.total,
                        created_at=j.created_at, finished_at=j.finished_at, error=j.error,
                        link=job_links(request, settings, j.id).self)
             for j in page.jobs
@@ -174,6 +182,7 @@ def get_job(
     links = job_links(request, settings, job.id)
     return JobStatus(
         id=job.id,
+        kind=job.kind,
         model=job.model,
         state=job.state,
         priority=job.priority,
@@ -267,3 +276,84 @@ def get_interpretations(
         items=[InterpretationOut.model_validate(r) for r in page.rows],
         next_cursor=page.next_cursor,
     )
+
+
+def _kind_submit_route(kind_name: str, request_schema: type[EngineJobFields]) -> None:
+    """`POST /v1/jobs/<kind>`: submit a job of that kind, with its own request schema (interpret keeps /v1/jobs)."""
+
+    def create(body, request: Request, response: Response, session: SessionDep, settings: SettingsDep,
+               who: PrincipalDep, sender: SenderDep) -> JobAccepted:
+        return submit(body, request, response, session, settings, who, sender)
+
+    # The body's type is the kind's schema, known only here: FastAPI reads it from the annotation.
+    create.__annotations__["body"] = request_schema
+    create.__name__ = f"create_{kind_name}_job"
+    router.post(f"/{kind_name}", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
+                responses=SUBMIT_RESPONSES, summary=f"Submit a {kind_name} job")(create)
+
+
+for _name, _kind in all_kinds().items():
+    if _name != DEFAULT_KIND:
+        _kind_submit_route(_name, _kind.request)
+
+
+def _csv_result_rows(maker, job_id: str, kind_name: str, limit: int | None, mode: CsvMode) -> Iterator[str]:
+    kind = get_kind(kind_name)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(kind.csv_columns)
+    left, cursor = limit, None
+    with maker() as session:
+        while left is None or left > 0:
+            page = kind.read_page(session, job_id, limit=1000 if left is None else min(1000, left), cursor=cursor)
+            for row in page.rows:
+                writer.writerow(csv_row([_csv_value(row[c]) for c in kind.csv_columns], mode))
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+            if left is not None:
+                left -= len(page.rows)
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+
+def _csv_value(value):
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return "" if value is None else value
+
+
+@router.get(
+    "/{job_id}/results",
+    response_model=ResultList,
+    responses={**_ERRORS, 200: {"content": {"text/csv": {}}, "description": "JSON page of the job kind's rows, or "
+                                "CSV (all rows unless `limit` is given) with `format=csv` or `Accept: text/csv`."}},
+    summary="Results of a job of any kind, in the kind's row shape; JSON or CSV",
+)
+def get_results(
+    job_id: str,
+    session: SessionDep,
+    maker: SessionMakerDep,
+    who: PrincipalDep,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="JSON default 100; CSV default all.")] = None,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    format: Annotated[Literal["json", "csv"] | None, Query()] = None,  # noqa: A002 - the query parameter's name
+    csv_mode: Annotated[CsvMode, Query(alias="csv", description=CSV_MODE_DOC)] = "safe",
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+):
+    job = _visible_or_404(session, job_id, who)
+    kind = get_kind(job.kind)
+    as_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
+    if as_csv:
+        if cursor:
+            raise BadQuery("CSV exports start at the first row (no cursor)", field="cursor")
+        return StreamingResponse(
+            _csv_result_rows(maker, job.id, job.kind, limit, csv_mode), media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
+        )
+    page = kind.read_page(session, job.id, limit=limit or 100, cursor=cursor)
+    return ResultList(job_id=job.id, kind=job.kind, state=job.state, columns=list(kind.csv_columns),
+                      items=page.rows, next_cursor=page.next_cursor)

@@ -27,6 +27,7 @@ SENTINEL = "__SENTINEL__"
 #: A body each JSON operation accepts (or refuses for reasons other than types): the base the cases mutate.
 BASE_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/jobs"): {"prompts": ["the cat"]},
+    ("post", "/v1/jobs/vectors"): {"vectors": [[0.5] * 16], "labels": ["a"]},  # the tiny card's hidden size
     ("post", "/v1/audits"): {"name": "a", "prompt_set": "ethical_decisions",
                              "detectors": [{"kind": "keywords", "words": ["cat"]}]},
     ("patch", "/v1/audits/{audit_id}"): {},

@@ -99,3 +99,46 @@ def test_names_unique_per_key_keeps_every_row(database_url):
     assert [tuple(r) for r in items] == [(1, "a prompt")]
     assert [tuple(r) for r in audits] == [(1, "nightly", 1, 1)]
     assert refused == ["1", "NULL"]
+
+
+def test_job_kinds_upgrade_keeps_every_row_and_makes_them_interpret(database_url):
+    """0006 adds jobs.kind to a database with jobs in it: every row is kept and every job is an interpretation."""
+    from sqlalchemy import text
+
+    migrate.upgrade(database_url, "0005_names_unique_per_key")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for n in range(3):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, model, state, priority, spec, batch_key, total, done, created_at) VALUES "
+                    f"('{n:032x}', 'm', 'succeeded', 5, '{{}}', 'k', 1, 1, CURRENT_TIMESTAMP)"))
+                conn.execute(text("INSERT INTO prompts (id, job_id, \"index\", text, tokens) VALUES "
+                                  f"({n + 1}, '{n:032x}', 0, 'p{n}', '[\"p\"]')"))
+                conn.execute(text("INSERT INTO chunks (id, job_id, \"index\", model, batch_key, priority, state, items, "
+                                  f"size, attempts) VALUES ({n + 1}, '{n:032x}', 0, 'm', 'k', 5, 'done', '[[0, 1, 0]]', "
+                                  "1, 1)"))
+                conn.execute(text(
+                    "INSERT INTO interpretations (id, job_id, prompt_index, layer, token, source_token, text, "
+                    "token_ids, relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES "
+                    f"({n + 1}, '{n:032x}', 0, 1, 0, 'p', 'text {n}', '[1]', '[0.5]', 0.5, {n + 1}, 'r', 'w', 'm', "
+                    "CURRENT_TIMESTAMP)"))
+        before = _counts(engine)
+        migrate.upgrade(database_url)
+        after = _counts(engine)
+        with engine.connect() as conn:
+            kinds = conn.execute(text("SELECT id, kind FROM jobs ORDER BY id")).all()
+            texts = [t for (t,) in conn.execute(text("SELECT text FROM interpretations ORDER BY id"))]
+    finally:
+        engine.dispose()
+    assert before == after == {"jobs": 3, "prompts": 3, "chunks": 3, "interpretations": 3}
+    assert kinds == [(f"{n:032x}", "interpret") for n in range(3)]
+    assert texts == ["text 0", "text 1", "text 2"]
+
+
+def _counts(engine) -> dict[str, int]:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
+                for t in ("jobs", "prompts", "chunks", "interpretations")}

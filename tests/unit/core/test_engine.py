@@ -139,6 +139,22 @@ def test_interpret_vectors_equals_extracted_path(engine, llama, tokenizer):
     assert [m.token_ids for m in mixed] == [d.token_ids for d in direct]
 
 
+def test_hidden_states_are_the_forward_pass_hidden_states(engine, llama, tokenizer):
+    """`hidden_states` (what a vectors job's expressions are built from) is hidden_states[L][t] of the prompt run
+    alone, for negative tokens too, batched across prompts of different lengths."""
+    wanted = {PROMPTS[0]: [(2, 5), (0, -1), (4, 0)], PROMPTS[1]: [(3, -2)]}
+    got = engine.hidden_states(wanted)
+    for prompt, pairs in wanted.items():
+        with torch.no_grad():
+            hs = llama(torch.tensor([tokenizer(prompt).input_ids]), output_hidden_states=True).hidden_states
+        for layer, token in pairs:
+            assert torch.allclose(got[prompt][(layer, token)], hs[layer][0, token], atol=1e-5)
+    with pytest.raises(SelfieInputError, match="layer"):
+        engine.hidden_states({PROMPTS[1]: [(99, 0)]})
+    with pytest.raises(SelfieInputError, match="token"):
+        engine.hidden_states({PROMPTS[1]: [(1, -99)]})
+
+
 def test_sampling_is_reproducible(engine, tokenizer):
     reqs = requests_for(tokenizer)[:12]
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, seed=123)

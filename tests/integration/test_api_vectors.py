@@ -1,0 +1,246 @@
+"""The `vectors` kind over real HTTP (uvicorn), SQLite and PostgreSQL, real Redis: JSON, expressions and file
+uploads are accepted, stored and enqueued; every bad input is a clear 4xx with nothing stored and nothing enqueued."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from selfie_jobs.db import session_scope
+from selfie_jobs.models import Chunk, Job, JobVector, Prompt
+from tests.apisupport import (
+    NUM_LAYERS,
+    flush_model_queue,
+    live_server,
+    message_chunk_ids,
+    prepare_database,
+    queued_messages,
+    settings_for,
+)
+
+HIDDEN = 16  # the tiny card's hidden size
+
+
+@pytest.fixture
+def env(database_url, redis_url):
+    model = "tiny-" + uuid.uuid4().hex[:8]
+    prepare_database(database_url, model=model)
+    yield database_url, redis_url, model
+    flush_model_queue(redis_url, model)
+
+
+@pytest.fixture
+def server(env):
+    database_url, redis_url, model = env
+    settings = settings_for(database_url, redis_url, max_vectors_per_job=20, max_vector_upload_bytes=4096,
+                            max_expression_terms=3)
+    with live_server(settings) as srv:
+        srv.model = model
+        yield srv
+
+
+def vec(value: float = 0.5, n: int = HIDDEN) -> list[float]:
+    return [value] * n
+
+
+def term(prompt="the cat sat on the mat", layer=2, token=-1, coef=1.0):
+    return {"coef": coef, "prompt": prompt, "layer": layer, "token": token}
+
+
+def count(url, entity) -> int:
+    with session_scope(url) as s:
+        return s.scalar(select(func.count()).select_from(entity))
+
+
+def assert_nothing_stored(database_url, redis_url, model):
+    assert count(database_url, Job) == count(database_url, Chunk) == count(database_url, JobVector) == 0
+    assert count(database_url, Prompt) == 0
+    assert queued_messages(redis_url, model) == []
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def test_json_vectors_are_stored_and_enqueued(env, server):
+    database_url, redis_url, model = env
+    vectors = [vec(i / 10) for i in range(10)]
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors", json={"model": model, "vectors": vectors,
+                                                   "labels": [f"v{i}" for i in range(10)], "priority": 6})
+        assert resp.status_code == 202, resp.text
+        accepted = resp.json()
+        status = http.get(accepted["link"]).json()
+        results = http.get(accepted["links"]["results"]).json()
+    assert accepted["kind"] == "vectors" and accepted["total"] == 10 and accepted["chunks"] == 2
+    assert status["kind"] == "vectors" and status["progress"]["total"] == 10 and status["prompts"] == []
+    assert results == {"job_id": accepted["id"], "kind": "vectors", "state": "queued", "items": [],
+                       "next_cursor": None, "columns": ["vector_index", "label", "norm", "text", "mean_relevancy",
+                                                        "relevancy", "token_ids", "worker", "model", "created_at"]}
+    with session_scope(database_url) as s:
+        job = s.get(Job, accepted["id"])
+        assert job.kind == "vectors"
+        stored = s.scalars(select(JobVector).where(JobVector.job_id == job.id).order_by(JobVector.index)).all()
+        assert [(v.index, v.label, v.vector) for v in stored] == [(i, f"v{i}", vectors[i]) for i in range(10)]
+        chunks = s.scalars(select(Chunk).where(Chunk.job_id == job.id).order_by(Chunk.index)).all()
+        assert [c.items for c in chunks] == [[[i] for i in range(8)], [[8], [9]]]
+        interpret_key = job.batch_key
+    assert message_chunk_ids(queued_messages(redis_url, model)) == [c.id for c in chunks]
+    # the same engine settings as an interpret job, but never the same batch key: no cross-kind batches
+    with server.client() as http:
+        other = http.post("/v1/jobs", json={"model": model, "prompts": ["a cat"]}).json()
+    with session_scope(database_url) as s:
+        assert s.get(Job, other["id"]).batch_key != interpret_key
+
+
+def test_expressions_are_validated_against_the_card_and_stored(env, server):
+    database_url, _, model = env
+    expression = {"terms": [term(coef=1.0), term(prompt="the dog ran to the park", coef=-0.5)]}
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors", json={"model": model, "expressions": [expression], "labels": ["diff"]})
+    assert resp.status_code == 202, resp.text
+    with session_scope(database_url) as s:
+        (stored,) = s.scalars(select(JobVector)).all()
+    assert stored.vector is None and stored.label == "diff"
+    assert stored.expression == {"terms": [term(coef=1.0), term(prompt="the dog ran to the park", coef=-0.5)]}
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_uploaded_vectors_are_stored(env, server, suffix):
+    database_url, _, model = env
+    array = np.arange(3 * HIDDEN, dtype=np.float32).reshape(3, HIDDEN) / 100
+    if suffix == ".npy":
+        data = npy(array)
+    else:
+        from safetensors.numpy import save
+
+        data = save({"probe": array})
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors/upload", files={"file": ("v" + suffix, data)},
+                         data={"options": json.dumps({"model": model, "labels": ["a", "b", "c"]})})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["kind"] == "vectors" and resp.json()["total"] == 3
+    with session_scope(database_url) as s:
+        stored = s.scalars(select(JobVector).order_by(JobVector.index)).all()
+    assert [v.label for v in stored] == ["a", "b", "c"]
+    assert np.allclose([v.vector for v in stored], array)
+
+
+BAD_JSON = [
+    ("empty vector list", lambda m: {"model": m, "vectors": []}),
+    ("empty vector", lambda m: {"model": m, "vectors": [[]]}),
+    ("hidden size too small", lambda m: {"model": m, "vectors": [vec(n=HIDDEN - 1)]}),
+    ("hidden size too large", lambda m: {"model": m, "vectors": [vec(n=HIDDEN + 1)]}),
+    ("ragged vectors", lambda m: {"model": m, "vectors": [vec(), vec(n=3)]}),
+    ("a vector is a number", lambda m: {"model": m, "vectors": [0.5] * HIDDEN}),
+    ("nested too deep", lambda m: {"model": m, "vectors": [[vec()]]}),
+    ("a string value", lambda m: {"model": m, "vectors": [["0.5"] * HIDDEN]}),
+    ("a boolean value", lambda m: {"model": m, "vectors": [[True] * HIDDEN]}),
+    ("a null value", lambda m: {"model": m, "vectors": [[None] * HIDDEN]}),
+    ("too many vectors", lambda m: {"model": m, "vectors": [vec()] * 21}),
+    ("labels count", lambda m: {"model": m, "vectors": [vec(), vec()], "labels": ["only one"]}),
+    ("label not a string", lambda m: {"model": m, "vectors": [vec()], "labels": [3]}),
+    ("label too long", lambda m: {"model": m, "vectors": [vec()], "labels": ["x" * 201]}),
+    ("NUL in label", lambda m: {"model": m, "vectors": [vec()], "labels": ["a\x00b"]}),
+    ("both vectors and expressions", lambda m: {"model": m, "vectors": [vec()], "expressions": [{"terms": [term()]}]}),
+    ("neither vectors nor expressions", lambda m: {"model": m}),
+    ("unknown model", lambda m: {"model": "no-such-model", "vectors": [vec()]}),
+    ("k past the depth", lambda m: {"model": m, "vectors": [vec()], "k": NUM_LAYERS}),
+    ("unknown field", lambda m: {"model": m, "vectors": [vec()], "prompts": ["a cat"]}),
+    ("expression without terms", lambda m: {"model": m, "expressions": [{"terms": []}]}),
+    ("too many terms", lambda m: {"model": m, "expressions": [{"terms": [term()] * 4}]}),
+    ("term layer past the depth", lambda m: {"model": m, "expressions": [{"terms": [term(layer=NUM_LAYERS + 1)]}]}),
+    ("term layer negative", lambda m: {"model": m, "expressions": [{"terms": [term(layer=-1)]}]}),
+    ("term token past the end", lambda m: {"model": m, "expressions": [{"terms": [term(token=40)]}]}),
+    ("term token before the start", lambda m: {"model": m, "expressions": [{"terms": [term(token=-40)]}]}),
+    ("term empty prompt", lambda m: {"model": m, "expressions": [{"terms": [term(prompt="")]}]}),
+    ("term blank prompt", lambda m: {"model": m, "expressions": [{"terms": [term(prompt="   ")]}]}),
+    ("term unknown field", lambda m: {"model": m, "expressions": [{"terms": [{**term(), "code": "1+1"}]}]}),
+    ("term layer as a string", lambda m: {"model": m, "expressions": [{"terms": [term(layer="2")]}]}),
+    ("term token as a boolean", lambda m: {"model": m, "expressions": [{"terms": [term(token=True)]}]}),
+    ("term coef as a string", lambda m: {"model": m, "expressions": [{"terms": [term(coef="2")]}]}),
+    ("expression as free text", lambda m: {"model": m, "expressions": ['state("a", 2, -1) - state("b", 2, -1)']}),
+]
+
+
+@pytest.mark.parametrize("name, make", BAD_JSON, ids=[b[0] for b in BAD_JSON])
+def test_bad_vectors_are_refused_with_nothing_stored_or_enqueued(env, server, name, make):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors", json=make(model))
+    assert 400 <= resp.status_code < 500, (name, resp.status_code, resp.text)
+    assert resp.json()["detail"]
+    assert_nothing_stored(database_url, redis_url, model)
+
+
+def test_non_finite_values_are_refused(env, server):
+    """JSON has no NaN or Infinity, but Python's encoder writes them and 1e999 overflows to infinity."""
+    database_url, redis_url, model = env
+    for bad in ("NaN", "Infinity", "-Infinity", "1e999"):
+        raw = '{"model": "%s", "vectors": [[%s%s]]}' % (model, bad, ", 0.5" * (HIDDEN - 1))
+        with server.client() as http:
+            resp = http.post("/v1/jobs/vectors", content=raw, headers={"content-type": "application/json"})
+        assert resp.status_code == 422, (bad, resp.text)
+    assert_nothing_stored(database_url, redis_url, model)
+
+
+def _safetensors(tensors) -> bytes:
+    from safetensors.numpy import save
+
+    return save(tensors)
+
+
+BAD_FILES = [
+    ("pickle .pt", "v.pt", lambda: b"\x80\x04K\x01.", 415, "pickle"),
+    ("unknown suffix", "v.csv", lambda: b"0.5,0.5", 415, ".npy or .safetensors"),
+    ("npy object array", "v.npy", lambda: npy(np.array([{"a": 1}], dtype=object)), 422, "pickle"),
+    ("npy strings", "v.npy", lambda: npy(np.array([["a"] * HIDDEN])), 422, "dtype"),
+    ("npy complex", "v.npy", lambda: npy(np.ones((1, HIDDEN), dtype=np.complex64)), 422, "dtype"),
+    ("npy booleans", "v.npy", lambda: npy(np.ones((1, HIDDEN), dtype=bool)), 422, "dtype"),
+    ("npy 3-D", "v.npy", lambda: npy(np.ones((1, 2, HIDDEN), dtype=np.float32)), 422, "shape"),
+    ("npy no rows", "v.npy", lambda: npy(np.ones((0, HIDDEN), dtype=np.float32)), 422, "no vectors"),
+    ("npy wrong hidden size", "v.npy", lambda: npy(np.ones((2, HIDDEN + 1), dtype=np.float32)), 422, "hidden size"),
+    ("npy NaN", "v.npy", lambda: npy(np.array([[np.nan] * HIDDEN], dtype=np.float32)), 422, "NaN"),
+    ("npy truncated", "v.npy", lambda: npy(np.ones((2, HIDDEN), dtype=np.float32))[:-7], 422, ".npy"),
+    ("not npy at all", "v.npy", lambda: b"hello, world", 422, ".npy"),
+    ("empty file", "v.npy", lambda: b"", 422, "empty"),
+    ("too large", "v.npy", lambda: npy(np.ones((40, HIDDEN), dtype=np.float64)), 413, "larger than"),
+    ("too many vectors", "v.npy", lambda: npy(np.ones((21, HIDDEN), dtype=np.float16)), 413, "at most 20"),
+    ("safetensors two tensors", "v.safetensors",
+     lambda: _safetensors({"a": np.ones((1, HIDDEN), np.float32), "b": np.ones((1, HIDDEN), np.float32)}), 422,
+     "tensor"),
+    ("safetensors garbage", "v.safetensors", lambda: b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", 422,
+     ".safetensors"),
+    ("safetensors infinite", "v.safetensors",
+     lambda: _safetensors({"a": np.full((1, HIDDEN), np.inf, np.float32)}), 422, "infinite"),
+]
+
+
+@pytest.mark.parametrize("name, filename, make, code, says", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_uploads_are_refused_with_nothing_stored_or_enqueued(env, server, name, filename, make, code, says):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors/upload", files={"file": (filename, make())},
+                         data={"options": json.dumps({"model": model})})
+    assert resp.status_code == code, (name, resp.status_code, resp.text)
+    assert says in resp.json()["detail"], resp.json()
+    assert_nothing_stored(database_url, redis_url, model)
+
+
+@pytest.mark.parametrize("options", ['{"model": 3}', "[1, 2]", "not json", '{"vectors": [[0.5]]}',
+                                     '{"labels": ["one", "two"]}'])
+def test_bad_upload_options_are_refused(env, server, options):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors/upload", files={"file": ("v.npy", npy(np.ones((1, HIDDEN), np.float32)))},
+                         data={"options": options.replace('"model": 3', '"model": 3') if "model" in options
+                               else options})
+    assert resp.status_code == 422, resp.text
+    assert_nothing_stored(database_url, redis_url, model)

@@ -1,0 +1,22 @@
+"""Runners: for each job kind (`selfie_jobs.kinds`), how its work items run on the resident engine.
+
+A runner implements `workers.batcher.Runner`; the batcher picks the one of a plan's kind. A new kind adds one module
+here and one line in `RUNNERS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.runners.interpret import EngineRunner
+from workers.runners.vectors import VectorRunner
+
+#: job kind -> runner class (built once per worker process over its resident engine)
+RUNNERS: dict[str, type[EngineRunner]] = {"interpret": EngineRunner, "vectors": VectorRunner}
+
+
+def build_runners(engine: Any, batch_size: int | None) -> dict[str, Any]:
+    return {kind: cls(engine, batch_size) for kind, cls in RUNNERS.items()}
+
+
+__all__ = ["RUNNERS", "EngineRunner", "VectorRunner", "build_runners"]
