@@ -246,29 +246,44 @@ def _safe_url(url: str) -> str:
 
 
 @cli.command()
-@click.argument("prompts", nargs=-1, required=True)
+@click.argument("prompts", nargs=-1)
 @target_options
+@click.option("--vectors", "vectors_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Interpret your own vectors instead of PROMPTS: a .npy or .safetensors file of shape "
+                   "(n, hidden_size), or a .json file {\"vectors\": [[...]], \"labels\": [...]} or "
+                   "{\"expressions\": [{\"terms\": [{\"coef\", \"prompt\", \"layer\", \"token\"}]}]}.")
+@click.option("--label", "labels", multiple=True, help="A label per vector, in order (with --vectors); repeatable.")
+@click.option("--tensor", default=None, help="The tensor to use in a .safetensors file holding several.")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 = most urgent.")
 @click.option("--idempotency-key", default=None)
 @click.option("--wait/--no-wait", default=False, help="Wait with a progress bar, then print the table.")
 @URL_OPTION
 @KEY_OPTION
-def submit(prompts, url, api_key, wait, pairs, layers, tokens, **options) -> None:
-    """Submit a job for one or more PROMPTS; prints its id and link."""
+def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, labels, tensor, **options) -> None:
+    """Submit a job for one or more PROMPTS (or for the vectors of a --vectors file); prints its id and link."""
+    if bool(prompts) == bool(vectors_file):
+        raise click.UsageError("give PROMPTS or --vectors FILE (one of them)")
     with _client(url, api_key) as client:
-        accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs), **options)
-        click.echo(f"job {accepted['id']}: {accepted['total']} interpretations in {accepted['chunks']} chunks")
+        if vectors_file:
+            accepted = client.submit_vector_file(vectors_file, labels=list(labels) or None, tensor=tensor, **options)
+        else:
+            accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
+                                     **options)
+        what = "vectors" if accepted.get("kind") == "vectors" else "interpretations"
+        click.echo(f"job {accepted['id']}: {accepted['total']} {what} in {accepted['chunks']} chunks")
         click.echo(accepted["link"])
         if wait:
             _wait_and_show(client, accepted["id"])
 
 
 def _wait_and_show(client, job_id: str) -> None:
-    from selfie_cli.render import print_table, status_line
+    from selfie_cli.render import print_rows, print_table, status_line
 
     status = client.wait(job_id)
     click.echo(status_line(status))
-    if status["state"] == "succeeded":
+    if status["state"] == "succeeded" and status.get("kind", "interpret") != "interpret":
+        print_rows(client.rows(job_id))
+    elif status["state"] == "succeeded":
         df = client.results(job_id)
         for prompt in status["prompts"]:
             click.echo(f"\nprompt {prompt['index']}: {prompt['text']}")
@@ -335,12 +350,15 @@ def table_options(func):
 @URL_OPTION
 @KEY_OPTION
 def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key, **filters) -> None:
-    """A job's interpretations: a layer x token table per prompt, or CSV / JSON rows."""
+    """A job's interpretations: a layer x token table per prompt, or CSV / JSON rows (a vectors job: one row per
+    vector, in its kind's columns; the filters apply to interpretations only)."""
     import io
 
     buffer = io.StringIO()
     with _client(url, api_key) as client:
-        if fmt == "csv":
+        if client.status(job_id, include_prompts=False).get("kind", "interpret") != "interpret":
+            buffer.write(_kind_rows(client, job_id, fmt, width, safe=not raw))
+        elif fmt == "csv":
             # a CSV file from the command line is likely opened in a spreadsheet: safe unless --raw
             buffer.write(client.results_csv(job_id, safe=not raw, **filters))
         else:
@@ -359,6 +377,23 @@ def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key
         click.echo(f"written to {output}")
     else:
         click.echo(text, nl=not text.endswith("\n"))
+
+
+def _kind_rows(client, job_id: str, fmt: str, width: int, *, safe: bool) -> str:
+    """The rows of a job of a kind other than interpret, in the kind's own columns."""
+    import io
+    from contextlib import redirect_stdout
+
+    from selfie_cli.render import print_rows
+
+    if fmt == "csv":
+        return client.rows_csv(job_id, safe=safe)
+    if fmt == "json":
+        return json.dumps(list(client.iter_rows(job_id)), indent=1)
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        print_rows(client.rows(job_id), width=width)
+    return buffer.getvalue()
 
 
 def _tables(status: dict[str, Any], rows: list[dict[str, Any]], *, file: Any = None, **table: Any) -> None:

@@ -99,6 +99,23 @@ def progress_bar(description: str, total: int | None, *, enabled: bool = True) -
         yield update
 
 
+def print_rows(df, width: int = 48) -> None:
+    """One line per result of a job of another kind than interpret (a vectors job: label, norm, relevancy, text)."""
+    import click
+    import pandas as pd
+
+    if df.empty:
+        click.echo("(no results)")
+        return
+    shown = [c for c in ("vector_index", "label", "norm", "mean_relevancy", "text") if c in df.columns]
+    part = df[shown or list(df.columns)].copy()
+    if "text" in part:
+        part["text"] = part["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", width,
+                           "display.max_rows", 10_000, "display.float_format", "{:.4g}".format):
+        click.echo(part.to_string(index=False))
+
+
 def status_line(status: dict[str, Any]) -> str:
     p = status["progress"]
     parts = [f"job {status['id']}", status["state"], f"{p['done']}/{p['total']} ({100 * p['fraction']:.0f}%)"]

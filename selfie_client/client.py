@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -96,6 +97,26 @@ def job_request(
     """The JSON body of POST /v1/jobs."""
     body: dict[str, Any] = {
         "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
+        **engine_fields(model=model, template=template, k=k, injection_mode=injection_mode,
+                        injection_strength=injection_strength, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                        temperature=temperature, top_p=top_p, seed=seed, priority=priority,
+                        idempotency_key=idempotency_key),
+    }
+    if pairs is not None:
+        body["targets"] = {"pairs": [[int(layer), int(token)] for layer, token in pairs]}
+    elif layers == "all" and tokens == "all":
+        body["targets"] = "all"
+    else:
+        body["targets"] = {"layers": selector(layers), "tokens": selector(tokens)}
+    return body
+
+
+def engine_fields(*, model: str | None = None, template: str | Sequence[str | int] | None = None, k: int = 1,
+                  injection_mode: str = "replace", injection_strength: float = 1.0, max_new_tokens: int = 30,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                  priority: int = 5, idempotency_key: str | None = None) -> dict[str, Any]:
+    """What every job kind's request holds besides its inputs (template, injection, generation, priority)."""
+    body: dict[str, Any] = {
         "k": k,
         "injection_mode": injection_mode,
         "injection_strength": injection_strength,
@@ -105,12 +126,6 @@ def job_request(
     }
     if model:
         body["model"] = model
-    if pairs is not None:
-        body["targets"] = {"pairs": [[int(layer), int(token)] for layer, token in pairs]}
-    elif layers == "all" and tokens == "all":
-        body["targets"] = "all"
-    else:
-        body["targets"] = {"layers": selector(layers), "tokens": selector(tokens)}
     if template is not None:
         body["template"] = {"preset": template} if isinstance(template, str) else {"parts": list(template)}
     if idempotency_key:
@@ -189,6 +204,48 @@ class Client:
         options["idempotency_key"] = options["idempotency_key"] or "client-" + uuid.uuid4().hex
         return self._request("POST", "/v1/jobs", json=job_request(prompts, **options)).json()
 
+    def submit_vectors(self, vectors: Any = None, *, labels: Sequence[str] | None = None,
+                       expressions: Sequence[dict[str, Any]] | None = None, **options: Any) -> dict[str, Any]:
+        """Submit a `vectors` job: `vectors` (numpy array, torch tensor or lists; sent as a .npy upload) or
+        `expressions` (`selfie_client.vectors.expression(state(...), ...)`), with the options of `engine_fields`."""
+        from selfie_client import vectors as v
+
+        options["idempotency_key"] = options.get("idempotency_key") or "client-" + uuid.uuid4().hex
+        body = engine_fields(**options)
+        if (vectors is None) == (expressions is None):
+            raise ValueError("give exactly one of vectors or expressions")
+        if expressions is not None:
+            body["expressions"] = list(expressions)
+            if (names := v.labels_list(labels, len(body["expressions"]))) is not None:
+                body["labels"] = names
+            return self._request("POST", "/v1/jobs/vectors", json=body).json()
+        array = v.as_array(vectors)
+        if (names := v.labels_list(labels, array.shape[0])) is not None:
+            body["labels"] = names
+        return self._request("POST", "/v1/jobs/vectors/upload", files={"file": ("vectors.npy", v.npy_bytes(array))},
+                             data={"options": json.dumps(body)}).json()
+
+    def submit_vector_file(self, path: str, *, labels: Sequence[str] | None = None, tensor: str | None = None,
+                           **options: Any) -> dict[str, Any]:
+        """Submit a `vectors` job from a file: .npy or .safetensors is uploaded as it is (the service reads it,
+        never with pickle); .json holds {"vectors": [...], "labels": [...]} or {"expressions": [...]}."""
+        from pathlib import Path
+
+        file = Path(path)
+        if file.suffix.lower() == ".json":
+            spec = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(spec, dict):
+                spec = {"vectors": spec}
+            return self.submit_vectors(spec.get("vectors"), labels=labels or spec.get("labels"),
+                                       expressions=spec.get("expressions"), **options)
+        options["idempotency_key"] = options.get("idempotency_key") or "client-" + uuid.uuid4().hex
+        body = engine_fields(**options)
+        if labels:
+            body["labels"] = list(labels)
+        data = {"options": json.dumps(body), **({"tensor": tensor} if tensor else {})}
+        return self._request("POST", "/v1/jobs/vectors/upload", files={"file": (file.name, file.read_bytes())},
+                             data=data).json()
+
     def status(self, job_id: str, *, include_prompts: bool = True) -> dict[str, Any]:
         params = {} if include_prompts else {"include_prompts": "false"}
         return self._request("GET", f"/v1/jobs/{job_id}", params=params).json()
@@ -265,6 +322,50 @@ class Client:
             df[column] = df[column].astype("Int64")
         return df
 
+    def iter_rows(self, job_id: str, *, page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every result row of a job of any kind, in its kind's shape (GET /v1/jobs/{id}/results)."""
+        cursor = None
+        while True:
+            params: dict[str, Any] = {"limit": page_size, **({"cursor": cursor} if cursor else {})}
+            page = self._request("GET", f"/v1/jobs/{job_id}/results", params=params).json()
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if not cursor:
+                return
+
+    def rows(self, job_id: str) -> pd.DataFrame:
+        """All result rows of a job of any kind as a DataFrame, with the kind's columns."""
+        import pandas as pd
+
+        first = self._request("GET", f"/v1/jobs/{job_id}/results", params={"limit": 1}).json()
+        return pd.DataFrame(list(self.iter_rows(job_id)), columns=first["columns"])
+
+    def interpret_vectors(self, vectors: Any = None, labels: Sequence[str] | None = None, *,
+                          expressions: Sequence[dict[str, Any]] | None = None, progress: bool = True,
+                          timeout: float | None = None, poll: float = 0.5, **options: Any) -> pd.DataFrame:
+        """Interpret your own vectors (numpy array, torch tensor or lists of the model's hidden size; or
+        `expressions` over hidden states): submit, wait, and return one row per vector (vector_index, label, norm,
+        text, mean_relevancy, relevancy, ...). Failed and cancelled jobs raise as in `interpret`."""
+        accepted = self.submit_vectors(vectors, labels=labels, expressions=expressions, **options)
+        status = self._final(accepted, progress=progress, poll=poll, timeout=timeout)
+        df = self.rows(accepted["id"])
+        df.attrs.update(job_id=accepted["id"], link=accepted["link"], state=status["state"])
+        return df
+
+    def _final(self, accepted: dict[str, Any], *, progress: bool, poll: float, timeout: float | None) -> dict:
+        status = self.wait(accepted["id"], progress=progress, poll=poll, timeout=timeout)
+        if status["state"] == "failed":
+            raise SelfieError(500, f"job {accepted['id']} failed: {status.get('error')}")
+        if status["state"] == "cancelled":
+            raise SelfieError(409, f"job {accepted['id']} was cancelled ({status.get('error') or 'no reason given'}); "
+                                   f"{status['progress']['done']} of {status['progress']['total']} results done")
+        return status
+
+    def rows_csv(self, job_id: str, *, safe: bool = False) -> str:
+        """All result rows of a job of any kind as CSV, in its kind's columns (raw by default, as `results_csv`)."""
+        params = {"format": "csv", "csv": "safe" if safe else "raw"}
+        return self._request("GET", f"/v1/jobs/{job_id}/results", params=params).text
+
     def results_csv(self, job_id: str, *, safe: bool = False, **filters: Any) -> str:
         """The interpretations as CSV text. Raw by default (the exact text, for code that parses it); `safe=True`
         asks for the spreadsheet-safe form (cells that would run as formulas prefixed with ')."""
@@ -281,12 +382,7 @@ class Client:
         `results(job_id)` still reads them.
         """
         accepted = self.submit(prompts, **options)
-        status = self.wait(accepted["id"], progress=progress, poll=poll, timeout=timeout)
-        if status["state"] == "failed":
-            raise SelfieError(500, f"job {accepted['id']} failed: {status.get('error')}")
-        if status["state"] == "cancelled":
-            raise SelfieError(409, f"job {accepted['id']} was cancelled ({status.get('error') or 'no reason given'}); "
-                                   f"{status['progress']['done']} of {status['progress']['total']} interpretations done")
+        status = self._final(accepted, progress=progress, poll=poll, timeout=timeout)
         df = self.results(accepted["id"])
         df.attrs.update(job_id=accepted["id"], link=accepted["link"], state=status["state"],
                         prompts=status.get("prompts", []))

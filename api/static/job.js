@@ -1,4 +1,5 @@
-// The job page: the layer x token grid of one prompt (tokens across, layers down), colored by mean relevancy.
+// The job page: the layer x token grid of one prompt (tokens across, layers down), colored by mean relevancy;
+// a job of another kind (vectors) is shown as a table of its result rows, in the columns its kind gives.
 "use strict";
 (() => {
   const { api, download, saveBlob, color, textColor, el } = Selfie;
@@ -131,6 +132,41 @@
     }).catch(e => { $("error").textContent = e.message; });
   }
 
+  async function showRows(job) {
+    // Any kind's rows, paged from /results exactly as a client reads them; relevancy colors the mean column.
+    $("grid-controls").hidden = true;
+    $("detail").hidden = true;
+    const rows = [];
+    let columns = [], cursor = null;
+    do {
+      const q = new URLSearchParams({ limit: 1000 });
+      if (cursor) q.set("cursor", cursor);
+      const page = await api(`/v1/jobs/${jobId}/results?` + q);
+      columns = page.columns;
+      rows.push(...page.items);
+      cursor = page.next_cursor;
+    } while (cursor);
+    const shown = columns.filter(c => !["token_ids", "worker", "model", "created_at"].includes(c));
+    const maxRel = Math.max(1e-9, ...rows.map(r => r.mean_relevancy ?? 0));
+    const table = $("rows");
+    table.replaceChildren(el("thead", {}, el("tr", {}, ...shown.map(c => el("th", { text: c })))));
+    const body = el("tbody");
+    for (const r of rows) {
+      const tr = el("tr", { "data-index": r.vector_index ?? "" });
+      for (const c of shown) {
+        const v = r[c];
+        const text = Array.isArray(v) ? v.map(x => x.toFixed(3)).join(" ") : typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v ?? "");
+        const td = el("td", { "data-column": c, text });
+        if (c === "mean_relevancy") { td.style.background = color(v / maxRel); td.style.color = textColor(v / maxRel); }
+        tr.append(td);
+      }
+      body.append(tr);
+    }
+    table.append(body);
+    $("rows-info").textContent = `${rows.length} ${job.kind} results`;
+    $("rows-card").hidden = false;
+  }
+
   async function main() {
     Selfie.setupKeyBox();
     $("job-id").textContent = jobId;
@@ -139,7 +175,13 @@
     } catch (e) { $("error").textContent = e.message; return; }
     const job = state.job;
     $("job-state").replaceChildren(Selfie.badge(job.state));
-    $("job-progress").textContent = `${job.progress.done}/${job.progress.total} · ${job.model}`;
+    $("job-progress").textContent = `${job.progress.done}/${job.progress.total} · ${job.model} · ${job.kind}`;
+    if (job.kind && job.kind !== "interpret") {
+      $("dl-rows-csv").onclick = () => download(`/v1/jobs/${jobId}/results?format=csv`, `selfie-${jobId}.csv`);
+      try { await showRows(job); } catch (e) { $("error").textContent = e.message; }
+      document.body.dataset.ready = "1";
+      return;
+    }
     for (const p of job.prompts) $("prompt").append(el("option", { value: p.index, text: `${p.index}: ${p.text.slice(0, 60)}` }));
     const wanted = +(new URLSearchParams(location.search).get("prompt") || 0);
     $("prompt").value = wanted;

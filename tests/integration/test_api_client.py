@@ -203,6 +203,40 @@ def test_cli_submit_status_results_cancel(stack):
     assert _cli("status", "0" * 32, *url).returncode != 0
 
 
+def test_cli_submit_vectors_from_files(stack, tmp_path):
+    """selfie submit --vectors FILE: a .npy upload with labels, a .json of expressions, and a .pt refused with why."""
+    import json
+
+    import numpy as np
+
+    url = ["--url", stack.url]
+    hidden = next(m for m in Client(stack.url).models() if m["name"] == MODEL)["hidden_size"]
+    vectors = np.linspace(-2, 2, 3 * hidden, dtype=np.float32).reshape(3, hidden)
+    np.save(tmp_path / "v.npy", vectors)
+    out = _cli("submit", "--vectors", str(tmp_path / "v.npy"), "--label", "low", "--label", "mid", "--label", "high",
+               "--max-new-tokens", "3", "--wait", *url, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[1].rstrip(":")
+    assert "3 vectors in 1 chunks" in out.stdout and "succeeded" in out.stdout
+    assert all(label in out.stdout for label in ("low", "mid", "high"))
+    rows = list(csv.DictReader(io.StringIO(_cli("results", job_id, "--format", "csv", *url).stdout)))
+    assert [(r["vector_index"], r["label"]) for r in rows] == [("0", "low"), ("1", "mid"), ("2", "high")]
+    assert float(rows[2]["norm"]) == pytest.approx(float(np.linalg.norm(vectors[2])), rel=1e-5)
+
+    spec = {"expressions": [{"terms": [{"coef": 1, "prompt": "a cat sat", "layer": 1, "token": -1},
+                                       {"coef": -1, "prompt": "the dog ran", "layer": 1, "token": -1}]}],
+            "labels": ["cat - dog"]}
+    (tmp_path / "e.json").write_text(json.dumps(spec))
+    out = _cli("submit", "--vectors", str(tmp_path / "e.json"), "--max-new-tokens", "3", "--wait", *url, timeout=120)
+    assert out.returncode == 0 and "cat - dog" in out.stdout and "succeeded" in out.stdout, out.stdout + out.stderr
+
+    (tmp_path / "v.pt").write_bytes(b"\x80\x04K\x01.")
+    refused = _cli("submit", "--vectors", str(tmp_path / "v.pt"), *url)
+    assert refused.returncode != 0 and "pickle" in refused.stderr and "415" in refused.stderr
+    both = _cli("submit", "a cat", "--vectors", str(tmp_path / "v.npy"), *url)
+    assert both.returncode != 0 and "one of them" in both.stderr
+
+
 def test_cli_keys_and_migrate(tmp_path):
     env = {"SELFIE_DATABASE_URL": f"sqlite:///{tmp_path / 'keys.db'}", "SELFIE_DATA_DIR": str(tmp_path)}
     assert _cli("migrate", env_extra=env).returncode == 0

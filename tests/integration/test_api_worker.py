@@ -106,3 +106,45 @@ def test_cancel_a_running_job(served):
     assert status["state"] == "cancelled" and status["chunks"]["queued"] == 0
     assert 0 < rows < job["total"] and open_chunks == 0
     assert rows == at_cancel == status["progress"]["done"]  # nothing written after the cancel
+
+
+def test_vectors_through_the_service_equal_the_engine_in_process(served, tiny_model_dir):
+    """A vectors job (a torch tensor through the client's .npy upload, and expressions over hidden states) gives
+    what the engine's own `interpret_vectors` gives for the same vectors, one row per vector, exactly once."""
+    import torch
+
+    from selfie_core import GenerationConfig, SelfieEngine, VectorRequest, load_model
+    from selfie_client.vectors import expression, state
+
+    client, database_url, _ = served
+    engine = SelfieEngine(load_model(str(tiny_model_dir)))
+    summarize = "summarize"  # the service's default template (the card's default preset)
+    torch.manual_seed(1)
+    vectors = torch.randn(6, engine.hidden_size) * 3
+    labels = [f"direction {i}" for i in range(6)]
+    df = client.interpret_vectors(vectors, labels, max_new_tokens=5, progress=False, timeout=120, poll=0.2)
+    expected = engine.interpret_vectors([VectorRequest(v, key=i) for i, v in enumerate(vectors)], summarize,
+                                        generation=GenerationConfig(max_new_tokens=5))
+    assert df.attrs["state"] == "succeeded"
+    assert list(df.vector_index) == list(range(6)) and list(df.label) == labels
+    assert list(df.text) == [r.text for r in expected]
+    assert [list(t) for t in df.token_ids] == [r.token_ids for r in expected]
+    for got, want in zip(df.relevancy, expected):
+        assert got == pytest.approx(want.relevancy, abs=1e-4)
+    assert list(df.norm) == pytest.approx([float(v.norm()) for v in vectors], rel=1e-5)
+
+    # the difference of two hidden states, extracted by the worker itself
+    a, b = PROMPTS
+    exprs = [expression(state(a, 1, -1), state(b, 1, -1, coef=-1)), expression(state(a, 2, 0, coef=0.5))]
+    out = client.interpret_vectors(expressions=exprs, labels=["a - b", "half a"], max_new_tokens=5, progress=False,
+                                   timeout=120, poll=0.2)
+    states = engine.hidden_states({a: [(1, -1), (2, 0)], b: [(1, -1)]})
+    diff = states[a][(1, -1)] - states[b][(1, -1)]
+    half = 0.5 * states[a][(2, 0)]
+    want = engine.interpret_vectors([diff, half], summarize, generation=GenerationConfig(max_new_tokens=5))
+    assert list(out.label) == ["a - b", "half a"] and list(out.text) == [r.text for r in want]
+    assert list(out.norm) == pytest.approx([float(diff.norm()), float(half.norm())], rel=1e-5)
+    with session_scope(database_url) as s:
+        from selfie_jobs.models import VectorInterpretation
+
+        assert s.scalar(select(func.count()).select_from(VectorInterpretation)) == 8

@@ -159,6 +159,49 @@ def test_job_page_grid_of_a_real_run(stack, browser):
     assert path.stat().st_size > 10_000
 
 
+def test_job_page_table_of_a_vectors_run(stack, browser):
+    """A vectors job's page is a table of its rows (label, norm, relevancy, text), checked row by row against the
+    JSON results; the grid and its controls are not shown."""
+    from selenium.webdriver.common.by import By
+
+    server, http, _ = stack
+    hidden = next(m for m in http.get("/v1/models").json()["models"] if m["name"] == MODEL)["hidden_size"]
+    # five directions of different norms (0.5 .. 40): a random model's relevancy differs between them
+    vectors = [[(i * i + 0.5) * (((j * (2 * i + 3) + i) % 7) - 3) / 3 for j in range(hidden)] for i in range(5)]
+    labels = ["probe", "steer", "feature 7", "a & <b>", "zero-ish"]
+    res = http.post("/v1/jobs/vectors", json={"model": MODEL, "vectors": vectors, "labels": labels,
+                                              "max_new_tokens": 4})
+    assert res.status_code == 202, res.text
+    job_id = res.json()["id"]
+    wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["state"] == "succeeded", 120, what="the job")
+    rows = http.get(f"/v1/jobs/{job_id}/results").json()["items"]
+    assert [r["label"] for r in rows] == labels
+    assert len({round(r["mean_relevancy"], 4) for r in rows}) > 1, rows  # else the shading check below means nothing
+
+    browser.get(f"{server.url}/ui/jobs/{job_id}")
+    _wait_page(browser)
+    assert not browser.find_element(By.ID, "grid-controls").is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "#grid td.cell") == []
+    heads = [h.text for h in browser.find_elements(By.CSS_SELECTOR, "#rows thead th")]
+    assert heads == ["vector_index", "label", "norm", "text", "mean_relevancy", "relevancy"]
+    lines = browser.find_elements(By.CSS_SELECTOR, "#rows tbody tr")
+    assert len(lines) == len(rows) == 5
+    colors = set()
+    for line, row in zip(lines, rows):
+        cells = {c.get_attribute("data-column"): c for c in line.find_elements(By.TAG_NAME, "td")}
+        assert int(cells["vector_index"].text) == row["vector_index"]
+        assert cells["label"].text == row["label"]
+        assert abs(float(cells["norm"].text) - row["norm"]) <= 1e-3 * max(1.0, row["norm"])
+        assert abs(float(cells["mean_relevancy"].text) - row["mean_relevancy"]) < 1e-3
+        assert cells["text"].text == row["text"].strip()
+        colors.add(cells["mean_relevancy"].value_of_css_property("background-color"))
+    assert len(colors) > 1, "the mean relevancy column should be shaded"
+    assert browser.find_element(By.ID, "rows-info").text == "5 vectors results"
+    path = artifacts_dir() / "explorer_vectors_page.png"
+    browser.save_screenshot(str(path))
+    assert path.stat().st_size > 5_000
+
+
 def test_audit_page_of_a_real_run(stack, browser):
     from selenium.webdriver.common.by import By
 
