@@ -21,6 +21,8 @@ from sqlalchemy import func, select
 
 from selfie_jobs import submission
 from selfie_jobs.db import get_engine, get_sessionmaker
+from selfie_jobs.kinds import get_kind
+from selfie_jobs.kinds.vectors import VectorJobCreate
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, ServedModel, Worker
 from selfie_jobs.queue import RECONCILE_TASK
 from selfie_jobs.settings import Settings
@@ -88,9 +90,30 @@ class Stack:
         body.update(kw)
         return JobCreate(**body)
 
-    def submit(self, request: JobCreate) -> str:
+    def vectors_request(self, count: int, **kw) -> VectorJobCreate:
+        """`count` different vectors of the tiny model's hidden size (32), labelled v0, v1, ..."""
+        vectors = [[((i + 1) * ((j * 7 + i) % 11 - 5)) / 4 for j in range(32)] for i in range(count)]
+        body = {"model": MODEL, "vectors": vectors, "labels": [f"v{i}" for i in range(count)],
+                "template": {"preset": "summarize"}, "max_new_tokens": 3}
+        body.update(kw)
+        return VectorJobCreate(**body)
+
+    def kind_request(self, kind: str, *, prompts=PROMPTS[:1], tokens=(0, 1, 2), max_new_tokens: int = 3):
+        """A job of `kind` with as many results as an interpret job over `prompts` x all layers x `tokens`."""
+        if kind == "interpret":
+            return self.request(prompts=list(prompts), targets={"layers": "all", "tokens": list(tokens)},
+                                max_new_tokens=max_new_tokens)
+        return self.vectors_request(len(prompts) * (NUM_LAYERS + 1) * len(tokens), max_new_tokens=max_new_tokens)
+
+    def submit(self, request: JobCreate | VectorJobCreate) -> str:
         with self.db() as s:
             return submission.submit_job(s, request, self.settings, self.producer).job.id
+
+    def rows(self, job_id: str) -> int:
+        """Result rows stored for the job, in its kind's table."""
+        with self.db() as s:
+            table = get_kind(s.get(Job, job_id).kind).table
+            return s.scalar(select(func.count()).select_from(table).where(table.job_id == job_id))
 
     def store_only(self, request: JobCreate) -> tuple[str, list[int]]:
         """Write a job like a submit does, without sending its messages."""
@@ -118,11 +141,13 @@ class Stack:
             raise AssertionError(f"jobs did not finish; worker logs:\n{logs}") from None
 
     def assert_exactly_once(self, job_id: str) -> list[Interpretation]:
+        """Every item of the job has exactly one row in its kind's table (interpretations, vector results)."""
         with self.db() as s:
             job = s.get(Job, job_id)
-            rows = s.scalars(select(Interpretation).where(Interpretation.job_id == job_id)).all()
+            kind = get_kind(job.kind)
+            rows = s.scalars(select(kind.table).where(kind.table.job_id == job_id)).all()
             chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id)).all()
-        keys = Counter((r.prompt_index, r.layer, r.token) for r in rows)
+        keys = Counter(tuple(getattr(r, c) for c in kind.item_columns) for r in rows)
         assert job.state == "succeeded", job.error
         assert len(rows) == job.total == job.done, (len(rows), job.total, job.done)
         assert max(keys.values()) == 1
@@ -222,26 +247,25 @@ def test_two_workers_share_one_job(stack):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_sigkill_of_the_worker_child_mid_chunk_redelivers_and_finishes(stack):
+@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+def test_sigkill_of_the_worker_child_mid_chunk_redelivers_and_finishes(stack, kind):
     worker = stack.start_worker("w1", max_batch=32, batch_size=1)
     stack.wait_ready(worker)
     (child,) = worker.children()
     # one big chunk, written in several engine batches (batch_size 1): kill after the first rows landed
     stack.settings = stack.settings.model_copy(update={"chunk_size": 32})
-    job = stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3, 4]},
-                                     max_new_tokens=24))
+    job = stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2, 3, 4), max_new_tokens=24))
 
     def partly_written():
         with stack.db() as s:
-            done = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job))
+            done = stack.rows(job)
             total = s.get(Job, job).total
             return 0 < done < total and done
 
     written = wait_for(partly_written, 60, interval=0.05, what="the first rows of the chunk")
     os.kill(child, signal.SIGKILL)
     with stack.db() as s:
-        assert s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job)) < \
-            s.get(Job, job).total
+        assert stack.rows(job) < s.get(Job, job).total
     stack.wait_jobs(job)
     stack.assert_exactly_once(job)
     with stack.db() as s:

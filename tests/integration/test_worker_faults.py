@@ -113,9 +113,8 @@ def _start_one_row_worker(stack):
     return worker
 
 
-def _submit_long_job(stack, max_new_tokens: int) -> str:
-    return stack.submit(stack.request(prompts=list(PROMPTS), targets={"layers": "all", "tokens": [0, 1, 2, 3]},
-                                      max_new_tokens=max_new_tokens))
+def _submit_long_job(stack, max_new_tokens: int, kind: str = "interpret") -> str:
+    return stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2, 3), max_new_tokens=max_new_tokens))
 
 
 def _wait_running_chunk(stack, job: str) -> int:
@@ -142,22 +141,25 @@ def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
 
 
 @pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url):
+@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url, kind):
     import time
 
     from sqlalchemy import create_engine, func, text
     from sqlalchemy.engine import make_url
 
-    from selfie_jobs.models import Interpretation, utcnow
+    from selfie_jobs.kinds import get_kind
+    from selfie_jobs.models import utcnow
 
     worker = _start_one_row_worker(stack)
-    job = _submit_long_job(stack, max_new_tokens=12)
+    job = _submit_long_job(stack, max_new_tokens=12, kind=kind)
+    table = get_kind(kind).table  # the kind's result table
 
     def rows(since=None):
         with stack.db() as s:
-            query = select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job)
+            query = select(func.count()).select_from(table).where(table.job_id == job)
             if since is not None:
-                query = query.where(Interpretation.created_at > since)
+                query = query.where(table.created_at > since)
             return s.scalar(query)
 
     wait_for(rows, 60, interval=0.05, what="the first rows")
@@ -189,7 +191,8 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
 
 
 @SQLITE
-def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack):
+@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
     import redis as redis_client
 
     from tests.integration.worker_support import ROOT, worker_env
@@ -200,7 +203,7 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack):
     beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule", str(stack.tmp / "beat-schedule")],
                             cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        job = _submit_long_job(stack, max_new_tokens=12)
+        job = _submit_long_job(stack, max_new_tokens=12, kind=kind)
         _wait_running_chunk(stack, job)
         redis_client.Redis.from_url(stack.redis_url).flushall()  # every queued message is gone
         with stack.db() as s:
