@@ -4,6 +4,7 @@ in-process engine, in one run.
     python benchmarks/e2e_bench.py                         # SmolLM2-135M-Instruct on the CPU, SQLite
     python benchmarks/e2e_bench.py --database postgres     # PostgreSQL (the local server) instead of SQLite
     python benchmarks/e2e_bench.py --tiny                  # a tiny random LLaMA: a quick check of the script
+    python benchmarks/e2e_bench.py --kind vectors          # 1,000 vectors (10 jobs of 100) instead of prompts
 
 What runs: one worker process (`python -m workers worker`, the model resident), one API process
 (`uvicorn api.main:create_app --factory`), Redis (local, else embedded) and the database. `--clients` concurrent
@@ -16,6 +17,10 @@ clients while the worker runs, then the engine's interpretations/s on exactly th
 (`SelfieEngine.interpret`, same batch size, after the worker was stopped so both had the machine alone), and the
 ratio service/engine (the goal is >= 0.9: the queue and the database cost under a tenth of the engine time).
 `--rounds` repeats both measurements alternately and reports the best of each.
+
+`--kind vectors`: `--vectors` random vectors of the model's hidden size (seeded, scaled to the norm of a typical
+hidden state) are submitted as `--jobs` jobs (default 10) through the client's `.npy` upload
+(`Client.submit_vectors`), against `SelfieEngine.interpret_vectors` on the same vectors in this process.
 """
 
 from __future__ import annotations
@@ -124,6 +129,83 @@ def service_round(args, tmp: Path, model: str, model_path: Path | None, prompts:
             "submits": summary["statuses"]}
 
 
+def make_vectors(n: int, hidden: int, seed: int = 0):
+    """Seeded random vectors with the norm of a typical mid-layer state of SmolLM2 (about 30)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, hidden)).astype(np.float32)
+    return vectors * (30.0 / np.sqrt(hidden))
+
+
+def vectors_service_round(args, tmp: Path, model: str, model_path: Path | None, vectors) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import func, select
+
+    from selfie_client import Client
+    from selfie_jobs.db import get_engine, session_scope
+    from selfie_jobs.migrate import upgrade
+    from selfie_jobs.models import Job, VectorInterpretation
+    from tests import services
+    from tests.load.loadsupport import ServiceStack, wait_jobs_finished
+
+    db_url, admin = database(args.database, tmp)
+    redis_url, embedded = broker(tmp)
+    upgrade(db_url)
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    env["SELFIE_MAX_BATCH_INTERPRETATIONS"] = str(args.max_batch)
+    env["SELFIE_CHUNK_SIZE"] = str(args.chunk_size)
+    parts = [vectors[i::args.jobs] for i in range(args.jobs)]
+    try:
+        with ServiceStack(tmp, db_url, redis_url, model, model_path=model_path, batch_size=args.batch_size,
+                          env=env) as stack:
+            ready_s = stack.wait_ready(900)
+            t0 = time.monotonic()
+
+            def submit(part):
+                with Client(stack.url) as client:
+                    started = time.monotonic()
+                    client.submit_vectors(part, max_new_tokens=args.max_new_tokens)
+                    return time.monotonic() - started
+
+            with ThreadPoolExecutor(max(1, min(args.clients, args.jobs))) as pool:
+                latencies = sorted(pool.map(submit, parts))
+            submitted_s = time.monotonic() - t0
+            states = wait_jobs_finished(db_url, args.timeout, poll=0.2)
+            wall = time.monotonic() - t0
+            with session_scope(db_url) as s:
+                rows = s.scalar(select(func.count()).select_from(VectorInterpretation))
+                jobs = s.scalar(select(func.count()).select_from(Job))
+    finally:
+        get_engine.cache_clear()
+        if admin is not None:
+            services.drop_postgres_database(admin, db_url)
+        if embedded is not None:
+            embedded.stop()
+    if states != {"succeeded": jobs} or jobs != args.jobs:
+        raise RuntimeError(f"the service run failed: states={states} jobs={jobs}; logs in {tmp}")
+    ms = [round(1000 * x, 1) for x in latencies]
+    return {"worker_ready_s": round(ready_s, 1), "jobs": jobs, "interpretations": rows,
+            "submit_phase_s": round(submitted_s, 2), "wall_s": round(wall, 2),
+            "service_interp_per_s": round(rows / wall, 2),
+            "submit_latency_ms": {"p50": ms[len(ms) // 2], "p99": ms[min(len(ms) - 1, int(len(ms) * 0.99))]},
+            "submits": {"202": jobs}}
+
+
+def vectors_engine_round(engine, args, vectors) -> dict:
+    from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate
+
+    template = InterpretationTemplate.preset("summarize", engine.tokenizer)
+    generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    engine.interpret_vectors(list(vectors[:4]), template, InjectionConfig(k=1), generation)  # warm
+    t0 = time.monotonic()
+    out = engine.interpret_vectors(list(vectors), template, InjectionConfig(k=1), generation,
+                                   batch_size=args.batch_size)
+    wall = time.monotonic() - t0
+    return {"interpretations": len(out), "wall_s": round(wall, 2), "engine_interp_per_s": round(len(out) / wall, 2)}
+
+
 def engine_round(engine, args, prompts: list[str]) -> dict:
     from selfie_core import GenerationConfig, InjectionConfig, InterpretationTemplate, InterpretRequest
 
@@ -147,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny random LLaMA instead of SmolLM2 (script check)")
     ap.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
-    ap.add_argument("--jobs", type=int, default=100, help="jobs, one prompt each (default 100)")
+    ap.add_argument("--kind", choices=["interpret", "vectors"], default="interpret",
+                    help="the job kind: prompts' hidden states, or your own vectors")
+    ap.add_argument("--vectors", type=int, default=1000, help="vectors in all with --kind vectors (default 1000)")
+    ap.add_argument("--chunk-size", type=int, default=64, help="items per chunk of the service (default 64)")
+    ap.add_argument("--jobs", type=int, default=None, help="jobs (default: 100 of one prompt each; 10 with "
+                                                           "--kind vectors)")
     ap.add_argument("--clients", type=int, default=50, help="concurrent submitting clients (default 50)")
     ap.add_argument("--layers", default="4,12,20,28", help="hidden_states indices per prompt")
     ap.add_argument("--last-tokens", type=int, default=1)
@@ -160,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
+    args.jobs = args.jobs or (10 if args.kind == "vectors" else 100)
     tmp = Path(tempfile.mkdtemp(prefix="selfie-e2e-bench-"))
     if args.tiny:
         from tests.integration.worker_support import MODEL, NUM_LAYERS, save_tiny_model
@@ -170,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, model_path = SMOLLM2, None
     prompts = make_prompts(args.jobs)
-    result: dict = {"model": model, "database": args.database, "jobs": args.jobs, "clients": args.clients,
+    result: dict = {"model": model, "kind": args.kind, "database": args.database, "jobs": args.jobs, "clients": args.clients,
                     "layers": args.layers, "last_tokens": args.last_tokens, "max_new_tokens": args.max_new_tokens,
                     "cpus": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                     "rounds": []}
@@ -181,15 +269,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    vectors = None
+    if args.kind == "vectors":
+        hidden = 32 if args.tiny else 576  # the tiny LLaMA's and SmolLM2-135M's hidden sizes
+        vectors = make_vectors(args.vectors, hidden)
+        result["vectors"] = args.vectors
     engine = None
     for r in range(args.rounds):
         round_dir = tmp / f"round{r}"
         round_dir.mkdir()
-        service = service_round(args, round_dir, model, model_path, prompts)  # the engine is not loaded meanwhile
+        if vectors is not None:  # the engine is not loaded meanwhile
+            service = vectors_service_round(args, round_dir, model, model_path, vectors)
+        else:
+            service = service_round(args, round_dir, model, model_path, prompts)
         print("service:", json.dumps(service), flush=True)
         if engine is None:
             engine = SelfieEngine(load_model(str(model_path) if model_path else model, device="cpu"))
-        reference = engine_round(engine, args, prompts)
+        reference = (vectors_engine_round(engine, args, vectors) if vectors is not None
+                     else engine_round(engine, args, prompts))
         print("engine: ", json.dumps(reference), flush=True)
         if reference["interpretations"] != service["interpretations"]:
             raise RuntimeError(f"different workloads: {reference} vs {service}")
