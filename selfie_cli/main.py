@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from selfie_cli.database import cli_session
 from selfie_cli.errors import SelfieGroup
 
 URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
@@ -448,13 +449,6 @@ def keys() -> None:
     """API keys (stored hashed in the database named by the settings)."""
 
 
-def _db_session():
-    from selfie_jobs.db import session_scope
-    from selfie_jobs.settings import get_settings
-
-    return session_scope(get_settings().resolved_database_url())
-
-
 @keys.command("create")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="This key sees every job.")
@@ -463,7 +457,7 @@ def keys_create(name: str, admin: bool, daily_quota: int | None) -> None:
     """Make a key; its secret is shown once."""
     from selfie_jobs.auth import create_key
 
-    with _db_session() as session:
+    with cli_session() as session:
         row, secret = create_key(session, name, admin=admin, daily_quota=daily_quota)
         key_id = row.id
     click.echo(f"key {key_id} ({name}{', admin' if admin else ''}); the secret is shown only now:")
@@ -476,7 +470,7 @@ def keys_list(include_revoked: bool) -> None:
     """Keys: id, prefix, name, admin, quota, created, revoked."""
     from selfie_jobs.auth import list_keys
 
-    with _db_session() as session:
+    with cli_session() as session:
         rows = list_keys(session, include_revoked=include_revoked)
         lines = [
             f"{r.id:>4}  {r.prefix}…  {r.name:<20}  {'admin' if r.is_admin else '     '}  "
@@ -494,7 +488,7 @@ def keys_revoke(key: str) -> None:
     from selfie_jobs.audits import stop_key_audits
     from selfie_jobs.auth import revoke_key
 
-    with _db_session() as session:
+    with cli_session() as session:
         try:
             row = revoke_key(session, key)
         except ValueError as exc:

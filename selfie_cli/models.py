@@ -15,14 +15,10 @@ from pathlib import Path
 
 import click
 
+from selfie_cli.database import cli_session, migrated_database_url
+from selfie_cli.errors import UserError
+
 DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _db_session():
-    from selfie_jobs.db import session_scope
-    from selfie_jobs.settings import get_settings
-
-    return session_scope(get_settings().resolved_database_url())
 
 
 def resolve_source(path: str) -> str:
@@ -57,13 +53,14 @@ def models_add(name: str, path: str, dtype: str) -> None:
     if name in BUILTIN:
         raise click.BadParameter(f"{name!r} is the built-in model's name; choose another", param_hint="NAME")
     source = resolve_source(path)
+    migrated_database_url()  # before the folder is read, which takes a while
     try:
         card = folder_card(source, name, dtype)
     except (UnsupportedArchitectureError, ModelUnavailableError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise UserError(str(exc)) from exc
     except (OSError, ValueError) as exc:  # a folder without config.json, an unreadable tokenizer ...
-        raise click.ClickException(f"cannot read a model at {source}: {str(exc).splitlines()[0]}") from exc
-    with _db_session() as session:
+        raise UserError(f"cannot read a model at {source}: {str(exc).splitlines()[0]}") from exc
+    with cli_session() as session:
         add_to_catalogue(session, name, card, path=source, dtype=dtype)
     click.echo(f"{name}: {card['architecture']} ({card['family']}), {card['num_layers']} layers, hidden size "
                f"{card['hidden_size']}, context {card['max_context']}, {dtype}, from {source}")
@@ -74,7 +71,7 @@ def models_list() -> None:
     """Catalogued models: name, dtype, path."""
     from selfie_jobs.cards import catalogued_models
 
-    with _db_session() as session:
+    with cli_session() as session:
         entries = catalogued_models(session)
     for name, entry in sorted(entries.items()):
         click.echo(f"{name}\t{entry.get('dtype')}\t{entry.get('path')}")
@@ -86,8 +83,8 @@ def models_remove(name: str) -> None:
     """Take NAME out of the catalogue (its card goes with it; running workers are not stopped)."""
     from selfie_jobs.cards import remove_from_catalogue
 
-    with _db_session() as session:
+    with cli_session() as session:
         removed = remove_from_catalogue(session, name)
     if not removed:
-        raise click.ClickException(f"{name!r} is not in the model catalogue")
+        raise UserError(f"{name!r} is not in the model catalogue")
     click.echo(f"removed {name}")

@@ -69,7 +69,7 @@ def test_an_added_folder_is_listed_and_carded_without_a_worker(folder, database)
     assert listing.stdout.split() == ["tiny-llama", "float32", str(folder.resolve())]
     assert selfie(database, "models", "remove", "tiny-llama").returncode == 0
     gone = selfie(database, "models", "remove", "tiny-llama")
-    assert gone.returncode == 1 and gone.stderr.strip() == "Error: 'tiny-llama' is not in the model catalogue"
+    assert gone.returncode == 1 and gone.stderr.strip() == "error: 'tiny-llama' is not in the model catalogue"
 
 
 def test_a_worker_serves_a_catalogued_model_by_name_in_its_dtype(folder, database, tmp_path):
@@ -91,6 +91,21 @@ def test_a_worker_serves_a_catalogued_model_by_name_in_its_dtype(folder, databas
             assert [w["info"]["dtype"] for w in cards.served_models(s, 45.0)[0]["workers"]] == ["bfloat16"]
     finally:
         stop_runtime()
+
+
+@pytest.mark.parametrize("command", [["models", "add", "tiny", "--path", "FOLDER"], ["models", "list"],
+                                     ["keys", "list"]])
+def test_a_database_without_the_schema_says_to_migrate(folder, tmp_path, command):
+    # a fresh data folder, as a new user has before `selfie up`: this was sqlite3's "no such table" traceback
+    fresh = f"sqlite:///{tmp_path / 'fresh' / 'selfie.db'}"
+    (tmp_path / "fresh").mkdir()
+    done = selfie(fresh, *[str(folder) if part == "FOLDER" else part for part in command])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines() == [f"error: the database {fresh} does not have the service's newest schema",
+                                        "run `selfie migrate` first (`selfie up` migrates too), with the same "
+                                        "SELFIE_DATABASE_URL or SELFIE_DATA_DIR"]
+    upgrade(fresh)
+    assert selfie(fresh, *[str(folder) if part == "FOLDER" else part for part in command]).returncode == 0
 
 
 def test_a_worker_naming_gpus_it_does_not_see_refuses_before_loading(folder, database, tmp_path):
@@ -121,7 +136,7 @@ def test_a_worker_naming_gpus_it_does_not_see_refuses_before_loading(folder, dat
 def test_what_cannot_be_added_says_why_in_one_line(database, tmp_path, path, message):
     done = selfie(database, "models", "add", "m", "--path", path, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     assert done.returncode in (1, 2) and message in done.stderr, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
     if path.startswith("org/"):
         assert "HF_HUB_OFFLINE is set" in done.stderr and done.returncode == 1
