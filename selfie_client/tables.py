@@ -12,9 +12,14 @@ def layer_token_table(df: pd.DataFrame, prompt_index: int = 0, *, width: int | N
     """Rows: layers; columns: "index:token" of the prompt; cells: the interpretation text (cut to `width`).
 
     Takes the results of the client (`Client.results`, `Client.interpret`) and of the engine
-    (`selfie_core.to_dataframe`) alike: both have the same columns."""
+    (`selfie_core.to_dataframe`) alike: both have the same columns. Interpreted vectors have no layer or token,
+    so a frame of vectors only (`Client.interpret_vectors`, `Client.rows` of a vectors job) is refused with a
+    ValueError that says which columns to read instead of a KeyError or an empty table."""
     import pandas as pd
 
+    if "layer" not in df.columns or ("prompt_index" in df.columns and df["prompt_index"].isna().all()):
+        raise ValueError("these are interpreted vectors (one row per vector, no layer or token): read "
+                         "df[['label', 'text', 'mean_relevancy']] instead of a layer x token table")
     part = df[(df["prompt_index"] == prompt_index).fillna(False).astype(bool)]  # a vector's row has no prompt
     if part.empty:
         return pd.DataFrame()

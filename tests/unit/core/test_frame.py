@@ -2,6 +2,7 @@
 `layer_token_table` reading the engine's frame as it reads the client's."""
 
 import pandas as pd
+import pytest
 
 from selfie_client import layer_token_table
 from selfie_client.client import RESULT_COLUMNS
@@ -37,3 +38,17 @@ def test_engine_frame_has_the_shared_shape_and_feeds_the_table(engine, tokenizer
     assert [c.split(":")[0] for c in table.columns] == ["0", str(lasts[1])]
     text = " ".join(df[(df.prompt_index == 1) & (df.layer == 3) & (df.token == 0)]["text"].iloc[0].split())
     assert table.loc[3].iloc[0] == ((text if len(text) <= 28 else text[:27] + "…") or "(blank)")
+
+
+def test_a_frame_of_vectors_only_is_refused_with_the_columns_to_read(engine):
+    """`Client.interpret_vectors` returns one row per vector in the vectors kind's columns (no prompt_index, layer
+    or token) and the engine's frame of vectors has no layer in any row: neither has a layer x token table, and the
+    table said so with a KeyError 'prompt_index' (the client's frame) or an empty frame (the engine's)."""
+    service = pd.DataFrame([[0, "probe", 3.2, "Paris", 0.4, [0.4], [42], "w", "m", "t"]],
+                           columns=["vector_index", "label", "norm", "text", "mean_relevancy", "relevancy",
+                                    "token_ids", "worker", "model", "created_at"])
+    vector = engine.interpret_vectors([VectorRequest([0.5] * engine.hidden_size, key="v", label="half")],
+                                      generation=GEN)
+    for df in (service, to_dataframe(vector)):
+        with pytest.raises(ValueError, match=r"interpreted vectors.*df\[\['label', 'text', 'mean_relevancy'\]\]"):
+            layer_token_table(df)
