@@ -2,14 +2,16 @@
 
 Python's `json` accepts `NaN`, `Infinity` and `-Infinity` (and reads `1e999` as infinity), and decodes `"\\ud800"`
 to a lone UTF-16 surrogate, which no database, tokenizer or JSON encoder takes; it also nests as deep as the
-interpreter's stack allows. `loads_strict` refuses all of these with a `JSONTextError` saying where, so that the API
-(request bodies) and uploads (JSONL lines) refuse them before anything is stored.
+interpreter's stack allows, and raises a plain ValueError for an integer of more digits than `int()` converts
+(`sys.get_int_max_str_digits()`, 4300 by default). `loads_strict` refuses all of these with a `JSONTextError`
+saying where, so that the API (request bodies) and uploads (JSONL lines) refuse them before anything is stored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 #: Deepest nesting a request body or an uploaded line may have (real ones use a handful of levels).
@@ -25,6 +27,14 @@ def _finite(text: str) -> float:
     if not math.isfinite(value):
         raise JSONTextError(f"the number {text} is out of range (not finite)")
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # past the interpreter's digit limit (a guard against quadratic-time conversion)
+        raise JSONTextError(f"an integer of {len(text.lstrip('-'))} digits is out of range (at most "
+                            f"{sys.get_int_max_str_digits()} digits are read)") from None
 
 
 def _constant(name: str) -> Any:
@@ -65,10 +75,10 @@ def check_value(value: Any, root: str = "body", max_depth: int = MAX_DEPTH) -> N
 
 
 def loads_strict(doc: str, root: str = "body", max_depth: int = MAX_DEPTH) -> Any:
-    """`json.loads` refusing non-finite numbers, lone surrogates and deep nesting (JSONTextError); a syntax error
-    is json.JSONDecodeError as usual."""
+    """`json.loads` refusing non-finite numbers, integers past the digit limit, lone surrogates and deep nesting
+    (JSONTextError); a syntax error is json.JSONDecodeError as usual."""
     try:
-        value = json.loads(doc, parse_constant=_constant, parse_float=_finite)
+        value = json.loads(doc, parse_constant=_constant, parse_float=_finite, parse_int=_integer)
     except RecursionError:
         raise JSONTextError(f"{root} is nested deeper than {max_depth} levels") from None
     check_value(value, root, max_depth)

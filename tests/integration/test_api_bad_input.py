@@ -175,6 +175,24 @@ def test_non_finite_numbers_and_surrogates_in_any_field_are_refused(bad_input_se
     assert _stored_counts(server.database_url) == before
 
 
+def test_integers_past_the_digit_limit_in_any_body_are_refused(bad_input_server):
+    """An integer of more digits than Python converts (4300) in a field or an extra field of every JSON body: a
+    422 saying so (json.loads raised a plain ValueError: '400 There was an error parsing the body'), nothing stored."""
+    server = bad_input_server
+    before = _stored_counts(server.database_url)
+    huge = "9" * 5000
+    with server.client() as http:
+        for method, path, _ in _json_operations(_spec(server)):
+            base = BASE_BODIES[(method, path)]
+            for leaf in (("priority",), ("extra",)):
+                text = json.dumps(dict(base, **{leaf[0]: SENTINEL})).replace(f'"{SENTINEL}"', huge)
+                res = http.request(method, _url(server, path), content=text,
+                                   headers={"content-type": "application/json"})
+                body = _refused(res, (method, path, leaf))
+                assert res.status_code == 422 and "5000 digits" in json.dumps(body), (method, path, leaf, res.text)
+    assert _stored_counts(server.database_url) == before
+
+
 def test_booleans_are_not_numbers_in_any_body(bad_input_server):
     """`true`/`false` in every integer or number field (including a template's placeholder 0) is a 422 naming
     that value, never read as 1 or 0."""
@@ -250,6 +268,8 @@ def test_prompt_set_lines_that_cannot_be_stored_are_refused_with_their_line(bad_
         "nan": b'{"prompt": "x", "score": NaN}\n',
         "deep": b'{"prompt": "x", "m": ' + b"[" * 5000 + b"]" * 5000 + b"}\n",
         "nested": b'{"prompt": "x", "m": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}\n",
+        # past Python's 4300-digit limit for int(): json.loads raised a plain ValueError, answered 500
+        "huge integer": b'{"prompt": "x", "m": ' + b"9" * 5000 + b"}\n",
     }
     before = _stored_counts(server.database_url)
     with server.client() as http:
