@@ -45,7 +45,8 @@ def get_models(session: SessionDep, settings: SettingsDep, who: PrincipalDep) ->
     return ModelList(models=out)
 
 
-@router.get("/v1/models/{name}/tokenize", response_model=Tokenized, tags=["models"],
+# {name:path}: model names may hold "/" (hub ids such as org/name, catalogue names)
+@router.get("/v1/models/{name:path}/tokenize", response_model=Tokenized, tags=["models"],
             summary="A text's tokens as the model sees them (the token indices jobs refer to)",
             responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}})
 def tokenize(name: str, text: Annotated[str, Query(max_length=20_000)], session: SessionDep,
@@ -58,7 +59,7 @@ def tokenize(name: str, text: Annotated[str, Query(max_length=20_000)], session:
     return Tokenized(model=name, ids=ids, tokens=tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False))
 
 
-@router.get("/v1/models/{name}/detokenize", response_model=Tokenized, tags=["models"],
+@router.get("/v1/models/{name:path}/detokenize", response_model=Tokenized, tags=["models"],
             summary="Token ids as text, one string per id (e.g. an interpretation's generated tokens)",
             responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 422: {"model": ErrorOut},
                        503: {"model": ErrorOut}})

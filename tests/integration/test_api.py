@@ -439,7 +439,7 @@ def test_a_catalogued_model_no_worker_serves_is_listed_and_validated(env, server
     tokenizer = build_tokenizer()
     _llama(tokenizer, layers=3).to(torch.float32).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    name = "added-" + uuid.uuid4().hex[:8]
+    name = "org/added-" + uuid.uuid4().hex[:8]  # a "/" as in hub ids: the tokenize routes answered 404 for it
     database_url, redis_url, _ = env
     try:
         with session_scope(database_url) as s:
@@ -454,6 +454,10 @@ def test_a_catalogued_model_no_worker_serves_is_listed_and_validated(env, server
             ok = http.post("/v1/jobs", json=body(name, k=1, max_new_tokens=4))
             assert ok.status_code == 202, ok.text
             assert http.get(f"/v1/jobs/{ok.json()['id']}").json()["state"] == "queued"
+            tokens = http.get(f"/v1/models/{name}/tokenize", params={"text": "the cat sat"})
+            assert tokens.status_code == 200 and tokens.json()["ids"] == tokenizer("the cat sat").input_ids
+            back = http.get(f"/v1/models/{name}/detokenize", params={"ids": ",".join(map(str, tokens.json()["ids"]))})
+            assert back.status_code == 200 and back.json() == tokens.json()
     finally:
         flush_model_queue(redis_url, name)
 
