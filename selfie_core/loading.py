@@ -75,8 +75,9 @@ def hub_errors(source: str):
         why = ("HF_HUB_OFFLINE is set, so the hub is not asked" if constants.HF_HUB_OFFLINE
                else "the hub (huggingface.co) cannot be reached from here")
         raise ModelUnavailableError(
+            # `hf` is the command of huggingface_hub >= 1.0 (installed here); huggingface-cli is gone
             f"model {source!r} is a Hugging Face hub id that is not in this machine's hub cache ({constants.HF_HUB_CACHE})"
-            f" and {why}: download it where the hub is reachable (huggingface-cli download {source}), copy the "
+            f" and {why}: download it where the hub is reachable (hf download {source}), copy the "
             "folder here and give its path instead (selfie models add NAME --path DIR)") from exc
 
 

@@ -165,3 +165,4 @@ def test_a_hub_id_offline_fails_clearly_in_the_engine(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("ModelUnavailableError model 'org/some-model' is a Hugging Face hub id")
     assert "HF_HUB_OFFLINE is set, so the hub is not asked" in out and "selfie models add NAME --path DIR" in out
+    assert "(hf download org/some-model" in out  # the command the installed huggingface_hub has (no huggingface-cli)
