@@ -91,9 +91,11 @@ class Runtime:
     source: str | None = None  # the folder or hub id the weights came from (None: the built-in model by name)
     dtype: str | None = None  # the dtype the model was loaded in
     threads: int | None = None  # torch's CPU threads in this process, once start() has set them
+    state: str = "loading"  # what the heartbeat reports: "loading" until start() has the model resident, then "ready"
     _held: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _beat_lock: threading.Lock = field(default_factory=threading.Lock)  # one state write at a time: "ready" is last
     _thread: threading.Thread | None = None
 
     @property
@@ -116,6 +118,10 @@ class Runtime:
         self.identity = cards.worker_identity(opts.node_name, opts.model, opts.device_label)
         self._db(lambda s: cards.mark_dead_local_workers(s, self.identity.hostname, me=self.identity.name))
         self._db(lambda s: cards.heartbeat(s, self.identity, state="loading", info=self.info()))
+        # beat while loading too: a load longer than worker_alive_seconds (a first conversion on a busy machine, a
+        # large model) must not make the API take this worker for gone and refuse submits as for an unserved model
+        self._thread = threading.Thread(target=self._heartbeat_loop, name="selfie-heartbeat", daemon=True)
+        self._thread.start()
         started = time.monotonic()
         spread: dict[str, Any] = {}
         if opts.gpus:
@@ -149,9 +155,9 @@ class Runtime:
         self.loaded_in_s = time.monotonic() - started
         card = self.model_card()
         self._db(lambda s: cards.write_model_card(s, opts.model, card))
-        self._db(lambda s: cards.heartbeat(s, self.identity, state="ready", info=self.info()))
-        self._thread = threading.Thread(target=self._heartbeat_loop, name="selfie-heartbeat", daemon=True)
-        self._thread.start()
+        with self._beat_lock:
+            self.state = "ready"
+            self._db(lambda s: cards.heartbeat(s, self.identity, state="ready", info=self.info()))
         log.info("worker %s serves %s on %s (loaded in %.1fs)", self.name, opts.model, opts.device_label, self.loaded_in_s)
 
     def warm_up(self) -> None:
@@ -174,6 +180,8 @@ class Runtime:
     def mark_load_failed(self, exc: BaseException) -> None:
         """Say on this worker's card why the model did not load (so the API and operators see it)."""
         self._stop.set()
+        if self._thread is not None:  # a beat in flight would write "loading" over "load_failed"
+            self._thread.join(timeout=5)
         if self.identity is None:
             return
         info = {**self.info(), "error": f"{type(exc).__name__}: {exc}"[:2000]}
@@ -258,13 +266,14 @@ class Runtime:
         held = self.held()
 
         def unit(session: Session) -> None:
-            cards.heartbeat(session, self.identity, state="ready", info=self.info())
+            cards.heartbeat(session, self.identity, state=self.state, info=self.info())
             if held:
                 kept = chunk_ops.renew_leases(session, held, self.name, self.settings.lease_seconds)
                 if kept < len(held):
                     log.warning("worker %s lost the lease of %d chunk(s)", self.name, len(held) - kept)
 
-        self._db(unit, retry=False)
+        with self._beat_lock:
+            self._db(unit, retry=False)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_interval_seconds):
