@@ -1,8 +1,8 @@
 """Request body limits per route (413), checked before anything parses the body.
 
 `BODY_LIMITS` says what each route that takes a large body may receive; every other route gets the small
-`max_body_bytes` (audit definitions and changes are JSON of a few kilobytes). A new upload route (vectors as
-`.npy` / `.safetensors` under /v1/jobs, say) is one more line here, with the setting that sizes it. A route marked
+`max_body_bytes` (audit definitions and changes are JSON of a few kilobytes). A new route with a large body is
+one more line here, with the setting that sizes it. A route marked
 `streamed` reads its body in pieces (the multipart parser spools a file to disk), so its larger limit costs disk,
 not memory; a JSON route's limit is what its parser may hold in memory at once.
 """
@@ -35,6 +35,11 @@ BODY_LIMITS: tuple[BodyLimit, ...] = (
     BodyLimit("POST", "/v1/jobs", job_body_bytes),
     # a JSONL / CSV file, spooled to disk by the multipart parser and read row by row
     BodyLimit("POST", "/v1/prompt-sets", lambda s: s.max_upload_bytes, streamed=True),
+    # vectors as JSON: about 20 bytes a number, so a few hundred vectors of a large model; more go as a file
+    BodyLimit("POST", "/v1/jobs/vectors", lambda s: s.max_job_body_bytes),
+    # a .npy / .safetensors file (the route reads at most max_vector_upload_bytes of it) plus the options form
+    # field (at most 1 MiB) and the multipart framing
+    BodyLimit("POST", "/v1/jobs/vectors/upload", lambda s: s.max_vector_upload_bytes + (2 << 20), streamed=True),
 )
 
 

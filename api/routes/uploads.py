@@ -7,7 +7,6 @@ and the whole is validated and submitted exactly as `POST /v1/jobs/vectors` is.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile, status
@@ -19,6 +18,7 @@ from api.routes.jobs import SUBMIT_RESPONSES, submit
 from api.schemas import ErrorOut, JobAccepted
 from api.vector_files import VectorFileError, check_name, read_vectors
 from selfie_jobs.errors import DomainError
+from selfie_jobs.jsontext import JSONTextError, loads_strict
 from selfie_jobs.kinds.vectors import VectorJobCreate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -70,8 +70,10 @@ async def upload_vectors_job(
         suffix = check_name(file.filename)
     except VectorFileError as exc:
         raise _refusal(exc.status, exc.message, "file") from None
-    try:
-        fields = json.loads(options)
+    try:  # read as every JSON body is (api.bodies): no NaN/Infinity, lone surrogates or deep nests
+        fields = loads_strict(options, root="options")
+    except JSONTextError as exc:
+        raise _refusal(422, str(exc), "options") from None
     except ValueError as exc:
         raise _refusal(422, f"options is not JSON: {exc}", "options") from None
     if not isinstance(fields, dict):

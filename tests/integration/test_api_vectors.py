@@ -244,3 +244,35 @@ def test_bad_upload_options_are_refused(env, server, options):
                                else options})
     assert resp.status_code == 422, resp.text
     assert_nothing_stored(database_url, redis_url, model)
+
+
+@pytest.mark.parametrize("options", ['{"model": "M", "labels": [NaN]}', '{"model": "M", "k": Infinity}',
+                                     '{"model": "M", "labels": ["\\ud800"]}'])
+def test_upload_options_are_read_as_strictly_as_json_bodies(env, server, options):
+    """The options form field is JSON too: non-finite numbers and lone surrogates are a 422 as in any body."""
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post("/v1/jobs/vectors/upload", files={"file": ("v.npy", npy(np.ones((1, HIDDEN), np.float32)))},
+                         data={"options": options.replace('"M"', json.dumps(model))})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"]
+    assert_nothing_stored(database_url, redis_url, model)
+
+
+@pytest.mark.parametrize("form", ["json", "upload"])
+def test_vectors_bodies_past_the_small_default_limit_are_taken(env, form):
+    """The vectors routes have body limits of their own (api.limits): a job of many vectors is more than the 1 MiB
+    every other small route gets."""
+    database_url, redis_url, model = env
+    n = 12_000  # 12,000 x 16 numbers: about 2.3 MB as JSON, 0.77 MB as .npy
+    settings = settings_for(database_url, redis_url, max_vectors_per_job=n, max_vector_upload_bytes=4 << 20,
+                            max_body_bytes=256 << 10)
+    array = np.random.default_rng(0).standard_normal((n, HIDDEN)).astype(np.float32)
+    with live_server(settings) as srv, srv.client() as http:
+        if form == "json":
+            resp = http.post("/v1/jobs/vectors", json={"model": model, "vectors": array.tolist()})
+        else:
+            resp = http.post("/v1/jobs/vectors/upload", files={"file": ("v.npy", npy(array))},
+                             data={"options": json.dumps({"model": model})})
+    assert resp.status_code == 202, resp.text[:300]
+    assert count(database_url, JobVector) == n
