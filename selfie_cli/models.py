@@ -48,8 +48,12 @@ def models_add(name: str, path: str, dtype: str) -> None:
     from selfie_core import UnsupportedArchitectureError
     from selfie_core.cardinfo import folder_card
     from selfie_core.loading import BUILTIN, ModelUnavailableError
-    from selfie_jobs.cards import add_to_catalogue
+    from selfie_jobs.cards import add_to_catalogue, check_model_name
 
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from exc
     if name in BUILTIN:
         raise click.BadParameter(f"{name!r} is the built-in model's name; choose another", param_hint="NAME")
     source = resolve_source(path)

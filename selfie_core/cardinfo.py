@@ -66,6 +66,7 @@ def folder_card(source: str, name: str, dtype: str = "float32") -> dict:
     tokenizer, chat template, presets) come from the same code as a loaded model's. Raises
     ``UnsupportedArchitectureError`` for a family the engine does not support."""
     from accelerate import init_empty_weights
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .adapters import check_supported
@@ -74,12 +75,17 @@ def folder_card(source: str, name: str, dtype: str = "float32") -> dict:
 
     torch_dtype = _dtype(dtype)
     with hub_errors(source):
-        config = AutoConfig.from_pretrained(source)
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except StrictDataclassError as exc:  # a field of the wrong type, or fields that do not fit together
+            raise ValueError(f"its config.json is not valid: {exc.__cause__ or exc}") from exc
         check_supported(config)
         tokenizer = AutoTokenizer.from_pretrained(source)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     card = SelfieEngine(model, tokenizer, name=name, cuda_graphs=False).model_card()
+    if card["max_context"] is None:  # the API checks every prompt and template against it
+        raise ValueError("its config.json gives no context length (max_position_embeddings, a positive integer)")
     presets = preset_facts(tokenizer, name)
     card.update(name=name, presets=presets, default_preset="summarize" if "summarize" in presets else None,
                 source=source)

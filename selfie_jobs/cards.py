@@ -123,6 +123,23 @@ def read_model_card(session: Session, name: str) -> dict[str, Any] | None:
             "hidden_size": row.hidden_size, "max_context": row.max_context, "tokenizer_json": row.tokenizer_json}
 
 
+#: Longest model name: the `served_models` column's, and what a job request's `model` may be.
+MODEL_NAME_MAX = 200
+
+
+def check_model_name(name: str) -> None:
+    """ValueError unless a job request can name `name`: 1..MODEL_NAME_MAX printable characters, no surrounding
+    blanks (an empty, blank, tab-holding or undecodable name would be listed but never requested)."""
+    if not name or not name.strip():
+        raise ValueError("a model name cannot be empty or blank")
+    if len(name) > MODEL_NAME_MAX:
+        raise ValueError(f"a model name has at most {MODEL_NAME_MAX} characters; this one has {len(name)}")
+    if name != name.strip():
+        raise ValueError(f"a model name cannot start or end with blanks: {name!r}")
+    if not name.isprintable():  # control characters, and the surrogates of bytes that are not UTF-8
+        raise ValueError(f"a model name is printable text; {name!r} is not")
+
+
 def add_to_catalogue(session: Session, name: str, card: dict[str, Any], *, path: str, dtype: str,
                      now: datetime | None = None) -> ServedModel:
     """Make the model at `path` (a folder the workers can read, or a hub id) servable as `name`.
@@ -131,6 +148,7 @@ def add_to_catalogue(session: Session, name: str, card: dict[str, Any], *, path:
     validates jobs for it before any worker has loaded it; a worker that loads it replaces the card with its own
     and keeps this entry. Adding a name again replaces its entry and card.
     """
+    check_model_name(name)
     now = now or utcnow()
     entry = {"path": path, "dtype": dtype, "added_at": now.isoformat()}
     return write_model_card(session, name, {**card, CATALOGUE_KEY: entry}, now=now)

@@ -142,6 +142,52 @@ def test_what_cannot_be_added_says_why_in_one_line(database, tmp_path, path, mes
         assert "HF_HUB_OFFLINE is set" in done.stderr and done.returncode == 1
 
 
+@pytest.mark.parametrize("name, message", [
+    ("", "a model name cannot be empty or blank"),
+    ("   ", "a model name cannot be empty or blank"),
+    (" tiny", "a model name cannot start or end with blanks: ' tiny'"),
+    ("a\tb", "a model name is printable text; 'a\\tb' is not"),
+    ("x" * 201, "a model name has at most 200 characters; this one has 201"),
+])
+def test_a_name_no_job_could_ask_for_is_refused_and_nothing_stored(folder, database, name, message):
+    # the API takes 1..200 characters for a job's model; a longer name failed PostgreSQL's column with a traceback
+    done = selfie(database, "models", "add", name, "--path", str(folder))
+    assert done.returncode == 2 and f"Invalid value for NAME: {message}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    with session_scope(database) as s:
+        assert cards.catalogued_models(s) == {}
+
+
+def test_a_name_that_is_not_utf8_is_refused(folder, database):
+    environ = {**os.environ, "SELFIE_DATABASE_URL": database, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "selfie_cli", "models", "add", b"x\xff", "--path", str(folder)],
+                          capture_output=True, env=environ, cwd=ROOT, timeout=300)
+    stderr = done.stderr.decode()
+    assert done.returncode == 2 and "a model name is printable text" in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_attention_heads": 7}, "its config.json is not valid: The hidden size (64) is not a multiple of the number "
+                                 "of attention heads (7)."),
+    ({"num_hidden_layers": "4"}, "its config.json is not valid: Field 'num_hidden_layers' expected int, got str"),
+    ({"max_position_embeddings": -5}, "its config.json gives no context length"),
+])
+def test_a_config_that_does_not_hold_together_is_refused_in_one_line(folder, database, tmp_path, change, message):
+    import json
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, **change}))
+    done = selfie(database, "models", "add", "odd", "--path", str(odd))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"Error: cannot read a model at {odd.resolve()}: {message}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    with session_scope(database) as s:
+        assert cards.read_model_card(s, "odd") is None
+
+
 def test_an_unsupported_family_is_refused_at_add(database, tmp_path):
     from transformers import OPTConfig, OPTForCausalLM
 
