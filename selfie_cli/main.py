@@ -177,6 +177,13 @@ def worker(model, gpu, gpus, model_path, device, dtype, concurrency, batch_size,
         raise click.UsageError("give --gpu N or --gpus N,M,..., not both")
     if gpus and len(gpus) > 1 and device:
         raise click.UsageError("--device names one device; a model spread over --gpus has several")
+    if gpus or gpu is not None:  # numbers beyond an inherited CUDA_VISIBLE_DEVICES are a usage error, not a crash
+        from workers.gpus import visible_devices
+
+        try:
+            visible_devices(gpus or (gpu,), os.environ.get("CUDA_VISIBLE_DEVICES"))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gpus" if gpus else "--gpu") from exc
     run_worker(model or get_settings().default_model, gpu, gpus=gpus, model_path=model_path, device=device, dtype=dtype,
                concurrency=concurrency, batch_size=batch_size, hostname=hostname, loglevel=loglevel,
                cuda_graphs=cuda_graphs, decode_attention=decode_attention, rms_norm=rms_norm, threads=threads)

@@ -30,7 +30,7 @@ def parse_gpus(text: str) -> tuple[int, ...]:
         raise ValueError(f"expected device numbers separated by commas, like 0,1,2,3; got {text!r}")
     gpus = []
     for p in parts:
-        if not p.isdigit():
+        if not (p.isascii() and p.isdigit()):  # str.isdigit takes other scripts' digits ("٣", "²") too
             raise ValueError(f"{p!r} is not a device number (0, 1, ...)")
         gpus.append(int(p))
     repeated = sorted({g for g in gpus if gpus.count(g) > 1})

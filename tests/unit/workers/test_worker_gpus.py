@@ -26,7 +26,11 @@ def test_gpus_parse_from_a_comma_list():
 @pytest.mark.parametrize("text, reason", [("", "separated by commas"), ("0,,1", "separated by commas"),
                                           ("0,1,", "separated by commas"), ("a", "'a' is not a device number"),
                                           ("-1", "'-1' is not a device number"), ("1.5", "not a device number"),
-                                          ("0,1,0", "device 0 is named twice")])
+                                          ("0,1,0", "device 0 is named twice"),
+                                          # other scripts' digits are digits to str.isdigit, not device numbers
+                                          ("\u0663", "'\u0663' is not a device number"),
+                                          ("0,\uff11", "'\uff11' is not a device number"),
+                                          ("\u00b2", "'\u00b2' is not a device number")])
 def test_bad_gpu_lists_say_why(text, reason):
     with pytest.raises(ValueError, match=reason):
         parse_gpus(text)
@@ -40,6 +44,17 @@ def test_visible_devices_index_what_the_process_already_sees():
     assert visible_devices((1,), "GPU-aaaa, GPU-bbbb") == "GPU-bbbb"
     with pytest.raises(ValueError, match="device 3 does not exist here: CUDA_VISIBLE_DEVICES=4,5,6 shows 3"):
         visible_devices((0, 3), "4,5,6")
+
+
+@pytest.mark.parametrize("args, inherited, message", [
+    (["--gpus", "0,1"], "4", "Invalid value for --gpus: device 1 does not exist here: CUDA_VISIBLE_DEVICES=4 shows 1"),
+    (["--gpu", "3"], "4,5", "Invalid value for --gpu: device 3 does not exist here: CUDA_VISIBLE_DEVICES=4,5 shows 2"),
+])
+def test_devices_beyond_the_inherited_visible_ones_are_a_usage_error(args, inherited, message, tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": inherited, "SELFIE_DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "selfie_cli", "worker", "--model", "m", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_pinning_sets_exactly_those_devices_for_the_process_and_its_children():
