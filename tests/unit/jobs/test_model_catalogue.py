@@ -182,7 +182,7 @@ def test_a_config_that_does_not_hold_together_is_refused_in_one_line(folder, dat
     (odd / "config.json").write_text(json.dumps({**config, **change}))
     done = selfie(database, "models", "add", "odd", "--path", str(odd))
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.startswith(f"Error: cannot read a model at {odd.resolve()}: {message}"), done.stderr
+    assert done.stderr.startswith(f"error: cannot read a model at {odd.resolve()}: {message}"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     with session_scope(database) as s:
         assert cards.read_model_card(s, "odd") is None
