@@ -15,7 +15,7 @@ UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
 class Links(BaseModel):
     self: str
-    interpretations: str
+    interpretations: str | None  # an interpret job's only; None for another kind (its rows are at `results`)
     results: str  # every kind's results (the interpretations of an interpret job, the rows of a vectors job)
     cancel: str
     page: str  # the results explorer: the layer x token grid, or the table of a vectors job

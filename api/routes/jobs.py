@@ -31,7 +31,7 @@ from api.schemas import (
     ResultList,
     Timings,
 )
-from selfie_jobs.errors import BadQuery, DomainError, NotFound
+from selfie_jobs.errors import BadQuery, Conflict, DomainError, NotFound
 from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_row
 from selfie_jobs.ids import INT_MAX
 from selfie_jobs.kinds import DEFAULT_KIND, all_kinds, get_kind
@@ -72,10 +72,12 @@ def base_url(request: Request, settings: Settings) -> str:
     return str(request.base_url).rstrip("/")
 
 
-def job_links(request: Request, settings: Settings, job_id: str) -> Links:
+def job_links(request: Request, settings: Settings, job_id: str, kind: str = DEFAULT_KIND) -> Links:
     base = base_url(request, settings)
     root = f"{base}/v1/jobs/{job_id}"
-    return Links(self=root, interpretations=root + "/interpretations", results=root + "/results",
+    # Only an interpret job has interpretations; another kind's rows are at /results (its kind's columns).
+    interpretations = root + "/interpretations" if kind == DEFAULT_KIND else None
+    return Links(self=root, interpretations=interpretations, results=root + "/results",
                  cancel=root + "/cancel", page=f"{base}/ui/jobs/{job_id}")
 
 
@@ -118,7 +120,7 @@ def submit(body: EngineJobFields, request: Request, response: Response, session,
     """Submit a request of any job kind and answer as the submit routes do (also for uploads)."""
     result = submit_job(session, body, settings, sender, owner_key_id=who.key_id)
     job = result.job
-    links = job_links(request, settings, job.id)
+    links = job_links(request, settings, job.id, job.kind)
     response.headers["Location"] = links.self
     if not result.created:
         response.status_code = status.HTTP_200_OK
@@ -179,7 +181,7 @@ def get_job(
     view = job_view(session, job_id, who, with_prompts=include_prompts, alive_seconds=settings.worker_alive_seconds)
     assert view is not None
     job = view.job
-    links = job_links(request, settings, job.id)
+    links = job_links(request, settings, job.id, job.kind)
     return JobStatus(
         id=job.id,
         kind=job.kind,
@@ -235,7 +237,8 @@ def _csv_rows(maker, job_id: str, flt: InterpretationFilter, sort: str, cursor: 
     "/{job_id}/interpretations",
     response_model=InterpretationList,
     responses={**_ERRORS, 200: {"content": {"text/csv": {}}, "description": "JSON page, or CSV (all matching rows "
-                                "unless `limit` is given) with `format=csv` or `Accept: text/csv`."}},
+                                "unless `limit` is given) with `format=csv` or `Accept: text/csv`."},
+               409: {"model": ErrorOut, "description": "A job of another kind (its rows are at /results)."}},
     summary="Interpretations of a job: filter, sort, paginate; JSON or CSV",
 )
 def get_interpretations(
@@ -258,6 +261,9 @@ def get_interpretations(
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ):
     job = _visible_or_404(session, job_id, who)
+    if job.kind != DEFAULT_KIND:  # an empty page would read as "no results yet" for ever
+        raise Conflict(f"job {job.id} is a {job.kind} job: it has no interpretations; its rows are at "
+                       f"GET /v1/jobs/{job.id}/results (Client.rows)", field="job_id")
     flt = InterpretationFilter(prompt=prompt, layer_min=layer_min, layer_max=layer_max, token=token,
                                source_token=source_token, min_relevancy=min_relevancy, q=q)
     as_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)

@@ -100,6 +100,26 @@ def test_json_vectors_are_stored_and_enqueued(env, server):
         assert s.get(Job, other["id"]).batch_key != interpret_key
 
 
+def test_a_vectors_job_points_at_its_results_not_at_interpretations(env, server):
+    """A vectors job has no interpretations: its links advertised /interpretations, which answered an empty page for
+    ever (and so did Client.results); now there is no such link and the route says where the rows are."""
+    _, _, model = env
+    with server.client() as http:
+        accepted = http.post("/v1/jobs/vectors", json={"model": model, "vectors": [vec()]}).json()
+        status = http.get(accepted["link"]).json()
+        refused = [http.get(f"/v1/jobs/{accepted['id']}/interpretations", params=params)
+                   for params in ({}, {"format": "csv"})]
+        interpret = http.post("/v1/jobs", json={"model": model, "prompts": ["a cat"]}).json()
+    assert accepted["links"]["interpretations"] is None and status["links"]["interpretations"] is None
+    assert accepted["links"]["results"].endswith(f"/v1/jobs/{accepted['id']}/results")
+    for resp in refused:
+        assert resp.status_code == 409, resp.text
+        assert resp.json() == {"detail": f"job {accepted['id']} is a vectors job: it has no interpretations; its rows "
+                                         f"are at GET /v1/jobs/{accepted['id']}/results (Client.rows)",
+                               "field": "job_id"}
+    assert interpret["links"]["interpretations"].endswith(f"/v1/jobs/{interpret['id']}/interpretations")
+
+
 def test_expressions_are_validated_against_the_card_and_stored(env, server):
     database_url, _, model = env
     expression = {"terms": [term(coef=1.0), term(prompt="the dog ran to the park", coef=-0.5)]}
