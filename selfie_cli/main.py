@@ -359,12 +359,19 @@ def table_options(func):
 @KEY_OPTION
 def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key, **filters) -> None:
     """A job's interpretations: a layer x token table per prompt, or CSV / JSON rows (a vectors job: one row per
-    vector, in its kind's columns; the filters apply to interpretations only)."""
+    vector, in its kind's columns; the filters apply to interpretations only and are refused for another kind)."""
     import io
 
     buffer = io.StringIO()
     with _client(url, api_key) as client:
-        if client.status(job_id, include_prompts=False).get("kind", "interpret") != "interpret":
+        kind = client.status(job_id, include_prompts=False).get("kind", "interpret")
+        if kind != "interpret":
+            flags = {p.name: p.opts[0] for p in click.get_current_context().command.params}
+            given = [flags[name] for name, value in filters.items()
+                     if value is not None and (name, value) != ("sort", "position")]
+            if given:  # they would be dropped silently: the rows would look filtered and be all of them
+                raise click.UsageError(f"{' '.join(given)} filter an interpret job's interpretations; job {job_id} "
+                                       f"is a {kind} job: its rows have no filters (leave them out)")
             buffer.write(_kind_rows(client, job_id, fmt, width, safe=not raw))
         elif fmt == "csv":
             # a CSV file from the command line is likely opened in a spreadsheet: safe unless --raw

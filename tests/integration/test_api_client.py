@@ -222,6 +222,14 @@ def test_cli_submit_vectors_from_files(stack, tmp_path):
     rows = list(csv.DictReader(io.StringIO(_cli("results", job_id, "--format", "csv", *url).stdout)))
     assert [(r["vector_index"], r["label"]) for r in rows] == [("0", "low"), ("1", "mid"), ("2", "high")]
     assert float(rows[2]["norm"]) == pytest.approx(float(np.linalg.norm(vectors[2])), rel=1e-5)
+    # the interpretation filters have nothing to filter in a vectors job: refused, not silently dropped
+    filtered = _cli("results", job_id, "--min-relevancy", "0.5", "--search", "x", *url)
+    assert filtered.returncode == 2 and filtered.stdout == "", filtered.stdout
+    assert (f"--min-relevancy --search filter an interpret job's interpretations; job {job_id} is a vectors job: "
+            "its rows have no filters") in " ".join(filtered.stderr.split()), filtered.stderr
+    with Client(stack.url) as client, pytest.raises(SelfieError) as info:
+        client.results(job_id)  # read /interpretations: an empty frame before, as if nothing were done yet
+    assert info.value.status == 409 and f"its rows are at GET /v1/jobs/{job_id}/results" in str(info.value)
 
     spec = {"expressions": [{"terms": [{"coef": 1, "prompt": "a cat sat", "layer": 1, "token": -1},
                                        {"coef": -1, "prompt": "the dog ran", "layer": 1, "token": -1}]}],
