@@ -41,6 +41,7 @@ def read_vectors(data: bytes, suffix: str, tensor: str | None = None) -> np.ndar
     if not data:
         raise VectorFileError("the file is empty")
     if suffix == ".npy":
+        _check_npy_size(data)
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as exc:  # an object array (needs pickle), a broken header, a truncated body
@@ -65,6 +66,32 @@ def read_vectors(data: bytes, suffix: str, tensor: str | None = None) -> np.ndar
         row = int(np.argwhere(~finite)[0][0])
         raise VectorFileError(f"vector {row} contains NaN or infinite values")
     return values
+
+
+def _check_npy_size(data: bytes) -> None:
+    """Refuse a .npy whose header's shape does not match the bytes after it. numpy.load allocates the array the
+    header describes before reading it: a few hundred bytes claiming (100000000, 576) made it allocate 215 GiB
+    (a MemoryError, answered 500), and a dimension past int64 raised OverflowError (500)."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:  # 3.0 only differs for structured dtypes with non-Latin-1 field names, which are no vectors
+            raise VectorFileError(f"a .npy file of format version {version[0]}.{version[1]}; save it with numpy.save")
+    except ValueError as exc:
+        raise VectorFileError(f"not a .npy file: {exc}") from None
+    if dtype.hasobject:
+        raise VectorFileError("not a readable .npy array without pickle: the array holds Python objects")
+    expected = dtype.itemsize
+    for dim in shape:
+        expected *= dim
+    held = len(data) - stream.tell()
+    if expected != held:
+        raise VectorFileError(f"not a readable .npy array: its header says shape {shape} of {dtype} "
+                              f"({expected} bytes) but {held} bytes follow it")
 
 
 def _safetensors_array(data: bytes, tensor: str | None) -> np.ndarray:

@@ -30,6 +30,9 @@ MAX_VECTORS_HARD = 100_000
 MAX_HIDDEN_SIZE = 65_536
 MAX_TERMS_HARD = 256
 MAX_LABEL_CHARS = 200
+# The engine computes a vector in float32 (selfie_core.validation.vector_tensor) and refuses one that is not finite
+# there: a finite JSON number past this overflows to infinity, so the API refuses it as the engine would.
+FLOAT32_MAX = 3.4028234663852886e38
 
 # Strict, as every number of a request body (specs.Float/Int): a JSON true or "1" is not a number; ints are floats.
 Number = Float
@@ -143,7 +146,11 @@ class VectorsKind(JobKind):
                 if len(vector) != hidden:
                     raise SubmissionError(
                         f"vector {i} has {len(vector)} values; {model!r} has hidden size {hidden}", field="vectors")
-                inputs.append({"label": labels[i], "vector": [float(v) for v in vector], "expression": None})
+                values = [float(v) for v in vector]
+                if any(abs(v) > FLOAT32_MAX for v in values):
+                    raise SubmissionError(f"vector {i} has a value past the float32 range (+-3.4e38) that the "
+                                          "engine computes in", field="vectors")
+                inputs.append({"label": labels[i], "vector": values, "expression": None})
         else:
             inputs = self._expressions(request, card, labels, settings)
         spec = engine_spec(request, template)

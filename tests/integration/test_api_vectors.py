@@ -186,6 +186,8 @@ BAD_JSON = [
     ("term layer as a string", lambda m: {"model": m, "expressions": [{"terms": [term(layer="2")]}]}),
     ("term token as a boolean", lambda m: {"model": m, "expressions": [{"terms": [term(token=True)]}]}),
     ("term coef as a string", lambda m: {"model": m, "expressions": [{"terms": [term(coef="2")]}]}),
+    # finite in JSON but infinite in the float32 the engine computes in: accepted, then failed by every worker
+    ("a value past float32", lambda m: {"model": m, "vectors": [[1e39] + [0.5] * (HIDDEN - 1)]}),
     ("expression as free text", lambda m: {"model": m, "expressions": ['state("a", 2, -1) - state("b", 2, -1)']}),
 ]
 
@@ -230,6 +232,14 @@ BAD_FILES = [
     ("npy NaN", "v.npy", lambda: npy(np.array([[np.nan] * HIDDEN], dtype=np.float32)), 422, "NaN"),
     ("npy truncated", "v.npy", lambda: npy(np.ones((2, HIDDEN), dtype=np.float32))[:-7], 422, ".npy"),
     ("not npy at all", "v.npy", lambda: b"hello, world", 422, ".npy"),
+    # numpy.load allocates what the header says before reading: MemoryError (500) or OverflowError (500) before
+    ("npy header claims 1e8 rows", "v.npy",
+     lambda: npy(np.ones((1, HIDDEN), np.float32)).replace(b"(1, %d)" % HIDDEN, b"(100000000, %d)" % HIDDEN), 422,
+     "header says"),
+    ("npy header past int64", "v.npy",
+     lambda: npy(np.ones((1, HIDDEN), np.float32)).replace(b"(1, %d)" % HIDDEN, b"(%d, %d)" % (2**70, HIDDEN)), 422,
+     "header says"),
+    ("npy float64 past float32", "v.npy", lambda: npy(np.full((1, HIDDEN), 1e300)), 422, "float32"),
     ("empty file", "v.npy", lambda: b"", 422, "empty"),
     ("too large", "v.npy", lambda: npy(np.ones((40, HIDDEN), dtype=np.float64)), 413, "larger than"),
     ("too many vectors", "v.npy", lambda: npy(np.ones((21, HIDDEN), dtype=np.float16)), 413, "at most 20"),
