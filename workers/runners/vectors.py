@@ -30,6 +30,12 @@ class VectorResult:
     mean_relevancy: float = 0.0
 
 
+def vector_norm(vector: Any) -> float:
+    """The vector's L2 norm, summed in float64: in float32 the squares of values past ~1.8e19 overflow and a finite
+    vector of norm 2.4e21 was stored with norm infinity (read back as null)."""
+    return float(vector.double().norm())
+
+
 class VectorRunner(EngineRunner):
     def vectors(self, items: Sequence[WorkItem]) -> list[Any]:
         """Each item's vector as a float32 tensor: submitted values as they are, expressions summed from states."""
@@ -62,7 +68,7 @@ class VectorRunner(EngineRunner):
     def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
         template, injection, generation = self.configs(spec)
         requests = self.requests(items)
-        norms = {r.key: float(r.vector.norm()) for r in requests}
+        norms = {r.key: vector_norm(r.vector) for r in requests}
         labels = {i.key: i.prompt for i in items}
         for batch in self.engine.stream(requests, template=template, injection=injection, generation=generation,
                                         batch_size=self.batch_size):
