@@ -35,6 +35,8 @@ from typing import Any
 # so the API process loads it too: it validates patterns with the module the workers search with).
 import regex
 
+from selfie_jobs.pattern_size import repeat_copies
+
 
 @dataclass(frozen=True)
 class Hit:
@@ -57,6 +59,9 @@ _REGISTRY: dict[str, Factory] = {}
 MAX_TERMS = 5_000
 MAX_TERM_CHARS = 500
 MATCH_SECONDS = 0.5
+#: Copies a detector's patterns' counted repeats may expand to in all (about 260 bytes each when compiled):
+#: `regex.compile` builds them all, and `a{999999999}` took the API's memory until the kernel killed it.
+MAX_REPEAT_COPIES = 20_000
 
 
 class DetectorConfigError(ValueError):
@@ -166,7 +171,12 @@ def _keywords(config: Mapping[str, Any]) -> DetectorFn:
 def _regex(config: Mapping[str, Any]) -> DetectorFn:
     name = str(config.get("name") or "regex")
     compiled = []
+    copies = 0
     for source in _terms(config, "patterns"):
+        copies += repeat_copies(source)
+        if copies > MAX_REPEAT_COPIES:
+            raise DetectorConfigError(f"detector {name!r}: the counted repeats of its patterns (up to {source!r}) "
+                                      f"expand to more than {MAX_REPEAT_COPIES} copies; use smaller counts or + / *")
         try:
             compiled.append((source, regex.compile(source, regex.IGNORECASE)))
         except regex.error as exc:

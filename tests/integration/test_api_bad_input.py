@@ -246,6 +246,21 @@ def test_huge_and_non_ascii_ids_in_every_parameter(bad_input_server):
     assert _stored_counts(server.database_url) == before
 
 
+def test_a_regex_detector_whose_repeats_expand_to_gigabytes_is_refused(bad_input_server):
+    """A 12-byte pattern, a{999999999}: regex.compile in the API grew it to 18 GB until the kernel killed it."""
+    server = bad_input_server
+    before = _stored_counts(server.database_url)
+    with server.client() as http:
+        for patterns in (["a{999999999}"], ["((a{1000}){1000}){1000}"]):
+            body = dict(BASE_BODIES[("post", "/v1/audits")], name="r",
+                        detectors=[{"kind": "regex", "patterns": patterns}])
+            res = http.post("/v1/audits", json=body)
+            assert res.status_code == 422 and "expand to more than" in res.text, res.text
+            res = http.patch(f"/v1/audits/{server.audit_id}", json={"detectors": body["detectors"]})
+            assert res.status_code == 422 and "expand to more than" in res.text, res.text
+    assert _stored_counts(server.database_url) == before
+
+
 def test_audit_schedules_that_never_fire_are_refused(bad_input_server):
     with bad_input_server.client() as http:
         for cron in ("0 0 30 2 *", "0 0 31 4 *", "0 0 31 2,4,6 *"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import time
+
 import pytest
 
 from selfie_jobs import audit_detectors as D
@@ -37,6 +39,24 @@ def test_regex_detector_and_invalid_pattern():
     assert [h.label for h in hits] == [r"ignore (all|previous)", r"\bsystem prompt\b"]
     with pytest.raises(D.DetectorConfigError, match="invalid regular expression"):
         D.build({"kind": "regex", "patterns": ["(unclosed"]})
+
+
+@pytest.mark.parametrize("patterns", [["a{999999999}"], ["((a{1000}){1000}){1000}"], ["(?:ab){50000}"],
+                                      ["x{15000}", "y{15000}"], ["a{" + "9" * 400 + "}"]])
+def test_patterns_whose_repeats_expand_past_the_budget_are_refused_before_compiling(patterns):
+    """regex.compile expands counted repeats: a{999999999} grew the API to 18 GB until the kernel killed it, and
+    ((a{1000}){1000}){1000} raised MemoryError under a 2 GB limit; refused with the reason, in well under a second."""
+    t0 = time.monotonic()
+    with pytest.raises(D.DetectorConfigError, match="expand to more than"):
+        D.build({"kind": "regex", "patterns": patterns})
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_ordinary_counted_repeats_still_compile():
+    det = D.build({"kind": "regex", "patterns": [r"\d{4}-\d{2}-\d{2}", r"(ab){3}", r"a{0,100000}", r"x{e<=1}",
+                                                  r"[{}]{2}", r"(?:\w+\s){2,5}"]})
+    labels = {h.label for h in det("on 2024-05-01 ababab")}
+    assert {r"\d{4}-\d{2}-\d{2}", r"(ab){3}", r"a{0,100000}"} <= labels
 
 
 def test_a_pattern_that_backtracks_without_end_times_out_with_a_clear_error():
