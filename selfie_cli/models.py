@@ -83,12 +83,18 @@ def models_list() -> None:
 
 @models.command("remove")
 @click.argument("name")
-def models_remove(name: str) -> None:
+@click.option("--fail-jobs", is_flag=True, help="Fail the jobs still queued or running for NAME (otherwise their "
+              "existence refuses the removal).")
+def models_remove(name: str, fail_jobs: bool) -> None:
     """Take NAME out of the catalogue (its card goes with it; running workers are not stopped)."""
-    from selfie_jobs.cards import remove_from_catalogue
+    from selfie_jobs.cards import CatalogueInUse, remove_from_catalogue, unfinished_jobs
 
-    with cli_session() as session:
-        removed = remove_from_catalogue(session, name)
+    try:
+        with cli_session() as session:
+            failed = len(unfinished_jobs(session, name)) if fail_jobs else 0
+            removed = remove_from_catalogue(session, name, fail_unfinished=fail_jobs)
+    except CatalogueInUse as exc:
+        raise UserError(f"{exc}: wait for them, cancel them, or pass --fail-jobs to fail them") from exc
     if not removed:
         raise UserError(f"{name!r} is not in the model catalogue")
-    click.echo(f"removed {name}")
+    click.echo(f"removed {name}" + (f" and failed its {failed} unfinished job(s)" if failed else ""))

@@ -18,10 +18,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, defer
 from tokenizers import Tokenizer
 
-from selfie_jobs.chunks import as_utc
+from selfie_jobs.chunks import as_utc, fail_job
 from selfie_jobs.errors import SubmissionError
 from selfie_jobs.liveness import GONE_WORKER_STATES, live_workers, pid_alive
-from selfie_jobs.models import ServedModel, Worker, utcnow
+from selfie_jobs.models import Job, ServedModel, Worker, utcnow
+from selfie_jobs.states import FINAL_JOB_STATES
 
 _CARD_COLUMNS = ("architecture", "num_layers", "hidden_size", "max_context")
 #: Key of the card that holds a catalogued model's entry: {"path", "dtype", "added_at"}.
@@ -160,14 +161,36 @@ def catalogue_entry(session: Session, name: str) -> dict[str, Any] | None:
     return (row.card or {}).get(CATALOGUE_KEY) if row is not None else None
 
 
-def remove_from_catalogue(session: Session, name: str) -> bool:
-    """Drop the catalogue entry and the card of `name` (False when it was not catalogued)."""
+REMOVED_MODEL_ERROR = "the model was removed from the catalogue (selfie models remove) before the job finished"
+
+
+def unfinished_jobs(session: Session, model: str) -> list[str]:
+    """Ids of the jobs for `model` that are still queued or running."""
+    return list(session.scalars(select(Job.id).where(Job.model == model, Job.state.not_in(FINAL_JOB_STATES))))
+
+
+def remove_from_catalogue(session: Session, name: str, *, fail_unfinished: bool = False) -> bool:
+    """Drop the catalogue entry and the card of `name` (False when it was not catalogued).
+
+    Jobs still waiting for the model would wait for ever once no worker can load it: they are refused
+    (CatalogueInUse) unless `fail_unfinished`, which fails each with `REMOVED_MODEL_ERROR`."""
     row = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)])
     if row is None or CATALOGUE_KEY not in (row.card or {}):
         return False
+    waiting = unfinished_jobs(session, name)
+    if waiting and not fail_unfinished:
+        raise CatalogueInUse(name, len(waiting))
+    for job_id in waiting:
+        fail_job(session, job_id, REMOVED_MODEL_ERROR)
     session.delete(row)
     session.flush()
     return True
+
+
+class CatalogueInUse(Exception):
+    def __init__(self, name: str, jobs: int) -> None:
+        super().__init__(f"{jobs} unfinished job(s) still wait for {name!r}; removing it would strand them")
+        self.jobs = jobs
 
 
 def catalogued_models(session: Session) -> dict[str, dict[str, Any]]:

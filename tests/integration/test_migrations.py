@@ -142,3 +142,14 @@ def _counts(engine) -> dict[str, int]:
     with engine.connect() as conn:
         return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one()
                 for t in ("jobs", "prompts", "chunks", "interpretations")}
+
+
+def test_a_fresh_sqlite_database_migrates_without_warnings(tmp_path):
+    """`selfie up` on a new data folder runs every migration: none of them may print a warning to a new user."""
+    import warnings
+
+    from selfie_jobs.migrate import upgrade
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        upgrade(f"sqlite:///{tmp_path / 'fresh.db'}")

@@ -212,3 +212,32 @@ def test_a_hub_id_offline_fails_clearly_in_the_engine(tmp_path, monkeypatch):
     assert out.startswith("ModelUnavailableError model 'org/some-model' is a Hugging Face hub id")
     assert "HF_HUB_OFFLINE is set, so the hub is not asked" in out and "selfie models add NAME --path DIR" in out
     assert "(hf download org/some-model" in out  # the command the installed huggingface_hub has (no huggingface-cli)
+
+
+def test_removing_a_model_that_jobs_wait_for_is_refused_unless_they_are_failed(folder, database):
+    """A removed model has no card and no folder a worker could load: jobs still waiting for it would wait for ever."""
+    from selfie_core.cardinfo import folder_card
+    from selfie_jobs.models import Chunk, Job
+    from tests.unit.jobs.factories import make_job
+
+    with session_scope(database) as s:
+        cards.add_to_catalogue(s, "tiny", folder_card(str(folder), "tiny", "float32"), path=str(folder),
+                               dtype="float32")
+        waiting = make_job(s, model="tiny").id
+        done = make_job(s, model="tiny")
+        done.state = "succeeded"
+    refused = selfie(database, "models", "remove", "tiny")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == ("error: 1 unfinished job(s) still wait for 'tiny'; removing it would strand "
+                                      "them: wait for them, cancel them, or pass --fail-jobs to fail them")
+    with session_scope(database) as s:
+        assert cards.catalogue_entry(s, "tiny") is not None and s.get(Job, waiting).state == "queued"
+    removed = selfie(database, "models", "remove", "tiny", "--fail-jobs")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout.strip() == "removed tiny and failed its 1 unfinished job(s)"
+    with session_scope(database) as s:
+        job = s.get(Job, waiting)
+        assert cards.catalogue_entry(s, "tiny") is None
+        assert job.state == "failed" and job.error == cards.REMOVED_MODEL_ERROR
+        assert {c.state for c in s.query(Chunk).filter_by(job_id=waiting)} == {"failed"}
+        assert s.get(Job, done.id).state == "succeeded"
