@@ -31,6 +31,8 @@ def parse_selector(text: str) -> str | list[int] | dict[str, int | None]:
         if len(parts) > 3:
             raise ValueError(f"bad range {text!r}: use start:stop:step, e.g. \"0:31:5\" or \"-3:\"")
         start, stop, step = (_index(p, text) if p else None for p in (parts + ["", ""])[:3])
+        if step is not None and step < 1:
+            raise ValueError(f"bad range {text!r}: the step must be 1 or more (ranges run upward), e.g. \"0:31:5\"")
         return {"start": 0 if start is None else start, "stop": stop, "step": 1 if step is None else step}
     indices = [_index(v, text) for v in text.replace(" ", "").split(",") if v]
     if not indices:

@@ -100,7 +100,7 @@ def test_text_selections_mean_what_the_client_and_cli_send(text, expected):
     assert chosen == picked
 
 
-@pytest.mark.parametrize("text", ["last3", "abc", "1:2:3:4", ",", "0:x"])
+@pytest.mark.parametrize("text", ["last3", "abc", "1:2:3:4", ",", "0:x", "0:30:0", "0:30:-1"])
 def test_bad_text_selections_are_refused_with_the_forms(text):
     with pytest.raises(ValidationError, match="0:31:5"):
         JobCreate(prompts=["a"], targets={"layers": text})
