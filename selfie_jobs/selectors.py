@@ -11,15 +11,19 @@
 
 from __future__ import annotations
 
+import re
+
+# ASCII digits only, as every number this API reads from text: int() also takes "１", "٣" and "1_0"
+_INDEX = re.compile(r"[+-]?[0-9]+")
+
 FORMS = 'use "all", a list "0,4,-1" or a range "start:stop:step" such as "0:31:5" or "-3:"'
 
 
 def _index(text: str, whole: str) -> int:
-    try:
+    if _INDEX.fullmatch(text) and len(text) <= 20:  # 20 characters hold every index a model can have
         return int(text)
-    except ValueError:
-        where = "" if text == whole else f" in {whole!r}"
-        raise ValueError(f"bad index {text!r}{where}: {FORMS}") from None
+    where = "" if text == whole else f" in {whole!r}"
+    raise ValueError(f"bad index {text!r}{where}: {FORMS}")
 
 
 def parse_selector(text: str) -> str | list[int] | dict[str, int | None]:

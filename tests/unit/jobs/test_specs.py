@@ -100,7 +100,9 @@ def test_text_selections_mean_what_the_client_and_cli_send(text, expected):
     assert chosen == picked
 
 
-@pytest.mark.parametrize("text", ["last3", "abc", "1:2:3:4", ",", "0:x", "0:30:0", "0:30:-1"])
+# non-ASCII digits, as everywhere in this API (int() read "１:３" as 1:3 and "٣" as 3), and int()'s other spellings
+@pytest.mark.parametrize("text", ["last3", "abc", "1:2:3:4", ",", "0:x", "0:30:0", "0:30:-1", "１:３", "٣", "0,²", "1_0",
+                                  "0:1_0"])
 def test_bad_text_selections_are_refused_with_the_forms(text):
     with pytest.raises(ValidationError, match="0:31:5"):
         JobCreate(prompts=["a"], targets={"layers": text})
