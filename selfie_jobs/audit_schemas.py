@@ -6,6 +6,7 @@ with: the API accepts exactly the configs a worker can build.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -75,7 +76,10 @@ def _check_detectors(value: list[DetectorSpec]) -> list[DetectorSpec]:
 
 
 def validate_cron(expr: str) -> str:
-    if not croniter.is_valid(expr):
+    fields = expr.split()
+    # croniter also reads a sixth field (seconds) and a seventh (year): a schedule here is the five fields cron
+    # has, and no number in them needs more than two digits (a step of 20 digits parses and means nothing)
+    if len(fields) != 5 or any(len(number) > 2 for number in re.findall(r"\d+", expr)) or not croniter.is_valid(expr):
         raise ValueError(f"invalid cron expression {expr!r} (five fields: minute hour day month weekday)")
     try:  # an expression can parse and never fire (30 February): the scheduler could not compute its next run
         croniter(expr, datetime.now(timezone.utc)).get_next(datetime)

@@ -263,6 +263,9 @@ def test_a_regex_detector_whose_repeats_expand_to_gigabytes_is_refused(bad_input
 
 def test_audit_schedules_that_never_fire_are_refused(bad_input_server):
     with bad_input_server.client() as http:
+        for cron in ("* * * * * *", "0 0 1 1 * 2030", "*/99999999999999999999 * * * *", "0 0 001 * *"):
+            res = http.post("/v1/audits", json=dict(BASE_BODIES[("post", "/v1/audits")], name="c", schedule=cron))
+            assert res.status_code == 422 and "five fields" in res.text, res.text
         for cron in ("0 0 30 2 *", "0 0 31 4 *", "0 0 31 2,4,6 *"):
             res = http.post("/v1/audits", json=dict(BASE_BODIES[("post", "/v1/audits")], name="c", schedule=cron))
             assert res.status_code == 422 and "never fires" in res.text, res.text
