@@ -1,4 +1,5 @@
-"""`selfie interpret`: the engine in this process (no API, queue or database), with the service's index rules."""
+"""`selfie interpret`: the engine in this process (no API or queue), with the service's index rules. The database
+is only read for the model catalogue: a model added with `selfie models add` loads from its folder and dtype."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def interpret_locally(
     model: str | None = None,
     model_path: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
     batch_size: int | None = None,
     layers: str = "all",
     tokens: str = "all",
@@ -30,6 +31,7 @@ def interpret_locally(
     progress: bool = True,
 ) -> Any:
     """Interpret `prompt` and return a DataFrame in the shape of the service's results (`selfie_core.to_dataframe`)."""
+    from selfie_cli.database import catalogued_source
     from selfie_cli.render import progress_bar
     from selfie_client.client import selector
     from selfie_jobs.settings import get_settings
@@ -50,8 +52,9 @@ def interpret_locally(
     set_threads(threads)  # before the model loads
     settings = get_settings()
     name = model or settings.default_model
-    loaded = load_model(model_path or name, device=device, dtype=dtype,
-                        cache_dir=None if model_path else str(settings.resolved_model_cache_dir() / name))
+    source, dtype = catalogued_source(name, model_path=model_path, dtype=dtype)
+    loaded = load_model(source or name, device=device, dtype=dtype,
+                        cache_dir=None if source else str(settings.resolved_model_cache_dir() / name))
     engine = SelfieEngine(loaded, name=name)
     n_tokens = len(engine.tokenizer(prompt).input_ids)
     n_layers = engine.num_layers + 1

@@ -45,10 +45,19 @@ def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> s
     return value
 
 
-def target_options(func):
+SERVED_MODEL_HELP = "Served model name (default: the service's default model)."
+LOCAL_MODEL_HELP = ("A model added with `selfie models add` (loaded from its folder, in its dtype), the built-in "
+                    "model's name or a hub id (default: the settings' default model).")
+
+
+def target_options(model_help: str):
     """Options shared by `submit` and `interpret`: what to interpret and how."""
+    return lambda func: _with_target_options(func, model_help)
+
+
+def _with_target_options(func, model_help: str):
     options = [
-        click.option("--model", default=None, help="Served model name (default: the service's default model)."),
+        click.option("--model", default=None, help=model_help),
         click.option("--layers", default="all", show_default=True, callback=_check_selector,
                      help='"all", a list "0,4,8" or a range "0:31:5" (hidden_states indices).'),
         click.option("--tokens", default="all", show_default=True, callback=_check_selector,
@@ -255,7 +264,7 @@ def _safe_url(url: str) -> str:
 
 @cli.command()
 @click.argument("prompts", nargs=-1)
-@target_options
+@target_options(SERVED_MODEL_HELP)
 @click.option("--vectors", "vectors_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Interpret your own vectors instead of PROMPTS: a .npy or .safetensors file of shape "
                    "(n, hidden_size), or a .json file {\"vectors\": [[...]], \"labels\": [...]} or "
@@ -431,17 +440,18 @@ def _tables(status: dict[str, Any], rows: list[dict[str, Any]], *, file: Any = N
 
 @cli.command()
 @click.argument("prompt")
-@target_options
+@target_options(LOCAL_MODEL_HELP)
 @click.option("--model-path", default=None, callback=_check_model_path,
               help="Load the weights from here instead of the model name.")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Default: the dtype the model was added with (selfie models add), else float32.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @THREADS_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 @table_options
 def interpret(prompt, fmt, width, show_relevancy, shade, **options) -> None:
-    """Interpret PROMPT in this process with the engine (no API, no queue, no database)."""
+    """Interpret PROMPT in this process with the engine (no API, no queue; the database only for the catalogue)."""
     from selfie_cli.local import interpret_locally
 
     df = interpret_locally(prompt, pairs=_parse_pairs(options.pop("pairs")), **options)

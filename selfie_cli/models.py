@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from selfie_cli.database import cli_session, migrated_database_url
+from selfie_cli.database import cli_session
 from selfie_cli.errors import UserError
 
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -43,7 +43,9 @@ def models() -> None:
 @click.option("--path", "path", required=True, help="A Hugging Face model folder (or a hub id).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
               help="The dtype workers load the weights in.")
-def models_add(name: str, path: str, dtype: str) -> None:
+@click.option("--replace", is_flag=True,
+              help="Replace NAME's existing entry (live workers keep serving the old one until they restart).")
+def models_add(name: str, path: str, dtype: str, replace: bool) -> None:
     """Make the model at --path servable as NAME (selfie worker --model NAME)."""
     from selfie_core import UnsupportedArchitectureError
     from selfie_core.cardinfo import folder_card
@@ -57,7 +59,7 @@ def models_add(name: str, path: str, dtype: str) -> None:
     if name in BUILTIN:
         raise click.BadParameter(f"{name!r} is the built-in model's name; choose another", param_hint="NAME")
     source = resolve_source(path)
-    migrated_database_url()  # before the folder is read, which takes a while
+    serving = _check_replace(name, replace)  # before the folder is read, which takes a while
     try:
         card = folder_card(source, name, dtype)
     except (UnsupportedArchitectureError, ModelUnavailableError) as exc:
@@ -68,6 +70,32 @@ def models_add(name: str, path: str, dtype: str) -> None:
         add_to_catalogue(session, name, card, path=source, dtype=dtype)
     click.echo(f"{name}: {card['architecture']} ({card['family']}), {card['num_layers']} layers, hidden size "
                f"{card['hidden_size']}, context {card['max_context']}, {dtype}, from {source}")
+    if serving:
+        click.echo(f"note: {name} is served now by {', '.join(serving)}, which keep serving the entry they loaded; "
+                   "the replacement takes effect when its workers restart", err=True)
+
+
+def _check_replace(name: str, replace: bool) -> list[str]:
+    """The live workers serving NAME; an existing entry, or a name a live worker serves, needs --replace.
+
+    A worker keeps the weights and dtype it loaded, so a silently replaced card (another dtype, another folder)
+    would describe what none of its workers runs until they restart.
+    """
+    from selfie_jobs.cards import catalogue_entry
+    from selfie_jobs.liveness import live_workers
+    from selfie_jobs.settings import get_settings
+
+    with cli_session() as session:
+        entry = catalogue_entry(session, name)
+        serving = [w.name for w in live_workers(session, get_settings().worker_alive_seconds, model=name)]
+    if replace or (entry is None and not serving):
+        return serving
+    what = (f"{name!r} is already in the model catalogue ({entry.get('dtype')}, from {entry.get('path')})"
+            if entry is not None else f"{name!r} is a model that a live worker serves")
+    if serving:
+        what += f"; served now by {', '.join(serving)}"
+    raise UserError(what, "pass --replace to replace it (live workers keep the old one until they restart), or "
+                          "choose another NAME")
 
 
 @models.command("list")

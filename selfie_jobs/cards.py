@@ -147,7 +147,7 @@ def add_to_catalogue(session: Session, name: str, card: dict[str, Any], *, path:
 
     `card` is computed from the model's config and tokenizer (`selfie_core.cardinfo.folder_card`), so the API
     validates jobs for it before any worker has loaded it; a worker that loads it replaces the card with its own
-    and keeps this entry. Adding a name again replaces its entry and card.
+    and keeps this entry. Adding a name again replaces its entry and card (`selfie models add` asks for --replace).
     """
     check_model_name(name)
     now = now or utcnow()
@@ -159,6 +159,18 @@ def catalogue_entry(session: Session, name: str) -> dict[str, Any] | None:
     """{"path", "dtype", "added_at"} of a catalogued model, or None."""
     row = session.get(ServedModel, name, options=[defer(ServedModel.tokenizer_json)])
     return (row.card or {}).get(CATALOGUE_KEY) if row is not None else None
+
+
+def load_source(session: Session, name: str, *, model_path: str | None = None,
+                dtype: str | None = None) -> tuple[str | None, str]:
+    """What `name` loads from and in which dtype: (folder or hub id, or None for `name` itself; dtype).
+
+    An explicit `model_path` wins and skips the catalogue; else a model added with `selfie models add` loads from
+    the folder (or hub id) recorded there. An explicit `dtype` wins, else the recorded one, else float32. The one
+    rule for `selfie worker --model NAME` (workers.runtime) and `selfie interpret --model NAME` (selfie_cli.local).
+    """
+    entry = None if model_path else catalogue_entry(session, name)
+    return model_path or (entry or {}).get("path"), dtype or (entry or {}).get("dtype") or "float32"
 
 
 REMOVED_MODEL_ERROR = "the model was removed from the catalogue (selfie models remove) before the job finished"

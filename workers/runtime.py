@@ -132,9 +132,8 @@ class Runtime:
             # balanced over the GPUs, each leaving a quarter of its free memory for batches (workers.gpus)
             spread = {"device_map": "auto", "max_memory": weights_max_memory(free)}
         # a model added with `selfie models add` loads from the folder (or hub id) and dtype recorded there
-        entry = None if opts.model_path else self._db(lambda s: cards.catalogue_entry(s, opts.model))
-        self.source = opts.model_path or (entry or {}).get("path")
-        self.dtype = opts.dtype or (entry or {}).get("dtype") or "float32"
+        self.source, self.dtype = self._db(
+            lambda s: cards.load_source(s, opts.model, model_path=opts.model_path, dtype=opts.dtype))
         loaded = load_model(self.source or opts.model, device=opts.device, dtype=self.dtype,
                             cache_dir=str(self.settings.resolved_model_cache_dir() / opts.model)
                             if not self.source else None, **spread)

@@ -241,3 +241,58 @@ def test_removing_a_model_that_jobs_wait_for_is_refused_unless_they_are_failed(f
         assert job.state == "failed" and job.error == cards.REMOVED_MODEL_ERROR
         assert {c.state for c in s.query(Chunk).filter_by(job_id=waiting)} == {"failed"}
         assert s.get(Job, done.id).state == "succeeded"
+
+
+def test_interpret_loads_a_catalogued_model_from_its_folder(folder, database, tmp_path):
+    # `selfie interpret --model tiny` took `tiny` for a hub id: offline it failed telling the user to run the
+    # `selfie models add` they had run; online it retried the network for ~24 s
+    assert selfie(database, "models", "add", "tiny", "--path", str(folder), "--dtype", "float32").returncode == 0
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = selfie(database, "interpret", "The Eiffel Tower", "--model", "tiny", "--layers", "1", "--tokens", "0",
+                  "--max-new-tokens", "2", "--format", "csv", **offline)
+    assert done.returncode == 0, done.stderr
+    import io
+
+    import pandas as pd
+
+    table = pd.read_csv(io.StringIO(done.stdout))
+    assert list(zip(table["layer"], table["token"])) == [(1, 0)] and table["prompt"][0] == "The Eiffel Tower"
+    help_text = selfie(database, "interpret", "--help").stdout
+    assert "Served model name" not in help_text and "selfie models add" in help_text
+    # without a database (a fresh data folder) a name is a hub id as before, and no database file is made
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    hub = selfie(f"sqlite:///{fresh / 'selfie.db'}", "interpret", "x", "--model", "org/some-model", **offline)
+    assert hub.returncode == 1 and "'org/some-model' is a Hugging Face hub id" in hub.stderr, hub.stderr
+    assert not (fresh / "selfie.db").exists()
+
+
+def test_load_source_is_the_catalogue_entry_unless_told_otherwise(folder, database):
+    with session_scope(database) as s:
+        card = {"architecture": "LlamaForCausalLM", "num_layers": 4, "hidden_size": 64, "max_context": 256,
+                "tokenizer_json": "{}"}
+        cards.add_to_catalogue(s, "tiny", card, path=str(folder), dtype="bfloat16")
+        assert cards.load_source(s, "tiny") == (str(folder), "bfloat16")
+        assert cards.load_source(s, "tiny", dtype="float16") == (str(folder), "float16")
+        assert cards.load_source(s, "tiny", model_path="/elsewhere") == ("/elsewhere", "float32")
+        assert cards.load_source(s, "org/name") == (None, "float32")
+
+
+def test_re_adding_a_model_needs_replace_and_names_its_live_workers(folder, database):
+    assert selfie(database, "models", "add", "tiny", "--path", str(folder), "--dtype", "float32").returncode == 0
+    with session_scope(database) as s:  # a live worker (this process) serves it
+        cards.heartbeat(s, cards.worker_identity("w@h", "tiny", "cpu"), state="ready")
+    again = selfie(database, "models", "add", "tiny", "--path", str(folder), "--dtype", "bfloat16")
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+    first, hint = again.stderr.strip().splitlines()
+    assert first.startswith(f"error: 'tiny' is already in the model catalogue (float32, from {folder.resolve()}); "
+                            "served now by w@h:")
+    assert hint.startswith("pass --replace to replace it")
+    with session_scope(database) as s:
+        assert cards.catalogue_entry(s, "tiny")["dtype"] == "float32"  # the card of what the worker runs stays
+    replaced = selfie(database, "models", "add", "tiny", "--path", str(folder), "--dtype", "bfloat16", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "note: tiny is served now by w@h:" in replaced.stderr
+    assert "the replacement takes effect when its workers restart" in replaced.stderr
+    with session_scope(database) as s:
+        assert cards.catalogue_entry(s, "tiny")["dtype"] == "bfloat16"
