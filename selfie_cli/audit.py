@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from selfie_cli.errors import UserError, hint_for_status, http_detail
+
 URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="The API's base URL (env SELFIE_URL).")
 KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None, help="Bearer API key (env SELFIE_API_KEY).")
@@ -27,13 +29,21 @@ def _call(client, method: str, path: str, **kw: Any) -> Any:
     return client._request(method, path, **kw).json()
 
 
+def _detail(res: Any) -> str:
+    """An error response's detail (FastAPI's JSON), or its text when it is not JSON."""
+    try:
+        return http_detail(res.json()["detail"])
+    except (ValueError, KeyError, TypeError):
+        return res.text
+
+
 def _audit_id(client, audit: str) -> int:
     if audit.isdigit():
         return int(audit)
     for a in _call(client, "GET", "/v1/audits")["audits"]:
         if a["name"] == audit:
             return a["id"]
-    raise click.ClickException(f"no audit named {audit!r}")
+    raise UserError(f"no audit named {audit!r}", "`selfie audit list` shows the audits (names and ids)")
 
 
 def _tokens(value: str) -> Any:
@@ -276,7 +286,7 @@ def export(run_id: int, output: str, raw: bool, url: str, api_key: str | None) -
                           headers=headers, timeout=300) as res:
             if res.status_code >= 400:
                 res.read()
-                raise click.ClickException(f"HTTP {res.status_code}: {res.text}")
+                raise UserError(f"the server answered {res.status_code}: {_detail(res)}", hint_for_status(res.status_code))
             for piece in res.iter_bytes():
                 out.write(piece)
     finally:

@@ -54,7 +54,7 @@ def http_detail(detail: Any) -> str:
     return str(detail)
 
 
-def _hint_for_status(status: int) -> str | None:
+def hint_for_status(status: int) -> str | None:
     if status == 401:
         return "pass an API key with --api-key or SELFIE_API_KEY (`selfie keys create NAME` makes one)"
     if status == 403:
@@ -81,7 +81,7 @@ def translate(exc: BaseException) -> click.ClickException | None:
     if isinstance(exc, SelfieError):
         where = f" ({exc.field})" if exc.field else ""
         return UserError(f"the server answered {exc.status}{where}: {http_detail(exc.detail)}",
-                         _hint_for_status(exc.status))
+                         hint_for_status(exc.status))
     if isinstance(exc, httpx.TimeoutException):
         return UserError(f"the server did not answer in time ({type(exc).__name__})", "retry, or check its load")
     if isinstance(exc, httpx.TransportError):
@@ -117,9 +117,12 @@ class SelfieGroup(click.Group):
             sys.exit(130)
         except click.UsageError as exc:
             _usage(exc)
-        except click.ClickException as exc:
+        except UserError as exc:
             exc.show()
             sys.exit(exc.exit_code)
+        except click.ClickException as exc:  # click's own (FileError, ...): the same form, not click's "Error: "
+            _print_error(exc.format_message())
+            sys.exit(RUNTIME)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

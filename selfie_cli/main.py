@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from selfie_cli.database import cli_session
-from selfie_cli.errors import SelfieGroup
+from selfie_cli.errors import SelfieGroup, UserError
 
 URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="The API's base URL (env SELFIE_URL).")
@@ -31,7 +31,7 @@ def _client(url: str, api_key: str | None):
 def _fail(exc: Exception) -> None:
     from selfie_cli.errors import translate
 
-    raise (translate(exc) or click.ClickException(str(exc))) from exc
+    raise (translate(exc) or UserError(str(exc))) from exc
 
 
 def _check_selector(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -518,7 +518,7 @@ def keys_revoke(key: str) -> None:
         except ValueError as exc:
             _fail(exc)
         if row is None:
-            raise click.ClickException(f"no key {key!r}")
+            raise UserError(f"no key {key!r}", "`selfie keys list` shows the keys (ids and prefixes)")
         key_id = row.id
         stopped, cancelled = stop_key_audits(session, key_id)
     click.echo(f"key {key_id} revoked; schedules stopped: {len(stopped)} audit(s)"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import click
 
+from selfie_cli.errors import UserError
+
 DEMO_PROMPT = "The Eiffel Tower is located in Paris, the capital of France."
 #: Words of the demo prompt whose tokens the demo interprets (when the prompt has none of them: its last 4 tokens).
 DEMO_WORDS = ("Tower", "Paris", "capital", "France")
@@ -116,10 +118,10 @@ def _wait_for(what: str, check: Callable[[], bool], stack: Stack, timeout_s: flo
             except Exception:  # noqa: BLE001 - not up yet
                 pass
             if (child := stack.dead()) is not None:
-                raise click.ClickException(f"{child.name} exited ({child.proc.returncode}); its log {child.log}:\n"
-                                           + child.tail())
+                raise UserError(f"{child.name} exited ({child.proc.returncode}); its log {child.log}:\n"
+                                + child.tail())
             if time.monotonic() - started > timeout_s:
-                raise click.ClickException(f"timed out after {timeout_s:.0f}s: {what}")
+                raise UserError(f"timed out after {timeout_s:.0f}s: {what}")
             time.sleep(0.25)
 
 
@@ -130,6 +132,8 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
     from selfie_jobs.migrate import upgrade
     from selfie_jobs.settings import Settings
 
+    if demo and not with_worker:  # before anything starts
+        raise click.UsageError("--demo needs the worker (drop --no-worker)")
     settings = Settings()
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -193,16 +197,14 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
         click.echo(f"auth      {'API keys required' if auth else 'off (local mode)'}")
 
         if demo:
-            if not with_worker:
-                raise click.ClickException("--demo needs the worker")
             _run_demo(url, model, prompt or DEMO_PROMPT, stack)
             if exit_after:
                 return 0
         click.echo("serving; Ctrl-C stops the stack")
         while True:
             if (child := stack.dead()) is not None:
-                raise click.ClickException(f"{child.name} exited ({child.proc.returncode}); its log {child.log}:\n"
-                                           + child.tail())
+                raise UserError(f"{child.name} exited ({child.proc.returncode}); its log {child.log}:\n"
+                                + child.tail())
             time.sleep(1)
     except KeyboardInterrupt:
         click.echo("\nstopping")
@@ -237,7 +239,7 @@ def _run_demo(url: str, model: str, prompt: str, stack: Stack) -> None:
         status = client.wait(accepted["id"])
         click.echo(status_line(status))
         if status["state"] != "succeeded":
-            raise click.ClickException(f"the demo job ended {status['state']}: {status.get('error')}")
+            raise UserError(f"the demo job ended {status['state']}: {status.get('error')}")
         df = client.results(accepted["id"])
     click.echo(f"\n{prompt}\n")
     print_table(df, 0)

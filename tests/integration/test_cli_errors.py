@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 
-def selfie(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def selfie(*args: str, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("SELFIE_DEBUG", "SELFIE_URL", "SELFIE_API_KEY")}
+    env.update(extra_env)
     return subprocess.run([sys.executable, "-m", "selfie_cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -106,6 +107,20 @@ def test_bad_file_paths(api, tmp_path):
     assert_user_error(out, 1, "No such file or directory", str(target))
     assert_user_error(selfie("audit", "upload", str(tmp_path / "none.jsonl"), "--url", api.url), 2,
                       "none.jsonl")
+
+
+def test_commands_that_raised_clicks_own_error_speak_in_the_one_form(api, tmp_path):
+    # `keys revoke`, `selfie audit` and `selfie up` printed click's "Error: ..." instead of "error: ..."
+    database_url = f"sqlite:///{tmp_path / 'selfie.db'}"
+    prepare_database(database_url)
+    assert_user_error(selfie("keys", "revoke", "nosuchkey", SELFIE_DATABASE_URL=database_url,
+                             SELFIE_DATA_DIR=str(tmp_path)), 1, "no key 'nosuchkey'", "selfie keys list")
+    assert_user_error(selfie("audit", "run", "no-such-audit", "--url", api.url), 1, "no audit named 'no-such-audit'")
+    assert_user_error(selfie("audit", "export", "999999", "--url", api.url), 1, "the server answered 404")
+    # refused before anything starts: no Redis, database or process is touched
+    lines = assert_user_error(selfie("up", "--demo", "--no-worker", SELFIE_DATA_DIR=str(tmp_path / "up")), 2,
+                              "--demo needs the worker")
+    assert "--help" in lines[1] and not (tmp_path / "up").exists()
 
 
 def test_debug_keeps_the_traceback():
