@@ -39,14 +39,14 @@ class ResultRow:
     def item(self) -> tuple[int, int, int]:
         return (self.prompt_index, self.layer, self.token)
 
-    def values(self, text: Any) -> dict[str, Any]:
-        """Column values of this row; `text` makes a text storable (see `chunks.storable_text`)."""
+    def values(self, storable: Any) -> dict[str, Any]:
+        """Column values of this row; `storable` makes a text storable (see `chunks.storable_text`)."""
         return {
             "prompt_index": self.prompt_index,
             "layer": self.layer,
             "token": self.token,
-            "source_token": text(self.source_token),
-            "text": text(self.text),
+            "source_token": storable(self.source_token),
+            "text": storable(self.text),
             "token_ids": list(self.token_ids),
             "relevancy": list(self.relevancy),
             "mean_relevancy": self.mean_relevancy,

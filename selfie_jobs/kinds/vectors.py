@@ -115,9 +115,9 @@ class VectorRow:
     def item(self) -> tuple[int]:
         return (self.vector_index,)
 
-    def values(self, text: Any) -> dict[str, Any]:
-        return {"vector_index": self.vector_index, "label": text(self.label), "norm": self.norm,
-                "text": text(self.text), "token_ids": list(self.token_ids), "relevancy": list(self.relevancy),
+    def values(self, storable: Any) -> dict[str, Any]:
+        return {"vector_index": self.vector_index, "label": storable(self.label), "norm": self.norm,
+                "text": storable(self.text), "token_ids": list(self.token_ids), "relevancy": list(self.relevancy),
                 "mean_relevancy": self.mean_relevancy}
 
 
