@@ -306,14 +306,21 @@ def interpretations_page(
                 raise QueryError("malformed cursor") from None
         query = query.where(_after(keys, values))
     query = query.order_by(*[(c.desc() if d else c.asc()) for c, d in keys])
-    if limit is not None:
-        query = query.limit(limit + 1)
-    rows = list(session.scalars(query).all())
-    next_cursor = None
-    if limit is not None and len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor("interp:" + sort, _sort_values(rows[-1], keys[:-1]))
+    rows, next_cursor = fetch_page(session, query, limit,
+                                   lambda last: encode_cursor("interp:" + sort, _sort_values(last, keys[:-1])))
     return InterpretationPage(rows=rows, next_cursor=next_cursor)
+
+
+def fetch_page(session: Session, query: Any, limit: int | None, cursor_after: Any) -> tuple[list[Any], str | None]:
+    """The rows of an ordered `query`, at most `limit` of them, and the cursor after the last one when more follow
+    (`cursor_after(last_row)`; None on the last page). One row past the limit is read to know whether more follow."""
+    if limit is None:
+        return list(session.scalars(query).all()), None
+    rows = list(session.scalars(query.limit(limit + 1)).all())
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, cursor_after(rows[-1])
 
 
 def iter_interpretations(

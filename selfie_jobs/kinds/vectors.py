@@ -233,7 +233,7 @@ class VectorsKind(JobKind):
         return f"vector {item[0]}"
 
     def read_page(self, session: Session, job_id: str, *, limit: int | None, cursor: str | None) -> ResultPage:
-        from selfie_jobs.queries import decode_cursor, encode_cursor
+        from selfie_jobs.queries import decode_cursor, encode_cursor, fetch_page
 
         query = select(VectorInterpretation).where(VectorInterpretation.job_id == job_id)
         if cursor:
@@ -244,11 +244,6 @@ class VectorsKind(JobKind):
                 raise QueryError("malformed cursor")
             query = query.where(VectorInterpretation.vector_index > after)
         query = query.order_by(VectorInterpretation.vector_index)
-        if limit is not None:
-            query = query.limit(limit + 1)
-        rows = list(session.scalars(query).all())
-        next_cursor = None
-        if limit is not None and len(rows) > limit:
-            rows = rows[:limit]
-            next_cursor = encode_cursor("vectors", [rows[-1].vector_index])
+        rows, next_cursor = fetch_page(session, query, limit,
+                                       lambda last: encode_cursor("vectors", [last.vector_index]))
         return ResultPage([{c: getattr(r, c) for c in self.csv_columns} for r in rows], next_cursor)
