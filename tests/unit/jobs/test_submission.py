@@ -10,7 +10,7 @@ from selfie_jobs.auth import authenticate, create_key, list_keys, revoke_key
 from selfie_jobs.db import get_sessionmaker
 from selfie_jobs.models import Chunk, Job, Prompt
 from selfie_jobs.specs import JobCreate
-from selfie_jobs.submission import SubmissionError, prepare_job, submit_job
+from selfie_jobs.submission import SubmissionError, chunk_bounds, prepare_job, submit_job
 from tests.apisupport import MAX_CONTEXT, MODEL, NUM_LAYERS, prepare_database, settings_for
 
 
@@ -112,16 +112,27 @@ def test_submit_stores_one_transaction_then_enqueues(db):
     sender = Recorder()
     with maker() as s:
         result = submit_job(s, _req(targets={"layers": "all", "tokens": "all"}), settings, sender)
-    assert result.created and result.enqueued == len(result.chunk_ids) == 5  # 5 layers x 7 tokens = 35, chunks of 8
+    assert result.created and result.enqueued == len(result.chunk_ids) == 5  # 5 layers x 7 tokens = 35, chunks of at most 8
     with maker() as s:
         job = s.get(Job, result.job.id)
         chunks = s.scalars(select(Chunk).where(Chunk.job_id == job.id).order_by(Chunk.index)).all()
-        assert job.total == 35 and [c.size for c in chunks] == [8, 8, 8, 8, 3]
+        assert job.total == 35 and [c.size for c in chunks] == [7, 7, 7, 7, 7]
         assert all(c.enqueued_at is not None and c.state == "queued" for c in chunks)
         assert sum((c.items for c in chunks), []) == [[0, layer, t] for layer in range(5) for t in range(7)]
         assert s.scalar(select(func.count()).select_from(Prompt)) == 1
     assert [args for _, args, _ in sender.sent] == [[c] for c in result.chunk_ids]
     assert {opts["queue"] for _, _, opts in sender.sent} == {"selfie.model." + MODEL}
+
+
+@pytest.mark.parametrize("items", [0, 1, 7, 8, 9, 35, 100, 257, 1000])
+@pytest.mark.parametrize("chunk_size", [1, 8, 64])
+def test_chunks_are_as_few_as_the_size_allows_and_even(items, chunk_size):
+    bounds = chunk_bounds(items, chunk_size)
+    sizes = [end - start for start, end in bounds]
+    assert [b for pair in bounds for b in pair] == sorted(b for pair in bounds for b in pair)  # in order
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and (not bounds or bounds[0][0] == 0)
+    assert sum(sizes) == items and len(bounds) == -(-items // chunk_size)
+    assert all(1 <= n <= chunk_size for n in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
 
 
 def test_broker_failure_keeps_the_job_for_the_reconciler(db):
