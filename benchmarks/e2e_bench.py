@@ -90,7 +90,7 @@ def service_round(args, tmp: Path, model: str, model_path: Path | None, prompts:
     db_url, admin = database(args.database, tmp)
     redis_url, embedded = broker(tmp)
     upgrade(db_url)
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    env = {}
     env["SELFIE_MAX_BATCH_INTERPRETATIONS"] = str(args.max_batch)
     queue = list(enumerate(prompts))
     layers = [int(v) for v in args.layers.split(",")]
@@ -102,7 +102,7 @@ def service_round(args, tmp: Path, model: str, model_path: Path | None, prompts:
 
     try:
         with ServiceStack(tmp, db_url, redis_url, model, model_path=model_path, batch_size=args.batch_size,
-                          env=env) as stack:
+                          threads=args.threads, env=env) as stack:
             ready_s = stack.wait_ready(900)
             t0 = time.monotonic()
             load = run_load(stack.url, body, submitters=args.clients, seconds=3600, max_requests=len(prompts),
@@ -153,13 +153,13 @@ def vectors_service_round(args, tmp: Path, model: str, model_path: Path | None, 
     db_url, admin = database(args.database, tmp)
     redis_url, embedded = broker(tmp)
     upgrade(db_url)
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    env = {}
     env["SELFIE_MAX_BATCH_INTERPRETATIONS"] = str(args.max_batch)
     env["SELFIE_CHUNK_SIZE"] = str(args.chunk_size)
     parts = [vectors[i::args.jobs] for i in range(args.jobs)]
     try:
         with ServiceStack(tmp, db_url, redis_url, model, model_path=model_path, batch_size=args.batch_size,
-                          env=env) as stack:
+                          threads=args.threads, env=env) as stack:
             ready_s = stack.wait_ready(900)
             t0 = time.monotonic()
 
@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=None, help="engine batch size (worker and reference)")
     ap.add_argument("--max-batch", type=int, default=256, help="largest cross-job batch of the worker")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads of the worker and the reference")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the worker and of the reference (default: the worker's own default, "
+                         "selfie_core.threads.default_threads(), on both sides)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
@@ -267,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from selfie_core import SelfieEngine, load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from selfie_core.threads import default_threads, set_threads
+
+    # Both sides run the same thread count: the worker gets it as --threads, this process sets it here.
+    args.threads = args.threads or default_threads()
+    result["threads"] = set_threads(args.threads)
     vectors = None
     if args.kind == "vectors":
         hidden = 32 if args.tiny else 576  # the tiny LLaMA's and SmolLM2-135M's hidden sizes

@@ -40,7 +40,7 @@ class ServiceStack:
     The database must already be migrated; the worker writes the model card when its model is loaded."""
 
     def __init__(self, tmp: Path, database_url: str, redis_url: str, model: str, *, model_path: Path | None = None,
-                 batch_size: int | None = None, env: dict[str, str] | None = None,
+                 batch_size: int | None = None, threads: int | None = None, env: dict[str, str] | None = None,
                  api_processes: int = 1) -> None:
         from tests import services
 
@@ -63,6 +63,8 @@ class ServiceStack:
             cmd += ["--model-path", str(model_path)]
         if batch_size:
             cmd += ["--batch-size", str(batch_size)]
+        if threads:
+            cmd += ["--threads", str(threads)]
         self.worker = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=self._files["worker"],
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.api = subprocess.Popen(
