@@ -288,7 +288,8 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
                                      **options)
         what = "vectors" if accepted.get("kind") == "vectors" else "interpretations"
         click.echo(f"job {accepted['id']}: {accepted['total']} {what} in {accepted['chunks']} chunks")
-        click.echo(accepted["link"])
+        click.echo(f"explore: {accepted['links']['page']}")
+        click.echo(f"status:  {accepted['link']}")
         if wait:
             _wait_and_show(client, accepted["id"])
 
@@ -381,6 +382,11 @@ def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key
             if given:  # they would be dropped silently: the rows would look filtered and be all of them
                 raise click.UsageError(f"{' '.join(given)} filter an interpret job's interpretations; job {job_id} "
                                        f"is a {kind} job: its rows have no filters (leave them out)")
+            if fmt == "table" and not output:  # straight to the terminal: shaded, as wide as it is
+                from selfie_cli.render import print_rows
+
+                print_rows(client.rows(job_id), width=width, shade=shade)
+                return
             buffer.write(_kind_rows(client, job_id, fmt, width, safe=not raw))
         elif fmt == "csv":
             # a CSV file from the command line is likely opened in a spreadsheet: safe unless --raw
@@ -406,7 +412,6 @@ def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key
 def _kind_rows(client, job_id: str, fmt: str, width: int, *, safe: bool) -> str:
     """The rows of a job of a kind other than interpret, in the kind's own columns."""
     import io
-    from contextlib import redirect_stdout
 
     from selfie_cli.render import print_rows
 
@@ -415,8 +420,7 @@ def _kind_rows(client, job_id: str, fmt: str, width: int, *, safe: bool) -> str:
     if fmt == "json":
         return json.dumps(list(client.iter_rows(job_id)), indent=1)
     buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        print_rows(client.rows(job_id), width=width)
+    print_rows(client.rows(job_id), width=width, shade=False, file=buffer)  # a file: plain text, no colors
     return buffer.getvalue()
 
 

@@ -99,21 +99,45 @@ def progress_bar(description: str, total: int | None, *, enabled: bool = True) -
         yield update
 
 
-def print_rows(df, width: int = 48) -> None:
-    """One line per result of a job of another kind than interpret (a vectors job: label, norm, relevancy, text)."""
-    import click
-    import pandas as pd
+def rows_rich_table(df, *, width: int = 48, shade: bool = True):
+    """The results of a job of another kind than interpret as a rich Table, one row per result (a vectors job:
+    index, label, norm, mean relevancy, text): long texts and labels wrap within `width` columns, never cut."""
+    from rich.table import Table
+    from rich.text import Text
 
-    if df.empty:
-        click.echo("(no results)")
-        return
     shown = [c for c in ("vector_index", "label", "norm", "mean_relevancy", "text") if c in df.columns]
-    part = df[shown or list(df.columns)].copy()
-    if "text" in part:
-        part["text"] = part["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
-    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", width,
-                           "display.max_rows", 10_000, "display.float_format", "{:.4g}".format):
-        click.echo(part.to_string(index=False))
+    columns = shown or [str(c) for c in df.columns]
+    scale = max(1e-9, float(df["mean_relevancy"].max())) if "mean_relevancy" in df.columns else 1.0
+    table = Table(show_lines=False, header_style="bold")
+    for column in columns:
+        numeric = column in ("vector_index", "norm", "mean_relevancy")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=numeric,
+                         max_width=None if numeric else width, overflow="fold")
+    for record in df[columns].itertuples(index=False):
+        cells: list[Any] = []
+        for column, value in zip(columns, record, strict=True):
+            if column == "text":
+                cells.append(" ".join(str(value).split()) or "(blank)")
+            elif isinstance(value, float):
+                cell = Text(f"{value:.4g}")
+                if column == "mean_relevancy" and shade and value == value:  # NaN: no shade
+                    v = value / scale
+                    red, green, blue = relevancy_color(v)
+                    cell.stylize(f"{'white' if v > 0.55 else 'black'} on rgb({red},{green},{blue})")
+                cells.append(cell)
+            else:
+                cells.append("" if value is None else str(value))
+        table.add_row(*cells)
+    return table
+
+
+def print_rows(df, width: int = 48, *, shade: bool = True, file: Any = None) -> None:
+    """Print the results of a job of another kind than interpret (see `rows_rich_table`)."""
+    out = console(file)
+    if df.empty:
+        out.print("(no results)")
+        return
+    out.print(rows_rich_table(df, width=width, shade=shade))
 
 
 def status_line(status: dict[str, Any]) -> str:

@@ -186,6 +186,7 @@ def test_cli_submit_status_results_cancel(stack):
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split()[1].rstrip(":")
     assert f"/v1/jobs/{job_id}" in out.stdout and "succeeded" in out.stdout
+    assert f"explore: {stack.url}/ui/jobs/{job_id}" in out.stdout  # the page a person opens, not only the JSON
     assert _label(last, tokens[last]) in out.stdout
     status = _cli("status", job_id, *url)
     assert status.returncode == 0 and "succeeded" in status.stdout and "2/2" in status.stdout

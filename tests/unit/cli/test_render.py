@@ -6,7 +6,7 @@ import io
 
 import pandas as pd
 
-from selfie_cli.render import layer_token_rich_table, print_table, relevancy_color
+from selfie_cli.render import layer_token_rich_table, print_rows, print_table, relevancy_color, rows_rich_table
 
 LONG = "the capital city of France, famous for the Eiffel Tower and the Louvre museum"
 
@@ -54,3 +54,37 @@ def test_a_prompt_without_rows_says_so():
     buffer = io.StringIO()
     print_table(frame(), 7, file=buffer)
     assert buffer.getvalue().strip() == "(no interpretations for prompt 7)"
+
+
+def vector_rows() -> pd.DataFrame:
+    return pd.DataFrame([
+        {"vector_index": 0, "label": "a probe direction for honesty, layer 12 of the chat model", "norm": 31.5,
+         "mean_relevancy": 0.4, "text": LONG + " and the river Seine that runs through the middle of it"},
+        {"vector_index": 1, "label": "b", "norm": float("nan"), "mean_relevancy": 0.1, "text": "  a\n city "},
+    ])
+
+
+def test_vector_rows_wrap_long_labels_and_texts_and_keep_every_word():
+    buffer = io.StringIO()
+    print_rows(vector_rows(), width=20, file=buffer)
+    text = buffer.getvalue()
+    for word in (LONG + " and the river Seine that runs through the middle of it").replace(",", "").split():
+        assert word in text, word
+    for word in ("probe", "direction", "honesty", "chat", "model"):
+        assert word in text, word
+    assert "…" not in text and "a city" in text and "31.5" in text
+    assert max(len(line) for line in text.splitlines()) < 90  # the long cells took several lines
+
+
+def test_vector_rows_are_shaded_by_mean_relevancy_unless_told_not_to():
+    table = rows_rich_table(vector_rows(), width=20)
+    relevancy = table.columns[3]._cells
+    assert any("on rgb(8,48,107)" in str(span.style) for span in relevancy[0].spans)
+    plain = rows_rich_table(vector_rows(), width=20, shade=False)
+    assert not any("on rgb" in str(span.style) for span in plain.columns[3]._cells[0].spans)
+
+
+def test_no_vector_rows_says_so():
+    buffer = io.StringIO()
+    print_rows(vector_rows().iloc[0:0], file=buffer)
+    assert buffer.getvalue().strip() == "(no results)"
