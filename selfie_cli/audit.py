@@ -189,7 +189,7 @@ def _wait(c, run_id: int) -> dict[str, Any]:
             run = _call(c, "GET", f"/v1/audit-runs/{run_id}")
             p = run["progress"]
             update(done=p["interpretations_done"], total=max(1, p["interpretations_total"]),
-                   status=f"{run['state']}, {p['flags']} flags")
+                   status=f"{run['state']}, {p['flags']} flags" + (f" ({p['waiting']})" if p.get("waiting") else ""))
             if run["state"] in FINAL:
                 return run
             time.sleep(1.0)

@@ -130,7 +130,7 @@ def run_progress(session: Session, run: AuditRun) -> dict[str, Any]:
             Job.audit_run_id == run.id
         )
     ).one()
-    return {
+    progress = {
         "prompts_total": run.prompts_total,
         "prompts_submitted": run.prompts_submitted,
         "prompts_skipped": run.prompts_skipped,
@@ -142,3 +142,22 @@ def run_progress(session: Session, run: AuditRun) -> dict[str, Any]:
         "flags": run.flags,
         "fraction": (int(done) / int(total)) if total else (1.0 if run.state in FINAL_RUN_STATES else 0.0),
     }
+    waiting = _waiting_for_the_tick(session, run)
+    if waiting:
+        progress["waiting"] = waiting
+    return progress
+
+
+def _waiting_for_the_tick(session: Session, run: AuditRun) -> str | None:
+    """Why a running run whose jobs have all finished is still open: scanning and closing are the scheduler's
+    (the audit tick of `selfie beat`), and a stack started without beat would show it open for good, unexplained."""
+    if run.state != AuditRunState.RUNNING or run.prompts_submitted + run.prompts_skipped < run.prompts_total:
+        return None
+    open_jobs = session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.audit_run_id == run.id, Job.state.not_in(list(FINAL_JOB_STATES)))
+    )
+    if open_jobs:
+        return None
+    return ("every job of the run has finished: the run is scanned and closed by the scheduler's next audit tick "
+            "(`selfie beat`, every few seconds); if it stays open, check that beat is running")

@@ -240,16 +240,21 @@ def test_min_relevancy_and_scan_is_once(sqlite_url):
     audit_id = _audit(maker, settings)
     run_id = _start(maker, audit_id)
     A.fan_out(maker, run_id, settings, RecordingSender(), owner="w1")
+    with maker() as session:  # jobs still to run: nothing to explain
+        assert "waiting" not in A.run_progress(session, session.get(AuditRun, run_id))
     run_all_chunks(maker, lambda j, p, layer, t: ("cat", 0.1))  # below min_relevancy 0.2
     with maker() as session:
         rj = A.jobs_to_scan(session, run_id)[0]
         assert A.scan_job(session, rj, _detect()) == 0
         session.commit()
         assert A.scan_job(session, rj, _detect()) is None  # already scanned
+    with maker() as session:  # finished jobs, not yet scanned: the run says what closes it
+        assert "closed by the scheduler's next audit tick" in A.run_progress(session, session.get(AuditRun, run_id))["waiting"]
     scan_all(maker, _detect())
     with maker() as session:
         assert session.scalar(select(func.count()).select_from(AuditFinding)) == 0
         assert session.get(AuditRun, run_id).state == "succeeded"
+        assert "waiting" not in A.run_progress(session, session.get(AuditRun, run_id))
 
 
 def test_a_run_whose_pattern_times_out_fails_and_the_others_are_scanned(sqlite_url):
