@@ -17,6 +17,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +42,22 @@ def with_db_retry(
 ) -> T:
     """Run `fn` (a whole unit of work: open session, work, commit) until it succeeds or `retry_seconds` pass.
 
-    Exponential backoff with jitter; non-transient errors are raised at once.
+    Exponential backoff with jitter; non-transient errors are raised at once, and so is a transient one when the
+    next pause would end past the deadline.
     """
-    deadline = time.monotonic() + retry_seconds
-    delay = first_delay
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - filtered just below
-            if not is_transient(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("database unavailable (attempt %d), retrying in %.1fs: %s", attempt, delay, exc)
-            sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, max_delay)
+    backoff = wait_exponential(multiplier=first_delay, max=max_delay)
+
+    def jittered(state: RetryCallState) -> float:
+        # spread the retries of many processes that lost the database at the same moment
+        return backoff(state) * (0.5 + random.random())
+
+    def warn(state: RetryCallState) -> None:
+        log.warning("database unavailable (attempt %d), retrying in %.1fs: %s", state.attempt_number,
+                    state.upcoming_sleep, state.outcome.exception())
+
+    retrying = Retrying(retry=retry_if_exception(is_transient), wait=jittered,
+                        stop=stop_before_delay(retry_seconds), before_sleep=warn, sleep=sleep, reraise=True)
+    return retrying(fn)
 
 
 def unit_of_work(sessions: Callable[[], Session], work: Callable[[Session], T], retry_seconds: float = 0.0) -> T:

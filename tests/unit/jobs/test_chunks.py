@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -291,6 +292,24 @@ def test_with_db_retry_retries_transient_errors_only():
     with pytest.raises(OperationalError):
         C.with_db_retry(lambda: (_ for _ in ()).throw(OperationalError("x", {}, Exception("down"))), 0.05,
                         first_delay=0.01, sleep=lambda _: None)
+
+
+def test_with_db_retry_never_sleeps_past_its_deadline(monkeypatch, caplog):
+    monkeypatch.setattr("selfie_jobs.retry.random.random", lambda: 0.999)  # the longest jitter
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        time.sleep(seconds)
+
+    def down():
+        raise OperationalError("select 1", {}, Exception("server closed the connection"))
+
+    with caplog.at_level("WARNING", logger="selfie_jobs.retry"), pytest.raises(OperationalError):
+        C.with_db_retry(down, 0.5, first_delay=0.05, sleep=sleep)
+    # pauses grow (0.075, 0.15, then 0.3 would end past the deadline: raised instead of sleeping)
+    assert len(slept) == 2 and slept[1] > slept[0] and sum(slept) <= 0.5, slept
+    assert caplog.text.count("database unavailable") == len(slept)  # one warning per retry
 
 
 def test_unit_of_work_commits_rolls_back_and_retries_with_a_new_session(db, caplog):
