@@ -80,19 +80,57 @@ def test_two_api_processes_share_one_count(sqlite_url, redis_url, tmp_path):
             proc.wait(10)
 
 
+def _prefix() -> str:
+    return "selfie:ratelimit:test-" + os.urandom(4).hex()
+
+
 def test_redis_counter_is_per_key_and_window(redis_url):
-    limiter = RedisRateLimiter(redis_url, 2, prefix="selfie:ratelimit:test-" + os.urandom(4).hex() + ":")
+    limiter = RedisRateLimiter(redis_url, 2, prefix=_prefix())
     try:
-        now = 1_000_000 * 60 + 10.0  # 50 s left in this window
-        assert [limiter.hit(1, now), limiter.hit(1, now)] == [None, None]
-        assert limiter.hit(1, now) == 50
-        assert limiter.hit(2, now) is None  # another key has its own count
-        assert limiter.hit(1, now + 60) is None  # the next window starts afresh
+        assert [limiter.hit(1), limiter.hit(1)] == [None, None]
+        assert 59 <= limiter.hit(1) <= 60  # a slot frees when the first request leaves the window, 60 s after it
+        assert limiter.hit(2) is None  # another key has its own count
         keys = redis.Redis.from_url(redis_url).keys(limiter.prefix + "*")
         ttls = [redis.Redis.from_url(redis_url).ttl(k) for k in keys]
-        assert keys and all(0 < t <= 61 + 60 for t in ttls)  # every counter expires
+        assert len(keys) == 2 and all(0 < t <= 60 for t in ttls)  # every window expires
     finally:
         limiter.close()
+
+
+def test_two_limiters_on_one_redis_share_one_window(redis_url):
+    prefix = _prefix()
+    limiters = [RedisRateLimiter(redis_url, 3, prefix=prefix), RedisRateLimiter(redis_url, 3, prefix=prefix)]
+    try:
+        results = [limiters[n % 2].hit(7) for n in range(6)]
+        assert results[:3] == [None, None, None], results
+        assert all(r is not None and 1 <= r <= 60 for r in results[3:]), results  # 3 in all, not 3 each
+    finally:
+        for limiter in limiters:
+            limiter.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_burst_straddling_a_minute_boundary_gets_no_second_allowance(redis_url):
+    """A fixed window per calendar minute lets `per_minute` through just before the minute turns and as many just
+    after (2x in a second or two); the moving window refuses the second burst, in Redis and in one process."""
+    prefix = _prefix()
+    shared = [RedisRateLimiter(redis_url, 3, prefix=prefix), RedisRateLimiter(redis_url, 3, prefix=prefix)]
+    local = LocalRateLimiter(3)
+    try:
+        left = 60 - time.time() % 60
+        if left < 2.0:  # too close to this minute's end to fit the first burst before it
+            left += 60
+        time.sleep(left - 1.5)  # 1.5 s before the minute turns
+        before = [shared[n % 2].hit(1) for n in range(3)] + [local.hit(1) for _ in range(3)]
+        assert 60 - time.time() % 60 > 0.5, "the first burst did not finish before the minute turned"
+        time.sleep(60 - time.time() % 60 + 0.5)  # 0.5 s into the next minute
+        after = [shared[n % 2].hit(1) for n in range(3)] + [local.hit(1) for _ in range(3)]
+        assert before == [None] * 6
+        assert all(r is not None and 57 <= r <= 60 for r in after), after
+    finally:
+        for limiter in shared:
+            limiter.close()
 
 
 def test_no_broker_falls_back_to_a_per_process_count_and_says_so(caplog):
@@ -105,9 +143,22 @@ def test_no_broker_falls_back_to_a_per_process_count_and_says_so(caplog):
 def test_unreachable_redis_lets_requests_pass_with_a_warning(caplog):
     limiter = RedisRateLimiter(f"redis://127.0.0.1:{services.free_port()}/0", 1)
     calls = []
-    script = limiter._script
-    limiter._script = lambda **kw: calls.append(kw) or script(**kw)
+    acquire = limiter._storage.acquire_entry
+    limiter._storage.acquire_entry = lambda *a, **kw: calls.append(a) or acquire(*a, **kw)
     with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
         assert all(limiter.hit(1) is None for _ in range(100))
     assert len(calls) == 1  # a failed Redis is not asked again for a few seconds (no timeout on every request)
     assert caplog.text.count("rate limit not enforced") == 1
+
+
+def test_a_failed_redis_is_asked_again_after_a_pause(monkeypatch):
+    monkeypatch.setattr("api.ratelimit.RETRY_REDIS_AFTER_SECONDS", 0.2)
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{services.free_port()}/0", 1)
+    calls = []
+    acquire = limiter._storage.acquire_entry
+    limiter._storage.acquire_entry = lambda *a, **kw: calls.append(a) or acquire(*a, **kw)
+    assert limiter.hit(1) is None and limiter.hit(1) is None
+    assert len(calls) == 1
+    time.sleep(0.3)
+    assert limiter.hit(1) is None
+    assert len(calls) == 2
