@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from tenacity import RetryCallState, Retrying, stop_after_attempt
 
 from selfie_jobs.selectors import parse_selector
 
@@ -163,36 +164,47 @@ class Client:
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         """One request; 503 (database away) and 429 (rate limit) are retried after the server's Retry-After, a
         dropped connection with backoff; a server never reached raises ServiceUnreachable at once."""
-        waited = 0.0
-        for attempt in range(self.retries + 1):
-            try:
-                resp = self._http.request(method, path, **kw)
-            except httpx.ConnectError as exc:
-                if not self._answered or attempt == self.retries:
-                    raise ServiceUnreachable(self.url, exc) from exc
-                time.sleep(min(2**attempt * 0.2, 5))
-                continue
-            except httpx.TransportError:
-                if attempt == self.retries:
-                    raise
-                time.sleep(min(2**attempt * 0.2, 5))
-                continue
+        asked_to_wait = 0.0  # the Retry-After waits of this call so far, held to `max_wait`
+
+        def send() -> httpx.Response:
+            resp = self._http.request(method, path, **kw)
             self._answered = True
-            if resp.status_code in (429, 503) and attempt < self.retries:
-                wait = _retry_after(resp)
-                if waited + wait <= self.max_wait:
-                    time.sleep(wait)
-                    waited += wait
-                    continue
-            if resp.status_code >= 400:
-                try:
-                    payload = resp.json()
-                except ValueError:
-                    payload = {"detail": resp.text}
-                detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
-                raise SelfieError(resp.status_code, detail, payload.get("field") if isinstance(payload, dict) else None)
             return resp
-        raise AssertionError("unreachable")
+
+        def worth_retrying(state: RetryCallState) -> bool:
+            if state.outcome.failed:
+                exc = state.outcome.exception()
+                # a connection refused before the server ever answered is a wrong URL or a stopped server
+                return isinstance(exc, httpx.TransportError) and (self._answered or not isinstance(
+                    exc, httpx.ConnectError))
+            resp = state.outcome.result()
+            return resp.status_code in (429, 503) and asked_to_wait + _retry_after(resp) <= self.max_wait
+
+        def pause(state: RetryCallState) -> float:
+            if state.outcome.failed:
+                return min(2 ** (state.attempt_number - 1) * 0.2, 5)
+            return _retry_after(state.outcome.result())
+
+        def count_wait(state: RetryCallState) -> None:
+            nonlocal asked_to_wait
+            if not state.outcome.failed:
+                asked_to_wait += state.upcoming_sleep
+
+        retrying = Retrying(retry=worth_retrying, wait=pause, stop=stop_after_attempt(self.retries + 1),
+                            before_sleep=count_wait, sleep=time.sleep, reraise=True,
+                            retry_error_callback=lambda state: state.outcome.result())
+        try:
+            resp = retrying(send)
+        except httpx.ConnectError as exc:
+            raise ServiceUnreachable(self.url, exc) from exc
+        if resp.status_code >= 400:
+            try:
+                payload = resp.json()
+            except ValueError:
+                payload = {"detail": resp.text}
+            detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+            raise SelfieError(resp.status_code, detail, payload.get("field") if isinstance(payload, dict) else None)
+        return resp
 
     # -- jobs --------------------------------------------------------------------------------------------------
     def submit(self, prompts: str | Sequence[str], **options: Any) -> dict[str, Any]:
