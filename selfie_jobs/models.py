@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from selfie_jobs.float_arrays import Float32List
 from selfie_jobs.states import ChunkState, JobState
 
 # Explicit constraint names so Alembic migrations are identical on SQLite and PostgreSQL.
@@ -60,6 +61,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     daily_quota: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # How long its finished jobs are kept, in seconds, when a job does not say (None: the settings' default).
+    job_ttl_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
@@ -119,6 +122,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     deadline_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Seconds the job is kept after it finished, as its request asked (None: its key's, then the settings' default;
+    # selfie_jobs.retention).
+    ttl_seconds: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     prompts: Mapped[list[Prompt]] = relationship(back_populates="job", order_by="Prompt.index")
 
@@ -196,7 +202,8 @@ class Interpretation(Base):
     source_token: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[list[Any]] = mapped_column(JSON)
-    relevancy: Mapped[list[Any]] = mapped_column(JSON)
+    # float32 bytes, read and written as a list of floats (selfie_jobs.float_arrays says why float32)
+    relevancy: Mapped[list[float]] = mapped_column(Float32List)
     mean_relevancy: Mapped[float] = mapped_column(Float)
     chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
     engine_run_id: Mapped[str] = mapped_column(String(32), index=True)
@@ -236,7 +243,8 @@ class VectorInterpretation(Base):
     norm: Mapped[float] = mapped_column(Float)
     text: Mapped[str] = mapped_column(Text)
     token_ids: Mapped[list[Any]] = mapped_column(JSON)
-    relevancy: Mapped[list[Any]] = mapped_column(JSON)
+    # float32 bytes, read and written as a list of floats (selfie_jobs.float_arrays says why float32)
+    relevancy: Mapped[list[float]] = mapped_column(Float32List)
     mean_relevancy: Mapped[float] = mapped_column(Float)
     chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
     engine_run_id: Mapped[str] = mapped_column(String(32), index=True)

@@ -200,7 +200,8 @@ def test_cancel_cancels_job_and_queued_chunks(env, server):
 
 
 def _fill_results(url, job_id):
-    """Rows as a worker writes them: every (prompt, layer, token) of the job."""
+    """Rows as a worker writes them: every (prompt, layer, token) of the job (relevancy values that float32, the
+    stored precision, holds exactly)."""
     with session_scope(url) as s:
         chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id)).all()
         n = 0
@@ -210,7 +211,7 @@ def _fill_results(url, job_id):
                 s.add(Interpretation(
                     job_id=job_id, prompt_index=p, layer=layer, token=token, source_token=f"t{token}",
                     text=f"about {'paris' if layer % 2 else 'a tower'} {n}", token_ids=[1, 2],
-                    relevancy=[0.1, 0.2], mean_relevancy=round((n * 7 % 13) / 13, 4), chunk_id=chunk.id,
+                    relevancy=[0.25, 0.5], mean_relevancy=round((n * 7 % 13) / 13, 4), chunk_id=chunk.id,
                     engine_run_id="r1", worker="w1", model=chunk.model, created_at=utcnow()))
             chunk.state = "done"
         job = s.get(Job, job_id)
@@ -255,7 +256,7 @@ def test_interpretations_filters_sort_pagination_and_csv(env, server):
         as_csv = http.get(f"/v1/jobs/{job_id}/interpretations", params={"format": "csv"})
         assert as_csv.status_code == 200 and as_csv.headers["content-type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(as_csv.text)))
-        assert len(rows) == total and rows[0]["text"].startswith("about") and rows[0]["relevancy"] == "[0.1, 0.2]"
+        assert len(rows) == total and rows[0]["text"].startswith("about") and rows[0]["relevancy"] == "[0.25, 0.5]"
         accepted = http.get(f"/v1/jobs/{job_id}/interpretations", params={"prompt": 0, "limit": 5},
                             headers={"Accept": "text/csv"})
         assert accepted.headers["content-type"].startswith("text/csv")

@@ -153,3 +153,67 @@ def test_a_fresh_sqlite_database_migrates_without_warnings(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         upgrade(f"sqlite:///{tmp_path / 'fresh.db'}")
+
+
+def test_compact_rows_converts_every_relevancy_list_and_back(database_url):
+    """0007 on a database at 0006 with results in it: every relevancy list (more than one conversion batch of
+    them) becomes little-endian float32 bytes that read back as the same floats, every other column is kept, and
+    the downgrade turns them back into the same JSON lists."""
+    import json
+    import struct
+
+    from sqlalchemy import select, text
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.models import Interpretation, VectorInterpretation
+
+    migrate.upgrade(database_url, "0006_job_kinds")
+    n_rows = 5_003  # past one batch of the migration (5,000)
+    lists = [[(i % 97) / 128, 1 / (i + 3), 0.0, 1e-7 * i][: 1 + i % 4] for i in range(n_rows)] + [[]]
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for job in ("a" * 32, "b" * 32):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, model, kind, state, priority, spec, batch_key, total, done, created_at) "
+                    f"VALUES ('{job}', 'm', 'interpret', 'succeeded', 5, '{{}}', 'k', 1, 1, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO chunks (id, job_id, \"index\", model, batch_key, priority, state, items, "
+                              f"size, attempts) VALUES (1, '{'a' * 32}', 0, 'm', 'k', 5, 'done', '[]', 1, 1), "
+                              f"(2, '{'b' * 32}', 0, 'm', 'k', 5, 'done', '[]', 1, 1)"))
+            conn.execute(text(
+                "INSERT INTO interpretations (id, job_id, prompt_index, layer, token, source_token, text, token_ids, "
+                "relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES (:id, :job, 0, "
+                ":id, 0, 'p', :text, '[1]', :rel, 0.5, 1, 'r', 'w', 'm', CURRENT_TIMESTAMP)"),
+                [{"id": i + 1, "job": "a" * 32, "text": f"text {i}", "rel": json.dumps(rel)}
+                 for i, rel in enumerate(lists)])
+            conn.execute(text(
+                "INSERT INTO vector_interpretations (id, job_id, vector_index, label, norm, text, token_ids, relevancy, "
+                "mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES (1, :job, 0, 'v', 2.0, "
+                "'says', '[1, 2]', '[0.25, 0.75]', 0.5, 2, 'r', 'w', 'm', CURRENT_TIMESTAMP)"), {"job": "b" * 32})
+        before = _counts(engine)
+        migrate.upgrade(database_url)
+        after = _counts(engine)
+        with engine.connect() as conn:
+            raw = dict(conn.execute(text("SELECT id, relevancy FROM interpretations")).all())
+            texts = dict(conn.execute(text("SELECT id, text FROM interpretations")).all())
+        with Session(engine) as session:
+            read = dict(session.execute(select(Interpretation.id, Interpretation.relevancy)).all())
+            vector = session.scalars(select(VectorInterpretation)).one()
+            vector_read = (vector.relevancy, vector.token_ids, vector.label, vector.norm)
+        migrate.downgrade(database_url, "0006_job_kinds")
+        with engine.connect() as conn:
+            back = {i: json.loads(r) if isinstance(r, str) else r
+                    for i, r in conn.execute(text("SELECT id, relevancy FROM interpretations")).all()}
+            vector_back = conn.execute(text("SELECT relevancy FROM vector_interpretations")).scalar_one()
+    finally:
+        engine.dispose()
+    assert before == after
+    assert after["interpretations"] == n_rows + 1
+    f32 = [[struct.unpack("<f", struct.pack("<f", v))[0] for v in rel] for rel in lists]
+    assert {i: bytes(b) for i, b in raw.items()} == {i + 1: struct.pack(f"<{len(rel)}f", *rel)
+                                                     for i, rel in enumerate(lists)}
+    assert read == {i + 1: rel for i, rel in enumerate(f32)}
+    assert texts == {i + 1: f"text {i}" for i in range(n_rows)} | {n_rows + 1: f"text {n_rows}"}
+    assert vector_read == ([0.25, 0.75], [1, 2], "v", 2.0)
+    assert back == {i + 1: rel for i, rel in enumerate(f32)}
+    assert (json.loads(vector_back) if isinstance(vector_back, str) else vector_back) == [0.25, 0.75]
