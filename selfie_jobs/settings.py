@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from selfie_jobs.specs import MAX_TTL_SECONDS
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".selfie"
@@ -58,6 +60,14 @@ class Settings(BaseSettings):
                                       "in a row stops, with exit status 3.")
     worker_load_backoff_seconds: float = Field(10.0, ge=0, description="Wait after a failed model load before the "
                                                "next try; doubled after each failure, at most 5 minutes.")
+
+    # --- retention ----------------------------------------------------------------------------------------
+    job_ttl_seconds: int | None = Field(None, ge=1, le=MAX_TTL_SECONDS, description="Seconds a finished job "
+                                        "is kept when neither it nor its key says (none: kept for ever); "
+                                        "`selfie purge` and beat delete the expired ones (selfie_jobs.retention).")
+    purge_interval_seconds: float = Field(3600.0, gt=0, description="How often beat purges expired jobs.")
+    purge_batch_rows: int = Field(5_000, ge=1, description="Rows one purge transaction deletes at most, so a big "
+                                  "purge never holds its locks for long.")
 
     # --- security ------------------------------------------------------------------------------------------
     auth_enabled: bool = Field(True, description="Only `selfie up` (local embedded mode) switches this off.")

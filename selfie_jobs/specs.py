@@ -18,6 +18,9 @@ from selfie_jobs.selectors import parse_selector
 MAX_PROMPTS_HARD = 100_000
 MAX_INDEX = 1_000_000
 MAX_SEED = 2**32 - 1
+#: The longest time to live a job or a key may ask for (ten years, in seconds): past it, keep the job for ever by
+#: asking for no time to live.
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 
 
 def _no_nul(value: str) -> str:
@@ -148,6 +151,10 @@ class EngineJobFields(EngineOptions):
     idempotency_key: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
         None, description="A retried submit with the same key returns the first job instead of making another."
     )
+    ttl_seconds: Annotated[Int, Field(ge=1, le=MAX_TTL_SECONDS)] | None = Field(
+        None, description="Seconds the job and its results are kept after it finished (at least a day after it "
+                          "was submitted); default: the key's, else the service's (none: kept for ever)."
+    )
 
 
 class JobCreate(EngineJobFields):
@@ -214,7 +221,10 @@ def request_hash(request: EngineJobFields, model: str, kind: str | None = None) 
     """Hash of the request as validated (shorthands expanded, defaults filled, `model` resolved), without its
     idempotency key: two bodies that ask for the same job hash alike however they were spelled. `kind`: the job
     kind, hashed in for every kind but `interpret` (whose hashes were stored before kinds existed)."""
-    normalized = request.model_dump(mode="json", exclude={"idempotency_key"})
+    # A request without a time to live hashes as before the field existed, so idempotency keys stored then still
+    # match their retries.
+    exclude = {"idempotency_key"} | ({"ttl_seconds"} if request.ttl_seconds is None else set())
+    normalized = request.model_dump(mode="json", exclude=exclude)
     normalized["model"] = model
     if kind is not None:
         normalized["kind"] = kind

@@ -44,6 +44,10 @@ from selfie_jobs.states import ChunkState, JobState
 
 log = logging.getLogger(__name__)
 
+#: The daily quota counts the items of a key's jobs submitted within this window, so no job younger than it is ever
+#: purged (selfie_jobs.retention): deleting it would give its items back to the quota.
+QUOTA_WINDOW = timedelta(days=1)
+
 #: Text that stands for one placeholder when the template is rendered (as in the engine).
 PLACEHOLDER_TEXT = "_ "
 
@@ -228,7 +232,7 @@ def check_quota(session: Session, owner_key_id: int | None, count: int, settings
     lock_row(session, ApiKey, owner_key_id)
     key = session.get(ApiKey, owner_key_id)
     quota = (key.daily_quota if key is not None and key.daily_quota is not None else settings.default_daily_quota)
-    since = utcnow() - timedelta(days=1)
+    since = utcnow() - QUOTA_WINDOW
     used = session.scalar(
         select(func.coalesce(func.sum(Job.total), 0)).where(Job.owner_key_id == owner_key_id, Job.created_at >= since)
     )
@@ -259,6 +263,7 @@ def store_job(session: Session, prepared: PreparedJob, request: EngineJobFields,
         done=0,
         created_at=utcnow(),
         deadline_at=utcnow() + timedelta(seconds=settings.job_timeout_seconds),
+        ttl_seconds=request.ttl_seconds,
     )
     session.add(job)
     session.flush()
