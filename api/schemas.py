@@ -77,6 +77,8 @@ class JobStatus(BaseModel):
     timings: Timings
     error: str | None
     spec: dict[str, Any]
+    ttl_seconds: int | None = Field(None, description="Seconds the job is kept after it finished, as its request "
+                                    "asked; None: its key's, else the service's default (docs/api.md, Retention).")
     prompts: list[PromptOut]
     link: str
     links: Links

@@ -94,6 +94,7 @@ def job_request(
     seed: int | None = None,
     priority: int = 5,
     idempotency_key: str | None = None,
+    ttl_seconds: int | None = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/jobs."""
     body: dict[str, Any] = {
@@ -101,7 +102,7 @@ def job_request(
         **engine_fields(model=model, template=template, k=k, injection_mode=injection_mode,
                         injection_strength=injection_strength, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, seed=seed, priority=priority,
-                        idempotency_key=idempotency_key),
+                        idempotency_key=idempotency_key, ttl_seconds=ttl_seconds),
     }
     if pairs is not None:
         body["targets"] = {"pairs": [[int(layer), int(token)] for layer, token in pairs]}
@@ -115,8 +116,10 @@ def job_request(
 def engine_fields(*, model: str | None = None, template: str | Sequence[str | int] | None = None, k: int = 1,
                   injection_mode: str = "replace", injection_strength: float = 1.0, max_new_tokens: int = 30,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                  priority: int = 5, idempotency_key: str | None = None) -> dict[str, Any]:
-    """What every job kind's request holds besides its inputs (template, injection, generation, priority)."""
+                  priority: int = 5, idempotency_key: str | None = None,
+                  ttl_seconds: int | None = None) -> dict[str, Any]:
+    """What every job kind's request holds besides its inputs (template, injection, generation, priority, how long
+    the finished job is kept: `ttl_seconds`, default the key's or the service's)."""
     body: dict[str, Any] = {
         "k": k,
         "injection_mode": injection_mode,
@@ -131,6 +134,8 @@ def engine_fields(*, model: str | None = None, template: str | Sequence[str | in
         body["template"] = {"preset": template} if isinstance(template, str) else {"parts": list(template)}
     if idempotency_key:
         body["idempotency_key"] = idempotency_key
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
     return body
 
 

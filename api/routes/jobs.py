@@ -197,6 +197,7 @@ def get_job(
                         **view.timings()),
         error=job.error,
         spec=job.spec,
+        ttl_seconds=job.ttl_seconds,
         prompts=[PromptOut.model_validate(p) for p in view.prompts],
         link=links.self,
         links=links,

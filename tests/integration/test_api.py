@@ -14,6 +14,7 @@ from selfie_jobs.auth import create_key, revoke_key
 from selfie_jobs.cards import WorkerIdentity, heartbeat
 from selfie_jobs.db import session_scope
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
+from selfie_jobs.specs import MAX_TTL_SECONDS
 from tests.apisupport import (
     NUM_LAYERS,
     flush_model_queue,
@@ -102,6 +103,11 @@ BAD_BODIES = [
     ("wrong type", lambda m: body(m, k="one")),
     ("unknown field", lambda m: body(m, colour="blue")),
     ("NUL in prompt", lambda m: body(m, prompts=["a\x00b"])),
+    ("time to live zero", lambda m: body(m, ttl_seconds=0)),
+    ("time to live negative", lambda m: body(m, ttl_seconds=-60)),
+    ("time to live past ten years", lambda m: body(m, ttl_seconds=MAX_TTL_SECONDS + 1)),
+    ("time to live as text", lambda m: body(m, ttl_seconds="3600")),
+    ("time to live fractional", lambda m: body(m, ttl_seconds=1.5)),
 ]
 
 
@@ -114,6 +120,22 @@ def test_bad_input_is_refused_with_nothing_stored_or_enqueued(env, server, name,
     assert resp.json()["detail"]
     assert count(database_url, Job) == count(database_url, Chunk) == count(database_url, Prompt) == 0
     assert queued_messages(redis_url, model) == []
+
+
+def test_a_time_to_live_is_stored_with_its_job_and_shown(env, server):
+    database_url, _, model = env
+    with server.client() as http:
+        asked = http.post("/v1/jobs", json=body(model, ttl_seconds=MAX_TTL_SECONDS)).json()["id"]
+        default = http.post("/v1/jobs", json=body(model)).json()["id"]
+    from selfie_client import Client
+
+    with Client(server.url) as client:
+        by_client = client.submit("The Eiffel Tower is located in Paris", model=model, ttl_seconds=3600)["id"]
+    with server.client() as http:
+        shown = {j: http.get(f"/v1/jobs/{j}").json()["ttl_seconds"] for j in (asked, default, by_client)}
+    with session_scope(database_url) as s:
+        stored = {j: s.get(Job, j).ttl_seconds for j in (asked, default, by_client)}
+    assert stored == shown == {asked: MAX_TTL_SECONDS, default: None, by_client: 3600}
 
 
 def test_malformed_json_is_refused(env, server):
