@@ -11,6 +11,7 @@ import click
 
 from selfie_cli.database import cli_session
 from selfie_cli.errors import SelfieGroup, UserError
+from selfie_cli.retention import DURATION, describe, purge, set_key_ttl
 
 URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="The API's base URL (env SELFIE_URL).")
@@ -481,12 +482,14 @@ def keys() -> None:
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="This key sees every job.")
 @click.option("--daily-quota", type=int, default=None, help="Interpretations per day (default: settings).")
-def keys_create(name: str, admin: bool, daily_quota: int | None) -> None:
+@click.option("--job-ttl", type=DURATION, default=None,
+              help="How long its jobs are kept after they finish (3600, 12h, 30d; default: the service's).")
+def keys_create(name: str, admin: bool, daily_quota: int | None, job_ttl: int | None) -> None:
     """Make a key; its secret is shown once."""
     from selfie_jobs.auth import create_key
 
     with cli_session() as session:
-        row, secret = create_key(session, name, admin=admin, daily_quota=daily_quota)
+        row, secret = create_key(session, name, admin=admin, daily_quota=daily_quota, job_ttl_seconds=job_ttl)
         key_id = row.id
     click.echo(f"key {key_id} ({name}{', admin' if admin else ''}); the secret is shown only now:")
     click.echo(secret)
@@ -495,14 +498,15 @@ def keys_create(name: str, admin: bool, daily_quota: int | None) -> None:
 @keys.command("list")
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
 def keys_list(include_revoked: bool) -> None:
-    """Keys: id, prefix, name, admin, quota, created, revoked."""
+    """Keys: id, prefix, name, admin, quota, job time to live, created, revoked."""
     from selfie_jobs.auth import list_keys
 
     with cli_session() as session:
         rows = list_keys(session, include_revoked=include_revoked)
         lines = [
             f"{r.id:>4}  {r.prefix}…  {r.name:<20}  {'admin' if r.is_admin else '     '}  "
-            f"quota={r.daily_quota or '-'}  created={r.created_at:%Y-%m-%d %H:%M}"
+            f"quota={r.daily_quota or '-'}  job-ttl={describe(r.job_ttl_seconds) if r.job_ttl_seconds else '-'}  "
+            f"created={r.created_at:%Y-%m-%d %H:%M}"
             + (f"  revoked={r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "")
             for r in rows
         ]
@@ -531,12 +535,23 @@ def keys_revoke(key: str) -> None:
 
 
 
+@keys.command("ttl")
+@click.argument("key")
+@click.argument("duration", type=DURATION)
+def keys_ttl(key: str, duration: int | None) -> None:
+    """Set how long KEY's jobs are kept after they finish (3600, 12h, 30d), or `none` for the service's default.
+
+    Applies to the key's jobs already stored too, at the next purge, except those that asked for their own."""
+    set_key_ttl(key, duration)
+
+
 def _register_audit_commands() -> None:
     from selfie_cli.audit import audit
     from selfie_cli.models import models
 
     cli.add_command(audit)
     cli.add_command(models)
+    cli.add_command(purge)
 
 
 _register_audit_commands()

@@ -40,7 +40,8 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(session: Session, name: str, *, admin: bool = False, daily_quota: int | None = None) -> tuple[ApiKey, str]:
+def create_key(session: Session, name: str, *, admin: bool = False, daily_quota: int | None = None,
+               job_ttl_seconds: int | None = None) -> tuple[ApiKey, str]:
     """Store a new key and return (row, secret). The secret is not stored and cannot be shown again."""
     secret = KEY_MARK + secrets.token_urlsafe(32)
     row = ApiKey(
@@ -49,6 +50,7 @@ def create_key(session: Session, name: str, *, admin: bool = False, daily_quota:
         key_hash=hash_key(secret),
         is_admin=admin,
         daily_quota=daily_quota,
+        job_ttl_seconds=job_ttl_seconds,
         created_at=utcnow(),
     )
     session.add(row)
@@ -77,16 +79,20 @@ def list_keys(session: Session, include_revoked: bool = False) -> list[ApiKey]:
     return list(session.scalars(query).all())
 
 
-def revoke_key(session: Session, id_or_prefix: str | int) -> ApiKey | None:
-    """Revoke by numeric id or by prefix (as shown in listings); returns the row, or None if nothing matched."""
+def find_key(session: Session, id_or_prefix: str | int) -> ApiKey | None:
+    """A key by numeric id or by prefix (as shown in listings), or None; ValueError when a prefix matches several."""
     key_id = id_or_prefix if isinstance(id_or_prefix, int) else parse_id(str(id_or_prefix))
     if key_id is not None:
-        row = session.get(ApiKey, key_id) if 0 < key_id <= INT_MAX else None
-    else:
-        matches = session.scalars(select(ApiKey).where(ApiKey.prefix == str(id_or_prefix)[:PREFIX_LEN])).all()
-        if len(matches) > 1:
-            raise ValueError(f"prefix {id_or_prefix!r} matches {len(matches)} keys; revoke by id")
-        row = matches[0] if matches else None
+        return session.get(ApiKey, key_id) if 0 < key_id <= INT_MAX else None
+    matches = session.scalars(select(ApiKey).where(ApiKey.prefix == str(id_or_prefix)[:PREFIX_LEN])).all()
+    if len(matches) > 1:
+        raise ValueError(f"prefix {id_or_prefix!r} matches {len(matches)} keys; name the key by id")
+    return matches[0] if matches else None
+
+
+def revoke_key(session: Session, id_or_prefix: str | int) -> ApiKey | None:
+    """Revoke by numeric id or by prefix (as shown in listings); returns the row, or None if nothing matched."""
+    row = find_key(session, id_or_prefix)
     if row is not None and row.revoked_at is None:
         row.revoked_at = utcnow()
         session.flush()

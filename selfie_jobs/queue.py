@@ -14,8 +14,9 @@ from typing import Any, Protocol
 RUN_CHUNK_TASK = "selfie.run_chunk"
 RECONCILE_TASK = "selfie.reconcile"
 RUN_AUDIT_TASK = "selfie.run_audit"
+PURGE_TASK = "selfie.purge"
 
-#: Queue for housekeeping tasks (reconciler, audits) that any worker may run.
+#: Queue for housekeeping tasks (reconciler, audits, purge) that any worker may run.
 CONTROL_QUEUE = "selfie.control"
 
 #: Job priorities run 0 (lowest) .. 9 (most urgent).

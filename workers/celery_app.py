@@ -16,6 +16,7 @@ from selfie_jobs.queue import (
     BROKER_TRANSPORT_OPTIONS,
     CONTROL_QUEUE,
     MAX_PRIORITY,
+    PURGE_TASK,
     RECONCILE_TASK,
     RUN_AUDIT_TASK,
     RUN_CHUNK_TASK,
@@ -98,7 +99,8 @@ def create_celery_app(
         task_default_exchange=CONTROL_QUEUE,
         task_default_routing_key=CONTROL_QUEUE,
         task_default_queue=CONTROL_QUEUE,
-        task_routes={RECONCILE_TASK: {"queue": CONTROL_QUEUE}, RUN_AUDIT_TASK: {"queue": CONTROL_QUEUE}},
+        task_routes={RECONCILE_TASK: {"queue": CONTROL_QUEUE}, RUN_AUDIT_TASK: {"queue": CONTROL_QUEUE},
+                     PURGE_TASK: {"queue": CONTROL_QUEUE}},
         # Queues of models this app was not told about are still created when a task names them.
         task_create_missing_queues=True,
         # --- priorities -------------------------------------------------------------------------------------------
@@ -131,6 +133,8 @@ def create_celery_app(
             },
             # Audits: start runs whose cron fired, resume stalled fan-outs, scan finished jobs.
             **_audit_beat_entries(settings),
+            # Retention: delete the jobs past their time to live (selfie_jobs.retention).
+            **_retention_beat_entries(settings),
         },
         beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         timezone="UTC",
@@ -147,6 +151,12 @@ def create_celery_app(
 
 def _audit_beat_entries(settings: Settings) -> dict[str, Any]:
     from workers.audits import beat_entries
+
+    return beat_entries(settings)
+
+
+def _retention_beat_entries(settings: Settings) -> dict[str, Any]:
+    from workers.retention import beat_entries
 
     return beat_entries(settings)
 

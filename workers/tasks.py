@@ -232,5 +232,7 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         return reconcile_once(settings, get_sessionmaker(settings.resolved_database_url()), app)
 
     from workers.audits import register_audit_tasks
+    from workers.retention import register_retention_tasks
 
     register_audit_tasks(app, settings)
+    register_retention_tasks(app, settings)

@@ -1,4 +1,5 @@
-"""`python -m workers beat` sends the reconcile task to the control queue on its schedule (real Redis)."""
+"""`python -m workers beat` sends the reconcile and purge tasks to the control queue on their schedules (real
+Redis)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import pytest
 import redis
 
-from selfie_jobs.queue import CONTROL_QUEUE, RECONCILE_TASK
+from selfie_jobs.queue import CONTROL_QUEUE, PURGE_TASK, RECONCILE_TASK
 from tests.integration.worker_support import ROOT, wait_for, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -47,3 +48,21 @@ def test_beat_sends_reconcile_on_schedule(tmp_path, sqlite_url):
                 proc.wait(20)
         assert sent[0]["args"][0] == []  # no arguments: the database says what to re-send
         assert (tmp_path / "celerybeat-schedule").exists() or any(tmp_path.glob("celerybeat-schedule*"))
+
+
+def test_beat_sends_the_purge_on_schedule(tmp_path, sqlite_url):
+    from workers.embedded import start_embedded_redis
+
+    with start_embedded_redis(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        env = worker_env(sqlite_url, server.url, tmp_path, SELFIE_PURGE_INTERVAL_SECONDS="1")
+        with open(tmp_path / "beat.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--loglevel", "INFO"], cwd=ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                sent = wait_for(lambda: [m for m in _messages(client) if m["task"] == PURGE_TASK], 60,
+                                what="a purge message from beat")
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(20)
+        assert sent[0]["args"][0] == []  # no arguments: the database and the settings say what has expired

@@ -111,3 +111,32 @@ def test_both_worker_commands_refuse_a_batch_size_below_one(capsys):
     assert exited.value.code == 2 and "--batch-size: must be at least 1, not 0" in capsys.readouterr().err
     result = CliRunner().invoke(cli, ["worker", "--model", "m", "--batch-size", "0"])
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+
+
+def test_beat_purges_expired_jobs_through_the_control_queue(tmp_path, migrated_database_url):
+    """The purge is on beat's schedule for the control queue, and the task registered on this app deletes an
+    expired job of this app's database (another app made before, with other settings, does not lend it its task)."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from selfie_jobs.db import session_scope
+    from selfie_jobs.models import Job, utcnow
+    from selfie_jobs.queue import PURGE_TASK
+    from tests.unit.jobs.factories import make_job
+
+    settings = Settings(data_dir=tmp_path, redis_url="redis://127.0.0.1:1/0", database_url=migrated_database_url,
+                        purge_interval_seconds=600, job_ttl_seconds=3600)
+    app = create_celery_app(settings, models=["tiny"])
+    entry = app.conf.beat_schedule["purge"]
+    assert entry["task"] == PURGE_TASK and entry["schedule"] == 600
+    assert entry["options"]["queue"] == CONTROL_QUEUE and app.conf.task_routes[PURGE_TASK] == {"queue": CONTROL_QUEUE}
+    with session_scope(migrated_database_url) as s:
+        old, fresh = (make_job(s, created_at=utcnow() - timedelta(days=3)) for _ in range(2))
+        old.state, old.finished_at = "succeeded", utcnow() - timedelta(hours=2)
+        fresh.state, fresh.finished_at = "succeeded", utcnow() - timedelta(minutes=30)
+        old_id, fresh_id = old.id, fresh.id
+    report = app.tasks[PURGE_TASK]()
+    with session_scope(migrated_database_url) as s:
+        left = set(s.scalars(select(Job.id)))
+    assert report["jobs"] == 1 and left == {fresh_id} and old_id not in left
