@@ -92,6 +92,7 @@ def test_expired_jobs_go_with_everything_hanging_off_them_and_nothing_else(db):
         kept_forever = _job(s, key=keeper, engine_run="shared")  # shares an engine run with `expired`
         own_ttl = _job(s, key=short, ttl=10 * 86400)  # its own time to live beats its key's
         running = _job(s, key=short, state="running", rows=2)
+        s.get(Job, running).finished_at = NOW - 2 * DAY  # a stray finish time does not make a running job expire
         queued = _job(s, key=short, state="queued", rows=0)
         vectors = _job(s, key=short, kind="vectors", rows=5)
         cancelled = _job(s, key=keeper, state="cancelled", ttl=60, finished=NOW - timedelta(minutes=2))
