@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, and_, delete, exists, func, literal, select
+from sqlalchemy import Float, and_, delete, exists, func, literal, select, true
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.functions import FunctionElement
@@ -210,7 +210,7 @@ def _purge_orphan_engine_runs(sessions: Callable[[], Session], batch: int, retry
     def unit(session: Session) -> int:
         _serialise_purges(session)
         oldest = session.scalar(select(func.min(Job.created_at)))
-        where = EngineRun.started_at < oldest if oldest is not None else literal(True)
+        where = EngineRun.started_at < oldest if oldest is not None else true()
         ids = select(EngineRun.id).where(where).limit(batch).scalar_subquery()
         return session.execute(delete(EngineRun).where(EngineRun.id.in_(ids))).rowcount
 
