@@ -3,7 +3,8 @@ measured with pg_total_relation_size on the same synthetic rows in two fresh dat
 
 Rows as a worker writes them: an ~80-character text, `--tokens` generated tokens (token ids and relevancy values
 as the engine makes them: doubles with 16-17 significant digits). After both, the 0006 database is migrated to
-0007 in place (the migration's conversion, timed) and measured again.
+0007 in place (the migration's conversion, timed) and measured again. Also times reading every row's relevancy
+back as lists of floats through SQLAlchemy from each database (JSON text against float32 bytes).
 
     .venv/bin/python benchmarks/row_size.py [--rows 20000] [--tokens 20] [--postgres-url URL]
 """
@@ -87,6 +88,21 @@ def measure(url: str, n: int) -> dict[str, float]:
             "relevancy_column": float(relevancy)}
 
 
+def read_rate(url: str, relevancy_type: sa.types.TypeEngine, n: int, repeats: int = 3) -> float:
+    """Rows/s of reading every row's relevancy as lists of floats through SQLAlchemy (best of `repeats`)."""
+    table = sa.table("interpretations", sa.column("relevancy", relevancy_type))
+    engine = sa.create_engine(url)
+    best = float("inf")
+    with engine.connect() as conn:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            lists = conn.execute(sa.select(table.c.relevancy)).scalars().all()
+            best = min(best, time.perf_counter() - started)
+            assert len(lists) == n and isinstance(lists[0], list)
+    engine.dispose()
+    return n / best
+
+
 def show(label: str, m: dict[str, float]) -> None:
     print(f"{label:<34} {m['total']:>8.0f} {m['heap']:>8.0f} {m['indexes']:>8.0f} {m['toast_etc']:>8.0f} "
           f"{m['relevancy_column']:>10.1f}")
@@ -107,6 +123,8 @@ def main() -> None:
         migrate.upgrade(after_url, "0007_compact_rows")
         fill(after_url, rows, Float32List())
         after = measure(after_url, args.rows)
+        json_reads, float32_reads = read_rate(before_url, sa.JSON(), args.rows), read_rate(after_url, Float32List(),
+                                                                                          args.rows)
         started = time.perf_counter()
         migrate.upgrade(before_url, "0007_compact_rows")
         convert_s = time.perf_counter() - started
@@ -122,9 +140,12 @@ def main() -> None:
     show("0006 migrated to 0007 in place", converted)
     print(f"after / before: {after['total'] / before['total']:.3f} "
           f"({before['total'] - after['total']:.0f} bytes less per row)")
+    print(f"reading every row's relevancy as lists of floats: JSON {json_reads:,.0f} rows/s, float32 "
+          f"{float32_reads:,.0f} rows/s ({float32_reads / json_reads:.2f}x)")
     print(f"migration 0006 -> 0007 converted {args.rows} rows in {convert_s:.1f} s "
           f"({args.rows / convert_s:,.0f} rows/s)")
-    print(json.dumps({"before": before, "after": after, "converted": converted, "convert_s": convert_s}))
+    print(json.dumps({"before": before, "after": after, "converted": converted, "convert_s": convert_s,
+                      "json_reads_per_s": json_reads, "float32_reads_per_s": float32_reads}))
 
 
 if __name__ == "__main__":
