@@ -187,11 +187,18 @@ class EngineRun(Base):
 
 
 class Interpretation(Base):
+    """Every index leads with job_id: a results query reads its job's rows only, from its cursor on, in the order of
+    one index per sort (selfie_jobs.queries._SORTS; what each serves, measured: docs/architecture.md, "Indexes")."""
+
     __tablename__ = "interpretations"
     __table_args__ = (
-        # A redelivered chunk can never duplicate a result.
+        # A redelivered chunk can never duplicate a result; also sort=position, the filters on prompt, and the
+        # text filter's scan of the job's rows.
         UniqueConstraint("job_id", "prompt_index", "layer", "token"),
-        Index("ix_interpretations_job_relevancy", "job_id", "mean_relevancy"),
+        Index("ix_interpretations_job_layer", "job_id", "layer", "prompt_index", "token"),  # sort=layer, -layer
+        Index("ix_interpretations_job_token", "job_id", "prompt_index", "token", "layer"),  # sort=token
+        Index("ix_interpretations_job_relevancy", "job_id", "mean_relevancy", "id"),  # sort=relevancy, -relevancy
+        Index("ix_interpretations_job_created", "job_id", "created_at", "id"),  # sort=created
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -205,8 +212,9 @@ class Interpretation(Base):
     # float32 bytes, read and written as a list of floats (selfie_jobs.float_arrays says why float32)
     relevancy: Mapped[list[float]] = mapped_column(Float32List)
     mean_relevancy: Mapped[float] = mapped_column(Float)
+    # Indexed for the foreign key: deleting chunks finds their rows by it (ON DELETE CASCADE).
     chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
-    engine_run_id: Mapped[str] = mapped_column(String(32), index=True)
+    engine_run_id: Mapped[str] = mapped_column(String(32))
     worker: Mapped[str] = mapped_column(String(255))
     model: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -246,8 +254,9 @@ class VectorInterpretation(Base):
     # float32 bytes, read and written as a list of floats (selfie_jobs.float_arrays says why float32)
     relevancy: Mapped[list[float]] = mapped_column(Float32List)
     mean_relevancy: Mapped[float] = mapped_column(Float)
+    # Indexed for the foreign key: deleting chunks finds their rows by it (ON DELETE CASCADE).
     chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
-    engine_run_id: Mapped[str] = mapped_column(String(32), index=True)
+    engine_run_id: Mapped[str] = mapped_column(String(32))
     worker: Mapped[str] = mapped_column(String(255))
     model: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
