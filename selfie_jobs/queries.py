@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy import and_, false, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.auth import Principal
@@ -55,12 +55,23 @@ def decode_cursor(cursor: str, kind: str, n_values: int) -> list[Any]:
 
 
 def _after(keys: Sequence[tuple[Any, bool]], values: Sequence[Any]):
-    """Rows strictly after `values` in the order given by `keys` ((column, descending) pairs)."""
+    """Rows strictly after `values` in the order given by `keys` ((column, descending) pairs).
+
+    Written so that an index on (job_id, *keys) is entered at the cursor, not scanned from the job's first row:
+    keys all in one direction compare as one row value ((a, b) > (x, y)), which PostgreSQL and SQLite both take
+    as an index range; otherwise the first key bounds the range (a >= x) and the exact condition filters within
+    that key's value."""
+    columns = [column for column, _ in keys]
+    directions = {desc for _, desc in keys}
+    if len(directions) == 1:
+        row = tuple_(*columns)
+        return row < tuple(values) if directions == {True} else row > tuple(values)
     clauses = []
     for i, (column, desc) in enumerate(keys):
         prefix = [keys[j][0] == values[j] for j in range(i)]
         clauses.append(and_(*prefix, column < values[i] if desc else column > values[i]))
-    return or_(*clauses)
+    first, first_desc = keys[0]
+    return and_(first <= values[0] if first_desc else first >= values[0], or_(*clauses))
 
 
 # --- jobs -------------------------------------------------------------------------------------------------------
@@ -229,14 +240,18 @@ def cancel_job(session: Session, job_id: str, who: Principal) -> tuple[Job, bool
 
 SortName = Literal["position", "relevancy", "-relevancy", "layer", "-layer", "token", "created"]
 
+# Each sort's keys, ending in a unique key within the job: (prompt_index, layer, token) is unique per job, so the
+# grid orders need no tie-break; equal relevancies and times are ordered by id. Each order is one index on
+# (job_id, *keys) (models.Interpretation; docs/architecture.md, "Indexes"), read from the cursor on; `-layer`
+# reads the layer index backwards, each layer's rows sorted in memory.
 _SORTS: dict[str, list[tuple[Any, bool]]] = {
     "position": [(Interpretation.prompt_index, False), (Interpretation.layer, False), (Interpretation.token, False)],
-    "relevancy": [(Interpretation.mean_relevancy, False)],
-    "-relevancy": [(Interpretation.mean_relevancy, True)],
+    "relevancy": [(Interpretation.mean_relevancy, False), (Interpretation.id, False)],
+    "-relevancy": [(Interpretation.mean_relevancy, True), (Interpretation.id, True)],
     "layer": [(Interpretation.layer, False), (Interpretation.prompt_index, False), (Interpretation.token, False)],
     "-layer": [(Interpretation.layer, True), (Interpretation.prompt_index, False), (Interpretation.token, False)],
     "token": [(Interpretation.prompt_index, False), (Interpretation.token, False), (Interpretation.layer, False)],
-    "created": [(Interpretation.created_at, False)],
+    "created": [(Interpretation.created_at, False), (Interpretation.id, False)],
 }
 SORT_NAMES = tuple(_SORTS)
 
@@ -280,7 +295,25 @@ def _sort_values(row: Interpretation, keys: Sequence[tuple[Any, bool]]) -> list[
     for column, _ in keys:
         value = getattr(row, column.key)
         values.append(value.isoformat() if isinstance(value, datetime) else value)
-    return values + [row.id]
+    return values
+
+
+def _interpretations_query(columns: Sequence[Any], job_id: str, flt: InterpretationFilter, sort: str,
+                           cursor: str | None):
+    """The job's matching rows as `columns`, in `sort` order, after `cursor`; and the sort's keys."""
+    if sort not in _SORTS:
+        raise QueryError(f"unknown sort {sort!r}; one of {', '.join(SORT_NAMES)}")
+    keys = _SORTS[sort]
+    query = flt.apply(select(*columns).where(Interpretation.job_id == job_id))
+    if cursor:
+        values = decode_cursor(cursor, "interp:" + sort, len(keys))
+        if sort == "created":
+            try:
+                values[0] = datetime.fromisoformat(str(values[0]))
+            except ValueError:
+                raise QueryError("malformed cursor") from None
+        query = query.where(_after(keys, values))
+    return query.order_by(*[(c.desc() if d else c.asc()) for c, d in keys]), keys
 
 
 def interpretations_page(
@@ -293,21 +326,9 @@ def interpretations_page(
     cursor: str | None = None,
 ) -> InterpretationPage:
     """One page of a job's interpretations (the caller checked visibility); `limit=None` means all."""
-    if sort not in _SORTS:
-        raise QueryError(f"unknown sort {sort!r}; one of {', '.join(SORT_NAMES)}")
-    keys = [*_SORTS[sort], (Interpretation.id, False)]
-    query = flt.apply(select(Interpretation).where(Interpretation.job_id == job_id))
-    if cursor:
-        values = decode_cursor(cursor, "interp:" + sort, len(keys))
-        if sort == "created":
-            try:
-                values[0] = datetime.fromisoformat(str(values[0]))
-            except ValueError:
-                raise QueryError("malformed cursor") from None
-        query = query.where(_after(keys, values))
-    query = query.order_by(*[(c.desc() if d else c.asc()) for c, d in keys])
+    query, keys = _interpretations_query([Interpretation], job_id, flt, sort, cursor)
     rows, next_cursor = fetch_page(session, query, limit,
-                                   lambda last: encode_cursor("interp:" + sort, _sort_values(last, keys[:-1])))
+                                   lambda last: encode_cursor("interp:" + sort, _sort_values(last, keys)))
     return InterpretationPage(rows=rows, next_cursor=next_cursor)
 
 
