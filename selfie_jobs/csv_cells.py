@@ -9,8 +9,12 @@ negative relevancy) is left as it is. Scripts that want the exact text ask for `
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any, Literal
 
 CsvMode = Literal["safe", "raw"]
@@ -29,3 +33,43 @@ def safe_cell(value: Any) -> Any:
 def csv_row(values: Iterable[Any], mode: CsvMode) -> list[Any]:
     """One row for `csv.writer`, made safe unless `mode` is "raw"."""
     return list(values) if mode == "raw" else [safe_cell(v) for v in values]
+
+
+def export_cell(value: Any) -> Any:
+    """A stored value as its CSV cell: text and numbers as they are, times in ISO 8601, lists and dicts as JSON,
+    nothing as an empty cell."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float:  # nearly every cell: the cheapest test first
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return value
+
+
+def _safe_export_cell(value: Any) -> Any:
+    return safe_cell(value) if type(value) is str else export_cell(value)
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], mode: CsvMode,
+             rows_per_piece: int = 1000) -> Iterator[str]:
+    """A CSV file in pieces of `rows_per_piece` rows (the header first), for a streamed response: memory holds one
+    piece whatever the number of rows."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    cell = export_cell if mode == "raw" else _safe_export_cell
+    piece: list[list[Any]] = []
+    for row in rows:
+        piece.append([cell(v) for v in row])
+        if len(piece) == rows_per_piece:
+            writer.writerows(piece)
+            piece.clear()
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    writer.writerows(piece)
+    yield buffer.getvalue()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import and_, false, func, or_, select, tuple_, update
+from sqlalchemy import JSON, Text, and_, cast, false, func, or_, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.auth import Principal
@@ -344,23 +344,36 @@ def fetch_page(session: Session, query: Any, limit: int | None, cursor_after: An
     return rows, cursor_after(rows[-1])
 
 
-def iter_interpretations(
-    session: Session, job_id: str, flt: InterpretationFilter, *, sort: str = "position", page_size: int = 1000,
+#: Rows a streamed export fetches from the database at a time (a server-side cursor on PostgreSQL).
+EXPORT_BATCH = 2000
+
+
+def export_columns(table: type, names: Sequence[str]) -> list[Any]:
+    """`names` of `table` to select for an export. A JSON column comes as the text stored (what json.dumps wrote
+    when the row was stored, so the same text the export would write), not parsed into lists to be written back."""
+    columns = []
+    for name in names:
+        column = getattr(table, name)
+        columns.append(cast(column, Text).label(name) if isinstance(column.type, JSON) else column)
+    return columns
+
+
+def stream_rows(session: Session, query: Any, limit: int | None = None) -> Iterator[Sequence[Any]]:
+    """The rows of `query` (up to `limit`) as tuples, fetched EXPORT_BATCH at a time through one cursor, so an
+    export of any size holds one batch in memory."""
+    if limit is not None:
+        query = query.limit(limit)
+    for batch in session.execute(query.execution_options(yield_per=EXPORT_BATCH)).partitions():
+        yield from batch
+
+
+def export_interpretations(
+    session: Session, job_id: str, flt: InterpretationFilter, columns: Sequence[str], *, sort: str = "position",
     cursor: str | None = None, limit: int | None = None,
-) -> Iterator[Interpretation]:
-    """Every matching row (up to `limit`), read page by page (for CSV export of big jobs)."""
-    left = limit
-    while True:
-        size = page_size if left is None else min(page_size, left)
-        if size <= 0:
-            return
-        page = interpretations_page(session, job_id, flt, sort=sort, limit=size, cursor=cursor)
-        yield from page.rows
-        if left is not None:
-            left -= len(page.rows)
-        if page.next_cursor is None:
-            return
-        cursor = page.next_cursor
+) -> Iterator[Sequence[Any]]:
+    """Every matching row (up to `limit`) as a tuple of `columns`, streamed (CSV export of big jobs)."""
+    query, _ = _interpretations_query(export_columns(Interpretation, columns), job_id, flt, sort, cursor)
+    return stream_rows(session, query, limit)
 
 
 # --- models -----------------------------------------------------------------------------------------------------

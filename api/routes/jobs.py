@@ -3,9 +3,6 @@ and interpretations (JSON or CSV)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -32,7 +29,7 @@ from api.schemas import (
     Timings,
 )
 from selfie_jobs.errors import BadQuery, Conflict, DomainError, NotFound
-from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_row
+from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_text
 from selfie_jobs.ids import INT_MAX
 from selfie_jobs.kinds import DEFAULT_KIND, all_kinds, get_kind
 from selfie_jobs.models import Job
@@ -41,7 +38,7 @@ from selfie_jobs.queries import (
     InterpretationFilter,
     cancel_job,
     interpretations_page,
-    iter_interpretations,
+    export_interpretations,
     job_chunk_counts,
     job_view,
     list_jobs,
@@ -217,21 +214,9 @@ def post_cancel(job_id: str, session: SessionDep, who: PrincipalDep) -> CancelOu
 
 def _csv_rows(maker, job_id: str, flt: InterpretationFilter, sort: str, cursor: str | None,
               limit: int | None, mode: CsvMode) -> Iterator[str]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(CSV_COLUMNS)
     with maker() as session:
-        for n, row in enumerate(iter_interpretations(session, job_id, flt, sort=sort, cursor=cursor, limit=limit)):
-            writer.writerow(csv_row([
-                row.prompt_index, row.layer, row.token, row.source_token, row.text, row.mean_relevancy,
-                json.dumps(row.relevancy), json.dumps(row.token_ids), row.worker, row.model,
-                row.created_at.isoformat() if row.created_at else "",
-            ], mode))
-            if n % 200 == 0:
-                yield buffer.getvalue()
-                buffer.seek(0)
-                buffer.truncate()
-    yield buffer.getvalue()
+        yield from csv_text(CSV_COLUMNS, export_interpretations(session, job_id, flt, CSV_COLUMNS, sort=sort,
+                                                                cursor=cursor, limit=limit), mode)
 
 
 @router.get(
@@ -306,31 +291,8 @@ for _name, _kind in all_kinds().items():
 
 def _csv_result_rows(maker, job_id: str, kind_name: str, limit: int | None, mode: CsvMode) -> Iterator[str]:
     kind = get_kind(kind_name)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(kind.csv_columns)
-    left, cursor = limit, None
     with maker() as session:
-        while left is None or left > 0:
-            page = kind.read_page(session, job_id, limit=1000 if left is None else min(1000, left), cursor=cursor)
-            for row in page.rows:
-                writer.writerow(csv_row([_csv_value(row[c]) for c in kind.csv_columns], mode))
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-            if left is not None:
-                left -= len(page.rows)
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
-
-
-def _csv_value(value):
-    if isinstance(value, (list, dict)):
-        return json.dumps(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return "" if value is None else value
+        yield from csv_text(kind.csv_columns, kind.export_rows(session, job_id, limit=limit), mode)
 
 
 @router.get(

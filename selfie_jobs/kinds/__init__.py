@@ -10,7 +10,8 @@ A kind says:
 - `row_from`: what a result row holds (a dataclass with `item`, `TABLE` and `values()`); rows are written by one
   bulk INSERT .. ON CONFLICT DO NOTHING on (job, item) with the chunk marked done in the same transaction
   (`selfie_jobs.chunks.write_results`), so a redelivered chunk never duplicates a row;
-- `read_page` / `csv_columns`: how its results are read and exported.
+- `read_page` / `export_rows` / `csv_columns`: how its results are read (pages by cursor) and exported (every row
+  streamed through one database cursor).
 
 Invariants: a kind's `batch_key` differs from every other kind's (the kind is hashed into it, except for
 `interpret`, whose keys predate kinds), so cross-job batching only ever groups chunks of one kind and one engine
@@ -19,7 +20,7 @@ setting; a work item is a tuple of ints, unique within its job, and `(chunk id, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -93,6 +94,10 @@ class JobKind:
         raise NotImplementedError
 
     def read_page(self, session: Session, job_id: str, *, limit: int | None, cursor: str | None) -> ResultPage:
+        raise NotImplementedError
+
+    def export_rows(self, session: Session, job_id: str, *, limit: int | None) -> Iterator[Sequence[Any]]:
+        """The job's rows (up to `limit`) in `read_page`'s order, each a tuple of `csv_columns`, streamed."""
         raise NotImplementedError
 
 

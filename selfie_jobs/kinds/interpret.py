@@ -7,7 +7,7 @@ unique per (job, prompt_index, layer, token). Runner: `workers.runners.interpret
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -112,6 +112,11 @@ class InterpretKind(JobKind):
 
         page = interpretations_page(session, job_id, InterpretationFilter(), limit=limit, cursor=cursor)
         return ResultPage([_as_dict(row) for row in page.rows], page.next_cursor)
+
+    def export_rows(self, session: Session, job_id: str, *, limit: int | None) -> Iterator[Sequence[Any]]:
+        from selfie_jobs.queries import InterpretationFilter, export_interpretations
+
+        return export_interpretations(session, job_id, InterpretationFilter(), self.csv_columns, limit=limit)
 
 
 def _as_dict(row: Interpretation) -> dict[str, Any]:

@@ -11,7 +11,7 @@ Runner: `workers.runners.vectors`. Uploads (.npy, .safetensors) become this requ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
@@ -247,3 +247,10 @@ class VectorsKind(JobKind):
         rows, next_cursor = fetch_page(session, query, limit,
                                        lambda last: encode_cursor("vectors", [last.vector_index]))
         return ResultPage([{c: getattr(r, c) for c in self.csv_columns} for r in rows], next_cursor)
+
+    def export_rows(self, session: Session, job_id: str, *, limit: int | None) -> Iterator[Sequence[Any]]:
+        from selfie_jobs.queries import export_columns, stream_rows
+
+        query = (select(*export_columns(VectorInterpretation, self.csv_columns))
+                 .where(VectorInterpretation.job_id == job_id).order_by(VectorInterpretation.vector_index))
+        return stream_rows(session, query, limit)

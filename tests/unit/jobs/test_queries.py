@@ -1,0 +1,159 @@
+"""Result pages and exports (selfie_jobs.queries) on SQLite and PostgreSQL: cursors in every sort order, filters
+confined to the job, the plans that keep a page at the job's rows, the streamed export."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import text
+
+from selfie_jobs import migrate, queries
+from selfie_jobs.db import get_sessionmaker
+from selfie_jobs.models import Interpretation
+from selfie_jobs.queries import SORT_NAMES, InterpretationFilter, interpretations_page
+from tests.unit.jobs.factories import make_job
+
+GRID = [(p, layer, token) for p in range(3) for layer in range(5) for token in range(4)]  # 60 rows a job
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def jobs(database_url):
+    """Two jobs with the same grid, their rows stored in a shuffled order (ids follow no sort), with equal
+    relevancies and equal times (the tie-breaks count); the other job's texts all hold 'zyzzyva'."""
+    migrate.upgrade(database_url)
+    maker = get_sessionmaker(database_url)
+    with maker() as s:
+        mine, other = make_job(s, items=GRID), make_job(s, items=GRID)
+        chunk_of = {}
+        for job in (mine, other):
+            chunk_of[job.id] = s.execute(text("SELECT min(id) FROM chunks WHERE job_id = :j"), {"j": job.id}).scalar()
+        rows = [(job, item) for job in (mine, other) for item in GRID]
+        random.Random(3).shuffle(rows)
+        for n, (job, (p, layer, token)) in enumerate(rows):
+            word = "zyzzyva" if job is other else ("Paris" if layer % 2 else "tower")
+            s.add(Interpretation(
+                job_id=job.id, prompt_index=p, layer=layer, token=token, source_token=f"t{token}",
+                text=f"about {word} {n}", token_ids=[n, 2], relevancy=[0.1 * (n % 3), -0.5],
+                mean_relevancy=(n % 4) / 4, chunk_id=chunk_of[job.id], engine_run_id="r", worker="w", model="tiny",
+                created_at=T0 + timedelta(seconds=n // 5)))
+        s.commit()
+        yield maker, mine.id, other.id
+
+
+def _expected(rows: list[Interpretation], sort: str) -> list[int]:
+    orders = {
+        "position": lambda r: (r.prompt_index, r.layer, r.token),
+        "relevancy": lambda r: (r.mean_relevancy, r.id),
+        "-relevancy": lambda r: (-r.mean_relevancy, -r.id),
+        "layer": lambda r: (r.layer, r.prompt_index, r.token),
+        "-layer": lambda r: (-r.layer, r.prompt_index, r.token),
+        "token": lambda r: (r.prompt_index, r.token, r.layer),
+        "created": lambda r: (r.created_at.replace(tzinfo=timezone.utc), r.id),
+    }
+    return [r.id for r in sorted(rows, key=orders[sort])]
+
+
+def _walk(session, job_id: str, flt: InterpretationFilter, sort: str, limit: int) -> list[Interpretation]:
+    seen, cursor = [], None
+    while True:
+        page = interpretations_page(session, job_id, flt, sort=sort, limit=limit, cursor=cursor)
+        assert len(page.rows) <= limit
+        seen += page.rows
+        if page.next_cursor is None:
+            return seen
+        cursor = page.next_cursor
+
+
+@pytest.mark.parametrize("sort", SORT_NAMES)
+def test_cursor_pages_give_every_row_once_in_the_sort_order(jobs, sort):
+    """Equal relevancies and equal times are ordered by id, ascending for `relevancy` and `created`, descending for
+    `-relevancy` (the exact reverse of `relevancy`, which the relevancy index reads backwards)."""
+    maker, mine, _ = jobs
+    with maker() as s:
+        everything = interpretations_page(s, mine, InterpretationFilter(), sort=sort, limit=None).rows
+        expected = _expected(everything, sort)
+        for limit in (1, 7, 60):
+            assert [r.id for r in _walk(s, mine, InterpretationFilter(), sort, limit)] == expected
+        filtered = [r for r in everything if 1 <= r.layer <= 3 and "paris" in r.text.lower()]
+        walked = _walk(s, mine, InterpretationFilter(layer_min=1, layer_max=3, q="PARIS"), sort, 4)
+        assert [r.id for r in walked] == _expected(filtered, sort) and len(walked) == 24
+    assert len(expected) == len(set(expected)) == len(GRID)
+
+
+def test_the_text_filter_reads_the_jobs_rows_only(jobs):
+    maker, mine, other = jobs
+    with maker() as s:
+        assert interpretations_page(s, mine, InterpretationFilter(q="zyzzyva"), limit=None).rows == []
+        assert len(interpretations_page(s, other, InterpretationFilter(q="ZYZZYVA"), limit=None).rows) == len(GRID)
+        rows = interpretations_page(s, mine, InterpretationFilter(q="paris"), sort="-layer", limit=None).rows
+    assert rows and {r.job_id for r in rows} == {mine} and all(r.layer % 2 for r in rows)
+
+
+def _plan(session, query) -> str:
+    sql = str(query.limit(101).compile(dialect=session.bind.dialect, compile_kwargs={"literal_binds": True}))
+    if session.bind.dialect.name == "sqlite":
+        return " | ".join(row[-1] for row in session.execute(text("EXPLAIN QUERY PLAN " + sql)))
+    # A handful of rows: PostgreSQL would read them all and sort them; what is checked is which plans the indexes
+    # allow (a sort the indexes leave necessary stays in the plan, at the cost these settings give it).
+    for setting in ("enable_seqscan", "enable_bitmapscan", "enable_sort"):
+        session.execute(text(f"SET LOCAL {setting} = off"))
+    return " | ".join(row[0] for row in session.execute(text("EXPLAIN " + sql)))
+
+
+@pytest.mark.parametrize("sort", SORT_NAMES)
+def test_every_sort_reads_an_index_of_the_job_from_the_cursor_on(jobs, sort):
+    """A page is read from an index that leads with job_id, in the sort's order and entered at the cursor, so a
+    page costs the same at any depth and in a table of any size. Only `-layer` (layer descending, the rest
+    ascending) sorts in memory, the rows of one layer at a time on PostgreSQL (incremental sort) and SQLite
+    ('RIGHT PART OF ORDER BY')."""
+    maker, mine, _ = jobs
+    with maker() as s:
+        first = interpretations_page(s, mine, InterpretationFilter(), sort=sort, limit=30)
+        for cursor in (None, first.next_cursor):
+            query, _ = queries._interpretations_query([Interpretation], mine, InterpretationFilter(q="x"), sort,
+                                                      cursor)
+            plan = _plan(s, query)
+            if s.bind.dialect.name == "sqlite":
+                assert "USING INDEX" in plan and "(job_id=?" in plan, plan
+                if sort == "-layer":
+                    assert "TEMP B-TREE FOR RIGHT PART OF ORDER BY" in plan, plan
+                else:
+                    assert "TEMP B-TREE" not in plan, plan  # the index gives the order: no sort of the job's rows
+                if cursor:  # entered at the cursor, not filtered from the job's first row
+                    assert "(job_id=? AND " in plan, plan
+            else:
+                assert "Index Cond: ((job_id)" in plan or "Index Cond: (((job_id)" in plan, plan
+                assert "Seq Scan" not in plan, plan
+                if sort == "-layer":
+                    assert "Incremental Sort" in plan and "Presorted Key: layer" in plan, plan
+                else:
+                    assert "Sort Key" not in plan, plan  # the index gives the order: no sort of the job's rows
+                if cursor:
+                    bound = "(layer <= " if sort == "-layer" else "AND (ROW("
+                    assert bound in plan.split("Filter:")[0], plan
+            s.rollback()
+
+
+def test_the_export_streams_every_row_with_the_json_as_stored(jobs, monkeypatch):
+    """Fetched a few rows at a time (here 7): every matching row once, in order, each a tuple of the columns asked
+    for, the JSON columns as the text the row's JSON was stored as (what the pages parse)."""
+    from selfie_jobs.queries import export_interpretations
+
+    maker, mine, _ = jobs
+    monkeypatch.setattr(queries, "EXPORT_BATCH", 7)
+    columns = ("prompt_index", "layer", "token", "relevancy", "token_ids", "mean_relevancy", "created_at")
+    with maker() as s:
+        pages = interpretations_page(s, mine, InterpretationFilter(layer_min=1), sort="-relevancy", limit=None).rows
+        exported = list(export_interpretations(s, mine, InterpretationFilter(layer_min=1), columns,
+                                               sort="-relevancy"))
+        limited = list(export_interpretations(s, mine, InterpretationFilter(), columns, limit=9))
+    assert [tuple(r[:3]) for r in exported] == [(r.prompt_index, r.layer, r.token) for r in pages]
+    assert len(exported) == 48 and len(limited) == 9
+    for row, page_row in zip(exported, pages, strict=True):
+        assert isinstance(row[3], str) and row[3] == json.dumps(page_row.relevancy)
+        assert row[4] == json.dumps(page_row.token_ids) and row[5] == page_row.mean_relevancy
+        assert row[6] == page_row.created_at
