@@ -54,6 +54,20 @@ def _safe_export_cell(value: Any) -> Any:
     return safe_cell(value) if type(value) is str else export_cell(value)
 
 
+_AS_IS = frozenset((str, int, float))
+_RISKY_FIRST = frozenset(FORMULA_START)
+
+
+def _raw_cells(row: Sequence[Any]) -> list[Any]:
+    return [v if type(v) in _AS_IS else export_cell(v) for v in row]
+
+
+def _safe_cells(row: Sequence[Any]) -> list[Any]:
+    # Inline for the common cells (numbers, text not starting like a formula): an export calls this per row.
+    return [v if type(v) in _AS_IS and (type(v) is not str or v[:1] not in _RISKY_FIRST) else _safe_export_cell(v)
+            for v in row]
+
+
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], mode: CsvMode,
              rows_per_piece: int = 1000) -> Iterator[str]:
     """A CSV file in pieces of `rows_per_piece` rows (the header first), for a streamed response: memory holds one
@@ -61,10 +75,10 @@ def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], mode: CsvMode
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    cell = export_cell if mode == "raw" else _safe_export_cell
+    cells = _raw_cells if mode == "raw" else _safe_cells
     piece: list[list[Any]] = []
     for row in rows:
-        piece.append([cell(v) for v in row])
+        piece.append(cells(row))
         if len(piece) == rows_per_piece:
             writer.writerows(piece)
             piece.clear()

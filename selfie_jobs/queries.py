@@ -363,7 +363,9 @@ def stream_rows(session: Session, query: Any, limit: int | None = None) -> Itera
     export of any size holds one batch in memory."""
     if limit is not None:
         query = query.limit(limit)
-    for batch in session.execute(query.execution_options(yield_per=EXPORT_BATCH)).partitions():
+    # Through the session's connection: plain rows, without the ORM's per-row loading (columns only, no entities).
+    result = session.connection().execute(query.execution_options(yield_per=EXPORT_BATCH))
+    for batch in result.partitions():
         yield from batch
 
 
