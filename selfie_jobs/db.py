@@ -124,7 +124,12 @@ def create_db_engine(url: str) -> Engine:
         configure_sqlite(engine, WriteGate(SQLITE_WRITE_WAIT_SECONDS))
         return engine
     # pool_pre_ping: a restarted database must not hand out dead connections to the next request.
-    return create_engine(url, pool_pre_ping=True, **pool)
+    # jit=off: PostgreSQL compiles any query it costs high, as the text filter's scan of a 100,000-row job is, and
+    # the compiling took longer than it saved (about 90 of 520 ms, benchmarks/README.md "Reads at scale"); the
+    # service's queries are short OLTP reads and writes.
+    given = parsed.query.get("options")  # options in the URL are kept, jit=off added to them
+    options = f"{given} -c jit=off" if isinstance(given, str) and given else "-c jit=off"
+    return create_engine(url, pool_pre_ping=True, connect_args={"options": options}, **pool)
 
 
 @lru_cache(maxsize=8)

@@ -157,3 +157,19 @@ def test_the_export_streams_every_row_with_the_json_as_stored(jobs, monkeypatch)
         assert isinstance(row[3], str) and row[3] == json.dumps(page_row.relevancy)
         assert row[4] == json.dumps(page_row.token_ids) and row[5] == page_row.mean_relevancy
         assert row[6] == page_row.created_at
+
+
+@pytest.mark.postgres
+def test_postgres_connections_run_without_jit(postgres_url):
+    """JIT compiling of the text filter's scan cost more than it saved; options given in the URL are kept."""
+    from selfie_jobs.db import create_db_engine
+
+    for url, work_mem in ((postgres_url, None), (postgres_url + "?options=-c%20work_mem%3D7MB", "7MB")):
+        engine = create_db_engine(url)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SHOW jit")).scalar() == "off"
+                if work_mem:
+                    assert conn.execute(text("SHOW work_mem")).scalar() == work_mem
+        finally:
+            engine.dispose()
