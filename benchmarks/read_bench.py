@@ -13,9 +13,10 @@ queries and the JSON/CSV serialisation as served) for the job's
 - `/results` first page and a deep cursor page (the page after 90% of the rows, reached by walking the cursors);
 - `/interpretations` first page in every sort order, a deep cursor page in every sort order, a layer filter (one
   layer; a range of three), the text filter with a word no row has and with a common one;
-and prints p50/p95 of `--repeats` requests of each (100 rows a page), then streams the whole job as CSV
-(`/interpretations?format=csv` and `/results?format=csv`) and prints rows/s and the peak growth of the process's
-resident memory while it streams. The naive reference in the same run: the same rows read by the driver alone
+and prints p50/p95 of `--repeats` requests of each (100 rows a page) and the median CPU time this process spent on
+one (the API's threads and the client's; the database server's is not in it), then streams the whole job as CSV
+(`/interpretations?format=csv` and `/results?format=csv`) and prints rows/s, rows per CPU-second of this process
+and the peak growth of the process's resident memory while it streams. The naive reference in the same run: the same rows read by the driver alone
 (a plain SELECT of the job's rows, its cursor iterated, each row written by csv.writer), rows/s.
 
     .venv/bin/python benchmarks/read_bench.py --db postgres [--total 10000000] [--repeats 30]
@@ -258,15 +259,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def timed(http, path: str, params: dict, repeats: int) -> tuple[list[float], dict]:
-    times, body = [], None
+def timed(http, path: str, params: dict, repeats: int) -> tuple[list[float], list[float], dict]:
+    """Wall times and this process's CPU times (the API's and the client's, every thread) of `repeats` requests."""
+    times, cpu, body = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         resp = http.get(path, params=params)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         assert resp.status_code == 200, (path, params, resp.status_code, resp.text[:300])
         body = resp.json()
-    return times, body
+    return times, cpu, body
 
 
 def deep_cursor(http, path: str, params: dict, rows_before: int) -> str:
@@ -305,10 +308,11 @@ class PeakRss:
         return (self.peak - self.start) / 2**20
 
 
-def stream_csv(http, path: str, params: dict) -> tuple[int, float, float]:
-    """(data rows, seconds, peak RSS growth MiB) of one CSV download, read as it streams."""
+def stream_csv(http, path: str, params: dict) -> tuple[int, float, float, float]:
+    """(data rows, seconds, CPU seconds of this process, peak RSS growth MiB) of one CSV download, read as it
+    streams."""
     with PeakRss() as mem:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lines = 0
         with http.stream("GET", path, params=params) as resp:
             assert resp.status_code == 200, resp.status_code
@@ -316,8 +320,8 @@ def stream_csv(http, path: str, params: dict) -> tuple[int, float, float]:
             for block in resp.iter_bytes():
                 lines += block.count(b"\n")
                 tail = block[-1:] or tail
-        seconds = time.perf_counter() - t0
-    return lines - 1, seconds, mem.growth_mib
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return lines - 1, seconds, cpu, mem.growth_mib
 
 
 def driver_csv_rate(url: str, job_rows: int) -> float:
@@ -358,17 +362,18 @@ def measure(url: str, redis_url: str, job_rows: int, repeats: int) -> None:
     results = f"/v1/jobs/{TARGET_JOB}/results"
     interp = f"/v1/jobs/{TARGET_JOB}/interpretations"
     deep = int(job_rows * 0.9)
-    print(f"\n{'request (100 rows a page)':<58} {'p50 ms':>8} {'p95 ms':>8}  rows")
+    print(f"\n{'request (100 rows a page)':<58} {'p50 ms':>8} {'p95 ms':>8} {'CPU ms':>8}  rows")
     worst = 0.0
     with TestClient(app) as http:
         http.get(results, params={"limit": 100})  # the pool's first connection, the app's first request
 
         def report(name, path, params):
             nonlocal worst
-            times, body = timed(http, path, params, repeats)
+            times, cpu, body = timed(http, path, params, repeats)
             p50, p95 = percentile(times, 0.5) * 1000, percentile(times, 0.95) * 1000
             worst = max(worst, p95)
-            print(f"{name:<58} {p50:8.1f} {p95:8.1f}  {len(body['items'])}", flush=True)
+            print(f"{name:<58} {p50:8.1f} {p95:8.1f} {statistics.median(cpu) * 1000:8.1f}  {len(body['items'])}",
+                  flush=True)
 
         report("results: first page", results, {"limit": 100})
         report(f"results: page after {deep:,} rows (cursor)", results,
@@ -387,14 +392,14 @@ def measure(url: str, redis_url: str, job_rows: int, repeats: int) -> None:
         print(f"worst p95: {worst:.1f} ms (target < 100 ms)")
 
         reference = driver_csv_rate(url, job_rows)
-        print(f"\n{'CSV export of the whole job':<58} {'rows/s':>8} {'peak RSS +MiB':>14}")
+        print(f"\n{'CSV export of the whole job':<44} {'rows/s':>8} {'rows/CPU-s':>11} {'peak RSS +MiB':>14}")
         for name, path, params in (("interpretations?format=csv", interp, {"format": "csv"}),
                                    ("results?format=csv", results, {"format": "csv"})):
-            rows, seconds, growth = stream_csv(http, path, params)
+            rows, seconds, cpu, growth = stream_csv(http, path, params)
             assert rows == job_rows, (name, rows)
-            print(f"{name:<58} {rows / seconds:8.0f} {growth:14.1f}   ({seconds:.2f} s, "
+            print(f"{name:<44} {rows / seconds:8.0f} {rows / cpu:11.0f} {growth:14.1f}   ({seconds:.2f} s, "
                   f"{rows / seconds / reference:.2f} of the driver alone)", flush=True)
-        print(f"{'reference: the driver cursor + csv.writer, no API':<58} {reference:8.0f}")
+        print(f"{'reference: driver cursor + csv.writer, no API':<44} {reference:8.0f}")
 
 
 def main() -> None:
