@@ -217,3 +217,50 @@ def test_compact_rows_converts_every_relevancy_list_and_back(database_url):
     assert vector_read == ([0.25, 0.75], [1, 2], "v", 2.0)
     assert back == {i + 1: rel for i, rel in enumerate(f32)}
     assert (json.loads(vector_back) if isinstance(vector_back, str) else vector_back) == [0.25, 0.75]
+
+
+def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_url):
+    """0008 on a database with results in it: every row kept, the sort indexes built, the engine-run ones gone;
+    and back down to the revision before it."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.models import Interpretation
+    from tests.unit.jobs.factories import make_job
+
+    previous = ScriptDirectory.from_config(migrate.alembic_config()).get_revision("0008_result_indexes").down_revision
+    migrate.upgrade(database_url, previous)
+    engine = create_db_engine(database_url)
+    try:
+        with Session(engine) as s:
+            job = make_job(s, items=[(0, layer, 0) for layer in range(3)])
+            chunk_id = s.execute(text("SELECT min(id) FROM chunks")).scalar()
+            for layer in range(3):
+                s.add(Interpretation(job_id=job.id, prompt_index=0, layer=layer, token=0, source_token="t",
+                                     text=f"text {layer}", token_ids=[1], relevancy=[0.5, 0.25], mean_relevancy=0.375,
+                                     chunk_id=chunk_id, engine_run_id="r", worker="w", model="tiny"))
+            s.commit()
+        before = _indexes(engine)
+        migrate.upgrade(database_url, "0008_result_indexes")
+        after = _indexes(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT layer, text FROM interpretations ORDER BY layer")).all()
+        migrate.downgrade(database_url, previous)
+        assert _indexes(engine) == before
+    finally:
+        engine.dispose()
+    assert rows == [(0, "text 0"), (1, "text 1"), (2, "text 2")]
+    assert {"ix_interpretations_engine_run_id", "ix_vector_interpretations_engine_run_id"} <= before.keys() - after.keys()
+    assert after["ix_interpretations_job_layer"] == ["job_id", "layer", "prompt_index", "token"]
+    assert after["ix_interpretations_job_token"] == ["job_id", "prompt_index", "token", "layer"]
+    assert after["ix_interpretations_job_relevancy"] == ["job_id", "mean_relevancy", "id"]
+    assert after["ix_interpretations_job_created"] == ["job_id", "created_at", "id"]
+    assert before["ix_interpretations_job_relevancy"] == ["job_id", "mean_relevancy"]
+
+
+def _indexes(engine) -> dict[str, list[str]]:
+    with engine.connect() as conn:
+        found = inspect(conn)
+        return {ix["name"]: ix["column_names"] for table in ("interpretations", "vector_interpretations")
+                for ix in found.get_indexes(table)}
