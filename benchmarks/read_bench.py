@@ -16,8 +16,9 @@ queries and the JSON/CSV serialisation as served) for the job's
 and prints p50/p95 of `--repeats` requests of each (100 rows a page) and the median CPU time this process spent on
 one (the API's threads and the client's; the database server's is not in it), then streams the whole job as CSV
 (`/interpretations?format=csv` and `/results?format=csv`) and prints rows/s, rows per CPU-second of this process
-and the peak growth of the process's resident memory while it streams. The naive reference in the same run: the same rows read by the driver alone
-(a plain SELECT of the job's rows, its cursor iterated, each row written by csv.writer), rows/s.
+and the peak growth of the process's resident memory while it streams. The naive reference in the same run: the
+same rows read by the driver alone (a plain SELECT of the job's rows, its cursor iterated, each row written by
+csv.writer), rows/s.
 
     .venv/bin/python benchmarks/read_bench.py --db postgres [--total 10000000] [--repeats 30]
     .venv/bin/python benchmarks/read_bench.py --db sqlite --total 1000000

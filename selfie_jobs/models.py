@@ -188,7 +188,8 @@ class EngineRun(Base):
 
 class Interpretation(Base):
     """Every index leads with job_id: a results query reads its job's rows only, from its cursor on, in the order of
-    one index per sort (selfie_jobs.queries._SORTS; what each serves, measured: docs/architecture.md, "Indexes")."""
+    one index per sort (selfie_jobs.queries._SORTS; what each serves, measured: docs/architecture.md, "Result
+    indexes")."""
 
     __tablename__ = "interpretations"
     __table_args__ = (

@@ -242,8 +242,8 @@ SortName = Literal["position", "relevancy", "-relevancy", "layer", "-layer", "to
 
 # Each sort's keys, ending in a unique key within the job: (prompt_index, layer, token) is unique per job, so the
 # grid orders need no tie-break; equal relevancies and times are ordered by id. Each order is one index on
-# (job_id, *keys) (models.Interpretation; docs/architecture.md, "Indexes"), read from the cursor on; `-layer`
-# reads the layer index backwards, each layer's rows sorted in memory.
+# (job_id, *keys) (models.Interpretation; docs/architecture.md, "Result indexes"), read from the cursor on;
+# `-layer` reads the layer index backwards, each layer's rows sorted in memory.
 _SORTS: dict[str, list[tuple[Any, bool]]] = {
     "position": [(Interpretation.prompt_index, False), (Interpretation.layer, False), (Interpretation.token, False)],
     "relevancy": [(Interpretation.mean_relevancy, False), (Interpretation.id, False)],

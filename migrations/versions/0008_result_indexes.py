@@ -1,7 +1,7 @@
 """Result indexes chosen from the measured queries: one index leading with job_id per sort order of a job's
 interpretations, so that every page (first or deep, by keyset cursor) and every filter reads the job's rows only;
 the engine-run indexes, which no query uses, are dropped. What each index serves, with the measured query:
-docs/architecture.md ("Indexes"); figures: benchmarks/README.md ("Reads at scale").
+docs/architecture.md ("Result indexes"); figures: benchmarks/README.md ("Reads at scale").
 
 On PostgreSQL the new indexes are built in the migration's transaction: writes to `interpretations` wait while
 they build (measured on 10,000,000 rows in benchmarks/README.md).

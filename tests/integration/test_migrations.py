@@ -251,7 +251,8 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
     finally:
         engine.dispose()
     assert rows == [(0, "text 0"), (1, "text 1"), (2, "text 2")]
-    assert {"ix_interpretations_engine_run_id", "ix_vector_interpretations_engine_run_id"} <= before.keys() - after.keys()
+    dropped = before.keys() - after.keys()
+    assert {"ix_interpretations_engine_run_id", "ix_vector_interpretations_engine_run_id"} <= dropped
     assert after["ix_interpretations_job_layer"] == ["job_id", "layer", "prompt_index", "token"]
     assert after["ix_interpretations_job_token"] == ["job_id", "prompt_index", "token", "layer"]
     assert after["ix_interpretations_job_relevancy"] == ["job_id", "mean_relevancy", "id"]
