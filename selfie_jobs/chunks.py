@@ -20,10 +20,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from selfie_jobs.kinds import DEFAULT_KIND, item_tuple
+from selfie_jobs.bulk import bulk_insert
+from selfie_jobs.kinds import DEFAULT_KIND, get_kind, item_tuple
 from selfie_jobs.kinds.interpret import ResultRow  # noqa: F401 - its writers import it from here
 from selfie_jobs.locking import lock_row
 from selfie_jobs.models import Chunk, EngineRun, Job, utcnow
@@ -155,6 +155,11 @@ def claim_more(
     Ordered by priority (9 = most urgent first) then id (first come, first served), up to
     `max_items` interpretations in all. Each one is taken by the same compare-and-set as `claim_chunk`, so two
     workers racing for the same candidates never both get one. The caller commits.
+
+    On PostgreSQL the candidates are read FOR UPDATE SKIP LOCKED: a chunk another claimer holds is passed over, never
+    waited for. Waiting here, with the first chunk already locked, let two workers that each held the chunk the other
+    wanted deadlock (one deadlock per 157 engine runs with two workers); this way a claim waits at most once, for its
+    first chunk, while it holds nothing. SQLite has one writer at a time and needs no such order.
     """
     if max_items <= 0:
         return []
@@ -165,6 +170,7 @@ def claim_more(
         .where(Chunk.model == model, Chunk.batch_key == batch_key, Chunk.state == ChunkState.QUEUED)
         .order_by(Chunk.priority.desc(), Chunk.id)
         .limit(max(1, max_items))
+        .with_for_update(skip_locked=True)
     )
     if excluded:
         query = query.where(Chunk.id.not_in(excluded))
@@ -217,42 +223,93 @@ def storable_text(text: str | None) -> str:
     return (text or "").replace("\x00", "\ufffd")
 
 
-def _insert_ignore(session: Session, table: Any):
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise NotImplementedError(f"no INSERT .. ON CONFLICT DO NOTHING for dialect {dialect!r}")
-
-
 def lock_job(session: Session, job_id: str) -> Job | None:
     """Take the job's row lock (``locking.lock_row``) before reading anything else of it, and return the job as it
     is now.
 
-    Every writer of a job's progress goes through here, and so does a cancel, so they are serialised per job: the
-    "no open chunk left" check then sees the other writers' committed chunks, and exactly one marks the job
-    succeeded; a cancel never overwrites a state written after it read it.
+    Every change of a job's state goes through here (a cancel, a failure, the writer that finishes a chunk), so
+    they are serialised per job: the "no open chunk left" check then sees the other writers' committed chunks, and
+    exactly one marks the job succeeded; a cancel never overwrites a state written after it read it. FOR NO KEY
+    UPDATE, not FOR UPDATE: result inserts hold the job row's KEY SHARE lock (their foreign key) until they commit,
+    and FOR UPDATE would wait on them while they wait on this lock for their completion step.
     """
     lock_row(session, Job, job_id)
     return session.execute(
-        select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+        select(Job).where(Job.id == job_id).with_for_update(key_share=True).execution_options(populate_existing=True)
     ).scalar_one_or_none()
 
 
-def _fresh_chunk(session: Session, chunk_id: int) -> Chunk | None:
-    return session.execute(
-        select(Chunk).where(Chunk.id == chunk_id).execution_options(populate_existing=True)
-    ).scalar_one_or_none()
+def _job_state_for_write(session: Session, job_id: str, complete: bool) -> str | None:
+    """The job's state, read under a lock that keeps it from closing until this transaction ends.
+
+    A write that completes its chunk takes the job's row lock (it may change the job's progress and state); one
+    that only adds rows takes a share lock on PostgreSQL, which other writers' share locks do not wait on but a
+    cancel or a failure (``lock_job``) does. SQLite has one writer at a time: the writer already holds it.
+    """
+    if complete or session.get_bind().dialect.name != "postgresql":
+        job = lock_job(session, job_id)
+        return job.state if job is not None else None
+    return session.scalar(select(Job.state).where(Job.id == job_id).with_for_update(read=True))
 
 
-def _finish_job_if_complete(session: Session, job: Job, now: datetime) -> None:
-    open_chunks = session.scalar(
-        select(func.count()).select_from(Chunk).where(Chunk.job_id == job.id, Chunk.state.in_(["queued", "running"]))
+def _close_for_closed_job(session: Session, job_id: str, job_state: str, chunk_id: int, owner: str,
+                          now: datetime) -> None:
+    # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job it
+    # holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
+    session.execute(
+        update(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]),
+               or_(Chunk.id == chunk_id, and_(Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)))
+        .values(state=ChunkState.CANCELLED if job_state == JobState.CANCELLED else ChunkState.FAILED,
+                finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
     )
-    if not open_chunks and job.state not in FINAL_JOB_STATES:
-        job.state = JobState.SUCCEEDED
-        job.finished_at = now
+
+
+def _insert_rows(session: Session, job_id: str, chunk_id: int, rows: Sequence[Any], *, engine_run_id: str,
+                 worker: str, model: str, now: datetime) -> int:
+    # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
+    row_type = type(rows[0])
+    table = row_type.TABLE.__table__
+    shared = {"job_id": job_id, "chunk_id": chunk_id, "engine_run_id": engine_run_id, "worker": worker,
+              "model": model, "created_at": now}
+    values = [{**shared, **r.values(storable_text)} for r in rows]
+    insert = bulk_insert(session, table, tuple(values[0]), ("job_id", *row_type.ITEM_COLUMNS))
+    return insert.run(session, values)
+
+
+def _complete(session: Session, job_id: str, kind: str, job_state: str, chunk_id: int, owner: str,
+              now: datetime) -> tuple[bool, str]:
+    """Mark the chunk done if this owner still holds it; its rows then count in the job's progress, and the job
+    succeeds when no chunk is left open. Runs under the job's row lock. Returns (chunk marked, job state)."""
+    marked = session.execute(
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
+        .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount == 1
+    if not marked:
+        return False, job_state
+    table = get_kind(kind).table
+    # Progress is the rows of done chunks, each counted once (a chunk is marked done once): counted in SQL from
+    # the chunk's own rows, so writes that added no progress never touched this row.
+    chunk_rows = select(func.count()).select_from(table).where(table.chunk_id == chunk_id).scalar_subquery()
+    session.execute(
+        update(Job).where(Job.id == job_id)
+        .values(done=Job.done + chunk_rows, state=JobState.RUNNING, started_at=func.coalesce(Job.started_at, now))
+        .execution_options(synchronize_session=False)
+    )
+    open_chunks = session.scalar(
+        select(func.count()).select_from(Chunk)
+        .where(Chunk.job_id == job_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]))
+    )
+    if open_chunks:
+        return True, JobState.RUNNING
+    session.execute(
+        update(Job).where(Job.id == job_id).values(state=JobState.SUCCEEDED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return True, JobState.SUCCEEDED
 
 
 def write_results(
@@ -269,81 +326,55 @@ def write_results(
 ) -> WriteOutcome:
     """Store some (or the last) results of one chunk; with `complete`, mark the chunk done. The caller commits.
 
-    Rows already present (a redelivered or re-run chunk) are skipped by the unique key, and the job's `done`
-    grows by the rows actually inserted. Nothing is written for a job that is already cancelled or failed.
-    The chunk is marked done only if this owner still holds it.
+    Rows already present (a redelivered or re-run chunk) are skipped by the unique key. Nothing is written for a job
+    that is cancelled or failed. The chunk is marked done only if this owner still holds it, and then its rows count
+    in the job's `done`.
+
+    Writers of one job do not wait on each other while they insert: the rows go in first, under a savepoint, and
+    only then is the job's state checked under its lock (a share lock for rows only, the row lock for a completion,
+    held from there to the commit); a job found closed rolls its rows back. On SQLite, where one writer at a time
+    holds the database anyway, the lock comes first.
     """
     now = now or utcnow()
-    job_id = session.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
-    if job_id is None:
+    found = session.execute(
+        select(Chunk.job_id, Job.state, Job.kind).join(Job, Job.id == Chunk.job_id).where(Chunk.id == chunk_id)
+    ).first()
+    if found is None:
         return WriteOutcome(0, False, None, "chunk is gone")
-    job = lock_job(session, job_id)
-    chunk = _fresh_chunk(session, chunk_id)
-    if job is None or chunk is None:
-        return WriteOutcome(0, False, None, "job is gone")
-    if job.state in FINAL_JOB_STATES:
-        # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job
-        # it holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
-        session.execute(
-            update(Chunk)
-            .where(Chunk.job_id == job.id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]),
-                   or_(Chunk.id == chunk_id, and_(Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)))
-            .values(state=ChunkState.CANCELLED if job.state == JobState.CANCELLED else ChunkState.FAILED,
-                    finished_at=now, lease_expires_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        return WriteOutcome(0, False, job.state, f"job is {job.state}")
+    job_id, job_state, kind = found
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if not postgres:
+        job_state = _job_state_for_write(session, job_id, complete)
+        if job_state is None:
+            return WriteOutcome(0, False, None, "job is gone")
+    if job_state in FINAL_JOB_STATES:
+        _close_for_closed_job(session, job_id, job_state, chunk_id, owner, now)
+        return WriteOutcome(0, False, job_state, f"job is {job_state}")
 
     inserted = 0
-    if rows:
-        # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
-        row_type = type(rows[0])
-        table = row_type.TABLE
-        values = [
-            {
-                "job_id": job.id,
-                **r.values(storable_text),
-                "chunk_id": chunk_id,
-                "engine_run_id": engine_run_id,
-                "worker": worker,
-                "model": model,
-                "created_at": now,
-            }
-            for r in rows
-        ]
-        stmt = (
-            _insert_ignore(session, table)
-            .values(values)
-            .on_conflict_do_nothing(index_elements=["job_id", *row_type.ITEM_COLUMNS])
-            .returning(table.id)
-        )
-        inserted = len(session.execute(stmt).all())
+    if postgres:
+        savepoint = session.begin_nested() if rows else None
+        if rows:
+            inserted = _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
+                                    model=model, now=now)
+        job_state = _job_state_for_write(session, job_id, complete)
+        if job_state is None or job_state in FINAL_JOB_STATES:
+            if savepoint is not None:
+                savepoint.rollback()
+            if job_state is None:
+                return WriteOutcome(0, False, None, "job is gone")
+            _close_for_closed_job(session, job_id, job_state, chunk_id, owner, now)
+            return WriteOutcome(0, False, job_state, f"job is {job_state}")
+        if savepoint is not None:
+            savepoint.commit()
+    elif rows:
+        inserted = _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
+                                model=model, now=now)
 
-    # Counted in SQL, not read-modify-write in Python: the database adds, whatever this session read before.
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id)
-        .values(
-            done=Job.done + inserted,
-            state=JobState.RUNNING,  # the job is open (checked under the lock above)
-            started_at=func.coalesce(Job.started_at, now),
-        )
-        .execution_options(synchronize_session=False)
-    )
     chunk_done = False
     if complete:
-        marked = session.execute(
-            update(Chunk)
-            .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
-            .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None)
-            .execution_options(synchronize_session=False)
-        )
-        chunk_done = marked.rowcount == 1
-    job = lock_job(session, job.id)  # re-read (same transaction, lock already held)
-    if chunk_done:
-        _finish_job_if_complete(session, job, now)
-    session.flush()
-    return WriteOutcome(inserted, chunk_done, job.state)
+        chunk_done, job_state = _complete(session, job_id, kind, job_state, chunk_id, owner, now)
+    return WriteOutcome(inserted, chunk_done, job_state)
 
 
 def complete_chunk(
@@ -384,6 +415,14 @@ def start_engine_run(
         elapsed_s=0.0,
     )
     session.add(run)
+    # A job is running from the moment a worker starts on its first chunk (not at its first write, which would
+    # make every write touch the job's row). In its own transaction, after the claim's: the claim holds chunk
+    # locks, and a job lock taken after them would invert the order a cancel or a failure takes them in.
+    session.execute(
+        update(Job).where(Job.id.in_(job_ids), Job.state == JobState.QUEUED)
+        .values(state=JobState.RUNNING, started_at=func.coalesce(Job.started_at, now or utcnow()))
+        .execution_options(synchronize_session=False)
+    )
     session.flush()
     return run.id
 

@@ -46,8 +46,8 @@ def test_cancel_never_overwrites_a_job_that_succeeded_while_it_ran(db, other_eng
             s.commit()
             return cancelled
 
-    with db() as s, s.begin():
-        C.write_results(s, chunk_id, "w1", [], engine_run_id="r", worker="w1", model="tiny", complete=False)
+    with db() as s, s.begin():  # the worker starts its engine run: the job is running from here
+        C.start_engine_run(s, "w1", "tiny", [claimed])
     with db() as worker:
         outcome = C.write_results(worker, chunk_id, "w1", rows, engine_run_id="r", worker="w1", model="tiny",
                                   complete=True)
