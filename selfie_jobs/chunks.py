@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.bulk import bulk_insert
@@ -246,9 +246,16 @@ def _job_state_for_write(session: Session, job_id: str, complete: bool) -> str |
     that only adds rows takes a share lock on PostgreSQL, which other writers' share locks do not wait on but a
     cancel or a failure (``lock_job``) does. SQLite has one writer at a time: the writer already holds it.
     """
-    if complete or session.get_bind().dialect.name != "postgresql":
+    if session.get_bind().dialect.name != "postgresql":
         job = lock_job(session, job_id)
         return job.state if job is not None else None
+    if complete:
+        # lock_job in one statement: a no-op UPDATE (FOR NO KEY UPDATE) whose RETURNING reads the row as the last
+        # holder of the lock committed it
+        return session.scalar(
+            update(Job).where(Job.id == job_id).values(priority=Job.priority).returning(Job.state)
+            .execution_options(synchronize_session=False)
+        )
     return session.scalar(select(Job.state).where(Job.id == job_id).with_for_update(read=True))
 
 
@@ -278,10 +285,22 @@ def _insert_rows(session: Session, job_id: str, chunk_id: int, rows: Sequence[An
     return insert.run(session, values)
 
 
+def _chunk_rows(kind: str, chunk_id: int):
+    table = get_kind(kind).table
+    return select(func.count()).select_from(table).where(table.chunk_id == chunk_id).scalar_subquery()
+
+
 def _complete(session: Session, job_id: str, kind: str, job_state: str, chunk_id: int, owner: str,
               now: datetime) -> tuple[bool, str]:
     """Mark the chunk done if this owner still holds it; its rows then count in the job's progress, and the job
-    succeeds when no chunk is left open. Runs under the job's row lock. Returns (chunk marked, job state)."""
+    succeeds when no chunk is left open. Runs under the job's row lock, so the check for open chunks sees every
+    completion that held the lock before. Returns (chunk marked, job state).
+
+    Progress is the rows of done chunks, each chunk counted once (it is marked done once), counted in SQL from the
+    chunk's own rows: writes that only add rows never touch the job's row.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        return _complete_in_one_statement(session, job_id, kind, job_state, chunk_id, owner, now)
     marked = session.execute(
         update(Chunk)
         .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
@@ -290,13 +309,10 @@ def _complete(session: Session, job_id: str, kind: str, job_state: str, chunk_id
     ).rowcount == 1
     if not marked:
         return False, job_state
-    table = get_kind(kind).table
-    # Progress is the rows of done chunks, each counted once (a chunk is marked done once): counted in SQL from
-    # the chunk's own rows, so writes that added no progress never touched this row.
-    chunk_rows = select(func.count()).select_from(table).where(table.chunk_id == chunk_id).scalar_subquery()
     session.execute(
         update(Job).where(Job.id == job_id)
-        .values(done=Job.done + chunk_rows, state=JobState.RUNNING, started_at=func.coalesce(Job.started_at, now))
+        .values(done=Job.done + _chunk_rows(kind, chunk_id), state=JobState.RUNNING,
+                started_at=func.coalesce(Job.started_at, now))
         .execution_options(synchronize_session=False)
     )
     open_chunks = session.scalar(
@@ -310,6 +326,36 @@ def _complete(session: Session, job_id: str, kind: str, job_state: str, chunk_id
         .execution_options(synchronize_session=False)
     )
     return True, JobState.SUCCEEDED
+
+
+def _complete_in_one_statement(session: Session, job_id: str, kind: str, job_state: str, chunk_id: int, owner: str,
+                               now: datetime) -> tuple[bool, str]:
+    """`_complete` as one PostgreSQL statement (one round trip instead of four): the chunk is marked in a
+    data-modifying CTE, and the job's progress and state follow only if it was. The statement's snapshot is taken
+    after this transaction got the job's lock; it does not see the CTE's own change, hence `id != chunk`."""
+    marked = (
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
+        .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None)
+        .returning(Chunk.id)
+        .cte("marked")
+    )
+    others_open = (
+        select(Chunk.id)
+        .where(Chunk.job_id == job_id, Chunk.id != chunk_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]))
+        .exists()
+    )
+    at = literal(now, Job.finished_at.type)
+    state = session.scalar(
+        update(Job)
+        .where(Job.id == job_id, select(marked.c.id).exists())
+        .values(done=Job.done + _chunk_rows(kind, chunk_id), started_at=func.coalesce(Job.started_at, at),
+                state=case((others_open, JobState.RUNNING), else_=JobState.SUCCEEDED),
+                finished_at=case((others_open, Job.finished_at), else_=at))
+        .returning(Job.state)
+        .execution_options(synchronize_session=False)
+    )
+    return (False, job_state) if state is None else (True, state)
 
 
 def write_results(

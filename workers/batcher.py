@@ -11,7 +11,12 @@ Failure policy:
 - a job whose input the engine rejects (SelfieInputError, non-finite results) fails with a stored error; the
   other jobs of the batch run on without it;
 - out of memory: the batch is split in halves and each half retried (recursively), only for what is not done;
-- a device failure (CUDA device-side error) raises `DeviceFailure`: the process must be replaced.
+- a device failure (CUDA device-side error) raises `DeviceFailure`: the process must be replaced;
+- a write that fails (past the database retry window) stops the run: its error is raised and the chunks go back.
+
+Writes overlap compute: each finished engine batch's rows go to a writer thread (`workers.writer.WriteBehind`) and
+the engine starts its next batch at once; `execute` returns when every write has committed. What the writer finds
+(a job cancelled meanwhile) reaches the scheduler one batch later, which only costs that batch's compute.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Protocol
 
 from selfie_jobs.chunks import ClaimedChunk, WriteOutcome
 from selfie_jobs.kinds import DEFAULT_KIND, get_kind
+from workers.writer import WRITE_DEPTH, WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +120,11 @@ def _finite(value: Any) -> bool:
 
 
 class _Execution:
-    def __init__(self, plan: BatchPlan, runner: Runner, sink: Sink):
+    def __init__(self, plan: BatchPlan, runner: Runner, sink: Sink, writer: WriteBehind):
         self.plan = plan
         self.runner = runner
         self.sink = sink
+        self.writer = writer
         self.kind = get_kind(plan.kind)
         self.stats = ExecutionStats(items=len(plan.items))
         self.job_of = {c.id: c.job_id for c in plan.chunks}
@@ -152,7 +159,18 @@ class _Execution:
                     raise
                 self.fail_job(job_id, f"the engine rejected this job's input: {exc}")
 
+    def account(self) -> None:
+        """Take in what the writer has committed: rows inserted, chunks done, jobs found closed."""
+        for written in self.writer.written():
+            self.stats.inserted += written.outcome.inserted
+            if written.outcome.skipped_reason:
+                # cancelled (or failed elsewhere): stop spending time on it
+                self.stats.closed_jobs.add(self.job_of[written.chunk_id])
+            if written.complete and written.outcome.chunk_done:
+                self.stats.chunks_done.append(written.chunk_id)
+
     def deliver(self, results: Sequence[Any]) -> None:
+        self.account()
         by_chunk: dict[int, list[Any]] = defaultdict(list)
         for result in results:
             chunk_id = result.key[0]
@@ -172,14 +190,9 @@ class _Execution:
                 continue
             self.remaining[chunk_id].difference_update((chunk_id, *r.item) for r in rows)
             complete = not self.remaining[chunk_id]
-            outcome = self.sink.write(chunk_id, rows, complete)
-            self.stats.inserted += outcome.inserted
-            if outcome.skipped_reason:
-                self.stats.closed_jobs.add(job_id)  # cancelled (or failed elsewhere): stop spending time on it
+            self.writer.submit(chunk_id, rows, complete)  # stored while the engine computes its next batch
             if complete:
                 self.completed.add(chunk_id)
-                if outcome.chunk_done:
-                    self.stats.chunks_done.append(chunk_id)
 
     def run(self, items: Sequence[WorkItem]) -> None:
         items = self.pending(items)
@@ -225,16 +238,23 @@ class _Execution:
             if self.remaining[chunk.id]:
                 raise RuntimeError(f"the engine returned no result for {len(self.remaining[chunk.id])} "
                                    f"items of chunk {chunk.id}")
-            outcome = self.sink.write(chunk.id, [], True)
+            self.writer.submit(chunk.id, [], True)
             self.completed.add(chunk.id)
-            if outcome.chunk_done:
-                self.stats.chunks_done.append(chunk.id)
 
 
-def execute(plan: BatchPlan, runner: Runner, sink: Sink) -> ExecutionStats:
-    """Run one plan as one engine run: validate per job, stream, write each finished engine batch per chunk."""
-    execution = _Execution(plan, runner, sink)
-    execution.validate_per_job()
-    execution.run(plan.items)
-    execution.finish()
+def execute(plan: BatchPlan, runner: Runner, sink: Sink, *, write_depth: int = WRITE_DEPTH) -> ExecutionStats:
+    """Run one plan as one engine run: validate per job, stream, and hand each finished engine batch's rows, per
+    chunk, to a writer thread (`workers.writer.WriteBehind`) that stores them while the next batch computes. Returns
+    once every write has committed; a write's error is raised here."""
+    writer = WriteBehind(sink, write_depth)
+    execution = _Execution(plan, runner, sink, writer)
+    try:
+        execution.validate_per_job()
+        execution.run(plan.items)
+        execution.finish()
+    except BaseException:
+        writer.abandon()
+        raise
+    writer.close()
+    execution.account()
     return execution.stats

@@ -3,21 +3,32 @@
 `--inject-fault` (or SELFIE_WORKER_INJECT_FAULT) takes one of:
 - ``oom-above:N``: every engine call with more than N items raises CUDA out-of-memory (the batcher must split);
 - ``device-once:PATH``: the first engine call raises a CUDA device-side error, once across process restarts
-  (PATH records that it fired), so the worker must exit and its replacement must finish the work.
+  (PATH records that it fired), so the worker must exit and its replacement must finish the work;
+- ``hold-write:PATH``: the writer thread commits its first write, then holds the second one (rows handed over,
+  not committed) for good after recording PATH, once across process restarts, so a test can kill the worker
+  while its writer holds rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import threading
 from pathlib import Path
 from typing import Any
+
+KINDS = ("oom-above", "device-once", "hold-write")
+
+
+def parse(spec: str) -> tuple[str, str]:
+    kind, _, arg = spec.partition(":")
+    if kind not in KINDS or not arg:
+        raise ValueError(f"unknown fault {spec!r}: use oom-above:N, device-once:PATH or hold-write:PATH")
+    return kind, arg
 
 
 class FaultInjectingRunner:
     def __init__(self, inner: Any, spec: str):
-        kind, _, arg = spec.partition(":")
-        if kind not in ("oom-above", "device-once") or not arg:
-            raise ValueError(f"unknown fault {spec!r}: use oom-above:N or device-once:PATH")
+        kind, arg = parse(spec)
         self.inner = inner
         self.kind = kind
         self.arg = arg
@@ -36,3 +47,23 @@ class FaultInjectingRunner:
                 marker.write_text("fired")
                 raise RuntimeError("CUDA error: device-side assert triggered (injected)")
         return self.inner.stream(items, spec)
+
+
+class FaultInjectingSink:
+    """A sink whose second write never finishes (``hold-write``); any other fault leaves writes alone."""
+
+    def __init__(self, inner: Any, spec: str):
+        self.inner = inner
+        self.kind, self.arg = parse(spec)
+        self.writes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def write(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> Any:
+        self.writes += 1
+        marker = Path(self.arg)
+        if self.kind == "hold-write" and self.writes == 2 and not marker.exists():
+            marker.write_text(f"holding {len(rows)} rows of chunk {chunk_id}")
+            threading.Event().wait()  # until the process is killed
+        return self.inner.write(chunk_id, rows, complete)

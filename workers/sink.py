@@ -1,4 +1,5 @@
-"""Where a worker's results go: the database, one transaction per chunk, retried through outages."""
+"""Where a worker's results go: the database, one transaction per chunk, retried through outages. The batcher
+hands these writes to a writer thread (`workers.writer.WriteBehind`) so that they overlap compute."""
 
 from __future__ import annotations
 

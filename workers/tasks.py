@@ -144,6 +144,10 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
 
         inputs, run_id = unit_of_work(runtime.sessions, begin, settings.db_retry_seconds)
         sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
+        if runtime.options.inject_fault:
+            from workers.faults import FaultInjectingSink
+
+            sink = FaultInjectingSink(sink, runtime.options.inject_fault)
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, inputs):
             stats = batcher.execute(plan, runtime.runner_for(plan.kind), sink)

@@ -216,3 +216,32 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
         os.killpg(beat.pid, signal.SIGTERM)
         beat.wait(20)
         beat_log.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+def test_sigkill_while_the_writer_holds_rows_loses_nothing_and_writes_each_row_once(stack, tmp_path, kind):
+    # The writer thread commits the first write and then holds the second (handed over, not committed) until the
+    # process dies; the engine goes on computing meanwhile, up to the bounded hand-off.
+    marker = tmp_path / "holding"
+    worker = stack.start_worker("w1", max_batch=32, batch_size=1, extra=("--inject-fault", f"hold-write:{marker}"))
+    stack.wait_ready(worker)
+    (child,) = worker.children()
+    stack.settings = stack.settings.model_copy(update={"chunk_size": 32})  # one chunk, written in many writes
+    job = stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2), max_new_tokens=8))
+    wait_for(marker.exists, 60, interval=0.05, what="the writer holding rows")
+    with stack.db() as s:
+        written, total = stack.rows(job), s.get(Job, job).total
+        (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
+        assert 0 < written < total and chunk.state == "running" and chunk.attempts == 1
+    os.kill(child, signal.SIGKILL)
+    stack.wait_jobs(job)
+    stack.assert_exactly_once(job)
+    with stack.db() as s:
+        (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
+        finished = s.get(Job, job)
+        assert (finished.state, finished.done, chunk.state) == ("succeeded", total, "done")
+        owner_pid = s.scalar(select(Worker.pid).where(Worker.name == chunk.owner))
+    assert chunk.attempts == 2 and owner_pid != child and child not in worker.children()
+    assert "holding" in marker.read_text()

@@ -1,0 +1,123 @@
+"""The writer thread that stores one engine batch's rows while the engine computes the next.
+
+`WriteBehind` keeps the guarantees of a synchronous write: writes are made one at a time in the order they were
+handed over (a chunk's rows before its completion), a chunk is done only when the transaction that marks it has
+committed, and a worker killed with writes in flight loses nothing, because an uncommitted chunk stays `running`
+and is run again (its committed rows are skipped by the unique key). The hand-off is bounded (`depth` writes
+waiting), so a writer that falls behind slows the engine down instead of holding rows without limit; the
+worker's heartbeat thread renews the chunks' leases all the while. The first write that fails stops the writer:
+later writes are dropped (a completion must never follow rows that did not commit) and the error is raised to the
+scheduler at its next hand-off or at `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from selfie_jobs.chunks import WriteOutcome
+
+log = logging.getLogger(__name__)
+
+#: Writes waiting for the writer thread at most: one engine batch's writes being stored while the next ones wait
+#: is what hides the database behind compute; more would only hold more rows in memory.
+WRITE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class Written:
+    """A write the writer thread has committed, for the scheduler to account for."""
+
+    chunk_id: int
+    complete: bool
+    outcome: WriteOutcome
+
+
+_STOP = object()
+
+
+class WriteBehind:
+    """A bounded hand-off of `sink.write` calls to one writer thread (see the module docstring)."""
+
+    def __init__(self, sink: Any, depth: int = WRITE_DEPTH, *, poll_seconds: float = 0.1):
+        self.sink = sink
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._written: deque[Written] = deque()
+        self._error: BaseException | None = None
+        self._poll = poll_seconds
+        self._thread = threading.Thread(target=self._run, name="selfie-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> None:
+        """Hand a write over; blocks while `depth` writes wait. Raises the writer's error, if it had one."""
+        while True:
+            self.raise_error()
+            try:
+                self._queue.put((chunk_id, rows, complete), timeout=self._poll)
+                return
+            except queue.Full:
+                continue
+
+    def written(self) -> list[Written]:
+        """The writes committed since the last call, in order."""
+        out = []
+        while self._written:
+            out.append(self._written.popleft())
+        return out
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Wait until every write handed over has committed; raises the writer's error, if it had one."""
+        self._put_stop()
+        self._thread.join()
+        self.raise_error()
+
+    def abandon(self) -> None:
+        """On the way out after an error elsewhere: writes not started are dropped, the one under way finishes
+        (its transaction commits or rolls back whole). Its own error, if any, is logged: the first one is raised."""
+        self._drop_waiting()
+        self._put_stop()
+        self._thread.join()
+        if self._error is not None:
+            log.warning("the writer had also failed: %s", self._error)
+
+    # -- the writer thread ----------------------------------------------------------------------------------
+    def _put_stop(self) -> None:
+        while True:
+            try:
+                self._queue.put(_STOP, timeout=self._poll)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    return
+
+    def _drop_waiting(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if self._error is not None:
+                continue  # after a failed write nothing more is written (a completion must not follow lost rows)
+            chunk_id, rows, complete = item
+            try:
+                outcome = self.sink.write(chunk_id, rows, complete)
+            except BaseException as exc:  # noqa: BLE001 - handed to the scheduler's thread, raised there
+                log.error("writing %d rows of chunk %s failed: %s", len(rows), chunk_id, exc)
+                self._error = exc
+                continue
+            self._written.append(Written(chunk_id, complete, outcome))
