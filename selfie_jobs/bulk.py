@@ -33,18 +33,24 @@ class BulkInsert:
     processors: tuple[Callable[[Any], Any] | None, ...]
     positional: bool
 
-    def parameters(self, rows: Iterable[Mapping[str, Any]]) -> list[Any]:
-        """The driver's parameter sets: each row's values in column order, through the columns' bind processors."""
-        columns, processors = self.columns, self.processors
+    def parameters(self, shared: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> list[Any]:
+        """The driver's parameter sets: `shared` (the same for every row: job, chunk, timestamps) and each row's own
+        values, in column order, through the columns' bind processors (the shared ones once)."""
+        processed = {c: shared[c] if p is None else p(shared[c])
+                     for c, p in zip(self.columns, self.processors) if c in shared}
+        own = [(i, c, p) for i, (c, p) in enumerate(zip(self.columns, self.processors)) if c not in shared]
+        template = [processed.get(c) for c in self.columns]
         out: list[Any] = []
         for row in rows:
-            values = [row[c] if p is None else p(row[c]) for c, p in zip(columns, processors)]
-            out.append(tuple(values) if self.positional else dict(zip(columns, values)))
+            values = list(template)
+            for i, c, p in own:
+                values[i] = row[c] if p is None else p(row[c])
+            out.append(tuple(values) if self.positional else dict(zip(self.columns, values)))
         return out
 
-    def run(self, session: Session, rows: Iterable[Mapping[str, Any]]) -> int:
+    def run(self, session: Session, shared: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> int:
         """Insert the rows in the session's transaction; returns how many were new."""
-        params = self.parameters(rows)
+        params = self.parameters(shared, rows)
         if not params:
             return 0
         result = session.connection().exec_driver_sql(self.sql, params)

@@ -3,7 +3,8 @@
 The database decides who works on what. A queue message only names a chunk; whoever wins the compare-and-set
 UPDATE on the chunk row runs it, under a lease it renews. Results are inserted with ON CONFLICT DO NOTHING on
 their kind's unique key (job and item: prompt index, layer, token for interpretations; vector index for vectors),
-so a redelivered chunk never duplicates a row, and the job's progress counter grows by the rows actually inserted.
+so a redelivered chunk never duplicates a row; the job's progress counter grows by a chunk's rows when the chunk is
+marked done (`selfie_jobs.writes`, which stores results).
 
 Every function takes a Session and leaves commit to the caller, except `complete_chunk`, which is one
 transaction per chunk by contract and therefore takes a session factory. `unit_of_work` (selfie_jobs.retry)
@@ -19,16 +20,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from selfie_jobs.bulk import bulk_insert
-from selfie_jobs.kinds import DEFAULT_KIND, get_kind, item_tuple
+from selfie_jobs.kinds import DEFAULT_KIND, item_tuple
 from selfie_jobs.kinds.interpret import ResultRow  # noqa: F401 - its writers import it from here
-from selfie_jobs.locking import lock_row
 from selfie_jobs.models import Chunk, EngineRun, Job, utcnow
 from selfie_jobs.retry import is_transient, unit_of_work, with_db_retry  # noqa: F401 - part of this module's API
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
+# Storing results is its own module; its names stay reachable here, where the chunk lifecycle's callers look.
+from selfie_jobs.writes import (  # noqa: F401 - part of this module's API
+    WriteOutcome,
+    complete_chunk,
+    lock_job,
+    storable_text,
+    write_results,
+)
 
 log = logging.getLogger(__name__)
 
@@ -207,243 +214,6 @@ def renew_leases(
 # --------------------------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WriteOutcome:
-    inserted: int
-    chunk_done: bool
-    job_state: str | None
-    skipped_reason: str | None = None
-
-
-def storable_text(text: str | None) -> str:
-    """Text as every database stores it: PostgreSQL refuses NUL in text, and a random or broken model can
-    generate the token for byte 0x00. It becomes U+FFFD (the replacement character), visibly."""
-    return (text or "").replace("\x00", "\ufffd")
-
-
-def lock_job(session: Session, job_id: str) -> Job | None:
-    """Take the job's row lock (``locking.lock_row``) before reading anything else of it, and return the job as it
-    is now.
-
-    Every change of a job's state goes through here (a cancel, a failure, the writer that finishes a chunk), so
-    they are serialised per job: the "no open chunk left" check then sees the other writers' committed chunks, and
-    exactly one marks the job succeeded; a cancel never overwrites a state written after it read it. FOR NO KEY
-    UPDATE, not FOR UPDATE: result inserts hold the job row's KEY SHARE lock (their foreign key) until they commit,
-    and FOR UPDATE would wait on them while they wait on this lock for their completion step.
-    """
-    lock_row(session, Job, job_id)
-    return session.execute(
-        select(Job).where(Job.id == job_id).with_for_update(key_share=True).execution_options(populate_existing=True)
-    ).scalar_one_or_none()
-
-
-def _job_state_for_write(session: Session, job_id: str, complete: bool) -> str | None:
-    """The job's state, read under a lock that keeps it from closing until this transaction ends.
-
-    A write that completes its chunk takes the job's row lock (it may change the job's progress and state); one
-    that only adds rows takes a share lock on PostgreSQL, which other writers' share locks do not wait on but a
-    cancel or a failure (``lock_job``) does. SQLite has one writer at a time: the writer already holds it.
-    """
-    if session.get_bind().dialect.name != "postgresql":
-        job = lock_job(session, job_id)
-        return job.state if job is not None else None
-    if complete:
-        # lock_job in one statement: a no-op UPDATE (FOR NO KEY UPDATE) whose RETURNING reads the row as the last
-        # holder of the lock committed it
-        return session.scalar(
-            update(Job).where(Job.id == job_id).values(priority=Job.priority).returning(Job.state)
-            .execution_options(synchronize_session=False)
-        )
-    return session.scalar(select(Job.state).where(Job.id == job_id).with_for_update(read=True))
-
-
-def _close_for_closed_job(session: Session, job_id: str, job_state: str, chunk_id: int, owner: str,
-                          now: datetime) -> None:
-    # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job it
-    # holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
-    session.execute(
-        update(Chunk)
-        .where(Chunk.job_id == job_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]),
-               or_(Chunk.id == chunk_id, and_(Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)))
-        .values(state=ChunkState.CANCELLED if job_state == JobState.CANCELLED else ChunkState.FAILED,
-                finished_at=now, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def _insert_rows(session: Session, job_id: str, chunk_id: int, rows: Sequence[Any], *, engine_run_id: str,
-                 worker: str, model: str, now: datetime) -> int:
-    # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
-    row_type = type(rows[0])
-    table = row_type.TABLE.__table__
-    shared = {"job_id": job_id, "chunk_id": chunk_id, "engine_run_id": engine_run_id, "worker": worker,
-              "model": model, "created_at": now}
-    values = [{**shared, **r.values(storable_text)} for r in rows]
-    insert = bulk_insert(session, table, tuple(values[0]), ("job_id", *row_type.ITEM_COLUMNS))
-    return insert.run(session, values)
-
-
-def _chunk_rows(kind: str, chunk_id: int):
-    table = get_kind(kind).table
-    return select(func.count()).select_from(table).where(table.chunk_id == chunk_id).scalar_subquery()
-
-
-def _complete(session: Session, job_id: str, kind: str, job_state: str, chunk_id: int, owner: str,
-              now: datetime) -> tuple[bool, str]:
-    """Mark the chunk done if this owner still holds it; its rows then count in the job's progress, and the job
-    succeeds when no chunk is left open. Runs under the job's row lock, so the check for open chunks sees every
-    completion that held the lock before. Returns (chunk marked, job state).
-
-    Progress is the rows of done chunks, each chunk counted once (it is marked done once), counted in SQL from the
-    chunk's own rows: writes that only add rows never touch the job's row.
-    """
-    if session.get_bind().dialect.name == "postgresql":
-        return _complete_in_one_statement(session, job_id, kind, job_state, chunk_id, owner, now)
-    marked = session.execute(
-        update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
-        .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount == 1
-    if not marked:
-        return False, job_state
-    session.execute(
-        update(Job).where(Job.id == job_id)
-        .values(done=Job.done + _chunk_rows(kind, chunk_id), state=JobState.RUNNING,
-                started_at=func.coalesce(Job.started_at, now))
-        .execution_options(synchronize_session=False)
-    )
-    open_chunks = session.scalar(
-        select(func.count()).select_from(Chunk)
-        .where(Chunk.job_id == job_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]))
-    )
-    if open_chunks:
-        return True, JobState.RUNNING
-    session.execute(
-        update(Job).where(Job.id == job_id).values(state=JobState.SUCCEEDED, finished_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return True, JobState.SUCCEEDED
-
-
-def _complete_in_one_statement(session: Session, job_id: str, kind: str, job_state: str, chunk_id: int, owner: str,
-                               now: datetime) -> tuple[bool, str]:
-    """`_complete` as one PostgreSQL statement (one round trip instead of four): the chunk is marked in a
-    data-modifying CTE, and the job's progress and state follow only if it was. The statement's snapshot is taken
-    after this transaction got the job's lock; it does not see the CTE's own change, hence `id != chunk`."""
-    marked = (
-        update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
-        .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None)
-        .returning(Chunk.id)
-        .cte("marked")
-    )
-    others_open = (
-        select(Chunk.id)
-        .where(Chunk.job_id == job_id, Chunk.id != chunk_id, Chunk.state.in_([ChunkState.QUEUED, ChunkState.RUNNING]))
-        .exists()
-    )
-    at = literal(now, Job.finished_at.type)
-    state = session.scalar(
-        update(Job)
-        .where(Job.id == job_id, select(marked.c.id).exists())
-        .values(done=Job.done + _chunk_rows(kind, chunk_id), started_at=func.coalesce(Job.started_at, at),
-                state=case((others_open, JobState.RUNNING), else_=JobState.SUCCEEDED),
-                finished_at=case((others_open, Job.finished_at), else_=at))
-        .returning(Job.state)
-        .execution_options(synchronize_session=False)
-    )
-    return (False, job_state) if state is None else (True, state)
-
-
-def write_results(
-    session: Session,
-    chunk_id: int,
-    owner: str,
-    rows: Sequence[Any],
-    *,
-    engine_run_id: str,
-    worker: str,
-    model: str,
-    complete: bool,
-    now: datetime | None = None,
-) -> WriteOutcome:
-    """Store some (or the last) results of one chunk; with `complete`, mark the chunk done. The caller commits.
-
-    Rows already present (a redelivered or re-run chunk) are skipped by the unique key. Nothing is written for a job
-    that is cancelled or failed. The chunk is marked done only if this owner still holds it, and then its rows count
-    in the job's `done`.
-
-    Writers of one job do not wait on each other while they insert: the rows go in first, under a savepoint, and
-    only then is the job's state checked under its lock (a share lock for rows only, the row lock for a completion,
-    held from there to the commit); a job found closed rolls its rows back. On SQLite, where one writer at a time
-    holds the database anyway, the lock comes first.
-    """
-    now = now or utcnow()
-    found = session.execute(
-        select(Chunk.job_id, Job.state, Job.kind).join(Job, Job.id == Chunk.job_id).where(Chunk.id == chunk_id)
-    ).first()
-    if found is None:
-        return WriteOutcome(0, False, None, "chunk is gone")
-    job_id, job_state, kind = found
-    postgres = session.get_bind().dialect.name == "postgresql"
-    if not postgres:
-        job_state = _job_state_for_write(session, job_id, complete)
-        if job_state is None:
-            return WriteOutcome(0, False, None, "job is gone")
-    if job_state in FINAL_JOB_STATES:
-        _close_for_closed_job(session, job_id, job_state, chunk_id, owner, now)
-        return WriteOutcome(0, False, job_state, f"job is {job_state}")
-
-    inserted = 0
-    if postgres:
-        savepoint = session.begin_nested() if rows else None
-        if rows:
-            inserted = _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
-                                    model=model, now=now)
-        job_state = _job_state_for_write(session, job_id, complete)
-        if job_state is None or job_state in FINAL_JOB_STATES:
-            if savepoint is not None:
-                savepoint.rollback()
-            if job_state is None:
-                return WriteOutcome(0, False, None, "job is gone")
-            _close_for_closed_job(session, job_id, job_state, chunk_id, owner, now)
-            return WriteOutcome(0, False, job_state, f"job is {job_state}")
-        if savepoint is not None:
-            savepoint.commit()
-    elif rows:
-        inserted = _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
-                                model=model, now=now)
-
-    chunk_done = False
-    if complete:
-        chunk_done, job_state = _complete(session, job_id, kind, job_state, chunk_id, owner, now)
-    return WriteOutcome(inserted, chunk_done, job_state)
-
-
-def complete_chunk(
-    session_factory: Callable[[], Session],
-    chunk_id: int,
-    owner: str,
-    rows: Sequence[Any],
-    *,
-    engine_run_id: str,
-    worker: str,
-    model: str,
-    complete: bool = True,
-    retry_seconds: float = 0.0,
-) -> WriteOutcome:
-    """`write_results` in one transaction of its own, retried with backoff on transient database errors."""
-
-    return unit_of_work(
-        session_factory,
-        lambda session: write_results(
-            session, chunk_id, owner, rows, engine_run_id=engine_run_id, worker=worker, model=model, complete=complete
-        ),
-        retry_seconds,
-    )
 
 
 def start_engine_run(

@@ -1,0 +1,231 @@
+"""Storing a chunk's results: rows inserted exactly once, the chunk marked done and the job's progress and state
+updated in the same transaction, nothing stored for a job that is closed.
+
+Guarantees (the chunk lifecycle's, `selfie_jobs.chunks`):
+- exactly once: rows go in with INSERT .. ON CONFLICT DO NOTHING on their kind's unique key, so a redelivered or
+  re-run chunk never duplicates a row; the chunk is marked done in the transaction that stores its last rows, and
+  only if this owner still holds it;
+- nothing for a closed job: a job found cancelled or failed gets no rows, and the writer's chunks of it are closed;
+- exactly one writer marks a job succeeded, and a cancel never overwrites it: every change of a job's state
+  (a completion, a cancel, a failure) holds the job's row lock (`lock_job`), and the "no open chunk left" check is
+  made under it, so it sees every completion that held the lock before.
+
+How writers of one job stay out of each other's way (they used to queue on the job's row lock for the whole
+write): on PostgreSQL the rows go in first, under a savepoint, with no lock on the job; then the job's state is
+read under a lock held to the commit, a share lock for rows only (other writers' share locks do not wait on it,
+a cancel does) or the row lock for a completion; a job found closed then rolls the rows back. The job's row is
+written only when a chunk completes: progress (`jobs.done`) is the rows of done chunks, each chunk counted once when
+it is marked. On SQLite, where one writer at a time holds the database anyway, the lock comes first.
+
+The statements are built once and executed on the session's connection (no ORM object, no ORM statement handling
+per call); rows go through `selfie_jobs.bulk`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from selfie_jobs.bulk import bulk_insert
+from selfie_jobs.kinds import get_kind
+from selfie_jobs.locking import lock_row
+from selfie_jobs.models import Chunk, Job, utcnow
+from selfie_jobs.retry import unit_of_work
+from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
+
+OPEN_CHUNK = (ChunkState.QUEUED, ChunkState.RUNNING)
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    inserted: int
+    chunk_done: bool
+    job_state: str | None
+    skipped_reason: str | None = None
+
+
+def storable_text(text: str | None) -> str:
+    """Text as every database stores it: PostgreSQL refuses NUL in text, and a random or broken model can
+    generate the token for byte 0x00. It becomes U+FFFD (the replacement character), visibly."""
+    return (text or "").replace("\x00", "\ufffd")
+
+
+def lock_job(session: Session, job_id: str) -> Job | None:
+    """Take the job's row lock (``locking.lock_row``) before reading anything else of it, and return the job as it
+    is now.
+
+    Every change of a job's state goes through here or takes the same lock (a cancel, a failure, the writer that
+    completes a chunk), so they are serialised per job. FOR NO KEY UPDATE, not FOR UPDATE: result inserts hold the
+    job row's KEY SHARE lock (their foreign key) until they commit, and FOR UPDATE would wait on them while they
+    wait on this lock for their completion step.
+    """
+    lock_row(session, Job, job_id)
+    return session.execute(
+        select(Job).where(Job.id == job_id).with_for_update(key_share=True).execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+
+
+# -- the statements, built once ------------------------------------------------------------------------------
+
+
+@cache
+def _statements() -> dict[str, Any]:
+    # Parameters are named w_*: in an UPDATE, a parameter named after a column would be taken as a SET value.
+    chunk_id, job_id, owner = bindparam("w_chunk"), bindparam("w_job"), bindparam("w_owner")
+    now = bindparam("w_now", type_=Job.finished_at.type)
+    return {
+        "job_of_chunk": select(Chunk.job_id, Job.state, Job.kind).join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.id == chunk_id),
+        # lock_job in one statement: a no-op UPDATE of a plain column (a row lock; FOR NO KEY UPDATE on
+        # PostgreSQL, the write lock on SQLite) whose RETURNING reads the row as the last holder committed it
+        "lock": update(Job).where(Job.id == job_id).values(kind=Job.kind).returning(Job.state),
+        "share": select(Job.state).where(Job.id == job_id).with_for_update(read=True),
+        "mark_done": update(Chunk).where(Chunk.id == chunk_id, Chunk.owner == owner,
+                                         Chunk.state == ChunkState.RUNNING)
+        .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None),
+        "close": update(Chunk).where(
+            Chunk.job_id == job_id, Chunk.state.in_(OPEN_CHUNK),
+            or_(Chunk.id == chunk_id, and_(Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)))
+        .values(state=bindparam("w_closed_state"), finished_at=now, lease_expires_at=None),
+    }
+
+
+@cache
+def _progress(kind: str, postgres: bool) -> Any:
+    """The completion's job update: the chunk's rows added to `done`, and the job succeeded when no other chunk is
+    open. On PostgreSQL it also marks the chunk, in a data-modifying CTE (one round trip), and changes the job only
+    if the chunk was marked; the statement does not see its CTE's change, hence `id != chunk`."""
+    chunk_id, job_id = bindparam("w_chunk"), bindparam("w_job")
+    now = bindparam("w_now", type_=Job.finished_at.type)
+    table = get_kind(kind).table
+    chunk_rows = select(func.count()).select_from(table).where(table.chunk_id == chunk_id).scalar_subquery()
+    others_open = select(Chunk.id).where(Chunk.job_id == job_id, Chunk.id != chunk_id,
+                                         Chunk.state.in_(OPEN_CHUNK)).exists()
+    where = [Job.id == job_id]
+    if postgres:
+        marked = _statements()["mark_done"].returning(Chunk.id).cte("marked")
+        where.append(select(marked.c.id).exists())
+    return (
+        update(Job).where(*where)
+        .values(done=Job.done + chunk_rows, started_at=func.coalesce(Job.started_at, now),
+                state=case((others_open, JobState.RUNNING), else_=JobState.SUCCEEDED),
+                finished_at=case((others_open, Job.finished_at), else_=now))
+        .returning(Job.state)
+    )
+
+
+# -- the write ------------------------------------------------------------------------------------------------
+
+
+def _insert_rows(conn: Connection, session: Session, job_id: str, chunk_id: int, rows: Sequence[Any], *,
+                 engine_run_id: str, worker: str, model: str, now: datetime) -> int:
+    # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
+    row_type = type(rows[0])
+    shared = {"job_id": job_id, "chunk_id": chunk_id, "engine_run_id": engine_run_id, "worker": worker,
+              "model": model, "created_at": now}
+    values = [r.values(storable_text) for r in rows]
+    insert = bulk_insert(session, row_type.TABLE.__table__, (*shared, *values[0]), ("job_id", *row_type.ITEM_COLUMNS))
+    return insert.run(session, shared, values)
+
+
+def _closed(conn: Connection, job_id: str, job_state: str, chunk_id: int, owner: str, now: datetime) -> WriteOutcome:
+    # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job it
+    # holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
+    closed_state = ChunkState.CANCELLED if job_state == JobState.CANCELLED else ChunkState.FAILED
+    conn.execute(_statements()["close"], {"w_job": job_id, "w_chunk": chunk_id, "w_owner": owner, "w_now": now,
+                                          "w_closed_state": closed_state})
+    return WriteOutcome(0, False, job_state, f"job is {job_state}")
+
+
+def write_results(
+    session: Session,
+    chunk_id: int,
+    owner: str,
+    rows: Sequence[Any],
+    *,
+    engine_run_id: str,
+    worker: str,
+    model: str,
+    complete: bool,
+    now: datetime | None = None,
+) -> WriteOutcome:
+    """Store some (or the last) results of one chunk; with `complete`, mark the chunk done. The caller commits.
+
+    Rows already present (a redelivered or re-run chunk) are skipped by the unique key. Nothing is written for a job
+    that is cancelled or failed. The chunk is marked done only if this owner still holds it, and then its rows count
+    in the job's `done`. See the module docstring for the locks.
+    """
+    now = now or utcnow()
+    conn = session.connection()
+    postgres = conn.dialect.name == "postgresql"
+    statements = _statements()
+    found = conn.execute(statements["job_of_chunk"], {"w_chunk": chunk_id}).first()
+    if found is None:
+        return WriteOutcome(0, False, None, "chunk is gone")
+    job_id, job_state, kind = found
+    if not postgres:  # SQLite: take the database's write lock first, then read
+        job_state = conn.execute(statements["lock"], {"w_job": job_id}).scalar()
+    if job_state in FINAL_JOB_STATES:
+        return _closed(conn, job_id, job_state, chunk_id, owner, now)
+
+    def insert() -> int:
+        if not rows:
+            return 0
+        return _insert_rows(conn, session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
+                            model=model, now=now)
+
+    if postgres:
+        savepoint = session.begin_nested() if rows else None
+        inserted = insert()
+        job_state = conn.execute(statements["lock" if complete else "share"], {"w_job": job_id}).scalar()
+        if job_state is None or job_state in FINAL_JOB_STATES:
+            if savepoint is not None:
+                savepoint.rollback()
+            if job_state is None:
+                return WriteOutcome(0, False, None, "job is gone")
+            return _closed(conn, job_id, job_state, chunk_id, owner, now)
+        if savepoint is not None:
+            savepoint.commit()
+    else:
+        inserted = insert()
+    if not complete:
+        return WriteOutcome(inserted, False, job_state)
+
+    params = {"w_chunk": chunk_id, "w_job": job_id, "w_owner": owner, "w_now": now}
+    if not postgres:
+        if conn.execute(statements["mark_done"], params).rowcount != 1:
+            return WriteOutcome(inserted, False, job_state)
+    state = conn.execute(_progress(kind, postgres), params).scalar()
+    if state is None:  # PostgreSQL: the chunk was not marked (another owner holds it now, or it is finished)
+        return WriteOutcome(inserted, False, job_state)
+    return WriteOutcome(inserted, True, state)
+
+
+def complete_chunk(
+    session_factory: Callable[[], Session],
+    chunk_id: int,
+    owner: str,
+    rows: Sequence[Any],
+    *,
+    engine_run_id: str,
+    worker: str,
+    model: str,
+    complete: bool = True,
+    retry_seconds: float = 0.0,
+) -> WriteOutcome:
+    """`write_results` in one transaction of its own, retried with backoff on transient database errors."""
+
+    return unit_of_work(
+        session_factory,
+        lambda session: write_results(
+            session, chunk_id, owner, rows, engine_run_id=engine_run_id, worker=worker, model=model, complete=complete
+        ),
+        retry_seconds,
+    )
