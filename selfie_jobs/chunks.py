@@ -84,26 +84,27 @@ def _claimable(now: datetime, dead_owner: str | None = None):
 def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChunk]:
     if not chunk_ids:
         return []
-    # populate_existing: the claim's UPDATE bypassed the session, and a row the caller read before it (e.g. to
-    # judge its owner) would otherwise come back with its old owner and attempts.
+    # Plain columns, not ORM objects: the claim's UPDATE bypassed the session, and an object the caller read
+    # before it (e.g. to judge its owner) would come back with its old owner and attempts.
     rows = session.execute(
-        select(Chunk, Job.spec, Job.kind).join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
-        .execution_options(populate_existing=True)
+        select(Chunk.id, Chunk.job_id, Chunk.index, Chunk.model, Chunk.batch_key, Chunk.priority, Chunk.items,
+               Chunk.attempts, Job.spec, Job.kind)
+        .join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
     ).all()
     by_id = {
-        chunk.id: ClaimedChunk(
-            id=chunk.id,
-            job_id=chunk.job_id,
-            index=chunk.index,
-            model=chunk.model,
-            batch_key=chunk.batch_key,
-            priority=chunk.priority,
-            items=tuple(item_tuple(item) for item in chunk.items),
-            attempts=chunk.attempts,
-            spec=spec or {},
-            kind=kind or DEFAULT_KIND,
+        row.id: ClaimedChunk(
+            id=row.id,
+            job_id=row.job_id,
+            index=row.index,
+            model=row.model,
+            batch_key=row.batch_key,
+            priority=row.priority,
+            items=tuple(item_tuple(item) for item in row.items),
+            attempts=row.attempts,
+            spec=row.spec or {},
+            kind=row.kind or DEFAULT_KIND,
         )
-        for chunk, spec, kind in rows
+        for row in rows
     }
     return [by_id[i] for i in chunk_ids if i in by_id]
 
@@ -125,11 +126,20 @@ def claim_chunk(
     worker can receive another model's message, and a claim it cannot run must not use up an attempt).
     The caller commits.
     """
-    now = now or utcnow()
+    won = _take(session, [chunk_id], owner, lease_seconds, now or utcnow(), dead_owner=dead_owner, model=model)
+    if not won:
+        return None
+    claimed = _load_claimed(session, won)
+    return claimed[0] if claimed else None
+
+
+def _take(session: Session, chunk_ids: Sequence[int], owner: str, lease_seconds: float, now: datetime, *,
+          dead_owner: str | None = None, model: str | None = None) -> list[int]:
+    """The compare-and-set on these chunks, in one UPDATE; returns the ids it took."""
     same_model = [Chunk.model == model] if model is not None else []
-    result = session.execute(
+    taken = session.execute(
         update(Chunk)
-        .where(Chunk.id == chunk_id, _claimable(now, dead_owner), *same_model)
+        .where(Chunk.id.in_(list(chunk_ids)), _claimable(now, dead_owner), *same_model)
         .values(
             state=ChunkState.RUNNING,
             owner=owner,
@@ -138,12 +148,11 @@ def claim_chunk(
             started_at=func.coalesce(Chunk.started_at, now),
             error=None,
         )
+        .returning(Chunk.id)
         .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:
-        return None
-    claimed = _load_claimed(session, [chunk_id])
-    return claimed[0] if claimed else None
+    ).scalars().all()
+    won = set(taken)
+    return [i for i in chunk_ids if i in won]
 
 
 def claim_more(
@@ -160,8 +169,8 @@ def claim_more(
     """Claim further queued chunks of the same model and engine settings (any job) for one cross-job batch.
 
     Ordered by priority (9 = most urgent first) then id (first come, first served), up to
-    `max_items` interpretations in all. Each one is taken by the same compare-and-set as `claim_chunk`, so two
-    workers racing for the same candidates never both get one. The caller commits.
+    `max_items` interpretations in all. They are taken by the same compare-and-set as `claim_chunk` (one UPDATE for
+    all of them), so two workers racing for the same candidates never both get one. The caller commits.
 
     On PostgreSQL the candidates are read FOR UPDATE SKIP LOCKED: a chunk another claimer holds is passed over, never
     waited for. Waiting here, with the first chunk already locked, let two workers that each held the chunk the other
@@ -181,17 +190,18 @@ def claim_more(
     )
     if excluded:
         query = query.where(Chunk.id.not_in(excluded))
-    won: list[int] = []
+    chosen: list[int] = []
     budget = max_items
     for chunk_id, size in session.execute(query).all():
         if size > budget:
             continue
-        if claim_chunk(session, chunk_id, owner, lease_seconds, now=now) is not None:
-            won.append(chunk_id)
-            budget -= size
+        chosen.append(chunk_id)
+        budget -= size
         if budget <= 0:
             break
-    return _load_claimed(session, won)
+    if not chosen:
+        return []
+    return _load_claimed(session, _take(session, chosen, owner, lease_seconds, now))
 
 
 def renew_leases(

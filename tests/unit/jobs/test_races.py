@@ -114,3 +114,33 @@ def test_a_row_lock_leaves_the_row_as_it_was_and_sets_no_key(db, other_engine):
     with db() as s:
         assert s.get(Audit, audit_id).updated_at.replace(tzinfo=timezone.utc) == then
         assert s.get(ApiKey, key_id).name == "k"
+
+
+@pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
+def test_claiming_companions_passes_over_a_chunk_another_claim_holds_instead_of_waiting(db, other_engine):
+    """Two workers claiming in opposite orders used to deadlock: each held the chunk the other's claim_more waited
+    for. A claim now skips the chunks another open claim holds, so it never waits with chunks locked."""
+    import threading
+
+    with db() as s, s.begin():
+        job = make_job(s, chunk_size=2)  # 4 chunks of 2
+        ids = list(s.scalars(select(Chunk.id).where(Chunk.job_id == job.id).order_by(Chunk.index)))
+    result: list = []
+
+    def second_worker():
+        with Session(other_engine) as s, s.begin():
+            first = C.claim_chunk(s, ids[0], "w2", 60)
+            more = C.claim_more(s, "w2", "tiny", "bk1", 8, 60, exclude=[first.id])
+            result.append([first.id, *(c.id for c in more)])
+
+    with db() as first_worker:
+        assert C.claim_chunk(first_worker, ids[1], "w1", 60) is not None  # held, not committed
+        thread = threading.Thread(target=second_worker, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the second claim waited for the chunk the first one holds"
+        first_worker.commit()
+    assert result == [[ids[0], ids[2], ids[3]]]
+    with db() as s:
+        owners = dict(s.execute(select(Chunk.id, Chunk.owner).where(Chunk.job_id == job.id)).all())
+    assert owners == {ids[0]: "w2", ids[1]: "w1", ids[2]: "w2", ids[3]: "w2"}
