@@ -32,6 +32,7 @@ from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 from selfie_jobs.writes import (  # noqa: F401 - part of this module's API
     WriteOutcome,
     complete_chunk,
+    count_stored_rows,
     lock_job,
     storable_text,
     write_results,
@@ -268,6 +269,7 @@ def fail_job(session: Session, job_id: str, error: str, *, now: datetime | None 
     job = lock_job(session, job_id)
     if job is None or job.state in FINAL_JOB_STATES:
         return False
+    count_stored_rows(session, job)
     job.state = JobState.FAILED
     job.error = error[:4000]
     job.finished_at = now

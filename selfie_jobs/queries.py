@@ -24,6 +24,7 @@ from selfie_jobs.chunks import as_utc, lock_job
 from selfie_jobs.errors import BadQuery
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
+from selfie_jobs.writes import count_stored_rows
 
 
 class QueryError(BadQuery, ValueError):
@@ -223,6 +224,7 @@ def cancel_job(session: Session, job_id: str, who: Principal) -> tuple[Job, bool
     if job.state in FINAL_JOB_STATES:
         return job, False
     now = utcnow()
+    count_stored_rows(session, job)
     job.state = JobState.CANCELLED
     job.finished_at = now
     job.error = job.error or "cancelled by request"

@@ -72,6 +72,14 @@ def lock_job(session: Session, job_id: str) -> Job | None:
     ).scalar_one_or_none()
 
 
+def count_stored_rows(session: Session, job: Job) -> None:
+    """Set a job that is closing (cancelled, failed) to the rows it has stored: its progress counted only the
+    chunks that completed, and rows of chunks cut short stay stored. Called under the job's lock, which a writer's
+    check of the job's state waits on, so no row is added after this count."""
+    table = get_kind(job.kind).table
+    job.done = session.scalar(select(func.count()).select_from(table).where(table.job_id == job.id)) or 0
+
+
 # -- the statements, built once ------------------------------------------------------------------------------
 
 
