@@ -132,7 +132,7 @@ def _progress(kind: str, postgres: bool) -> Any:
 # -- the write ------------------------------------------------------------------------------------------------
 
 
-def _insert_rows(conn: Connection, session: Session, job_id: str, chunk_id: int, rows: Sequence[Any], *,
+def _insert_rows(session: Session, job_id: str, chunk_id: int, rows: Sequence[Any], *,
                  engine_run_id: str, worker: str, model: str, now: datetime) -> int:
     # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
     row_type = type(rows[0])
@@ -186,7 +186,7 @@ def write_results(
     def insert() -> int:
         if not rows:
             return 0
-        return _insert_rows(conn, session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
+        return _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
                             model=model, now=now)
 
     if postgres:
