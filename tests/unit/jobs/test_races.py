@@ -4,7 +4,7 @@ PostgreSQL (see tests/locksupport.py for how the order is forced without sleeps)
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from selfie_jobs import chunks as C
@@ -144,3 +144,34 @@ def test_claiming_companions_passes_over_a_chunk_another_claim_holds_instead_of_
     with db() as s:
         owners = dict(s.execute(select(Chunk.id, Chunk.owner).where(Chunk.job_id == job.id)).all())
     assert owners == {ids[0]: "w2", ids[1]: "w1", ids[2]: "w2", ids[3]: "w2"}
+
+
+def test_rows_written_while_a_cancel_commits_are_not_stored(db, other_engine):
+    """A writer inserts without the job's lock and checks the job's state after: a cancel that commits meanwhile
+    leaves none of its rows stored (PostgreSQL rolls them back to the savepoint; SQLite's writer waits first)."""
+    from selfie_jobs.models import Interpretation
+
+    with db() as s, s.begin():
+        job = make_job(s, chunk_size=8)
+        job_id, chunk_id = job.id, s.scalar(select(Chunk.id).where(Chunk.job_id == job.id))
+    with db() as s, s.begin():
+        claimed = C.claim_chunk(s, chunk_id, "w1", 60)
+        C.start_engine_run(s, "w1", "tiny", [claimed])
+    rows = [C.ResultRow(p, layer, t, "tok", "text", [1], [0.5], 0.5) for p, layer, t in claimed.items[:4]]
+
+    def write():
+        with Session(other_engine) as s, s.begin():
+            return C.write_results(s, chunk_id, "w1", rows, engine_run_id="r", worker="w1", model="tiny",
+                                   complete=False)
+
+    with db() as canceller:
+        _, cancelled = cancel_job(canceller, job_id, LOCAL_PRINCIPAL)  # holds the job's lock, not committed
+        assert cancelled
+        writer = LockStep(other_engine, write).start()
+        canceller.commit()
+    outcome = writer.join()
+    assert (outcome.inserted, outcome.chunk_done, outcome.skipped_reason) == (0, False, "job is cancelled")
+    with db() as s:
+        stored = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job_id))
+        assert stored == 0 and s.get(Chunk, chunk_id).state == "cancelled"
+        assert s.get(Job, job_id).state == "cancelled"
