@@ -2,7 +2,7 @@
 
 `write`: the project's write path (`chunks.complete_chunk`: rows inserted with ON CONFLICT DO NOTHING, the chunk
 marked done, the job's progress, one transaction per chunk) against a plain DB-API `executemany` of the same rows
-(the same INSERT .. ON CONFLICT DO NOTHING, JSON encoded in the loop, one commit per chunk), with 1 and 2 writer
+(the same INSERT .. ON CONFLICT DO NOTHING, JSON and float32 bytes encoded in the loop, one commit per chunk), with 1 and 2 writer
 processes writing into ONE job (the case that used to serialise on the job's row), alternating rounds.
 
 `cycle`: the whole worker cycle (`workers.tasks.run_chunk`: claim the chunk and companions, load inputs, record the
@@ -136,8 +136,15 @@ def _write_project(url: str, job_id: str, chunk_ids: Sequence[int], start, out) 
 def _write_executemany(url: str, job_id: str, chunk_ids: Sequence[int], start, out) -> None:
     from sqlalchemy import select
 
+    from sqlalchemy.types import TypeDecorator
+
     from selfie_jobs.db import get_engine, get_sessionmaker
-    from selfie_jobs.models import Chunk
+    from selfie_jobs.models import Chunk, Interpretation
+
+    try:
+        from selfie_jobs.float_arrays import pack_floats
+    except ImportError:  # the code before compact rows: relevancy is JSON text
+        pack_floats = None
 
     with get_sessionmaker(url)() as s:
         items = {c: s.scalar(select(Chunk.items).where(Chunk.id == c)) for c in chunk_ids}
@@ -147,6 +154,9 @@ def _write_executemany(url: str, job_id: str, chunk_ids: Sequence[int], start, o
                "chunk_id, engine_run_id, worker, model, created_at")
     sql = (f"INSERT INTO interpretations ({columns}) VALUES ({', '.join([mark] * 14)}) "
            "ON CONFLICT (job_id, prompt_index, layer, token) DO NOTHING")
+    # the relevancy column as stored (float32 bytes since migration 0007; JSON text before), encoded in the loop
+    relevancy_type = Interpretation.__table__.c.relevancy.type
+    relevancy_column = pack_floats if isinstance(relevancy_type, TypeDecorator) else json.dumps
     conn = engine.raw_connection()
     results = {c: [Result((c, *item)) for item in items[c]] for c in chunk_ids}
     start.wait()
@@ -154,7 +164,7 @@ def _write_executemany(url: str, job_id: str, chunk_ids: Sequence[int], start, o
     for chunk_id in chunk_ids:
         now = time.strftime("%Y-%m-%d %H:%M:%S")
         params = [(job_id, r.key[1], r.key[2], r.key[3], r.source_token, r.text, json.dumps(r.token_ids),
-                   json.dumps(r.relevancy), r.mean_relevancy, chunk_id, "bench", "w", "tiny", now)
+                   relevancy_column(r.relevancy), r.mean_relevancy, chunk_id, "bench", "w", "tiny", now)
                   for r in results[chunk_id]]
         cursor = conn.cursor()
         cursor.executemany(sql, params)
