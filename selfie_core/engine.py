@@ -8,7 +8,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import torch
 from torch.profiler import record_function
@@ -20,6 +20,10 @@ from .errors import SelfieInputError
 from .extraction import extract
 from .memory import row_bytes, rows_that_fit
 from .generation import PromptState, generate_batch, prepare_prompt_state
+
+#: ``SelfieEngine.stream``'s callbacks: which of these request keys to drop; how far the running batch is.
+ShouldStop = Callable[[list[Any]], Collection[Any]]
+OnStep = Callable[[int, int, int], None]
 from .modelcall import attention_kernels, sliding_window
 from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest, VectorRequest
 from .relevancy import no_inject_probs, relevancy_scores
@@ -262,16 +266,27 @@ class SelfieEngine:
 
     def stream(self, requests: Sequence[InterpretRequest | VectorRequest], template: TemplateLike = None,
                injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
-               batch_size: int | None = None) -> Iterator[list[Interpretation]]:
-        """Validate everything first, then yield one list of results per finished engine batch (request order)."""
+               batch_size: int | None = None, *, should_stop: ShouldStop | None = None,
+               on_step: OnStep | None = None) -> Iterator[list[Interpretation]]:
+        """Validate everything first, then yield one list of results per finished engine batch (request order).
+
+        ``should_stop(keys)``: asked with the requests' keys (which must then be hashable) before each engine batch
+        and between its decode steps; the keys it returns are dropped: a request stopped before its batch is not
+        run, one stopped while decoding leaves the batch at once; neither gets a result. The other requests are
+        computed exactly as without it (a request whose vector is shared with one that goes on gets its result).
+        ``on_step(step, steps, rows)``: told after each decode step how far the batch is (``steps`` is
+        max_new_tokens; rows that finish early end the batch sooner) and how many rows it decodes.
+        """
         if isinstance(requests, (InterpretRequest, VectorRequest)):
             raise SelfieInputError("pass a list of requests, not a single request")
         requests = list(requests)
         check_batch_size(batch_size)
         prepared, injection, generation, token_ids, raw_vectors = self._validated(requests, template, injection, generation)
-        return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size)
+        return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size,
+                         should_stop, on_step)
 
-    def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size):
+    def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size, should_stop=None,
+             on_step=None):
         if not requests:
             return
         size = batch_size or self.batch_size or self._auto_batch_size(len(prepared.input_ids), generation.max_new_tokens)
@@ -289,6 +304,17 @@ class SelfieEngine:
         extracted: dict[str, dict] = {}
         for start in range(0, len(requests), size):
             chunk = requests[start : start + size]
+            positions = range(start, start + len(chunk))  # each request's index, for raw_vectors
+            if should_stop is not None:
+                stop = set(should_stop([r.key for r in chunk]))
+                if stop:
+                    for req in chunk:
+                        if req.key in stop and isinstance(req, InterpretRequest):
+                            self._release(req.prompt, pending, extracted)
+                    kept = [(i, r) for i, r in zip(positions, chunk) if r.key not in stop]
+                    positions, chunk = [i for i, _ in kept], [r for _, r in kept]
+                    if not chunk:
+                        continue
             missing = list(dict.fromkeys(r.prompt for r in chunk if isinstance(r, InterpretRequest) and r.prompt not in extracted))
             if missing:
                 with self._lock, attention_kernels(self.input_device):
@@ -296,27 +322,55 @@ class SelfieEngine:
                                   self.pad_id, self.input_device, self.max_extract_tokens)
                 extracted.update(zip(missing, got))
             vecs = []
-            for j, req in enumerate(chunk):
+            for i, req in zip(positions, chunk):
                 if isinstance(req, InterpretRequest):
                     vecs.append(extracted[req.prompt][(req.layer, req.token)])
-                    pending[req.prompt] -= 1
-                    if pending[req.prompt] == 0:
-                        del extracted[req.prompt]
+                    self._release(req.prompt, pending, extracted)
                 else:
-                    vecs.append(raw_vectors[start + j])
+                    vecs.append(raw_vectors[i])
             device = self.adapter.block_device(injection.k)
             vectors = torch.stack([v.to(device) for v in vecs])
-            yield self._run_batch(chunk, vectors, prepared, injection, generation, eos, token_ids)
+            yield self._run_batch(chunk, vectors, prepared, injection, generation, eos, token_ids, should_stop, on_step)
 
-    def _run_batch(self, chunk, vectors, prepared, injection, generation, eos, token_ids) -> list[Interpretation]:
+    @staticmethod
+    def _release(prompt, pending, extracted) -> None:
+        """One request of `prompt` is served (or dropped): its hidden states are freed after the last one."""
+        pending[prompt] -= 1
+        if pending[prompt] == 0:
+            extracted.pop(prompt, None)
+
+    def _run_batch(self, chunk, vectors, prepared, injection, generation, eos, token_ids, should_stop=None,
+                   on_step=None) -> list[Interpretation]:
         norms = triton_norm.fused(self.model) if self.rms_norm == "triton" else nullcontext()
         with self._lock, attention_kernels(self.input_device), norms:
             # looked up per batch, under the lock: the weights in use (an edit swapped in) may differ between
             # batches of one stream, and the state must be the one of the weights this batch runs with
             state = self._prompt_state(prepared)
-            return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
+            return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids, should_stop,
+                                         on_step)
 
-    def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
+    @staticmethod
+    def _step_watch(chunk, unique_of, should_stop, on_step):
+        """The decode loop's watch (``generation.StepWatch``) over distinct vectors: a row stops when every request
+        it serves is stopped; progress is reported in requests."""
+        if should_stop is None and on_step is None:
+            return None
+        keys_of: dict[int, list] = {}
+        for req, u in zip(chunk, unique_of):
+            keys_of.setdefault(u, []).append(req.key)
+
+        def watch(step, steps, rows):
+            if on_step is not None:
+                on_step(step, steps, sum(len(keys_of[u]) for u in rows))
+            if should_stop is None:
+                return ()
+            stop = set(should_stop([k for u in rows for k in keys_of[u]]))
+            return [u for u in rows if stop and all(k in stop for k in keys_of[u])]
+
+        return watch
+
+    def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids, should_stop=None,
+                         on_step=None) -> list[Interpretation]:
         seeds = None
         if generation.do_sample and generation.seed is not None:
             seeds = [_row_seed(generation.seed, self._identity(req)) for req in chunk]
@@ -343,11 +397,16 @@ class SelfieEngine:
             row_seeds=seeds, device=self.input_device,
             lower_blocks=list(self.adapter.blocks[: injection.k]) if self.adapter.skippable else None,
             decode=self._decode_mode(), decode_attention=self.decode_attention,
+            watch=self._step_watch(chunk, unique_of, should_stop, on_step),
         )
+        going = [u for u, r in enumerate(rows) if not r.stopped]
         with record_function("selfie.no_inject"):
-            p_no = no_inject_probs(self.model, state, [r.token_ids for r in rows], self.input_device)
+            p_no = dict(zip(going, no_inject_probs(self.model, state, [rows[u].token_ids for u in going],
+                                                   self.input_device)))
         out = []
         for req, u in zip(chunk, unique_of):
+            if u not in p_no:
+                continue  # stopped while decoding: no result
             row, pn = rows[u], p_no[u]
             rel = relevancy_scores(row.p_inject, pn)
             text_ids = row.token_ids[:-1] if row.token_ids and row.token_ids[-1] in eos else row.token_ids

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 from torch.profiler import record_function
@@ -82,6 +82,12 @@ def _shared_lower_blocks(lower_blocks: Sequence[torch.nn.Module], block: torch.n
 class GeneratedRow:
     token_ids: list[int]
     p_inject: list[float]
+    stopped: bool = False  # left the batch at the caller's request (`watch`): its output is incomplete
+
+
+#: Called before every decode step with (step, steps, rows still decoding, as indices into the batch); returns the
+#: rows to stop now. A stopped row leaves the batch like a finished one and comes back marked ``stopped``.
+StepWatch = Callable[[int, int, Sequence[int]], Collection[int]]
 
 
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -120,6 +126,7 @@ def generate_batch(
     lower_blocks: Sequence[torch.nn.Module] | None = None,
     decode: str = "growing",
     decode_attention: str = "sdpa",
+    watch: StepWatch | None = None,
 ) -> list[GeneratedRow]:
     """``lower_blocks``: the blocks below k, when they may be skipped (LLaMA layout): the prefill then runs blocks
     >= k only, from the prompt run's hidden state at block k, and the KV cache below k comes from that run.
@@ -127,7 +134,9 @@ def generate_batch(
     ``decode`` (see ``decoding``): "growing" steps over a cache that grows (the fastest eager steps: on the CPU the
     static ones were 2-5% slower, attending over the whole buffer); "static" fixed-shape steps; "graphs" static
     steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows.
-    ``decode_attention``: how static steps attend (``decoding.STEP_ATTENTION``); growing steps keep the model's."""
+    ``decode_attention``: how static steps attend (``decoding.STEP_ATTENTION``); growing steps keep the model's.
+    ``watch`` (``StepWatch``): asked between decode steps which rows to stop (a cancelled job's rows), so that a
+    long generation ends within one step of being told; the other rows go on as if the stopped ones had finished."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
     check_step_attention(decode_attention)
@@ -169,6 +178,7 @@ def generate_batch(
     chosen_p = torch.zeros((batch, max_new_tokens), dtype=torch.promote_types(logits.dtype, torch.float32), device=device)
     active = torch.arange(batch, device=device)  # original row of each current batch row
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool)  # by original row, on the host: the watch's answers
     step_logits = logits[:, -1]
     with record_function("selfie.decode"), closing(decoder):
         for step in range(max_new_tokens):
@@ -179,6 +189,12 @@ def generate_batch(
             if step == max_new_tokens - 1:
                 break
             finished |= torch.isin(tokens, eos)
+            if watch is not None:
+                still = active[~finished].tolist()
+                stop = set(watch(step + 1, max_new_tokens, still)) & set(still)
+                if stop:
+                    stopped[list(stop)] = True
+                    finished |= stopped.to(device)[active]
             count = int(finished.sum())  # the one wait for the device per step
             if count == len(finished):
                 break
@@ -191,7 +207,7 @@ def generate_batch(
             step_logits = decoder.step(tokens)
     rows = []
     eos_set = set(eos_ids)
-    for ids, probs in zip(chosen.tolist(), chosen_p.tolist()):
+    for ids, probs, stop in zip(chosen.tolist(), chosen_p.tolist(), stopped.tolist()):
         end = next((i + 1 for i, tok in enumerate(ids) if tok in eos_set), len(ids))
-        rows.append(GeneratedRow(ids[:end], probs[:end]))
+        rows.append(GeneratedRow(ids[:end], probs[:end], stopped=stop))
     return rows
