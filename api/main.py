@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     from api import errors
     from api.broker import DEFAULT_REDIS_URL, make_producer
     from api.ratelimit import make_rate_limiter
-    from api.routes import jobs, system, uploads
+    from api.routes import events, jobs, system, uploads
 
     settings = settings or get_settings()
     broker_url = settings.redis_url or DEFAULT_REDIS_URL
@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     app.state.settings = settings
     app.state.sessionmaker = get_sessionmaker(settings.resolved_database_url())
     app.state.task_sender = task_sender
+    app.state.event_streams = events.StreamSlots(settings.max_event_streams)
     app.state.redis_ping = _redis_pinger(broker_url)
     app.state.rate_limiter = make_rate_limiter(
         settings.redis_url, settings.rate_limit_per_minute, settings.resolved_database_url()
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     errors.install(app)
     app.include_router(uploads.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(system.router)
     # Audits, /metrics and the explorer pages.
     from api import metrics

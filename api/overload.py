@@ -15,6 +15,7 @@ import logging
 
 from api.errors import RETRY_AFTER_SECONDS
 from api.gate import has_body, send_json
+from api.routes.events import EVENTS_PATH
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ class ConcurrencyLimit:
         self._slots: asyncio.Semaphore | None = None  # made on the server's event loop, at the first request
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in UNQUEUED_PATHS:
+        # An event stream lasts as long as its job: in the line it would hold a slot for that long. Streams have
+        # their own bound per process (api.routes.events, max_event_streams) and hold no connection between polls.
+        if scope["type"] != "http" or scope["path"] in UNQUEUED_PATHS or EVENTS_PATH.fullmatch(scope["path"]):
             return await self.app(scope, receive, send)
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.limit)

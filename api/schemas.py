@@ -40,17 +40,29 @@ class JobAccepted(BaseModel):
 
 
 class Progress(BaseModel):
-    done: int
-    total: int
-    fraction: float
+    done: int = Field(description="Results stored: finished interpretations (interpreted vectors for a vectors job).")
+    total: int = Field(description="Results the job will produce.")
+    fraction: float = Field(description="done / total (1.0 for an empty job).")
+    in_flight: int = Field(0, description="The job's rows in engine batches that live workers are decoding now; "
+                           "not counted in `done` until their batch ends and they are stored.")
+    decode_step: int | None = Field(None, description="Decode step the furthest of those batches has reached ...")
+    decode_steps: int | None = Field(None, description="... of this many (max_new_tokens; a batch whose rows all "
+                                     "end early finishes sooner). None when none of the job's rows are decoding.")
+    rows_per_second: float | None = Field(None, description="The job's share of the measured rate of the workers "
+                                          "running it: results per second over their last engine batches, writes "
+                                          "included (before a worker's first batch ends: estimated from its decode "
+                                          "steps). None when nothing of the job runs now.")
+    eta_seconds: float | None = Field(None, description="Seconds until the job is done at that rate: (total - done - "
+                                      "in_flight x decode_step / decode_steps) / rows_per_second. None when no rate "
+                                      "is known (the job waits in the queue, or is final).")
 
 
 class Timings(BaseModel):
     created_at: UtcDatetime | None
-    started_at: UtcDatetime | None
+    started_at: UtcDatetime | None = Field(description="When a worker first took one of the job's chunks.")
     finished_at: UtcDatetime | None
-    queued_seconds: float | None
-    running_seconds: float | None
+    queued_seconds: float | None = Field(description="From submit to started_at (or to now, while queued).")
+    running_seconds: float | None = Field(description="From started_at to finished_at (or to now, while running).")
     total_seconds: float | None
 
 
@@ -66,7 +78,8 @@ class JobStatus(BaseModel):
     id: str
     kind: str = "interpret"
     model: str
-    state: str
+    state: str = Field(description="queued, running (as soon as a worker runs any of its chunks), succeeded, failed "
+                       "or cancelled.")
     priority: int
     progress: Progress
     chunks: dict[str, int]

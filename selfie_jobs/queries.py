@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -22,6 +22,7 @@ from selfie_jobs.auth import Principal
 from selfie_jobs.cards import served_models, wait_reason
 from selfie_jobs.chunks import as_utc, lock_job
 from selfie_jobs.errors import BadQuery
+from selfie_jobs.liveness import live_workers
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 from selfie_jobs.writes import count_stored_rows
@@ -78,6 +79,76 @@ def _after(keys: Sequence[tuple[Any, bool]], values: Sequence[Any]):
 # --- jobs -------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class JobProgress:
+    """How far a job is, in interpretations (results of its kind), and how long the rest should take.
+
+    `done`: results stored (finished interpretations). `in_flight`: the job's rows in engine batches decoding now on
+    live workers (not yet in `done`); `decode_step` of `decode_steps` (max_new_tokens; rows that end early finish
+    the batch sooner): how far the furthest such batch is. `rows_per_second`: the job's share of the measured rate
+    of the workers running it (their results per second over their last engine batches, writes included; before a
+    worker's first batch ends, estimated from its decode steps). `eta_seconds`: the rows not done and not yet
+    decoded, (total - done - in_flight x step / steps), at that rate; None when nothing of the job runs now.
+    """
+
+    done: int
+    total: int
+    in_flight: int = 0
+    decode_step: int | None = None
+    decode_steps: int | None = None
+    rows_per_second: float | None = None
+    eta_seconds: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        return (self.done / self.total) if self.total else 1.0
+
+
+def job_progress(session: Session, job: Job, *, running_chunks: int, alive_seconds: float | None,
+                 now: datetime | None = None) -> JobProgress:
+    """The job's progress: `done` as stored; rows in flight, rate and ETA from the `in_flight` report that each live
+    worker running a chunk of the job publishes with its heartbeat (`workers.progress.BatchWatch.snapshot`)."""
+    done, total = job.done, job.total
+    if job.state in FINAL_JOB_STATES or not running_chunks or alive_seconds is None:
+        return JobProgress(done, total)
+    now = as_utc(now or utcnow())
+    rows = 0
+    decoded = 0.0
+    rate = 0.0
+    step = steps = None
+    for worker in live_workers(session, alive_seconds, model=job.model):
+        flight = (worker.info or {}).get("in_flight") or {}
+        mine = int((flight.get("jobs") or {}).get(job.id) or 0)
+        if not mine:
+            continue
+        batch_rows = max(mine, sum(int(n) for n in flight["jobs"].values()))
+        w_step, w_steps = int(flight.get("step") or 0), int(flight.get("steps") or 0)
+        share = (w_step / w_steps) if w_steps else 0.0
+        rows += mine
+        decoded += mine * share
+        if w_steps and (step is None or share > (step / steps if steps else 0)):
+            step, steps = w_step, w_steps
+        measured = flight.get("rows_per_second")
+        if measured is None and share > 0 and flight.get("batch_started_at"):
+            # the first batch of this worker is still decoding: rows per second as its steps go
+            elapsed = (now - as_utc(datetime.fromisoformat(flight["batch_started_at"]))).total_seconds()
+            measured = batch_rows * share / elapsed if elapsed > 0 else None
+        if measured:
+            rate += float(measured) * mine / batch_rows
+    left = max(0.0, total - done - decoded)
+    eta = round(left / rate, 1) if rate > 0 else None
+    return JobProgress(done, total, in_flight=rows, decode_step=step, decode_steps=steps,
+                       rows_per_second=round(rate, 3) if rate > 0 else None, eta_seconds=eta)
+
+
+def closed_jobs(session: Session, job_ids: Collection[str]) -> set[str]:
+    """Which of these jobs are closed (cancelled, failed, succeeded): a worker stops their rows in its batch."""
+    if not job_ids:
+        return set()
+    return set(session.scalars(select(Job.id).where(Job.id.in_(list(job_ids)),
+                                                    Job.state.in_(list(FINAL_JOB_STATES)))).all())
+
+
 @dataclass
 class JobView:
     job: Job
@@ -86,6 +157,21 @@ class JobView:
     items_ahead: int | None
     prompts: list[Prompt] = field(default_factory=list)
     waiting: str | None = None  # why a job that is not final waits (its model loading, no worker), if it does
+    first_claimed_at: datetime | None = None  # when a worker first took one of its chunks
+    live: JobProgress | None = None
+
+    @property
+    def state(self) -> str:
+        """`running` as soon as a worker runs any of its chunks, even before its first results are stored."""
+        if self.job.state == JobState.QUEUED and self.chunks.get(ChunkState.RUNNING.value):
+            return JobState.RUNNING.value
+        return str(self.job.state)
+
+    @property
+    def started_at(self) -> datetime | None:
+        """The first claim of one of its chunks (the job's own mark is set at its first stored results)."""
+        marks = [m for m in (as_utc(self.first_claimed_at), as_utc(self.job.started_at)) if m is not None]
+        return min(marks) if marks else None
 
     @property
     def progress(self) -> float:
@@ -93,8 +179,7 @@ class JobView:
 
     def timings(self, now: datetime | None = None) -> dict[str, float | None]:
         now = now or utcnow()
-        created, started, finished = (as_utc(self.job.created_at), as_utc(self.job.started_at),
-                                      as_utc(self.job.finished_at))
+        created, started, finished = (as_utc(self.job.created_at), self.started_at, as_utc(self.job.finished_at))
         waited_until = started or finished or now
         return {
             "queued_seconds": max(0.0, (waited_until - created).total_seconds()) if created else None,
@@ -157,8 +242,11 @@ def job_view(session: Session, job_id: str, who: Principal, *, with_prompts: boo
         if alive_seconds is not None and position is not None else None
     prompts = list(session.scalars(select(Prompt).where(Prompt.job_id == job.id).order_by(Prompt.index)).all()) \
         if with_prompts else []
-    return JobView(job=job, chunks=job_chunk_counts(session, job.id), queue_position=position, items_ahead=ahead,
-                   prompts=prompts, waiting=waiting)
+    chunks = job_chunk_counts(session, job.id)
+    first_claimed = session.scalar(select(func.min(Chunk.started_at)).where(Chunk.job_id == job.id))
+    live = job_progress(session, job, running_chunks=chunks[ChunkState.RUNNING.value], alive_seconds=alive_seconds)
+    return JobView(job=job, chunks=chunks, queue_position=position, items_ahead=ahead, prompts=prompts,
+                   waiting=waiting, first_claimed_at=first_claimed, live=live)
 
 
 @dataclass

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
                               "messages (every such chunk when the broker cannot be asked).")
     reconcile_interval_seconds: float = Field(30.0, gt=0)
     heartbeat_interval_seconds: float = Field(10.0, gt=0)
+    busy_heartbeat_seconds: float = Field(
+        1.0, gt=0, description="How often a worker that runs chunks beats: publishes its batch's progress and "
+                               "checks whether their jobs were cancelled (a cancel stops the batch's rows of that job "
+                               "within about this time).")
     worker_alive_seconds: float = Field(45.0, gt=0, description="A worker silent for longer is considered gone.")
     chunk_soft_time_limit_seconds: int = Field(900, ge=1)
     job_timeout_seconds: int = Field(7 * 24 * 3600, ge=1)
@@ -87,6 +91,11 @@ class Settings(BaseSettings):
                                   "and read row by row, never held in memory whole.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="The body of any other route (audit definitions, "
                                 "changes): small JSON.")
+    max_event_streams: int = Field(100, ge=1, description="Job event streams (GET /v1/jobs/{id}/events) one API "
+                                   "process serves at once; past that it answers 503 and clients poll.")
+    event_poll_seconds: float = Field(0.5, gt=0, description="How often an event stream reads its job's status "
+                                      "(a short session each time, no connection held in between).")
+    event_ping_seconds: int = Field(15, ge=1, description="Keep-alive comments on a quiet event stream.")
     max_concurrent_requests: int = Field(40, ge=1, description="Requests one API process serves at once (with "
                                          "two threads each); more wait in line, see queue_wait_seconds.")
     queue_wait_seconds: float = Field(30.0, gt=0, description="How long a request waits in line before it is "

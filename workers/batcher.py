@@ -230,12 +230,23 @@ class _Execution:
                 return
             raise
 
+    def closed_meanwhile(self, chunk: ClaimedChunk) -> bool:
+        """Whether the chunk's job was closed while the batch ran: the runner then stops its rows (a cancel), and
+        the write of nothing closes the chunk as the job's state says."""
+        outcome = self.sink.write(chunk.id, [], False)
+        if outcome.skipped_reason:
+            self.stats.closed_jobs.add(chunk.job_id)
+            return True
+        return False
+
     def finish(self) -> None:
         # chunks whose every item is written but which were never marked (e.g. an empty chunk)
         for chunk in self.plan.chunks:
             if chunk.id in self.completed or chunk.job_id in self.stats.closed_jobs:
                 continue
             if self.remaining[chunk.id]:
+                if self.closed_meanwhile(chunk):
+                    continue
                 raise RuntimeError(f"the engine returned no result for {len(self.remaining[chunk.id])} "
                                    f"items of chunk {chunk.id}")
             self.writer.submit(chunk.id, [], True)

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ from selfie_jobs import cards
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
+from selfie_jobs.queries import closed_jobs
+from workers.progress import BatchWatch
 from workers.runners import EngineRunner, build_runners  # noqa: F401 - EngineRunner: the interpret runner
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class Runtime:
     threads: int | None = None  # torch's CPU threads in this process, once start() has set them
     state: str = "loading"  # what the heartbeat reports: "loading" until start() has the model resident, then "ready"
     _held: set[int] = field(default_factory=set)
+    watch: BatchWatch = field(default_factory=BatchWatch)  # the running batch: progress, rate, closed jobs
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _beat_lock: threading.Lock = field(default_factory=threading.Lock)  # one state write at a time: "ready" is last
@@ -143,7 +146,7 @@ class Runtime:
             check_placement(loaded.model.hf_device_map, len(opts.gpus))
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
                                    decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
-        self.runners = build_runners(self.engine, opts.batch_size)
+        self.runners = build_runners(self.engine, opts.batch_size, self.watch)
         if opts.inject_fault:
             from workers.faults import FaultInjectingRunner
 
@@ -206,13 +209,17 @@ class Runtime:
         return runner
 
     # -- what the worker holds ------------------------------------------------------------------------------
-    def hold(self, chunk_ids: Sequence[int]) -> None:
+    def hold(self, chunk_ids: Sequence[int], jobs: Mapping[int, str] | None = None) -> None:
+        """`jobs`: each chunk's job, so that a cancel of the job stops the chunk's rows in the engine."""
         with self._lock:
             self._held.update(chunk_ids)
+        if jobs:
+            self.watch.hold(jobs)
 
     def unhold(self, chunk_ids: Sequence[int]) -> None:
         with self._lock:
             self._held.difference_update(chunk_ids)
+        self.watch.unhold(chunk_ids)
 
     def held(self) -> list[int]:
         with self._lock:
@@ -238,6 +245,7 @@ class Runtime:
             "batches_served": self.batches_served,
             "rows_served": self.rows_served,
             "held_chunks": self.held(),
+            "in_flight": self.watch.snapshot(),
             "loaded_in_s": round(self.loaded_in_s, 2),
         }
         if self.engine is not None:
@@ -263,6 +271,7 @@ class Runtime:
 
     def heartbeat_once(self) -> None:
         held = self.held()
+        jobs = self.watch.held_jobs()
 
         def unit(session: Session) -> None:
             cards.heartbeat(session, self.identity, state=self.state, info=self.info())
@@ -270,12 +279,24 @@ class Runtime:
                 kept = chunk_ops.renew_leases(session, held, self.name, self.settings.lease_seconds)
                 if kept < len(held):
                     log.warning("worker %s lost the lease of %d chunk(s)", self.name, len(held) - kept)
+            if jobs:  # a cancel stops the running batch's rows of that job at the next decode step
+                closed = closed_jobs(session, jobs)
+                if closed:
+                    log.info("jobs closed while running here, their rows stop: %s", ", ".join(sorted(closed)))
+                    self.watch.closed(closed)
 
         with self._beat_lock:
             self._db(unit, retry=False)
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.settings.heartbeat_interval_seconds):
+        # While it runs chunks, a worker beats every `busy_heartbeat_seconds`: its progress is published and a cancel
+        # reaches its engine within that time; idle, every `heartbeat_interval_seconds`.
+        tick = min(self.settings.busy_heartbeat_seconds, self.settings.heartbeat_interval_seconds)
+        last = time.monotonic()
+        while not self._stop.wait(tick):
+            if not self.held() and time.monotonic() - last < self.settings.heartbeat_interval_seconds - tick / 2:
+                continue
+            last = time.monotonic()
             try:
                 self.heartbeat_once()
             except Exception as exc:  # noqa: BLE001 - the next beat tries again; the reconciler covers outages

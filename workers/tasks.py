@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from selfie_jobs import chunks as chunk_ops
@@ -132,7 +132,7 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
                 log.exception("could not send chunk %s on to model %s", chunk_id, claim.resend.model)
         return {"chunk_id": chunk_id, "skipped": claim.why}
     ids = [c.id for c in claimed]
-    runtime.hold(ids)
+    runtime.hold(ids, {c.id: c.job_id for c in claimed})
     settings = runtime.settings
     started = time.monotonic()
     try:
@@ -220,14 +220,28 @@ def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
             "failed_jobs": report.failed_jobs, "closed_chunks": report.closed_chunks, "dead_workers": dead}
 
 
+def skip(task, reason: str) -> None:
+    """End a task that did no work (its chunk was done by a shared batch, cancelled, or is held by another worker)
+    as IGNORED, not as a success: Flower would count it as work done. The custom `task-ignored` event carries the
+    reason and moves the task out of STARTED in Flower's list (Celery itself sends no event for an ignored task)."""
+    try:
+        task.send_event("task-ignored", reason=reason)
+    except Exception:  # noqa: BLE001 - a monitoring event; the chunk needs nothing more
+        log.warning("could not send the task-ignored event of task %s", task.request.id, exc_info=True)
+    raise Ignore()
+
+
 def register_tasks(app: Celery, settings: Settings) -> None:
     """Register the task functions on `app` (tasks are bound to the app, never to a module-level one)."""
 
-    @app.task(name=RUN_CHUNK_TASK, ignore_result=True)
-    def run_chunk_task(chunk_id: int) -> dict[str, Any]:
+    @app.task(name=RUN_CHUNK_TASK, ignore_result=True, bind=True)
+    def run_chunk_task(task, chunk_id: int) -> dict[str, Any]:
         from workers.runtime import get_runtime
 
-        return run_chunk(get_runtime(), int(chunk_id), sender=app)
+        summary = run_chunk(get_runtime(), int(chunk_id), sender=app)
+        if "skipped" in summary:
+            skip(task, summary["skipped"])
+        return summary
 
     @app.task(name=RECONCILE_TASK, ignore_result=True)
     def reconcile_task() -> dict[str, Any]:

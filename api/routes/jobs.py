@@ -70,7 +70,10 @@ def base_url(request: Request, settings: Settings) -> str:
 
 
 def job_links(request: Request, settings: Settings, job_id: str, kind: str = DEFAULT_KIND) -> Links:
-    base = base_url(request, settings)
+    return links_under(base_url(request, settings), job_id, kind)
+
+
+def links_under(base: str, job_id: str, kind: str = DEFAULT_KIND) -> Links:
     root = f"{base}/v1/jobs/{job_id}"
     # Only an interpret job has interpretations; another kind's rows are at /results (its kind's columns).
     interpretations = root + "/interpretations" if kind == DEFAULT_KIND else None
@@ -175,22 +178,32 @@ def get_job(
     include_prompts: Annotated[bool, Query(description="False leaves `prompts` empty (cheap polling).")] = True,
 ) -> JobStatus:
     _visible_or_404(session, job_id, who)
+    return job_status(session, job_id, who, base_url(request, settings), settings,
+                      include_prompts=include_prompts)
+
+
+def job_status(session, job_id: str, who, base: str, settings: Settings, *, include_prompts: bool) -> JobStatus:
+    """The status of a visible job, as GET /v1/jobs/{id} answers it and its event stream sends it."""
     view = job_view(session, job_id, who, with_prompts=include_prompts, alive_seconds=settings.worker_alive_seconds)
-    assert view is not None
+    if view is None:
+        raise NotFound(f"no job {job_id!r}")
     job = view.job
-    links = job_links(request, settings, job.id, job.kind)
+    links = links_under(base, job.id, job.kind)
+    live = view.live
     return JobStatus(
         id=job.id,
         kind=job.kind,
         model=job.model,
-        state=job.state,
+        state=view.state,
         priority=job.priority,
-        progress=Progress(done=job.done, total=job.total, fraction=round(view.progress, 6)),
+        progress=Progress(done=live.done, total=live.total, fraction=round(live.fraction, 6),
+                          in_flight=live.in_flight, decode_step=live.decode_step, decode_steps=live.decode_steps,
+                          rows_per_second=live.rows_per_second, eta_seconds=live.eta_seconds),
         chunks=view.chunks,
         queue_position=view.queue_position,
         items_ahead=view.items_ahead,
         waiting=view.waiting,
-        timings=Timings(created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        timings=Timings(created_at=job.created_at, started_at=view.started_at, finished_at=job.finished_at,
                         **view.timings()),
         error=job.error,
         spec=job.spec,

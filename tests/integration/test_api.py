@@ -67,7 +67,9 @@ def test_submit_stores_and_enqueues_json_messages(env, server):
 
         status = http.get(f"/v1/jobs/{accepted['id']}").json()
         assert http.get(f"/v1/jobs/{accepted['id']}", params={"include_prompts": "false"}).json()["prompts"] == []
-    assert status["state"] == "queued" and status["progress"] == {"done": 0, "total": 12, "fraction": 0.0}
+    assert status["state"] == "queued" and status["progress"] == {"done": 0, "total": 12, "fraction": 0.0, "in_flight": 0,
+                                                                "decode_step": None, "decode_steps": None,
+                                                                "rows_per_second": None, "eta_seconds": None}
     assert status["chunks"]["queued"] == 2 and status["queue_position"] == 0
     assert status["prompts"][0]["tokens"] == ["<s>", "a", "cat", "sat"]
     assert status["timings"]["created_at"].endswith(("Z", "+00:00"))

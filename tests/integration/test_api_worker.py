@@ -76,7 +76,9 @@ def test_submit_progress_results_and_filters_through_the_api(served):
     assert set(first.source_token) == {tokens[0], tokens[-1]}
     assert all(isinstance(t, str) for t in df.text) and all(len(r) > 0 for r in df.relevancy)
     status = client.status(df.attrs["job_id"])
-    assert status["progress"] == {"done": len(df), "total": len(df), "fraction": 1.0}
+    assert status["progress"] == {"done": len(df), "total": len(df), "fraction": 1.0, "in_flight": 0,
+                                  "decode_step": None, "decode_steps": None, "rows_per_second": None,
+                                  "eta_seconds": None}
     assert status["timings"]["running_seconds"] is not None and status["chunks"]["done"] == 3  # 12 items, 4 a chunk
     assert len(client.results(df.attrs["job_id"], layer_min=1, prompt=1)) == NUM_LAYERS * 2
     models = client.models()

@@ -15,8 +15,8 @@ from workers.runners.vectors import VectorRunner
 RUNNERS: dict[str, type[EngineRunner]] = {"interpret": EngineRunner, "vectors": VectorRunner}
 
 
-def build_runners(engine: Any, batch_size: int | None) -> dict[str, Any]:
-    return {kind: cls(engine, batch_size) for kind, cls in RUNNERS.items()}
+def build_runners(engine: Any, batch_size: int | None, watch: Any = None) -> dict[str, Any]:
+    return {kind: cls(engine, batch_size, watch) for kind, cls in RUNNERS.items()}
 
 
 __all__ = ["RUNNERS", "EngineRunner", "VectorRunner", "build_runners"]

@@ -33,9 +33,10 @@ class EngineRunner:
     #: so a long-lived worker sees an unbounded number of them: only the most recently used are kept.
     MAX_CONFIGS = 64
 
-    def __init__(self, engine: Any, batch_size: int | None = None):
+    def __init__(self, engine: Any, batch_size: int | None = None, watch: Any = None):
         self.engine = engine
         self.batch_size = batch_size
+        self.watch = watch  # the worker's BatchWatch (None: the engine runs unwatched, as in unit tests)
         self._configs: OrderedDict[str, tuple[Any, Any, Any]] = OrderedDict()
 
     def configs(self, spec: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -74,8 +75,26 @@ class EngineRunner:
 
     def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
         template, injection, generation = self.configs(spec)
-        return self.engine.stream(self.requests(items), template=template, injection=injection,
-                                  generation=generation, batch_size=self.batch_size)
+        return self.engine_stream(self.requests(items), template, injection, generation)
+
+    def engine_stream(self, requests: list[Any], template: Any, injection: Any, generation: Any) -> Iterator[list[Any]]:
+        """The engine's batches, watched when the worker set a `watch` (`workers.progress.BatchWatch`): its
+        cancel check between decode steps and batches, its progress and measured rate."""
+        watch = self.watch
+        if watch is None:
+            return self.engine.stream(requests, template=template, injection=injection, generation=generation,
+                                      batch_size=self.batch_size)
+        batches = self.engine.stream(requests, template=template, injection=injection, generation=generation,
+                                     batch_size=self.batch_size, should_stop=watch.should_stop,
+                                     on_step=watch.on_step)
+        return self._timed(batches, watch)
+
+    @staticmethod
+    def _timed(batches: Iterator[list[Any]], watch: Any) -> Iterator[list[Any]]:
+        watch.batch_started()
+        for batch in batches:
+            watch.batch_done(len(batch))
+            yield batch
 
     def is_input_error(self, exc: BaseException) -> bool:
         from selfie_core import SelfieInputError

@@ -70,8 +70,7 @@ class VectorRunner(EngineRunner):
         requests = self.requests(items)
         norms = {r.key: vector_norm(r.vector) for r in requests}
         labels = {i.key: i.prompt for i in items}
-        for batch in self.engine.stream(requests, template=template, injection=injection, generation=generation,
-                                        batch_size=self.batch_size):
+        for batch in self.engine_stream(requests, template, injection, generation):
             yield [VectorResult(key=r.key, label=labels[r.key], norm=norms[r.key], text=r.text,
                                 token_ids=list(r.token_ids), relevancy=list(r.relevancy),
                                 mean_relevancy=r.mean_relevancy) for r in batch]
