@@ -58,6 +58,21 @@ def _progress():
                     TextColumn("{task.fields[status]}"), console=Console(stderr=True))
 
 
+def describe_status(status: dict[str, Any]) -> str:
+    """The status line of a progress bar: state, queue position or rows decoding (step i/n), ETA, wait reason."""
+    progress = status["progress"]
+    words = [status["state"]]
+    if status.get("queue_position"):
+        words.append(f"{status['queue_position']} chunks ahead")
+    if progress.get("in_flight"):
+        step = f", step {progress['decode_step']}/{progress['decode_steps']}" if progress.get("decode_steps") else ""
+        words.append(f"{progress['in_flight']} decoding{step}")
+    if progress.get("eta_seconds") is not None:
+        words.append(f"ETA {progress['eta_seconds']:.0f}s")
+    text = ", ".join(words)
+    return text + (f" ({status['waiting']})" if status.get("waiting") else "")
+
+
 def selector(value: Selector) -> str | list[int] | dict[str, int | None]:
     """Layers/tokens as the API takes them: "all", a list, or a {start, stop, step} range.
 
@@ -281,29 +296,68 @@ class Client:
         """The tokens of `text` for `model`: position i is token index i in a job."""
         return self._request("GET", f"/v1/models/{model}/tokenize", params={"text": text}).json()["tokens"]
 
-    def wait(self, job_id: str, *, progress: bool = True, poll: float = 0.5, timeout: float | None = None) -> dict:
-        """Poll until the job is final; a rich progress bar (on stderr) shows done/total. Returns the final status."""
+    def wait(self, job_id: str, *, progress: bool = True, poll: float = 0.5, timeout: float | None = None,
+             events: bool = True) -> dict:
+        """Follow the job until it is final; a rich progress bar (on stderr) shows done/total, the rows decoding now
+        and the ETA. Returns the final status (prompts included).
+
+        The server pushes the status (GET /v1/jobs/{id}/events, server-sent events); when the stream is refused (an
+        older server, too many streams open) or drops, the status is polled every `poll` seconds instead."""
         from contextlib import ExitStack
 
         deadline = None if timeout is None else time.monotonic() + timeout
         with ExitStack() as stack:
             bar = task = None
-            while True:
-                status = self.status(job_id, include_prompts=False)
+
+            def show(status: dict[str, Any]) -> None:
+                nonlocal bar, task
+                if not progress:
+                    return
                 done, total = status["progress"]["done"], status["progress"]["total"]
-                if progress:
-                    if bar is None:
-                        bar = stack.enter_context(_progress())
-                        task = bar.add_task(f"job {job_id[:8]}", total=total, status="")
-                    position = status.get("queue_position")
-                    bar.update(task, completed=done, total=total,
-                               status=status["state"] + (f", {position} chunks ahead" if position else "")
-                               + (f" ({status['waiting']})" if status.get("waiting") else ""))
-                if status["state"] in FINAL_STATES:
-                    return self.status(job_id)
+                if bar is None:
+                    bar = stack.enter_context(_progress())
+                    task = bar.add_task(f"job {job_id[:8]}", total=total, status="")
+                bar.update(task, completed=done, total=total, status=describe_status(status))
+
+            def check_deadline(status: dict[str, Any] | None) -> None:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {status['state']} after {timeout}s ({done}/{total})")
-                time.sleep(poll)
+                    where = f"still {status['state']} ({status['progress']['done']}/{status['progress']['total']})" \
+                        if status else "not final"
+                    raise TimeoutError(f"job {job_id} {where} after {timeout}s")
+
+            last = self._follow_events(job_id, show, check_deadline, deadline) if events else None
+            while last is None or last["state"] not in FINAL_STATES:
+                if last is not None:
+                    check_deadline(last)
+                    time.sleep(poll)
+                last = self.status(job_id, include_prompts=False)
+                show(last)
+            return self.status(job_id)
+
+    def _follow_events(self, job_id: str, show: Any, check_deadline: Any, deadline: float | None) -> dict | None:
+        """The job's event stream until its `end` event: the final status, or None when the stream is refused or
+        drops (the caller polls). A read waits at most until the deadline (keep-alives arrive every 15 s)."""
+        from httpx_sse import SSEError, connect_sse
+
+        last = None
+        read = 30.0 if deadline is None else max(0.1, min(30.0, deadline - time.monotonic()))
+        try:
+            with connect_sse(self._http, "GET", f"/v1/jobs/{job_id}/events",
+                             timeout=httpx.Timeout(10.0, read=read)) as source:
+                if source.response.status_code != 200:
+                    return None  # 404 (no such job: the poll says so), 503 (too many streams): poll
+                for event in source.iter_sse():
+                    if event.event in ("status", "end"):
+                        last = json.loads(event.data)
+                        show(last)
+                        if event.event == "end":
+                            return last
+                    check_deadline(last)
+        except httpx.ReadTimeout:
+            check_deadline(last)
+        except (httpx.TransportError, SSEError):
+            pass  # a dropped or refused stream: polling takes over
+        return None
 
     # -- results -----------------------------------------------------------------------------------------------
     def iter_results(self, job_id: str, *, page_size: int = 1000, **filters: Any) -> Iterator[dict[str, Any]]:

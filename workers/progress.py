@@ -30,7 +30,7 @@ class BatchWatch:
         self._lock = threading.Lock()
         self._job_of: dict[int, str] = {}  # held chunk -> its job
         self._closed: set[str] = set()  # jobs of held chunks that are closed: their rows stop
-        self._jobs_decoding: Counter[str] = Counter()
+        self._jobs_decoding: Counter[str] = Counter()  # rows of each job in the running batch (until it yields)
         self._step = 0
         self._steps = 0
         self._batch_started = time.monotonic()
@@ -66,10 +66,14 @@ class BatchWatch:
     def should_stop(self, keys: Sequence[Any]) -> set[Any]:
         with self._lock:
             job_of = self._job_of
-            self._jobs_decoding = Counter(job_of.get(k[0]) for k in keys)
+            if self._step == 0:  # asked before the batch runs, with all its rows: what it holds of each job
+                self._jobs_decoding = Counter(job_of.get(k[0]) for k in keys)
             if not self._closed:
                 return set()
-            return {k for k in keys if job_of.get(k[0]) in self._closed}
+            stop = {k for k in keys if job_of.get(k[0]) in self._closed}
+            for job in {job_of.get(k[0]) for k in stop}:
+                self._jobs_decoding.pop(job, None)  # its rows leave the batch
+            return stop
 
     def on_step(self, step: int, steps: int, rows: int) -> None:
         with self._lock:

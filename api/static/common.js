@@ -110,9 +110,34 @@ const Selfie = (() => {
   // A gridline's value as it is: counts halve to x.5 (1.5 of 3), which rounding would misreport as 2.
   function tickLabel(v) { return Number.isInteger(v) ? String(v) : v.toFixed(1); }
 
+  // A server-sent event stream read with fetch (EventSource cannot send the API key): onEvent(name, data) for each
+  // event; resolves when the server closes the stream, rejects when it is refused or breaks.
+  async function follow(path, onEvent) {
+    const res = await fetch(path, { headers: headers({ Accept: "text/event-stream" }) });
+    if (!res.ok || !res.body) throw new Error("event stream refused: " + res.status);
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message", data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (data.length) onEvent(name, data.join("\n"));  // comment lines (keep-alives) carry no data
+      }
+    }
+  }
+
   function badge(state) { return el("span", { class: "badge " + state, text: state }); }
   function progress(frac) { const d = el("div", { class: "progress" }, el("div")); d.firstChild.style.width = Math.round(100 * frac) + "%"; return d; }
   function fmtTime(s) { return s ? new Date(s).toLocaleString() : ""; }
 
-  return { api, download, saveBlob, color, textColor, el, barChart, badge, progress, fmtTime, setupKeyBox };
+  return { api, download, saveBlob, color, textColor, el, barChart, badge, progress, fmtTime, setupKeyBox, follow };
 })();

@@ -174,12 +174,12 @@
       state.job = await api(`/v1/jobs/${jobId}`);
     } catch (e) { $("error").textContent = e.message; return; }
     const job = state.job;
-    $("job-state").replaceChildren(Selfie.badge(job.state));
-    $("job-progress").textContent = `${job.progress.done}/${job.progress.total} · ${job.model} · ${job.kind}`;
+    showStatus(job);
     if (job.kind && job.kind !== "interpret") {
       $("dl-rows-csv").onclick = () => download(`/v1/jobs/${jobId}/results?format=csv`, `selfie-${jobId}.csv`);
       try { await showRows(job); } catch (e) { $("error").textContent = e.message; }
       document.body.dataset.ready = "1";
+      followJob(job);
       return;
     }
     for (const p of job.prompts) $("prompt").append(el("option", { value: p.index, text: `${p.index}: ${p.text.slice(0, 60)}` }));
@@ -195,6 +195,48 @@
                                           `selfie-${jobId}-prompt${state.prompt}.json`);
     try { await loadPrompt(job.prompts.length ? wanted : 0); } catch (e) { $("error").textContent = e.message; }
     document.body.dataset.ready = "1";
+    followJob(job);
+  }
+
+  const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+  function showStatus(s) {
+    const p = s.progress;
+    const live = [`${p.done}/${p.total}`];
+    if (p.in_flight) live.push(`${p.in_flight} decoding` + (p.decode_steps ? ` (step ${p.decode_step}/${p.decode_steps})` : ""));
+    if (p.eta_seconds != null) live.push(`ETA ${Math.round(p.eta_seconds)} s`);
+    $("job-state").replaceChildren(Selfie.badge(s.state));
+    $("job-progress").textContent = `${live.join(", ")} · ${s.model} · ${s.kind}`;
+    document.body.dataset.state = s.state;
+  }
+
+  // While the job runs, its status arrives as server-sent events; each time more results are stored, the grid
+  // reads the prompt shown again. Polling takes over when the stream is refused or drops.
+  async function followJob(job) {
+    let done = job.progress.done;
+    const update = async s => {
+      showStatus(s);
+      if (s.progress.done !== done || FINAL.has(s.state)) {
+        done = s.progress.done;
+        if (job.kind && job.kind !== "interpret") await showRows(job); else await loadPrompt(state.prompt);
+      }
+      if (FINAL.has(s.state)) document.body.dataset.final = "1";
+    };
+    if (FINAL.has(job.state)) { document.body.dataset.final = "1"; return; }
+    let last = job, chain = Promise.resolve();
+    try {
+      await Selfie.follow(`/v1/jobs/${jobId}/events`, (name, data) => {
+        if (name !== "status" && name !== "end") return;
+        const s = last = JSON.parse(data);
+        chain = chain.then(() => update(s)).catch(e => { $("error").textContent = e.message; });  // one reload at a time
+      });
+    } catch (e) { /* no stream: poll below */ }
+    await chain;
+    while (!FINAL.has(last.state)) {
+      await new Promise(r => setTimeout(r, 2000));
+      try { last = await api(`/v1/jobs/${jobId}?include_prompts=false`); await update(last); }
+      catch (e) { $("error").textContent = e.message; return; }
+    }
   }
   main();
 })();

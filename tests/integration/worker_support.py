@@ -19,8 +19,10 @@ NUM_LAYERS = 2
 PROMPTS = ("The Eiffel Tower is located in Paris.", "The quick brown fox jumps over the lazy dog.")
 
 
-def save_tiny_model(path: Path, layers: int = NUM_LAYERS) -> Path:
-    """A random LLaMA (float32) with a small real BPE tokenizer, saved where `load_model(path)` finds it."""
+def save_tiny_model(path: Path, layers: int = NUM_LAYERS, *, hidden_size: int = 32, context: int = 256) -> Path:
+    """A random LLaMA (float32) with a small real BPE tokenizer, saved where `load_model(path)` finds it. A wider
+    one with a long context (hidden_size=256, layers=6, context=4096) decodes slowly enough for a batch of 1,000
+    new tokens to take tens of seconds on a CPU, as a real model's batch does."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,8 +30,9 @@ def save_tiny_model(path: Path, layers: int = NUM_LAYERS) -> Path:
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=context,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
