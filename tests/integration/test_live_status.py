@@ -188,3 +188,66 @@ def test_a_chunk_message_with_nothing_to_do_ends_ignored_in_celerys_events(serve
     assert ended() == ["task-ignored"]
     reason = next(e for e in seen if e.get("uuid") == task_id and e["type"] == "task-ignored")["reason"]
     assert reason == "no such chunk"
+
+
+@pytest.fixture
+def served_in_small_batches(sqlite_url, redis_url, tmp_path, slow_model_dir):
+    """The slow model in engine batches of 8 rows: a job's results arrive a batch at a time, seconds apart."""
+    import redis
+
+    from selfie_jobs.migrate import upgrade
+
+    upgrade(sqlite_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    env = worker_env(sqlite_url, redis_url, tmp_path / "w2", SELFIE_CHUNK_SIZE="64")
+    worker = WorkerProcess("livew2", slow_model_dir, env, tmp_path, batch_size=8)
+    try:
+        settings = settings_for(sqlite_url, redis_url, chunk_size=64, default_model=MODEL, worker_alive_seconds=6,
+                                max_new_tokens_cap=NEW_TOKENS, event_poll_seconds=0.2)
+        with live_server(settings) as server, Client(server.url) as client:
+            def ready():
+                if worker.proc.poll() is not None:
+                    raise AssertionError(worker.log()[-4000:])
+                return any(m["name"] == MODEL and any(w["state"] == "ready" for w in m["workers"])
+                           for m in client.models())
+
+            wait_for(ready, 180, what="worker ready")
+            wait_for(lambda: "ready." in worker.log(), 30, what="worker consuming")
+            yield client, server
+    finally:
+        worker.stop()
+        get_engine.cache_clear()
+
+
+@pytest.mark.browser
+def test_the_job_page_fills_its_grid_in_while_the_job_runs(served_in_small_batches, tmp_path):
+    """Headless Chromium on the job page of a running job: the status line shows the rows decoding, and the grid
+    gains cells batch by batch from the event stream, with no reload, until the job is done."""
+    from selenium.webdriver.common.by import By
+
+    from tests.integration.browser_support import chromium
+
+    client, server = served_in_small_batches
+    job = client.submit([PROMPTS[0]], layers="all", tokens=[0, 1, 2, 3], max_new_tokens=300)
+    total = LAYERS * 4
+    with chromium(tmp_path / "profile") as browser:
+        wait_for(lambda: _decoding(client, job["id"]), 60, interval=0.2, what="the job decoding")
+        browser.get(f"{server.url}/ui/jobs/{job['id']}")
+        wait_for(lambda: browser.execute_script("return document.body.dataset.ready === '1'"), 30, what="the page")
+        assert browser.find_element(By.ID, "error").text == ""
+        first = len(browser.find_elements(By.CSS_SELECTOR, "#grid td.cell"))
+        assert first < total
+        wait_for(lambda: "decoding" in browser.find_element(By.ID, "job-progress").text, 20,
+                 what="the rows decoding in the status line")
+        counts = {first}
+
+        def filled():
+            counts.add(len(browser.find_elements(By.CSS_SELECTOR, "#grid td.cell")))
+            return browser.execute_script("return document.body.dataset.final === '1'") and total in counts
+
+        wait_for(filled, 240, interval=0.1, what="the grid to fill in")
+        # seen part-filled on the way (a batch of 8 rows at a time), then whole, in one page load
+        assert any(0 < n < total for n in counts), counts
+        assert browser.find_element(By.CSS_SELECTOR, "#job-state .badge").text == "succeeded"
+        assert browser.execute_script("return performance.getEntriesByType('navigation').length") == 1
+        assert client.status(job["id"])["progress"]["done"] == total
