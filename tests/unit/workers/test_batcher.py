@@ -166,6 +166,32 @@ def test_cancelled_job_stops_being_written():
     assert "a" in stats.closed_jobs and sorted(sink.done) == [3, 4]
 
 
+def test_rows_a_cancel_dropped_from_the_engine_close_their_chunks_instead_of_failing_the_run():
+    """The engine stops a cancelled job's rows (no results for them); the run ends without error, the job's chunks
+    are closed by a write of nothing, and the other job's rows are all written."""
+    plan, sink = setup(("a", "p1", 4), ("b", "p2", 4))
+
+    class Preempting(FakeRunner):
+        def stream(self, items, spec):
+            sink.cancelled_jobs.add("a")  # cancelled while the batch runs: its rows leave before any is yielded
+            return super().stream([i for i in items if i.job_id != "a"], spec)
+
+    stats = batcher.execute(plan, Preempting(batch=8), sink)
+    assert stats.closed_jobs == {"a"} and sorted(sink.done) == [3, 4] and len(sink.rows) == 4
+    assert (1, 0, False) in sink.writes  # asked whether job a is still open: it is not
+
+
+def test_rows_missing_from_an_open_job_are_still_an_error():
+    plan, sink = setup(("a", "p1", 4))
+
+    class Lossy(FakeRunner):
+        def stream(self, items, spec):
+            return super().stream(items[:-1], spec)
+
+    with pytest.raises(RuntimeError, match="no result for 1 items"):
+        batcher.execute(plan, Lossy(batch=8), sink)
+
+
 def test_device_failure_is_raised_for_the_process_to_exit():
     plan, sink = setup(("a", "p1", 2))
     with pytest.raises(batcher.DeviceFailure):
