@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import uuid
 from datetime import timedelta
 
@@ -497,3 +498,33 @@ def test_tokenize_and_detokenize_agree_and_bad_ids_are_refused(env, server):
         past = http.get(f"/v1/models/{model}/detokenize", params={"ids": "999999"})
         assert past.status_code == 422 and past.json()["field"] == "ids"
         assert http.get("/v1/models/nobody/detokenize", params={"ids": "1"}).status_code == 404
+
+
+def test_job_events_take_the_key_and_are_bounded_per_process_outside_the_request_line(env):
+    """GET /v1/jobs/{id}/events: 401 without a key, 404 for another key's job; an open stream holds neither one of
+    the request slots (a status read still gets through with one slot) nor a stream beyond the bound (503)."""
+    from httpx_sse import connect_sse
+
+    database_url, redis_url, model = env
+    with session_scope(database_url) as s:
+        _, alice = create_key(s, "alice")
+        _, bob = create_key(s, "bob")
+    settings = settings_for(database_url, redis_url, auth_enabled=True, max_event_streams=1,
+                            max_concurrent_requests=1, queue_wait_seconds=1, event_poll_seconds=0.1)
+    with live_server(settings) as srv, srv.client() as anon, srv.client(alice) as a, srv.client(bob) as b:
+        job_id = a.post("/v1/jobs", json=body(model)).json()["id"]
+        path = f"/v1/jobs/{job_id}/events"
+        assert anon.get(path).status_code == 401
+        assert b.get(path).status_code == 404
+        with connect_sse(a, "GET", path) as stream:
+            events = stream.iter_sse()  # one iterator: a dropped one closes the response
+            first = next(events)
+            assert first.event == "status" and json.loads(first.data)["state"] == "queued"
+            refused = a.get(path)
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            assert a.get(f"/v1/jobs/{job_id}").status_code == 200  # the one request slot is free
+            a.post(f"/v1/jobs/{job_id}/cancel")
+            rest = [(e.event, json.loads(e.data)["state"]) for e in events]
+        assert rest == [("end", "cancelled")]  # then the stream closed
+        with connect_sse(a, "GET", path) as again:  # its slot was given back
+            assert [e.event for e in again.iter_sse()] == ["end"]
