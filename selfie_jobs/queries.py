@@ -22,6 +22,7 @@ from selfie_jobs.auth import Principal
 from selfie_jobs.cards import served_models, wait_reason
 from selfie_jobs.chunks import as_utc, lock_job
 from selfie_jobs.errors import BadQuery
+from selfie_jobs.kinds import get_kind
 from selfie_jobs.liveness import live_workers
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
@@ -106,10 +107,15 @@ class JobProgress:
 
 def job_progress(session: Session, job: Job, *, running_chunks: int, alive_seconds: float | None,
                  now: datetime | None = None) -> JobProgress:
-    """The job's progress: `done` as stored; rows in flight, rate and ETA from the `in_flight` report that each live
-    worker running a chunk of the job publishes with its heartbeat (`workers.progress.BatchWatch.snapshot`)."""
+    """The job's progress: `done` is the rows stored (the job's count covers its completed chunks; the rows that its
+    running chunks have stored so far, engine batch by engine batch, are counted here); rows in flight, rate and
+    ETA from the `in_flight` report that each live worker running a chunk of the job publishes with its heartbeat
+    (`workers.progress.BatchWatch.snapshot`)."""
     done, total = job.done, job.total
-    if job.state in FINAL_JOB_STATES or not running_chunks or alive_seconds is None:
+    if job.state in FINAL_JOB_STATES or not running_chunks:
+        return JobProgress(done, total)
+    done = min(total, done + _rows_of_running_chunks(session, job))
+    if alive_seconds is None:
         return JobProgress(done, total)
     now = as_utc(now or utcnow())
     rows = 0
@@ -139,6 +145,14 @@ def job_progress(session: Session, job: Job, *, running_chunks: int, alive_secon
     eta = round(left / rate, 1) if rate > 0 else None
     return JobProgress(done, total, in_flight=rows, decode_step=step, decode_steps=steps,
                        rows_per_second=round(rate, 3) if rate > 0 else None, eta_seconds=eta)
+
+
+def _rows_of_running_chunks(session: Session, job: Job) -> int:
+    """Rows already stored by the job's running chunks: the writers do not touch the job's row per write (it would
+    serialise them), only when a chunk completes. A read of at most a few chunks' rows, by the chunk_id index."""
+    table = get_kind(job.kind).table
+    running = select(Chunk.id).where(Chunk.job_id == job.id, Chunk.state == ChunkState.RUNNING)
+    return session.scalar(select(func.count()).select_from(table).where(table.chunk_id.in_(running))) or 0
 
 
 def closed_jobs(session: Session, job_ids: Collection[str]) -> set[str]:
