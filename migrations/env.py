@@ -10,6 +10,7 @@ from sqlalchemy.exc import SAWarning
 
 from selfie_jobs.db import create_db_engine
 from selfie_jobs.models import Base
+from selfie_jobs.search import is_search_object
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -27,9 +28,16 @@ def _url() -> str:
     return get_settings().resolved_database_url()
 
 
+def _include_object(obj, name, type_, reflected, compare_to) -> bool:  # noqa: ANN001 - Alembic's hook
+    # The full-text objects (FTS5 tables, GIN expression indexes) are made by SQL in 0010 and not declared in the
+    # models: autogenerate must neither drop nor compare them.
+    return not is_search_object(name)
+
+
 def _configure(**kwargs) -> None:
     context.configure(
         target_metadata=target_metadata,
+        include_object=_include_object,
         # SQLite cannot ALTER most things in place: batch mode rebuilds the table, so the same
         # revisions run on SQLite and PostgreSQL.
         render_as_batch=True,

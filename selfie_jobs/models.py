@@ -263,5 +263,43 @@ class VectorInterpretation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class LensReading(Base):
+    """A result of a `lenses` job: one (prompt, layer, token) state read by the logit lens and the identity patch,
+    each scored against the model's own next-token prediction there. A lens the job did not ask for is null."""
+
+    __tablename__ = "lens_readings"
+    __table_args__ = (
+        # A redelivered chunk can never duplicate a result.
+        UniqueConstraint("job_id", "prompt_index", "layer", "token"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    prompt_index: Mapped[int] = mapped_column(Integer)
+    layer: Mapped[int] = mapped_column(Integer)
+    token: Mapped[int] = mapped_column(Integer)
+    source_token: Mapped[str] = mapped_column(Text)
+    # top-k token ids, their decoded text and probabilities, best first
+    model_token_ids: Mapped[list[Any]] = mapped_column(JSON)
+    model_tokens: Mapped[list[Any]] = mapped_column(JSON)
+    model_probs: Mapped[list[Any]] = mapped_column(JSON)
+    logit_token_ids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    logit_tokens: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    logit_probs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    # whether the lens's top-1 is the model's top-1, and the probability the lens gives the model's top-1
+    logit_matches: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    logit_model_prob: Mapped[float | None] = mapped_column(Float, nullable=True)
+    identity_token_ids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    identity_tokens: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    identity_probs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    identity_matches: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    identity_model_prob: Mapped[float | None] = mapped_column(Float, nullable=True)
+    chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
+    engine_run_id: Mapped[str] = mapped_column(String(32), index=True)
+    worker: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # Audit tables live in their own module; imported here so Base.metadata (migrations, tests) always holds them.
 from selfie_jobs import audit_models as _audit_models  # noqa: E402,F401
