@@ -79,26 +79,29 @@ class SearchPage:
     next_cursor: str | None = None
 
 
-def _match(session: Session, table: type, phrases: list[str]):
-    if session.get_bind().dialect.name == "postgresql":
-        # the same expression as the index (0010_lenses_search), so the planner can use it
-        vector = func.to_tsvector(literal_column("'simple'::regconfig"), table.text)
-        query = None
-        for phrase in phrases:
-            part = func.phraseto_tsquery(literal_column("'simple'::regconfig"), phrase)
-            query = part if query is None else query.op("&&")(part)
-        return vector.op("@@")(query)
-    # FTS5 syntax: each phrase a string of word characters and spaces (parse_query), never a user's operator
-    name = f"{table.__tablename__}_fts"
-    expression = " ".join(f'"{phrase}"' for phrase in phrases)
-    fts = sql_table(name, column("rowid"))
-    return table.id.in_(select(fts.c.rowid).where(literal_column(name).op("MATCH")(expression)))
-
-
 def _source_query(session: Session, kind: str, who: Principal, phrases: list[str], flt: SearchFilter,
                   after: int | None, limit: int):
     table = SOURCES[kind]
-    query = select(table, Job.audit_run_id).join(Job, Job.id == table.job_id).where(_match(session, table, phrases))
+    if session.get_bind().dialect.name == "postgresql":
+        # the same expression as the index (0010_lenses_search), so the planner can use it
+        vector = func.to_tsvector(literal_column("'simple'::regconfig"), table.text)
+        tsquery = None
+        for phrase in phrases:
+            part = func.phraseto_tsquery(literal_column("'simple'::regconfig"), phrase)
+            tsquery = part if tsquery is None else tsquery.op("&&")(part)
+        query = select(table, Job.audit_run_id).where(vector.op("@@")(tsquery))
+        position = table.id
+    else:
+        # Read from the FTS5 table, newest rowid first: FTS5 walks its matches in rowid order and the page stops
+        # the walk, so a word in most rows costs a page, not a sort of every match. FTS5 syntax: each phrase a
+        # string of word characters and spaces (parse_query), never a user's operator.
+        name = f"{table.__tablename__}_fts"
+        fts = sql_table(name, column("rowid"))
+        expression = " ".join(f'"{phrase}"' for phrase in phrases)
+        query = (select(table, Job.audit_run_id).select_from(fts).join(table, table.id == fts.c.rowid)
+                 .where(literal_column(name).op("MATCH")(expression)))
+        position = fts.c.rowid
+    query = query.join(Job, Job.id == table.job_id)
     if not who.is_admin:
         query = query.where(Job.owner_key_id == who.key_id) if who.key_id is not None else query.where(false())
     if flt.model is not None:
@@ -117,8 +120,8 @@ def _source_query(session: Session, kind: str, who: Principal, phrases: list[str
         if flt.layer_max is not None:
             query = query.where(table.layer <= flt.layer_max)
     if after is not None:
-        query = query.where(table.id < after)
-    return query.order_by(table.id.desc()).limit(limit)
+        query = query.where(position < after)
+    return query.order_by(position.desc()).limit(limit)
 
 
 def _row(kind: str, row: Any, audit_run: int | None) -> dict[str, Any]:
