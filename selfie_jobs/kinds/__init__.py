@@ -109,9 +109,10 @@ class _Registry:
         # Imported on first use, not at import of this package: the kind modules import the models and the queries.
         if not self.kinds:
             from selfie_jobs.kinds.interpret import InterpretKind
+            from selfie_jobs.kinds.lenses import LensesKind
             from selfie_jobs.kinds.vectors import VectorsKind
 
-            for kind in (InterpretKind(), VectorsKind()):
+            for kind in (InterpretKind(), VectorsKind(), LensesKind()):
                 self.kinds[kind.name] = kind
         return self.kinds
 
@@ -132,10 +133,13 @@ def get_kind(name: str | None) -> JobKind:
 
 
 def kind_of_request(request: Any) -> JobKind:
-    for kind in _REGISTRY.load().values():
-        if isinstance(request, kind.request):
-            return kind
-    raise LookupError(f"no job kind takes a {type(request).__name__}")
+    """The kind whose request schema is the request's class or its nearest base (a kind's schema may extend
+    another's: `LensJobCreate` is a `JobCreate` with lens options)."""
+    mro = type(request).__mro__
+    takers = [kind for kind in _REGISTRY.load().values() if kind.request in mro]
+    if not takers:
+        raise LookupError(f"no job kind takes a {type(request).__name__}")
+    return min(takers, key=lambda kind: mro.index(kind.request))
 
 
 def item_tuple(values: Iterable[Any]) -> tuple[int, ...]:

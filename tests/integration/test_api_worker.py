@@ -150,3 +150,41 @@ def test_vectors_through_the_service_equal_the_engine_in_process(served, tiny_mo
         from selfie_jobs.models import VectorInterpretation
 
         assert s.scalar(select(func.count()).select_from(VectorInterpretation)) == 8
+
+
+def test_lenses_through_the_service_equal_the_engine_in_process(served, tiny_model_dir):
+    """A lenses job gives, per (prompt, layer, token), what `selfie_core.lenses.run_lenses` gives in process: the
+    model's own top-k, each lens's top-k, the match of its top-1 and the probability it gives the model's top-1;
+    one row per item, exactly once, also as CSV."""
+    from selfie_core import SelfieEngine, load_model
+    from selfie_core.lenses import LensRequest, run_lenses
+    from selfie_jobs.models import LensReading
+
+    client, database_url, _ = served
+    engine = SelfieEngine(load_model(str(tiny_model_dir)))
+    df = client.lenses(list(PROMPTS), layers="all", tokens=[0, -1], top_k=3, progress=False, timeout=120,
+                       poll=0.2)
+    assert df.attrs["state"] == "succeeded"
+    assert len(df) == len(PROMPTS) * (NUM_LAYERS + 1) * 2
+    assert df[["prompt_index", "layer", "token"]].duplicated().sum() == 0
+    requests = [LensRequest(PROMPTS[p], layer, token) for p, layer, token in
+                zip(df.prompt_index, df.layer, df.token)]
+    want = [r for batch in run_lenses(engine, requests, top_k=3) for r in batch]
+    for (_, got), reading in zip(df.iterrows(), want):
+        assert got.source_token == reading.source_token
+        for lens in ("model", "logit", "identity"):
+            assert list(got[f"{lens}_token_ids"]) == getattr(reading, lens).token_ids
+            assert list(got[f"{lens}_tokens"]) == getattr(reading, lens).tokens
+            assert list(got[f"{lens}_probs"]) == pytest.approx(getattr(reading, lens).probs, abs=1e-5)
+        assert got.logit_matches == reading.matches("logit") and got.identity_matches == reading.matches("identity")
+        assert got.logit_model_prob == pytest.approx(reading.logit_model_prob, abs=1e-5)
+        assert got.identity_model_prob == pytest.approx(reading.identity_model_prob, abs=1e-5)
+    last = df[df.layer == NUM_LAYERS]
+    assert last.logit_matches.all()  # the logit lens at the last layer is the model's own prediction
+    csv = client.rows_csv(df.attrs["job_id"])
+    assert len(csv.strip().splitlines()) == len(df) + 1
+    only_logit = client.lenses(PROMPTS[0], layers=[1], tokens=[-1], lenses=["logit"], progress=False, timeout=120,
+                               poll=0.2)
+    assert only_logit.identity_tokens.isna().all() and only_logit.identity_matches.isna().all()
+    with session_scope(database_url) as s:
+        assert s.scalar(select(func.count()).select_from(LensReading)) == len(df) + 1

@@ -141,7 +141,7 @@ def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
 
 
 @pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses"])
 def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url, kind):
     import time
 
@@ -191,7 +191,7 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
 
 
 @SQLITE
-@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses"])
 def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
     import redis as redis_client
 
