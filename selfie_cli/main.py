@@ -272,22 +272,36 @@ def _safe_url(url: str) -> str:
                    "{\"expressions\": [{\"terms\": [{\"coef\", \"prompt\", \"layer\", \"token\"}]}]}.")
 @click.option("--label", "labels", multiple=True, help="A label per vector, in order (with --vectors); repeatable.")
 @click.option("--tensor", default=None, help="The tensor to use in a .safetensors file holding several.")
+@click.option("--lens", "lenses", multiple=True, type=click.Choice(["logit", "identity"]),
+              help="Read the PROMPTS' states with this lens instead of interpreting them (a lenses job: the logit "
+                   "lens, the identity patch); repeatable.")
+@click.option("--top-k", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="Tokens kept per lens (with --lens).")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 = most urgent.")
 @click.option("--idempotency-key", default=None)
 @click.option("--wait/--no-wait", default=False, help="Wait with a progress bar, then print the table.")
 @URL_OPTION
 @KEY_OPTION
-def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, labels, tensor, **options) -> None:
-    """Submit a job for one or more PROMPTS (or for the vectors of a --vectors file); prints its id and link."""
+def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, labels, tensor, lenses, top_k,
+           **options) -> None:
+    """Submit a job for one or more PROMPTS (or for the vectors of a --vectors file; or read PROMPTS' states with
+    --lens); prints its id and link."""
     if bool(prompts) == bool(vectors_file):
         raise click.UsageError("give PROMPTS or --vectors FILE (one of them)")
+    if lenses and vectors_file:
+        raise click.UsageError("--lens reads the states of PROMPTS; it does not take --vectors")
     with _client(url, api_key) as client:
         if vectors_file:
             accepted = client.submit_vector_file(vectors_file, labels=list(labels) or None, tensor=tensor, **options)
+        elif lenses:
+            accepted = client.submit_lenses(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
+                                            top_k=top_k, lenses=list(dict.fromkeys(lenses)), model=options["model"],
+                                            priority=options["priority"],
+                                            idempotency_key=options["idempotency_key"])
         else:
             accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
                                      **options)
-        what = "vectors" if accepted.get("kind") == "vectors" else "interpretations"
+        what = {"vectors": "vectors", "lenses": "lens readings"}.get(accepted.get("kind"), "interpretations")
         click.echo(f"job {accepted['id']}: {accepted['total']} {what} in {accepted['chunks']} chunks")
         click.echo(f"explore: {accepted['links']['page']}")
         click.echo(f"status:  {accepted['link']}")
@@ -408,6 +422,37 @@ def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key
         click.echo(f"written to {output}")
     else:
         click.echo(text, nl=not text.endswith("\n"))
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--model", default=None, help="Only this model's results.")
+@click.option("--job", default=None, help="Only this job's results.")
+@click.option("--audit-run", type=click.IntRange(min=0), default=None, help="Only this audit run's results.")
+@click.option("--kind", type=click.Choice(["interpret", "vectors"]), default=None, help="Only this kind's results.")
+@click.option("--layer-min", type=click.IntRange(min=0), default=None)
+@click.option("--layer-max", type=click.IntRange(min=0), default=None)
+@click.option("--since", type=click.DateTime(), default=None, help="Results stored at or after (UTC).")
+@click.option("--until", type=click.DateTime(), default=None, help="Results stored before (UTC).")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--width", type=click.IntRange(min=4), default=60, show_default=True, help="Table text width.")
+@URL_OPTION
+@KEY_OPTION
+def search(query, limit, fmt, width, url, api_key, since, until, **filters) -> None:
+    """Results (of every job you may read) whose text holds every word of QUERY; "quoted phrases" keep their
+    order. Newest first."""
+    from selfie_cli.render import print_search
+
+    times = {"since": since.isoformat() if since else None, "until": until.isoformat() if until else None}
+    with _client(url, api_key) as client:
+        df = client.search(query, limit=limit, **filters, **times)
+    if fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+    elif fmt == "json":
+        click.echo(df.to_json(orient="records", date_format="iso", indent=1))
+    else:
+        print_search(df, width=width)
 
 
 def _kind_rows(client, job_id: str, fmt: str, width: int, *, safe: bool) -> str:

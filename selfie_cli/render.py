@@ -105,6 +105,8 @@ def rows_rich_table(df, *, width: int = 48, shade: bool = True):
     from rich.table import Table
     from rich.text import Text
 
+    if "model_tokens" in df.columns:  # a lenses job: each lens's top-1 token and its probability
+        df = lens_top1(df)
     shown = [c for c in ("vector_index", "label", "norm", "mean_relevancy", "text") if c in df.columns]
     columns = shown or [str(c) for c in df.columns]
     scale = max(1e-9, float(df["mean_relevancy"].max())) if "mean_relevancy" in df.columns else 1.0
@@ -138,6 +140,31 @@ def print_rows(df, width: int = 48, *, shade: bool = True, file: Any = None) -> 
         out.print("(no results)")
         return
     out.print(rows_rich_table(df, width=width, shade=shade))
+
+
+def lens_top1(df):
+    """prompt_index, layer, token, source_token, then per lens (model, logit, identity) its top-1 token and
+    probability ("'Paris' 0.82"); a lens the job did not run is blank."""
+    part = df[["prompt_index", "layer", "token", "source_token"]].copy()
+    for lens in ("model", "logit", "identity"):
+        part[lens] = [f"{tokens[0]!r} {probs[0]:.2f}" if isinstance(tokens, list) and tokens else ""
+                      for tokens, probs in zip(df[f"{lens}_tokens"], df[f"{lens}_probs"])]
+    return part
+
+
+def print_search(df, width: int = 60) -> None:
+    """One line per search hit: when, kind, job, where (layer/token or vector), text."""
+    import click
+    import pandas as pd
+
+    if df.empty:
+        click.echo("(no results)")
+        return
+    part = df[["created_at", "kind", "model", "job_id", "layer", "token", "vector_index", "text"]].copy()
+    part["text"] = part["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", width,
+                           "display.max_rows", 100_000):
+        click.echo(part.to_string(index=False))
 
 
 def status_line(status: dict[str, Any]) -> str:

@@ -22,6 +22,10 @@ RESULT_COLUMNS = ["prompt_index", "prompt", "label", "layer", "token", "source_t
                   "relevancy", "token_ids"]
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 Selector = str | int | range | slice | Sequence[int]
+#: the columns of `Client.search` (GET /v1/search items): interpret rows fill prompt_index..source_token, vector rows
+#: vector_index and label
+SEARCH_COLUMNS = ["kind", "id", "job_id", "model", "created_at", "text", "mean_relevancy", "audit_run",
+                  "prompt_index", "layer", "token", "source_token", "vector_index", "label"]
 
 
 class SelfieError(RuntimeError):
@@ -422,6 +426,54 @@ class Client:
         df = self.rows(accepted["id"])
         df.attrs.update(job_id=accepted["id"], link=accepted["link"], state=status["state"])
         return df
+
+    def submit_lenses(self, prompts: str | Sequence[str], *, model: str | None = None, layers: Selector = "all",
+                      tokens: Selector = "all", pairs: Sequence[tuple[int, int]] | None = None, top_k: int = 5,
+                      lenses: Sequence[str] = ("logit", "identity"), priority: int = 5,
+                      idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit a `lenses` job: the logit lens and the identity patch over the same targets as `submit`."""
+        body = job_request(prompts, model=model, layers=layers, tokens=tokens, pairs=pairs, priority=priority,
+                           idempotency_key=idempotency_key or "client-" + uuid.uuid4().hex)
+        body = {k: body[k] for k in ("prompts", "targets", "priority", "idempotency_key", "model") if k in body}
+        body.update(top_k=top_k, lenses=list(lenses))
+        return self._request("POST", "/v1/jobs/lenses", json=body).json()
+
+    def lenses(self, prompts: str | Sequence[str], *, progress: bool = True, timeout: float | None = None,
+               poll: float = 0.5, **options: Any) -> pd.DataFrame:
+        """Submit a `lenses` job, wait, and return one row per (prompt, layer, token): the model's own top-k
+        (model_tokens, model_probs) and each lens's top-k, whether its top-1 is the model's (`*_matches`) and the
+        probability it gives the model's top-1 (`*_model_prob`). Failed and cancelled jobs raise as `interpret`."""
+        accepted = self.submit_lenses(prompts, **options)
+        status = self._final(accepted, progress=progress, poll=poll, timeout=timeout)
+        df = self.rows(accepted["id"])
+        df.attrs.update(job_id=accepted["id"], link=accepted["link"], state=status["state"],
+                        prompts=status.get("prompts", []))
+        return df
+
+    # -- search ------------------------------------------------------------------------------------------------
+    def iter_search(self, q: str, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every result the key may read whose text has the words (or "quoted phrases") of `q`, newest first;
+        filters: model, job, audit_run, kind ("interpret" or "vectors"), layer_min, layer_max, since, until."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        params.update(q=q, limit=page_size)
+        cursor = None
+        while True:
+            page = self._request("GET", "/v1/search", params={**params, **({"cursor": cursor} if cursor else {})})
+            body = page.json()
+            yield from body["items"]
+            cursor = body["next_cursor"]
+            if not cursor:
+                return
+
+    def search(self, q: str, *, limit: int | None = 1000, **filters: Any) -> pd.DataFrame:
+        """Search results (see `iter_search`) as a DataFrame, at most `limit` rows (None: all)."""
+        import itertools
+
+        import pandas as pd
+
+        page_size = min(limit, 500) if limit else 500
+        rows = list(itertools.islice(self.iter_search(q, page_size=page_size, **filters), limit))
+        return pd.DataFrame(rows, columns=SEARCH_COLUMNS)
 
     def _final(self, accepted: dict[str, Any], *, progress: bool, poll: float, timeout: float | None) -> dict:
         status = self.wait(accepted["id"], progress=progress, poll=poll, timeout=timeout)

@@ -287,3 +287,30 @@ def test_cli_interpret_runs_the_engine_in_process(tmp_path):
     assert table.returncode == 0 and "layer" in table.stdout
     bad = _cli("interpret", "Paris", "--model-path", str(model_dir), "--layers", "9", env_extra=env, timeout=300)
     assert bad.returncode != 0 and "layer 9 is out of range" in bad.stderr
+
+
+def test_cli_lenses_and_search(stack):
+    """selfie submit --lens: a lenses job, printed as each lens's top-1 per (layer, token), CSV in its columns;
+    selfie search and Client.search: the interpretations whose text holds the words, newest first."""
+    url = ["--url", stack.url]
+    out = _cli("submit", "a cat sat", "--lens", "logit", "--lens", "identity", "--top-k", "2", "--layers", "0,2",
+               "--tokens", "-1", "--wait", *url, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[1].rstrip(":")
+    assert "2 lens readings in 1 chunks" in out.stdout and "succeeded" in out.stdout
+    assert "identity" in out.stdout and "logit" in out.stdout
+    rows = list(csv.DictReader(io.StringIO(_cli("results", job_id, "--format", "csv", *url).stdout)))
+    assert [r["layer"] for r in rows] == ["0", "2"] and rows[1]["logit_matches"] == "True"
+    bad = _cli("submit", "a cat", "--lens", "tuned", *url)
+    assert bad.returncode == 2 and "tuned" in bad.stderr
+
+    with Client(stack.url) as client:
+        done = client.interpret("a cat sat", layers=[1], tokens=[-1], max_new_tokens=8, progress=False, timeout=120)
+        word = next(w for w in done.text[0].split() if any(ch.isalnum() for ch in w))
+        found = client.search(word, job=done.attrs["job_id"])
+    assert list(found.text) == [done.text[0]] and list(found.kind) == ["interpret"]
+    listed = _cli("search", word, "--job", done.attrs["job_id"], "--format", "csv", *url)
+    assert listed.returncode == 0, listed.stderr
+    assert [r["job_id"] for r in csv.DictReader(io.StringIO(listed.stdout))] == [done.attrs["job_id"]]
+    refused = _cli("search", "* -", *url)
+    assert refused.returncode != 0 and "no words" in refused.stderr
