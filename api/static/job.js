@@ -1,5 +1,6 @@
 // The job page: the layer x token grid of one prompt (tokens across, layers down), colored by mean relevancy;
-// a job of another kind (vectors) is shown as a table of its result rows, in the columns its kind gives.
+// a lenses job as a layer x token grid of one lens's top-1 token; a job of another kind (vectors) as a table of its
+// result rows, in the columns its kind gives.
 "use strict";
 (() => {
   const { api, download, saveBlob, color, textColor, el } = Selfie;
@@ -167,6 +168,69 @@
     $("rows-card").hidden = false;
   }
 
+  // A lenses job: per prompt, the layer x token grid of one lens's top-1 token, shaded by its probability (the
+  // picture of the logit-lens papers); the lens is switched without reading the rows again.
+  const lens = { rows: [] };
+  async function showLenses(job) {
+    $("grid-controls").hidden = true;
+    $("detail").hidden = true;
+    let cursor = null;
+    do {
+      const q = new URLSearchParams({ limit: 1000 });
+      if (cursor) q.set("cursor", cursor);
+      const page = await api(`/v1/jobs/${jobId}/results?` + q);
+      lens.rows.push(...page.items);
+      cursor = page.next_cursor;
+    } while (cursor);
+    for (const p of job.prompts) $("lens-prompt").append(el("option", { value: p.index, text: `${p.index}: ${p.text.slice(0, 60)}` }));
+    // the lenses this job ran, and the model's own prediction, which every job has
+    const ran = new Set(["model", ...["logit", "identity"].filter(n => lens.rows.some(r => r[n + "_tokens"]))]);
+    for (const o of [...$("lens").options]) if (!ran.has(o.value)) o.remove();
+    $("lens-prompt").onchange = renderLens;
+    $("lens").onchange = renderLens;
+    $("lens-legend").style.background = `linear-gradient(to right, ${color(0)}, ${color(0.5)}, ${color(1)})`;
+    $("lens-card").hidden = false;
+    renderLens();
+  }
+
+  function renderLens() {
+    const prompt = +$("lens-prompt").value || 0;
+    const name = $("lens").value;
+    const p = state.job.prompts.find(x => x.index === prompt) || { tokens: [] };
+    const rows = lens.rows.filter(r => r.prompt_index === prompt);
+    const layers = [...new Set(rows.map(r => r.layer))].sort((a, b) => a - b);
+    const tokens = [...new Set(rows.map(r => r.token))].sort((a, b) => a - b);
+    const at = new Map(rows.map(r => [r.layer + ":" + r.token, r]));
+    const table = $("lens-grid");
+    table.replaceChildren();
+    const head = el("tr", {}, el("th", { class: "layer", text: "layer \\ token" }));
+    for (const t of tokens) head.append(el("th", { "data-token": t, text: JSON.stringify(p.tokens[t] ?? String(t)).slice(1, -1) || " " }));
+    table.append(el("thead", {}, head));
+    const body = el("tbody");
+    let matches = 0;
+    for (const l of [...layers].reverse()) {  // the last layer on top, as in the logit-lens papers
+      const tr = el("tr", {}, el("th", { class: "layer", text: String(l) }));
+      for (const t of tokens) {
+        const r = at.get(l + ":" + t);
+        if (!r || !r[name + "_tokens"]) { tr.append(el("td", { class: "cell empty" })); continue; }
+        const top = r[name + "_tokens"][0], prob = r[name + "_probs"][0];
+        const match = r[name + "_token_ids"][0] === r.model_token_ids[0];
+        if (match) matches++;
+        const alternatives = r[name + "_tokens"].map((tok, i) => `${JSON.stringify(tok)} ${r[name + "_probs"][i].toFixed(3)}`).join(", ");
+        const td = el("td", { class: "cell lens" + (match ? " match" : ""), "data-layer": l, "data-token": t,
+                              "data-prob": prob.toFixed(4), "data-top": top,
+                              title: `layer ${l}, token ${t} ${JSON.stringify(r.source_token)}: ${alternatives}; the model predicts ${JSON.stringify(r.model_tokens[0])}` });
+        td.textContent = JSON.stringify(top).slice(1, -1) || " ";
+        td.style.background = color(prob);
+        td.style.color = textColor(prob);
+        tr.append(td);
+      }
+      body.append(tr);
+    }
+    table.append(body);
+    $("lens-info").textContent = `${rows.length} states, ${layers.length} layers x ${tokens.length} tokens; top-1 is the model's own in ${matches}`;
+  }
+
   async function main() {
     Selfie.setupKeyBox();
     $("job-id").textContent = jobId;
@@ -175,6 +239,12 @@
     } catch (e) { $("error").textContent = e.message; return; }
     const job = state.job;
     showStatus(job);
+    if (job.kind === "lenses") {
+      $("dl-lens-csv").onclick = () => download(`/v1/jobs/${jobId}/results?format=csv`, `selfie-${jobId}.csv`);
+      try { await showLenses(job); } catch (e) { $("error").textContent = e.message; }
+      document.body.dataset.ready = "1";
+      return;
+    }
     if (job.kind && job.kind !== "interpret") {
       $("dl-rows-csv").onclick = () => download(`/v1/jobs/${jobId}/results?format=csv`, `selfie-${jobId}.csv`);
       try { await showRows(job); } catch (e) { $("error").textContent = e.message; }
