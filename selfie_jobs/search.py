@@ -96,10 +96,11 @@ def _source_query(session: Session, kind: str, who: Principal, phrases: list[str
         # the walk, so a word in most rows costs a page, not a sort of every match. FTS5 syntax: each phrase a
         # string of word characters and spaces (parse_query), never a user's operator.
         name = f"{table.__tablename__}_fts"
-        fts = sql_table(name, column("rowid"))
+        fts = sql_table(name, column("rowid"), column("text"))
         expression = " ".join(f'"{phrase}"' for phrase in phrases)
+        # `<fts>.text MATCH :expression`: the FTS table's one column, the expression a bound parameter
         query = (select(table, Job.audit_run_id).select_from(fts).join(table, table.id == fts.c.rowid)
-                 .where(literal_column(name).op("MATCH")(expression)))
+                 .where(fts.c.text.op("MATCH")(expression)))
         position = fts.c.rowid
     query = query.join(Job, Job.id == table.job_id)
     if not who.is_admin:
