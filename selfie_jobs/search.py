@@ -1,6 +1,7 @@
 """Search across results: the interpretations and vector interpretations a key may read, by word or phrase, with
 filters and pages, on the full-text index of the database in use (made by migration 0010_lenses_search):
-PostgreSQL matches `to_tsvector('simple', text)` (a GIN expression index) against `phraseto_tsquery`; SQLite
+PostgreSQL matches the stored column `search_vector = to_tsvector('simple', text)` (GIN index) against
+`phraseto_tsquery`; SQLite
 matches the FTS5 table `<table>_fts` (external content, kept in sync by triggers).
 
 User text never reaches the database as query syntax: `parse_query` keeps only words (runs of letters and digits),
@@ -34,14 +35,17 @@ _WORD = re.compile(r"[^\W_]+")
 #: source name (the job kind whose results it holds) -> result table
 SOURCES: dict[str, type] = {"interpret": Interpretation, "vectors": VectorInterpretation}
 SEARCHED_TABLES = tuple(t.__tablename__ for t in SOURCES.values())
+#: PostgreSQL only: the stored tsvector column of each searched table
+SEARCH_COLUMN = "search_vector"
 
 
 def is_search_object(name: str | None) -> bool:
     """The full-text objects the migration makes and the models cannot declare (FTS5 tables and their shadow
-    tables, the PostgreSQL expression indexes): schema comparisons leave them out."""
+    tables; on PostgreSQL the search_vector columns and their indexes): schema comparisons leave them out."""
     if not name:
         return False
-    return any(name.startswith(f"{t}_fts") or name == f"ix_{t}_text_search" for t in SEARCHED_TABLES)
+    return name == SEARCH_COLUMN or any(name.startswith(f"{t}_fts") or name == f"ix_{t}_text_search"
+                                        for t in SEARCHED_TABLES)
 
 
 def parse_query(q: str) -> list[str]:
@@ -83,8 +87,9 @@ def _source_query(session: Session, kind: str, who: Principal, phrases: list[str
                   after: int | None, limit: int):
     table = SOURCES[kind]
     if session.get_bind().dialect.name == "postgresql":
-        # the same expression as the index (0010_lenses_search), so the planner can use it
-        vector = func.to_tsvector(literal_column("'simple'::regconfig"), table.text)
+        # the stored column search_vector = to_tsvector('simple', text) and its GIN index (0010_lenses_search);
+        # not in the models (only PostgreSQL has it), and no other table of the query has a column of that name
+        vector = literal_column("search_vector")
         tsquery = None
         for phrase in phrases:
             part = func.phraseto_tsquery(literal_column("'simple'::regconfig"), phrase)

@@ -1,5 +1,5 @@
-"""The lenses kind's results (lens_readings), and full-text search over the result texts: a GIN index on
-to_tsvector('simple', text) on PostgreSQL; on SQLite an FTS5 table per result table, external content (the text
+"""The lenses kind's results (lens_readings), and full-text search over the result texts: on PostgreSQL a stored generated
+column search_vector = to_tsvector('simple', text) with a GIN index; on SQLite an FTS5 table per result table, external content (the text
 is stored once, in the result table), kept in sync by triggers, so the rows and their index are written by the same
 transaction. Existing rows are indexed here.
 
@@ -26,8 +26,12 @@ SEARCHED = ("interpretations", "vector_interpretations")
 
 def _create_search(table: str) -> None:
     if op.get_bind().dialect.name == "postgresql":
-        # 'simple': no stemming and no stop words, as SQLite's unicode61 tokenizer, so both databases match alike
-        op.execute(f"CREATE INDEX ix_{table}_text_search ON {table} USING gin (to_tsvector('simple'::regconfig, text))")
+        # 'simple': no stemming and no stop words, as SQLite's unicode61 tokenizer, so both databases match alike.
+        # A stored column, not an expression index: a plan that walks the rows newest first and filters them (the
+        # planner's choice for a common word) reads the vector instead of parsing every text again (11 us a row).
+        op.execute(f"ALTER TABLE {table} ADD COLUMN search_vector tsvector "
+                   "GENERATED ALWAYS AS (to_tsvector('simple'::regconfig, text)) STORED")
+        op.execute(f"CREATE INDEX ix_{table}_text_search ON {table} USING gin (search_vector)")
         return
     fts = f"{table}_fts"
     op.execute(f"CREATE VIRTUAL TABLE {fts} USING fts5(text, content='{table}', content_rowid='id', "
@@ -45,6 +49,7 @@ def _create_search(table: str) -> None:
 def _drop_search(table: str) -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"DROP INDEX IF EXISTS ix_{table}_text_search")
+        op.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS search_vector")
         return
     for trigger in ("insert", "delete", "update"):
         op.execute(f"DROP TRIGGER IF EXISTS {table}_fts_{trigger}")
