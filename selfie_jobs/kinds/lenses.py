@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,8 @@ LENS_NAMES = ("logit", "identity")
 MAX_TOP_K = 100
 
 LensName = Literal["logit", "identity"]
+#: what an interpretation request sets about generating text, which a lens reading does not do
+GENERATION_FIELDS = ("template", "k", "injection_mode", "injection_strength", "max_new_tokens", "decoding")
 
 
 class LensJobCreate(JobCreate):
@@ -43,6 +45,16 @@ class LensJobCreate(JobCreate):
     top_k: Annotated[Int, Field(ge=1, le=MAX_TOP_K)] = Field(5, description="Tokens kept per lens, best first.")
     lenses: Annotated[list[LensName], Field(min_length=1, max_length=len(LENS_NAMES))] = Field(
         default_factory=lambda: list(LENS_NAMES), description="Which lenses to run: 'logit', 'identity'.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nothing_generated(cls, data: Any) -> Any:
+        # the engine options of an interpretation would be accepted and ignored: refused, so nobody believes them
+        if isinstance(data, dict):
+            given = [name for name in GENERATION_FIELDS if name in data]
+            if given:
+                raise ValueError(f"a lenses job generates nothing: {', '.join(given)} do(es) not apply to it")
+        return data
 
     @field_validator("lenses")
     @classmethod

@@ -82,6 +82,9 @@ BAD = [
     ("blank prompt", {"prompts": ["   "]}, "prompt"),
     ("unknown model", {"model": "no-such-model"}, "model"),
     ("unknown field", {"vectors": [[0.5]]}, "vectors"),
+    ("a template", {"template": "summarize"}, "generates nothing"),
+    ("max_new_tokens", {"max_new_tokens": 5}, "generates nothing"),
+    ("an injection layer", {"k": 1}, "generates nothing"),
     ("too many readings", {"prompts": [PROMPT] * 20, "targets": "all"}, "at most"),
 ]
 
