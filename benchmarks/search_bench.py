@@ -23,6 +23,8 @@ from pathlib import Path
 
 from sqlalchemy import false, select, text
 
+from selfie_jobs.float_arrays import pack_floats
+
 VOCABULARY = 5000
 KEYS = 10
 
@@ -78,8 +80,8 @@ def fill(url: str, rows: int, jobs: int, seed: int) -> list[str]:
                               "c": chunk, "m": f"model{j % 3}", "t": start + timedelta(minutes=j, seconds=i)})
             conn.execute(text("INSERT INTO interpretations (job_id, prompt_index, layer, token, source_token, text, "
                               "token_ids, relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, "
-                              "created_at) VALUES (:job, :p, :l, :tk, 'x', :text, '[]', '[]', 0.5, :c, 'r', 'w', "
-                              ":m, :t)"), batch)
+                              "created_at) VALUES (:job, :p, :l, :tk, 'x', :text, '[]', :rel, 0.5, :c, 'r', "
+                              "'w', :m, :t)"), [{**row, "rel": pack_floats([])} for row in batch])
         if (j + 1) % max(1, jobs // 10) == 0:
             print(f"  {(j + 1) * per_job:,} rows written", flush=True)
     if engine.dialect.name == "postgresql":

@@ -4,7 +4,7 @@ is stored once, in the result table), kept in sync by triggers, so the rows and 
 transaction. Existing rows are indexed here.
 
 Revision ID: 0010_lenses_search
-Revises: 0006_job_kinds
+Revises: 0008_result_indexes
 Create Date: 2026-11-30 17:30:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010_lenses_search"
-down_revision: str | None = "0006_job_kinds"
+down_revision: str | None = "0008_result_indexes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

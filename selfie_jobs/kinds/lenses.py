@@ -11,6 +11,7 @@ Runner: `workers.runners.lenses` (`selfie_core.lenses.run_lenses`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -144,3 +145,10 @@ class LensesKind(InterpretKind):
         rows, next_cursor = fetch_page(session, query, limit, lambda last: encode_cursor(
             "lenses", [last.prompt_index, last.layer, last.token]))
         return ResultPage([{c: getattr(r, c) for c in self.csv_columns} for r in rows], next_cursor)
+
+    def export_rows(self, session: Session, job_id: str, *, limit: int | None) -> Iterator[Sequence[Any]]:
+        from selfie_jobs.queries import export_columns, stream_rows
+
+        query = (select(*export_columns(LensReading, self.csv_columns)).where(LensReading.job_id == job_id)
+                 .order_by(LensReading.prompt_index, LensReading.layer, LensReading.token))
+        return stream_rows(session, query, limit)
