@@ -66,6 +66,8 @@ def _with_target_options(func, model_help: str):
         click.option("--pair", "pairs", multiple=True, metavar="LAYER,TOKEN",
                      help="Explicit (layer, token) pair; repeatable; replaces --layers/--tokens."),
         click.option("--template", default=None, help="Preset name (summarize, describe, ...)."),
+        click.option("--system", default=None,
+                     help="A system prompt for the preset (default: none; a chat template's own is left out)."),
         click.option("--k", "k", type=int, default=1, show_default=True, help="Injection layer."),
         click.option("--mode", "injection_mode", type=click.Choice(["replace", "blend", "add"]), default="replace"),
         click.option("--strength", "injection_strength", type=float, default=1.0, show_default=True),

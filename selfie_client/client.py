@@ -84,6 +84,7 @@ def job_request(
     tokens: Selector = "all",
     pairs: Sequence[tuple[int, int]] | None = None,
     template: str | Sequence[str | int] | None = None,
+    system: str | None = None,
     k: int = 1,
     injection_mode: str = "replace",
     injection_strength: float = 1.0,
@@ -99,7 +100,7 @@ def job_request(
     """The JSON body of POST /v1/jobs."""
     body: dict[str, Any] = {
         "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
-        **engine_fields(model=model, template=template, k=k, injection_mode=injection_mode,
+        **engine_fields(model=model, template=template, system=system, k=k, injection_mode=injection_mode,
                         injection_strength=injection_strength, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, seed=seed, priority=priority,
                         idempotency_key=idempotency_key, ttl_seconds=ttl_seconds),
@@ -113,13 +114,17 @@ def job_request(
     return body
 
 
-def engine_fields(*, model: str | None = None, template: str | Sequence[str | int] | None = None, k: int = 1,
+def engine_fields(*, model: str | None = None, template: str | Sequence[str | int] | None = None,
+                  system: str | None = None, k: int = 1,
                   injection_mode: str = "replace", injection_strength: float = 1.0, max_new_tokens: int = 30,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                   priority: int = 5, idempotency_key: str | None = None,
                   ttl_seconds: int | None = None) -> dict[str, Any]:
     """What every job kind's request holds besides its inputs (template, injection, generation, priority, how long
-    the finished job is kept: `ttl_seconds`, default the key's or the service's)."""
+    the finished job is kept: `ttl_seconds`, default the key's or the service's).
+
+    `template`: a preset name or text parts; `system`: a system prompt for the preset (the model's default preset
+    when `template` is None); presets have none unless it is given."""
     body: dict[str, Any] = {
         "k": k,
         "injection_mode": injection_mode,
@@ -132,6 +137,8 @@ def engine_fields(*, model: str | None = None, template: str | Sequence[str | in
         body["model"] = model
     if template is not None:
         body["template"] = {"preset": template} if isinstance(template, str) else {"parts": list(template)}
+    if system is not None:
+        body["template"] = {**body.get("template", {}), "system": system}
     if idempotency_key:
         body["idempotency_key"] = idempotency_key
     if ttl_seconds is not None:

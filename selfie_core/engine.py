@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 
 
 def as_template(template: TemplateLike, tokenizer=None) -> InterpretationTemplate:
-    """Accept a template, its ``to_dict()`` form, a parts sequence, or a preset name."""
+    """Accept a template, its ``to_dict()`` form, a parts sequence, a preset name, or ``{"preset": name,
+    "system": text}`` (a preset with a system prompt; none by default)."""
     if template is None:
         return InterpretationTemplate()
     if isinstance(template, InterpretationTemplate):
         return template
+    if isinstance(template, dict) and "preset" in template and "parts" not in template:
+        unknown = sorted(set(template) - {"preset", "system"})
+        if unknown:
+            raise SelfieInputError(f"a preset template takes 'preset' and 'system', not {', '.join(unknown)}")
+        return InterpretationTemplate.preset(template["preset"], tokenizer, system=template.get("system"))
     if isinstance(template, dict):
         return InterpretationTemplate.from_dict(template)
     if isinstance(template, str):

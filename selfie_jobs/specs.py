@@ -92,18 +92,35 @@ def _placeholder(value: Any) -> Any:
 TemplatePart = SafeStr | Annotated[Literal[0], BeforeValidator(_placeholder)]
 
 
+#: longest system prompt of a preset (characters; as selfie_core.templates.MAX_SYSTEM_CHARS)
+MAX_SYSTEM_CHARS = 4000
+
+
 class Template(BaseModel):
-    """A preset name known to the model card, or text parts with the placeholder 0 where the vector goes."""
+    """A preset name known to the model card, or text parts with the placeholder 0 where the vector goes.
+
+    A preset renders with no system turn (a chat template's own default system prompt is left out) unless
+    `system` gives one."""
 
     model_config = ConfigDict(extra="forbid")
 
     preset: Annotated[SafeStr, Field(min_length=1, max_length=100)] | None = None
     parts: Annotated[list[TemplatePart], Field(min_length=1, max_length=200)] | None = None
+    system: Annotated[SafeStr, Field(min_length=1, max_length=MAX_SYSTEM_CHARS)] | None = Field(
+        None, description="A system prompt for a preset (none by default).")
 
     @model_validator(mode="after")
     def _one_of(self) -> Template:
-        if (self.preset is None) == (self.parts is None):
+        if self.preset is not None and self.parts is not None:
             raise ValueError("give exactly one of 'preset' or 'parts'")
+        if self.preset is None and self.parts is None and self.system is None:
+            raise ValueError("give exactly one of 'preset' or 'parts' (or 'system' alone, for the default preset)")
+        if self.system is not None and self.parts is not None:
+            raise ValueError("'system' goes with a preset; with 'parts', write the system turn into the parts")
+        if self.system is not None and not self.system.strip():
+            raise ValueError("'system' is blank; leave it out for no system prompt")
+        if self.system is not None and any("\ue000" <= c <= "\ue002" for c in self.system):
+            raise ValueError("'system' must not contain the private-use characters U+E000..U+E002")
         if self.parts is not None:
             if not any(p == 0 and not isinstance(p, str) for p in self.parts):
                 raise ValueError("template parts need at least one placeholder (the integer 0)")

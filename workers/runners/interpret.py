@@ -26,6 +26,20 @@ _DEVICE_FAILURE_MARKERS = (
 )
 
 
+def spec_template(spec: dict[str, Any] | None, tokenizer: Any) -> Any:
+    """The `InterpretationTemplate` of a stored template spec (`{"preset", "system"}` or `{"parts"}`).
+
+    A preset spec without a "system" key was stored when presets rendered the chat template's own default system
+    prompt: it renders so still, and the job runs the prompt it was submitted with."""
+    from selfie_core import InterpretationTemplate
+
+    tpl = spec or {"preset": "summarize"}
+    if "preset" in tpl:
+        return InterpretationTemplate.preset(tpl["preset"], tokenizer, system=tpl.get("system"),
+                                             tokenizer_default_system="system" not in tpl)
+    return InterpretationTemplate.from_dict(tpl)
+
+
 class EngineRunner:
     """Runs work items on the resident `SelfieEngine` (the model-runner side of the batcher's Runner)."""
 
@@ -46,11 +60,7 @@ class EngineRunner:
             self._configs.move_to_end(key)
         else:
             try:
-                tpl = spec.get("template") or {"preset": "summarize"}
-                if "preset" in tpl:
-                    template = InterpretationTemplate.preset(tpl["preset"], self.engine.tokenizer)
-                else:
-                    template = InterpretationTemplate.from_dict(tpl)
+                template = spec_template(spec.get("template"), getattr(self.engine, "tokenizer", None))
                 injection = InjectionConfig.from_dict(spec.get("injection") or {})
                 generation = GenerationConfig.from_dict(spec.get("generation") or {})
             except SelfieInputError:

@@ -106,3 +106,20 @@ def test_text_selections_mean_what_the_client_and_cli_send(text, expected):
 def test_bad_text_selections_are_refused_with_the_forms(text):
     with pytest.raises(ValidationError, match="0:31:5"):
         JobCreate(prompts=["a"], targets={"layers": text})
+
+
+def test_template_system_prompts():
+    from pydantic import ValidationError
+
+    from selfie_jobs.specs import JobCreate
+
+    ok = JobCreate.model_validate({"prompts": ["a"], "template": {"preset": "describe", "system": "Be brief."}})
+    assert ok.template.system == "Be brief."
+    assert JobCreate.model_validate({"prompts": ["a"], "template": {"system": "Hi."}}).template.preset is None
+    for bad, why in [({"parts": ["x", 0, "y"], "system": "Hi."}, "goes with a preset"),
+                     ({"preset": "describe", "system": "x" * 4001}, "at most 4000"),
+                     ({"preset": "describe", "system": "   "}, "blank"),
+                     ({"preset": "describe", "system": "a\ue000b"}, "private-use"),
+                     ({"preset": "describe", "system": 3}, "string")]:
+        with pytest.raises(ValidationError, match=why):
+            JobCreate.model_validate({"prompts": ["a"], "template": bad})
