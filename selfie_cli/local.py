@@ -28,6 +28,7 @@ def interpret_locally(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    grounding_threshold: float | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> Any:
@@ -74,7 +75,8 @@ def interpret_locally(
     results = []
     with progress_bar("interpreting", len(requests), enabled=progress) as update:
         preset = {"preset": template or "summarize", "system": system}
-        for batch in engine.stream(requests, preset, injection, generation, batch_size):
+        grounding = None if grounding_threshold is None else {"min_mean_relevancy": grounding_threshold}
+        for batch in engine.stream(requests, preset, injection, generation, batch_size, grounding):
             results.extend(batch)
             update(advance=len(batch))
     return to_dataframe(results).drop(columns=["key"])

@@ -76,6 +76,9 @@ def _with_target_options(func, model_help: str):
         click.option("--temperature", type=float, default=1.0),
         click.option("--top-p", type=float, default=1.0),
         click.option("--seed", type=int, default=None),
+        click.option("--grounding-threshold", type=click.FloatRange(0, 1), default=None,
+                     help="Mean relevancy under which an interpretation is not grounded (default: the service's, "
+                          "0.05)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -283,6 +286,9 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
     """Submit a job for one or more PROMPTS (or for the vectors of a --vectors file); prints its id and link."""
     if bool(prompts) == bool(vectors_file):
         raise click.UsageError("give PROMPTS or --vectors FILE (one of them)")
+    threshold = options.pop("grounding_threshold")
+    if threshold is not None:
+        options["grounding"] = {"min_mean_relevancy": threshold}
     with _client(url, api_key) as client:
         if vectors_file:
             accepted = client.submit_vector_file(vectors_file, labels=list(labels) or None, tensor=tensor, **options)
@@ -305,7 +311,10 @@ def _wait_and_show(client, job_id: str) -> None:
     if status["state"] == "succeeded" and status.get("kind", "interpret") != "interpret":
         print_rows(client.rows(job_id))
     elif status["state"] == "succeeded":
+        from selfie_cli.render import console, print_baseline
+
         df = client.results(job_id)
+        print_baseline(status, console())
         for prompt in status["prompts"]:
             click.echo(f"\nprompt {prompt['index']}: {prompt['text']}")
             print_table(df, prompt["index"])
@@ -430,10 +439,12 @@ def _kind_rows(client, job_id: str, fmt: str, width: int, *, safe: bool) -> str:
 def _tables(status: dict[str, Any], rows: list[dict[str, Any]], *, file: Any = None, **table: Any) -> None:
     import pandas as pd
 
-    from selfie_cli.render import console, print_table
+    from selfie_cli.render import console, print_baseline, print_table
 
-    df = pd.DataFrame(rows, columns=["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy"])
+    df = pd.DataFrame(rows, columns=["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy",
+                                     "grounded", "ungrounded_reason"])
     out = console(file)
+    print_baseline(status, out)
     shown = False
     for prompt in status["prompts"]:
         if (df["prompt_index"] == prompt["index"]).any():

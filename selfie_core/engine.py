@@ -20,6 +20,7 @@ from .errors import SelfieInputError
 from .extraction import extract
 from .memory import row_bytes, rows_that_fit
 from .generation import PromptState, generate_batch, prepare_prompt_state
+from .grounding import Baseline, GroundingConfig, judge
 from .modelcall import attention_kernels, sliding_window
 from .records import GenerationConfig, InjectionConfig, Interpretation, InterpretRequest, VectorRequest
 from .relevancy import no_inject_probs, relevancy_scores
@@ -143,6 +144,7 @@ class SelfieEngine:
         if rms_norm == "triton":
             triton_norm.check_device(self.input_device)
         self._states: OrderedDict[tuple, PromptState] = OrderedDict()
+        self._baselines: OrderedDict[tuple, Baseline] = OrderedDict()
         self._lock = model_lock(self.model)
         self.graphs_off_reason = graphs_off_reason(self.model, self.adapter) if cuda_graphs else None
         if self.graphs_off_reason and self.input_device.type == "cuda":
@@ -222,10 +224,11 @@ class SelfieEngine:
     # -- running -------------------------------------------------------------------------------------------
     def interpret(self, requests: Sequence[InterpretRequest | VectorRequest], template: TemplateLike = None,
                   injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
-                  batch_size: int | None = None) -> list[Interpretation]:
+                  batch_size: int | None = None, grounding: GroundingConfig | dict | None = None,
+                  ) -> list[Interpretation]:
         """Interpret every request; results come back in request order."""
         results: list[Interpretation] = []
-        for batch in self.stream(requests, template, injection, generation, batch_size):
+        for batch in self.stream(requests, template, injection, generation, batch_size, grounding):
             results.extend(batch)
         return results
 
@@ -261,23 +264,67 @@ class SelfieEngine:
 
     def interpret_vectors(self, vectors: Sequence[VectorRequest | Any], template: TemplateLike = None,
                           injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
-                          batch_size: int | None = None) -> list[Interpretation]:
+                          batch_size: int | None = None, grounding: GroundingConfig | dict | None = None,
+                          ) -> list[Interpretation]:
         """Interpret arbitrary vectors (``VectorRequest`` or raw tensors/lists of the model's hidden size)."""
         reqs = [v if isinstance(v, VectorRequest) else VectorRequest(v) for v in vectors]
-        return self.interpret(reqs, template, injection, generation, batch_size)
+        return self.interpret(reqs, template, injection, generation, batch_size, grounding)
 
     def stream(self, requests: Sequence[InterpretRequest | VectorRequest], template: TemplateLike = None,
                injection: InjectionConfig | None = None, generation: GenerationConfig | None = None,
-               batch_size: int | None = None) -> Iterator[list[Interpretation]]:
-        """Validate everything first, then yield one list of results per finished engine batch (request order)."""
+               batch_size: int | None = None, grounding: GroundingConfig | dict | None = None,
+               ) -> Iterator[list[Interpretation]]:
+        """Validate everything first, then yield one list of results per finished engine batch (request order).
+        Each result says whether it is grounded (``selfie_core.grounding``; ``grounding`` sets the threshold)."""
         if isinstance(requests, (InterpretRequest, VectorRequest)):
             raise SelfieInputError("pass a list of requests, not a single request")
         requests = list(requests)
         check_batch_size(batch_size)
+        grounding = grounding if isinstance(grounding, GroundingConfig) else GroundingConfig.from_dict(grounding)
         prepared, injection, generation, token_ids, raw_vectors = self._validated(requests, template, injection, generation)
-        return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size)
+        return self._run(requests, prepared, injection, generation, token_ids, raw_vectors, batch_size, grounding)
 
-    def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size):
+    def baseline(self, template: TemplateLike = None, generation: GenerationConfig | None = None) -> Baseline:
+        """The interpretation prompt's own output with nothing injected (greedy or sampled as ``generation`` says;
+        a seeded sample is the same each time). Kept per template, generation settings and weights."""
+        generation = generation or GenerationConfig()
+        if isinstance(generation, dict):
+            generation = GenerationConfig.from_dict(generation)
+        prepared = self._prepare(template)
+        check_generation(generation, prepared, self.max_context, sliding_window(self.model))
+        eos = _eos_ids(self.model, self.tokenizer, generation)
+        norms = triton_norm.fused(self.model) if self.rms_norm == "triton" else nullcontext()
+        with self._lock, attention_kernels(self.input_device), norms:
+            return self._baseline(prepared, generation, eos, self._prompt_state(prepared))
+
+    def _baseline(self, prepared: PreparedPrompt, generation: GenerationConfig, eos: list[int],
+                  state: PromptState) -> Baseline:
+        # under the model's lock, with the weights in use (as _prompt_state): an edit has a baseline of its own
+        key = (weights_key(self.model), prepared.input_ids, prepared.insert_positions,
+               repr(sorted(generation.to_dict().items())), tuple(eos))
+        found = self._baselines.get(key)
+        if found is not None:
+            self._baselines.move_to_end(key)
+            return found
+        seeds = [_row_seed(generation.seed, b"baseline")] if generation.do_sample and generation.seed is not None else None
+        # nothing injected: the injection hook adds 0 x a zero vector, so the run is the prompt's own
+        zero = torch.zeros((1, self.hidden_size), dtype=self.adapter.embeddings.weight.dtype,
+                           device=self.adapter.block_device(0))
+        row = generate_batch(
+            self.model, self.adapter.blocks[0], state, zero, mode="add", strength=0.0,
+            max_new_tokens=generation.max_new_tokens, eos_ids=eos, do_sample=generation.do_sample,
+            temperature=float(generation.temperature) if generation.do_sample else 1.0,
+            top_p=float(generation.top_p) if generation.do_sample else 1.0, row_seeds=seeds,
+            device=self.input_device, decode="growing",
+        )[0]
+        text_ids = row.token_ids[:-1] if row.token_ids and row.token_ids[-1] in eos else row.token_ids
+        found = Baseline(self.tokenizer.decode(text_ids, skip_special_tokens=True), tuple(row.token_ids))
+        self._baselines[key] = found
+        while len(self._baselines) > 64:
+            self._baselines.popitem(last=False)
+        return found
+
+    def _run(self, requests, prepared, injection, generation, token_ids, raw_vectors, batch_size, grounding):
         if not requests:
             return
         size = batch_size or self.batch_size or self._auto_batch_size(len(prepared.input_ids), generation.max_new_tokens)
@@ -312,15 +359,21 @@ class SelfieEngine:
                     vecs.append(raw_vectors[start + j])
             device = self.adapter.block_device(injection.k)
             vectors = torch.stack([v.to(device) for v in vecs])
-            yield self._run_batch(chunk, vectors, prepared, injection, generation, eos, token_ids)
+            yield self._run_batch(chunk, vectors, prepared, injection, generation, eos, token_ids, grounding)
 
-    def _run_batch(self, chunk, vectors, prepared, injection, generation, eos, token_ids) -> list[Interpretation]:
+    def _run_batch(self, chunk, vectors, prepared, injection, generation, eos, token_ids,
+                   grounding) -> list[Interpretation]:
         norms = triton_norm.fused(self.model) if self.rms_norm == "triton" else nullcontext()
         with self._lock, attention_kernels(self.input_device), norms:
             # looked up per batch, under the lock: the weights in use (an edit swapped in) may differ between
             # batches of one stream, and the state must be the one of the weights this batch runs with
             state = self._prompt_state(prepared)
-            return self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
+            baseline = self._baseline(prepared, generation, eos, state)
+            out = self._interpret_batch(chunk, vectors, state, injection, generation, eos, token_ids)
+        for result in out:
+            reason = judge(result.text, result.token_ids, result.mean_relevancy, baseline, grounding, eos)
+            result.grounded, result.ungrounded_reason = reason is None, reason
+        return out
 
     def _interpret_batch(self, chunk, vectors, state, injection, generation, eos, token_ids) -> list[Interpretation]:
         seeds = None

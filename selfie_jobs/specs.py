@@ -138,6 +138,19 @@ class Decoding(BaseModel):
     seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
 
 
+#: as selfie_core.grounding.DEFAULT_MIN_MEAN_RELEVANCY (a test holds them equal; this package has no torch)
+DEFAULT_MIN_MEAN_RELEVANCY = 0.05
+
+
+class Grounding(BaseModel):
+    """When an interpretation counts as grounded in the injected state (selfie_core.grounding; docs/grounding.md)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    min_mean_relevancy: Float = Field(DEFAULT_MIN_MEAN_RELEVANCY, ge=0.0, le=1.0, description=(
+        "An interpretation with a mean relevancy below this is not grounded (0: no such check)."))
+
+
 class EngineOptions(BaseModel):
     """How the engine interprets: template, injection and generation. One schema for a job's request and for an
     audit's options, so both accept the same values with the same defaults."""
@@ -150,6 +163,7 @@ class EngineOptions(BaseModel):
     injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
     max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 30
     decoding: Decoding = Field(default_factory=Decoding)
+    grounding: Grounding = Field(default_factory=Grounding)
 
     @field_validator("template", mode="before")
     @classmethod
@@ -225,6 +239,7 @@ def engine_spec(request: EngineJobFields, template: dict[str, Any]) -> dict[str,
             "top_p": float(request.decoding.top_p),
             "seed": request.decoding.seed,
         },
+        "grounding": {"min_mean_relevancy": float(request.grounding.min_mean_relevancy)},
     }
 
 

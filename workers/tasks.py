@@ -22,6 +22,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from selfie_jobs import baselines
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.cards import mark_dead_local_workers
 from selfie_jobs.liveness import live_workers, owner_is_alive
@@ -119,6 +120,23 @@ def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, send
                 log.exception("could not re-send chunk %s", chunk_id)
 
 
+def _store_baseline(runtime, runner, plan: batcher.BatchPlan) -> None:
+    """The plan's baseline (one per job spec, kept by the engine), stored on its jobs that have none yet, before
+    their results: a result is judged against it, and the job shows it."""
+    compute = getattr(runner, "baseline", None)
+    if compute is None:
+        return
+    try:
+        baseline = compute(plan.spec)
+    except Exception as exc:
+        if runner.is_input_error(exc):
+            return  # the batcher fails these jobs with the engine's own message when it validates them
+        raise
+    job_ids = sorted({c.job_id for c in plan.chunks})
+    unit_of_work(runtime.sessions, lambda session: baselines.store_baseline(session, job_ids, baseline),
+                 runtime.settings.db_retry_seconds)
+
+
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
     """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
     claim = _claim(runtime, chunk_id)
@@ -150,7 +168,9 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
             sink = FaultInjectingSink(sink, runtime.options.inject_fault)
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, inputs):
-            stats = batcher.execute(plan, runtime.runner_for(plan.kind), sink)
+            runner = runtime.runner_for(plan.kind)
+            _store_baseline(runtime, runner, plan)
+            stats = batcher.execute(plan, runner, sink)
             total.items += stats.items
             total.inserted += stats.inserted
             total.engine_batches += stats.engine_batches

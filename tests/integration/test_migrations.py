@@ -136,6 +136,47 @@ def test_job_kinds_upgrade_keeps_every_row_and_makes_them_interpret(database_url
     assert texts == ["text 0", "text 1", "text 2"]
 
 
+def test_grounding_upgrade_keeps_every_row_unjudged(database_url):
+    """0009 adds jobs.baseline and interpretations.grounded/ungrounded_reason to a database with results in it:
+    every row is kept, and the rows stored before are not judged (NULL), rather than called grounded."""
+    from sqlalchemy import text
+
+    migrate.upgrade(database_url, "0006_job_kinds")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for n in range(3):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, kind, model, state, priority, spec, batch_key, total, done, created_at) "
+                    f"VALUES ('{n:032x}', 'interpret', 'm', 'succeeded', 5, '{{\"template\": {{\"preset\": "
+                    "\"summarize\"}}', 'k', 1, 1, CURRENT_TIMESTAMP)"))
+                conn.execute(text("INSERT INTO prompts (id, job_id, \"index\", text, tokens) VALUES "
+                                  f"({n + 1}, '{n:032x}', 0, 'p{n}', '[\"p\"]')"))
+                conn.execute(text("INSERT INTO chunks (id, job_id, \"index\", model, batch_key, priority, state, items, "
+                                  f"size, attempts) VALUES ({n + 1}, '{n:032x}', 0, 'm', 'k', 5, 'done', '[[0, 1, 0]]', "
+                                  "1, 1)"))
+                conn.execute(text(
+                    "INSERT INTO interpretations (id, job_id, prompt_index, layer, token, source_token, text, "
+                    "token_ids, relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES "
+                    f"({n + 1}, '{n:032x}', 0, 1, 0, 'p', 'text {n}', '[1]', '[0.5]', 0.5, {n + 1}, 'r', 'w', 'm', "
+                    "CURRENT_TIMESTAMP)"))
+        before = _counts(engine)
+        migrate.upgrade(database_url)
+        assert migrate.current_revision(database_url) == "0009_grounding"
+        after = _counts(engine)
+        with engine.connect() as conn:
+            jobs = conn.execute(text("SELECT id, baseline, spec FROM jobs ORDER BY id")).all()
+            rows = conn.execute(text("SELECT text, grounded, ungrounded_reason FROM interpretations ORDER BY id")).all()
+        migrate.downgrade(database_url, "0007_compact_rows")
+        assert _counts(engine) == before
+    finally:
+        engine.dispose()
+    assert before == after == {"jobs": 3, "prompts": 3, "chunks": 3, "interpretations": 3}
+    assert [(j[0], j[1]) for j in jobs] == [(f"{n:032x}", None) for n in range(3)]
+    assert all("summarize" in str(j[2]) for j in jobs)  # the spec, as stored: it renders as it was submitted
+    assert [tuple(r) for r in rows] == [(f"text {n}", None, None) for n in range(3)]
+
+
 def _counts(engine) -> dict[str, int]:
     from sqlalchemy import text
 

@@ -85,7 +85,13 @@ class EngineRunner:
     def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
         template, injection, generation = self.configs(spec)
         return self.engine.stream(self.requests(items), template=template, injection=injection,
-                                  generation=generation, batch_size=self.batch_size)
+                                  generation=generation, batch_size=self.batch_size,
+                                  grounding=spec.get("grounding"))  # specs stored before it: the default
+
+    def baseline(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The job spec's baseline (`SelfieEngine.baseline`, kept by the engine) as stored with the job."""
+        template, _, generation = self.configs(spec)
+        return self.engine.baseline(template, generation).to_dict()
 
     def is_input_error(self, exc: BaseException) -> bool:
         from selfie_core import SelfieInputError
