@@ -120,6 +120,7 @@ def generate_batch(
     lower_blocks: Sequence[torch.nn.Module] | None = None,
     decode: str = "growing",
     decode_attention: str = "sdpa",
+    plain_rows: Sequence[int] = (),
 ) -> list[GeneratedRow]:
     """``lower_blocks``: the blocks below k, when they may be skipped (LLaMA layout): the prefill then runs blocks
     >= k only, from the prompt run's hidden state at block k, and the KV cache below k comes from that run.
@@ -127,7 +128,8 @@ def generate_batch(
     ``decode`` (see ``decoding``): "growing" steps over a cache that grows (the fastest eager steps: on the CPU the
     static ones were 2-5% slower, attending over the whole buffer); "static" fixed-shape steps; "graphs" static
     steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows.
-    ``decode_attention``: how static steps attend (``decoding.STEP_ATTENTION``); growing steps keep the model's."""
+    ``decode_attention``: how static steps attend (``decoding.STEP_ATTENTION``); growing steps keep the model's.
+    ``plain_rows``: rows that get nothing injected (their vectors are ignored): the prompt's own output."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
     check_step_attention(decode_attention)
@@ -143,7 +145,7 @@ def generate_batch(
         if k:
             hidden_k = state.hidden[k][:, p0:].expand(batch, -1, -1)
             stack.enter_context(_shared_lower_blocks(lower_blocks, block, hidden_k))
-        stack.enter_context(inject(block, positions, vectors, mode, strength))
+        stack.enter_context(inject(block, positions, vectors, mode, strength, plain_rows))
         stack.enter_context(record_function("selfie.prefill"))  # named spans for profiles (benchmarks/)
         logits, cache, _ = forward(model, suffix, cache=cache, logits_to_keep=1)
     for i in range(k):  # the skipped blocks' cache: the prompt run's keys and values after the shared prefix

@@ -97,3 +97,25 @@ def test_the_job_domain_states_the_engine_defaults():
 
     assert specs.DEFAULT_MIN_MEAN_RELEVANCY == grounding.DEFAULT_MIN_MEAN_RELEVANCY
     assert specs.MAX_SYSTEM_CHARS == templates.MAX_SYSTEM_CHARS
+
+
+def test_the_baseline_rides_along_in_the_first_batch(llama, tokenizer):
+    # computed in-band (one row more, nothing injected into it) it is the one a generation of its own gives
+    gen = GenerationConfig(max_new_tokens=8)
+    reqs = [InterpretRequest(PROMPT, layer, 2) for layer in (0, 2, 4)]
+    inband = SelfieEngine(llama, tokenizer)
+    inband.interpret(reqs, generation=gen)
+    assert len(inband._baselines) == 1
+    assert inband.baseline(None, gen) == SelfieEngine(llama, tokenizer).baseline(None, gen)
+    sampled = GenerationConfig(max_new_tokens=8, do_sample=True, seed=5)
+    inband.interpret(reqs, generation=sampled)
+    assert inband.baseline(None, sampled) == SelfieEngine(llama, tokenizer).baseline(None, sampled)
+
+
+def test_plain_rows_get_nothing_injected():
+    from selfie_core.hooks import apply_injection
+
+    h = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    v = torch.full((2, 4), 9.0)
+    out = apply_injection(h, [1], v, "replace", 1.0, plain_rows=[1])
+    assert torch.equal(out[0, 1], v[0]) and torch.equal(out[1], h[1])
