@@ -120,10 +120,30 @@ def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, send
                 log.exception("could not re-send chunk %s", chunk_id)
 
 
+class _BaselineFirst:
+    """A runner whose results reach the sink only once the plan's baseline is stored on its jobs: the engine
+    computes the baseline as one more row of its first batch (and keeps it), so it is stored between that batch and
+    its rows, and a job is never finished without it."""
+
+    def __init__(self, inner, store):
+        self.inner = inner
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def stream(self, items, spec):
+        stored = False
+        for results in self.inner.stream(items, spec):
+            if not stored:
+                self.store()
+                stored = True
+            yield results
+
+
 def _store_baseline(runtime, runner, plan: batcher.BatchPlan) -> None:
-    """The plan's baseline (one per job spec), stored on its jobs that have none yet. The engine computed it in the
-    plan's first batch (one row more) and keeps it, so this is a lookup; asked before the run, it would be a
-    generation of its own, 6-7% of a small CPU run (benchmarks/README.md, "Grounding")."""
+    """The plan's baseline (one per job spec), stored on its jobs that have none yet; a lookup in the engine once
+    a batch of the spec ran (asked before, it would be a generation of its own: 6-7% of a small CPU run)."""
     compute = getattr(runner, "baseline", None)
     if compute is None:
         return
@@ -170,8 +190,7 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, inputs):
             runner = runtime.runner_for(plan.kind)
-            stats = batcher.execute(plan, runner, sink)
-            _store_baseline(runtime, runner, plan)
+            stats = batcher.execute(plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)), sink)
             total.items += stats.items
             total.inserted += stats.inserted
             total.engine_batches += stats.engine_batches
