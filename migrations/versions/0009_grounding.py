@@ -4,7 +4,7 @@ each interpretation's grounded judgement with its reason when it is not grounded
 Rows stored before have no judgement (NULL): they were not judged, which is not the same as grounded.
 
 Revision ID: 0009_grounding
-Revises: 0007_compact_rows
+Revises: 0008_result_indexes
 Create Date: 2026-11-30 17:40:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009_grounding"
-down_revision: str | None = "0007_compact_rows"
+down_revision: str | None = "0008_result_indexes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -167,7 +167,7 @@ def test_grounding_upgrade_keeps_every_row_unjudged(database_url):
         with engine.connect() as conn:
             jobs = conn.execute(text("SELECT id, baseline, spec FROM jobs ORDER BY id")).all()
             rows = conn.execute(text("SELECT text, grounded, ungrounded_reason FROM interpretations ORDER BY id")).all()
-        migrate.downgrade(database_url, "0007_compact_rows")
+        migrate.downgrade(database_url, "0008_result_indexes")
         assert _counts(engine) == before
     finally:
         engine.dispose()
