@@ -264,7 +264,7 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
     """0008 on a database with results in it: every row kept, the sort indexes built, the engine-run ones gone;
     and back down to the revision before it."""
     from alembic.script import ScriptDirectory
-    from sqlalchemy import text
+    from sqlalchemy import insert, text
     from sqlalchemy.orm import Session
 
     from selfie_jobs.models import Interpretation
@@ -277,10 +277,11 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
         with Session(engine) as s:
             job = make_job(s, items=[(0, layer, 0) for layer in range(3)])
             chunk_id = s.execute(text("SELECT min(id) FROM chunks")).scalar()
-            for layer in range(3):
-                s.add(Interpretation(job_id=job.id, prompt_index=0, layer=layer, token=0, source_token="t",
-                                     text=f"text {layer}", token_ids=[1], relevancy=[0.5, 0.25], mean_relevancy=0.375,
-                                     chunk_id=chunk_id, engine_run_id="r", worker="w", model="tiny"))
+            for layer in range(3):  # the columns of this revision only (later ones add more: 0009's grounded)
+                s.execute(insert(Interpretation.__table__).values(
+                    job_id=job.id, prompt_index=0, layer=layer, token=0, source_token="t", text=f"text {layer}",
+                    token_ids=[1], relevancy=[0.5, 0.25], mean_relevancy=0.375, chunk_id=chunk_id, engine_run_id="r",
+                    worker="w", model="tiny"))
             s.commit()
         before = _indexes(engine)
         migrate.upgrade(database_url, "0008_result_indexes")
