@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -74,6 +74,11 @@ class PromptOut(BaseModel):
     tokens: list[str]
 
 
+class Baseline(BaseModel):
+    text: str
+    token_ids: list[int]
+
+
 class JobStatus(BaseModel):
     id: str
     kind: str = "interpret"
@@ -92,6 +97,9 @@ class JobStatus(BaseModel):
     spec: dict[str, Any]
     ttl_seconds: int | None = Field(None, description="Seconds the job is kept after it finished, as its request "
                                     "asked; None: its key's, else the service's default (docs/api.md, Retention).")
+    baseline: Baseline | None = Field(None, description=(
+        "The interpretation prompt's own output with nothing injected; None until the worker has computed it "
+        "(and for jobs stored before baselines)."))
     prompts: list[PromptOut]
     link: str
     links: Links
@@ -131,6 +139,11 @@ class InterpretationOut(BaseModel):
     source_token: str
     text: str
     mean_relevancy: float
+    grounded: bool | None = Field(description=(
+        "Whether the text is grounded in the injected state; None for rows stored before it was judged."))
+    ungrounded_reason: Literal["baseline", "repetition", "empty", "low_relevancy"] | None = Field(description=(
+        "Why not: equal to the job's baseline, degenerate repetition, no letter or digit, or mean relevancy under "
+        "the job's grounding.min_mean_relevancy (selfie_core.grounding)."))
     relevancy: list[float]
     token_ids: list[int]
     worker: str

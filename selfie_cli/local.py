@@ -19,6 +19,7 @@ def interpret_locally(
     tokens: str = "all",
     pairs: Sequence[tuple[int, int]] | None = None,
     template: str | None = None,
+    system: str | None = None,
     k: int = 1,
     injection_mode: str = "replace",
     injection_strength: float = 1.0,
@@ -27,6 +28,7 @@ def interpret_locally(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    grounding_threshold: float | None = None,
     threads: int | None = None,
     progress: bool = True,
 ) -> Any:
@@ -72,7 +74,9 @@ def interpret_locally(
                                   top_p=top_p, seed=seed)
     results = []
     with progress_bar("interpreting", len(requests), enabled=progress) as update:
-        for batch in engine.stream(requests, template or "summarize", injection, generation, batch_size):
+        preset = {"preset": template or "summarize", "system": system}
+        grounding = None if grounding_threshold is None else {"min_mean_relevancy": grounding_threshold}
+        for batch in engine.stream(requests, preset, injection, generation, batch_size, grounding):
             results.extend(batch)
             update(advance=len(batch))
     return to_dataframe(results).drop(columns=["key"])

@@ -66,6 +66,8 @@ def _with_target_options(func, model_help: str):
         click.option("--pair", "pairs", multiple=True, metavar="LAYER,TOKEN",
                      help="Explicit (layer, token) pair; repeatable; replaces --layers/--tokens."),
         click.option("--template", default=None, help="Preset name (summarize, describe, ...)."),
+        click.option("--system", default=None,
+                     help="A system prompt for the preset (default: none; a chat template's own is left out)."),
         click.option("--k", "k", type=int, default=1, show_default=True, help="Injection layer."),
         click.option("--mode", "injection_mode", type=click.Choice(["replace", "blend", "add"]), default="replace"),
         click.option("--strength", "injection_strength", type=float, default=1.0, show_default=True),
@@ -74,6 +76,9 @@ def _with_target_options(func, model_help: str):
         click.option("--temperature", type=float, default=1.0),
         click.option("--top-p", type=float, default=1.0),
         click.option("--seed", type=int, default=None),
+        click.option("--grounding-threshold", type=click.FloatRange(0, 1), default=None,
+                     help="Mean relevancy under which an interpretation is not grounded (default: the service's, "
+                          "0.05)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -290,6 +295,9 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
         raise click.UsageError("give PROMPTS or --vectors FILE (one of them)")
     if lenses and vectors_file:
         raise click.UsageError("--lens reads the states of PROMPTS; it does not take --vectors")
+    threshold = options.pop("grounding_threshold")
+    if threshold is not None:
+        options["grounding"] = {"min_mean_relevancy": threshold}
     with _client(url, api_key) as client:
         if vectors_file:
             accepted = client.submit_vector_file(vectors_file, labels=list(labels) or None, tensor=tensor, **options)
@@ -317,7 +325,10 @@ def _wait_and_show(client, job_id: str) -> None:
     if status["state"] == "succeeded" and status.get("kind", "interpret") != "interpret":
         print_rows(client.rows(job_id))
     elif status["state"] == "succeeded":
+        from selfie_cli.render import console, print_baseline
+
         df = client.results(job_id)
+        print_baseline(status, console())
         for prompt in status["prompts"]:
             click.echo(f"\nprompt {prompt['index']}: {prompt['text']}")
             print_table(df, prompt["index"])
@@ -473,10 +484,12 @@ def _kind_rows(client, job_id: str, fmt: str, width: int, *, safe: bool) -> str:
 def _tables(status: dict[str, Any], rows: list[dict[str, Any]], *, file: Any = None, **table: Any) -> None:
     import pandas as pd
 
-    from selfie_cli.render import console, print_table
+    from selfie_cli.render import console, print_baseline, print_table
 
-    df = pd.DataFrame(rows, columns=["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy"])
+    df = pd.DataFrame(rows, columns=["prompt_index", "layer", "token", "source_token", "text", "mean_relevancy",
+                                     "grounded", "ungrounded_reason"])
     out = console(file)
+    print_baseline(status, out)
     shown = False
     for prompt in status["prompts"]:
         if (df["prompt_index"] == prompt["index"]).any():

@@ -40,8 +40,11 @@ def layer_token_rich_table(df, prompt_index: int = 0, *, width: int = 24, releva
     labels = {t: f"{t}:{s.strip() or repr(s)}" for t, s in zip(part["token"], part["source_token"], strict=True)}
     cells = {(r.layer, r.token): r for r in part.itertuples(index=False)}
     scale = max(1e-9, float(part["mean_relevancy"].max()))
-    table = Table(show_lines=True, header_style="bold", caption=(
-        f"under each text its mean relevancy; shading 0..{scale:.3f}" if relevancy else None))
+    grounding = "grounded" in part.columns and bool((part["grounded"] == False).any())  # noqa: E712 - NA is not False
+    caption = [f"under each text its mean relevancy; shading 0..{scale:.3f}"] if relevancy else []
+    if grounding:
+        caption.append("struck through: not grounded (as the baseline, repetition, empty or low relevancy)")
+    table = Table(show_lines=True, header_style="bold", caption="; ".join(caption) or None)
     table.add_column("layer", justify="right", no_wrap=True)
     for t in tokens:
         table.add_column(labels[t], min_width=min(len(labels[t]), width), max_width=max(width, len(labels[t])),
@@ -54,9 +57,12 @@ def layer_token_rich_table(df, prompt_index: int = 0, *, width: int = 24, releva
                 row.append("")
                 continue
             text = " ".join(str(r.text).split()) or "(blank)"  # an empty generation, not a missing cell
-            cell = Text(text)
+            ungrounded = getattr(r, "grounded", None) is False
+            cell = Text(text, style="strike" if ungrounded else "")
             if relevancy:
                 cell.append(f"\n{r.mean_relevancy:.3f}", style="italic")
+            if ungrounded:
+                cell.append(f"\nnot grounded: {r.ungrounded_reason}", style="bold")
             if shade:
                 v = r.mean_relevancy / scale
                 red, green, blue = relevancy_color(v)
@@ -75,6 +81,13 @@ def print_table(df, prompt_index: int = 0, width: int = 24, *, relevancy: bool =
         out.print(f"(no interpretations for prompt {prompt_index})")
     else:
         out.print(table)
+
+
+def print_baseline(status: dict[str, Any], out: Any) -> None:
+    """The job's baseline, the interpretation prompt's own output, above its tables (nothing for older jobs)."""
+    baseline = status.get("baseline")
+    if baseline:
+        out.print(f"baseline (nothing injected): {' '.join(str(baseline['text']).split()) or '(blank)'}", markup=False)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # The DataFrame shape of results, shared with the engine's `selfie_core.to_dataframe` (whose docstring defines each
 # column; a test holds the two lists equal: the client cannot import the engine).
 RESULT_COLUMNS = ["prompt_index", "prompt", "label", "layer", "token", "source_token", "text", "mean_relevancy",
-                  "relevancy", "token_ids"]
+                  "grounded", "ungrounded_reason", "relevancy", "token_ids"]
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 Selector = str | int | range | slice | Sequence[int]
 #: the columns of `Client.search` (GET /v1/search items): interpret rows fill prompt_index..source_token, vector rows
@@ -103,6 +103,7 @@ def job_request(
     tokens: Selector = "all",
     pairs: Sequence[tuple[int, int]] | None = None,
     template: str | Sequence[str | int] | None = None,
+    system: str | None = None,
     k: int = 1,
     injection_mode: str = "replace",
     injection_strength: float = 1.0,
@@ -111,6 +112,7 @@ def job_request(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    grounding: dict[str, float] | None = None,
     priority: int = 5,
     idempotency_key: str | None = None,
     ttl_seconds: int | None = None,
@@ -118,9 +120,9 @@ def job_request(
     """The JSON body of POST /v1/jobs."""
     body: dict[str, Any] = {
         "prompts": [prompts] if isinstance(prompts, str) else list(prompts),
-        **engine_fields(model=model, template=template, k=k, injection_mode=injection_mode,
+        **engine_fields(model=model, template=template, system=system, k=k, injection_mode=injection_mode,
                         injection_strength=injection_strength, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, seed=seed, priority=priority,
+                        temperature=temperature, top_p=top_p, seed=seed, grounding=grounding, priority=priority,
                         idempotency_key=idempotency_key, ttl_seconds=ttl_seconds),
     }
     if pairs is not None:
@@ -132,13 +134,18 @@ def job_request(
     return body
 
 
-def engine_fields(*, model: str | None = None, template: str | Sequence[str | int] | None = None, k: int = 1,
+def engine_fields(*, model: str | None = None, template: str | Sequence[str | int] | None = None,
+                  system: str | None = None, k: int = 1,
                   injection_mode: str = "replace", injection_strength: float = 1.0, max_new_tokens: int = 30,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                  priority: int = 5, idempotency_key: str | None = None,
-                  ttl_seconds: int | None = None) -> dict[str, Any]:
+                  grounding: dict[str, float] | None = None, priority: int = 5,
+                  idempotency_key: str | None = None, ttl_seconds: int | None = None) -> dict[str, Any]:
     """What every job kind's request holds besides its inputs (template, injection, generation, priority, how long
-    the finished job is kept: `ttl_seconds`, default the key's or the service's)."""
+    the finished job is kept: `ttl_seconds`, default the key's or the service's).
+
+    `template`: a preset name or text parts; `system`: a system prompt for the preset (the model's default preset
+    when `template` is None); presets have none unless it is given. `grounding`: {"min_mean_relevancy": x}, under
+    which an interpretation is not grounded (the service's default when None)."""
     body: dict[str, Any] = {
         "k": k,
         "injection_mode": injection_mode,
@@ -151,6 +158,10 @@ def engine_fields(*, model: str | None = None, template: str | Sequence[str | in
         body["model"] = model
     if template is not None:
         body["template"] = {"preset": template} if isinstance(template, str) else {"parts": list(template)}
+    if system is not None:
+        body["template"] = {**body.get("template", {}), "system": system}
+    if grounding is not None:
+        body["grounding"] = dict(grounding)
     if idempotency_key:
         body["idempotency_key"] = idempotency_key
     if ttl_seconds is not None:
@@ -365,7 +376,8 @@ class Client:
 
     # -- results -----------------------------------------------------------------------------------------------
     def iter_results(self, job_id: str, *, page_size: int = 1000, **filters: Any) -> Iterator[dict[str, Any]]:
-        """Every interpretation matching `filters` (prompt, layer_min, layer_max, token, min_relevancy, q, sort)."""
+        """Every interpretation matching `filters` (prompt, layer_min, layer_max, token, min_relevancy, grounded, q,
+        sort)."""
         params = {k: v for k, v in filters.items() if v is not None}
         params["limit"] = page_size
         cursor = None
@@ -382,7 +394,8 @@ class Client:
         `selfie_core.to_dataframe` (RESULT_COLUMNS), then `worker`, `model` and `created_at`."""
         import pandas as pd
 
-        texts = {p["index"]: p["text"] for p in self.status(job_id).get("prompts", [])}
+        status = self.status(job_id)
+        texts = {p["index"]: p["text"] for p in status.get("prompts", [])}
         rows = []
         for item in self.iter_results(job_id, **filters):
             row = dict(item)
@@ -395,6 +408,8 @@ class Client:
         df = pd.DataFrame(rows, columns=RESULT_COLUMNS + ["worker", "model", "created_at"])
         for column in ("prompt_index", "layer", "token"):
             df[column] = df[column].astype("Int64")
+        df["grounded"] = df["grounded"].astype("boolean")  # <NA>: a row stored before rows were judged
+        df.attrs["baseline"] = status.get("baseline")  # the interpretation prompt's own output
         return df
 
     def iter_rows(self, job_id: str, *, page_size: int = 1000) -> Iterator[dict[str, Any]]:
@@ -500,7 +515,8 @@ class Client:
                   poll: float = 0.5, **options: Any) -> pd.DataFrame:
         """Submit, wait with a progress bar, and return the interpretations as a DataFrame.
 
-        `df.attrs` holds the job id, its link, its final state and the prompts' tokens. A failed job raises
+        `df.attrs` holds the job id, its link, its final state, the prompts' tokens and the job's baseline (the
+        interpretation prompt's own output, nothing injected; `grounded` says which rows differ from it). A failed job raises
         SelfieError (status 500), and so does a cancelled one (status 409): its results are partial, and
         `results(job_id)` still reads them.
         """

@@ -47,7 +47,9 @@ def model_card(engine) -> dict:
 
 
 def preset_facts(tokenizer, model_name: str = "") -> dict:
-    """Preset name -> its parts and length in tokens, for every preset this tokenizer can render."""
+    """Preset name -> its parts, length in tokens and whether it takes a system prompt (``takes_system``), for
+    every preset this tokenizer can render."""
+    from .errors import SelfieInputError
     from .templates import PRESETS, InterpretationTemplate
 
     presets: dict[str, dict] = {}
@@ -57,6 +59,12 @@ def preset_facts(tokenizer, model_name: str = "") -> dict:
             presets[name] = {"parts": list(template.parts), "num_tokens": len(template.prepare(tokenizer).input_ids)}
         except Exception as exc:  # noqa: BLE001 - a preset this tokenizer cannot render is just not offered
             log.warning("preset %s is not available for %s: %s", name, model_name, exc)
+            continue
+        try:
+            InterpretationTemplate.preset(name, tokenizer, system="system")
+            presets[name]["takes_system"] = True
+        except SelfieInputError:
+            presets[name]["takes_system"] = False
     return presets
 
 

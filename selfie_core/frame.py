@@ -10,6 +10,8 @@ Columns, in this order (`selfie_client.client.RESULT_COLUMNS` is the same list; 
 - `source_token`: the prompt's token at `token`, as text.
 - `text`, `mean_relevancy`, `relevancy`, `token_ids`: the interpretation, its relevancy per generated token and
   their mean, and the generated ids.
+- `grounded`, `ungrounded_reason`: whether the text is grounded in the injected state, and why not
+  (`selfie_core.grounding`).
 
 After these each side adds its own: the engine `key` (the caller's request key), the client `worker`, `model` and
 `created_at`.
@@ -22,7 +24,7 @@ from typing import Iterable
 from .records import Interpretation
 
 COLUMNS = ["prompt_index", "prompt", "label", "layer", "token", "source_token", "text", "mean_relevancy",
-           "relevancy", "token_ids"]
+           "grounded", "ungrounded_reason", "relevancy", "token_ids"]
 INTEGER_COLUMNS = ("prompt_index", "layer", "token")
 
 
@@ -44,4 +46,5 @@ def to_dataframe(results: Iterable[Interpretation]):
     df = pd.DataFrame(rows, columns=COLUMNS + ["key"])
     for column in INTEGER_COLUMNS:  # nullable integers: a vector's row has none, the others stay ints
         df[column] = df[column].astype("Int64")
+    df["grounded"] = df["grounded"].astype("boolean")
     return df

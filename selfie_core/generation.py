@@ -127,6 +127,7 @@ def generate_batch(
     decode: str = "growing",
     decode_attention: str = "sdpa",
     watch: StepWatch | None = None,
+    plain_rows: Sequence[int] = (),
 ) -> list[GeneratedRow]:
     """``lower_blocks``: the blocks below k, when they may be skipped (LLaMA layout): the prefill then runs blocks
     >= k only, from the prompt run's hidden state at block k, and the KV cache below k comes from that run.
@@ -136,7 +137,8 @@ def generate_batch(
     steps replayed as CUDA graphs on CUDA (static eager steps elsewhere). A cache that cannot be static grows.
     ``decode_attention``: how static steps attend (``decoding.STEP_ATTENTION``); growing steps keep the model's.
     ``watch`` (``StepWatch``): asked between decode steps which rows to stop (a cancelled job's rows), so that a
-    long generation ends within one step of being told; the other rows go on as if the stopped ones had finished."""
+    long generation ends within one step of being told; the other rows go on as if the stopped ones had finished.
+    ``plain_rows``: rows that get nothing injected (their vectors are ignored): the prompt's own output."""
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
     check_step_attention(decode_attention)
@@ -152,7 +154,7 @@ def generate_batch(
         if k:
             hidden_k = state.hidden[k][:, p0:].expand(batch, -1, -1)
             stack.enter_context(_shared_lower_blocks(lower_blocks, block, hidden_k))
-        stack.enter_context(inject(block, positions, vectors, mode, strength))
+        stack.enter_context(inject(block, positions, vectors, mode, strength, plain_rows))
         stack.enter_context(record_function("selfie.prefill"))  # named spans for profiles (benchmarks/)
         logits, cache, _ = forward(model, suffix, cache=cache, logits_to_keep=1)
     for i in range(k):  # the skipped blocks' cache: the prompt run's keys and values after the shared prefix

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 
-def apply_injection(hidden: torch.Tensor, positions: Sequence[int], vectors: torch.Tensor, mode: str, strength: float) -> torch.Tensor:
-    """Return a copy of ``hidden`` (batch, seq, hidden) with ``vectors`` (batch, hidden) written at ``positions``."""
+def apply_injection(hidden: torch.Tensor, positions: Sequence[int], vectors: torch.Tensor, mode: str, strength: float,
+                    plain_rows: Sequence[int] = ()) -> torch.Tensor:
+    """Return a copy of ``hidden`` (batch, seq, hidden) with ``vectors`` (batch, hidden) written at ``positions``;
+    the ``plain_rows`` keep their own states (nothing injected: the interpretation prompt's own run)."""
     if vectors.shape[0] != hidden.shape[0]:
         raise RuntimeError(f"injection: {vectors.shape[0]} vectors for a batch of {hidden.shape[0]}")
     if max(positions) >= hidden.shape[1]:
@@ -31,12 +33,16 @@ def apply_injection(hidden: torch.Tensor, positions: Sequence[int], vectors: tor
         out[:, idx] = hidden[:, idx] + strength * v
     else:
         raise ValueError(f"unknown injection mode {mode!r}")
+    if plain_rows:
+        rows = torch.as_tensor(list(plain_rows), device=hidden.device)
+        out[rows] = hidden[rows]
     return out
 
 
 class _InjectionHook:
-    def __init__(self, positions, vectors, mode, strength):
+    def __init__(self, positions, vectors, mode, strength, plain_rows=()):
         self.positions = list(positions)
+        self.plain_rows = list(plain_rows)
         self.vectors = vectors
         self.mode = mode
         self.strength = float(strength)
@@ -47,17 +53,20 @@ class _InjectionHook:
         if self.calls > 1:
             return None
         if args:
-            return (apply_injection(args[0], self.positions, self.vectors, self.mode, self.strength), *args[1:]), kwargs
+            return (apply_injection(args[0], self.positions, self.vectors, self.mode, self.strength, self.plain_rows),
+                    *args[1:]), kwargs
         kwargs = dict(kwargs)
-        kwargs["hidden_states"] = apply_injection(kwargs["hidden_states"], self.positions, self.vectors, self.mode, self.strength)
+        kwargs["hidden_states"] = apply_injection(kwargs["hidden_states"], self.positions, self.vectors, self.mode,
+                                                  self.strength, self.plain_rows)
         return args, kwargs
 
 
 @contextmanager
 def inject(block: nn.Module, positions: Sequence[int], vectors: torch.Tensor, mode: str = "replace",
-           strength: float = 1.0) -> Iterator[_InjectionHook]:
-    """Inject ``vectors`` at the input of ``block`` in its first forward while the context is open."""
-    hook = _InjectionHook(positions, vectors, mode, strength)
+           strength: float = 1.0, plain_rows: Sequence[int] = ()) -> Iterator[_InjectionHook]:
+    """Inject ``vectors`` at the input of ``block`` in its first forward while the context is open (not in the
+    ``plain_rows``)."""
+    hook = _InjectionHook(positions, vectors, mode, strength, plain_rows)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield hook

@@ -113,6 +113,8 @@ class Interpretation:
     ``token_ids`` are the generated ids (an end-of-sequence id, when one was generated, is the last one);
     ``relevancy[i] = |P_inject(token_ids[i]) - P_no_inject(token_ids[i])|`` and ``mean_relevancy`` its mean.
     For vector requests ``layer`` and ``token`` are ``None`` and ``prompt`` is the label (or "").
+    ``grounded``: whether the text is grounded in the injected state; when not, ``ungrounded_reason`` says why
+    (``selfie_core.grounding.REASONS``).
     """
 
     key: Any
@@ -124,6 +126,8 @@ class Interpretation:
     token_ids: list[int] = field(default_factory=list)
     relevancy: list[float] = field(default_factory=list)
     mean_relevancy: float = 0.0
+    grounded: bool = True
+    ungrounded_reason: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -136,4 +140,6 @@ class Interpretation:
             "token_ids": [int(t) for t in self.token_ids],
             "relevancy": [float(r) for r in self.relevancy],
             "mean_relevancy": float(self.mean_relevancy),
+            "grounded": bool(self.grounded),
+            "ungrounded_reason": self.ungrounded_reason,
         }

@@ -15,9 +15,11 @@ from .weights import MLPEdit, swapped_in
 
 def chat_text(tokenizer, user: str, assistant_prefix: str = "") -> str:
     """``user`` as one user turn in the tokenizer's chat format (the original ``[INST]`` form without one),
-    followed by the start of the assistant's answer."""
+    followed by the start of the assistant's answer. A chat as the model is used: with the chat template's own
+    default system prompt, when it has one (interpretation presets leave it out; this is the chatted prompt)."""
     if getattr(tokenizer, "chat_template", None):
-        return "".join(InterpretationTemplate.chat(tokenizer, (user,), assistant_prefix).parts)
+        return "".join(InterpretationTemplate.chat(tokenizer, (user,), assistant_prefix,
+                                                   tokenizer_default_system=True).parts)
     return f"[INST] {user} [/INST] {assistant_prefix}".rstrip(" ") if assistant_prefix else f"[INST] {user} [/INST]"
 
 

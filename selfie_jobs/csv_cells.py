@@ -36,13 +36,15 @@ def csv_row(values: Iterable[Any], mode: CsvMode) -> list[Any]:
 
 
 def export_cell(value: Any) -> Any:
-    """A stored value as its CSV cell: text and numbers as they are, times in ISO 8601, lists and dicts as JSON,
-    nothing as an empty cell."""
+    """A stored value as its CSV cell: text and numbers as they are, booleans as true/false, times in ISO 8601,
+    lists and dicts as JSON, nothing as an empty cell."""
     kind = type(value)
     if kind is str or kind is int or kind is float:  # nearly every cell: the cheapest test first
         return value
     if value is None:
         return ""
+    if kind is bool:  # as JSON spells them (the grounded column), not Python's True/False
+        return "true" if value else "false"
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, (list, dict)):

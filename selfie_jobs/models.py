@@ -114,6 +114,9 @@ class Job(Base):
     # batch_key can share one engine batch.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     batch_key: Mapped[str] = mapped_column(String(64))
+    # The interpretation prompt's own output, nothing injected ({"text", "token_ids"}), written by the worker
+    # before the job's first results; what an interpretation that is not grounded may merely repeat.
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     total: Mapped[int] = mapped_column(Integer)
     done: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -213,6 +216,9 @@ class Interpretation(Base):
     # float32 bytes, read and written as a list of floats (selfie_jobs.float_arrays says why float32)
     relevancy: Mapped[list[float]] = mapped_column(Float32List)
     mean_relevancy: Mapped[float] = mapped_column(Float)
+    # selfie_core.grounding: NULL for rows stored before interpretations were judged
+    grounded: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    ungrounded_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # Indexed for the foreign key: deleting chunks finds their rows by it (ON DELETE CASCADE).
     chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
     engine_run_id: Mapped[str] = mapped_column(String(32))

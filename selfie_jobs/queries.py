@@ -369,6 +369,7 @@ class InterpretationFilter:
     source_token: str | None = None
     min_relevancy: float | None = None
     q: str | None = None
+    grounded: bool | None = None  # rows not judged (stored before grounding) match neither
 
     def apply(self, query):
         if self.prompt is not None:
@@ -379,6 +380,8 @@ class InterpretationFilter:
             query = query.where(Interpretation.layer <= self.layer_max)
         if self.token is not None:
             query = query.where(Interpretation.token == self.token)
+        if self.grounded is not None:
+            query = query.where(Interpretation.grounded.is_(self.grounded))
         if self.source_token is not None:
             query = query.where(Interpretation.source_token == self.source_token)
         if self.min_relevancy is not None:

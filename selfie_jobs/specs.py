@@ -92,18 +92,35 @@ def _placeholder(value: Any) -> Any:
 TemplatePart = SafeStr | Annotated[Literal[0], BeforeValidator(_placeholder)]
 
 
+#: longest system prompt of a preset (characters; as selfie_core.templates.MAX_SYSTEM_CHARS)
+MAX_SYSTEM_CHARS = 4000
+
+
 class Template(BaseModel):
-    """A preset name known to the model card, or text parts with the placeholder 0 where the vector goes."""
+    """A preset name known to the model card, or text parts with the placeholder 0 where the vector goes.
+
+    A preset renders with no system turn (a chat template's own default system prompt is left out) unless
+    `system` gives one."""
 
     model_config = ConfigDict(extra="forbid")
 
     preset: Annotated[SafeStr, Field(min_length=1, max_length=100)] | None = None
     parts: Annotated[list[TemplatePart], Field(min_length=1, max_length=200)] | None = None
+    system: Annotated[SafeStr, Field(min_length=1, max_length=MAX_SYSTEM_CHARS)] | None = Field(
+        None, description="A system prompt for a preset (none by default).")
 
     @model_validator(mode="after")
     def _one_of(self) -> Template:
-        if (self.preset is None) == (self.parts is None):
+        if self.preset is not None and self.parts is not None:
             raise ValueError("give exactly one of 'preset' or 'parts'")
+        if self.preset is None and self.parts is None and self.system is None:
+            raise ValueError("give exactly one of 'preset' or 'parts' (or 'system' alone, for the default preset)")
+        if self.system is not None and self.parts is not None:
+            raise ValueError("'system' goes with a preset; with 'parts', write the system turn into the parts")
+        if self.system is not None and not self.system.strip():
+            raise ValueError("'system' is blank; leave it out for no system prompt")
+        if self.system is not None and any("\ue000" <= c <= "\ue002" for c in self.system):
+            raise ValueError("'system' must not contain the private-use characters U+E000..U+E002")
         if self.parts is not None:
             if not any(p == 0 and not isinstance(p, str) for p in self.parts):
                 raise ValueError("template parts need at least one placeholder (the integer 0)")
@@ -121,6 +138,19 @@ class Decoding(BaseModel):
     seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
 
 
+#: as selfie_core.grounding.DEFAULT_MIN_MEAN_RELEVANCY (a test holds them equal; this package has no torch)
+DEFAULT_MIN_MEAN_RELEVANCY = 0.05
+
+
+class Grounding(BaseModel):
+    """When an interpretation counts as grounded in the injected state (selfie_core.grounding; docs/grounding.md)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    min_mean_relevancy: Float = Field(DEFAULT_MIN_MEAN_RELEVANCY, ge=0.0, le=1.0, description=(
+        "An interpretation with a mean relevancy below this is not grounded (0: no such check)."))
+
+
 class EngineOptions(BaseModel):
     """How the engine interprets: template, injection and generation. One schema for a job's request and for an
     audit's options, so both accept the same values with the same defaults."""
@@ -133,6 +163,7 @@ class EngineOptions(BaseModel):
     injection_strength: Float = Field(1.0, ge=0.0, le=100.0)
     max_new_tokens: Annotated[Int, Field(ge=1, le=100_000)] = 30
     decoding: Decoding = Field(default_factory=Decoding)
+    grounding: Grounding = Field(default_factory=Grounding)
 
     @field_validator("template", mode="before")
     @classmethod
@@ -208,6 +239,7 @@ def engine_spec(request: EngineJobFields, template: dict[str, Any]) -> dict[str,
             "top_p": float(request.decoding.top_p),
             "seed": request.decoding.seed,
         },
+        "grounding": {"min_mean_relevancy": float(request.grounding.min_mean_relevancy)},
     }
 
 

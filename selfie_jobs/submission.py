@@ -88,16 +88,25 @@ def _template_length(tokenizer: Tokenizer, parts: Sequence[str | int]) -> int:
 def _check_template(request: EngineJobFields, card: ServedModel, tokenizer: Tokenizer) -> tuple[dict[str, Any], int | None]:
     """The normalized template spec and its token length when it can be known here."""
     template = request.template
-    if template is None or template.preset is not None:
-        name = template.preset if template is not None else default_preset(card)
+    if template is None or template.parts is None:
+        name = template.preset if template is not None and template.preset is not None else default_preset(card)
         presets = card_presets(card)
         if presets is not None and name not in presets:
             raise SubmissionError(
                 f"unknown template preset {name!r} for model {card.name!r}; known: {', '.join(sorted(presets))}",
                 field="template.preset",
             )
-        length = (presets or {}).get(name, {}).get("num_tokens")
-        return {"preset": name}, (int(length) if isinstance(length, int) else None)
+        facts = (presets or {}).get(name, {})
+        system = template.system if template is not None else None
+        if system is not None and facts.get("takes_system") is False:
+            raise SubmissionError(f"the chat template of model {card.name!r} takes no system prompt",
+                                  field="template.system")
+        length = facts.get("num_tokens")
+        if isinstance(length, int) and system is not None:
+            length += len(tokenizer.encode(system, add_special_tokens=False).ids)  # at least; the engine checks all
+        # "system" is always written: a preset spec without it was stored when presets kept the chat template's
+        # own default system prompt, and renders so (workers.runners.interpret)
+        return {"preset": name, "system": system}, (int(length) if isinstance(length, int) else None)
     parts = [p if isinstance(p, str) else 0 for p in template.parts or []]
     return {"parts": parts}, _template_length(tokenizer, parts)
 

@@ -52,8 +52,8 @@ from selfie_jobs.submission import submit_job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-CSV_COLUMNS = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy", "token_ids",
-               "worker", "model", "created_at")
+CSV_COLUMNS = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "grounded",
+               "ungrounded_reason", "relevancy", "token_ids", "worker", "model", "created_at")
 
 _ERRORS = {
     400: {"model": ErrorOut, "description": "Malformed filter or cursor."},
@@ -208,6 +208,7 @@ def job_status(session, job_id: str, who, base: str, settings: Settings, *, incl
         error=job.error,
         spec=job.spec,
         ttl_seconds=job.ttl_seconds,
+        baseline=job.baseline,
         prompts=[PromptOut.model_validate(p) for p in view.prompts],
         link=links.self,
         links=links,
@@ -251,6 +252,7 @@ def get_interpretations(
     token: Annotated[int | None, Query(ge=0, le=INT_MAX, description="Token index in the prompt.")] = None,
     source_token: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$")] = None,
     min_relevancy: Annotated[float | None, Query(allow_inf_nan=False, ge=-1e9, le=1e9)] = None,
+    grounded: Annotated[bool | None, Query(description="Only grounded (true) or ungrounded (false) rows.")] = None,
     q: Annotated[str | None, Query(max_length=200, pattern=r"^[^\x00]*$", description="Text contains (any case).")] = None,
     sort: Annotated[Literal[SORT_NAMES], Query()] = "position",  # type: ignore[valid-type]
     limit: Annotated[int | None, Query(ge=1, le=1000, description="JSON default 100; CSV default all.")] = None,
@@ -264,7 +266,7 @@ def get_interpretations(
         raise Conflict(f"job {job.id} is a {job.kind} job: it has no interpretations; its rows are at "
                        f"GET /v1/jobs/{job.id}/results (Client.rows)", field="job_id")
     flt = InterpretationFilter(prompt=prompt, layer_min=layer_min, layer_max=layer_max, token=token,
-                               source_token=source_token, min_relevancy=min_relevancy, q=q)
+                               source_token=source_token, min_relevancy=min_relevancy, q=q, grounded=grounded)
     as_csv = format == "csv" or (format is None and accept is not None and "text/csv" in accept)
     if as_csv:
         # Validate the cursor now: once streaming starts the status is sent.

@@ -53,7 +53,7 @@
     for (const t of tokens) head.append(el("th", { title: `token ${t}`, "data-token": t, text: JSON.stringify(p.tokens[t] ?? String(t)).slice(1, -1) || " " }));
     table.append(el("thead", {}, head));
     const body = el("tbody");
-    let shown = 0;
+    let shown = 0, notGrounded = 0;
     for (const l of layers) {
       if (l < lmin || l > lmax) continue;
       const tr = el("tr", {}, el("th", { class: "layer", text: String(l) }));
@@ -61,15 +61,18 @@
         const r = state.cells.get(l + ":" + t);
         if (!r) { tr.append(el("td", { class: "cell empty" })); continue; }
         const v = r.mean_relevancy / scale;
+        const ungrounded = r.grounded === false;  // null: stored before rows were judged
         const td = el("td", { class: "cell", "data-layer": l, "data-token": t, "data-relevancy": r.mean_relevancy.toFixed(4),
-                              title: `layer ${l}, token ${t} ${JSON.stringify(r.source_token)}: ${r.text}` });
+                              title: `layer ${l}, token ${t} ${JSON.stringify(r.source_token)}: ${r.text}`
+                                     + (ungrounded ? `\n(not grounded: ${REASONS[r.ungrounded_reason] || r.ungrounded_reason})` : "") });
+        if (ungrounded) { td.classList.add("ungrounded"); td.dataset.reason = r.ungrounded_reason; notGrounded++; }
         td.textContent = r.text.trim().slice(0, 40) || "(blank)";  // e.g. an end-of-sequence right away
         td.style.background = color(v);
         td.style.color = textColor(v);
         const flags = state.flags.get(l + ":" + t);
         if (flags) { td.classList.add("flag"); td.dataset.flags = flags.map(f => f.detector + ": " + f.label).join(", "); }
         const hidden = r.mean_relevancy < minRel || (needle && !r.text.toLowerCase().includes(needle))
-                       || ($("flagged-only").checked && !flags);
+                       || ($("flagged-only").checked && !flags) || ($("grounded-only").checked && ungrounded);
         if (hidden) td.classList.add("dim");
         if (needle && !hidden) td.classList.add("hit");
         if (state.pinned === l + ":" + t) td.classList.add("selected");
@@ -87,7 +90,18 @@
     }
     table.append(body);
     $("grid-info").textContent = `${shown} interpretations, ${layers.length} layers x ${tokens.length} tokens`
+      + (notGrounded ? `, ${notGrounded} not grounded (faded)` : "")
       + (state.flags.size ? `, ${state.flags.size} flagged by the audit` : "");
+  }
+
+  const REASONS = { baseline: "the same as the baseline", repetition: "degenerate repetition",
+                    empty: "no words", low_relevancy: "mean relevancy under the job's threshold" };
+
+  function showBaseline(job) {
+    const b = job.baseline;
+    $("baseline-text").textContent = b ? (b.text.trim() || "(blank)") : "not computed yet";
+    $("baseline-text").classList.toggle("set", !!b);
+    $("baseline-text").classList.toggle("muted", !b);
   }
 
   // Generated tokens as text, per row (the API decodes ids with the model card's tokenizer); fetched once per row.
@@ -123,7 +137,9 @@
     $("detail").dataset.cell = key;
     $("detail").replaceChildren(
       flags ? el("div", { class: "error", text: "flagged: " + flags.map(f => `${f.detector}: ${f.label} ("${f.match}")`).join("; ") }) : "",
-      el("div", { class: "muted", text: `layer ${r.layer} · token ${r.token} ${JSON.stringify(r.source_token)} · mean relevancy ${r.mean_relevancy.toFixed(4)}` }),
+      el("div", { class: "muted", text: `layer ${r.layer} · token ${r.token} ${JSON.stringify(r.source_token)} · mean relevancy ${r.mean_relevancy.toFixed(4)}`
+                                        + (r.grounded === false ? ` · not grounded: ${REASONS[r.ungrounded_reason] || r.ungrounded_reason}`
+                                           : r.grounded ? " · grounded" : "") }),
       el("div", { class: "text", id: "detail-text", text: r.text }),
       el("div", { class: "muted", text: "generated tokens, shaded by relevancy (how much the injected state caused each):" }),
       strip,
@@ -257,6 +273,8 @@
     $("prompt").value = wanted;
     $("prompt").onchange = () => loadPrompt(+$("prompt").value).catch(e => $("error").textContent = e.message);
     $("flagged-only").onchange = render;
+    $("grounded-only").onchange = render;
+    showBaseline(job);
     for (const id of ["min-rel", "search", "layer-min", "layer-max", "scale"]) $(id).oninput = () => {
       $("min-rel-val").textContent = (+$("min-rel").value).toFixed(2); render();
     };

@@ -34,6 +34,8 @@ class ResultRow:
     token_ids: list[int]
     relevancy: list[float]
     mean_relevancy: float
+    grounded: bool | None = None
+    ungrounded_reason: str | None = None
 
     @property
     def item(self) -> tuple[int, int, int]:
@@ -50,6 +52,8 @@ class ResultRow:
             "token_ids": list(self.token_ids),
             "relevancy": list(self.relevancy),
             "mean_relevancy": self.mean_relevancy,
+            "grounded": self.grounded,
+            "ungrounded_reason": self.ungrounded_reason,
         }
 
 
@@ -59,8 +63,8 @@ class InterpretKind(JobKind):
     table = Interpretation
     item_columns = ResultRow.ITEM_COLUMNS
     noun = "interpretations"
-    csv_columns = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "relevancy",
-                   "token_ids", "worker", "model", "created_at")
+    csv_columns = ("prompt_index", "layer", "token", "source_token", "text", "mean_relevancy", "grounded",
+                   "ungrounded_reason", "relevancy", "token_ids", "worker", "model", "created_at")
 
     def prepare(self, session: Session, request: JobCreate, settings: Any) -> PreparedJob:
         from selfie_jobs.submission import prepare_job
@@ -101,6 +105,8 @@ class InterpretKind(JobKind):
             token_ids=[int(t) for t in result.token_ids],
             relevancy=[float(r) for r in result.relevancy],
             mean_relevancy=float(result.mean_relevancy),
+            grounded=getattr(result, "grounded", None),
+            ungrounded_reason=getattr(result, "ungrounded_reason", None),
         )
 
     def describe(self, item: Sequence[int]) -> str:

@@ -300,3 +300,42 @@ def test_prompt_set_lines_that_cannot_be_stored_are_refused_with_their_line(bad_
                          data={"name": "\udc80".encode("utf-8", "surrogatepass").decode("latin-1")}).status_code < 500
     after = _stored_counts(server.database_url)
     assert after["prompt_sets"] - before["prompt_sets"] <= 1  # at most the last (a valid file under a mangled name)
+
+
+def test_bad_system_prompts_and_grounding_thresholds_are_refused(bad_input_server):
+    """A preset's system prompt past 4000 characters, blank, beside `parts`, or for a model whose chat template
+    takes none, and a grounding threshold outside 0..1: 422 naming the field, nothing stored."""
+    from selfie_jobs.cards import write_model_card
+    from selfie_jobs.db import session_scope
+    from tests.apisupport import tiny_card
+
+    server = bad_input_server
+    plain = "nosys-" + uuid.uuid4().hex[:8]
+    with session_scope(server.database_url) as session:  # a card whose presets take no system prompt (Gemma-like)
+        write_model_card(session, plain, tiny_card(name=plain, presets={
+            "summarize": {"parts": ["<start_of_turn>user\n", 0, "<end_of_turn>\n"], "num_tokens": 12,
+                          "takes_system": False}}))
+    before = _stored_counts(server.database_url)
+    cases = [
+        ({"template": {"preset": "summarize", "system": "x" * 4001}}, "template", "4000"),
+        ({"template": {"preset": "summarize", "system": "  \n"}}, "template", "blank"),
+        ({"template": {"parts": ["a ", 0, " b"], "system": "Be brief."}}, "template", "goes with a preset"),
+        ({"template": {"preset": "summarize", "system": 7}}, "template", "string"),
+        ({"grounding": {"min_mean_relevancy": 1.5}}, "grounding", "less than or equal to 1"),
+        ({"grounding": {"min_mean_relevancy": -0.1}}, "grounding", "greater than or equal to 0"),
+        ({"grounding": {"threshold": 0.1}}, "grounding", "Extra inputs"),
+        ({"model": plain, "template": {"preset": "summarize", "system": "Be brief."}}, "template.system",
+         "takes no system prompt"),
+    ]
+    with server.client() as http:
+        for extra, field, why in cases:
+            res = http.post("/v1/jobs", json={"prompts": ["the cat"], **extra})
+            _refused(res, extra)
+            assert res.status_code == 422 and why in res.text and field in res.text, (extra, res.text[:400])
+        ok = http.post("/v1/jobs", json={"prompts": ["the cat"], "template": {"system": "Be brief."},
+                                         "grounding": {"min_mean_relevancy": 0}})
+        assert ok.status_code == 202, ok.text
+        spec = http.get(f"/v1/jobs/{ok.json()['id']}").json()["spec"]
+        assert spec["template"] == {"preset": "summarize", "system": "Be brief."}  # the card's default preset
+        assert spec["grounding"] == {"min_mean_relevancy": 0.0}
+    assert _stored_counts(server.database_url) == dict(before, jobs=before["jobs"] + 1)

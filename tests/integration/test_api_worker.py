@@ -188,3 +188,52 @@ def test_lenses_through_the_service_equal_the_engine_in_process(served, tiny_mod
     assert only_logit.identity_tokens.isna().all() and only_logit.identity_matches.isna().all()
     with session_scope(database_url) as s:
         assert s.scalar(select(func.count()).select_from(LensReading)) == len(df) + 1
+
+
+def test_baseline_and_grounding_through_the_service_equal_the_engine_in_process(served, tiny_model_dir):
+    """A job's status shows its baseline, and every row its grounded judgement, as the engine in process computes
+    them for the same template (a system prompt given through the client), settings and threshold; the JSON and
+    CSV exports and the DataFrame carry them, and `grounded` filters rows."""
+    import csv
+    import io
+
+    from selfie_core import GenerationConfig, InterpretRequest, SelfieEngine, load_model
+
+    client, database_url, _ = served
+    engine = SelfieEngine(load_model(str(tiny_model_dir)))
+    template = {"preset": "describe", "system": "Be brief."}
+    generation = GenerationConfig(max_new_tokens=6)
+    n = len(engine.tokenizer(PROMPTS[0]).input_ids)
+    requests = [InterpretRequest(PROMPTS[0], layer, t) for layer in range(NUM_LAYERS + 1) for t in range(n)]
+    # a threshold that splits this random model's rows (its relevancies are not a real model's)
+    means = sorted(r.mean_relevancy for r in engine.interpret(requests, template, generation=generation))
+    threshold = round(means[len(means) // 2], 6)
+    want = engine.interpret(requests, template, generation=generation, grounding={"min_mean_relevancy": threshold})
+    df = client.interpret(PROMPTS[0], layers="all", tokens="all", template="describe", system="Be brief.",
+                          max_new_tokens=6, grounding={"min_mean_relevancy": threshold}, progress=False, timeout=120,
+                          poll=0.2)
+    job_id = df.attrs["job_id"]
+    status = client.status(job_id)
+    assert status["spec"]["template"] == template
+    assert status["spec"]["grounding"] == {"min_mean_relevancy": threshold}
+    assert status["baseline"] == engine.baseline(template, generation).to_dict()
+    assert df.attrs["baseline"] == status["baseline"]
+    got = df.sort_values(["layer", "token"])
+    assert list(got.text) == [r.text for r in want]
+    assert list(got.grounded) == [r.grounded for r in want]
+    assert list(got.ungrounded_reason.fillna("")) == [r.ungrounded_reason or "" for r in want]
+    assert str(got.grounded.dtype) == "boolean"
+    reasons = {r.ungrounded_reason for r in want}
+    assert "low_relevancy" in reasons and None in reasons  # the threshold splits this job's rows
+
+    ungrounded = client.results(job_id, grounded=False)
+    assert len(ungrounded) == sum(not r.grounded for r in want) and not ungrounded.grounded.any()
+    rows = list(csv.DictReader(io.StringIO(client.results_csv(job_id))))
+    assert {r["grounded"] for r in rows} == {"true", "false"}
+    assert sorted(r["ungrounded_reason"] for r in rows) == sorted(r.ungrounded_reason or "" for r in want)
+    generic = list(csv.DictReader(io.StringIO(client.rows_csv(job_id))))
+    assert [(r["grounded"], r["ungrounded_reason"]) for r in generic] == [(r["grounded"], r["ungrounded_reason"])
+                                                                          for r in rows]
+    with session_scope(database_url) as s:
+        stored = s.scalars(select(Interpretation.grounded).where(Interpretation.job_id == job_id)).all()
+    assert None not in stored

@@ -158,6 +158,44 @@ def test_job_page_grid_of_a_real_run(stack, browser):
     browser.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
 
+    # grounding: the same job with a threshold that splits its rows (greedy: the same texts and relevancies)
+    threshold = sorted(r["mean_relevancy"] for r in rows)[len(rows) // 2]
+    res = http.post("/v1/jobs", json={"model": MODEL, "prompts": [PROMPT], "targets": "all", "max_new_tokens": 4,
+                                      "template": {"preset": "summarize"},
+                                      "grounding": {"min_mean_relevancy": threshold}})
+    assert res.status_code == 202, res.text
+    split_id = res.json()["id"]
+    wait_for(lambda: http.get(f"/v1/jobs/{split_id}").json()["state"] == "succeeded", 120, what="the second job")
+    split = http.get(f"/v1/jobs/{split_id}").json()
+    judged = http.get(f"/v1/jobs/{split_id}/interpretations", params={"limit": 1000}).json()["items"]
+    ungrounded = {(r["layer"], r["token"]): r["ungrounded_reason"] for r in judged if r["grounded"] is False}
+    assert 0 < len(ungrounded) < len(judged), judged
+    assert split["baseline"] and split["baseline"] == job["baseline"]
+
+    browser.get(f"{server.url}/ui/jobs/{split_id}")
+    _wait_page(browser)
+    # the baseline above the grid
+    assert browser.find_element(By.ID, "baseline-text").text == (split["baseline"]["text"].strip() or "(blank)")
+    # ungrounded cells are marked with their reason and faded; grounded ones are not
+    marked = {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-token"))): c.get_attribute("data-reason")
+              for c in browser.find_elements(By.CSS_SELECTOR, "#grid td.cell.ungrounded")}
+    assert marked == ungrounded
+    (layer, token), reason = next(iter(ungrounded.items()))
+    faded = browser.find_element(By.CSS_SELECTOR, f"td.cell[data-layer='{layer}'][data-token='{token}']")
+    plain = browser.find_element(By.CSS_SELECTOR, "#grid td.cell:not(.ungrounded)")
+    assert float(faded.value_of_css_property("opacity")) < float(plain.value_of_css_property("opacity")) == 1.0
+    assert "not grounded" in faded.get_attribute("title")
+    assert f"{len(ungrounded)} not grounded" in browser.find_element(By.ID, "grid-info").text
+    faded.click()
+    assert "not grounded" in browser.find_element(By.ID, "detail").text
+    # "grounded only" dims the rest
+    browser.find_element(By.ID, "grounded-only").click()
+    dimmed = {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-token")))
+              for c in browser.find_elements(By.CSS_SELECTOR, "#grid td.cell.dim")}
+    assert dimmed == set(ungrounded)
+    path = artifacts_dir() / "explorer_job_page_grounding.png"
+    browser.save_screenshot(str(path))
+
 
 def test_job_page_table_of_a_vectors_run(stack, browser):
     """A vectors job's page is a table of its rows (label, norm, relevancy, text), checked row by row against the

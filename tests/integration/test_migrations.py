@@ -140,6 +140,51 @@ def test_job_kinds_upgrade_keeps_every_row_and_makes_them_interpret(database_url
     assert texts == ["text 0", "text 1", "text 2"]
 
 
+def test_grounding_upgrade_keeps_every_row_unjudged(database_url):
+    """0011 adds jobs.baseline and interpretations.grounded/ungrounded_reason to a database with results in it:
+    every row is kept, and the rows stored before are not judged (NULL), rather than called grounded."""
+    from sqlalchemy import text
+
+    migrate.upgrade(database_url, "0006_job_kinds")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            for n in range(3):
+                conn.execute(text(
+                    "INSERT INTO jobs (id, kind, model, state, priority, spec, batch_key, total, done, created_at) "
+                    f"VALUES ('{n:032x}', 'interpret', 'm', 'succeeded', 5, '{{\"template\": {{\"preset\": "
+                    "\"summarize\"}}', 'k', 1, 1, CURRENT_TIMESTAMP)"))
+                conn.execute(text("INSERT INTO prompts (id, job_id, \"index\", text, tokens) VALUES "
+                                  f"({n + 1}, '{n:032x}', 0, 'p{n}', '[\"p\"]')"))
+                conn.execute(text("INSERT INTO chunks (id, job_id, \"index\", model, batch_key, priority, state, items, "
+                                  f"size, attempts) VALUES ({n + 1}, '{n:032x}', 0, 'm', 'k', 5, 'done', '[[0, 1, 0]]', "
+                                  "1, 1)"))
+                conn.execute(text(
+                    "INSERT INTO interpretations (id, job_id, prompt_index, layer, token, source_token, text, "
+                    "token_ids, relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES "
+                    f"({n + 1}, '{n:032x}', 0, 1, 0, 'p', 'text {n}', '[1]', '[0.5]', 0.5, {n + 1}, 'r', 'w', 'm', "
+                    "CURRENT_TIMESTAMP)"))
+        before = _counts(engine)
+        migrate.upgrade(database_url)
+        assert migrate.current_revision(database_url) == "0011_grounding"
+        after = _counts(engine)
+        with engine.connect() as conn:
+            jobs = conn.execute(text("SELECT id, baseline, spec FROM jobs ORDER BY id")).all()
+            rows = conn.execute(text("SELECT text, grounded, ungrounded_reason FROM interpretations ORDER BY id")).all()
+            if engine.dialect.name == "sqlite":  # the table was altered, not copied: search's triggers are still there
+                triggers = set(conn.execute(text(
+                    "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'interpretations'")).scalars())
+                assert {"interpretations_fts_insert", "interpretations_fts_delete"} <= triggers, triggers
+        migrate.downgrade(database_url, "0008_result_indexes")
+        assert _counts(engine) == before
+    finally:
+        engine.dispose()
+    assert before == after == {"jobs": 3, "prompts": 3, "chunks": 3, "interpretations": 3}
+    assert [(j[0], j[1]) for j in jobs] == [(f"{n:032x}", None) for n in range(3)]
+    assert all("summarize" in str(j[2]) for j in jobs)  # the spec, as stored: it renders as it was submitted
+    assert [tuple(r) for r in rows] == [(f"text {n}", None, None) for n in range(3)]
+
+
 def _counts(engine) -> dict[str, int]:
     from sqlalchemy import text
 
@@ -227,7 +272,7 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
     """0008 on a database with results in it: every row kept, the sort indexes built, the engine-run ones gone;
     and back down to the revision before it."""
     from alembic.script import ScriptDirectory
-    from sqlalchemy import text
+    from sqlalchemy import insert, text
     from sqlalchemy.orm import Session
 
     from selfie_jobs.models import Interpretation
@@ -240,10 +285,11 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
         with Session(engine) as s:
             job = make_job(s, items=[(0, layer, 0) for layer in range(3)])
             chunk_id = s.execute(text("SELECT min(id) FROM chunks")).scalar()
-            for layer in range(3):
-                s.add(Interpretation(job_id=job.id, prompt_index=0, layer=layer, token=0, source_token="t",
-                                     text=f"text {layer}", token_ids=[1], relevancy=[0.5, 0.25], mean_relevancy=0.375,
-                                     chunk_id=chunk_id, engine_run_id="r", worker="w", model="tiny"))
+            for layer in range(3):  # the columns of this revision only (later ones add more: 0009's grounded)
+                s.execute(insert(Interpretation.__table__).values(
+                    job_id=job.id, prompt_index=0, layer=layer, token=0, source_token="t", text=f"text {layer}",
+                    token_ids=[1], relevancy=[0.5, 0.25], mean_relevancy=0.375, chunk_id=chunk_id, engine_run_id="r",
+                    worker="w", model="tiny"))
             s.commit()
         before = _indexes(engine)
         migrate.upgrade(database_url, "0008_result_indexes")

@@ -26,6 +26,20 @@ _DEVICE_FAILURE_MARKERS = (
 )
 
 
+def spec_template(spec: dict[str, Any] | None, tokenizer: Any) -> Any:
+    """The `InterpretationTemplate` of a stored template spec (`{"preset", "system"}` or `{"parts"}`).
+
+    A preset spec without a "system" key was stored when presets rendered the chat template's own default system
+    prompt: it renders so still, and the job runs the prompt it was submitted with."""
+    from selfie_core import InterpretationTemplate
+
+    tpl = spec or {"preset": "summarize"}
+    if "preset" in tpl:
+        return InterpretationTemplate.preset(tpl["preset"], tokenizer, system=tpl.get("system"),
+                                             tokenizer_default_system="system" not in tpl)
+    return InterpretationTemplate.from_dict(tpl)
+
+
 class EngineRunner:
     """Runs work items on the resident `SelfieEngine` (the model-runner side of the batcher's Runner)."""
 
@@ -47,11 +61,7 @@ class EngineRunner:
             self._configs.move_to_end(key)
         else:
             try:
-                tpl = spec.get("template") or {"preset": "summarize"}
-                if "preset" in tpl:
-                    template = InterpretationTemplate.preset(tpl["preset"], self.engine.tokenizer)
-                else:
-                    template = InterpretationTemplate.from_dict(tpl)
+                template = spec_template(spec.get("template"), getattr(self.engine, "tokenizer", None))
                 injection = InjectionConfig.from_dict(spec.get("injection") or {})
                 generation = GenerationConfig.from_dict(spec.get("generation") or {})
             except SelfieInputError:
@@ -75,17 +85,19 @@ class EngineRunner:
 
     def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
         template, injection, generation = self.configs(spec)
-        return self.engine_stream(self.requests(items), template, injection, generation)
+        # specs stored before grounding existed have none: the default
+        return self.engine_stream(self.requests(items), template, injection, generation, spec.get("grounding"))
 
-    def engine_stream(self, requests: list[Any], template: Any, injection: Any, generation: Any) -> Iterator[list[Any]]:
+    def engine_stream(self, requests: list[Any], template: Any, injection: Any, generation: Any,
+                      grounding: Any = None) -> Iterator[list[Any]]:
         """The engine's batches, watched when the worker set a `watch` (`workers.progress.BatchWatch`): its
         cancel check between decode steps and batches, its progress and measured rate."""
         watch = self.watch
         if watch is None:
             return self.engine.stream(requests, template=template, injection=injection, generation=generation,
-                                      batch_size=self.batch_size)
+                                      batch_size=self.batch_size, grounding=grounding)
         batches = self.engine.stream(requests, template=template, injection=injection, generation=generation,
-                                     batch_size=self.batch_size, should_stop=watch.should_stop,
+                                     batch_size=self.batch_size, grounding=grounding, should_stop=watch.should_stop,
                                      on_step=watch.on_step)
         return self._timed(batches, watch)
 
@@ -95,6 +107,11 @@ class EngineRunner:
         for batch in batches:
             watch.batch_done(len(batch))
             yield batch
+
+    def baseline(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """The job spec's baseline (`SelfieEngine.baseline`, kept by the engine) as stored with the job."""
+        template, _, generation = self.configs(spec)
+        return self.engine.baseline(template, generation).to_dict()
 
     def is_input_error(self, exc: BaseException) -> bool:
         from selfie_core import SelfieInputError

@@ -36,6 +36,9 @@ class LensResult:
 
 
 class LensRunner(EngineRunner):
+    #: no interpretation prompt runs, so there is no baseline to store (workers.tasks asks runners for one)
+    baseline = None
+
     @staticmethod
     def requests(items: Sequence[WorkItem]) -> list[Any]:  # type: ignore[override]
         from selfie_core.lenses import LensRequest

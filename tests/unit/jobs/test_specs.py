@@ -61,22 +61,30 @@ def test_batch_key_depends_on_engine_settings_only():
     a = JobCreate(prompts=["x"], k=2, max_new_tokens=10, priority=1, idempotency_key="a")
     b = JobCreate(prompts=["y", "z"], k=2, max_new_tokens=10, priority=9, targets=Targets(layers=[1]))
     c = JobCreate(prompts=["x"], k=3, max_new_tokens=10)
-    template = {"preset": "summarize"}
+    template = {"preset": "summarize", "system": None}
     assert spec_batch_key(engine_spec(a, template)) == spec_batch_key(engine_spec(b, template))
     assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(c, template))
-    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(a, {"preset": "describe"}))
+    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(a, {"preset": "describe",
+                                                                                      "system": None}))
+    # a system prompt, and a spec stored before presets dropped the default one, are other engine settings
+    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(a, {"preset": "summarize",
+                                                                                      "system": "Be brief."}))
+    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(a, {"preset": "summarize"}))
+    strict = JobCreate(prompts=["x"], k=2, max_new_tokens=10, grounding={"min_mean_relevancy": 0.2})
+    assert spec_batch_key(engine_spec(a, template)) != spec_batch_key(engine_spec(strict, template))
     spec = engine_spec(a, template)
     assert spec == {
-        "template": {"preset": "summarize"},
+        "template": {"preset": "summarize", "system": None},
         "injection": {"k": 2, "mode": "replace", "strength": 1.0},
         "generation": {"max_new_tokens": 10, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": None},
+        "grounding": {"min_mean_relevancy": 0.05},
     }
 
 
 def test_openapi_schema_of_request_is_complete():
     schema = JobCreate.model_json_schema()
     for name in ("model", "prompts", "targets", "template", "k", "injection_mode", "injection_strength",
-                 "max_new_tokens", "decoding", "priority", "idempotency_key"):
+                 "max_new_tokens", "decoding", "grounding", "priority", "idempotency_key"):
         assert name in schema["properties"]
 
 
@@ -106,3 +114,20 @@ def test_text_selections_mean_what_the_client_and_cli_send(text, expected):
 def test_bad_text_selections_are_refused_with_the_forms(text):
     with pytest.raises(ValidationError, match="0:31:5"):
         JobCreate(prompts=["a"], targets={"layers": text})
+
+
+def test_template_system_prompts():
+    from pydantic import ValidationError
+
+    from selfie_jobs.specs import JobCreate
+
+    ok = JobCreate.model_validate({"prompts": ["a"], "template": {"preset": "describe", "system": "Be brief."}})
+    assert ok.template.system == "Be brief."
+    assert JobCreate.model_validate({"prompts": ["a"], "template": {"system": "Hi."}}).template.preset is None
+    for bad, why in [({"parts": ["x", 0, "y"], "system": "Hi."}, "goes with a preset"),
+                     ({"preset": "describe", "system": "x" * 4001}, "at most 4000"),
+                     ({"preset": "describe", "system": "   "}, "blank"),
+                     ({"preset": "describe", "system": "a\ue000b"}, "private-use"),
+                     ({"preset": "describe", "system": 3}, "string")]:
+        with pytest.raises(ValidationError, match=why):
+            JobCreate.model_validate({"prompts": ["a"], "template": bad})

@@ -46,7 +46,7 @@ def test_grid_expansion_with_negative_tokens_and_ranges(db):
     assert prepared.items[:6] == [[0, 0, 2], [0, 0, 0], [0, 2, 2], [0, 2, 0], [0, 4, 2], [0, 4, 0]]
     assert [0, 0, 0] in prepared.items and [1, 4, 6] in prepared.items and len(prepared.items) == 12
     assert prepared.prompts[0] == ("a cat", ["<s>", "a", "cat"])
-    assert prepared.spec["template"] == {"preset": "summarize"}
+    assert prepared.spec["template"] == {"preset": "summarize", "system": None}  # no system prompt by default
 
 
 def test_pairs_are_resolved_per_prompt_and_deduplicated(db):

@@ -140,3 +140,20 @@ def test_beat_purges_expired_jobs_through_the_control_queue(tmp_path, migrated_d
     with session_scope(migrated_database_url) as s:
         left = set(s.scalars(select(Job.id)))
     assert report["jobs"] == 1 and left == {fresh_id} and old_id not in left
+
+
+def test_stored_preset_specs_keep_the_prompt_they_were_submitted_with():
+    from tests.unit.core.conftest import build_tokenizer
+    from workers.runners.interpret import spec_template
+
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n' }}{% endif %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    # written before presets left the chat template's default system prompt out: it stays in
+    assert "SmolLM" in spec_template({"preset": "summarize"}, tok).parts[0]
+    assert spec_template({"preset": "summarize", "system": None}, tok).parts[0] == "<|im_start|>user\n"
+    assert spec_template({"preset": "summarize", "system": "Be brief."}, tok).parts[0].startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>")
