@@ -445,6 +445,8 @@ def results(job_id, fmt, width, show_relevancy, shade, output, raw, url, api_key
 @click.option("--layer-max", type=click.IntRange(min=0), default=None)
 @click.option("--since", type=click.DateTime(), default=None, help="Results stored at or after (UTC).")
 @click.option("--until", type=click.DateTime(), default=None, help="Results stored before (UTC).")
+@click.option("--grounded/--ungrounded", default=None,
+              help="Only interpretations judged grounded (or not); leaves out vector interpretations.")
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--width", type=click.IntRange(min=4), default=60, show_default=True, help="Table text width.")

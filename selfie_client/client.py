@@ -25,7 +25,7 @@ Selector = str | int | range | slice | Sequence[int]
 #: the columns of `Client.search` (GET /v1/search items): interpret rows fill prompt_index..source_token, vector rows
 #: vector_index and label
 SEARCH_COLUMNS = ["kind", "id", "job_id", "model", "created_at", "text", "mean_relevancy", "audit_run",
-                  "prompt_index", "layer", "token", "source_token", "vector_index", "label"]
+                  "prompt_index", "layer", "token", "source_token", "vector_index", "label", "grounded"]
 
 
 class SelfieError(RuntimeError):
@@ -468,7 +468,8 @@ class Client:
     # -- search ------------------------------------------------------------------------------------------------
     def iter_search(self, q: str, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every result the key may read whose text has the words (or "quoted phrases") of `q`, newest first;
-        filters: model, job, audit_run, kind ("interpret" or "vectors"), layer_min, layer_max, since, until."""
+        filters: model, job, audit_run, kind ("interpret" or "vectors"), layer_min, layer_max, since, until,
+        grounded (True / False: interpretations judged grounded or not)."""
         params = {k: v for k, v in filters.items() if v is not None}
         params.update(q=q, limit=page_size)
         cursor = None

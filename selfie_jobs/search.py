@@ -75,6 +75,7 @@ class SearchFilter:
     layer_max: int | None = None
     since: datetime | None = None
     until: datetime | None = None
+    grounded: bool | None = None  # interpretations judged (not) grounded; rows stored before judging match neither
 
 
 @dataclass
@@ -125,6 +126,8 @@ def _source_query(session: Session, kind: str, who: Principal, phrases: list[str
             query = query.where(table.layer >= flt.layer_min)
         if flt.layer_max is not None:
             query = query.where(table.layer <= flt.layer_max)
+        if flt.grounded is not None:
+            query = query.where(table.grounded.is_(flt.grounded))
     if after is not None:
         query = query.where(position < after)
     return query.order_by(position.desc()).limit(limit)
@@ -134,9 +137,10 @@ def _row(kind: str, row: Any, audit_run: int | None) -> dict[str, Any]:
     out = {"kind": kind, "id": row.id, "job_id": row.job_id, "model": row.model, "created_at": row.created_at,
            "text": row.text, "mean_relevancy": row.mean_relevancy, "audit_run": audit_run,
            "prompt_index": None, "layer": None, "token": None, "source_token": None, "vector_index": None,
-           "label": None}
+           "label": None, "grounded": None}
     if kind == "interpret":
-        out.update(prompt_index=row.prompt_index, layer=row.layer, token=row.token, source_token=row.source_token)
+        out.update(prompt_index=row.prompt_index, layer=row.layer, token=row.token, source_token=row.source_token,
+                   grounded=row.grounded)
     else:
         out.update(vector_index=row.vector_index, label=row.label)
     return out
@@ -144,11 +148,12 @@ def _row(kind: str, row: Any, audit_run: int | None) -> dict[str, Any]:
 
 def search(session: Session, who: Principal, q: str, flt: SearchFilter | None = None, *, limit: int = 50,
            cursor: str | None = None) -> SearchPage:
-    """Newest first across the sources in `flt.kinds` (a layer filter leaves out the sources without layers)."""
+    """Newest first across the sources in `flt.kinds` (a layer or grounded filter leaves out the sources without
+    layers or judgements: vector interpretations)."""
     flt = flt or SearchFilter()
     phrases = parse_query(q)
     kinds = [k for k in SOURCES if k in flt.kinds]
-    if flt.layer_min is not None or flt.layer_max is not None:
+    if flt.layer_min is not None or flt.layer_max is not None or flt.grounded is not None:
         kinds = [k for k in kinds if k == "interpret"]
     # per source: -1 = not read yet, an id = read down to (not including) it, 0 = nothing more
     after: dict[str, int] = {k: -1 for k in SOURCES}

@@ -16,7 +16,7 @@ from selfie_jobs.errors import DomainError
 from selfie_jobs.ids import INT_MAX
 from selfie_jobs.search import MAX_QUERY_CHARS, SOURCES, SearchFilter, search
 
-router = APIRouter(prefix="/v1/search", tags=["search"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["search"], route_class=StrictJSONRoute)
 
 
 class SearchHit(BaseModel):
@@ -34,6 +34,7 @@ class SearchHit(BaseModel):
     source_token: str | None = None
     vector_index: int | None = None
     label: str | None = None
+    grounded: bool | None = None  # an interpretation's judgement (null: a vector's, or stored before judging)
 
 
 class SearchResults(BaseModel):
@@ -44,7 +45,11 @@ class SearchResults(BaseModel):
 _NO_NUL = r"^[^\x00]*$"
 
 
-@router.get("", response_model=SearchResults, responses=_ERRORS,
+# /v1/interpretations?q=... is the same search under the name of what it finds (GET /v1/jobs/{id}/interpretations
+# reads one job's; this one reads them across the jobs the key may see)
+@router.get("/v1/interpretations", response_model=SearchResults, responses=_ERRORS,
+            summary="Search interpretations and vector interpretations by words (the same as /v1/search)")
+@router.get("/v1/search", response_model=SearchResults, responses=_ERRORS,
             summary="Search result texts by words and \"quoted phrases\" (newest first)")
 def search_results(
     session: SessionDep,
@@ -60,6 +65,8 @@ def search_results(
     layer_max: Annotated[int | None, Query(ge=0, le=INT_MAX)] = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    grounded: Annotated[bool | None, Query(description="Only interpretations judged grounded (true) or not (false); "
+                                                        "leaves out vector interpretations and rows never judged.")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=1000)] = None,
 ) -> dict[str, Any]:
@@ -67,6 +74,6 @@ def search_results(
         raise DomainError(f"layer_min={layer_min} is above layer_max={layer_max}", field="layer_min", status=400)
     flt = SearchFilter(model=model, job_id=job, audit_run=audit_run, kinds=(kind,) if kind else tuple(SOURCES),
                        layer_min=layer_min, layer_max=layer_max, since=_utc(since, "since"),
-                       until=_utc(until, "until"))
+                       until=_utc(until, "until"), grounded=grounded)
     page = search(session, who, q, flt, limit=limit, cursor=cursor)
     return {"items": page.rows, "next_cursor": page.next_cursor}

@@ -32,7 +32,10 @@ def add_job(session, owner: int | None, texts: list[str], *, model: str = "tiny"
     for i, body in enumerate(texts):
         at = start + timedelta(minutes=i)
         if kind == "interpret":
+            # judged grounded on even layers, not on odd ones (a repetition), not judged on the fourth
+            grounded = None if i == 3 else i % 2 == 0
             session.add(Interpretation(prompt_index=0, layer=i, token=1, source_token="x", text=body, created_at=at,
+                                       grounded=grounded, ungrounded_reason="repetition" if grounded is False else None,
                                        **common))
         else:
             session.add(VectorInterpretation(vector_index=i, label=f"v{i}", norm=1.0, text=body, created_at=at,
@@ -111,6 +114,16 @@ def test_words_phrases_and_filters(world):
     assert item["vector_index"] is None
     vector = hits(server, root, q="vector")["items"][0]
     assert vector["kind"] == "vectors" and vector["label"] == "v0" and vector["layer"] is None
+    assert vector["grounded"] is None and item["grounded"] is True  # layer 2: judged grounded
+    # grounded leaves out vectors and rows never judged; /v1/interpretations is the same search
+    assert texts(hits(server, root, q="password", grounded="true")) == [
+        "password on another model", "bob's password leaked", "Password reset", "the password is secret"]
+    assert texts(hits(server, root, q="password", grounded="false")) == []  # every one is on an even layer
+    assert texts(hits(server, root, q="tower", grounded="false")) == ["the explosive tower", "a tower in paris"]
+    assert texts(hits(server, root, q="here", grounded="true")) == []  # layer 3: not judged
+    with server.client(root) as http:
+        alias = http.get("/v1/interpretations", params={"q": "tower", "grounded": "false"})
+    assert alias.status_code == 200 and texts(alias.json()) == ["the explosive tower", "a tower in paris"]
 
 
 def test_pages_cover_every_match_once_newest_first(world):
@@ -161,6 +174,7 @@ def test_operator_words_are_searched_as_words(world):
     ({"q": "password", "layer_min": 3, "layer_max": 1}, 400, "layer_min"),
     ({"q": "password", "since": "yesterday"}, 422, "since"),
     ({"q": "password", "kind": "lenses"}, 422, "kind"),
+    ({"q": "password", "grounded": "maybe"}, 422, "grounded"),
     ({"q": "password", "job": "not-a-job"}, 422, "job"),
     ({"q": "password", "limit": 0}, 422, "limit"),
     ({"q": "password", "cursor": "!!"}, 400, "cursor"),
