@@ -295,6 +295,14 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
         raise click.UsageError("give PROMPTS or --vectors FILE (one of them)")
     if lenses and vectors_file:
         raise click.UsageError("--lens reads the states of PROMPTS; it does not take --vectors")
+    if lenses:  # a lens reading generates nothing: options that would be dropped are refused instead
+        ctx = click.get_current_context()
+        flags = {p.name: p.opts[0] for p in ctx.command.params}
+        given = [flags[name] for name in options if name not in ("model", "priority", "idempotency_key")
+                 and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} set how an interpretation is generated; a --lens job "
+                                   "generates nothing (leave them out)")
     threshold = options.pop("grounding_threshold")
     if threshold is not None:
         options["grounding"] = {"min_mean_relevancy": threshold}

@@ -30,18 +30,25 @@ MAX_TOP_K = 100
 
 LensName = Literal["logit", "identity"]
 #: what an interpretation request sets about generating text, which a lens reading does not do
-GENERATION_FIELDS = ("template", "k", "injection_mode", "injection_strength", "max_new_tokens", "decoding")
+GENERATION_FIELDS = ("template", "k", "injection_mode", "injection_strength", "max_new_tokens", "decoding",
+                     "grounding")
+
+
+def _lens_request_schema(schema: dict[str, Any]) -> None:
+    """The request's JSON schema (OpenAPI): without the interpretation's engine options it inherits and refuses,
+    with an example of its own."""
+    for name in GENERATION_FIELDS:
+        schema.get("properties", {}).pop(name, None)
+    if "required" in schema:
+        schema["required"] = [r for r in schema["required"] if r not in GENERATION_FIELDS]
+    schema["examples"] = [{"model": "smollm2-135m-instruct", "prompts": ["The Eiffel Tower is located in Paris."],
+                           "targets": {"layers": "all", "tokens": [-1]}, "top_k": 5, "lenses": ["logit", "identity"]}]
 
 
 class LensJobCreate(JobCreate):
     """A request to read hidden states with the logit lens and the identity patch (the targets of `interpret`)."""
 
-    model_config = JobCreate.model_config | {
-        "json_schema_extra": {
-            "examples": [{"model": "smollm2-135m-instruct", "prompts": ["The Eiffel Tower is located in Paris."],
-                          "targets": {"layers": "all", "tokens": [-1]}, "top_k": 5, "lenses": ["logit", "identity"]}]
-        }
-    }
+    model_config = JobCreate.model_config | {"json_schema_extra": _lens_request_schema}
 
     top_k: Annotated[Int, Field(ge=1, le=MAX_TOP_K)] = Field(5, description="Tokens kept per lens, best first.")
     lenses: Annotated[list[LensName], Field(min_length=1, max_length=len(LENS_NAMES))] = Field(

@@ -300,9 +300,12 @@ def test_cli_lenses_and_search(stack):
     assert "2 lens readings in 1 chunks" in out.stdout and "succeeded" in out.stdout
     assert "identity" in out.stdout and "logit" in out.stdout
     rows = list(csv.DictReader(io.StringIO(_cli("results", job_id, "--format", "csv", *url).stdout)))
-    assert [r["layer"] for r in rows] == ["0", "2"] and rows[1]["logit_matches"] == "True"
+    assert [r["layer"] for r in rows] == ["0", "2"] and rows[1]["logit_matches"] == "true"
     bad = _cli("submit", "a cat", "--lens", "tuned", *url)
     assert bad.returncode == 2 and "tuned" in bad.stderr
+    dropped = _cli("submit", "a cat", "--lens", "logit", "--max-new-tokens", "100", "--template", "describe", *url)
+    assert dropped.returncode == 2 and "a --lens job generates nothing" in dropped.stderr, dropped.stderr
+    assert "--max-new-tokens" in dropped.stderr and "--template" in dropped.stderr
 
     with Client(stack.url) as client:
         done = client.interpret("a cat sat", layers=[1], tokens=[-1], max_new_tokens=8, progress=False, timeout=120)
