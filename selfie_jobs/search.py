@@ -146,6 +146,23 @@ def _row(kind: str, row: Any, audit_run: int | None) -> dict[str, Any]:
     return out
 
 
+def _merge_newest_first(read: dict[str, list[dict[str, Any]]], limit: int) -> list[tuple[str, dict[str, Any]]]:
+    """Up to `limit` rows of the sources, newest first, each source's rows kept in the order read (id descending):
+    the cursor keeps the lowest id taken from each source, so what is taken of a source must be a prefix of what
+    was read of it. (Sorting all rows by time instead skipped a row for good where a source's times disagree with
+    its ids: rows of two workers, or of hosts whose clocks differ.)"""
+    heads = {kind: 0 for kind in read}
+    taken: list[tuple[str, dict[str, Any]]] = []
+    while len(taken) < limit:
+        ready = [kind for kind, i in heads.items() if i < len(read[kind])]
+        if not ready:
+            break
+        kind = max(ready, key=lambda k: (read[k][heads[k]]["created_at"], read[k][heads[k]]["id"], k))
+        taken.append((kind, read[kind][heads[kind]]))
+        heads[kind] += 1
+    return taken
+
+
 def search(session: Session, who: Principal, q: str, flt: SearchFilter | None = None, *, limit: int = 50,
            cursor: str | None = None) -> SearchPage:
     """Newest first across the sources in `flt.kinds` (a layer or grounded filter leaves out the sources without
@@ -162,7 +179,7 @@ def search(session: Session, who: Principal, q: str, flt: SearchFilter | None = 
         if not all(isinstance(v, int) and v >= -1 for v in values):
             raise QueryError("malformed cursor")
         after = dict(zip(SOURCES, values))
-    candidates: list[tuple[str, dict[str, Any]]] = []
+    read: dict[str, list[dict[str, Any]]] = {}
     more: dict[str, bool] = {}
     for kind in kinds:
         if after[kind] == 0:
@@ -170,9 +187,9 @@ def search(session: Session, who: Principal, q: str, flt: SearchFilter | None = 
         start = None if after[kind] == -1 else after[kind]
         got = session.execute(_source_query(session, kind, who, phrases, flt, start, limit + 1)).all()
         more[kind] = len(got) > limit
-        candidates += [(kind, _row(kind, row, audit_run)) for row, audit_run in got[:limit]]
-    candidates.sort(key=lambda c: (c[1]["created_at"], c[1]["id"], c[0]), reverse=True)
-    taken = candidates[:limit]
+        read[kind] = [_row(kind, row, audit_run) for row, audit_run in got[:limit]]
+    taken = _merge_newest_first(read, limit)
+    candidates = [(kind, row) for kind, rows in read.items() for row in rows]
     for kind in SOURCES:
         if kind not in kinds or after[kind] == 0:
             after[kind] = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import delete, text, update
+from sqlalchemy import delete, func, select, text, update
 
 from selfie_jobs.auth import create_key
 from selfie_jobs.db import get_engine, session_scope
@@ -116,8 +116,9 @@ def test_words_phrases_and_filters(world):
     assert vector["kind"] == "vectors" and vector["label"] == "v0" and vector["layer"] is None
     assert vector["grounded"] is None and item["grounded"] is True  # layer 2: judged grounded
     # grounded leaves out vectors and rows never judged; /v1/interpretations is the same search
+    # (bob's job was stored after the other model's with an earlier time: a source is read in the order stored)
     assert texts(hits(server, root, q="password", grounded="true")) == [
-        "password on another model", "bob's password leaked", "Password reset", "the password is secret"]
+        "bob's password leaked", "password on another model", "Password reset", "the password is secret"]
     assert texts(hits(server, root, q="password", grounded="false")) == []  # every one is on an even layer
     assert texts(hits(server, root, q="tower", grounded="false")) == ["the explosive tower", "a tower in paris"]
     assert texts(hits(server, root, q="here", grounded="true")) == []  # layer 3: not judged
@@ -139,6 +140,27 @@ def test_pages_cover_every_match_once_newest_first(world):
         if not cursor:
             break
     assert seen == everything
+
+
+def test_pages_miss_nothing_when_times_disagree_with_ids(world, database_url):
+    """Rows stored by two workers (or hosts whose clocks differ) can have times out of id order: paging still gives
+    every match exactly once (the merge keeps each source's id order, which its cursor relies on)."""
+    server, keys, jobs = world
+    with session_scope(database_url) as s:  # alice's newest interpretation, dated before every other match
+        newest = s.scalar(select(func.max(Interpretation.id)).where(Interpretation.job_id == jobs["alice"]))
+        s.execute(update(Interpretation).where(Interpretation.id == newest).values(created_at=T0 - timedelta(days=1)))
+        s.execute(update(Interpretation).where(Interpretation.id == newest).values(text="an early password"))
+    everything = texts(hits(server, keys["root"], q="password", limit=500))
+    assert len(everything) == 6 and "an early password" in everything
+    for size in (1, 2, 3):
+        seen, cursor = [], None
+        while True:
+            page = hits(server, keys["root"], q="password", limit=size, **({"cursor": cursor} if cursor else {}))
+            seen += texts(page)
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen)), (size, seen)
 
 
 @pytest.mark.parametrize("q", [
