@@ -469,7 +469,7 @@ def search(query, limit, fmt, width, url, api_key, since, until, **filters) -> N
     with _client(url, api_key) as client:
         df = client.search(query, limit=limit, **filters, **times)
     if fmt == "csv":
-        click.echo(df.to_csv(index=False), nl=False)
+        click.echo(df.to_csv(index=False), nl=not len(df))  # to_csv ends with a newline unless there is no row
     elif fmt == "json":
         click.echo(df.to_json(orient="records", date_format="iso", indent=1))
     else:

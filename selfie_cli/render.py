@@ -165,19 +165,31 @@ def lens_top1(df):
     return part
 
 
-def print_search(df, width: int = 60) -> None:
-    """One line per search hit: when, kind, job, where (layer/token or vector), text."""
-    import click
-    import pandas as pd
+def print_search(df, width: int = 60, *, file: Any = None) -> None:
+    """The search hits as a rich table, newest first: when (UTC), kind, model, job, where (layer:token or the
+    vector's index and label), mean relevancy and the text, wrapped within `width` columns instead of cut."""
+    from rich.table import Table
 
+    out = console(file)
     if df.empty:
-        click.echo("(no results)")
+        out.print("(no results)")
         return
-    part = df[["created_at", "kind", "model", "job_id", "layer", "token", "vector_index", "text"]].copy()
-    part["text"] = part["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
-    with pd.option_context("display.max_columns", None, "display.width", 10_000, "display.max_colwidth", width,
-                           "display.max_rows", 100_000):
-        click.echo(part.to_string(index=False))
+    table = Table(header_style="bold", show_lines=False)
+    for name, options in (("when (UTC)", {"no_wrap": True}), ("kind", {"no_wrap": True}),
+                          ("model", {"max_width": 24, "overflow": "fold"}), ("job", {"no_wrap": True}),
+                          ("where", {"max_width": 24, "overflow": "fold"}),
+                          ("relevancy", {"justify": "right", "no_wrap": True}),
+                          ("text", {"max_width": width, "overflow": "fold"})):
+        table.add_column(name, **options)
+    for hit in df.itertuples(index=False):
+        when = str(hit.created_at)[:19].replace("T", " ")
+        if hit.kind == "interpret":
+            where = f"layer {int(hit.layer)}, token {int(hit.token)}"
+        else:
+            where = f"vector {int(hit.vector_index)}" + (f" ({hit.label})" if isinstance(hit.label, str) else "")
+        text = " ".join(str(hit.text).split()) or "(blank)"
+        table.add_row(when, hit.kind, hit.model, hit.job_id, where, f"{hit.mean_relevancy:.3f}", text)
+    out.print(table)
 
 
 def status_line(status: dict[str, Any]) -> str:

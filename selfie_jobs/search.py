@@ -24,6 +24,7 @@ from sqlalchemy import table as sql_table
 from sqlalchemy.orm import Session
 
 from selfie_jobs.auth import Principal
+from selfie_jobs.chunks import as_utc
 from selfie_jobs.models import Interpretation, Job, VectorInterpretation
 from selfie_jobs.queries import QueryError, decode_cursor, encode_cursor
 
@@ -134,7 +135,8 @@ def _source_query(session: Session, kind: str, who: Principal, phrases: list[str
 
 
 def _row(kind: str, row: Any, audit_run: int | None) -> dict[str, Any]:
-    out = {"kind": kind, "id": row.id, "job_id": row.job_id, "model": row.model, "created_at": row.created_at,
+    # in UTC with its zone (SQLite gives naive times): a page in another zone must not read them as local
+    out = {"kind": kind, "id": row.id, "job_id": row.job_id, "model": row.model, "created_at": as_utc(row.created_at),
            "text": row.text, "mean_relevancy": row.mean_relevancy, "audit_run": audit_run,
            "prompt_index": None, "layer": None, "token": None, "source_token": None, "vector_index": None,
            "label": None, "grounded": None}

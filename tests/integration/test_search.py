@@ -110,6 +110,7 @@ def test_words_phrases_and_filters(world):
                   until=(T0 + timedelta(days=1, hours=1)).isoformat())
     assert texts(window) == ["bob's password leaked", "a password vector"]
     item = hits(server, root, q="reset")["items"][0]
+    assert item["created_at"].endswith(("Z", "+00:00"))  # a time with its zone, as every other route gives
     assert item["kind"] == "interpret" and item["job_id"] == jobs["alice"] and item["layer"] == 2
     assert item["vector_index"] is None
     vector = hits(server, root, q="vector")["items"][0]

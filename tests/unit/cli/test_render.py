@@ -88,3 +88,26 @@ def test_no_vector_rows_says_so():
     buffer = io.StringIO()
     print_rows(vector_rows().iloc[0:0], file=buffer)
     assert buffer.getvalue().strip() == "(no results)"
+
+
+def test_search_hits_wrap_within_the_width_and_say_where_each_one_is():
+    from selfie_cli.render import print_search
+
+    hits = pd.DataFrame([
+        {"kind": "interpret", "id": 1, "job_id": "a" * 32, "model": "smollm2", "created_at": "2026-11-30T18:49:54Z",
+         "text": LONG, "mean_relevancy": 0.1234, "layer": 5, "token": 3, "vector_index": None, "label": None},
+        {"kind": "vectors", "id": 2, "job_id": "b" * 32, "model": "smollm2", "created_at": "2026-11-30T18:49:55Z",
+         "text": "a vector", "mean_relevancy": 0.5, "layer": None, "token": None, "vector_index": 0,
+         "label": "probe"},
+    ])
+    buffer = io.StringIO()
+    print_search(hits, width=20, file=buffer)
+    text = buffer.getvalue()
+    for word in LONG.replace(",", "").split():
+        assert word in text, word
+    assert "…" not in text and "None" not in text
+    assert "layer 5, token 3" in text and "vector 0 (probe)" in text and "0.123" in text
+    assert "2026-11-30 18:49:54" in text
+    empty = io.StringIO()
+    print_search(hits.iloc[0:0], file=empty)
+    assert empty.getvalue().strip() == "(no results)"
