@@ -363,22 +363,20 @@ class SelfieEngine:
         for start in range(0, len(requests), size):
             chunk = requests[start : start + size]
             positions = range(start, start + len(chunk))  # each request's index, for raw_vectors
-            if should_stop is not None:
-                stop = set(should_stop([r.key for r in chunk]))
-                if stop:
-                    for req in chunk:
-                        if req.key in stop and isinstance(req, InterpretRequest):
-                            self._release(req.prompt, pending, extracted)
-                    kept = [(i, r) for i, r in zip(positions, chunk) if r.key not in stop]
-                    positions, chunk = [i for i, _ in kept], [r for _, r in kept]
-                    if not chunk:
-                        continue
+            positions, chunk = self._not_stopped(chunk, positions, should_stop, pending, extracted)
+            if not chunk:
+                continue
             missing = list(dict.fromkeys(r.prompt for r in chunk if isinstance(r, InterpretRequest) and r.prompt not in extracted))
             if missing:
                 with self._lock, attention_kernels(self.input_device):
                     got = extract(self.model, [token_ids[p] for p in missing], [sorted(pairs[p]) for p in missing],
                                   self.pad_id, self.input_device, self.max_extract_tokens)
                 extracted.update(zip(missing, got))
+                # asked again after the extraction (seconds for a large batch on a CPU): a cancel that came
+                # meanwhile does not wait for the first decode step
+                positions, chunk = self._not_stopped(chunk, positions, should_stop, pending, extracted)
+                if not chunk:
+                    continue
             vecs = []
             for i, req in zip(positions, chunk):
                 if isinstance(req, InterpretRequest):
@@ -390,6 +388,19 @@ class SelfieEngine:
             vectors = torch.stack([v.to(device) for v in vecs])
             yield self._run_batch(chunk, vectors, prepared, injection, generation, eos, token_ids, grounding,
                                   should_stop, on_step)
+
+    def _not_stopped(self, chunk, positions, should_stop, pending, extracted):
+        """`chunk` (and each request's index) without the requests `should_stop` names now."""
+        if should_stop is None:
+            return positions, chunk
+        stop = set(should_stop([r.key for r in chunk]))
+        if not stop:
+            return positions, chunk
+        for req in chunk:
+            if req.key in stop and isinstance(req, InterpretRequest):
+                self._release(req.prompt, pending, extracted)
+        kept = [(i, r) for i, r in zip(positions, chunk) if r.key not in stop]
+        return [i for i, _ in kept], [r for _, r in kept]
 
     @staticmethod
     def _release(prompt, pending, extracted) -> None:

@@ -49,3 +49,18 @@ def test_requests_stopped_before_their_batch_are_not_run(engine, tokenizer):
     assert [len(b) for b in batches] == [5]  # the second batch was dropped whole before it ran
     assert seen[0] == 5 and seen[-1] == 5
     assert_same(batches[0], engine.interpret(reqs[:5], generation=GEN, batch_size=5))
+
+
+def test_requests_stopped_while_their_states_are_extracted_are_not_decoded(engine, tokenizer):
+    """A cancel that comes during the batch's extraction (seconds for a large batch on a CPU) is seen before the
+    first decode step: the batch does not start decoding."""
+    reqs = requests_for(tokenizer)[:6]
+    asked, steps = [], []
+
+    def should_stop(keys):
+        asked.append(len(keys))
+        return set(keys) if len(asked) >= 2 else ()  # nothing before the extraction, everything after it
+
+    out = list(engine.stream(reqs, generation=GEN, batch_size=6, should_stop=should_stop,
+                             on_step=lambda step, n, rows: steps.append(step)))
+    assert out == [] and steps == [] and asked == [6, 6]
