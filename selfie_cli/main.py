@@ -603,7 +603,7 @@ def keys_revoke(key: str) -> None:
 
 
 
-@keys.command("ttl")
+@keys.command("ttl", context_settings={"ignore_unknown_options": True})  # '-1' is a bad duration, not an option
 @click.argument("key")
 @click.argument("duration", type=DURATION)
 def keys_ttl(key: str, duration: int | None) -> None:

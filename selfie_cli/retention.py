@@ -14,7 +14,7 @@ from selfie_cli.database import cli_session
 from selfie_cli.errors import UserError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhd]?)\s*$")  # ASCII digits: int() also reads '١٢' and '１２' as 12
 
 
 class Duration(click.ParamType):

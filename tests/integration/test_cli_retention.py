@@ -23,6 +23,9 @@ def test_key_time_to_live_and_purge_from_the_command_line(database_url):
     assert selfie("keys", "ttl", "1", "1h", **env).stdout.startswith("key 1: its jobs are kept 1h after they finish")
     assert_user_error(selfie("keys", "ttl", "1", "0", **env), 2, "a time to live is 1 s")
     assert_user_error(selfie("keys", "ttl", "1", "3 weeks", **env), 2, "not a duration")
+    assert_user_error(selfie("keys", "ttl", "1", "-1", **env), 2, "not a duration")  # not an unknown option
+    assert_user_error(selfie("keys", "ttl", "1", "\u0661\u0662", **env), 2, "not a duration")  # Arabic-Indic 12
+    assert_user_error(selfie("keys", "ttl", "1", "\uff11\uff12h", **env), 2, "not a duration")  # full-width 12
     assert_user_error(selfie("keys", "ttl", "99", "1d", **env), 1, "no key '99'")
     with session_scope(database_url) as s:
         assert s.get(ApiKey, 1).job_ttl_seconds == 3600
