@@ -184,12 +184,16 @@ def schedule(audit_ref: str, cron: str, url: str, api_key: str | None) -> None:
 def _wait(c, run_id: int) -> dict[str, Any]:
     from selfie_cli.render import progress_bar
 
+    told = None
     with progress_bar(f"run {run_id}", None, enabled=sys.stderr.isatty()) as update:
         while True:
             run = _call(c, "GET", f"/v1/audit-runs/{run_id}")
             p = run["progress"]
             update(done=p["interpretations_done"], total=max(1, p["interpretations_total"]),
-                   status=f"{run['state']}, {p['flags']} flags" + (f" ({p['waiting']})" if p.get("waiting") else ""))
+                   status=f"{run['state']}, {p['flags']} flags")
+            if p.get("waiting") and p["waiting"] != told:  # on a line of its own: a bar's line would cut it
+                told = p["waiting"]
+                click.echo(f"run {run_id}: {told}", err=True)
             if run["state"] in FINAL:
                 return run
             time.sleep(1.0)
