@@ -222,6 +222,15 @@ def renew_leases(
     return result.rowcount or 0
 
 
+def taken_from(session: Session, chunk_ids: Iterable[int], owner: str) -> list[int]:
+    """Of the chunks `owner` holds, those it lost: queued again or running under another owner (its lease ran
+    out); not those that are done or closed (cancelled, failed), which need no lease."""
+    return sorted(session.scalars(
+        select(Chunk.id).where(Chunk.id.in_(list(chunk_ids)),
+                               or_(Chunk.state == ChunkState.QUEUED,
+                                   and_(Chunk.state == ChunkState.RUNNING, Chunk.owner != owner)))))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------------------------------

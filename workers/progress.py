@@ -57,10 +57,13 @@ class BatchWatch:
         with self._lock:
             return set(self._job_of.values())
 
-    def closed(self, job_ids: Collection[str]) -> None:
-        """The heartbeat found these held jobs closed: their rows stop at the next decode step or batch."""
+    def closed(self, job_ids: Collection[str]) -> set[str]:
+        """The heartbeat found these held jobs closed: their rows stop at the next decode step or batch. Returns
+        those it had not been told of yet (the heartbeat finds them again every beat until the batch lets go)."""
         with self._lock:
+            new = set(job_ids) - self._closed
             self._closed.update(job_ids)
+            return new
 
     # -- the engine's callbacks -----------------------------------------------------------------------------
     def should_stop(self, keys: Sequence[Any]) -> set[Any]:

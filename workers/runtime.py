@@ -278,12 +278,17 @@ class Runtime:
             if held:
                 kept = chunk_ops.renew_leases(session, held, self.name, self.settings.lease_seconds)
                 if kept < len(held):
-                    log.warning("worker %s lost the lease of %d chunk(s)", self.name, len(held) - kept)
+                    # held chunks that are done or closed need no lease; the others were taken from this worker
+                    lost = chunk_ops.taken_from(session, held, self.name)
+                    if lost:
+                        log.warning("worker %s lost the lease of %d chunk(s): %s", self.name, len(lost),
+                                    ", ".join(map(str, lost)))
             if jobs:  # a cancel stops the running batch's rows of that job at the next decode step
                 closed = closed_jobs(session, jobs)
                 if closed:
-                    log.info("jobs closed while running here, their rows stop: %s", ", ".join(sorted(closed)))
-                    self.watch.closed(closed)
+                    new = self.watch.closed(closed)
+                    if new:  # said once, though every beat finds them until the batch lets them go
+                        log.info("jobs closed while running here, their rows stop: %s", ", ".join(sorted(new)))
 
         with self._beat_lock:
             self._db(unit, retry=False)

@@ -88,6 +88,25 @@ def test_expired_lease_and_dead_owner_can_be_taken_over(db):
     assert taken is not None and taken.attempts == 3
 
 
+def test_a_worker_has_lost_only_the_chunks_queued_again_or_taken_over(db):
+    """What `renew_leases` does not renew is not all lost: a held chunk that is done or closed needs no lease (a
+    worker's warning named those every second after a cancel)."""
+    _, ids = _job(db, items=[(0, 0, t) for t in range(4)], chunk_size=1)
+    now = utcnow()
+    with db() as s, s.begin():
+        for chunk_id in ids:
+            assert C.claim_chunk(s, chunk_id, "w1", 30, now=now)
+        s.get(Chunk, ids[0]).state = "done"
+        s.get(Chunk, ids[1]).state = "cancelled"
+        s.get(Chunk, ids[2]).state = "queued"
+    with db() as s, s.begin():
+        assert C.claim_chunk(s, ids[3], "w2", 30, now=now + timedelta(seconds=60)) is not None
+    with db() as s, s.begin():
+        assert C.renew_leases(s, ids, "w1", 30) == 0
+        assert C.taken_from(s, ids, "w1") == [ids[2], ids[3]]
+        assert C.taken_from(s, ids, "w2") == [ids[2]]
+
+
 def test_a_takeover_reports_the_claim_as_it_is_stored(db):
     _, ids = _job(db)
     with db() as s, s.begin():

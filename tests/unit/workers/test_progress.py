@@ -14,7 +14,8 @@ def test_rows_of_closed_jobs_stop_and_the_others_go_on():
     watch.hold({1: "a", 2: "b"})
     batch = keys(1, 3) + keys(2, 2)
     assert watch.should_stop(batch) == set()
-    watch.closed({"a"})
+    assert watch.closed({"a"}) == {"a"}
+    assert watch.closed({"a"}) == set()  # found again by the next beat: not news (logged once)
     assert watch.should_stop(batch) == set(keys(1, 3))
     watch.unhold([1, 2])
     assert watch.should_stop(batch) == set()  # nothing held: a later job reusing nothing of it is untouched
