@@ -445,12 +445,14 @@ class Client:
     def submit_lenses(self, prompts: str | Sequence[str], *, model: str | None = None, layers: Selector = "all",
                       tokens: Selector = "all", pairs: Sequence[tuple[int, int]] | None = None, top_k: int = 5,
                       lenses: Sequence[str] = ("logit", "identity"), priority: int = 5,
-                      idempotency_key: str | None = None) -> dict[str, Any]:
+                      idempotency_key: str | None = None, ttl_seconds: int | None = None) -> dict[str, Any]:
         """Submit a `lenses` job: the logit lens and the identity patch over the same targets as `submit`."""
         body = job_request(prompts, model=model, layers=layers, tokens=tokens, pairs=pairs, priority=priority,
                            idempotency_key=idempotency_key or "client-" + uuid.uuid4().hex)
         body = {k: body[k] for k in ("prompts", "targets", "priority", "idempotency_key", "model") if k in body}
         body.update(top_k=top_k, lenses=list(lenses))
+        if ttl_seconds is not None:
+            body["ttl_seconds"] = ttl_seconds
         return self._request("POST", "/v1/jobs/lenses", json=body).json()
 
     def lenses(self, prompts: str | Sequence[str], *, progress: bool = True, timeout: float | None = None,

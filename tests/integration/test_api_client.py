@@ -308,6 +308,8 @@ def test_cli_lenses_and_search(stack):
     assert "--max-new-tokens" in dropped.stderr and "--template" in dropped.stderr
 
     with Client(stack.url) as client:
+        kept = client.submit_lenses("a cat", layers=[0], tokens=[-1], ttl_seconds=7200)
+        assert client.status(kept["id"])["ttl_seconds"] == 7200  # a lenses job's time to live, as any job's
         done = client.interpret("a cat sat", layers=[1], tokens=[-1], max_new_tokens=8, progress=False, timeout=120)
         word = next(w for w in done.text[0].split() if any(ch.isalnum() for ch in w))
         found = client.search(word, job=done.attrs["job_id"])
