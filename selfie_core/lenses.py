@@ -158,8 +158,10 @@ def _source_tokens(tokenizer, ids: list[int], token: int) -> str:
 
 
 def run_lenses(engine, requests: Sequence[LensRequest], lenses: Sequence[str] = LENS_NAMES, top_k: int = 5,
-               batch_size: int | None = None) -> Iterator[list[LensReading]]:
-    """Validate every request, then yield the readings of each batch of ``batch_size`` rows (request order)."""
+               batch_size: int | None = None, *, should_stop=None) -> Iterator[list[LensReading]]:
+    """Validate every request, then yield the readings of each batch of ``batch_size`` rows (request order).
+    ``should_stop(keys)`` (as ``SelfieEngine.stream``'s): asked before each batch; the requests whose keys it
+    returns are not read (a batch is one forward pass: there is nothing to stop inside it)."""
     tokenizer = engine.tokenizer
     vocab = int(engine.model.get_output_embeddings().weight.shape[0])
     check_lenses(lenses, top_k, vocab)
@@ -175,14 +177,19 @@ def run_lenses(engine, requests: Sequence[LensRequest], lenses: Sequence[str] = 
             ids = ids_of.get(req.prompt) or ids_of.setdefault(req.prompt, list(tokenizer(req.prompt).input_ids))
         check_interpret_request(InterpretRequest(req.prompt, req.layer, req.token), ids, engine.num_layers,
                                 engine.max_context, f"request {i}")
-    return _readings(engine, requests, ids_of, tuple(lenses), top_k, batch_size or 256)
+    return _readings(engine, requests, ids_of, tuple(lenses), top_k, batch_size or 256, should_stop)
 
 
-def _readings(engine, requests, ids_of, lenses, top_k, size) -> Iterator[list[LensReading]]:
+def _readings(engine, requests, ids_of, lenses, top_k, size, should_stop=None) -> Iterator[list[LensReading]]:
     last = engine.num_layers
     identity_ids = list(engine.tokenizer(IDENTITY_PROMPT).input_ids)
     for start in range(0, len(requests), size):
         batch = requests[start : start + size]
+        if should_stop is not None:
+            stop = set(should_stop([r.key for r in batch]))
+            batch = [r for r in batch if r.key not in stop]
+            if not batch:
+                continue
         wanted: dict[str, set[tuple[int, int]]] = {}
         for req in batch:
             wanted.setdefault(req.prompt, set()).update({(req.layer, req.token), (last, req.token)})

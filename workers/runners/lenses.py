@@ -54,7 +54,12 @@ class LensRunner(EngineRunner):
     def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
         from selfie_core.lenses import run_lenses
 
-        for batch in run_lenses(self.engine, self.requests(items), batch_size=self.batch_size, **self._settings(spec)):
+        watch = self.watch  # the worker's: a cancel drops a closed job's rows before the next lens batch
+        batches = run_lenses(self.engine, self.requests(items), batch_size=self.batch_size,
+                             should_stop=watch.should_stop if watch is not None else None, **self._settings(spec))
+        if watch is not None:
+            batches = self._timed(batches, watch)
+        for batch in batches:
             yield [LensResult(r) for r in batch]
 
     @staticmethod

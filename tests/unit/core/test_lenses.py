@@ -100,3 +100,22 @@ def test_bad_settings_are_refused(engine, kwargs, message):
 def test_bad_requests_are_refused_before_any_batch(engine, request_, message):
     with pytest.raises(SelfieInputError, match=message):
         run_lenses(engine, [LensRequest(PROMPTS[0], 1, 1), request_])
+
+
+def test_requests_stopped_before_their_lens_batch_are_not_read(engine, tokenizer):
+    """`should_stop` (a cancelled job's rows) is asked before each batch; the others read as without it."""
+    requests = _requests(tokenizer, engine.num_layers)[:12]
+    doomed = {r.key for r in requests[::2]}
+    asked = []
+
+    def should_stop(keys):
+        asked.append(len(keys))
+        return doomed & set(keys) if len(asked) > 1 else ()  # from the second batch on
+
+    got = [r for b in run_lenses(engine, requests, top_k=3, batch_size=4, should_stop=should_stop) for r in b]
+    plain = [r for b in run_lenses(engine, requests, top_k=3, batch_size=4) for r in b]
+    assert asked == [4, 4, 4]
+    kept = [r for i, r in enumerate(plain) if i < 4 or r.key not in doomed]
+    assert [r.key for r in got] == [r.key for r in kept]
+    for a, b in zip(got, kept):
+        _same(a, b)
