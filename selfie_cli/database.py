@@ -16,9 +16,23 @@ def migrated_database_url() -> str:
     from selfie_jobs.migrate import check
     from selfie_jobs.settings import get_settings
 
+    from pathlib import Path
+
+    from selfie_jobs.migrate import current_revision, head_revision, known_revisions
+
     url = get_settings().resolved_database_url()
+    parsed = make_url(url)
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite" and not (parsed.database and Path(parsed.database).is_file()):
+        # connecting would create an empty file there (and then call it out of date)
+        raise UserError(f"there is no database at {parsed.database}",
+                        "is SELFIE_DATA_DIR (or SELFIE_DATABASE_URL) the one `selfie up` uses? `selfie migrate` "
+                        "makes a new one")
     if not check(url):
-        shown = make_url(url).render_as_string(hide_password=True)
+        revision = current_revision(url)
+        if revision is not None and revision not in known_revisions():
+            raise UserError(f"the database {shown} is at revision {revision}, newer than this selfie "
+                            f"({head_revision()})", "run the selfie that migrated it, or upgrade this one")
         raise UserError(f"the database {shown} does not have the service's newest schema",
                         "run `selfie migrate` first (`selfie up` migrates too), with the same SELFIE_DATABASE_URL "
                         "or SELFIE_DATA_DIR")

@@ -39,6 +39,11 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def known_revisions() -> set[str]:
+    """Every revision this code has (a database at another one was migrated by a newer version)."""
+    return {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+
+
 def current_revision(url: str) -> str | None:
     from selfie_jobs.db import create_db_engine
 

@@ -97,15 +97,27 @@ def test_a_worker_serves_a_catalogued_model_by_name_in_its_dtype(folder, databas
                                      ["keys", "list"]])
 def test_a_database_without_the_schema_says_to_migrate(folder, tmp_path, command):
     # a fresh data folder, as a new user has before `selfie up`: this was sqlite3's "no such table" traceback
-    fresh = f"sqlite:///{tmp_path / 'fresh' / 'selfie.db'}"
+    import sqlite3
+
+    path = tmp_path / "fresh" / "selfie.db"
+    fresh = f"sqlite:///{path}"
     (tmp_path / "fresh").mkdir()
-    done = selfie(fresh, *[str(folder) if part == "FOLDER" else part for part in command])
+    argv = [str(folder) if part == "FOLDER" else part for part in command]
+    missing = selfie(fresh, *argv)  # no file at all: said, and none is created
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert missing.stderr.splitlines()[0] == f"error: there is no database at {path}" and not path.exists()
+    sqlite3.connect(path).close()  # an empty file: the schema is missing
+    done = selfie(fresh, *argv)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines() == [f"error: the database {fresh} does not have the service's newest schema",
                                         "run `selfie migrate` first (`selfie up` migrates too), with the same "
                                         "SELFIE_DATABASE_URL or SELFIE_DATA_DIR"]
     upgrade(fresh)
-    assert selfie(fresh, *[str(folder) if part == "FOLDER" else part for part in command]).returncode == 0
+    assert selfie(fresh, *argv).returncode == 0
+    with sqlite3.connect(path) as conn:  # migrated by a newer selfie: said so, not "a fault of selfie"
+        conn.execute("UPDATE alembic_version SET version_num = '0099_from_the_future'")
+    newer = selfie(fresh, *argv)
+    assert newer.returncode == 1 and "is at revision 0099_from_the_future, newer than this selfie" in newer.stderr
 
 
 def test_a_worker_naming_gpus_it_does_not_see_refuses_before_loading(folder, database, tmp_path):
