@@ -56,6 +56,8 @@ def test_tiny_run_writes_the_numbers_and_the_plot(lens_eval, tmp_path, capsys):
         assert (row["selfie_naming_rate"] is not None) == (row["layer"] in result["selfie"]["layers"])
     # the logit lens over the last layer's state is the model's own prediction: a check on the scoring itself
     assert result["layers"][-1]["logit_precision_at_1"] == 1.0
+    # the cached-prefix identity patch gives run_lenses's top-1 tokens (2 pairs x 5 layers checked)
+    assert result["identity_path_check"] == {"readings": 10, "same_top1": 10}
     assert result["identity_beats_logit_at_layers"] == [
         r["layer"] for r in result["layers"] if r["identity_precision_at_1"] > r["logit_precision_at_1"]]
     root = ET.parse(svg).getroot()
