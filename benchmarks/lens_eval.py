@@ -8,7 +8,7 @@ prompt's last token. For each pair and each layer ``0..num_layers`` of ``hidden_
   whose top-1 token is the model's own next-token prediction there (the argmax of its logits at that position);
 - the share whose top-1 token is the source token itself (the lens "echoes" its input rather than predicting);
 
-and for SelfIE (``SelfieEngine.interpret``, the ``summarize`` preset in ChatML without a system turn, k=1, greedy,
+and for SelfIE (``SelfieEngine.interpret``, the default ``summarize`` preset (no system turn), k=1, greedy,
 ``--max-new-tokens``) at every ``--selfie-step``-th layer (and the last): the naming rate, the share of pairs whose
 interpretation names the source token's word (``names``: the word, case-insensitive, not preceded or followed by
 a letter; no stemming). The control: the same interpretation prompt with nothing injected (``add`` with strength 0)
@@ -348,9 +348,7 @@ def main(argv=None) -> dict:
     last = engine.num_layers
     lens_layers = list(range(last + 1))
     selfie_layers = sorted(set(range(0, last + 1, args.selfie_step)) | {last})
-    # SmolLM2's chat template would add its default system turn ("You are a helpful AI assistant named SmolLM"),
-    # which leaks into interpretations; plain ChatML is the same prompt without it
-    template = InterpretationTemplate.preset("summarize", tokenizer, chat_format="chatml")
+    template = InterpretationTemplate.preset("summarize", tokenizer)  # the service's default interpretation prompt
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)
     pairs = pick_pairs(tokenizer, prompts, args.pairs, args.seed)
     settings = {"model": args.name, "pairs": args.pairs, "seed": args.seed, "selfie_layers": selfie_layers,
