@@ -202,14 +202,16 @@ def main() -> None:
             # and the baseline (the prompt's own output, for grounding): every round pays it as a new job spec would
             getattr(engine, "_baselines", {}).clear()
             order_sdpa_kernels(mode)
+            cpu = time.process_time()
             results[mode], t, peak = measure(lambda: engine.interpret(requests, template, injection, generation),
                                              device)
+            cpu = time.process_time() - cpu
             times[mode].append(t)
             peaks[mode].append(peak)
             print(f"  {mode:16s} {t:8.2f} s  {len(requests) / t:8.2f} interp/s  peak {peak:.2f} GiB", flush=True)
             if hasattr(engine, "baseline"):
                 grounding[mode].append(grounding_seconds(engine, results[mode], requests, template, injection,
-                                                         generation, t, device))
+                                                         generation, t, cpu, device))
         if not args.skip_reference:
             ref, t, peak = measure(lambda: reference_interpret(model, tokenizer, requests, template, injection,
                                                                generation, batch_size=args.reference_batch), device)
@@ -228,10 +230,12 @@ def main() -> None:
             line += f"; same tokens as {modes[0]} in {_same(results[mode], first)}/{len(requests)} rows"
         print(line)
         if grounding[mode]:
-            cached_s, judge_s, share = (statistics.median(g[i] for g in grounding[mode]) for i in range(3))
+            cached_s, judge_s, share, cpu_share = (statistics.median(g[i] for g in grounding[mode])
+                                                   for i in range(4))
             print(f"grounding {mode}: the run with its baseline to compute (a new job spec) took {100 * share:+.2f}% "
-                  f"over the same run with it known ({cached_s:.2f} s, median of the rounds, run right after); judging "
-                  f"the {len(requests)} rows took {1000 * judge_s:.1f} ms")
+                  f"wall time and {100 * cpu_share:+.2f}% CPU time of this process over the same run with it known "
+                  f"({cached_s:.2f} s, medians of the rounds, run right after); judging the {len(requests)} rows took "
+                  f"{1000 * judge_s:.1f} ms")
     if not args.skip_reference:
         r = statistics.median(ref_times)
         print(f"reference: {len(requests) / r:.2f} interpretations/s (batch {args.reference_batch}), peak {max(ref_peaks):.2f} GiB")
@@ -247,22 +251,27 @@ def main() -> None:
 
 
 def grounding_seconds(engine, results, requests, template, injection, generation, run_seconds: float,
-                      device: str) -> tuple[float, float, float]:
-    """What grounding (selfie_core.grounding) added to a run that took `run_seconds` with its baseline to compute
-    (one row more in its first batch, as for a new job spec): the same run again with the baseline known, right
-    after it in the same process (a busy machine weighs on both alike), and the time judging every row takes.
-    Returns (seconds of the run with the baseline known, seconds judging, the first run's extra share)."""
+                      run_cpu_seconds: float, device: str) -> tuple[float, float, float, float]:
+    """What grounding (selfie_core.grounding) added to a run that took `run_seconds` (`run_cpu_seconds` of this
+    process's CPU) with its baseline to compute (one row more in its first batch, as for a new job spec): the same
+    run again with the baseline known, right after it in the same process, and the time judging every row takes.
+    On a CPU shared with other work the wall times vary by tens of percent between identical runs; the process's
+    CPU time, which waiting for a core does not count, is the steadier figure there.
+    Returns (seconds of the run with the baseline known, seconds judging, the first run's extra share of wall time,
+    and of CPU time)."""
     from selfie_core.grounding import GroundingConfig, judge
 
     engine._states.clear()  # as the timed run: only the baseline differs
+    cpu = time.process_time()
     _, cached_s, _ = measure(lambda: engine.interpret(requests, template, injection, generation), device)
+    cached_cpu = time.process_time() - cpu
     baseline = engine.baseline(template, generation)  # known: a lookup
     eos = [engine.tokenizer.eos_token_id]
     start = time.perf_counter()
     for r in results:
         judge(r.text, r.token_ids, r.mean_relevancy, baseline, GroundingConfig(), eos)
     judge_s = time.perf_counter() - start
-    return cached_s, judge_s, run_seconds / cached_s - 1.0
+    return cached_s, judge_s, run_seconds / cached_s - 1.0, run_cpu_seconds / cached_cpu - 1.0
 
 
 _DEFAULT_ATTENTION = {cls: cls.cuda_attention for cls in (GrowingDecoder, StaticDecoder)}
