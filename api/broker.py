@@ -8,6 +8,9 @@ from selfie_jobs import queue
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+#: A local Redis answers in milliseconds; a send is tried three times, each with a reconnect after a failure.
+SOCKET_TIMEOUT_SECONDS = 1.0
+
 
 def make_producer(broker_url: str) -> Celery:
     """Nothing connects here; the first `send_task` opens the broker connection (pooled afterwards)."""
@@ -25,7 +28,10 @@ def make_producer(broker_url: str) -> Celery:
         broker_connection_retry_on_startup=False,
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.25, "interval_max": 0.5},
-        # Priorities map to per-priority Redis lists: name them exactly as the workers read them.
-        broker_transport_options=dict(queue.BROKER_TRANSPORT_OPTIONS),
+        # Priorities map to per-priority Redis lists: name them exactly as the workers read them. A broker that
+        # stops answering fails a send within a few seconds (each try and each reconnect waits at most this long)
+        # instead of holding the request: hung submits would take every request slot of the api.
+        broker_transport_options={**queue.BROKER_TRANSPORT_OPTIONS,
+                                  **queue.broker_socket_timeouts(SOCKET_TIMEOUT_SECONDS)},
     )
     return app

@@ -30,6 +30,18 @@ BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
     "queue_order_strategy": "priority",
 }
 
+
+def broker_socket_timeouts(seconds: float) -> dict[str, float]:
+    """Transport options that bound each broker connect and reply to `seconds`.
+
+    Once connected, kombu's Redis transport waits forever for a reply by default: a broker that is stopped, or
+    behind a half-open link, would hold every send until it came back. A send that gives up instead leaves its
+    chunk to the reconciler. A consumer's BRPOP asks Redis to answer within a second and is read once readable, so
+    any bound above that leaves consuming as it is.
+    """
+    return {"socket_timeout": seconds, "socket_connect_timeout": seconds}
+
+
 _QUEUE_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 

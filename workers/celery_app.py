@@ -20,12 +20,17 @@ from selfie_jobs.queue import (
     RECONCILE_TASK,
     RUN_AUDIT_TASK,
     RUN_CHUNK_TASK,
+    broker_socket_timeouts,
     model_queue,
     redis_priority,
 )
 from selfie_jobs.settings import Settings, get_settings
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+#: Longer than the api's bound (no client waits on a worker's sends, and a slow reply should not cost the consumer
+#: its connection), short enough that a reconciler pass on a frozen broker fails well within its time limit.
+BROKER_SOCKET_TIMEOUT_SECONDS = 3.0
 
 
 def visibility_timeout(settings: Settings) -> int:
@@ -78,7 +83,10 @@ def create_celery_app(
         worker_prefetch_multiplier=1,
         # Redis re-delivers an unacknowledged message after visibility_timeout; it must exceed the longest chunk
         # or a healthy worker's chunk would be handed out twice. Priority lists as the producer names them.
-        broker_transport_options={**BROKER_TRANSPORT_OPTIONS, "visibility_timeout": visibility_timeout(settings)},
+        # Broker replies are bounded so that a frozen Redis fails a send (a reconciler pass, an audit's chunks)
+        # instead of holding it; the consumer then reconnects as after any connection loss.
+        broker_transport_options={**BROKER_TRANSPORT_OPTIONS, **broker_socket_timeouts(BROKER_SOCKET_TIMEOUT_SECONDS),
+                                  "visibility_timeout": visibility_timeout(settings)},
         # Keep retrying the broker forever, at start-up too: a worker outlives a Redis restart.
         broker_connection_retry_on_startup=True,
         broker_connection_retry=True,

@@ -528,3 +528,30 @@ def test_job_events_take_the_key_and_are_bounded_per_process_outside_the_request
         assert rest == [("end", "cancelled")]  # then the stream closed
         with connect_sse(a, "GET", path) as again:  # its slot was given back
             assert [e.event for e in again.iter_sse()] == ["end"]
+
+
+def test_a_frozen_broker_fails_the_send_fast_and_leaves_chunks_for_the_reconciler(env, tmp_path):
+    """A Redis that keeps its connections open but no longer answers (stopped, or a half-open link) must not hold a
+    submit: the send gives up within seconds and the job is stored for the reconciler, as with a dead broker."""
+    import os
+    import signal
+    import time
+
+    from workers.embedded import start_embedded_redis
+
+    database_url, _, model = env
+    with start_embedded_redis(tmp_path) as broker:
+        pid = broker._server.pid
+        with live_server(settings_for(database_url, broker.url)) as srv, srv.client() as http:
+            assert http.post("/v1/jobs", json=body(model)).json()["enqueued"] == 5  # the pooled connection is open
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                resp = http.post("/v1/jobs", json=body(model), timeout=30)
+                took = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    assert resp.status_code == 202 and resp.json()["enqueued"] == 0, resp.text
+    assert took < 10, took
+    with session_scope(database_url) as s:
+        assert s.scalars(select(Chunk.enqueued_at).where(Chunk.job_id == resp.json()["id"])).all() == [None] * 5

@@ -146,3 +146,33 @@ def test_a_pass_without_the_broker_still_does_what_needs_only_the_database(db, t
     assert out["timed_out_jobs"] == [late_id] and out["resent"] == []
     with db() as s:
         assert s.get(Job, late_id).state == "failed"
+
+
+def test_a_workers_send_to_a_frozen_broker_fails_instead_of_hanging(tmp_path):
+    """A Redis that holds its connections open but no longer answers (stopped): a worker's send (the reconciler's,
+    an audit's) raises within its bound, so the pass ends and the next one tries again."""
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kombu.exceptions import OperationalError
+
+    from workers.embedded import start_embedded_redis
+
+    with start_embedded_redis(tmp_path) as broker, ThreadPoolExecutor(1) as pool:
+        app = create_celery_app(Settings(data_dir=tmp_path), broker_url=broker.url, register=False)
+        try:
+            send_chunk(app, 1, "frozen", 5)  # the pooled connection is open
+            os.kill(broker._server.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                sending = pool.submit(send_chunk, app, 2, "frozen", 5)
+                with pytest.raises(OperationalError):
+                    sending.result(timeout=60)  # a send without a bound waits here until the broker resumes
+                took = time.monotonic() - started
+            finally:
+                os.kill(broker._server.pid, signal.SIGCONT)
+        finally:
+            app.close()
+    assert took < 30, took
