@@ -22,6 +22,7 @@ from selfie_jobs.auth import Principal
 from selfie_jobs.cards import served_models, wait_reason
 from selfie_jobs.chunks import as_utc, lock_job
 from selfie_jobs.errors import BadQuery
+from selfie_jobs.jsontext import loads_strict
 from selfie_jobs.kinds import get_kind
 from selfie_jobs.liveness import live_workers
 from selfie_jobs.models import Chunk, Interpretation, Job, Prompt, utcnow
@@ -41,20 +42,41 @@ def encode_cursor(kind: str, values: Sequence[Any]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, kind: str, n_values: int) -> list[Any]:
+def decode_cursor(cursor: str, kind: str, shape: int | Sequence[type]) -> list[Any]:
+    """The values of a cursor made by `encode_cursor(kind, ...)`; QueryError for anything else.
+
+    `shape`: how many values, or each value's type (int, float, str or datetime, the last sent as ISO text and
+    given back parsed). A cursor is opaque to clients but comes back from them: one edited into values of the wrong
+    type would otherwise compare against the sort keys as nothing and read as the last page.
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        got_kind, values = json.loads(raw)
+        # Strict: no NaN or infinities, no lone surrogates (which no database driver can send).
+        got_kind, values = loads_strict(raw.decode("utf-8"), root="cursor")
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
         raise QueryError("malformed cursor") from None
-    if got_kind != kind or not isinstance(values, list) or len(values) != n_values:
+    types = [None] * shape if isinstance(shape, int) else list(shape)
+    if got_kind != kind or not isinstance(values, list) or len(values) != len(types):
         raise QueryError("the cursor belongs to another listing or sort order")
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, str) and "\x00" in v):
             raise QueryError("malformed cursor")
         if isinstance(v, int) and abs(v) > 2**62:
             raise QueryError("malformed cursor")
-    return values
+    return [v if expected is None else _typed(v, expected) for v, expected in zip(values, types)]
+
+
+def _typed(value: Any, expected: type) -> Any:
+    if expected is float and isinstance(value, (int, float)):
+        return float(value)
+    if expected is datetime and isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            raise QueryError("malformed cursor") from None
+    if type(value) is not expected:
+        raise QueryError("malformed cursor")
+    return value
 
 
 def _after(keys: Sequence[tuple[Any, bool]], values: Sequence[Any]):
@@ -297,12 +319,7 @@ def list_jobs(
         query = query.where(Job.created_at < created_before)
     keys = [(Job.created_at, True), (Job.id, True)]
     if cursor:
-        created, job_id = decode_cursor(cursor, "jobs", 2)
-        try:
-            created_at = datetime.fromisoformat(str(created))
-        except ValueError:
-            raise QueryError("malformed cursor") from None
-        query = query.where(_after(keys, [created_at, str(job_id)]))
+        query = query.where(_after(keys, decode_cursor(cursor, "jobs", [datetime, str])))
     rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
     next_cursor = None
     if len(rows) > limit:
@@ -358,6 +375,9 @@ _SORTS: dict[str, list[tuple[Any, bool]]] = {
     "created": [(Interpretation.created_at, False), (Interpretation.id, False)],
 }
 SORT_NAMES = tuple(_SORTS)
+#: The type of each sort key's value in a cursor.
+_KEY_TYPES: dict[str, type] = {"prompt_index": int, "layer": int, "token": int, "mean_relevancy": float, "id": int,
+                               "created_at": datetime}
 
 
 @dataclass
@@ -413,12 +433,7 @@ def _interpretations_query(columns: Sequence[Any], job_id: str, flt: Interpretat
     keys = _SORTS[sort]
     query = flt.apply(select(*columns).where(Interpretation.job_id == job_id))
     if cursor:
-        values = decode_cursor(cursor, "interp:" + sort, len(keys))
-        if sort == "created":
-            try:
-                values[0] = datetime.fromisoformat(str(values[0]))
-            except ValueError:
-                raise QueryError("malformed cursor") from None
+        values = decode_cursor(cursor, "interp:" + sort, [_KEY_TYPES[column.key] for column, _ in keys])
         query = query.where(_after(keys, values))
     return query.order_by(*[(c.desc() if d else c.asc()) for c, d in keys]), keys
 

@@ -340,3 +340,52 @@ def test_bad_system_prompts_and_grounding_thresholds_are_refused(bad_input_serve
         assert spec["template"] == {"preset": "summarize", "system": "Be brief."}  # the card's default preset
         assert spec["grounding"] == {"min_mean_relevancy": 0.0}
     assert _stored_counts(server.database_url) == dict(before, jobs=before["jobs"] + 1)
+
+
+def _cursor(raw: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+#: Each paging route and order: its cursor's kind and the JSON of a value that fits each of its keys.
+_PAGED: list[tuple[str, dict[str, str], str, list[str]]] = [
+    ("/v1/jobs", {}, "jobs", ['"2026-01-01T00:00:00+00:00"', '"' + "0" * 32 + '"']),
+    *(("/v1/jobs/{job}/interpretations", {"sort": sort}, "interp:" + sort, fits)
+      for sort, fits in [("position", ["0", "0", "0"]), ("layer", ["0", "0", "0"]), ("-layer", ["0", "0", "0"]),
+                         ("token", ["0", "0", "0"]), ("relevancy", ["0.5", "1"]), ("-relevancy", ["0.5", "1"]),
+                         ("created", ['"2026-01-01T00:00:00"', "1"])]),
+    ("/v1/jobs/{job}/interpretations", {"format": "csv"}, "interp:position", ["0", "0", "0"]),
+    ("/v1/jobs/{job}/interpretations", {"format": "csv", "sort": "created"}, "interp:created",
+     ['"2026-01-01T00:00:00"', "1"]),
+    ("/v1/jobs/{job}/results", {}, "interp:position", ["0", "0", "0"]),
+]
+
+
+def _tampered(fits: list[str]) -> list[list[str]]:
+    """Cursor values with one of them changed to a lone surrogate, a non-finite number, or a value of another type
+    (text for a number, a huge or fractional number for an integer, a number for text)."""
+    out = [["NaN", "Infinity", "-Infinity"][: len(fits)] + fits[3:], ['"a"', '"b"', '"c"'][: len(fits)]]
+    for i, fit in enumerate(fits):
+        wrong = ['"\\ud800"', "NaN", "-Infinity", "null", "true", "[]"]
+        wrong += ["0", "1.5"] if fit.startswith('"') else ['"x"'] + (["1e308", "1.5"] if "." not in fit else [])
+        out += [fits[:i] + [w] + fits[i + 1:] for w in wrong]
+    return out
+
+
+def test_tampered_paging_cursors_are_refused_on_every_route_and_order(bad_input_server):
+    """A cursor comes back from the client: one edited to a lone surrogate, a non-finite number or a value of the
+    wrong type for its key is a 400 "malformed cursor", not a 500 and not an empty last page."""
+    http = bad_input_server.client()
+    job = http.post("/v1/jobs", json=BASE_BODIES[("post", "/v1/jobs")])
+    assert job.status_code == 202, job.text
+    seen = []
+    for path, params, kind, fits in _PAGED:
+        url = path.format(job=job.json()["id"])
+        fine = http.get(url, params={**params, "cursor": _cursor(f'["{kind}",[{",".join(fits)}]]')})
+        assert fine.status_code == 200, (url, params, fine.text)  # the untampered shape is a cursor
+        for values in _tampered(fits):
+            raw = f'["{kind}",[{",".join(values)}]]'
+            res = http.get(url, params={**params, "cursor": _cursor(raw)})
+            seen.append((url, params, raw, res.status_code, res.text[:80]))
+            assert res.status_code == 400 and res.json()["detail"] == "malformed cursor", seen[-1]
