@@ -2,7 +2,9 @@
 
 Events: `status` (the job's status, as GET /v1/jobs/{id}?include_prompts=false answers it) at the start and whenever
 its state, progress, chunks or wait reason change; `end` (the final status) once, after which the stream closes;
-`error` (a detail) if the job can no longer be read. Comment lines (`: ping`) keep idle connections open.
+`error` (a detail) if the job can no longer be read, the key that opened the stream was revoked, or the database
+stayed away longer than `db_retry_seconds`, after which the stream closes. Comment lines (`: ping`) keep idle
+connections open, also while a poll fails because the database is briefly away (that poll is skipped).
 
 A stream holds no database connection between its polls: each poll is a short session in a worker thread. Streams
 are long, so they do not wait in the API's request line (`api.overload`); instead each API process serves at most
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
@@ -23,7 +26,9 @@ from api.deps import PrincipalDep, SessionMakerDep, SettingsDep
 from api.errors import RETRY_AFTER_SECONDS
 from api.routes.jobs import base_url, job_status
 from api.schemas import ErrorOut, JobStatus
+from selfie_jobs.auth import key_revoked
 from selfie_jobs.errors import DomainError, NotFound
+from selfie_jobs.retry import is_transient
 from selfie_jobs.states import FINAL_JOB_STATES
 
 log = logging.getLogger(__name__)
@@ -51,8 +56,16 @@ class StreamSlots:
         self.open -= 1
 
 
-def _read(maker, job_id: str, who, base: str, settings) -> JobStatus:
+class KeyNoLongerValid(Exception):
+    """The key that opened a stream was revoked (or deleted) while the stream was open."""
+
+
+def _read(maker, job_id: str, who, base: str, settings, check_key: bool = False) -> JobStatus:
     with maker() as session:
+        # The key was checked when the stream opened; a stream outlives that check, so each poll repeats it (one
+        # primary-key read in the poll's own session).
+        if check_key and key_revoked(session, who.key_id):
+            raise KeyNoLongerValid
         return job_status(session, job_id, who, base, settings, include_prompts=False)
 
 
@@ -82,7 +95,7 @@ async def job_events(job_id: str, request: Request, who: PrincipalDep, settings:
                           status=503, retry_after=RETRY_AFTER_SECONDS)
 
     async def events():
-        status, sent = first, None
+        status, sent, failing_since = first, None, None
         while True:
             if status.state in FINAL_JOB_STATES:
                 yield {"event": "end", "data": status.model_dump_json()}
@@ -92,10 +105,32 @@ async def job_events(job_id: str, request: Request, who: PrincipalDep, settings:
                 yield {"event": "status", "data": status.model_dump_json()}
             await asyncio.sleep(settings.event_poll_seconds)
             try:
-                status = await anyio.to_thread.run_sync(_read, maker, job_id, who, base, settings)
+                status = await anyio.to_thread.run_sync(_read, maker, job_id, who, base, settings, True)
             except NotFound as exc:
                 yield {"event": "error", "data": exc.message}
                 return
+            except KeyNoLongerValid:
+                yield {"event": "error", "data": "the API key of this stream is no longer valid"}
+                return
+            except Exception as exc:  # noqa: BLE001 - a stream ends with an `error` event, never a traceback
+                if not is_transient(exc):
+                    log.exception("event stream of job %s: reading its status failed", job_id)
+                    yield {"event": "error", "data": "the job's status could not be read"}
+                    return
+                if failing_since is None:  # once per outage, not once per poll
+                    failing_since = time.monotonic()
+                    log.warning("event stream of job %s: polls skipped while the database is unavailable: %s",
+                                job_id, exc)
+                if time.monotonic() - failing_since > settings.db_retry_seconds:
+                    log.warning("event stream of job %s: the database is away for over %.0f s; ending the "
+                                "stream: %s", job_id, settings.db_retry_seconds, exc)
+                    yield {"event": "error", "data": "the database is unavailable; poll GET /v1/jobs/"
+                                                     f"{job_id} later"}
+                    return
+                # Skip this poll and keep the stream (and its keep-alives) going: the status is sent once a poll
+                # reads it again.
+            else:
+                failing_since = None
 
     return SlotResponse(slots, events(), ping=settings.event_ping_seconds,
                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

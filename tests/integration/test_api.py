@@ -555,3 +555,123 @@ def test_a_frozen_broker_fails_the_send_fast_and_leaves_chunks_for_the_reconcile
     assert took < 10, took
     with session_scope(database_url) as s:
         assert s.scalars(select(Chunk.enqueued_at).where(Chunk.job_id == resp.json()["id"])).all() == [None] * 5
+
+
+class StreamReader:
+    """Reads an event stream's raw lines in a thread, as they come: events and keep-alive comments alike."""
+
+    def __init__(self, http, path: str) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self.closed = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(http, path), daemon=True)
+        self._thread.start()
+
+    def _read(self, http, path: str) -> None:
+        try:
+            with http.stream("GET", path, timeout=60) as resp:
+                assert resp.status_code == 200, resp.read()
+                for line in resp.iter_lines():
+                    self.lines.append(line)
+        finally:
+            self.closed.set()
+
+    def events(self) -> list[tuple[str, str]]:
+        """(event, data) of each event so far."""
+        out, lines = [], list(self.lines)
+        for i, line in enumerate(lines):
+            if line.startswith("event: ") and i + 1 < len(lines) and lines[i + 1].startswith("data: "):
+                out.append((line[len("event: "):], lines[i + 1][len("data: "):]))
+        return out
+
+    def pings(self) -> int:
+        return sum(1 for line in list(self.lines) if line.startswith(":"))
+
+    def wait_for(self, event: str, timeout: float = 20) -> str:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [data for name, data in self.events() if name == event]
+            if found:
+                return found[-1]
+            if self.closed.is_set():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {event!r} event; the stream read {self.lines[-20:]!r}")
+
+
+@pytest.fixture
+def postgres_env(postgres_url, redis_url):
+    model = "tiny-" + uuid.uuid4().hex[:8]
+    prepare_database(postgres_url, model=model)
+    yield postgres_url, redis_url, model
+    flush_model_queue(redis_url, model)
+
+
+def _database_away(admin_url: str, url: str, away: bool) -> None:
+    """Refuse (or allow again) new connections to the database of `url`, and end the open ones."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = make_url(url).database
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {"false" if away else "true"}'))
+        if away:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                         {"name": name})
+    engine.dispose()
+
+
+def test_an_event_stream_rides_out_a_database_outage_and_ends_with_an_error_past_the_retry_window(
+        postgres_env, postgres_admin_url):
+    """The database going away mid-stream skips polls (keep-alives go on, the stream resumes when it is back); an
+    outage longer than db_retry_seconds ends the stream with an `error` event, never a torn connection."""
+    import time
+
+    database_url, redis_url, model = postgres_env
+    settings = settings_for(database_url, redis_url, event_poll_seconds=0.1, event_ping_seconds=1,
+                            db_retry_seconds=4)
+    with live_server(settings) as srv, srv.client() as http:
+        job_id = http.post("/v1/jobs", json=body(model)).json()["id"]
+        stream = StreamReader(http, f"/v1/jobs/{job_id}/events")
+        assert json.loads(stream.wait_for("status"))["state"] == "queued"
+        pings = stream.pings()
+        _database_away(postgres_admin_url, database_url, True)
+        try:
+            time.sleep(2.5)
+        finally:
+            _database_away(postgres_admin_url, database_url, False)
+        assert stream.pings() > pings and not stream.closed.is_set(), stream.lines
+        assert [name for name, _ in stream.events()] == ["status"]
+        assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        assert json.loads(stream.wait_for("end"))["state"] == "cancelled"
+
+        job_id = http.post("/v1/jobs", json=body(model)).json()["id"]
+        stream = StreamReader(http, f"/v1/jobs/{job_id}/events")
+        stream.wait_for("status")
+        _database_away(postgres_admin_url, database_url, True)
+        try:
+            assert "database is unavailable" in stream.wait_for("error", timeout=30)
+            assert stream.closed.wait(5)
+        finally:
+            _database_away(postgres_admin_url, database_url, False)
+
+
+def test_an_event_stream_ends_when_its_key_is_revoked(env):
+    database_url, redis_url, model = env
+    with session_scope(database_url) as s:
+        key, secret = create_key(s, "carol")
+        key_id = key.id
+    settings = settings_for(database_url, redis_url, auth_enabled=True, event_poll_seconds=0.1)
+    with live_server(settings) as srv, srv.client(secret) as http:
+        job_id = http.post("/v1/jobs", json=body(model)).json()["id"]
+        stream = StreamReader(http, f"/v1/jobs/{job_id}/events")
+        stream.wait_for("status")
+        with session_scope(database_url) as s:
+            revoke_key(s, key_id)
+        assert "no longer valid" in stream.wait_for("error")
+        assert stream.closed.wait(5)
+        assert http.get(f"/v1/jobs/{job_id}").status_code == 401
