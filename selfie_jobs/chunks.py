@@ -32,9 +32,11 @@ from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 from selfie_jobs.writes import (  # noqa: F401 - part of this module's API
     WriteOutcome,
     complete_chunk,
+    complete_many,
     count_stored_rows,
     lock_job,
     storable_text,
+    write_many,
     write_results,
 )
 
@@ -67,6 +69,7 @@ class ClaimedChunk:
     attempts: int
     spec: dict[str, Any] = field(default_factory=dict, compare=False)
     kind: str = DEFAULT_KIND
+    job_state: str = field(default=JobState.RUNNING.value, compare=False)  # the job's, as the claim read it
 
     @property
     def size(self) -> int:
@@ -89,7 +92,7 @@ def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChu
     # before it (e.g. to judge its owner) would come back with its old owner and attempts.
     rows = session.execute(
         select(Chunk.id, Chunk.job_id, Chunk.index, Chunk.model, Chunk.batch_key, Chunk.priority, Chunk.items,
-               Chunk.attempts, Job.spec, Job.kind)
+               Chunk.attempts, Job.spec, Job.kind, Job.state)
         .join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
     ).all()
     by_id = {
@@ -104,6 +107,7 @@ def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChu
             attempts=row.attempts,
             spec=row.spec or {},
             kind=row.kind or DEFAULT_KIND,
+            job_state=str(row.state),
         )
         for row in rows
     }
@@ -239,7 +243,19 @@ def taken_from(session: Session, chunk_ids: Iterable[int], owner: str) -> list[i
 def start_engine_run(
     session: Session, worker: str, model: str, chunks: Sequence[ClaimedChunk], *, now: datetime | None = None
 ) -> str:
-    """Record one engine batch (which chunks and jobs it serves) and return its id. The caller commits."""
+    """Record one engine batch (which chunks and jobs it serves) and mark its jobs running; returns the run's id.
+    The caller commits. (A worker records the run in its claim's transaction and marks the jobs running in a
+    transaction of its own, only where a job was queued: `record_engine_run`, `mark_jobs_running`.)"""
+    run_id = record_engine_run(session, worker, model, chunks, now=now)
+    mark_jobs_running(session, [c.job_id for c in chunks], now=now)
+    return run_id
+
+
+def record_engine_run(
+    session: Session, worker: str, model: str, chunks: Sequence[ClaimedChunk], *, now: datetime | None = None
+) -> str:
+    """Record one engine batch (which chunks and jobs it serves) and return its id; a plain insert, no lock on a
+    job, so it can share the claim's transaction. The caller commits."""
     job_ids = list(dict.fromkeys(c.job_id for c in chunks))
     run = EngineRun(
         worker=worker,
@@ -251,16 +267,20 @@ def start_engine_run(
         elapsed_s=0.0,
     )
     session.add(run)
-    # A job is running from the moment a worker starts on its first chunk (not at its first write, which would
-    # make every write touch the job's row). In its own transaction, after the claim's: the claim holds chunk
-    # locks, and a job lock taken after them would invert the order a cancel or a failure takes them in.
+    session.flush()
+    return run.id
+
+
+def mark_jobs_running(session: Session, job_ids: Sequence[str], *, now: datetime | None = None) -> None:
+    """The jobs that are still queued are running now. A job is running from the moment a worker starts on its
+    first chunk (not at its first write, which would make every write touch the job's row). Not in the claim's
+    transaction: the claim holds chunk locks, and a job lock taken after them would invert the order a cancel or a
+    failure takes them in. The caller commits."""
     session.execute(
-        update(Job).where(Job.id.in_(job_ids), Job.state == JobState.QUEUED)
+        update(Job).where(Job.id.in_(list(dict.fromkeys(job_ids))), Job.state == JobState.QUEUED)
         .values(state=JobState.RUNNING, started_at=func.coalesce(Job.started_at, now or utcnow()))
         .execution_options(synchronize_session=False)
     )
-    session.flush()
-    return run.id
 
 
 def finish_engine_run(session: Session, run_id: str, elapsed_s: float) -> None:

@@ -41,6 +41,7 @@ from selfie_jobs.retry import unit_of_work
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 OPEN_CHUNK = (ChunkState.QUEUED, ChunkState.RUNNING)
+_ROWS_SAVEPOINT = "selfie_write_rows"
 
 
 @dataclass(frozen=True)
@@ -163,12 +164,15 @@ def write_results(
     model: str,
     complete: bool,
     now: datetime | None = None,
+    job_row_lock: bool = False,
 ) -> WriteOutcome:
     """Store some (or the last) results of one chunk; with `complete`, mark the chunk done. The caller commits.
 
     Rows already present (a redelivered or re-run chunk) are skipped by the unique key. Nothing is written for a job
     that is cancelled or failed. The chunk is marked done only if this owner still holds it, and then its rows count
-    in the job's `done`. See the module docstring for the locks.
+    in the job's `done`. See the module docstring for the locks. `job_row_lock`: check the job's state under its
+    row lock even for rows alone (PostgreSQL), for a transaction that completes a chunk of the job later
+    (`write_many`).
     """
     now = now or utcnow()
     conn = session.connection()
@@ -190,17 +194,19 @@ def write_results(
                             model=model, now=now)
 
     if postgres:
-        savepoint = session.begin_nested() if rows else None
+        # A plain SAVEPOINT, never released: the commit keeps the rows without it, and a RELEASE is one more round
+        # trip per write (the ORM's begin_nested() sends one).
+        if rows:
+            conn.exec_driver_sql(f"SAVEPOINT {_ROWS_SAVEPOINT}")
         inserted = insert()
-        job_state = conn.execute(statements["lock" if complete else "share"], {"w_job": job_id}).scalar()
+        job_state = conn.execute(statements["lock" if complete or job_row_lock else "share"],
+                                 {"w_job": job_id}).scalar()
         if job_state is None or job_state in FINAL_JOB_STATES:
-            if savepoint is not None:
-                savepoint.rollback()
+            if rows:
+                conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_ROWS_SAVEPOINT}")
             if job_state is None:
                 return WriteOutcome(0, False, None, "job is gone")
             return _closed(conn, job_id, job_state, chunk_id, owner, now)
-        if savepoint is not None:
-            savepoint.commit()
     else:
         inserted = insert()
     if not complete:
@@ -214,6 +220,48 @@ def write_results(
     if state is None:  # PostgreSQL: the chunk was not marked (another owner holds it now, or it is finished)
         return WriteOutcome(inserted, False, job_state)
     return WriteOutcome(inserted, True, state)
+
+
+def write_many(
+    session: Session,
+    writes: Sequence[tuple[int, Sequence[Any], bool]],
+    owner: str,
+    *,
+    engine_run_id: str,
+    worker: str,
+    model: str,
+) -> list[WriteOutcome]:
+    """Several writes `(chunk id, rows, complete)` of chunks of ONE job, in order, in the session's transaction (one
+    commit for all of them: a writer that fell behind catches up). The caller commits.
+
+    Each write is `write_results`, with its guarantees. If any of them completes a chunk, every one of them checks
+    the job's state under the job's row lock: a transaction that took the share lock first and the row lock
+    later would deadlock with another writer of the job doing the same. One job only, so the transaction holds one
+    job's row lock at most and two such transactions cannot wait on each other's jobs.
+    """
+    row_lock = any(complete for _, _, complete in writes)
+    return [write_results(session, chunk_id, owner, rows, engine_run_id=engine_run_id, worker=worker, model=model,
+                          complete=complete, job_row_lock=row_lock)
+            for chunk_id, rows, complete in writes]
+
+
+def complete_many(
+    session_factory: Callable[[], Session],
+    writes: Sequence[tuple[int, Sequence[Any], bool]],
+    owner: str,
+    *,
+    engine_run_id: str,
+    worker: str,
+    model: str,
+    retry_seconds: float = 0.0,
+) -> list[WriteOutcome]:
+    """`write_many` in one transaction of its own, retried whole with backoff on transient database errors."""
+
+    return unit_of_work(
+        session_factory,
+        lambda session: write_many(session, writes, owner, engine_run_id=engine_run_id, worker=worker, model=model),
+        retry_seconds,
+    )
 
 
 def complete_chunk(

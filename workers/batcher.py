@@ -94,7 +94,9 @@ class Runner(Protocol):
 
 
 class Sink(Protocol):
-    """Where results go: one transaction per chunk (and the job's failure)."""
+    """Where results go: one transaction per write (and the job's failure). A sink may also have
+    `write_many(writes) -> outcomes`: several writes `(chunk id, rows, complete)` of one job in one transaction,
+    which the writer thread uses when writes wait (`workers.writer`)."""
 
     def write(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> WriteOutcome: ...
 
@@ -190,7 +192,8 @@ class _Execution:
                 continue
             self.remaining[chunk_id].difference_update((chunk_id, *r.item) for r in rows)
             complete = not self.remaining[chunk_id]
-            self.writer.submit(chunk_id, rows, complete)  # stored while the engine computes its next batch
+            # stored while the engine computes its next batch
+            self.writer.submit(chunk_id, rows, complete, group=job_id)
             if complete:
                 self.completed.add(chunk_id)
 
@@ -249,7 +252,7 @@ class _Execution:
                     continue
                 raise RuntimeError(f"the engine returned no result for {len(self.remaining[chunk.id])} "
                                    f"items of chunk {chunk.id}")
-            self.writer.submit(chunk.id, [], True)
+            self.writer.submit(chunk.id, [], True, group=chunk.job_id)
             self.completed.add(chunk.id)
 
 

@@ -67,3 +67,9 @@ class FaultInjectingSink:
             marker.write_text(f"holding {len(rows)} rows of chunk {chunk_id}")
             threading.Event().wait()  # until the process is killed
         return self.inner.write(chunk_id, rows, complete)
+
+    def write_many(self, writes: Sequence[tuple[int, Sequence[Any], bool]]) -> list[Any]:
+        # one by one, so that ``hold-write`` commits the first write and holds the second as it says
+        if self.kind == "hold-write":
+            return [self.write(*w) for w in writes]
+        return self.inner.write_many(writes)

@@ -28,5 +28,12 @@ class DbSink:
             model=self.model, complete=complete, retry_seconds=self.retry_seconds,
         )
 
+    def write_many(self, writes: Sequence[tuple[int, Sequence[Any], bool]]) -> list[WriteOutcome]:
+        """Writes of chunks of one job in one transaction (`chunks.write_many`)."""
+        return chunk_ops.complete_many(
+            self.sessions, writes, self.owner, engine_run_id=self.engine_run_id, worker=self.owner, model=self.model,
+            retry_seconds=self.retry_seconds,
+        )
+
     def fail_job(self, job_id: str, error: str) -> None:
         unit_of_work(self.sessions, lambda session: chunk_ops.fail_job(session, job_id, error), self.retry_seconds)

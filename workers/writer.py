@@ -8,6 +8,13 @@ waiting), so a writer that falls behind slows the engine down instead of holding
 worker's heartbeat thread renews the chunks' leases all the while. The first write that fails stops the writer:
 later writes are dropped (a completion must never follow rows that did not commit) and the error is raised to the
 scheduler at its next hand-off or at `close`.
+
+Writes that wait together are committed together: when the writer finds more writes of the same job waiting (it
+fell behind: the engine was faster than one commit per write), it stores them in one transaction through the
+sink's `write_many`, so a run costs one commit per group of writes instead of one per write (a commit's WAL flush
+was most of a write's time on PostgreSQL, benchmarks/README.md "Database cycle"). Every write of the group commits
+or none does; what the writer reports comes after the commit. A group holds one job's writes only, so its
+transaction takes one job's row lock at most (`selfie_jobs.writes.write_many`).
 """
 
 from __future__ import annotations
@@ -53,12 +60,15 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="selfie-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> None:
-        """Hand a write over; blocks while `depth` writes wait. Raises the writer's error, if it had one."""
+    def submit(self, chunk_id: int, rows: Sequence[Any], complete: bool, *, group: Any = None) -> None:
+        """Hand a write over; blocks while `depth` writes wait. Raises the writer's error, if it had one.
+
+        `group` (the chunk's job): consecutive waiting writes of one group may be committed in one transaction, if
+        the sink can (`write_many`); None: this write is committed alone."""
         while True:
             self.raise_error()
             try:
-                self._queue.put((chunk_id, rows, complete), timeout=self._poll)
+                self._queue.put((chunk_id, rows, complete, group), timeout=self._poll)
                 return
             except queue.Full:
                 continue
@@ -106,18 +116,40 @@ class WriteBehind:
             except queue.Empty:
                 return
 
-    def _run(self) -> None:
+    def _next_group(self, carried: list[Any]) -> list[Any]:
+        """The next write, and the writes of its group that wait behind it (the first other one is carried over)."""
+        first = carried.pop() if carried else self._queue.get()
+        group = [first]
+        if first is _STOP or first[3] is None or not hasattr(self.sink, "write_many"):
+            return group
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return group
+            if item is _STOP or item[3] != first[3]:
+                carried.append(item)
+                return group
+            group.append(item)
+
+    def _run(self) -> None:
+        carried: list[Any] = []
+        while True:
+            group = self._next_group(carried)
+            if group[0] is _STOP:
                 return
             if self._error is not None:
                 continue  # after a failed write nothing more is written (a completion must not follow lost rows)
-            chunk_id, rows, complete = item
+            writes = [(chunk_id, rows, complete) for chunk_id, rows, complete, _ in group]
             try:
-                outcome = self.sink.write(chunk_id, rows, complete)
+                if len(writes) == 1:
+                    outcomes = [self.sink.write(*writes[0])]
+                else:
+                    outcomes = self.sink.write_many(writes)
             except BaseException as exc:  # noqa: BLE001 - handed to the scheduler's thread, raised there
-                log.error("writing %d rows of chunk %s failed: %s", len(rows), chunk_id, exc)
+                log.error("writing %d rows of chunks %s failed: %s", sum(len(w[1]) for w in writes),
+                          sorted({w[0] for w in writes}), exc)
                 self._error = exc
                 continue
-            self._written.append(Written(chunk_id, complete, outcome))
+            for (chunk_id, _, complete), outcome in zip(writes, outcomes):
+                self._written.append(Written(chunk_id, complete, outcome))

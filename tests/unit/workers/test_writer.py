@@ -155,3 +155,60 @@ def test_a_write_error_stops_the_run_and_is_raised_by_execute():
     with pytest.raises(RuntimeError, match="database gone"):
         batcher.execute(_plan(chunks=3, size=2), runner, sink)
     assert sink.writes == [(1, 2, True)]
+
+
+class GroupingSink(GatedSink):
+    """A GatedSink that can also store several writes in one transaction: records each group it was given."""
+
+    def __init__(self, fail_group: int | None = None):
+        super().__init__()
+        self.groups: list[list[int]] = []
+        self.fail_group = fail_group
+
+    def write(self, chunk_id, rows, complete):
+        self.groups.append([chunk_id])
+        return super().write(chunk_id, rows, complete)
+
+    def write_many(self, writes):
+        self.started.release()
+        assert self.gate.acquire(timeout=10), "the test never let this write through"
+        self.groups.append([w[0] for w in writes])
+        if self.fail_group is not None and len(self.groups) - 1 == self.fail_group:
+            raise RuntimeError("database gone for good")
+        self.writes.extend((c, len(rows), complete) for c, rows, complete in writes)
+        return [WriteOutcome(len(rows), complete, "running") for _, rows, complete in writes]
+
+
+def test_writes_of_one_job_that_wait_together_are_committed_in_one_transaction():
+    sink = GroupingSink()
+    writer = WriteBehind(sink, depth=8, poll_seconds=0.01)
+    writer.submit(1, [object()], True, group="a")
+    assert sink.started.acquire(timeout=5)  # the writer is inside the first write; the next ones wait behind it
+    writer.submit(2, [object()], False, group="a")
+    writer.submit(2, [object()], True, group="a")
+    writer.submit(3, [object()], True, group="b")  # another job: a transaction of its own
+    writer.submit(4, [object()], True, group="a")
+    writer.submit(5, [object()], True)  # no group: alone
+    for _ in range(5):
+        sink.gate.release()
+    writer.close()
+    assert sink.groups == [[1], [2, 2], [3], [4], [5]]
+    assert sink.writes == [(1, 1, True), (2, 1, False), (2, 1, True), (3, 1, True), (4, 1, True), (5, 1, True)]
+    assert [(w.chunk_id, w.complete) for w in writer.written()] == [(1, True), (2, False), (2, True), (3, True),
+                                                                     (4, True), (5, True)]
+
+
+def test_a_group_that_fails_reports_none_of_its_writes_and_nothing_after_it_is_written():
+    sink = GroupingSink(fail_group=1)
+    writer = WriteBehind(sink, depth=8, poll_seconds=0.01)
+    writer.submit(1, [object()], True, group="a")
+    assert sink.started.acquire(timeout=5)
+    writer.submit(2, [object()], False, group="a")
+    writer.submit(2, [object()], True, group="a")  # in the failing group: its completion is not reported
+    writer.submit(3, [object()], True, group="b")  # after the failure: never written
+    for _ in range(3):
+        sink.gate.release()
+    with pytest.raises(RuntimeError, match="database gone"):
+        writer.close()
+    assert sink.groups == [[1], [2, 2]]
+    assert [w.chunk_id for w in writer.written()] == [1]
