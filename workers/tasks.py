@@ -32,6 +32,7 @@ from selfie_jobs.models import Chunk
 from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, message_counter, send_chunk
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
+from selfie_jobs.states import JobState
 from workers import batcher
 from workers.sink import DbSink
 
@@ -46,6 +47,8 @@ class _Claim:
     chunks: list[chunk_ops.ClaimedChunk]
     why: str | None = None  # why nothing was claimed
     resend: Redelivery | None = None  # a message for another model's chunk: sent on to that model's workers
+    inputs: dict[Any, Any] | None = None  # what the chunks' kinds loaded for them (prompts, vectors)
+    run_id: str | None = None  # the engine run recorded for them
 
 
 def _claim(runtime, chunk_id: int) -> _Claim:
@@ -85,7 +88,13 @@ def _claim(runtime, chunk_id: int) -> _Claim:
         budget = settings.max_batch_interpretations - first.size
         more = chunk_ops.claim_more(session, owner, first.model, first.batch_key, budget, settings.lease_seconds,
                                     exclude=[first.id])
-        return _Claim([first, *more])
+        claimed = [first, *more]
+        # Reads and an insert that take no job lock: in the claim's transaction, one commit fewer per engine run.
+        inputs: dict[Any, Any] = {}
+        for kind in dict.fromkeys(c.kind for c in claimed):  # what each kind's items need (prompts, vectors)
+            inputs.update(get_kind(kind).load_inputs(session, [c for c in claimed if c.kind == kind]))
+        run_id = chunk_ops.record_engine_run(session, owner, runtime.model, claimed)
+        return _Claim(claimed, inputs=inputs, run_id=run_id)
 
     return unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
 
@@ -175,13 +184,11 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
     settings = runtime.settings
     started = time.monotonic()
     try:
-        def begin(session):
-            inputs: dict[Any, Any] = {}
-            for kind in dict.fromkeys(c.kind for c in claimed):  # what each kind's items need (prompts, vectors)
-                inputs.update(get_kind(kind).load_inputs(session, [c for c in claimed if c.kind == kind]))
-            return inputs, chunk_ops.start_engine_run(session, runtime.name, runtime.model, claimed)
-
-        inputs, run_id = unit_of_work(runtime.sessions, begin, settings.db_retry_seconds)
+        inputs, run_id = claim.inputs or {}, claim.run_id
+        queued_jobs = [c.job_id for c in claimed if c.job_state == JobState.QUEUED]
+        if queued_jobs:  # a job's first chunk: the job is running now (a transaction of its own, see the function)
+            unit_of_work(runtime.sessions, lambda session: chunk_ops.mark_jobs_running(session, queued_jobs),
+                         settings.db_retry_seconds)
         sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
         if runtime.options.inject_fault:
             from workers.faults import FaultInjectingSink
