@@ -78,6 +78,10 @@ class WorkerOptions:
         return cls(**values)
 
 
+#: How many chunks a worker process remembers having finished (a few thousand engine runs' companions).
+FINISHED_REMEMBERED = 10_000
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -95,6 +99,7 @@ class Runtime:
     threads: int | None = None  # torch's CPU threads in this process, once start() has set them
     state: str = "loading"  # what the heartbeat reports: "loading" until start() has the model resident, then "ready"
     _held: set[int] = field(default_factory=set)
+    _finished: dict[int, None] = field(default_factory=dict)  # chunks this process marked done, oldest first
     watch: BatchWatch = field(default_factory=BatchWatch)  # the running batch: progress, rate, closed jobs
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -220,6 +225,20 @@ class Runtime:
         with self._lock:
             self._held.difference_update(chunk_ids)
         self.watch.unhold(chunk_ids)
+
+    def finished(self, chunk_ids: Sequence[int]) -> None:
+        """Chunks this process marked done (committed): their own messages, which arrive after they ran as another
+        chunk's companions, are answered without a claim's round trips (`has_finished`). The last
+        FINISHED_REMEMBERED are kept."""
+        with self._lock:
+            self._finished.update(dict.fromkeys(chunk_ids))
+            for old in list(self._finished)[: max(0, len(self._finished) - FINISHED_REMEMBERED)]:
+                del self._finished[old]
+
+    def has_finished(self, chunk_id: int) -> bool:
+        """Whether this process marked the chunk done: done is final, so its message needs nothing more."""
+        with self._lock:
+            return chunk_id in self._finished
 
     def held(self) -> list[int]:
         with self._lock:

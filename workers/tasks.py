@@ -169,6 +169,10 @@ def _store_baseline(runtime, runner, plan: batcher.BatchPlan) -> None:
 
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
     """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
+    if runtime.has_finished(chunk_id):
+        # it ran as a companion of an earlier chunk's message and its completion committed: done is final
+        log.info("chunk %s: nothing to do (this worker finished it)", chunk_id)
+        return {"chunk_id": chunk_id, "skipped": "chunk is done"}
     claim = _claim(runtime, chunk_id)
     claimed = claim.chunks
     if not claimed:
@@ -207,6 +211,7 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         elapsed = time.monotonic() - started
         unit_of_work(runtime.sessions, lambda session: chunk_ops.finish_engine_run(session, run_id, elapsed),
                      settings.db_retry_seconds)
+        runtime.finished(total.chunks_done)
         runtime.served(total.inserted)
         log.info("engine run %s: %d chunks of %d jobs, %d items, %d rows new, %.2fs", run_id, len(claimed),
                  len({c.job_id for c in claimed}), total.items, total.inserted, elapsed)

@@ -117,3 +117,19 @@ def test_a_chunk_an_earlier_task_of_this_worker_left_behind_is_taken_over(db, tm
     assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 2, claim.why
     worker.hold([chunk_id])  # while this runtime does run it, a duplicate message leaves it alone
     assert tasks._claim(worker, chunk_id).why == "chunk is already being run by this worker"
+
+
+def test_the_message_of_a_chunk_this_worker_finished_as_a_companion_is_answered_without_the_database(db, tmp_path,
+                                                                                                    models):
+    ours, _ = models
+    worker = runtime_for(db, tmp_path, ours)
+    (chunk_id, *_) = chunks_of(db, ours)
+    with db() as s, s.begin():
+        s.get(Chunk, chunk_id).state = "done"  # as the run that took it as a companion left it
+    worker.finished([chunk_id])
+
+    def no_database():
+        raise AssertionError("a finished chunk's message opened a session")
+
+    worker.sessions = no_database
+    assert tasks.run_chunk(worker, chunk_id) == {"chunk_id": chunk_id, "skipped": "chunk is done"}
