@@ -121,6 +121,15 @@ def _finite(value: Any) -> bool:
     return not (isinstance(value, float) and not math.isfinite(value))
 
 
+def _all_finite(values: Sequence[Any]) -> bool:
+    try:
+        if math.isfinite(sum(values)):
+            return True
+    except (TypeError, OverflowError):
+        pass
+    return all(_finite(v) for v in values)
+
+
 class _Execution:
     def __init__(self, plan: BatchPlan, runner: Runner, sink: Sink, writer: WriteBehind):
         self.plan = plan
@@ -180,7 +189,8 @@ class _Execution:
             if job_id is None or job_id in self.stats.closed_jobs:
                 continue
             values = [result.mean_relevancy, *result.relevancy]
-            if not all(_finite(v) for v in values):
+            # one sum in C first (NaN and infinities make it not finite); the test per value only when it is not
+            if not _all_finite(values):
                 self.fail_job(job_id, f"the engine produced non-finite relevancy (NaN/inf) for "
                                       f"{self.kind.describe(result.key[1:])}: the hidden state or model output is "
                                       "not finite")
