@@ -255,6 +255,7 @@ class FakeRuntime:
     engine: FakeEngine
     options: Any = None
     held_ids: set[int] = field(default_factory=set)
+    finished_ids: set[int] = field(default_factory=set)
     rows: int = 0
 
     @property
@@ -265,7 +266,7 @@ class FakeRuntime:
     def model(self) -> str:
         return self.identity.model
 
-    def hold(self, ids) -> None:
+    def hold(self, ids, jobs=None) -> None:
         self.held_ids.update(ids)
 
     def unhold(self, ids) -> None:
@@ -273,6 +274,12 @@ class FakeRuntime:
 
     def held(self) -> list[int]:
         return sorted(self.held_ids)
+
+    def finished(self, ids) -> None:
+        self.finished_ids.update(ids)
+
+    def has_finished(self, chunk_id: int) -> bool:
+        return chunk_id in self.finished_ids
 
     def runner_for(self, kind: str) -> FakeEngine:
         return self.engine
