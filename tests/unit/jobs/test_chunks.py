@@ -388,3 +388,34 @@ def test_owner_liveness(db):
         alive = {n: liveness.owner_is_alive(s, n, 45, hostname=socket.gethostname(), now=now)
                  for n in ("fresh", "stale", "killed", "stopped", "unknown", None)}
     assert alive == {"fresh": True, "stale": False, "killed": False, "stopped": False, "unknown": False, None: False}
+
+
+def test_writes_of_one_job_in_one_transaction_store_each_row_once_and_complete_the_job(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        claimed = [C.claim_chunk(s, i, "w1", 60) for i in ids]
+        run_id = C.start_engine_run(s, "w1", "tiny", claimed)
+    first, second = _rows(claimed[0]), _rows(claimed[1])
+    writes = [(ids[0], first[:3], False), (ids[0], first, True), (ids[1], second, True)]
+    outcomes = C.complete_many(db, writes, "w1", engine_run_id=run_id, worker="w1", model="tiny")
+    assert [(o.inserted, o.chunk_done, o.job_state) for o in outcomes] == [(3, False, "running"),
+                                                                           (1, True, "running"),
+                                                                           (4, True, "succeeded")]
+    with db() as s:
+        job = s.get(Job, job_id)
+        assert (job.done, job.total, job.state) == (8, 8, "succeeded")
+        assert s.scalar(select(func.count()).select_from(Interpretation)) == 8
+        assert {s.get(Chunk, i).state for i in ids} == {"done"}
+
+
+def test_writes_in_one_transaction_store_nothing_for_a_cancelled_job(db):
+    job_id, ids = _job(db)
+    with db() as s, s.begin():
+        claimed = [C.claim_chunk(s, i, "w1", 60) for i in ids]
+        s.get(Job, job_id).state = "cancelled"
+    writes = [(ids[0], _rows(claimed[0]), True), (ids[1], _rows(claimed[1]), False)]
+    outcomes = C.complete_many(db, writes, "w1", engine_run_id="r", worker="w1", model="tiny")
+    assert [(o.inserted, o.skipped_reason) for o in outcomes] == [(0, "job is cancelled")] * 2
+    with db() as s:
+        assert s.scalar(select(func.count()).select_from(Interpretation)) == 0
+        assert {s.get(Chunk, i).state for i in ids} == {"cancelled"}
