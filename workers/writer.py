@@ -56,6 +56,7 @@ class WriteBehind:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._written: deque[Written] = deque()
         self._error: BaseException | None = None
+        self._abandoned = False  # writes taken from the hand-off after `abandon` are dropped, carried ones too
         self._poll = poll_seconds
         self._thread = threading.Thread(target=self._run, name="selfie-writer", daemon=True)
         self._thread.start()
@@ -93,6 +94,7 @@ class WriteBehind:
     def abandon(self) -> None:
         """On the way out after an error elsewhere: writes not started are dropped, the one under way finishes
         (its transaction commits or rolls back whole). Its own error, if any, is logged: the first one is raised."""
+        self._abandoned = True
         self._drop_waiting()
         self._put_stop()
         self._thread.join()
@@ -138,7 +140,7 @@ class WriteBehind:
             group = self._next_group(carried)
             if group[0] is _STOP:
                 return
-            if self._error is not None:
+            if self._error is not None or self._abandoned:
                 continue  # after a failed write nothing more is written (a completion must not follow lost rows)
             writes = [(chunk_id, rows, complete) for chunk_id, rows, complete, _ in group]
             try:
