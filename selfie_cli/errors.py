@@ -54,7 +54,20 @@ def http_detail(detail: Any) -> str:
     return str(detail)
 
 
-def hint_for_status(status: int) -> str | None:
+def _running_command() -> str:
+    """`selfie SUBCOMMAND` of the running command line, as a user types it (whatever the program was run as)."""
+    ctx = click.get_current_context(silent=True)
+    names: list[str] = []
+    while ctx is not None:
+        if ctx.parent is not None:
+            names.insert(0, ctx.info_name)
+        elif ctx.invoked_subcommand and not names:
+            names.append(ctx.invoked_subcommand)
+        ctx = ctx.parent
+    return " ".join(["selfie", *names]) if names else "selfie COMMAND"
+
+
+def hint_for_status(status: int, command: str | None = None) -> str | None:
     if status == 401:
         return "pass an API key with --api-key or SELFIE_API_KEY (`selfie keys create NAME` makes one)"
     if status == 403:
@@ -66,7 +79,9 @@ def hint_for_status(status: int) -> str | None:
     if status == 503:
         return "the service is busy or its database is away; retry in a few seconds"
     if status in (400, 409, 413, 422):
-        return "change the request and submit again (`selfie COMMAND -h` lists the options)"
+        if command is None:
+            command = _running_command()
+        return f"change the request and try again (`{command} -h` lists the options)"
     return None
 
 

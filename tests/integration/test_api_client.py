@@ -198,6 +198,7 @@ def test_cli_submit_status_results_cancel(stack):
     assert rows[0]["source_token"] == tokens[last] and rows[0]["worker"].startswith("clientw@")
     bad = _cli("submit", "a cat", "--layers", "99", *url)
     assert bad.returncode != 0 and "layer 99 is out of range" in bad.stderr
+    assert "`selfie submit -h` lists the options" in bad.stderr, bad.stderr  # the command's own name
     queued = _cli("submit", "a cat", "--pair", "1,-1", "--model", IDLE, *url).stdout.split()[1].rstrip(":")
     cancelled = _cli("cancel", queued, *url)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
