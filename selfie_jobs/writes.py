@@ -41,7 +41,6 @@ from selfie_jobs.retry import unit_of_work
 from selfie_jobs.states import FINAL_JOB_STATES, ChunkState, JobState
 
 OPEN_CHUNK = (ChunkState.QUEUED, ChunkState.RUNNING)
-_ROWS_SAVEPOINT = "selfie_write_rows"
 
 
 @dataclass(frozen=True)
@@ -197,13 +196,13 @@ def write_results(
         # A plain SAVEPOINT, never released: the commit keeps the rows without it, and a RELEASE is one more round
         # trip per write (the ORM's begin_nested() sends one).
         if rows:
-            conn.exec_driver_sql(f"SAVEPOINT {_ROWS_SAVEPOINT}")
+            conn.exec_driver_sql("SAVEPOINT selfie_write_rows")
         inserted = insert()
         job_state = conn.execute(statements["lock" if complete or job_row_lock else "share"],
                                  {"w_job": job_id}).scalar()
         if job_state is None or job_state in FINAL_JOB_STATES:
             if rows:
-                conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_ROWS_SAVEPOINT}")
+                conn.exec_driver_sql("ROLLBACK TO SAVEPOINT selfie_write_rows")
             if job_state is None:
                 return WriteOutcome(0, False, None, "job is gone")
             return _closed(conn, job_id, job_state, chunk_id, owner, now)
