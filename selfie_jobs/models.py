@@ -307,5 +307,58 @@ class LensReading(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Variant(Base):
+    """A model variant: one decoder block's MLP as an edit job (`supervised`, `reinforce`) left it, kept as a
+    safetensors file in the artifact store (`selfie_jobs.variants`), with what made it and how it did.
+
+    It is the edit job's result row: written with the job's one chunk marked done in the same transaction, unique
+    per job, so a redelivered or restarted edit stores exactly one variant. Owned, like jobs, by the key that made
+    it (`owner_key_id`); `model` is the base model it edits."""
+
+    __tablename__ = "variants"
+    __table_args__ = (
+        # A restarted edit can never store a second variant.
+        UniqueConstraint("job_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_job_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    owner_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True, index=True)
+    method: Mapped[str] = mapped_column(String(16))  # the edit kind: supervised or reinforce
+    # The hidden-state layer the edit changes: the MLP of decoder block layer - 1 is replaced.
+    layer: Mapped[int] = mapped_column(Integer)
+    # The edited module's weights: a path relative to the artifact store, and the file's SHA-256, checked before use.
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # The edit's settings as run (defaults filled in), its per-epoch figures and its evaluations (base vs variant).
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    losses: Mapped[list[Any]] = mapped_column(JSON)
+    evaluations: Mapped[dict[str, Any]] = mapped_column(JSON)
+    chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
+    engine_run_id: Mapped[str] = mapped_column(String(32))
+    worker: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EditEpoch(Base):
+    """One epoch of an edit job as it trains: the job's live progress (losses, rewards), written as the epoch ends.
+
+    Keyed by (job, epoch) and upserted: an edit restarted from scratch (its worker died) writes its epochs again."""
+
+    __tablename__ = "edit_epochs"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: not finite
+    edit_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    keep_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # reinforce: the judge's rewards (+1/-1/0 per position), the share judged bad and the interpretations judged
+    bad_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rewards: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    interpretations: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # Audit tables live in their own module; imported here so Base.metadata (migrations, tests) always holds them.
 from selfie_jobs import audit_models as _audit_models  # noqa: E402,F401

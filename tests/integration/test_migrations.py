@@ -165,7 +165,7 @@ def test_grounding_upgrade_keeps_every_row_unjudged(database_url):
                     f"({n + 1}, '{n:032x}', 0, 1, 0, 'p', 'text {n}', '[1]', '[0.5]', 0.5, {n + 1}, 'r', 'w', 'm', "
                     "CURRENT_TIMESTAMP)"))
         before = _counts(engine)
-        migrate.upgrade(database_url)
+        migrate.upgrade(database_url, "0011_grounding")
         assert migrate.current_revision(database_url) == "0011_grounding"
         after = _counts(engine)
         with engine.connect() as conn:
