@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir, description="SQLite file, model cache, logs.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: a SQLite file in data_dir.")
     model_cache_dir: Path | None = Field(None, description="Converted model weights; default: data_dir/models.")
-    artifacts_dir: Path | None = Field(None, description="Model variants' weights (edit jobs' results); default: "
+    variant_store_dir: Path | None = Field(None, description="Model variants' weights (edit jobs' results); default: "
                                        "data_dir/artifacts. Shared by every worker (a volume in docker-compose).")
 
     # --- queue ---------------------------------------------------------------------------------------------

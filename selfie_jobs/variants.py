@@ -1,7 +1,7 @@
 """Model variants: where their weights live and who may see them (the job domain: no torch).
 
-The artifact store is a directory (`Settings.artifacts_dir`, default `data_dir/artifacts`; in docker-compose a
-volume every worker mounts). A variant's file is `variants/<job id>/<sha256>.safetensors`: named by its content,
+The artifact store is a directory (`Settings.variant_store_dir`, env `SELFIE_VARIANT_STORE_DIR`, default
+`data_dir/variant-store`; in docker-compose a volume every worker mounts). A variant's file is `variants/<job id>/<sha256>.safetensors`: named by its content,
 so an edit restarted from scratch (its worker died after writing the file, before its row committed) writes a file
 of its own beside the first instead of changing a file a stored row may already name. The row (`models.Variant`)
 holds the path, relative to the store, and the SHA-256 the worker checks before it serves the variant: a file
@@ -30,7 +30,7 @@ class VariantUnavailable(Exception):
 
 
 def store_root(settings) -> Path:
-    return settings.artifacts_dir or settings.data_dir / "artifacts"
+    return settings.variant_store_dir or settings.data_dir / "variant-store"
 
 
 def relative_path(job_id: str, sha256: str) -> str:
