@@ -40,6 +40,11 @@ def audit_page(audit_id: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> FileRespon
     return FileResponse(STATIC / "audit.html", headers=_HEADERS)
 
 
+@router.get("/ui/variants/{variant_id}")
+def variant_page(variant_id: str) -> FileResponse:  # noqa: ARG001 - the page reads the id from its URL
+    return FileResponse(STATIC / "variant.html", headers=_HEADERS)
+
+
 def mount(app: FastAPI) -> None:
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")

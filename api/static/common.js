@@ -107,6 +107,57 @@ const Selfie = (() => {
     return svg;
   }
 
+  // A line chart as inline SVG: series = [{name, color, points: [[x, y], ...]}] (a null y is a gap, e.g. a loss that
+  // was not finite). opts.log: a log10 y axis (losses that fall by orders of magnitude); non-positive values are gaps.
+  function lineChart(series, opts) {
+    opts = opts || {};
+    const pad = { l: 56, r: 12, t: 10, b: 32 }, W = opts.width || 640, H = opts.height || 220;
+    const ns = "http://www.w3.org/2000/svg";
+    const mk = (tag, at) => { const e = document.createElementNS(ns, tag); for (const k in at) e.setAttribute(k, at[k]); return e; };
+    const svg = mk("svg", { width: W, height: H, role: "img" });
+    if (opts.id) svg.setAttribute("id", opts.id);
+    const ok = y => y != null && Number.isFinite(y) && (!opts.log || y > 0);
+    const fy = y => opts.log ? Math.log10(y) : y;
+    const pts = series.flatMap(s => s.points.filter(p => ok(p[1])));
+    if (!pts.length) { const t = mk("text", { x: pad.l, y: H / 2 }); t.textContent = "no finite values to draw"; svg.append(t); return svg; }
+    const xs = pts.map(p => p[0]), ys = pts.map(p => fy(p[1]));
+    let [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    if (opts.log) { y0 = Math.floor(y0); y1 = Math.ceil(y1); }
+    if (opts.zero && !opts.log) y0 = Math.min(0, y0);
+    if (y1 === y0) y1 = y0 + 1;
+    if (x1 === x0) x1 = x0 + 1;
+    const X = x => pad.l + (x - x0) / (x1 - x0) * (W - pad.l - pad.r);
+    const Y = y => H - pad.b - (fy(y) - y0) / (y1 - y0) * (H - pad.t - pad.b);
+    svg.append(mk("line", { x1: pad.l, y1: H - pad.b, x2: W - pad.r, y2: H - pad.b, stroke: "#999" }));
+    svg.append(mk("line", { x1: pad.l, y1: pad.t, x2: pad.l, y2: H - pad.b, stroke: "#999" }));
+    // y gridlines: every power of ten on a log axis (at most 8), else 4 even steps
+    const ticks = opts.log ? Array.from({ length: y1 - y0 + 1 }, (_, i) => y0 + i).filter((_, i, a) => a.length <= 8 || i % Math.ceil(a.length / 8) === 0)
+                           : [0, 1, 2, 3, 4].map(i => y0 + i * (y1 - y0) / 4);
+    for (const t of ticks) {
+      const y = H - pad.b - (t - y0) / (y1 - y0) * (H - pad.t - pad.b);
+      svg.append(mk("line", { x1: pad.l, y1: y, x2: W - pad.r, y2: y, stroke: "#eee", class: "gridline" }));
+      const label = mk("text", { x: pad.l - 4, y: y + 4, "text-anchor": "end", class: "ytick" });
+      label.textContent = opts.log ? "1e" + t : (Math.abs(t) >= 100 || Number.isInteger(t) ? String(Math.round(t)) : t.toPrecision(2));
+      svg.append(label);
+    }
+    for (const x of [x0, Math.round((x0 + x1) / 2), x1]) {
+      const t = mk("text", { x: X(x), y: H - pad.b + 14, "text-anchor": "middle" }); t.textContent = String(x); svg.append(t);
+    }
+    if (opts.xlabel) { const t = mk("text", { x: (W + pad.l) / 2, y: H - 2, "text-anchor": "middle" }); t.textContent = opts.xlabel; svg.append(t); }
+    series.forEach((s, i) => {
+      let d = "", pen = "M", n = 0;
+      for (const [x, y] of s.points) {
+        if (!ok(y)) { pen = "M"; continue; }
+        d += `${pen}${X(x).toFixed(1)},${Y(y).toFixed(1)} `; pen = "L"; n++;
+      }
+      const path = mk("path", { d: d.trim(), fill: "none", stroke: s.color || "#2453a6", "stroke-width": 2, class: "series", "data-name": s.name, "data-points": n });
+      const title = document.createElementNS(ns, "title"); title.textContent = s.name; path.append(title); svg.append(path);
+      const key = mk("text", { x: W - pad.r - 4, y: pad.t + 12 + 14 * i, "text-anchor": "end", fill: s.color || "#2453a6" });
+      key.textContent = s.name; key.style.fill = s.color || "#2453a6"; svg.append(key);
+    });
+    return svg;
+  }
+
   // A gridline's value as it is: counts halve to x.5 (1.5 of 3), which rounding would misreport as 2.
   function tickLabel(v) { return Number.isInteger(v) ? String(v) : v.toFixed(1); }
 
@@ -139,5 +190,5 @@ const Selfie = (() => {
   function progress(frac) { const d = el("div", { class: "progress" }, el("div")); d.firstChild.style.width = Math.round(100 * frac) + "%"; return d; }
   function fmtTime(s) { return s ? new Date(s).toLocaleString() : ""; }
 
-  return { api, download, saveBlob, color, textColor, el, barChart, badge, progress, fmtTime, setupKeyBox, follow };
+  return { api, download, saveBlob, color, textColor, el, barChart, lineChart, badge, progress, fmtTime, setupKeyBox, follow };
 })();
