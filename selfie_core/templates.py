@@ -182,6 +182,20 @@ class InterpretationTemplate:
         return cls(parts=tuple(parts), name=name)
 
 
+def chat_prompt(tokenizer, user: str, system: str | None = None, default_system: bool = False) -> str:
+    """``user`` as one user turn in the tokenizer's chat template, with the generation prompt (the assistant's turn
+    opened): the text a chat model answers. No system turn unless ``system`` (a template's default system prompt is
+    cut out, as for presets) or ``default_system`` (keep the template's default). The text is taken as it is: no
+    placeholder is read in it."""
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise SelfieInputError("the system prompt must be non-blank text")
+    if system and len(system) > MAX_SYSTEM_CHARS:
+        raise SelfieInputError(f"the system prompt has {len(system)} characters; at most {MAX_SYSTEM_CHARS}")
+    if system and _SYSTEM_SENTINEL in system:
+        raise SelfieInputError("the system prompt contains the private-use character U+E002")
+    return _render_with_tokenizer(tokenizer, user, "", system, default_system)
+
+
 def _render_builtin(fmt: str, user: str, prefix: str, system: str | None) -> str:
     if fmt == "chatml":
         sys_block = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""

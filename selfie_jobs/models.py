@@ -307,6 +307,29 @@ class LensReading(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Generation(Base):
+    """A result of a `generate` job: the model's continuation of one prompt (in its chat format or raw), greedy or
+    sampled, and why it ended ("eos": the model ended it; "length": max_new_tokens was reached)."""
+
+    __tablename__ = "generations"
+    __table_args__ = (
+        # A redelivered chunk can never duplicate a result.
+        UniqueConstraint("job_id", "prompt_index"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    prompt_index: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[Any]] = mapped_column(JSON)  # the generated ids, the ending EOS included
+    finish: Mapped[str] = mapped_column(String(16))
+    chunk_id: Mapped[int] = mapped_column(BigId, ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
+    engine_run_id: Mapped[str] = mapped_column(String(32), index=True)
+    worker: Mapped[str] = mapped_column(String(255))
+    model: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Variant(Base):
     """A model variant: one decoder block's MLP as an edit job (`supervised`, `reinforce`) left it, kept as a
     safetensors file in the artifact store (`selfie_jobs.variants`), with what made it and how it did.
