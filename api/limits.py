@@ -35,6 +35,8 @@ BODY_LIMITS: tuple[BodyLimit, ...] = (
     BodyLimit("POST", "/v1/jobs", job_body_bytes),
     # a lenses job's body is an interpret job's (prompts and targets) and two small fields
     BodyLimit("POST", "/v1/jobs/lenses", job_body_bytes),
+    # a generate job's body: prompts, a system prompt and a few small fields
+    BodyLimit("POST", "/v1/jobs/generate", job_body_bytes),
     # a JSONL / CSV file, spooled to disk by the multipart parser and read row by row
     BodyLimit("POST", "/v1/prompt-sets", lambda s: s.max_upload_bytes, streamed=True),
     # vectors as JSON: about 20 bytes a number, so a few hundred vectors of a large model; more go as a file

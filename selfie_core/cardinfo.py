@@ -40,10 +40,27 @@ def model_card(engine) -> dict:
         "pad_token_id": _int_or_list(tok.pad_token_id),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "chat_template": getattr(tok, "chat_template", None) if isinstance(getattr(tok, "chat_template", None), str) else None,
+        "chat_turn_tokens": chat_turn_tokens(tok),
         "tokenizer_json": backend.to_str() if backend is not None else None,
         "layer_range": [0, engine.num_layers],
         "injection_layer_range": [0, engine.num_layers - 1],
     }
+
+
+def chat_turn_tokens(tokenizer) -> int | None:
+    """Tokens the chat template adds around one user turn (with the generation prompt, no system turn): what a
+    process without the template adds to a prompt's own tokens to check a chat generation's length. None without a
+    chat template, or when the template cannot render a turn without a system prompt of its own."""
+    from .errors import SelfieInputError
+    from .textgen import prompt_ids
+
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    try:
+        return max(0, len(prompt_ids(tokenizer, "x", chat=True)) - len(tokenizer("x").input_ids))
+    except SelfieInputError as exc:
+        log.warning("no chat turn length for this tokenizer: %s", exc)
+        return None
 
 
 def preset_facts(tokenizer, model_name: str = "") -> dict:

@@ -108,11 +108,12 @@ class _Registry:
     def load(self) -> dict[str, JobKind]:
         # Imported on first use, not at import of this package: the kind modules import the models and the queries.
         if not self.kinds:
+            from selfie_jobs.kinds.generate import GenerateKind
             from selfie_jobs.kinds.interpret import InterpretKind
             from selfie_jobs.kinds.lenses import LensesKind
             from selfie_jobs.kinds.vectors import VectorsKind
 
-            for kind in (InterpretKind(), VectorsKind(), LensesKind()):
+            for kind in (InterpretKind(), VectorsKind(), LensesKind(), GenerateKind()):
                 self.kinds[kind.name] = kind
         return self.kinds
 
