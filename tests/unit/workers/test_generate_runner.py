@@ -1,0 +1,67 @@
+"""The generate kind's runner (workers.runners.generate): work items of several jobs and chunks run as one stream give
+each prompt what `selfie_core.textgen.generate_texts` gives it in process (greedy, and sampled with the job's seed at
+the prompt's index in its job), rows the kind stores; a bad spec or a prompt past the context is an input error."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfie_core import SelfieEngine, SelfieInputError
+from selfie_core.textgen import generate_texts as core_generate
+from selfie_jobs.kinds import get_kind
+from workers.batcher import WorkItem
+from workers.runners import RUNNERS
+from workers.runners.generate import GenerateRunner, generate_texts
+from tests.unit.core.conftest import _llama, build_tokenizer
+
+PROMPTS = ["The capital of France is", "Paris", "Water is made of hydrogen and oxygen. Iron and wood and glass"]
+
+
+def spec(chat=True, system=None, sampled=False, max_new_tokens=8):
+    return {"chat": chat, "system": system, "generation": {
+        "max_new_tokens": max_new_tokens, "do_sample": sampled, "temperature": 1.2 if sampled else 1.0,
+        "top_p": 0.9 if sampled else 1.0, "seed": 4 if sampled else None}}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tokenizer = build_tokenizer()
+    return SelfieEngine(_llama(tokenizer, seed=5).float(), tokenizer, name="tiny")
+
+
+def items():
+    # job a: prompts 0 and 2 in chunk 7; job b: its prompt 5 in chunk 9
+    return [WorkItem((7, 0), "a", PROMPTS[0]), WorkItem((7, 2), "a", PROMPTS[2]), WorkItem((9, 5), "b", PROMPTS[1])]
+
+
+@pytest.mark.parametrize("chat, system", [(True, None), (True, "Answer in one word."), (False, None)])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_the_runner_gives_what_generation_in_process_gives(engine, chat, system, sampled):
+    runner = GenerateRunner(engine, batch_size=2)
+    work = items()
+    runner.validate(work, spec(chat, system, sampled))
+    results = [r for batch in runner.stream(work, spec(chat, system, sampled)) for r in batch]
+    decoding = {"do_sample": True, "temperature": 1.2, "top_p": 0.9, "seed": 4} if sampled else {}
+    want = core_generate(engine.model, engine.tokenizer, [i.prompt for i in work], 8, chat=chat, system=system,
+                         indices=[0, 2, 5], **decoding)
+    assert [r.key for r in results] == [i.key for i in work]
+    assert [(r.text, r.token_ids, r.finish) for r in results] == [(g.text, g.token_ids, g.finish) for g in want]
+    kind = get_kind("generate")
+    rows = [kind.row_from(r) for r in results]
+    assert [r.item for r in rows] == [(0,), (2,), (5,)]
+    assert rows[0].values(str) == {"prompt_index": 0, "text": want[0].text, "token_ids": list(want[0].token_ids),
+                                   "finish": want[0].finish}
+    # the in-process entry point for callers inside the worker is the same code: prompt i seeded as a job's i
+    alone = generate_texts(engine, PROMPTS, chat=chat, system=system, max_new_tokens=8, **decoding)
+    assert alone[0].token_ids == want[0].token_ids and alone[2].token_ids == want[1].token_ids
+
+
+def test_the_runner_is_registered_and_refuses_bad_input(engine):
+    assert RUNNERS["generate"] is GenerateRunner
+    runner = GenerateRunner(engine)
+    with pytest.raises(SelfieInputError, match="context"):
+        runner.validate([WorkItem((1, 0), "a", "Paris " * 200)], spec())
+    for bad in ({}, {"chat": "yes", "system": None, "generation": {"max_new_tokens": 3}},
+                {**spec(), "generation": {"max_new_tokens": 0}}, {**spec(), "generation": {}}):
+        with pytest.raises(SelfieInputError, match="generation settings"):
+            runner.validate(items(), bad)
