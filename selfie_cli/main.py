@@ -615,9 +615,11 @@ def keys_ttl(key: str, duration: int | None) -> None:
 
 def _register_audit_commands() -> None:
     from selfie_cli.audit import audit
+    from selfie_cli.generate import generate
     from selfie_cli.models import models
 
     cli.add_command(audit)
+    cli.add_command(generate)
     cli.add_command(models)
     cli.add_command(purge)
 

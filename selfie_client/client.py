@@ -467,6 +467,37 @@ class Client:
                         prompts=status.get("prompts", []))
         return df
 
+    def submit_generate(self, prompts: str | Sequence[str], *, model: str | None = None, chat: bool = True,
+                        system: str | None = None, max_new_tokens: int = 30, do_sample: bool = False,
+                        temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, priority: int = 5,
+                        idempotency_key: str | None = None, ttl_seconds: int | None = None) -> dict[str, Any]:
+        """Submit a `generate` job: each prompt as one user turn in the model's chat format (`chat=False`: its raw
+        text), greedy or sampled (`do_sample`, with `temperature`, `top_p` and a `seed` that makes it repeatable)."""
+        body: dict[str, Any] = {
+            "prompts": [prompts] if isinstance(prompts, str) else list(prompts), "chat": chat,
+            "max_new_tokens": max_new_tokens, "priority": priority,
+            "decoding": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed},
+            "idempotency_key": idempotency_key or "client-" + uuid.uuid4().hex,
+        }
+        for name, value in (("model", model), ("system", system), ("ttl_seconds", ttl_seconds)):
+            if value is not None:
+                body[name] = value
+        return self._request("POST", "/v1/jobs/generate", json=body).json()
+
+    def generate(self, prompts: str | Sequence[str], *, progress: bool = True, timeout: float | None = None,
+                 poll: float = 0.5, **options: Any) -> list[str]:
+        """Submit a `generate` job (options as `submit_generate`), wait, and return the generated texts in the
+        prompts' order. `generations(job_id)` reads the rows (text, finish, token_ids) of a job. Failed and
+        cancelled jobs raise as `interpret`."""
+        accepted = self.submit_generate(prompts, **options)
+        self._final(accepted, progress=progress, poll=poll, timeout=timeout)
+        rows = sorted(self.iter_rows(accepted["id"]), key=lambda row: row["prompt_index"])
+        return [row["text"] for row in rows]
+
+    def generations(self, job_id: str) -> pd.DataFrame:
+        """A generate job's rows (prompt_index, text, finish, token_ids, ...), in prompt order."""
+        return self.rows(job_id)
+
     # -- search ------------------------------------------------------------------------------------------------
     def iter_search(self, q: str, *, page_size: int = 100, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every result the key may read whose text has the words (or "quoted phrases") of `q`, newest first;

@@ -237,3 +237,44 @@ def test_baseline_and_grounding_through_the_service_equal_the_engine_in_process(
     with session_scope(database_url) as s:
         stored = s.scalars(select(Interpretation.grounded).where(Interpretation.job_id == job_id)).all()
     assert None not in stored
+
+
+def test_generate_through_the_service_equals_generation_in_process(served, tiny_model_dir):
+    """A generate job gives each prompt what the worker's generation code gives it in process (chat format and
+    greedy by default; raw and sampled with a seed), one row per prompt, exactly once; `Client.generate` returns the
+    texts in order, the rows come as JSON and CSV, and `selfie generate` prints them."""
+    import subprocess
+    import sys
+
+    from selfie_core import SelfieEngine, load_model
+    from selfie_jobs.models import Generation
+    from tests.integration.worker_support import ROOT
+    from workers.runners.generate import generate_texts
+
+    client, database_url, _ = served
+    engine = SelfieEngine(load_model(str(tiny_model_dir)))
+    prompts = [*PROMPTS, "Paris"]
+    texts = client.generate(prompts, max_new_tokens=8, progress=False, timeout=120, poll=0.2)
+    want = generate_texts(engine, prompts, max_new_tokens=8)
+    assert texts == [g.text for g in want]
+    sampled = dict(chat=False, do_sample=True, temperature=1.3, top_p=0.9, seed=3, max_new_tokens=8)
+    accepted = client.submit_generate(prompts, **sampled)
+    assert client.wait(accepted["id"], progress=False, timeout=120, poll=0.2)["state"] == "succeeded"
+    rows = client.generations(accepted["id"])
+    want_sampled = generate_texts(engine, prompts, **sampled)
+    assert list(rows.prompt_index) == [0, 1, 2]
+    assert [list(t) for t in rows.token_ids] == [list(g.token_ids) for g in want_sampled]
+    assert list(rows.text) == [g.text for g in want_sampled] and list(rows.finish) == [g.finish for g in want_sampled]
+    assert set(rows.finish) <= {"eos", "length"}
+    csv_text = client.rows_csv(accepted["id"])
+    assert csv_text.splitlines()[0].startswith("prompt_index,text,finish,token_ids") and \
+        len(csv_text.strip().splitlines()) >= len(prompts) + 1
+    with session_scope(database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Generation)) == 2 * len(prompts)
+        assert s.scalar(select(func.count(func.distinct(Generation.prompt_index))).where(
+            Generation.job_id == accepted["id"])) == len(prompts)
+    out = subprocess.run([sys.executable, "-m", "selfie_cli", "generate", PROMPTS[0], "--raw", "--max-new-tokens",
+                          "8", "--url", client.url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (raw,) = generate_texts(engine, [PROMPTS[0]], chat=False, max_new_tokens=8)
+    assert out.stdout.startswith(f"prompt 0: {PROMPTS[0]}\n{raw.text}")
