@@ -29,6 +29,7 @@ BASE_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/jobs"): {"prompts": ["the cat"]},
     ("post", "/v1/jobs/vectors"): {"vectors": [[0.5] * 16], "labels": ["a"]},  # the tiny card's hidden size
     ("post", "/v1/jobs/lenses"): {"prompts": ["the cat"], "top_k": 3, "lenses": ["logit"]},
+    ("post", "/v1/jobs/generate"): {"prompts": ["the cat"], "chat": False, "max_new_tokens": 4},  # no chat template
     ("post", "/v1/audits"): {"name": "a", "prompt_set": "ethical_decisions",
                              "detectors": [{"kind": "keywords", "words": ["cat"]}]},
     ("patch", "/v1/audits/{audit_id}"): {},

@@ -179,6 +179,7 @@ def test_each_route_limit_answers_413(api_process):
         # a lenses job takes what an interpret job takes (it was held to the 1 MiB default: 413 at 1.1 MB)
         big = {"prompts": ["a cat sat on the mat " * 60] * 900, "model": "nope"}
         assert http.post("/v1/jobs/lenses", json=big).status_code == 422
+        assert http.post("/v1/jobs/generate", json=big).status_code == 422  # a generate job's prompts, likewise
 
 
 def test_public_routes_stay_public_and_the_rest_ask_for_a_key(api_process):

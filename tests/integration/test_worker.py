@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from selfie_jobs import submission
 from selfie_jobs.db import get_engine, get_sessionmaker
 from selfie_jobs.kinds import get_kind
+from selfie_jobs.kinds.generate import GenerateJobCreate
 from selfie_jobs.kinds.lenses import LensJobCreate
 from selfie_jobs.kinds.vectors import VectorJobCreate
 from selfie_jobs.models import Chunk, EngineRun, Interpretation, Job, ServedModel, Worker
@@ -109,6 +110,11 @@ class Stack:
             # steps, so that a job lasts as long as the tests that interrupt it expect
             return LensJobCreate(model=MODEL, prompts=list(prompts) * max_new_tokens,
                                  targets={"layers": "all", "tokens": list(tokens)}, top_k=3)
+        if kind == "generate":
+            # each prompt once per interpretation the interpret job would have, raw (the tiny model's chat turns may
+            # end at once): every generation runs all max_new_tokens steps, as an interpretation's decoding does
+            return GenerateJobCreate(model=MODEL, prompts=list(prompts) * ((NUM_LAYERS + 1) * len(tokens)),
+                                     chat=False, max_new_tokens=max_new_tokens)
         return self.vectors_request(len(prompts) * (NUM_LAYERS + 1) * len(tokens), max_new_tokens=max_new_tokens)
 
     def submit(self, request: JobCreate | VectorJobCreate) -> str:
@@ -253,7 +259,7 @@ def test_two_workers_share_one_job(stack):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate"])
 def test_sigkill_of_the_worker_child_mid_chunk_redelivers_and_finishes(stack, kind):
     worker = stack.start_worker("w1", max_batch=32, batch_size=1)
     stack.wait_ready(worker)

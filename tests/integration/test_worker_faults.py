@@ -141,7 +141,7 @@ def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
 
 
 @pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate"])
 def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url, kind):
     import time
 
@@ -191,7 +191,7 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
 
 
 @SQLITE
-@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate"])
 def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
     import redis as redis_client
 
@@ -220,7 +220,7 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
 
 @pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
                          indirect=True)
-@pytest.mark.parametrize("kind", ["interpret", "vectors"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "generate"])
 def test_sigkill_while_the_writer_holds_rows_loses_nothing_and_writes_each_row_once(stack, tmp_path, kind):
     # The writer thread commits the first write and then holds the second (handed over, not committed) until the
     # process dies; the engine goes on computing meanwhile, up to the bounded hand-off.
