@@ -278,3 +278,4 @@ def test_generate_through_the_service_equals_generation_in_process(served, tiny_
     assert out.returncode == 0, out.stderr
     (raw,) = generate_texts(engine, [PROMPTS[0]], chat=False, max_new_tokens=8)
     assert out.stdout.startswith(f"prompt 0: {PROMPTS[0]}\n{raw.text}")
+

@@ -65,3 +65,12 @@ def test_the_runner_is_registered_and_refuses_bad_input(engine):
                 {**spec(), "generation": {"max_new_tokens": 0}}, {**spec(), "generation": {}}):
         with pytest.raises(SelfieInputError, match="generation settings"):
             runner.validate(items(), bad)
+
+
+def test_the_card_says_how_many_tokens_a_chat_turn_adds(engine):
+    from selfie_core.textgen import prompt_ids
+
+    card = engine.model_card()
+    turn = len(prompt_ids(engine.tokenizer, "What is the capital of France?", chat=True))
+    assert card["chat_template"] and card["chat_turn_tokens"] > 0
+    assert turn == len(engine.tokenizer("What is the capital of France?").input_ids) + card["chat_turn_tokens"]
