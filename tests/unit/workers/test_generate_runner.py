@@ -74,3 +74,32 @@ def test_the_card_says_how_many_tokens_a_chat_turn_adds(engine):
     turn = len(prompt_ids(engine.tokenizer, "What is the capital of France?", chat=True))
     assert card["chat_template"] and card["chat_turn_tokens"] > 0
     assert turn == len(engine.tokenizer("What is the capital of France?").input_ids) + card["chat_turn_tokens"]
+
+
+class StopJob:
+    """A worker's watch (workers.progress.BatchWatch's surface) that closes job "a" after two decode steps."""
+
+    def __init__(self):
+        self.steps, self.batches = [], 0
+
+    def should_stop(self, keys):
+        return {k for k in keys if k[0] == 7} if len(self.steps) >= 2 else set()
+
+    def on_step(self, step, steps, rows):
+        self.steps.append((step, steps, rows))
+
+    def batch_started(self):
+        pass
+
+    def batch_done(self, rows):
+        self.batches += 1
+
+
+def test_a_cancelled_jobs_rows_stop_between_decode_steps_and_the_others_go_on(engine):
+    watch = StopJob()
+    runner = GenerateRunner(engine, batch_size=8, watch=watch)
+    results = [r for batch in runner.stream(items(), spec(chat=False)) for r in batch]
+    assert [r.key for r in results] == [(9, 5)]  # job a's rows (chunk 7) stopped at the third step
+    (want,) = core_generate(engine.model, engine.tokenizer, [PROMPTS[1]], 8, chat=False, indices=[5])
+    assert results[0].token_ids == want.token_ids
+    assert watch.steps[0] == (1, 8, 3) and watch.batches == 1
