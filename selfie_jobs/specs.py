@@ -186,6 +186,10 @@ class EngineJobFields(EngineOptions):
         None, description="Seconds the job and its results are kept after it finished (at least a day after it "
                           "was submitted); default: the key's, else the service's (none: kept for ever)."
     )
+    variant: Annotated[SafeStr, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="A model variant's id (GET /v1/variants): the job runs on the model with the variant's "
+                          "edited module swapped in. It must be the caller's and of the job's model."
+    )
 
 
 class JobCreate(EngineJobFields):
@@ -229,7 +233,7 @@ class JobCreate(EngineJobFields):
 
 def engine_spec(request: EngineJobFields, template: dict[str, Any]) -> dict[str, Any]:
     """The stored `jobs.spec`: what the engine needs besides the (prompt, layer, token) items."""
-    return {
+    return with_variant(request, {
         "template": template,
         "injection": {"k": request.k, "mode": request.injection_mode, "strength": float(request.injection_strength)},
         "generation": {
@@ -240,7 +244,14 @@ def engine_spec(request: EngineJobFields, template: dict[str, Any]) -> dict[str,
             "seed": request.decoding.seed,
         },
         "grounding": {"min_mean_relevancy": float(request.grounding.min_mean_relevancy)},
-    }
+    })
+
+
+def with_variant(request: EngineJobFields, spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` with the request's variant, if it names one: the variant is part of the spec, so of the batch key
+    (`spec_batch_key`), and batches never mix variants. A spec without a variant has no such key at all, so the specs
+    and batch keys of jobs on the model's own weights are those stored before variants existed."""
+    return {**spec, "variant": request.variant} if request.variant is not None else spec
 
 
 def spec_batch_key(spec: dict[str, Any]) -> str:
@@ -253,9 +264,10 @@ def request_hash(request: EngineJobFields, model: str, kind: str | None = None) 
     """Hash of the request as validated (shorthands expanded, defaults filled, `model` resolved), without its
     idempotency key: two bodies that ask for the same job hash alike however they were spelled. `kind`: the job
     kind, hashed in for every kind but `interpret` (whose hashes were stored before kinds existed)."""
-    # A request without a time to live hashes as before the field existed, so idempotency keys stored then still
-    # match their retries.
-    exclude = {"idempotency_key"} | ({"ttl_seconds"} if request.ttl_seconds is None else set())
+    # A request without a time to live (or without a variant) hashes as before the field existed, so idempotency
+    # keys stored then still match their retries.
+    exclude = ({"idempotency_key"} | ({"ttl_seconds"} if request.ttl_seconds is None else set())
+               | ({"variant"} if request.variant is None else set()))
     normalized = request.model_dump(mode="json", exclude=exclude)
     normalized["model"] = model
     if kind is not None:

@@ -41,6 +41,7 @@ from selfie_jobs.specs import (
     spec_batch_key,
 )
 from selfie_jobs.states import ChunkState, JobState
+from selfie_jobs.variants import check_usable
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +357,11 @@ def _replay(job: Job, digest: str, key: str) -> SubmitResult:
 
 
 def submit_job(session: Session, request: EngineJobFields, settings: Settings, sender: TaskSender,
-               owner_key_id: int | None = None) -> SubmitResult:
+               owner_key_id: int | None = None, *, see_all: bool | None = None) -> SubmitResult:
     """Validate, store (one transaction), then enqueue, for a request of any job kind (`selfie_jobs.kinds`).
     A repeated idempotency key returns the first job when the request is the same (by the hash of its normalized
-    form), and is refused with 409 when it differs."""
+    form), and is refused with 409 when it differs. `see_all`: the caller may use every key's variants (an admin
+    key; by default the keyless local mode only)."""
     kind = kind_of_request(request)
     scope = idempotency_scope(owner_key_id, request.idempotency_key) if request.idempotency_key else None
     digest = request_hash(request, request.model or settings.default_model,
@@ -367,7 +369,13 @@ def submit_job(session: Session, request: EngineJobFields, settings: Settings, s
     if scope is not None and (job := _existing(session, scope)) is not None:
         return _replay(job, digest, request.idempotency_key or "")
 
+    if request.variant is not None:
+        check_usable(session, request.variant, request.model or settings.default_model, owner_key_id,
+                     owner_key_id is None if see_all is None else see_all)
     prepared = kind.prepare(session, request, settings)
+    if prepared.spec.get("variant") != request.variant:
+        # a kind that dropped the variant would run the job on the model's own weights
+        raise RuntimeError(f"the {kind.name} kind's spec does not carry the request's variant")
     try:
         check_quota(session, owner_key_id, len(prepared.items), settings)
     except SubmissionError:

@@ -9,17 +9,24 @@ holds the path, relative to the store, and the SHA-256 the worker checks before 
 missing or changed fails the jobs that name it with that reason; the base model is never served instead.
 
 Variants belong to the key that made them, as jobs do: a key sees, uses and deletes its own (an admin key and
-the keyless local mode see every one).
+the keyless local mode see every one). A job that names a variant (`variant` in its request) is refused unless
+its caller may see the variant and the variant edits the job's model (`check_usable`); the variant's id goes into
+the job's spec, so into its batch key. The files of a variant go with it: when it is deleted (`delete_variant`)
+and when its edit job is purged (`selfie_jobs.retention`; the row goes by ON DELETE CASCADE).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
+from selfie_jobs.errors import SubmissionError
 from selfie_jobs.models import Variant
 
 VARIANTS_DIR = "variants"
@@ -34,8 +41,16 @@ def store_root(settings) -> Path:
     return settings.variant_store_dir or settings.data_dir / "variant-store"
 
 
+def _plain_name(name: str, what: str) -> str:
+    """A name that is one path component of its own: not empty, no separator, not ``.`` or ``..`` (which would
+    name the store's variants folder itself, or a folder above it)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise ValueError(f"{what} {name!r} cannot name a file in the artifact store")
+    return name
+
+
 def relative_path(job_id: str, sha256: str) -> str:
-    return f"{VARIANTS_DIR}/{job_id}/{sha256}{SUFFIX}"
+    return f"{VARIANTS_DIR}/{_plain_name(job_id, 'job id')}/{_plain_name(sha256, 'sha256')}{SUFFIX}"
 
 
 def resolve(root: Path, relative: str) -> Path:
@@ -91,6 +106,23 @@ def visible_variants(owner_key_id: int | None, see_all: bool):
     return stmt
 
 
+def list_variants(session: Session, owner_key_id: int | None, see_all: bool, *, limit: int = 50,
+                  cursor: str | None = None) -> tuple[list[Variant], str | None]:
+    """The variants a caller may see, newest first, in keyset pages as job listings are (the cursor after the last
+    one when more follow)."""
+    from selfie_jobs.queries import decode_cursor, encode_cursor
+
+    query = visible_variants(owner_key_id, see_all)
+    if cursor:
+        created_at, variant_id = decode_cursor(cursor, "variants", [datetime, str])
+        query = query.where(tuple_(Variant.created_at, Variant.id) < (created_at, variant_id))
+    rows = list(session.scalars(query.order_by(Variant.created_at.desc(), Variant.id.desc()).limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    rows = rows[:limit]
+    return rows, encode_cursor("variants", [rows[-1].created_at.isoformat(), rows[-1].id])
+
+
 def get_visible(session: Session, variant_id: str, owner_key_id: int | None, see_all: bool) -> Variant | None:
     """The variant if the caller may see it (another key's variant is as absent as one that does not exist)."""
     variant = session.get(Variant, variant_id)
@@ -99,10 +131,54 @@ def get_visible(session: Session, variant_id: str, owner_key_id: int | None, see
     return variant
 
 
+@dataclass(frozen=True)
+class VariantRef:
+    """What a worker needs to serve a variant, read from its row (plain values: no ORM object leaves the claim)."""
+
+    id: str
+    model: str
+    layer: int
+    path: str
+    sha256: str
+
+
+def variant_refs(session: Session, variant_ids: Iterable[str]) -> dict[str, VariantRef]:
+    """The rows of the variants that exist among `variant_ids` (a deleted one is absent)."""
+    wanted = sorted(set(variant_ids))
+    if not wanted:
+        return {}
+    rows = session.execute(select(Variant.id, Variant.model, Variant.layer, Variant.path, Variant.sha256)
+                           .where(Variant.id.in_(wanted)))
+    return {row.id: VariantRef(row.id, row.model, int(row.layer), row.path, row.sha256) for row in rows}
+
+
+def check_usable(session: Session, variant_id: str, model: str, owner_key_id: int | None,
+                 see_all: bool) -> Variant:
+    """The variant a job names, refused unless the caller may see it (another key's variant is as absent as one that
+    does not exist: 404) and it edits the job's model (422). Nothing is written."""
+    variant = get_visible(session, variant_id, owner_key_id, see_all)
+    if variant is None:
+        raise SubmissionError(f"no such variant {variant_id!r}", field="variant", status=404)
+    if variant.model != model:
+        raise SubmissionError(f"variant {variant_id!r} edits model {variant.model!r}, not {model!r}: submit the job "
+                              f"to {variant.model!r} (or leave the variant out)", field="variant")
+    return variant
+
+
 def remove_files(root: Path, job_id: str) -> None:
-    """Delete every file an edit job wrote (its variant's and any left by a restarted attempt)."""
-    folder = resolve(root, f"{VARIANTS_DIR}/{job_id}")
+    """Delete every file an edit job wrote (its variant's and any left by a restarted attempt); nothing when it wrote
+    none. Only the job's own folder is touched (`job_id` is one path component)."""
+    folder = resolve(root, f"{VARIANTS_DIR}/{_plain_name(job_id, 'job id')}")
     if folder.is_dir():
         for path in folder.iterdir():
             path.unlink(missing_ok=True)
         folder.rmdir()
+
+
+def delete_variant(session: Session, variant: Variant, root: Path) -> None:
+    """Delete a variant: its files first, then its row (the caller commits). A job that names it afterwards is
+    refused at submission, and one queued before fails in the worker, which finds the row gone (or, before the
+    commit, the file). A delete whose commit fails is done again by the same call: removing files is idempotent."""
+    remove_files(root, variant.job_id)
+    session.delete(variant)
+    session.flush()

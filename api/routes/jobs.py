@@ -100,6 +100,7 @@ def _utc(value: datetime | None, name: str) -> datetime | None:
 
 SUBMIT_RESPONSES = {
     200: {"model": JobAccepted, "description": "A job with this idempotency key exists already; it is returned."},
+    404: {"model": ErrorOut, "description": "No such variant (or not yours): the request's `variant`."},
     409: {"model": ErrorOut, "description": "The idempotency key was used for a different request."},
     413: {"model": ErrorOut, "description": "More interpretations (or vectors) than a job may hold."},
     422: {"description": "Invalid request (shape, or against the model card)."},
@@ -118,7 +119,7 @@ def create_job(body: JobCreate, request: Request, response: Response, session: S
 def submit(body: EngineJobFields, request: Request, response: Response, session, settings: Settings, who,
            sender) -> JobAccepted:
     """Submit a request of any job kind and answer as the submit routes do (also for uploads)."""
-    result = submit_job(session, body, settings, sender, owner_key_id=who.key_id)
+    result = submit_job(session, body, settings, sender, owner_key_id=who.key_id, see_all=who.is_admin)
     job = result.job
     links = job_links(request, settings, job.id, job.kind)
     response.headers["Location"] = links.self

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from selfie_jobs.kinds import PreparedJob, ResultPage
 from selfie_jobs.kinds.interpret import InterpretKind
 from selfie_jobs.models import LensReading
-from selfie_jobs.specs import Int, JobCreate, spec_batch_key
+from selfie_jobs.specs import Int, JobCreate, spec_batch_key, with_variant
 
 #: as selfie_core.lenses (the api never imports torch)
 LENS_NAMES = ("logit", "identity")
@@ -124,7 +124,7 @@ class LensesKind(InterpretKind):
 
         planned = prepare_job(session, request, settings)
         # What the runner needs: no template, injection or generation (a lens generates nothing).
-        spec = {"lenses": list(request.lenses), "top_k": request.top_k}
+        spec = with_variant(request, {"lenses": list(request.lenses), "top_k": request.top_k})
         return PreparedJob(model=planned.model, spec=spec, batch_key=spec_batch_key({"kind": self.name, **spec}),
                            prompts=planned.prompts, items=planned.items, kind=self.name)
 
