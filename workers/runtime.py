@@ -91,6 +91,7 @@ class Runtime:
     engine: Any = None
     runner: Any = None  # the interpret kind's runner
     runners: dict[str, Any] = field(default_factory=dict)  # job kind -> runner over the resident engine
+    variants: Any = None  # workers.variants.VariantCache: the variants served lately, kept in memory
     batches_served: int = 0
     rows_served: int = 0
     loaded_in_s: float = 0.0
@@ -152,6 +153,10 @@ class Runtime:
         self.engine = SelfieEngine(loaded, name=opts.model, cuda_graphs=opts.cuda_graphs,
                                    decode_attention=opts.decode_attention, rms_norm=opts.rms_norm)
         self.runners = build_runners(self.engine, opts.batch_size, self.watch)
+        from selfie_jobs.variants import store_root
+        from workers.variants import VariantCache
+
+        self.variants = VariantCache(self.engine.model, store_root(self.settings))
         if opts.inject_fault:
             from workers.faults import FaultInjectingRunner
 

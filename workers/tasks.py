@@ -33,6 +33,7 @@ from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, messag
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
 from selfie_jobs.states import JobState
+from selfie_jobs.variants import variant_refs
 from workers import batcher
 from workers.sink import DbSink
 
@@ -49,6 +50,7 @@ class _Claim:
     resend: Redelivery | None = None  # a message for another model's chunk: sent on to that model's workers
     inputs: dict[Any, Any] | None = None  # what the chunks' kinds loaded for them (prompts, vectors)
     run_id: str | None = None  # the engine run recorded for them
+    variants: dict[str, Any] | None = None  # the rows of the variants their specs name (VariantRef), by id
 
 
 def _claim(runtime, chunk_id: int) -> _Claim:
@@ -93,8 +95,10 @@ def _claim(runtime, chunk_id: int) -> _Claim:
         inputs: dict[Any, Any] = {}
         for kind in dict.fromkeys(c.kind for c in claimed):  # what each kind's items need (prompts, vectors)
             inputs.update(get_kind(kind).load_inputs(session, [c for c in claimed if c.kind == kind]))
+        # the variants the plans name, read with the chunks: a variant deleted after this fails its jobs in the run
+        refs = variant_refs(session, [c.spec["variant"] for c in claimed if c.spec.get("variant") is not None])
         run_id = chunk_ops.record_engine_run(session, owner, runtime.model, claimed)
-        return _Claim(claimed, inputs=inputs, run_id=run_id)
+        return _Claim(claimed, inputs=inputs, run_id=run_id, variants=refs)
 
     return unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
 
@@ -167,6 +171,30 @@ def _store_baseline(runtime, runner, plan: batcher.BatchPlan) -> None:
                  runtime.settings.db_retry_seconds)
 
 
+def _execute(runtime, plan: batcher.BatchPlan, runner, sink, variants: dict[str, Any]) -> batcher.ExecutionStats:
+    """Run one plan on the weights its spec names: the model's own, or a variant swapped in for the whole plan (its
+    baseline included) and put back in `finally`. A variant that cannot be served fails the plan's jobs with the
+    reason; the model's own weights are never served in its place."""
+    if plan.spec.get("variant") is None:
+        return batcher.execute(plan, runner, sink)
+    from selfie_core.weights import swapped_in
+    from selfie_jobs.variants import VariantUnavailable
+    from workers.variants import plan_edit
+
+    try:
+        edit = plan_edit(runtime.variants, runtime.model, plan.spec, variants)
+    except VariantUnavailable as exc:
+        stats = batcher.ExecutionStats(items=len(plan.items))
+        for job_id in sorted({c.job_id for c in plan.chunks}):
+            error = f"variant {plan.spec['variant']} cannot be served: {exc}"
+            log.warning("job %s fails: %s", job_id, error)
+            sink.fail_job(job_id, error)
+            stats.failed_jobs[job_id] = error
+        return stats
+    with swapped_in(runtime.engine.model, edit):
+        return batcher.execute(plan, runner, sink)
+
+
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
     """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
     if runtime.has_finished(chunk_id):
@@ -201,7 +229,8 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, inputs):
             runner = runtime.runner_for(plan.kind)
-            stats = batcher.execute(plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)), sink)
+            stats = _execute(runtime, plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)),
+                             sink, claim.variants or {})
             total.items += stats.items
             total.inserted += stats.inserted
             total.engine_batches += stats.engine_batches

@@ -1,6 +1,11 @@
 """Model variants on the worker: an edit's module saved to the artifact store, and variants loaded back, checked
 against their SHA-256, and kept in memory (a few, least recently used first out) to be swapped in for the batches
 that name them (`selfie_core.weights.swapped_in`; batches never mix variants, their batch keys differ).
+
+A plan whose spec names a variant runs only with that variant's weights (`plan_edit`): a variant whose row is gone
+(deleted), whose file is missing or whose SHA-256 differs raises `VariantUnavailable`, and the worker fails the
+plan's jobs with that reason; it never serves the model's own weights instead. A cached variant is served from
+memory only while its row names the same file and that file is still in the store.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from selfie_core.weights import MLPEdit
-from selfie_jobs.variants import VariantUnavailable, verified_file, write_artifact
+from selfie_jobs.variants import VariantRef, VariantUnavailable, resolve, verified_file, write_artifact
 
 #: Variants kept in memory per worker (each is one MLP: ~2.4 MB for SmolLM2-135M, ~350 MB for an 8B model's).
 CACHED_VARIANTS = 4
@@ -46,22 +51,48 @@ class VariantCache:
 
     def __init__(self, model, root: Path, size: int = CACHED_VARIANTS):
         self.model, self.root, self.size = model, root, size
-        self._edits: OrderedDict[str, MLPEdit] = OrderedDict()
+        # variant id -> (what its row said when it was loaded: path, sha256, layer; the edit)
+        self._edits: OrderedDict[str, tuple[tuple[str, str, int], MLPEdit]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, variant_id: str, relative: str, sha256: str, layer: int) -> MLPEdit:
         with self._lock:
-            edit = self._edits.get(variant_id)
-            if edit is not None:
+            found = self._edits.get(variant_id)
+            if found is not None and found[0] == (relative, sha256, layer):
+                if not resolve(self.root, relative).is_file():
+                    # the file went since it was loaded: the variant is gone, not served from memory either
+                    del self._edits[variant_id]
+                    raise VariantUnavailable(f"the variant's weights file is missing from the artifact store "
+                                             f"({relative})")
                 self._edits.move_to_end(variant_id)
-                return edit
+                return found[1]
         edit = load_edit(self.model, self.root, relative, sha256, layer)
         with self._lock:
-            self._edits[variant_id] = edit
+            self._edits[variant_id] = ((relative, sha256, layer), edit)
+            self._edits.move_to_end(variant_id)
             while len(self._edits) > self.size:
                 self._edits.popitem(last=False)
         return edit
 
+    def cached(self) -> list[str]:
+        with self._lock:
+            return list(self._edits)
+
     def forget(self, variant_id: str) -> None:
         with self._lock:
             self._edits.pop(variant_id, None)
+
+
+def plan_edit(cache: VariantCache, model_name: str, spec: dict, refs: dict[str, VariantRef]) -> MLPEdit | None:
+    """The edit a plan runs with: None for the model's own weights (a spec without a variant), else its variant's
+    (`refs`: the variants' rows as the claim read them). `VariantUnavailable` says why it cannot be served."""
+    variant_id = spec.get("variant")
+    if variant_id is None:
+        return None
+    ref = refs.get(variant_id)
+    if ref is None:
+        cache.forget(variant_id)
+        raise VariantUnavailable(f"variant {variant_id} no longer exists (it was deleted)")
+    if ref.model != model_name:
+        raise VariantUnavailable(f"variant {variant_id} edits model {ref.model!r}, this worker serves {model_name!r}")
+    return cache.get(ref.id, ref.path, ref.sha256, ref.layer)
