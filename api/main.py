@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     from api import errors
     from api.broker import DEFAULT_REDIS_URL, make_producer
     from api.ratelimit import make_rate_limiter
-    from api.routes import events, jobs, search, system, uploads
+    from api.routes import events, jobs, search, system, uploads, variants
 
     settings = settings or get_settings()
     broker_url = settings.redis_url or DEFAULT_REDIS_URL
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
 
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(search.router)
+    app.include_router(variants.router)
     app.include_router(system.router)
     # Audits, /metrics and the explorer pages.
     from api import metrics

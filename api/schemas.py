@@ -207,3 +207,33 @@ class Ready(BaseModel):
     status: str
     database: str
     redis: str
+
+
+class VariantSummary(BaseModel):
+    id: str
+    job_id: str = Field(description="The edit job that made the variant.")
+    model: str = Field(description="The base model it edits: jobs that name the variant must be of this model.")
+    method: str = Field(description="The edit: supervised or reinforce.")
+    layer: int = Field(description="The hidden-state layer the edit changes (the MLP of block layer - 1 is replaced).")
+    created_at: UtcDatetime | None
+    link: str
+
+
+class VariantList(BaseModel):
+    variants: list[VariantSummary]
+    next_cursor: str | None
+
+
+class VariantOut(VariantSummary):
+    sha256: str = Field(description="The SHA-256 of the weights file, checked by the worker before it serves it.")
+    settings: dict[str, Any] = Field(description="The edit's settings as it ran (defaults filled in).")
+    losses: list[Any] = Field(description="Per epoch: {epoch, loss, edit_loss, keep_loss, bad_share} (null where "
+                              "not finite or not applicable).")
+    evaluations: dict[str, Any] = Field(description="Base model against variant: objective, interpretation, "
+                                        "answer, knowledge, behaviour (each absent when not asked for).")
+    job_link: str
+
+
+class VariantDeleted(BaseModel):
+    id: str
+    deleted: bool

@@ -284,6 +284,9 @@ def _safe_url(url: str) -> str:
               help="Tokens kept per lens (with --lens).")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 = most urgent.")
 @click.option("--idempotency-key", default=None)
+@click.option("--variant", default=None, metavar="ID",
+              help="Run on a model variant (an edit job's result, `selfie variants`) instead of the model's own "
+                   "weights; it must be of the job's model.")
 @click.option("--wait/--no-wait", default=False, help="Wait with a progress bar, then print the table.")
 @URL_OPTION
 @KEY_OPTION
@@ -298,7 +301,7 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
     if lenses:  # a lens reading generates nothing: options that would be dropped are refused instead
         ctx = click.get_current_context()
         flags = {p.name: p.opts[0] for p in ctx.command.params}
-        given = [flags[name] for name in options if name not in ("model", "priority", "idempotency_key")
+        given = [flags[name] for name in options if name not in ("model", "priority", "idempotency_key", "variant")
                  and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)} set how an interpretation is generated; a --lens job "
@@ -313,7 +316,7 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
             accepted = client.submit_lenses(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
                                             top_k=top_k, lenses=list(dict.fromkeys(lenses)), model=options["model"],
                                             priority=options["priority"],
-                                            idempotency_key=options["idempotency_key"])
+                                            idempotency_key=options["idempotency_key"], variant=options["variant"])
         else:
             accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
                                      **options)
@@ -617,10 +620,12 @@ def _register_audit_commands() -> None:
     from selfie_cli.audit import audit
     from selfie_cli.generate import generate
     from selfie_cli.models import models
+    from selfie_cli.variants import variants
 
     cli.add_command(audit)
     cli.add_command(generate)
     cli.add_command(models)
+    cli.add_command(variants)
     cli.add_command(purge)
 
 

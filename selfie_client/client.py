@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from tenacity import RetryCallState, Retrying, stop_after_attempt
 
+from selfie_client.variants import VariantMethods
 from selfie_jobs.selectors import parse_selector
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ def job_request(
     priority: int = 5,
     idempotency_key: str | None = None,
     ttl_seconds: int | None = None,
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of POST /v1/jobs."""
     body: dict[str, Any] = {
@@ -123,7 +125,7 @@ def job_request(
         **engine_fields(model=model, template=template, system=system, k=k, injection_mode=injection_mode,
                         injection_strength=injection_strength, max_new_tokens=max_new_tokens, do_sample=do_sample,
                         temperature=temperature, top_p=top_p, seed=seed, grounding=grounding, priority=priority,
-                        idempotency_key=idempotency_key, ttl_seconds=ttl_seconds),
+                        idempotency_key=idempotency_key, ttl_seconds=ttl_seconds, variant=variant),
     }
     if pairs is not None:
         body["targets"] = {"pairs": [[int(layer), int(token)] for layer, token in pairs]}
@@ -139,9 +141,11 @@ def engine_fields(*, model: str | None = None, template: str | Sequence[str | in
                   injection_mode: str = "replace", injection_strength: float = 1.0, max_new_tokens: int = 30,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                   grounding: dict[str, float] | None = None, priority: int = 5,
-                  idempotency_key: str | None = None, ttl_seconds: int | None = None) -> dict[str, Any]:
+                  idempotency_key: str | None = None, ttl_seconds: int | None = None,
+                  variant: str | None = None) -> dict[str, Any]:
     """What every job kind's request holds besides its inputs (template, injection, generation, priority, how long
-    the finished job is kept: `ttl_seconds`, default the key's or the service's).
+    the finished job is kept: `ttl_seconds`, default the key's or the service's; `variant`: a model variant's id,
+    run instead of the model's own weights, see `Client.variants`).
 
     `template`: a preset name or text parts; `system`: a system prompt for the preset (the model's default preset
     when `template` is None); presets have none unless it is given. `grounding`: {"min_mean_relevancy": x}, under
@@ -166,10 +170,12 @@ def engine_fields(*, model: str | None = None, template: str | Sequence[str | in
         body["idempotency_key"] = idempotency_key
     if ttl_seconds is not None:
         body["ttl_seconds"] = ttl_seconds
+    if variant is not None:
+        body["variant"] = variant
     return body
 
 
-class Client:
+class Client(VariantMethods):
     """`Client(url, api_key=None)`; every call is one HTTP request except `wait`, `results` and `interpret`."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, *, timeout: float = 60.0,
@@ -445,14 +451,18 @@ class Client:
     def submit_lenses(self, prompts: str | Sequence[str], *, model: str | None = None, layers: Selector = "all",
                       tokens: Selector = "all", pairs: Sequence[tuple[int, int]] | None = None, top_k: int = 5,
                       lenses: Sequence[str] = ("logit", "identity"), priority: int = 5,
-                      idempotency_key: str | None = None, ttl_seconds: int | None = None) -> dict[str, Any]:
-        """Submit a `lenses` job: the logit lens and the identity patch over the same targets as `submit`."""
+                      idempotency_key: str | None = None, ttl_seconds: int | None = None,
+                      variant: str | None = None) -> dict[str, Any]:
+        """Submit a `lenses` job: the logit lens and the identity patch over the same targets as `submit` (of a
+        model variant's weights with `variant`)."""
         body = job_request(prompts, model=model, layers=layers, tokens=tokens, pairs=pairs, priority=priority,
                            idempotency_key=idempotency_key or "client-" + uuid.uuid4().hex)
         body = {k: body[k] for k in ("prompts", "targets", "priority", "idempotency_key", "model") if k in body}
         body.update(top_k=top_k, lenses=list(lenses))
         if ttl_seconds is not None:
             body["ttl_seconds"] = ttl_seconds
+        if variant is not None:
+            body["variant"] = variant
         return self._request("POST", "/v1/jobs/lenses", json=body).json()
 
     def lenses(self, prompts: str | Sequence[str], *, progress: bool = True, timeout: float | None = None,

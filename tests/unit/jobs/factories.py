@@ -44,3 +44,30 @@ def make_job(
                           size=len(part), enqueued_at=enqueued_at))
     session.flush()
     return job
+
+
+def make_variant(session: Session, root, data: bytes, *, model: str = "tiny", owner_key_id: int | None = None,
+                 layer: int = 1, method: str = "supervised", created_at: datetime | None = None):
+    """A finished edit job (its one chunk done) and the variant it stored: `data` (safetensors bytes, or any bytes
+    for tests that never load them) written to the artifact store at `root` as an edit job writes it."""
+    from selfie_jobs.models import Variant, utcnow
+    from selfie_jobs.variants import write_artifact
+
+    now = created_at or utcnow()
+    job = Job(model=model, kind=method, state="succeeded", priority=5, spec={"layer": layer}, batch_key="edit",
+              total=1, done=1, owner_key_id=owner_key_id, created_at=now, finished_at=now)
+    session.add(job)
+    session.flush()
+    chunk = Chunk(job_id=job.id, index=0, model=model, batch_key="edit", priority=5, items=[[0]], size=1,
+                  state="done", finished_at=now)
+    session.add(chunk)
+    session.flush()
+    path, sha = write_artifact(root, job.id, data)
+    variant = Variant(job_id=job.id, owner_key_id=owner_key_id, method=method, layer=layer, path=path, sha256=sha,
+                      settings={"epochs": 2, "lr": 3e-4}, losses=[{"epoch": 0, "loss": 1.0, "edit_loss": 1.0,
+                                                                  "keep_loss": None, "bad_share": None}],
+                      evaluations={}, chunk_id=chunk.id, engine_run_id="test", worker="test", model=model,
+                      created_at=now)
+    session.add(variant)
+    session.flush()
+    return variant
