@@ -11,8 +11,9 @@ at most `purge_batch_rows` rows each so that no lock is held for long:
 - audit runs whose jobs have all expired, once the run is closed: their findings, then the run and its job links
   in one transaction. A run goes whole or not at all, so its report never counts findings or jobs that are gone;
   until every job of a run has expired (and while it is open) none of its jobs is purged;
-- expired jobs: their result rows (every kind's table), then the job with its prompts, vector inputs and chunks
-  (ON DELETE CASCADE) in one transaction, together with the engine runs none of whose jobs remain;
+- expired jobs: their result rows (every kind's table), then the job with its prompts, vector inputs, chunks and
+  the variant an edit job made (ON DELETE CASCADE) in one transaction, together with the engine runs none of whose
+  jobs remain; once that has committed, the variant's files in the artifact store (`variants.remove_files`);
 - engine runs that produced no rows, once every job they could have served is gone.
 Every delete re-checks that its job is still expired, so a key's time to live raised meanwhile stops the purge of
 its jobs. A purge cut short (a crash, a time limit) leaves a consistent database: the next one goes on where it
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Float, and_, delete, exists, func, literal, select, true
@@ -39,6 +41,7 @@ from selfie_jobs.models import ApiKey, EngineRun, Job, utcnow
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.states import FINAL_JOB_STATES
 from selfie_jobs.submission import QUOTA_WINDOW
+from selfie_jobs.variants import remove_files, store_root
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ def _purge_run(sessions: Callable[[], Session], run_id: int, still_expired: Call
 
 
 def _purge_job(sessions: Callable[[], Session], job_id: str, now: datetime, default_seconds: int | None,
-               batch: int, retry_seconds: float) -> PurgeReport:
+               batch: int, retry_seconds: float, artifacts: Path) -> PurgeReport:
     report = PurgeReport()
     still_expired = and_(Job.id == job_id, expired(now, default_seconds), _outside_live_runs())
     job_expired = exists().where(still_expired)
@@ -187,6 +190,9 @@ def _purge_job(sessions: Callable[[], Session], job_id: str, now: datetime, defa
         return gone, (_delete_finished_engine_runs(session, engine_run_ids) if gone else 0)
 
     report.jobs, report.engine_runs = unit_of_work(sessions, job, retry_seconds)
+    if report.jobs:
+        # after the commit: a purge cut short before it leaves the row and its file, never a row without its file
+        remove_files(artifacts, job_id)
     return report
 
 
@@ -227,6 +233,7 @@ def purge_expired(sessions: Callable[[], Session], settings: Any, *, now: dateti
     default = settings.job_ttl_seconds
     batch = settings.purge_batch_rows
     retry = settings.db_retry_seconds if retry_seconds is None else retry_seconds
+    artifacts = store_root(settings)
     report = PurgeReport()
     done_runs: set[int] = set()
     while True:
@@ -248,7 +255,7 @@ def purge_expired(sessions: Callable[[], Session], settings: Any, *, now: dateti
         if not job_ids:
             break
         for job_id in job_ids:
-            part = _purge_job(sessions, job_id, now, default, batch, retry)
+            part = _purge_job(sessions, job_id, now, default, batch, retry, artifacts)
             if not part.jobs:
                 skipped.add(job_id)  # no longer expired (its key's time to live was raised): not picked again
             report.add(part)

@@ -228,3 +228,23 @@ def test_two_purges_at_once_delete_each_row_once(postgres_url):
     assert not errors
     assert sum(r.jobs for r in reports) == len(jobs) and sum(r.results for r in reports) == 6 * len(jobs)
     assert _counts(db)["jobs"] == 0 and _counts(db)["chunks"] == 0
+
+
+def test_purging_an_edit_job_deletes_its_variant_row_and_files(db, tmp_path):
+    from selfie_jobs.models import Variant
+    from tests.unit.jobs.factories import make_variant
+
+    root = tmp_path / "artifacts"
+    with db() as s:
+        old = make_variant(s, root, b"old weights", created_at=NOW - 3 * DAY)
+        kept = make_variant(s, root, b"kept weights", created_at=NOW - 3 * DAY)
+        s.get(Job, kept.job_id).ttl_seconds = 10 * 24 * 3600
+        old_job, old_file, kept_file = old.job_id, root / old.path, root / kept.path
+        s.commit()
+    assert old_file.is_file() and kept_file.is_file()
+    retention.purge_expired(db, _settings(job_ttl_seconds=3600, artifacts_dir=root), now=NOW)
+    with db() as s:
+        assert s.get(Job, old_job) is None
+        assert [v.job_id for v in s.scalars(select(Variant))] == [kept.job_id]
+    assert not old_file.exists() and not old_file.parent.exists()
+    assert kept_file.is_file()
