@@ -46,10 +46,12 @@ def make_job(
     return job
 
 
-def make_variant(session: Session, root, data: bytes, *, model: str = "tiny", owner_key_id: int | None = None,
-                 layer: int = 1, method: str = "supervised", created_at: datetime | None = None):
-    """A finished edit job (its one chunk done) and the variant it stored: `data` (safetensors bytes, or any bytes
-    for tests that never load them) written to the artifact store at `root` as an edit job writes it."""
+def make_variant(session: Session, root, data: bytes | None = None, *, edit=None, model: str = "tiny",
+                 owner_key_id: int | None = None, layer: int = 1, method: str = "supervised",
+                 created_at: datetime | None = None):
+    """A finished edit job (its one chunk done) and the variant it stored in the artifact store at `root`: `edit` (a
+    `selfie_core.weights.MLPEdit`, saved by `workers.variants.save_edit` as an edit job saves it) or `data` (any
+    bytes, for tests that never load them)."""
     from selfie_jobs.models import Variant, utcnow
     from selfie_jobs.variants import write_artifact
 
@@ -62,7 +64,13 @@ def make_variant(session: Session, root, data: bytes, *, model: str = "tiny", ow
                   state="done", finished_at=now)
     session.add(chunk)
     session.flush()
-    path, sha = write_artifact(root, job.id, data)
+    if edit is not None:
+        from workers.variants import save_edit
+
+        path, sha = save_edit(root, job.id, edit)
+        layer = edit.layer
+    else:
+        path, sha = write_artifact(root, job.id, data or b"")
     variant = Variant(job_id=job.id, owner_key_id=owner_key_id, method=method, layer=layer, path=path, sha256=sha,
                       settings={"epochs": 2, "lr": 3e-4}, losses=[{"epoch": 0, "loss": 1.0, "edit_loss": 1.0,
                                                                   "keep_loss": None, "bad_share": None}],
