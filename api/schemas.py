@@ -217,6 +217,7 @@ class VariantSummary(BaseModel):
     layer: int = Field(description="The hidden-state layer the edit changes (the MLP of block layer - 1 is replaced).")
     created_at: UtcDatetime | None
     link: str
+    page: str = Field(description="The variant's page: loss curve, base model against variant, benchmarks.")
 
 
 class VariantList(BaseModel):

@@ -10,7 +10,8 @@ import click
 
 URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
                           help="The API's base URL (env SELFIE_URL).")
-KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None, help="Bearer API key (env SELFIE_API_KEY).")
+KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None,
+                          help="Bearer API key (env SELFIE_API_KEY).")
 
 
 def _client(url: str, api_key: str | None):
@@ -77,6 +78,7 @@ def show(variant_id: str, as_json: bool, url: str, api_key: str | None) -> None:
     click.echo(f"variant {v['id']}: {v['method']} edit of {v['model']}, layer {v['layer']} "
                f"(the MLP of block {v['layer'] - 1})")
     click.echo(f"created: {v.get('created_at')}  job: {v['job_id']}")
+    click.echo(f"page:    {v['page']}")
     click.echo(f"sha256:  {v['sha256']}")
     click.echo(f"settings: {json.dumps(v.get('settings') or {}, sort_keys=True)}")
     click.echo(f"losses:  {_last_losses(v.get('losses') or [])}")

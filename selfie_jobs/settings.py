@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: a SQLite file in data_dir.")
     model_cache_dir: Path | None = Field(None, description="Converted model weights; default: data_dir/models.")
     variant_store_dir: Path | None = Field(None, description="Model variants' weights (edit jobs' results); default: "
-                                       "data_dir/artifacts. Shared by every worker (a volume in docker-compose).")
+                                           "data_dir/variant-store. Shared by every worker and the API (a volume "
+                                           "in docker-compose).")
 
     # --- queue ---------------------------------------------------------------------------------------------
     redis_url: str | None = Field(None, description="Celery broker; `selfie up` starts an embedded one if unset.")

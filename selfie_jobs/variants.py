@@ -1,12 +1,12 @@
 """Model variants: where their weights live and who may see them (the job domain: no torch).
 
 The artifact store is a directory (`Settings.variant_store_dir`, env `SELFIE_VARIANT_STORE_DIR`, default
-`data_dir/variant-store`; in docker-compose a volume every worker mounts). A variant's file is
+`data_dir/variant-store`; in docker-compose a volume every worker and the API mount). A variant's file is
 `variants/<job id>/<sha256>.safetensors`: named by its content, so an edit restarted from scratch (its worker died
 after writing the file, before its row committed) writes a file of its own beside the first instead of changing a
-file a stored row may already name. The row (`models.Variant`)
-holds the path, relative to the store, and the SHA-256 the worker checks before it serves the variant: a file
-missing or changed fails the jobs that name it with that reason; the base model is never served instead.
+file a stored row may already name. The row (`models.Variant`) holds the path, relative to the store, and the
+SHA-256 the worker checks before it serves the variant: a file missing or changed fails the jobs that name it with
+that reason; the base model is never served instead.
 
 Variants belong to the key that made them, as jobs do: a key sees, uses and deletes its own (an admin key and
 the keyless local mode see every one). A job that names a variant (`variant` in its request) is refused unless

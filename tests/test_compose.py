@@ -85,13 +85,13 @@ def test_docker_compose_config_validates():
     assert result.returncode == 0, result.stderr
 
 
-def test_workers_and_api_share_the_artifacts_volume():
+def test_workers_and_api_share_the_variant_store_volume():
     # A variant is written by the worker that ran its edit, served by any worker and deleted by the API (and by the
-    # workers' purge): all of them must see the same artifact store.
-    store = COMPOSE["x-selfie-env"]["SELFIE_ARTIFACTS_DIR"]
+    # workers' purge): all of them must see the same variant store.
+    store = COMPOSE["x-selfie-env"]["SELFIE_VARIANT_STORE_DIR"]
     workers = [n for n in selfie_services() if SERVICES[n]["command"][1] == "worker"]
     for name in [*workers, "api", "beat"]:
         svc = SERVICES[name]
-        assert svc["environment"]["SELFIE_ARTIFACTS_DIR"] == store, name
+        assert svc["environment"]["SELFIE_VARIANT_STORE_DIR"] == store, name
         mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
         assert mounts.get(store) in COMPOSE["volumes"], f"{name}: no volume at {store}"

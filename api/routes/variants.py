@@ -38,7 +38,8 @@ def _visible_or_404(session, variant_id: str, who) -> Variant:
 
 def _summary(variant: Variant, base: str) -> dict:
     return {"id": variant.id, "job_id": variant.job_id, "model": variant.model, "method": variant.method,
-            "layer": variant.layer, "created_at": variant.created_at, "link": f"{base}/v1/variants/{variant.id}"}
+            "layer": variant.layer, "created_at": variant.created_at, "link": f"{base}/v1/variants/{variant.id}",
+            "page": f"{base}/ui/variants/{variant.id}"}
 
 
 @router.get("", response_model=VariantList, responses=_ERRORS, summary="List model variants (newest first)")

@@ -27,7 +27,7 @@ PROMPT = "the cat sat on the mat"
 def env(database_url, redis_url, tmp_path):
     model = "tiny-" + uuid.uuid4().hex[:8]
     prepare_database(database_url, model=model)
-    root = tmp_path / "artifacts"
+    root = tmp_path / "variant-store"
     with session_scope(database_url) as s:
         alice, alice_secret = create_key(s, "alice")
         bob, bob_secret = create_key(s, "bob")
@@ -41,7 +41,7 @@ def env(database_url, redis_url, tmp_path):
         ids = {"older": older.id, "newer": newer.id, "elsewhere": elsewhere.id, "bob": bobs.id}
         paths = {name: root / v.path for name, v in
                  (("older", older), ("newer", newer), ("elsewhere", elsewhere), ("bob", bobs))}
-    settings = settings_for(database_url, redis_url, auth_enabled=True, artifacts_dir=root)
+    settings = settings_for(database_url, redis_url, auth_enabled=True, variant_store_dir=root)
     with live_server(settings) as srv:
         yield {"url": database_url, "redis": redis_url, "model": model, "server": srv, "ids": ids, "paths": paths,
                "alice": alice_secret, "bob": bob_secret, "admin": admin_secret}
@@ -118,7 +118,7 @@ def test_variant_routes_list_show_and_delete_a_keys_own(env):
     assert shown["model"] == env["model"] and shown["layer"] == 1 and shown["method"] == "supervised"
     assert shown["sha256"] and shown["settings"] == {"epochs": 2, "lr": 3e-4} and shown["losses"][0]["epoch"] == 0
     assert shown["evaluations"] == {} and shown["job_link"].endswith(f"/v1/jobs/{shown['job_id']}")
-    assert shown["created_at"].endswith(("Z", "+00:00"))
+    assert shown["created_at"].endswith(("Z", "+00:00")) and shown["page"] == f"{url}/ui/variants/{ids['newer']}"
 
     with env["server"].client(env["bob"]) as http:
         assert [v["id"] for v in http.get("/v1/variants").json()["variants"]] == [ids["bob"]]

@@ -64,9 +64,9 @@ def _baseline(stack, job_id: str):
 
 @pytest.fixture
 def served(stack, tiny_model_dir):  # noqa: F811 - fixtures
-    stack.artifacts = stack.tmp / "artifacts"
-    stack.settings = stack.settings.model_copy(update={"artifacts_dir": stack.artifacts})
-    worker = stack.start_worker("w1", SELFIE_ARTIFACTS_DIR=str(stack.artifacts))
+    stack.artifacts = stack.tmp / "variant-store"
+    stack.settings = stack.settings.model_copy(update={"variant_store_dir": stack.artifacts})
+    worker = stack.start_worker("w1", SELFIE_VARIANT_STORE_DIR=str(stack.artifacts))
     stack.wait_ready(worker)
     return stack
 

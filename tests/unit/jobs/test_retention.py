@@ -234,7 +234,7 @@ def test_purging_an_edit_job_deletes_its_variant_row_and_files(db, tmp_path):
     from selfie_jobs.models import Variant
     from tests.unit.jobs.factories import make_variant
 
-    root = tmp_path / "artifacts"
+    root = tmp_path / "variant-store"
     with db() as s:
         old = make_variant(s, root, b"old weights", created_at=NOW - 3 * DAY)
         kept = make_variant(s, root, b"kept weights", created_at=NOW - 3 * DAY)
@@ -242,7 +242,7 @@ def test_purging_an_edit_job_deletes_its_variant_row_and_files(db, tmp_path):
         old_job, old_file, kept_file = old.job_id, root / old.path, root / kept.path
         s.commit()
     assert old_file.is_file() and kept_file.is_file()
-    retention.purge_expired(db, _settings(job_ttl_seconds=3600, artifacts_dir=root), now=NOW)
+    retention.purge_expired(db, _settings(job_ttl_seconds=3600, variant_store_dir=root), now=NOW)
     with db() as s:
         assert s.get(Job, old_job) is None
         assert [v.job_id for v in s.scalars(select(Variant))] == [kept.job_id]
