@@ -27,7 +27,7 @@ from selfie_jobs.errors import SubmissionError
 from selfie_jobs.kinds import PreparedJob, ResultPage
 from selfie_jobs.kinds.interpret import InterpretKind
 from selfie_jobs.models import Generation
-from selfie_jobs.specs import MAX_PROMPTS_HARD, MAX_SYSTEM_CHARS, Bool, EngineJobFields, SafeStr, spec_batch_key
+from selfie_jobs.specs import MAX_PROMPTS_HARD, MAX_SYSTEM_CHARS, Bool, EngineJobFields, SafeStr, spec_batch_key, with_variant
 
 #: what an interpretation request sets about injecting and judging, which a plain generation does not do
 INTERPRETATION_FIELDS = ("template", "k", "injection_mode", "injection_strength", "grounding")
@@ -101,7 +101,7 @@ def generation_spec(request: GenerateJobCreate) -> dict[str, Any]:
     nothing, so they are stored as their defaults and greedy jobs of one format share batches."""
     decoding = request.decoding
     sampled = decoding.do_sample
-    return {
+    return with_variant(request, {
         "chat": request.chat,
         "system": request.system,
         "generation": {
@@ -111,7 +111,7 @@ def generation_spec(request: GenerateJobCreate) -> dict[str, Any]:
             "top_p": float(decoding.top_p) if sampled else 1.0,
             "seed": decoding.seed if sampled else None,
         },
-    }
+    })
 
 
 @dataclass(frozen=True)

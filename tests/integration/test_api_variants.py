@@ -60,6 +60,7 @@ def _bodies(model: str, variant: str) -> list[tuple[str, dict]]:
         ("/v1/jobs/vectors", {"model": model, "vectors": [[0.5] * 16], "variant": variant}),
         ("/v1/jobs/lenses", {"model": model, "prompts": [PROMPT], "targets": {"layers": [1], "tokens": [0]},
                              "variant": variant}),
+        ("/v1/jobs/generate", {"model": model, "prompts": [PROMPT], "chat": False, "variant": variant}),
     ]
 
 

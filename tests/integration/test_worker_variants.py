@@ -22,7 +22,7 @@ from tests.unit.jobs.factories import make_variant
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-KINDS = ("interpret", "vectors", "lenses")
+KINDS = ("interpret", "vectors", "lenses", "generate")
 
 
 def _edit(model_dir):
