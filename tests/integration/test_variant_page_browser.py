@@ -143,3 +143,16 @@ def test_another_keys_or_unknown_variant_shows_the_error(browser, server):
     browser.get(f"{server.url}/ui/variants/{'0' * 32}")
     wait_for(lambda: browser.find_element("id", "error").text, 60, what="the page's error")
     assert browser.find_element("id", "error").text.startswith("404")
+
+
+def test_the_index_lists_variants_with_a_link_to_their_page(browser, server, sqlite_url):
+    variant_id = _store_variant(sqlite_url, "reinforce", {})
+    browser.get(f"{server.url}/ui")
+    wait_for(lambda: browser.find_elements("css selector", f"#variants tr[data-variant='{variant_id}']")
+             or browser.find_element("id", "error").text, 60, what="the index to list the variant")
+    assert not browser.find_element("id", "error").text
+    row = browser.find_element("css selector", f"#variants tr[data-variant='{variant_id}']")
+    assert [td.text for td in row.find_elements("css selector", "td")][1:4] == [MODEL, "reinforce", "6"]
+    row.find_element("css selector", "a").click()
+    _open(browser, server, variant_id)  # the link leads to the variant's page, which loads
+    assert browser.find_element("id", "variant-id").text == variant_id
