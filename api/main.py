@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     from api import errors
     from api.broker import DEFAULT_REDIS_URL, make_producer
     from api.ratelimit import make_rate_limiter
-    from api.routes import events, jobs, search, system, uploads, variants
+    from api.routes import edits, events, jobs, search, system, uploads, variants
 
     settings = settings or get_settings()
     broker_url = settings.redis_url or DEFAULT_REDIS_URL
@@ -96,6 +96,7 @@ def create_app(settings: Settings | None = None, task_sender: TaskSender | None 
     errors.install(app)
     app.include_router(uploads.router)
     app.include_router(jobs.router)
+    app.include_router(edits.router)
     app.include_router(events.router)
     app.include_router(search.router)
     app.include_router(variants.router)

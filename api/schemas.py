@@ -101,6 +101,8 @@ class JobStatus(BaseModel):
         "The interpretation prompt's own output with nothing injected; None until the worker has computed it "
         "(and for jobs stored before baselines)."))
     prompts: list[PromptOut]
+    edit: dict[str, int] | None = Field(None, description="Edit jobs: epochs_done (epochs trained and stored) of "
+                                        "epochs_total.")
     link: str
     links: Links
 
@@ -167,6 +169,8 @@ class ResultList(BaseModel):
     columns: list[str]
     items: list[dict[str, Any]]
     next_cursor: str | None
+    variant: dict[str, Any] | None = Field(None, description="Edit jobs (supervised, reinforce): the variant the job "
+                                           "stored (none until it finishes); `items` are its epochs.")
 
 
 class WorkerOut(BaseModel):

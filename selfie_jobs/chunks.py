@@ -209,6 +209,16 @@ def claim_more(
     return _load_claimed(session, _take(session, chosen, owner, lease_seconds, now))
 
 
+def next_queued(session: Session, model: str, *, exclude_kinds: Sequence[str]) -> int | None:
+    """The queued chunk of `model` to run next (priority, then first come), of an open job of any kind but
+    `exclude_kinds`; None when there is none. Read only: the caller claims it (`claim_chunk`)."""
+    return session.scalar(
+        select(Chunk.id).join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.model == model, Chunk.state == ChunkState.QUEUED, Job.kind.not_in(list(exclude_kinds)),
+               Job.state.in_([JobState.QUEUED, JobState.RUNNING]))
+        .order_by(Chunk.priority.desc(), Chunk.id).limit(1))
+
+
 def renew_leases(
     session: Session, chunk_ids: Iterable[int], owner: str, lease_seconds: float, *, now: datetime | None = None
 ) -> int:

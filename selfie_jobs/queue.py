@@ -14,6 +14,10 @@ from typing import Any, Protocol
 RUN_CHUNK_TASK = "selfie.run_chunk"
 RECONCILE_TASK = "selfie.reconcile"
 RUN_AUDIT_TASK = "selfie.run_audit"
+#: Edit jobs (supervised, reinforce) run on their model's queue under a name of their own, so that monitoring
+#: (Flower) tells a long edit from interpretation work, and under a time limit of their own.
+RUN_EDIT_TASK = "selfie.run_edit"
+EDIT_KINDS = ("supervised", "reinforce")
 PURGE_TASK = "selfie.purge"
 
 #: Queue for housekeeping tasks (reconciler, audits, purge) that any worker may run.
@@ -73,9 +77,14 @@ class TaskSender(Protocol):
     def send_task(self, name: str, args: list[Any] | None = ..., **options: Any) -> Any: ...
 
 
-def send_chunk(sender: TaskSender, chunk_id: int, model: str, priority: int) -> None:
+def chunk_task(kind: str | None) -> str:
+    """The task name of a chunk of this job kind (both run `workers.tasks.run_chunk`)."""
+    return RUN_EDIT_TASK if kind in EDIT_KINDS else RUN_CHUNK_TASK
+
+
+def send_chunk(sender: TaskSender, chunk_id: int, model: str, priority: int, kind: str | None = None) -> None:
     """Wake a worker of `model` up for one chunk. The message is a hint: the chunk row decides what happens."""
-    sender.send_task(RUN_CHUNK_TASK, args=run_chunk_args(chunk_id), queue=model_queue(model),
+    sender.send_task(chunk_task(kind), args=run_chunk_args(chunk_id), queue=model_queue(model),
                      priority=redis_priority(priority))
 
 

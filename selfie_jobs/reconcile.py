@@ -22,6 +22,7 @@ class Redelivery:
     chunk_id: int
     model: str
     priority: int
+    kind: str | None = None  # the chunk's job kind: edit kinds have a task name of their own
 
 
 @dataclass
@@ -100,14 +101,16 @@ def reconcile(
         ownerless.append(Chunk.owner.is_not(None))
     lost_running = and_(Chunk.state == ChunkState.RUNNING, or_(*ownerless))
     rows = session.execute(
-        select(Chunk, Job.created_at)
+        select(Chunk, Job.created_at, Job.kind)
         .join(Job, Job.id == Chunk.job_id)
         .where(open_job, or_(stale_queued, lost_running))
         .order_by(Chunk.priority.desc(), Chunk.id)
     ).all()
     lost: list[Chunk] = []
     short_of_messages: dict[str, list[Chunk]] = {}
-    for chunk, job_created in rows:
+    kind_of: dict[int, str] = {}
+    for chunk, job_created, kind in rows:
+        kind_of[chunk.id] = kind
         if chunk.state == ChunkState.QUEUED:
             last_sent = as_utc(chunk.enqueued_at) or as_utc(job_created)
             if last_sent > grace:
@@ -131,7 +134,7 @@ def reconcile(
         lost.extend(chunks[: missing[queue]])
     for chunk in lost:
         chunk.enqueued_at = now
-        report.redeliver.append(Redelivery(chunk.id, chunk.model, chunk.priority))
+        report.redeliver.append(Redelivery(chunk.id, chunk.model, chunk.priority, kind_of.get(chunk.id)))
     for job_states, chunk_state in (([JobState.CANCELLED], ChunkState.CANCELLED),
                                     ([s for s in FINAL_JOB_STATES if s != JobState.CANCELLED], ChunkState.FAILED)):
         report.closed_chunks += session.execute(

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     max_vector_upload_bytes: int = Field(64 << 20, ge=1, description="Largest .npy/.safetensors file a `vectors` "
                                          "upload may send.")
     max_expression_terms: int = Field(16, ge=1, description="Terms of one expression over hidden states.")
+    max_edit_epochs: int = Field(1_000, ge=1, le=100_000, description="Epochs one edit job (supervised, "
+                                 "reinforce) may train.")
+    max_reference_texts: int = Field(256, ge=1, le=10_000, description="Reference texts one supervised edit may "
+                                     "bring.")
+    max_reference_chars: int = Field(4_000, ge=1, le=100_000, description="Characters of one reference text.")
+    max_eval_items: int = Field(500, ge=1, le=10_000, description="Facts or behaviour requests an edit's "
+                                "evaluations may bring.")
     chunk_size: int = Field(64, ge=1, description="Interpretations per chunk (the unit of work and of progress).")
     max_batch_interpretations: int = Field(256, ge=1, description="Upper bound of one cross-job engine batch.")
 
@@ -60,6 +67,9 @@ class Settings(BaseSettings):
                                "within about this time).")
     worker_alive_seconds: float = Field(45.0, gt=0, description="A worker silent for longer is considered gone.")
     chunk_soft_time_limit_seconds: int = Field(900, ge=1)
+    edit_soft_time_limit_seconds: int = Field(
+        6 * 3600, ge=1, description="Time limit of one edit job's task (an edit trains for many epochs; other work "
+                                    "of its model runs between them).")
     job_timeout_seconds: int = Field(7 * 24 * 3600, ge=1)
     db_retry_seconds: float = Field(60.0, gt=0, description="How long a worker keeps retrying a failed write.")
     max_chunk_attempts: int = Field(5, ge=1, description="A chunk lost or crashed this often fails its job.")

@@ -312,13 +312,14 @@ def chunk_bounds(items: int, chunk_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def enqueue_chunks(session: Session, sender: TaskSender, chunks: Sequence[Chunk], model: str, priority: int) -> int:
+def enqueue_chunks(session: Session, sender: TaskSender, chunks: Sequence[Chunk], model: str, priority: int,
+                   kind: str | None = None) -> int:
     """Send one wake-up per chunk and stamp `enqueued_at` in a transaction of its own, after the job's: a failed send
     or stamp is left to the reconciler."""
     sent: list[int] = []
     try:
         for chunk in chunks:
-            send_chunk(sender, chunk.id, model, priority)
+            send_chunk(sender, chunk.id, model, priority, kind)
             sent.append(chunk.id)
     except Exception:  # noqa: BLE001 - any broker failure: the rows are stored, the reconciler re-sends
         log.exception("enqueueing failed after %d of %d chunks; the reconciler will re-send the rest",
@@ -393,7 +394,7 @@ def submit_job(session: Session, request: EngineJobFields, settings: Settings, s
             return _replay(job, digest, request.idempotency_key or "")  # a concurrent submit with the same key won
         raise
     chunk_ids = [c.id for c in chunks]
-    enqueued = enqueue_chunks(session, sender, chunks, prepared.model, request.priority)
+    enqueued = enqueue_chunks(session, sender, chunks, prepared.model, request.priority, prepared.kind)
     return SubmitResult(job=job, created=True, chunk_ids=chunk_ids, enqueued=enqueued)
 
 

@@ -20,6 +20,7 @@ from selfie_jobs.queue import (
     RECONCILE_TASK,
     RUN_AUDIT_TASK,
     RUN_CHUNK_TASK,
+    RUN_EDIT_TASK,
     broker_socket_timeouts,
     model_queue,
     redis_priority,
@@ -35,7 +36,8 @@ BROKER_SOCKET_TIMEOUT_SECONDS = 3.0
 
 def visibility_timeout(settings: Settings) -> int:
     """Longer than the longest chunk (its hard time limit) with a wide margin, and never under an hour."""
-    return max(3600, 2 * (settings.chunk_soft_time_limit_seconds + 60))
+    longest = max(settings.chunk_soft_time_limit_seconds, settings.edit_soft_time_limit_seconds)
+    return max(3600, 2 * (longest + 60))
 
 
 def declared_queue(name: str) -> Queue:
@@ -120,6 +122,8 @@ def create_celery_app(
         # its job after repeated attempts); the hard limit kills a process stuck in native code.
         task_annotations={
             RUN_CHUNK_TASK: {"soft_time_limit": soft, "time_limit": soft + 60},
+            RUN_EDIT_TASK: {"soft_time_limit": settings.edit_soft_time_limit_seconds,
+                            "time_limit": settings.edit_soft_time_limit_seconds + 60},
             RECONCILE_TASK: {"soft_time_limit": 120, "time_limit": 180},
         },
         # The pool child loads the model in worker_process_init (minutes for a big model on a cold disk); the

@@ -65,6 +65,11 @@ class BatchWatch:
             self._closed.update(job_ids)
             return new
 
+    def is_closed(self, job_id: str) -> bool:
+        """Whether the heartbeat found this held job closed (an edit looks between its epochs)."""
+        with self._lock:
+            return job_id in self._closed
+
     # -- the engine's callbacks -----------------------------------------------------------------------------
     def should_stop(self, keys: Sequence[Any]) -> set[Any]:
         with self._lock:

@@ -28,8 +28,9 @@ from selfie_jobs.cards import mark_dead_local_workers
 from selfie_jobs.liveness import live_workers, owner_is_alive
 from selfie_jobs.kinds import get_kind
 from selfie_jobs.reconcile import Redelivery, reconcile
-from selfie_jobs.models import Chunk
-from selfie_jobs.queue import RECONCILE_TASK, RUN_CHUNK_TASK, TaskSender, message_counter, send_chunk
+from selfie_jobs.models import Chunk, EditEpoch, Job
+from selfie_jobs.queue import (EDIT_KINDS, RECONCILE_TASK, RUN_CHUNK_TASK, RUN_EDIT_TASK, TaskSender, message_counter,
+                               send_chunk)
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
 from selfie_jobs.states import JobState
@@ -113,12 +114,14 @@ def _misrouted(session, runtime, row: Chunk) -> _Claim:
         # Nobody serves that model now: sending it on would only bring it back to this queue's workers at once.
         # It waits, queued, like any job of an unserved model; the reconciler re-sends it later.
         return _Claim([], why + " (no live worker serves it; left to the reconciler)")
-    return _Claim([], why + " (sent on)", Redelivery(row.id, row.model, row.priority))
+    return _Claim([], why + " (sent on)", Redelivery(row.id, row.model, row.priority,
+                                                          session.get(Job, row.job_id).kind))
 
 
 def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sender: TaskSender | None) -> None:
     settings = runtime.settings
     priority = {c.id: c.priority for c in claimed}
+    kind = {c.id: c.kind for c in claimed}
 
     def unit(session):
         return chunk_ops.release_chunks(session, list(priority), runtime.name, reason,
@@ -128,7 +131,7 @@ def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, send
     if sender is not None:
         for chunk_id in requeued:
             try:
-                send_chunk(sender, chunk_id, runtime.model, priority[chunk_id])
+                send_chunk(sender, chunk_id, runtime.model, priority[chunk_id], kind[chunk_id])
             except Exception:  # noqa: BLE001 - the reconciler re-sends queued chunks anyway
                 log.exception("could not re-send chunk %s", chunk_id)
 
@@ -195,6 +198,37 @@ def _execute(runtime, plan: batcher.BatchPlan, runner, sink, variants: dict[str,
         return batcher.execute(plan, runner, sink)
 
 
+def _edit_context(runtime, sender: TaskSender | None) -> Any:
+    """What an edit's runner gets from this layer: its epochs' rows, the cancel check, and other work between epochs."""
+    from selfie_jobs.variants import store_root
+    from workers.runners.edits import EditContext
+
+    settings = runtime.settings
+
+    def store_epoch(job_id: str, row: dict[str, Any]) -> None:
+        # upserted: an edit restarted from scratch writes its epochs again
+        def unit(session) -> None:
+            session.merge(EditEpoch(job_id=job_id, **row))
+
+        unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
+
+    def serve_others() -> None:
+        """At most one engine run of other kinds' queued chunks of this model (and their companions): no job
+        waits for a whole edit. Their own messages later find them done and are acknowledged."""
+        chunk_id = unit_of_work(runtime.sessions,
+                                lambda session: chunk_ops.next_queued(session, runtime.model, exclude_kinds=EDIT_KINDS),
+                                settings.db_retry_seconds)
+        if chunk_id is None:
+            return
+        try:
+            run_chunk(runtime, chunk_id, sender)
+        except Exception:  # noqa: BLE001 - that run handed its chunks back and logged why; the edit goes on
+            log.warning("chunk %s, run between an edit's epochs, failed; the edit goes on", chunk_id)
+
+    return EditContext(store_epoch=store_epoch, job_closed=runtime.watch.is_closed, serve_others=serve_others,
+                       store_root=store_root(settings))
+
+
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
     """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
     if runtime.has_finished(chunk_id):
@@ -207,7 +241,8 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         log.info("chunk %s: nothing to do (%s)", chunk_id, claim.why)
         if claim.resend is not None and sender is not None:
             try:
-                send_chunk(sender, claim.resend.chunk_id, claim.resend.model, claim.resend.priority)
+                send_chunk(sender, claim.resend.chunk_id, claim.resend.model, claim.resend.priority,
+                           claim.resend.kind)
             except Exception:  # noqa: BLE001 - the chunk is still queued: the reconciler re-sends it
                 log.exception("could not send chunk %s on to model %s", chunk_id, claim.resend.model)
         return {"chunk_id": chunk_id, "skipped": claim.why}
@@ -229,6 +264,8 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         total = batcher.ExecutionStats()
         for plan in batcher.plan_batches(claimed, inputs):
             runner = runtime.runner_for(plan.kind)
+            if plan.kind in EDIT_KINDS:
+                runner = runner.bound(_edit_context(runtime, sender))
             stats = _execute(runtime, plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)),
                              sink, claim.variants or {})
             total.items += stats.items
@@ -291,7 +328,7 @@ def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
         dead, report = unit_of_work(sessions, unit, settings.db_retry_seconds)
     sent = 0
     for item in report.redeliver:
-        send_chunk(app, item.chunk_id, item.model, item.priority)
+        send_chunk(app, item.chunk_id, item.model, item.priority, item.kind)
         sent += 1
     if sent or report.timed_out_jobs or report.failed_jobs or report.closed_chunks:
         log.warning("reconcile: re-sent %d chunks, timed out %d jobs, failed %d jobs, closed %d chunks of closed "
@@ -317,6 +354,16 @@ def register_tasks(app: Celery, settings: Settings) -> None:
 
     @app.task(name=RUN_CHUNK_TASK, ignore_result=True, bind=True)
     def run_chunk_task(task, chunk_id: int) -> dict[str, Any]:
+        from workers.runtime import get_runtime
+
+        summary = run_chunk(get_runtime(), int(chunk_id), sender=app)
+        if "skipped" in summary:
+            skip(task, summary["skipped"])
+        return summary
+
+    @app.task(name=RUN_EDIT_TASK, ignore_result=True, bind=True)
+    def run_edit_task(task, chunk_id: int) -> dict[str, Any]:
+        # The same claim and run as run_chunk; a name of its own for monitoring and its own time limit.
         from workers.runtime import get_runtime
 
         summary = run_chunk(get_runtime(), int(chunk_id), sender=app)

@@ -211,6 +211,7 @@ def job_status(session, job_id: str, who, base: str, settings: Settings, *, incl
         ttl_seconds=job.ttl_seconds,
         baseline=job.baseline,
         prompts=[PromptOut.model_validate(p) for p in view.prompts],
+        edit=get_kind(job.kind).progress(session, job),
         link=links.self,
         links=links,
     )
@@ -341,4 +342,4 @@ def get_results(
         )
     page = kind.read_page(session, job.id, limit=limit or 100, cursor=cursor)
     return ResultList(job_id=job.id, kind=job.kind, state=job.state, columns=list(kind.csv_columns),
-                      items=page.rows, next_cursor=page.next_cursor)
+                      items=page.rows, next_cursor=page.next_cursor, variant=(page.extra or {}).get("variant"))

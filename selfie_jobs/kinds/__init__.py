@@ -59,6 +59,7 @@ class WorkInput:
 class ResultPage:
     rows: list[dict[str, Any]]
     next_cursor: str | None
+    extra: dict[str, Any] | None = None  # what a kind gives besides its rows (an edit: its variant)
 
 
 class JobKind:
@@ -93,6 +94,10 @@ class JobKind:
     def describe(self, item: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def progress(self, session: Session, job: Any) -> dict[str, Any] | None:
+        """The kind's own progress figures for the job's status (an edit: epochs done of the total), or None."""
+        return None
+
     def read_page(self, session: Session, job_id: str, *, limit: int | None, cursor: str | None) -> ResultPage:
         raise NotImplementedError
 
@@ -108,12 +113,14 @@ class _Registry:
     def load(self) -> dict[str, JobKind]:
         # Imported on first use, not at import of this package: the kind modules import the models and the queries.
         if not self.kinds:
+            from selfie_jobs.kinds.edits import ReinforceKind, SupervisedKind
             from selfie_jobs.kinds.generate import GenerateKind
             from selfie_jobs.kinds.interpret import InterpretKind
             from selfie_jobs.kinds.lenses import LensesKind
             from selfie_jobs.kinds.vectors import VectorsKind
 
-            for kind in (InterpretKind(), VectorsKind(), LensesKind(), GenerateKind()):
+            for kind in (InterpretKind(), VectorsKind(), LensesKind(), GenerateKind(), SupervisedKind(),
+                         ReinforceKind()):
                 self.kinds[kind.name] = kind
         return self.kinds
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.runners.edits import EditRunner
 from workers.runners.generate import GenerateRunner
 from workers.runners.interpret import EngineRunner
 from workers.runners.lenses import LensRunner
@@ -15,11 +16,13 @@ from workers.runners.vectors import VectorRunner
 
 #: job kind -> runner class (built once per worker process over its resident engine)
 RUNNERS: dict[str, type[EngineRunner]] = {"interpret": EngineRunner, "vectors": VectorRunner,
-                                          "lenses": LensRunner, "generate": GenerateRunner}
+                                          "lenses": LensRunner, "generate": GenerateRunner, "supervised": EditRunner,
+                                          "reinforce": EditRunner}
 
 
 def build_runners(engine: Any, batch_size: int | None, watch: Any = None) -> dict[str, Any]:
     return {kind: cls(engine, batch_size, watch) for kind, cls in RUNNERS.items()}
 
 
-__all__ = ["RUNNERS", "EngineRunner", "GenerateRunner", "LensRunner", "VectorRunner", "build_runners"]
+                                          "lenses": LensRunner, "generate": GenerateRunner, "supervised": EditRunner,
+                                          "reinforce": EditRunner}

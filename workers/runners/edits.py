@@ -1,0 +1,165 @@
+"""The edit kinds' runner (`supervised`, `reinforce`): one job's edit trained on the resident engine with
+`selfie_core.edits`, epoch by epoch, then evaluated on the base model and on the variant, and its MLP saved to the
+artifact store.
+
+Invariants:
+- the resident model's weights never change (the edit trains a copy, swapped in only for its own computations);
+- after each epoch its row goes to `edit_epochs` (the job's progress), a cancel of the job is looked for (the
+  heartbeat fills the worker's `BatchWatch`), and the task layer may run one engine run of other jobs' queued work
+  of this model (`EditContext.serve_others`), so no job waits for a whole edit;
+- the variant's file is named by its content (`workers.variants.save_edit`): an edit restarted from scratch never
+  changes a stored file; the result (one per job) is stored by the normal write path with the chunk marked done.
+
+The runner is built once per worker process; `bound(context)` gives the copy one task runs with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.batcher import WorkItem
+from workers.runners.interpret import EngineRunner, spec_template
+
+#: Greedy new tokens of the answer to the source prompt shown before and after (the notebook's check).
+ANSWER_TOKENS = 50
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """What the task layer lends one edit: the database (epoch rows), the cancel check, other work, the store."""
+
+    store_epoch: Callable[[str, dict[str, Any]], None]
+    job_closed: Callable[[str], bool]
+    serve_others: Callable[[], None]
+    store_root: Path
+
+
+@dataclass(frozen=True)
+class EditResult:
+    """A finished edit: what `_EditKind.row_from` stores as the job's variant."""
+
+    key: tuple[int, ...]
+    variant_id: str
+    owner_key_id: int | None
+    layer: int
+    path: str
+    sha256: str
+    settings: dict[str, Any]
+    losses: list[dict[str, Any]]
+    evaluations: dict[str, Any]
+    mean_relevancy: float = 0.0  # the batcher's finiteness check reads these of every result
+    relevancy: tuple[float, ...] = field(default_factory=tuple)
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def epoch_row(report: Any) -> dict[str, Any]:
+    """An epoch as `edit_epochs` and the variant's `losses` hold it (None where not finite)."""
+    return {"epoch": report.epoch, "loss": _finite(report.loss), "edit_loss": _finite(report.edit_loss),
+            "keep_loss": _finite(report.keep_loss), "bad_share": _finite(report.bad_share),
+            "rewards": report.rewards, "interpretations": report.interpretations}
+
+
+class EditRunner(EngineRunner):
+    baseline = None  # an edit job has no interpretation baseline
+
+    def __init__(self, engine: Any, batch_size: int | None = None, watch: Any = None,
+                 context: EditContext | None = None):
+        super().__init__(engine, batch_size, watch)
+        self.context = context
+
+    def bound(self, context: EditContext) -> EditRunner:
+        return type(self)(self.engine, self.batch_size, self.watch, context)
+
+    def validate(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> None:
+        return None  # the edit's own constructor checks its input (SelfieInputError fails the job)
+
+    # -- the pieces ---------------------------------------------------------------------------------------
+    def template(self, spec: dict[str, Any]) -> Any:
+        return spec_template(spec["template"], self.engine.tokenizer) if spec.get("template") else None
+
+    def build(self, spec: dict[str, Any]) -> Any:
+        from selfie_core.edit_evals import load_reference_texts
+        from selfie_core.edits import ReinforceEdit, SupervisedEdit, hidden_state
+
+        engine = self.engine
+        if spec["method"] == "supervised":
+            source = spec["source"]
+            if spec.get("target_vector") is not None:
+                import torch
+
+                target = torch.tensor(spec["target_vector"], dtype=torch.float32)
+            else:
+                t = spec["target"]
+                target = hidden_state(engine, t["prompt"], t["layer"], t["token"])
+            refs = spec.get("reference_texts") or load_reference_texts()
+            return SupervisedEdit(engine, source["prompt"], source["layer"], source["token"], target, refs,
+                                  beta=spec["beta"], epochs=spec["epochs"], lr=spec["lr"], anchor=spec["anchor"],
+                                  refs_per_epoch=spec["refs_per_epoch"], seed=spec["seed"])
+        return ReinforceEdit(engine, spec["prompt"], spec["layer"], self.judge(spec["judge"]),
+                             template=self.template(spec), epochs=spec["epochs"], lr=spec["lr"],
+                             k=spec["injection"]["k"], max_new_tokens=spec["generation"]["max_new_tokens"],
+                             seed=spec["seed"], batch_size=self.batch_size)
+
+    def judge(self, judge: dict[str, Any]) -> Any:
+        from selfie_core.judges import ChatJudge, detector_judge
+        from selfie_jobs.audit_detectors import build
+
+        if judge["type"] == "detector":
+            return detector_judge(build(judge["detector"]), clean=judge["clean"])
+        # the edited model's own base, judging with its own weights (the submission refused any other model)
+        return ChatJudge(self.engine.model, self.engine.tokenizer, judge["question"], judge["assistant_prefix"],
+                         judge["max_new_tokens"], judge["accept"], judge["reject"])
+
+    # -- the run ------------------------------------------------------------------------------------------
+    def stream(self, items: Sequence[WorkItem], spec: dict[str, Any]) -> Iterator[list[Any]]:
+        if self.context is None:
+            raise RuntimeError("an edit runs with the task layer's context (EditRunner.bound)")
+        from selfie_jobs.models import new_job_id
+        from workers.variants import save_edit
+
+        (item,) = items
+        job_id, ctx = item.job_id, self.context
+        run = self.build(spec)
+        losses: list[dict[str, Any]] = []
+        for report in run:
+            row = epoch_row(report)
+            ctx.store_epoch(job_id, row)
+            losses.append({k: row[k] for k in ("epoch", "loss", "edit_loss", "keep_loss", "bad_share")})
+            if ctx.job_closed(job_id):
+                return  # cancelled: nothing is stored (the batcher closes the chunk as the job's state says)
+            if len(losses) < run.epochs:
+                ctx.serve_others()
+                if ctx.job_closed(job_id):
+                    return
+        evaluations = self.evaluate(run, spec)
+        path, sha256 = save_edit(ctx.store_root, job_id, run.edit)
+        yield [EditResult(key=item.key, variant_id=new_job_id(), owner_key_id=(item.payload or {}).get("owner_key_id"),
+                          layer=run.layer, path=path, sha256=sha256, settings=run_settings(spec),
+                          losses=losses, evaluations=evaluations)]
+
+    def evaluate(self, run: Any, spec: dict[str, Any]) -> dict[str, Any]:
+        from workers.runners.edit_evals import evaluate
+
+        return evaluate(self.engine, run, spec, self.template(spec))
+
+
+def run_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """The settings as run, for the variant's row: the spec without its bulky inputs (the target vector, the
+    reference texts and evaluation data), which it counts instead."""
+    out = {k: v for k, v in spec.items() if k not in ("target_vector", "reference_texts", "evaluations")}
+    if spec["method"] == "supervised":
+        refs = spec.get("reference_texts")
+        out["reference_texts"] = "built-in" if refs is None else len(refs)
+        out["target_vector"] = None if spec.get("target_vector") is None else len(spec["target_vector"])
+    out["evaluations"] = sorted(spec.get("evaluations") or {})
+    return out
