@@ -1,0 +1,131 @@
+"""The edit kinds over real HTTP (uvicorn), SQLite and PostgreSQL, real Redis: POST /v1/edits/supervised and
+/v1/edits/reinforce store one job of one chunk and send one `selfie.run_edit` message on the model's queue; every
+bad field is a clear 4xx with nothing stored and nothing enqueued."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from selfie_jobs.db import session_scope
+from selfie_jobs.models import Chunk, Job
+from selfie_jobs.queue import RUN_EDIT_TASK
+from tests.apisupport import NUM_LAYERS, flush_model_queue, live_server, prepare_database, queued_messages, settings_for
+
+HIDDEN = 16  # the tiny card's hidden size
+SOURCE = {"prompt": "the cat sat on the mat", "layer": 2, "token": -1}
+
+
+@pytest.fixture
+def env(database_url, redis_url):
+    model = "tiny-" + uuid.uuid4().hex[:8]
+    prepare_database(database_url, model=model)
+    yield database_url, redis_url, model
+    flush_model_queue(redis_url, model)
+
+
+@pytest.fixture
+def server(env):
+    database_url, redis_url, model = env
+    settings = settings_for(database_url, redis_url, default_model=model, max_edit_epochs=50, max_reference_texts=3,
+                            max_reference_chars=40)
+    with live_server(settings) as srv:
+        yield srv
+
+
+def count(url, entity) -> int:
+    with session_scope(url) as s:
+        return s.scalar(select(func.count()).select_from(entity))
+
+
+def supervised(**kw):
+    return {"source": dict(SOURCE), "target_vector": [0.25] * HIDDEN, "epochs": 3, **kw}
+
+
+def reinforce(**kw):
+    return {"prompt": "the cat sat on the mat", "layer": 2, "judge": {"type": "keywords", "terms": ["paris"]},
+            "epochs": 3, "max_new_tokens": 8, **kw}
+
+
+def test_edits_are_stored_as_one_chunk_and_sent_as_run_edit(env, server):
+    database_url, redis_url, _ = env
+    with server.client() as http:
+        a = http.post("/v1/edits/supervised", json=supervised(target={"prompt": "a dog ran", "layer": 0,
+                                                                      "token": 1}, target_vector=None))
+        b = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model"}))
+        assert a.status_code == 202, a.text
+        assert b.status_code == 202, b.text
+        job = http.get(a.json()["link"]).json()
+        assert job["kind"] == "supervised" and job["progress"]["total"] == 1
+        assert job["edit"] == {"epochs_done": 0, "epochs_total": 3}
+        spec = job["spec"]
+        assert spec["source"] == {"prompt": "the cat sat on the mat", "layer": 2, "token": 6}  # <s> + 6 words
+        assert spec["anchor"] == "original" and spec["beta"] == 10.0 and spec["lr"] == 3e-4
+        assert spec["reference_texts"] is None  # the built-in set, read by the worker
+        results = http.get(a.json()["link"] + "/results").json()
+        assert results["items"] == [] and results["variant"] is None
+        assert http.get(b.json()["link"]).json()["spec"]["judge"]["model"] == job["model"]
+    assert count(database_url, Job) == count(database_url, Chunk) == 2
+    messages = queued_messages(redis_url, job["model"])
+    assert sorted(m["headers"]["task"] for m in messages) == [RUN_EDIT_TASK, RUN_EDIT_TASK]
+    with session_scope(database_url) as s:
+        assert len({c.batch_key for c in s.scalars(select(Chunk))}) == 2  # never batched together
+        body = messages[0]["body"]
+        args = json.loads(base64.b64decode(body))[0]
+        assert s.get(Chunk, args[0]).items == [[0]]
+
+
+BAD = [
+    ("/v1/edits/supervised", supervised(source={**SOURCE, "layer": 0}), 422, "layer 0"),
+    ("/v1/edits/supervised", supervised(source={**SOURCE, "layer": NUM_LAYERS + 1}), 422, "out of range"),
+    ("/v1/edits/supervised", supervised(source={**SOURCE, "token": 40}), 422, "token"),
+    ("/v1/edits/supervised", supervised(target_vector=[0.5] * (HIDDEN + 1)), 422, "hidden size"),
+    ("/v1/edits/supervised", supervised(target_vector=[1e39] * HIDDEN), 422, "float32"),
+    ("/v1/edits/supervised", supervised(target={"prompt": "a dog", "layer": 1, "token": 0}), 422, "exactly one"),
+    ("/v1/edits/supervised", supervised(target_vector=None), 422, "exactly one"),
+    ("/v1/edits/supervised", supervised(target_vector=None, target={"prompt": "a dog", "layer": 9, "token": 0}),
+     422, "layer 9"),
+    ("/v1/edits/supervised", supervised(epochs=51), 413, "epochs"),
+    ("/v1/edits/supervised", supervised(epochs=0), 422, "epochs"),
+    ("/v1/edits/supervised", supervised(lr=0), 422, "lr"),
+    ("/v1/edits/supervised", supervised(lr=-1e-3), 422, "lr"),
+    ("/v1/edits/supervised", supervised(lr=True), 422, "lr"),
+    ("/v1/edits/supervised", supervised(reference_texts=["a cat"] * 4), 413, "reference texts"),
+    ("/v1/edits/supervised", supervised(reference_texts=["a cat " * 10]), 413, "characters"),
+    ("/v1/edits/supervised", supervised(reference_texts=["   "]), 422, "empty"),
+    ("/v1/edits/supervised", supervised(anchor="sometimes"), 422, "anchor"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "detector": {"kind": "?"}}}),
+     422, "detector"),
+    ("/v1/edits/reinforce", reinforce(layer=0), 422, "layer 0"),
+    ("/v1/edits/reinforce", reinforce(judge={"type": "model", "model": "nobody-serves-this"}), 422, "judge.model"),
+    ("/v1/edits/reinforce", reinforce(judge={"type": "keywords"}), 422, "judge"),
+    ("/v1/edits/reinforce", reinforce(judge={"type": "model", "question": "no field"}), 422, "interpretation"),
+    ("/v1/edits/reinforce", reinforce(judge={"type": "oracle"}), 422, "judge"),
+    ("/v1/edits/reinforce", reinforce(k=NUM_LAYERS), 422, "k="),
+    ("/v1/edits/reinforce", reinforce(epochs=10_000), 413, "epochs"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_fields_are_refused_and_nothing_is_stored(env, server, path, body, status, words):
+    database_url, redis_url, model = env
+    with server.client() as http:
+        resp = http.post(path, json=body)
+    assert resp.status_code == status, resp.text
+    assert words in resp.text
+    assert count(database_url, Job) == count(database_url, Chunk) == 0
+    assert queued_messages(redis_url, model) == []
+
+
+def test_a_judge_on_another_served_model_is_not_supported_yet(env, server):
+    database_url, redis_url, model = env
+    other = "other-" + uuid.uuid4().hex[:8]
+    prepare_database(database_url, model=other)
+    with server.client() as http:
+        resp = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": other}))
+    assert resp.status_code == 422 and "not supported yet" in resp.text, resp.text
+    assert count(database_url, Job) == 0
