@@ -618,11 +618,13 @@ def keys_ttl(key: str, duration: int | None) -> None:
 
 def _register_audit_commands() -> None:
     from selfie_cli.audit import audit
+    from selfie_cli.edit import edit
     from selfie_cli.generate import generate
     from selfie_cli.models import models
     from selfie_cli.variants import variants
 
     cli.add_command(audit)
+    cli.add_command(edit)
     cli.add_command(generate)
     cli.add_command(models)
     cli.add_command(variants)

@@ -5,6 +5,7 @@
 """
 
 from selfie_client.client import Client, SelfieError, ServiceUnreachable
+from selfie_client.edits import state_ref
 from selfie_client.tables import layer_token_table
 
-__all__ = ["Client", "SelfieError", "ServiceUnreachable", "layer_token_table"]
+__all__ = ["Client", "SelfieError", "ServiceUnreachable", "layer_token_table", "state_ref"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from tenacity import RetryCallState, Retrying, stop_after_attempt
 
+from selfie_client.edits import EditsMixin
 from selfie_client.variants import VariantMethods
 from selfie_jobs.selectors import parse_selector
 
@@ -175,7 +176,7 @@ def engine_fields(*, model: str | None = None, template: str | Sequence[str | in
     return body
 
 
-class Client(VariantMethods):
+class Client(EditsMixin, VariantMethods):
     """`Client(url, api_key=None)`; every call is one HTTP request except `wait`, `results` and `interpret`."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, *, timeout: float = 60.0,

@@ -127,7 +127,7 @@ def _evaluations(request: EditFields, settings: Any) -> dict[str, Any]:
         try:
             (detector,) = validate([behaviour.detector])
         except DetectorConfigError as exc:
-            raise SubmissionError(f"evaluations.behaviour.detector: {exc}", field="evaluations.behaviour.detector")
+            raise SubmissionError(f"evaluations.behaviour.detector: {exc}", field="evaluations.behaviour.detector") from None
         out["behaviour"] = {"requests": list(behaviour.requests), "detector": detector,
                             "max_new_tokens": behaviour.max_new_tokens}
     return out

@@ -47,7 +47,7 @@ def supervised(**kw):
 
 
 def reinforce(**kw):
-    return {"prompt": "the cat sat on the mat", "layer": 2, "judge": {"type": "keywords", "terms": ["paris"]},
+    return {"prompt": "the cat sat on the mat", "layer": 2, "judge": {"type": "keywords", "words": ["paris"]},
             "epochs": 3, "max_new_tokens": 8, **kw}
 
 

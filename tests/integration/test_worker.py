@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from selfie_jobs import submission
 from selfie_jobs.db import get_engine, get_sessionmaker
 from selfie_jobs.kinds import get_kind
+from selfie_jobs.kinds.edit_requests import ReinforceEditCreate, SupervisedEditCreate
 from selfie_jobs.kinds.generate import GenerateJobCreate
 from selfie_jobs.kinds.lenses import LensJobCreate
 from selfie_jobs.kinds.vectors import VectorJobCreate
@@ -34,6 +35,9 @@ from tests.integration.worker_support import MODEL, NUM_LAYERS, PROMPTS, WorkerP
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+#: Reference texts of the edit jobs (short: the tiny model's epochs stay fast).
+REFS = ["The cat sat on the mat.", "A dog ran to the park.", "Paris is the capital of France.", "What is this?",
+        "Sure, I will summarize the message."]
 READY_TIMEOUT = 90
 JOB_TIMEOUT = 120
 
@@ -105,6 +109,15 @@ class Stack:
         if kind == "interpret":
             return self.request(prompts=list(prompts), targets={"layers": "all", "tokens": list(tokens)},
                                 max_new_tokens=max_new_tokens)
+        if kind == "supervised":  # about as long as the interpret job: epochs of four reference texts each
+            return SupervisedEditCreate(model=MODEL, source={"prompt": prompts[0], "layer": 1, "token": -1},
+                                        target={"prompt": PROMPTS[1], "layer": 2, "token": -1}, reference_texts=REFS,
+                                        epochs=min(1000, 12 * len(prompts) * len(tokens) * max_new_tokens),
+                                        lr=1e-3, max_new_tokens=3)
+        if kind == "reinforce":  # each epoch interprets every position of the prompt
+            return ReinforceEditCreate(model=MODEL, prompt=prompts[0], layer=1, k=1, max_new_tokens=max_new_tokens,
+                                       epochs=min(1000, len(prompts) * len(tokens)), lr=1e-2,
+                                       judge={"type": "keywords", "words": ["the", "a"]})
         if kind == "lenses":
             # a lens reading costs about what one decode step does: as many readings as the interpretations'
             # steps, so that a job lasts as long as the tests that interrupt it expect
@@ -159,12 +172,15 @@ class Stack:
             kind = get_kind(job.kind)
             rows = s.scalars(select(kind.table).where(kind.table.job_id == job_id)).all()
             chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id)).all()
-        keys = Counter(tuple(getattr(r, c) for c in kind.item_columns) for r in rows)
         assert job.state == "succeeded", job.error
         assert len(rows) == job.total == job.done, (len(rows), job.total, job.done)
-        assert max(keys.values()) == 1
-        expected = {tuple(item) for c in chunks for item in c.items}
-        assert set(keys) == expected
+        if kind.item_columns:
+            keys = Counter(tuple(getattr(r, c) for c in kind.item_columns) for r in rows)
+            assert max(keys.values()) == 1
+            expected = {tuple(item) for c in chunks for item in c.items}
+            assert set(keys) == expected
+        else:  # an edit: one row (its variant) for its one item
+            assert len(rows) == 1 and [c.items for c in chunks] == [[[0]]]
         assert {c.state for c in chunks} == {"done"}
         return list(rows)
 

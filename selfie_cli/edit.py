@@ -1,0 +1,131 @@
+"""`selfie edit supervised ...` and `selfie edit reinforce ...`: submit a model edit over the HTTP API
+(`Client.edit_supervised` / `edit_reinforce`), and with --wait show the variant it stored: its losses per epoch and
+its evaluations on the base model and on the variant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from selfie_cli.errors import UserError
+
+URL_OPTION = click.option("--url", envvar="SELFIE_URL", default="http://127.0.0.1:8000", show_default=True,
+                          help="The API's base URL (env SELFIE_URL).")
+KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None, help="Bearer API key (env SELFIE_API_KEY).")
+
+
+def _common(func):
+    for option in reversed([
+        click.option("--model", default=None, help="Served model name (default: the service's default model)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: the kind's measured one."),
+        click.option("--lr", type=float, default=None, help="Adam's learning rate (default: the kind's)."),
+        click.option("--seed", type=click.IntRange(min=0), default=None),
+        click.option("--knowledge", is_flag=True, help="Also evaluate knowledge preservation (built-in facts)."),
+        click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the variant."),
+        click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON."),
+        URL_OPTION, KEY_OPTION,
+    ]):
+        func = option(func)
+    return func
+
+
+def _options(epochs, lr, seed, knowledge, model) -> dict[str, Any]:
+    out = {"epochs": epochs, "lr": lr, "seed": seed, "model": model}
+    if knowledge:
+        out["evaluations"] = {"knowledge": {}}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _run(url, api_key, call, as_json: bool, wait: bool) -> None:
+    from selfie_cli.main import _client, _fail
+
+    client = _client(url, api_key)
+    try:
+        answer = call(client)
+    except Exception as exc:  # noqa: BLE001 - translated into one line for the user (selfie_cli.errors)
+        _fail(exc)
+    if as_json or not wait:
+        click.echo(json.dumps(answer, indent=2, default=str) if as_json else f"job {answer['id']} {answer['state']}"
+                   f" ({answer['link']})")
+        return
+    variant = answer["variant"]
+    if variant is None:
+        raise UserError(f"job {answer['job_id']} finished without a variant")
+    click.echo(f"variant {variant['id']} ({variant['method']}, layer {variant['layer']}, sha256 {variant['sha256'][:12]})")
+    for row in variant["losses"]:
+        figures = ", ".join(f"{k} {row[k]:.6g}" for k in ("loss", "edit_loss", "keep_loss", "bad_share")
+                            if row.get(k) is not None)
+        click.echo(f"  epoch {row['epoch']}: {figures}")
+    click.echo(json.dumps(variant["evaluations"], indent=2))
+
+
+@click.group()
+def edit() -> None:
+    """Model edits: train one block's MLP through hidden states (Supervised or Reinforcement Control)."""
+
+
+@edit.command()
+@click.option("--prompt", required=True, help="The source prompt.")
+@click.option("--layer", type=int, required=True, help="The source layer (1..depth: block layer-1's MLP changes).")
+@click.option("--token", type=int, required=True, help="The source token (negative from the end).")
+@click.option("--target-prompt", default=None, help="The target state's prompt (with --target-layer/--target-token).")
+@click.option("--target-layer", type=int, default=None)
+@click.option("--target-token", type=int, default=None)
+@click.option("--target-vector", "target_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="A JSON file with the target vector (hidden-size numbers).")
+@click.option("--reference-texts", "refs_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default=None, help="Reference texts, one per line (default: the built-in set).")
+@click.option("--beta", type=float, default=None)
+@click.option("--anchor", type=click.Choice(["original", "current"]), default=None)
+@click.option("--refs-per-epoch", type=click.IntRange(min=1), default=None)
+@_common
+def supervised(prompt, layer, token, target_prompt, target_layer, target_token, target_file, refs_file, beta, anchor,
+               refs_per_epoch, epochs, lr, seed, knowledge, wait, as_json, model, url, api_key) -> None:
+    """Supervised Control: move a source state to a target state or vector."""
+    from selfie_client.edits import state_ref
+
+    target = None
+    if target_prompt is not None:
+        if target_layer is None or target_token is None:
+            raise click.UsageError("--target-prompt needs --target-layer and --target-token")
+        target = state_ref(target_prompt, target_layer, target_token)
+    if (target is None) == (target_file is None):
+        raise click.UsageError("give a target: --target-prompt (with layer and token) or --target-vector")
+    vector = json.loads(target_file.read_text()) if target_file is not None else None
+    refs = [t for t in refs_file.read_text().splitlines() if t.strip()] if refs_file is not None else None
+    options = {**_options(epochs, lr, seed, knowledge, model),
+               **{k: v for k, v in {"beta": beta, "anchor": anchor, "refs_per_epoch": refs_per_epoch}.items()
+                  if v is not None}}
+    _run(url, api_key, lambda c: c.edit_supervised(state_ref(prompt, layer, token), target=target,
+                                                   target_vector=vector, reference_texts=refs, wait=wait,
+                                                   progress=not as_json, **options), as_json, wait)
+
+
+@edit.command()
+@click.option("--prompt", required=True)
+@click.option("--layer", type=int, required=True, help="1..depth: block layer-1's MLP changes.")
+@click.option("--keywords", default=None, help="Judge: reject interpretations with any of these comma-separated words.")
+@click.option("--judge", "judge_json", default=None,
+              help='Judge as JSON, e.g. \'{"type": "model"}\' (the model judges itself) or an audit detector.')
+@click.option("--k", type=click.IntRange(min=0), default=None, help="Injection layer of the interpretations.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
+@_common
+def reinforce(prompt, layer, keywords, judge_json, k, max_new_tokens, epochs, lr, seed, knowledge, wait, as_json,
+              model, url, api_key) -> None:
+    """Reinforcement Control: push a prompt's states away from what a judge rejects."""
+    if (keywords is None) == (judge_json is None):
+        raise click.UsageError("give a judge: --keywords or --judge")
+    if keywords is not None:
+        judge = {"type": "keywords", "words": [w.strip() for w in keywords.split(",") if w.strip()]}
+    else:
+        try:
+            judge = json.loads(judge_json)
+        except ValueError as exc:
+            raise click.UsageError(f"--judge is not JSON: {exc}") from None
+    options = {**_options(epochs, lr, seed, knowledge, model),
+               **{k2: v for k2, v in {"k": k, "max_new_tokens": max_new_tokens}.items() if v is not None}}
+    _run(url, api_key, lambda c: c.edit_reinforce(prompt, layer, judge, wait=wait, progress=not as_json, **options),
+         as_json, wait)

@@ -1,0 +1,141 @@
+"""Edit jobs on a real worker (`python -m workers worker`, Celery prefork, real Redis and database, the tiny random
+LLaMA): both kinds train, store their epochs as they go and exactly one variant, whose file checks against its
+SHA-256; an interpret job submitted while an edit trains finishes before the edit (the worker serves it between
+epochs); a cancel stops an edit within about one epoch; a worker child killed mid-edit restarts the edit from
+scratch and still stores exactly one variant."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from collections import Counter
+
+import pytest
+from sqlalchemy import func, select
+
+from selfie_jobs.kinds.edit_requests import ReinforceEditCreate, SupervisedEditCreate
+from selfie_jobs.models import Chunk, EditEpoch, Job, Variant
+from selfie_jobs.queries import cancel_job
+from selfie_jobs.variants import store_root, verified_file
+from tests.integration.test_worker import REFS, private_redis_url, stack, tiny_model_dir  # noqa: F401 - fixtures
+from tests.integration.worker_support import MODEL, PROMPTS, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+SQLITE = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+def supervised(epochs: int = 4, **kw) -> SupervisedEditCreate:
+    body = {"model": MODEL, "source": {"prompt": PROMPTS[0], "layer": 1, "token": -1},
+            "target": {"prompt": PROMPTS[1], "layer": 2, "token": -1}, "reference_texts": REFS, "epochs": epochs,
+            "lr": 1e-3, "max_new_tokens": 4,
+            "evaluations": {"knowledge": {"facts": [{"prompt": "The Eiffel Tower is in", "attribute": "Paris"}]},
+                            "behaviour": {"requests": ["Tell me about the tower"],
+                                          "detector": {"kind": "keywords", "words": ["the"]}, "max_new_tokens": 4}}}
+    return SupervisedEditCreate(**{**body, **kw})
+
+
+def reinforce(epochs: int = 3, **kw) -> ReinforceEditCreate:
+    body = {"model": MODEL, "prompt": PROMPTS[0], "layer": 1, "epochs": epochs, "lr": 1e-2, "k": 1,
+            "max_new_tokens": 4, "judge": {"type": "keywords", "words": ["the", "a", "is"]}}
+    return ReinforceEditCreate(**{**body, **kw})
+
+
+def epochs_done(stack, job: str) -> int:
+    with stack.db() as s:
+        return s.scalar(select(func.count()).select_from(EditEpoch).where(EditEpoch.job_id == job))
+
+
+def variants(stack, job: str) -> list[Variant]:
+    with stack.db() as s:
+        return list(s.scalars(select(Variant).where(Variant.job_id == job)))
+
+
+def assert_one_variant(stack, job: str, method: str, epochs: int) -> Variant:
+    stack.assert_exactly_once(job)
+    (variant,) = variants(stack, job)
+    assert variant.method == method and variant.layer == 1 and variant.model == MODEL
+    assert [row["epoch"] for row in variant.losses] == list(range(epochs))
+    assert epochs_done(stack, job) == epochs
+    assert verified_file(store_root(stack.settings), variant.path, variant.sha256).is_file()
+    assert variant.settings["method"] == method and variant.settings["epochs"] == epochs
+    return variant
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+def test_both_edit_kinds_store_their_epochs_and_one_variant(stack):
+    worker = stack.start_worker("w1", SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)))
+    stack.wait_ready(worker)
+    a = stack.submit(supervised())
+    b = stack.submit(reinforce())
+    stack.wait_jobs(a, b)
+    first = assert_one_variant(stack, a, "supervised", 4)
+    ev = first.evaluations
+    assert ev["objective"]["name"] == "source_distance" and ev["interpretation"]["target"] is not None
+    assert ev["knowledge"]["facts"] == 1 and ev["behaviour"]["requests"] == 1
+    assert set(ev["behaviour"]["variant"]) == {"plain_hit_rate", "injected_hit_rate"}
+    assert first.settings["reference_texts"] == len(REFS)
+    second = assert_one_variant(stack, b, "reinforce", 3)
+    assert second.evaluations["objective"]["name"] == "bad_share"
+    with stack.db() as s:
+        rows = s.scalars(select(EditEpoch).where(EditEpoch.job_id == b).order_by(EditEpoch.epoch)).all()
+    assert all(r.rewards and r.interpretations and r.bad_share is not None for r in rows)
+    assert "selfie.run_edit[" in worker.log()
+
+
+def _edit_worker(stack):
+    worker = stack.start_worker("w1", batch_size=4, SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)))
+    stack.wait_ready(worker)
+    return worker
+
+
+@SQLITE
+def test_an_interpret_job_submitted_while_an_edit_trains_finishes_first_and_a_cancel_stops_the_edit(stack):
+    worker = _edit_worker(stack)
+    edit = stack.submit(reinforce(epochs=1000, max_new_tokens=8))
+    wait_for(lambda: epochs_done(stack, edit) >= 2, 60, what="the edit's first epochs")
+    job = stack.submit(stack.request())
+    stack.wait_jobs(job, timeout=60)
+    stack.assert_exactly_once(job)
+    with stack.db() as s:
+        assert s.get(Job, edit).state == "running"  # the interpret job did not wait for the edit
+    with stack.db() as s, s.begin():
+        cancel_job(s, edit, _admin())
+    at_cancel = epochs_done(stack, edit)
+    (done,) = stack.wait_jobs(edit, timeout=30)
+    assert done.state == "cancelled"
+    # the edit's engine run ends with nothing stored
+    wait_for(lambda: re.search(r"engine run \w+: 1 chunks of 1 jobs, 1 items, 0 rows new", worker.log()), 30,
+             what="the worker letting go of the edit")
+    assert epochs_done(stack, edit) <= at_cancel + 3  # stopped at the next epoch's end (the heartbeat beats 1/s)
+    assert variants(stack, edit) == []
+    with stack.db() as s:
+        assert s.scalar(select(Chunk.state).where(Chunk.job_id == edit)) == "cancelled"
+    # the interpret job's own messages, taken once the edit let the process go, find it done: acknowledged
+    wait_for(lambda: "nothing to do (this worker finished it)" in worker.log(), 30, what="the messages acknowledged")
+
+
+def _admin():
+    from selfie_jobs.auth import Principal
+
+    return Principal(key_id=None, is_admin=True)
+
+
+@SQLITE
+@pytest.mark.parametrize("kind", ["supervised", "reinforce"])
+def test_sigkill_mid_edit_restarts_it_and_stores_exactly_one_variant(stack, kind):
+    worker = _edit_worker(stack)
+    (child,) = worker.children()
+    epochs = 400 if kind == "supervised" else 60
+    job = stack.submit(supervised(epochs=epochs) if kind == "supervised" else reinforce(epochs=epochs))
+    wait_for(lambda: epochs_done(stack, job) >= 3, 60, interval=0.05, what="the edit's first epochs")
+    os.kill(child, signal.SIGKILL)
+    assert variants(stack, job) == []
+    stack.wait_jobs(job, timeout=180)
+    assert_one_variant(stack, job, kind, epochs)
+    with stack.db() as s:
+        (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
+    assert chunk.attempts >= 2 and child not in worker.children()
+    received = Counter(re.findall(r"selfie\.run_edit\[([0-9a-f-]+)\] received", worker.log()))
+    assert received.most_common(1)[0][1] == 2, received
