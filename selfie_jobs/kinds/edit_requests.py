@@ -123,18 +123,26 @@ class SupervisedEditCreate(EditFields):
         return self
 
 
-class DetectorJudge(BaseModel):
-    """A deterministic judge: -1 when the detector (an audit detector: keywords, regex or concepts, with that
-    kind's fields) finds anything in an interpretation, `clean` (+1, or 0) otherwise."""
+Terms = Annotated[list[Annotated[SafeStr, Field(min_length=1, max_length=1_000)]], Field(min_length=1, max_length=1_000)]
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+class DetectorJudge(_Strict):
+    """A deterministic judge: -1 when the detector (an audit detector, `selfie_jobs.audit_detectors`: `words` for
+    keywords, `patterns` for regex, `concepts` for concepts) finds anything in an interpretation, `clean` (+1, or 0)
+    otherwise."""
 
     type: Literal["keyword", "keywords", "regex", "concept", "concepts"]
-    clean: Literal[0, 1] = 1
+    words: Terms | None = None
+    patterns: Terms | None = None
+    concepts: dict[Annotated[SafeStr, Field(max_length=200)], Terms] | Terms | None = None
+    clean: Annotated[Int, Field(ge=0, le=1)] = Field(1, description="The reward of a clean interpretation: 1, or 0 "
+                                                    "to push only the rejected states.")
 
     def detector_config(self) -> dict[str, Any]:
         kind = {"keyword": "keywords", "concept": "concepts"}.get(self.type, self.type)
-        return {**(self.model_extra or {}), "kind": kind}
+        fields = {k: v for k, v in {"words": self.words, "patterns": self.patterns, "concepts": self.concepts}.items()
+                  if v is not None}
+        return {"kind": kind, **fields}
 
 
 class ModelJudge(_Strict):

@@ -30,10 +30,16 @@ BASE_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/jobs/vectors"): {"vectors": [[0.5] * 16], "labels": ["a"]},  # the tiny card's hidden size
     ("post", "/v1/jobs/lenses"): {"prompts": ["the cat"], "top_k": 3, "lenses": ["logit"]},
     ("post", "/v1/jobs/generate"): {"prompts": ["the cat"], "chat": False, "max_new_tokens": 4},  # no chat template
+    ("post", "/v1/jobs/supervised"): {"source": {"prompt": "the cat", "layer": 1, "token": -1},
+                                      "target_vector": [0.5] * 16, "epochs": 2},
+    ("post", "/v1/jobs/reinforce"): {"prompt": "the cat", "layer": 1, "judge": {"type": "keywords", "words": ["cat"]},
+                                     "epochs": 2, "max_new_tokens": 8},
     ("post", "/v1/audits"): {"name": "a", "prompt_set": "ethical_decisions",
                              "detectors": [{"kind": "keywords", "words": ["cat"]}]},
     ("patch", "/v1/audits/{audit_id}"): {},
 }
+BASE_BODIES[("post", "/v1/edits/supervised")] = BASE_BODIES[("post", "/v1/jobs/supervised")]
+BASE_BODIES[("post", "/v1/edits/reinforce")] = BASE_BODIES[("post", "/v1/jobs/reinforce")]
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -208,7 +208,8 @@ def test_the_write_paths_compiled_insert_binds_every_value(sqlite_url):
         with Session(engine) as session:
             for kind in all_kinds().values():
                 table = kind.table.__table__
-                columns = tuple(c.name for c in table.columns if c.name != "id")
+                # every column but a key the database makes (an edit's variant id is made by the worker)
+                columns = tuple(c.name for c in table.columns if not (c.primary_key and c.default is None))
                 compiled = bulk_insert(session, table, columns, ("job_id",))  # compiled only, never run
                 assert compiled.sql.count("?") == len(columns), compiled.sql
                 assert "'" not in compiled.sql and '"' not in compiled.sql.replace('"index"', ""), compiled.sql

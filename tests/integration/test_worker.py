@@ -116,7 +116,7 @@ class Stack:
                                         lr=1e-3, max_new_tokens=3)
         if kind == "reinforce":  # each epoch interprets every position of the prompt
             return ReinforceEditCreate(model=MODEL, prompt=prompts[0], layer=1, k=1, max_new_tokens=max_new_tokens,
-                                       epochs=min(1000, len(prompts) * len(tokens)), lr=1e-2,
+                                       epochs=min(1000, 6 * len(prompts) * len(tokens)), lr=1e-2,
                                        judge={"type": "keywords", "words": ["the", "a"]})
         if kind == "lenses":
             # a lens reading costs about what one decode step does: as many readings as the interpretations'

@@ -1,4 +1,5 @@
-"""A real worker under faults: out of memory, a CUDA device-side error, a job the engine rejects, SIGTERM.
+"""A real worker under faults: out of memory, a CUDA device-side error, a job the engine rejects, SIGTERM, a
+database outage and a Redis flush (these two for every job kind, the edits included).
 
 OOM and device errors are injected (`--inject-fault`, workers.faults) since the tests run on CPU; everything
 else (Celery prefork, Redis redelivery, the database) is real.
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from selfie_jobs.models import Chunk, Job, Worker
+from selfie_jobs.queue import EDIT_KINDS
 from tests.integration.test_worker import private_redis_url, stack, tiny_model_dir  # noqa: F401 - fixtures
 from tests.integration.worker_support import MODEL, PROMPTS, wait_for
 
@@ -117,6 +119,15 @@ def _submit_long_job(stack, max_new_tokens: int, kind: str = "interpret") -> str
     return stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2, 3), max_new_tokens=max_new_tokens))
 
 
+def _epochs(stack, job: str) -> int:
+    from sqlalchemy import func
+
+    from selfie_jobs.models import EditEpoch
+
+    with stack.db() as s:
+        return s.scalar(select(func.count()).select_from(EditEpoch).where(EditEpoch.job_id == job))
+
+
 def _wait_running_chunk(stack, job: str) -> int:
     def running():
         with stack.db() as s:
@@ -141,7 +152,7 @@ def test_sigterm_finishes_the_running_chunk_before_exiting(stack):
 
 
 @pytest.mark.parametrize("database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate", "supervised", "reinforce"])
 def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admin_url, kind):
     import time
 
@@ -162,7 +173,10 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
                 query = query.where(table.created_at > since)
             return s.scalar(query)
 
-    wait_for(rows, 60, interval=0.05, what="the first rows")
+    if kind in EDIT_KINDS:  # an edit stores its variant at the end: its first epochs show it is under way
+        wait_for(lambda: _epochs(stack, job) >= 2, 60, interval=0.05, what="the edit's first epochs")
+    else:
+        wait_for(rows, 60, interval=0.05, what="the first rows")
     name = make_url(stack.url).database
     admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
     log_before = len(worker.log())
@@ -191,7 +205,7 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
 
 
 @SQLITE
-@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate"])
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "lenses", "generate", "supervised", "reinforce"])
 def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
     import redis as redis_client
 
@@ -204,13 +218,16 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
                             cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         job = _submit_long_job(stack, max_new_tokens=12, kind=kind)
+        # an edit is one chunk: a second edit waits queued behind it (edits are not served between epochs)
+        jobs = [job, _submit_long_job(stack, max_new_tokens=12, kind=kind)] if kind in EDIT_KINDS else [job]
         _wait_running_chunk(stack, job)
         redis_client.Redis.from_url(stack.redis_url).flushall()  # every queued message is gone
         with stack.db() as s:
-            queued = s.scalars(select(Chunk.id).where(Chunk.job_id == job, Chunk.state == "queued")).all()
+            queued = s.scalars(select(Chunk.id).where(Chunk.job_id.in_(jobs), Chunk.state == "queued")).all()
         assert queued, "the job finished before the flush; make it bigger"
-        stack.wait_jobs(job)
-        stack.assert_exactly_once(job)
+        stack.wait_jobs(*jobs)
+        for one in jobs:
+            stack.assert_exactly_once(one)
         assert "reconcile: re-sent" in worker.log()
     finally:
         os.killpg(beat.pid, signal.SIGTERM)

@@ -98,3 +98,13 @@ def test_a_cancel_stops_the_edit_within_one_epoch(llama32, tokenizer, tmp_path):
     out = list(EditRunner(engine).bound(recorder.context).stream([ITEM], _supervised_spec(target, "original", 50)))
     assert out == [] and len(recorder.epochs) == 3
     assert not (tmp_path / "variants").exists()  # nothing saved for a cancelled edit
+
+
+def test_the_request_defaults_are_the_cores_measured_ones():
+    from selfie_core import edits, judges
+    from selfie_jobs.kinds import edit_requests
+
+    assert edit_requests.SUPERVISED_DEFAULTS == edits.SUPERVISED_DEFAULTS
+    assert edit_requests.REINFORCE_DEFAULTS == edits.REINFORCE_DEFAULTS
+    assert (edit_requests.HARMFUL_QUESTION, edit_requests.ANSWER_PREFIX) == (judges.HARMFUL_QUESTION,
+                                                                               judges.ANSWER_PREFIX)
