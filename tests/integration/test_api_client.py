@@ -320,3 +320,30 @@ def test_cli_lenses_and_search(stack):
     assert [r["job_id"] for r in csv.DictReader(io.StringIO(listed.stdout))] == [done.attrs["job_id"]]
     refused = _cli("search", "* -", *url)
     assert refused.returncode != 0 and "no words" in refused.stderr
+
+
+def test_client_and_cli_edits_return_the_variant(stack):
+    from click.testing import CliRunner
+
+    from selfie_cli.main import cli
+    from selfie_client import state_ref
+
+    with Client(stack.url) as client:
+        out = client.edit_reinforce("The Eiffel Tower is located in Paris.", 1, {"type": "keywords", "words": ["the"]},
+                                    epochs=2, k=1, max_new_tokens=4, progress=False, timeout=120)
+        assert out["variant"]["method"] == "reinforce" and [e["epoch"] for e in out["epochs"]] == [0, 1]
+        assert out["variant"]["evaluations"]["objective"]["name"] == "bad_share"
+        accepted = client.edit_supervised(state_ref("The quick brown fox", 2, -1), target_vector=[0.1] * 32,
+                                          reference_texts=["a cat sat"], epochs=2, wait=False)
+        assert accepted["kind"] == "supervised" and accepted["state"] == "queued"
+        with pytest.raises(SelfieError, match="layer 0"):
+            client.edit_supervised(state_ref("The quick brown fox", 0, -1), target_vector=[0.1] * 32, wait=False)
+    result = CliRunner().invoke(cli, ["edit", "supervised", "--url", stack.url, "--prompt", "The quick brown fox",
+                                      "--layer", "1", "--token", "-1", "--target-prompt", "A cat sat",
+                                      "--target-layer", "2", "--target-token", "-1", "--epochs", "3"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "variant " in result.output and "epoch 2: loss" in result.output and "source_distance" in result.output
+    refused = CliRunner().invoke(cli, ["edit", "reinforce", "--url", stack.url, "--prompt", "a cat", "--layer", "9", "--k", "1",
+                                       "--keywords", "cat"])
+    assert refused.exit_code != 0 and "layer 9" in refused.output

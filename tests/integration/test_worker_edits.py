@@ -139,3 +139,28 @@ def test_sigkill_mid_edit_restarts_it_and_stores_exactly_one_variant(stack, kind
     assert chunk.attempts >= 2 and child not in worker.children()
     received = Counter(re.findall(r"selfie\.run_edit\[([0-9a-f-]+)\] received", worker.log()))
     assert received.most_common(1)[0][1] == 2, received
+
+
+@SQLITE
+def test_the_heartbeat_keeps_a_long_edits_lease(stack):
+    import time
+
+    from selfie_jobs.chunks import as_utc
+    from selfie_jobs.models import utcnow
+
+    worker = stack.start_worker("w1", SELFIE_LEASE_SECONDS="5",
+                                SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)))
+    stack.wait_ready(worker)
+    edit = stack.submit(reinforce(epochs=1000, max_new_tokens=8))
+    wait_for(lambda: epochs_done(stack, edit) >= 1, 60, what="the edit's first epoch")
+    started = time.monotonic()
+    while time.monotonic() - started < 12:  # over twice the lease
+        with stack.db() as s:
+            chunk = s.scalars(select(Chunk).where(Chunk.job_id == edit)).one()
+            assert chunk.state == "running" and as_utc(chunk.lease_expires_at) > utcnow(), "the lease ran out"
+        time.sleep(0.5)
+    with stack.db() as s, s.begin():
+        cancel_job(s, edit, _admin())
+    stack.wait_jobs(edit, timeout=30)
+    with stack.db() as s:
+        assert s.scalars(select(Chunk.attempts).where(Chunk.job_id == edit)).one() == 1
