@@ -221,9 +221,14 @@ def _edit_context(runtime, sender: TaskSender | None) -> Any:
         if chunk_id is None:
             return
         try:
-            run_chunk(runtime, chunk_id, sender)
+            summary = run_chunk(runtime, chunk_id, sender)
+        except SoftTimeLimitExceeded:
+            raise  # the edit's own time limit: its task hands the edit back
         except Exception:  # noqa: BLE001 - that run handed its chunks back and logged why; the edit goes on
             log.warning("chunk %s, run between an edit's epochs, failed; the edit goes on", chunk_id)
+            return
+        if summary.get("timed_out"):  # the limit fired inside that run, which handed its chunks back
+            raise SoftTimeLimitExceeded()
 
     return EditContext(store_epoch=store_epoch, job_closed=runtime.watch.is_closed, serve_others=serve_others,
                        store_root=store_root(settings))
