@@ -24,5 +24,4 @@ def build_runners(engine: Any, batch_size: int | None, watch: Any = None) -> dic
     return {kind: cls(engine, batch_size, watch) for kind, cls in RUNNERS.items()}
 
 
-                                          "lenses": LensRunner, "generate": GenerateRunner, "supervised": EditRunner,
-                                          "reinforce": EditRunner}
+__all__ = ["RUNNERS", "EditRunner", "EngineRunner", "GenerateRunner", "LensRunner", "VectorRunner", "build_runners"]
