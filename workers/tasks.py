@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import select
 
 from selfie_jobs import baselines
 from selfie_jobs import chunks as chunk_ops
@@ -33,7 +34,7 @@ from selfie_jobs.queue import (EDIT_KINDS, RECONCILE_TASK, RUN_CHUNK_TASK, RUN_E
                                send_chunk)
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
-from selfie_jobs.states import JobState
+from selfie_jobs.states import FINAL_JOB_STATES, JobState
 from selfie_jobs.variants import variant_refs
 from workers import batcher
 from workers.sink import DbSink
@@ -205,12 +206,14 @@ def _edit_context(runtime, sender: TaskSender | None) -> Any:
 
     settings = runtime.settings
 
-    def store_epoch(job_id: str, row: dict[str, Any]) -> None:
-        # upserted: an edit restarted from scratch writes its epochs again
-        def unit(session) -> None:
+    def store_epoch(job_id: str, row: dict[str, Any]) -> bool:
+        """Upsert the epoch's row (an edit restarted from scratch writes its epochs again); returns whether the job
+        is still open, read in the same transaction: a cancel stops the edit at the end of the epoch it lands in."""
+        def unit(session) -> bool:
             session.merge(EditEpoch(job_id=job_id, **row))
+            return session.scalar(select(Job.state).where(Job.id == job_id)) not in FINAL_JOB_STATES
 
-        unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
+        return unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
 
     def serve_others() -> None:
         """At most one engine run of other kinds' queued chunks of this model (and their companions): no job

@@ -4,8 +4,9 @@ artifact store.
 
 Invariants:
 - the resident model's weights never change (the edit trains a copy, swapped in only for its own computations);
-- after each epoch its row goes to `edit_epochs` (the job's progress), a cancel of the job is looked for (the
-  heartbeat fills the worker's `BatchWatch`), and the task layer may run one engine run of other jobs' queued work
+- after each epoch its row goes to `edit_epochs` (the job's progress) and the job's state is read in the same
+  transaction (a cancel stops the edit at the end of the epoch it lands in; the heartbeat's `BatchWatch` is looked
+  at too, after other work), and the task layer may run one engine run of other jobs' queued work
   of this model (`EditContext.serve_others`), so no job waits for a whole edit;
 - the variant's file is named by its content (`workers.variants.save_edit`): an edit restarted from scratch never
   changes a stored file; the result (one per job) is stored by the normal write path with the chunk marked done.
@@ -32,7 +33,7 @@ ANSWER_TOKENS = 50
 class EditContext:
     """What the task layer lends one edit: the database (epoch rows), the cancel check, other work, the store."""
 
-    store_epoch: Callable[[str, dict[str, Any]], None]
+    store_epoch: Callable[[str, dict[str, Any]], bool]  # stores an epoch's row; False once the job is closed
     job_closed: Callable[[str], bool]
     serve_others: Callable[[], None]
     store_root: Path
@@ -133,9 +134,9 @@ class EditRunner(EngineRunner):
         losses: list[dict[str, Any]] = []
         for report in run:
             row = epoch_row(report)
-            ctx.store_epoch(job_id, row)
+            still_open = ctx.store_epoch(job_id, row)
             losses.append({k: row[k] for k in ("epoch", "loss", "edit_loss", "keep_loss", "bad_share")})
-            if ctx.job_closed(job_id):
+            if not still_open or ctx.job_closed(job_id):
                 return  # cancelled: nothing is stored (the batcher closes the chunk as the job's state says)
             if len(losses) < run.epochs:
                 ctx.serve_others()

@@ -30,10 +30,12 @@ class Recorder:
         self.epochs: list[dict] = []
         self.served = 0
         self.close_after = close_after
-        self.context = EditContext(store_epoch=lambda job, row: self.epochs.append(row),
-                                   job_closed=lambda job: self.close_after is not None
-                                   and len(self.epochs) >= self.close_after,
-                                   serve_others=self.serve, store_root=root)
+        self.context = EditContext(store_epoch=self.store, job_closed=lambda job: False, serve_others=self.serve,
+                                   store_root=root)
+
+    def store(self, job, row):
+        self.epochs.append(row)
+        return self.close_after is None or len(self.epochs) < self.close_after
 
     def serve(self):
         self.served += 1
