@@ -85,6 +85,13 @@ class EditFields(EngineJobFields):
     seed: Seed = 0
     evaluations: EditEvaluations = Field(default_factory=EditEvaluations)
 
+    @model_validator(mode="after")
+    def _from_the_base(self) -> EditFields:
+        # an edit trains a copy of the model's own MLP; edits of a variant (stacked edits) are not offered
+        if self.variant is not None:
+            raise ValueError("an edit starts from the model's own weights: 'variant' is not taken by edits")
+        return self
+
 
 class SupervisedEditCreate(EditFields):
     """Supervised Control: move the state (source.prompt, source.layer, source.token) to a target vector, by

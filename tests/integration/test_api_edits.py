@@ -100,6 +100,7 @@ BAD = [
     ("/v1/edits/supervised", supervised(anchor="sometimes"), 422, "anchor"),
     ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "detector": {"kind": "?"}}}),
      422, "detector"),
+    ("/v1/edits/supervised", supervised(variant="0" * 32), 422, "variant"),
     ("/v1/edits/reinforce", reinforce(layer=0), 422, "layer 0"),
     ("/v1/edits/reinforce", reinforce(judge={"type": "model", "model": "nobody-serves-this"}), 422, "judge.model"),
     ("/v1/edits/reinforce", reinforce(judge={"type": "keywords"}), 422, "judge"),
