@@ -82,6 +82,9 @@ def test_both_edit_kinds_store_their_epochs_and_one_variant(stack):
         rows = s.scalars(select(EditEpoch).where(EditEpoch.job_id == b).order_by(EditEpoch.epoch)).all()
     assert all(r.rewards and r.interpretations and r.bad_share is not None for r in rows)
     assert "selfie.run_edit[" in worker.log()
+    on_variant = stack.submit(stack.request(variant=first.id))  # the stored variant serves interpretations
+    stack.wait_jobs(on_variant)
+    stack.assert_exactly_once(on_variant)
 
 
 def _edit_worker(stack):
