@@ -233,8 +233,16 @@ def _edit_context(runtime, sender: TaskSender | None) -> Any:
         if summary.get("timed_out"):  # the limit fired inside that run, which handed its chunks back
             raise SoftTimeLimitExceeded()
 
+    def generate(model: str, prompts, max_new_tokens: int, item) -> list[str]:
+        from workers.subjobs import generate_on
+
+        payload = item.payload or {}
+        return generate_on(runtime, sender, model=model, prompts=prompts, max_new_tokens=max_new_tokens,
+                           parent_job=item.job_id, owner_key_id=payload.get("owner_key_id"),
+                           priority=payload.get("priority", 5), serve_others=serve_others)
+
     return EditContext(store_epoch=store_epoch, job_closed=runtime.watch.is_closed, serve_others=serve_others,
-                       store_root=store_root(settings))
+                       store_root=store_root(settings), generate=generate if sender is not None else None)
 
 
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:

@@ -158,7 +158,8 @@ class ModelJudge(_Strict):
 
     type: Literal["model"]
     model: Annotated[SafeStr, Field(min_length=1, max_length=200)] | None = Field(
-        None, description="A served model; default: the edited model's own base.")
+        None, description="A served model; default: the edited model's own base (judged in the edit's worker); "
+                          "another served model answers through generate jobs on its own queue.")
     question: Annotated[SafeStr, Field(min_length=1, max_length=10_000)] = HARMFUL_QUESTION
     assistant_prefix: Annotated[SafeStr, Field(max_length=1_000)] = ANSWER_PREFIX
     accept: Annotated[SafeStr, Field(min_length=1, max_length=100)] = "0"
@@ -169,6 +170,11 @@ class ModelJudge(_Strict):
     def _has_field(self) -> ModelJudge:
         if "{interpretation}" not in self.question:
             raise ValueError("the question needs an {interpretation} field for the text judged")
+        try:
+            self.question.format(interpretation="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"the question has a field other than {{interpretation}} ({exc}); write a literal "
+                             "brace as {{ or }}") from None
         return self
 
 

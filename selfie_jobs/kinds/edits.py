@@ -164,12 +164,12 @@ class _EditKind(JobKind):
 
     def load_inputs(self, session: Session, chunks: Sequence[Any]) -> dict[Any, Any]:
         jobs = sorted({c.job_id for c in chunks})
-        owners = session.execute(select(Job.id, Job.owner_key_id).where(Job.id.in_(jobs))).all()
-        return {("owner", job_id): owner for job_id, owner in owners}
+        rows = session.execute(select(Job.id, Job.owner_key_id, Job.priority).where(Job.id.in_(jobs))).all()
+        return {("edit", job_id): {"owner_key_id": owner, "priority": priority} for job_id, owner, priority in rows}
 
     def work_inputs(self, chunk: Any, inputs: dict[Any, Any]) -> list[WorkInput]:
-        return [WorkInput(tuple(item), "", {"owner_key_id": inputs.get(("owner", chunk.job_id))})
-                for item in chunk.items]
+        # the job's key owns its variant (and any sub-job it submits); sub-jobs run at its priority
+        return [WorkInput(tuple(item), "", inputs.get(("edit", chunk.job_id)) or {}) for item in chunk.items]
 
     def row_from(self, result: Any) -> VariantRow:
         return VariantRow(variant_id=result.variant_id, owner_key_id=result.owner_key_id, method=self.name,
@@ -270,13 +270,17 @@ class ReinforceKind(_EditKind):
             return {"type": "detector", "detector": detector, "clean": judge.clean}
         out = judge.model_dump()
         out["model"] = judge.model or model
-        if out["model"] != model:
+        out["remote"] = out["model"] != model
+        if out["remote"]:
+            # Served by other workers: the worker asks it through `generate` jobs on its queue, checked here as one.
+            from selfie_jobs.kinds import get_kind
+            from selfie_jobs.kinds.generate import GenerateJobCreate
+
+            sample = GenerateJobCreate(model=out["model"], chat=True, max_new_tokens=judge.max_new_tokens,
+                                       prompts=[judge.question.format(interpretation="an interpretation")])
             try:
                 load_card(session, out["model"], settings.worker_alive_seconds)
+                get_kind("generate").prepare(session, sample, settings)
             except SubmissionError as exc:
                 raise SubmissionError(f"judge.model: {exc}", field="judge.model", status=exc.status) from None
-            # Served, but by other workers: judging there needs a sub-job on that model's queue, not built yet.
-            raise SubmissionError(f"judge.model: a judge on another served model ({out['model']!r}) is not "
-                                  f"supported yet; use the edited model's own base ({model!r}) or a detector judge",
-                                  field="judge.model")
         return out

@@ -122,11 +122,18 @@ def test_bad_fields_are_refused_and_nothing_is_stored(env, server, path, body, s
     assert queued_messages(redis_url, model) == []
 
 
-def test_a_judge_on_another_served_model_is_not_supported_yet(env, server):
+def test_a_judge_on_another_served_model_is_checked_as_a_generate_job_on_it(env, server):
+    from tests.apisupport import tiny_card
+
     database_url, redis_url, model = env
-    other = "other-" + uuid.uuid4().hex[:8]
-    prepare_database(database_url, model=other)
+    plain, chat = "other-" + uuid.uuid4().hex[:8], "chat-" + uuid.uuid4().hex[:8]
+    prepare_database(database_url, model=plain)
+    prepare_database(database_url, model=chat, card=tiny_card(name=chat, chat_template="{{ messages }}"))
     with server.client() as http:
-        resp = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": other}))
-    assert resp.status_code == 422 and "not supported yet" in resp.text, resp.text
-    assert count(database_url, Job) == 0
+        refused = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": plain}))
+        assert refused.status_code == 422 and "judge.model" in refused.text and "chat template" in refused.text
+        assert count(database_url, Job) == 0
+        accepted = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": chat}))
+        assert accepted.status_code == 202, accepted.text
+        judge = http.get(accepted.json()["link"]).json()["spec"]["judge"]
+    assert judge["model"] == chat and judge["remote"] is True

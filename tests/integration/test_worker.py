@@ -64,10 +64,11 @@ class Stack:
         self.workers: list[WorkerProcess] = []
 
     def start_worker(self, name: str, *, max_batch: int = 256, batch_size: int = 4, extra: tuple[str, ...] = (),
-                     model_path: Path | None = None, **env_extra: str) -> WorkerProcess:
+                     model_path: Path | None = None, model: str = MODEL, **env_extra: str) -> WorkerProcess:
         env = worker_env(self.url, self.redis_url, self.tmp / name, SELFIE_MAX_BATCH_INTERPRETATIONS=str(max_batch),
                          **env_extra)
-        worker = WorkerProcess(name, model_path or self.model_dir, env, self.tmp, batch_size=batch_size, extra=extra)
+        worker = WorkerProcess(name, model_path or self.model_dir, env, self.tmp, batch_size=batch_size, extra=extra,
+                               model=model)
         self.workers.append(worker)
         return worker
 

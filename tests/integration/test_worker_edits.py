@@ -167,3 +167,50 @@ def test_the_heartbeat_keeps_a_long_edits_lease(stack):
     stack.wait_jobs(edit, timeout=30)
     with stack.db() as s:
         assert s.scalars(select(Chunk.attempts).where(Chunk.job_id == edit)).one() == 1
+
+
+@SQLITE
+def test_a_judge_on_another_served_model_answers_through_generate_jobs_on_its_queue(stack):
+    from selfie_jobs.models import Generation
+
+    judge_model = "tiny-judge"
+    edits = _edit_worker(stack)
+    judge = stack.start_worker("w2", model=judge_model)
+    stack.wait_ready(judge)
+    job = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model, "max_new_tokens": 3}))
+    stack.wait_jobs(job)
+    variant = assert_one_variant(stack, job, "reinforce", 2)
+    with stack.db() as s:
+        subjobs = s.scalars(select(Job).where(Job.model == judge_model, Job.kind == "generate")).all()
+        answered = s.scalar(select(func.count()).select_from(Generation)
+                            .where(Generation.job_id.in_([j.id for j in subjobs])))
+        positions = len(s.get(Job, job).spec["prompt"].split())
+    # one sub-job per epoch and one for the variant's judged-bad share, each answering every position
+    assert len(subjobs) == 3 and {j.state for j in subjobs} == {"succeeded"}
+    assert answered == sum(j.total for j in subjobs) and all(j.total > positions / 2 for j in subjobs)
+    assert variant.settings["judge"]["remote"] is True
+    assert "selfie.run_chunk[" in judge.log() and "selfie.run_chunk[" not in edits.log()
+
+
+@SQLITE
+def test_a_cancel_while_the_edit_waits_for_its_judge_cancels_the_sub_job_too(stack):
+    judge_model = "tiny-judge"
+    judge = stack.start_worker("w2", model=judge_model)
+    stack.wait_ready(judge)  # its card stays; nobody serves the model once it stops
+    judge.stop()
+    edits = _edit_worker(stack)
+    job = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model}))
+
+    def waiting_subjob():
+        with stack.db() as s:
+            return s.scalars(select(Job).where(Job.model == judge_model, Job.kind == "generate")).first()
+
+    subjob = wait_for(waiting_subjob, 60, what="the judge's sub-job")
+    with stack.db() as s, s.begin():
+        cancel_job(s, job, _admin())
+    stack.wait_jobs(job, timeout=30)
+    wait_for(lambda: re.search(r"engine run \w+: 1 chunks of 1 jobs, 1 items, 0 rows new", edits.log()), 30,
+             what="the edit letting go")
+    with stack.db() as s:
+        assert s.get(Job, job).state == "cancelled" and s.get(Job, subjob.id).state == "cancelled"
+    assert variants(stack, job) == [] and epochs_done(stack, job) == 0

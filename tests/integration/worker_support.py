@@ -75,11 +75,11 @@ class WorkerProcess:
     """`python -m workers worker ...` in its own process group, with its log in a file."""
 
     def __init__(self, name: str, model_path: Path, env: dict[str, str], log_dir: Path, *, batch_size: int = 4,
-                 extra: tuple[str, ...] = ()):
+                 extra: tuple[str, ...] = (), model: str = MODEL):
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "workers", "worker", "--model", MODEL, "--model-path", str(model_path),
+        cmd = [sys.executable, "-m", "workers", "worker", "--model", model, "--model-path", str(model_path),
                "--batch-size", str(batch_size), "--hostname", f"{name}@testhost", "--loglevel", "INFO", *extra]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)

@@ -37,6 +37,29 @@ class EditContext:
     job_closed: Callable[[str], bool]
     serve_others: Callable[[], None]
     store_root: Path
+    #: generate(model, prompts, max_new_tokens, item) -> texts: a `generate` sub-job on another served model
+    #: (`workers.subjobs.generate_on`), for a judge that model is
+    generate: Callable[[str, Sequence[str], int, WorkItem], list[str]] | None = None
+
+
+class RemoteJudge:
+    """A chat model served by other workers asked the judge's question about each text (one sub-job per call); its
+    answer maps to a reward as `selfie_core.judges.ChatJudge`'s does. The answer is the model's own assistant turn
+    (a generate job opens it; the in-process judge's assistant prefix is not sent)."""
+
+    def __init__(self, generate: Callable[[Sequence[str]], list[str]], judge: dict[str, Any]):
+        self.generate, self.judge = generate, judge
+        self.answers: list[tuple[str, str]] = []
+
+    def many(self, texts: Sequence[str]) -> list[int]:
+        from selfie_core.judges import reward_from_answer
+
+        answers = self.generate([self.judge["question"].format(interpretation=t) for t in texts])
+        self.answers.extend(zip(texts, answers))
+        return [reward_from_answer(a, self.judge["accept"], self.judge["reject"]) for a in answers]
+
+    def __call__(self, text: str) -> int:
+        return self.many([text])[0]
 
 
 @dataclass(frozen=True)
@@ -88,7 +111,7 @@ class EditRunner(EngineRunner):
     def template(self, spec: dict[str, Any]) -> Any:
         return spec_template(spec["template"], self.engine.tokenizer) if spec.get("template") else None
 
-    def build(self, spec: dict[str, Any]) -> Any:
+    def build(self, spec: dict[str, Any], item: WorkItem | None = None) -> Any:
         from selfie_core.edit_evals import load_reference_texts
         from selfie_core.edits import ReinforceEdit, SupervisedEdit, hidden_state
 
@@ -106,18 +129,23 @@ class EditRunner(EngineRunner):
             return SupervisedEdit(engine, source["prompt"], source["layer"], source["token"], target, refs,
                                   beta=spec["beta"], epochs=spec["epochs"], lr=spec["lr"], anchor=spec["anchor"],
                                   refs_per_epoch=spec["refs_per_epoch"], seed=spec["seed"])
-        return ReinforceEdit(engine, spec["prompt"], spec["layer"], self.judge(spec["judge"]),
+        return ReinforceEdit(engine, spec["prompt"], spec["layer"], self.judge(spec["judge"], item),
                              template=self.template(spec), epochs=spec["epochs"], lr=spec["lr"],
                              k=spec["injection"]["k"], max_new_tokens=spec["generation"]["max_new_tokens"],
                              seed=spec["seed"], batch_size=self.batch_size)
 
-    def judge(self, judge: dict[str, Any]) -> Any:
+    def judge(self, judge: dict[str, Any], item: WorkItem | None = None) -> Any:
         from selfie_core.judges import ChatJudge, detector_judge
         from selfie_jobs.audit_detectors import build
 
         if judge["type"] == "detector":
             return detector_judge(build(judge["detector"]), clean=judge["clean"])
-        # the edited model's own base, judging with its own weights (the submission refused any other model)
+        if judge.get("remote"):  # another served model: a sub-job on its queue
+            generate = self.context.generate if self.context is not None else None
+            if generate is None or item is None:
+                raise RuntimeError("a judge on another model needs the task layer's sub-jobs (EditContext.generate)")
+            return RemoteJudge(lambda prompts: generate(judge["model"], prompts, judge["max_new_tokens"], item), judge)
+        # the edited model's own base, judging with its own weights
         return ChatJudge(self.engine.model, self.engine.tokenizer, judge["question"], judge["assistant_prefix"],
                          judge["max_new_tokens"], judge["accept"], judge["reject"])
 
@@ -128,25 +156,37 @@ class EditRunner(EngineRunner):
         from selfie_jobs.models import new_job_id
         from workers.variants import save_edit
 
+        from workers.subjobs import EditStopped
+
         (item,) = items
+        try:
+            finished = self._train(item, spec)
+        except EditStopped:
+            return  # closed while it waited for a sub-job (which was cancelled with it)
+        if finished is None:
+            return
+        run, losses, evaluations = finished
+        path, sha256 = save_edit(self.context.store_root, item.job_id, run.edit)
+        yield [EditResult(key=item.key, variant_id=new_job_id(), owner_key_id=(item.payload or {}).get("owner_key_id"),
+                          layer=run.layer, path=path, sha256=sha256, settings=run_settings(spec),
+                          losses=losses, evaluations=evaluations)]
+
+    def _train(self, item: WorkItem, spec: dict[str, Any]) -> tuple[Any, list[dict[str, Any]], dict[str, Any]] | None:
+        """The trained edit, its losses and evaluations; None when the job was closed between epochs."""
         job_id, ctx = item.job_id, self.context
-        run = self.build(spec)
+        run = self.build(spec, item)
         losses: list[dict[str, Any]] = []
         for report in run:
             row = epoch_row(report)
             still_open = ctx.store_epoch(job_id, row)
             losses.append({k: row[k] for k in ("epoch", "loss", "edit_loss", "keep_loss", "bad_share")})
             if not still_open or ctx.job_closed(job_id):
-                return  # cancelled: nothing is stored (the batcher closes the chunk as the job's state says)
+                return None  # cancelled: nothing is stored (the batcher closes the chunk as the job's state says)
             if len(losses) < run.epochs:
                 ctx.serve_others()
                 if ctx.job_closed(job_id):
-                    return
-        evaluations = self.evaluate(run, spec)
-        path, sha256 = save_edit(ctx.store_root, job_id, run.edit)
-        yield [EditResult(key=item.key, variant_id=new_job_id(), owner_key_id=(item.payload or {}).get("owner_key_id"),
-                          layer=run.layer, path=path, sha256=sha256, settings=run_settings(spec),
-                          losses=losses, evaluations=evaluations)]
+                    return None
+        return run, losses, self.evaluate(run, spec)
 
     def evaluate(self, run: Any, spec: dict[str, Any]) -> dict[str, Any]:
         from workers.runners.edit_evals import evaluate
