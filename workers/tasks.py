@@ -21,7 +21,6 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as KombuOperationalError
-from sqlalchemy import select
 
 from selfie_jobs import baselines
 from selfie_jobs import chunks as chunk_ops
@@ -29,14 +28,15 @@ from selfie_jobs.cards import mark_dead_local_workers
 from selfie_jobs.liveness import live_workers, owner_is_alive
 from selfie_jobs.kinds import get_kind
 from selfie_jobs.reconcile import Redelivery, reconcile
-from selfie_jobs.models import Chunk, EditEpoch, Job
+from selfie_jobs.models import Chunk, Job
 from selfie_jobs.queue import (EDIT_KINDS, RECONCILE_TASK, RUN_CHUNK_TASK, RUN_EDIT_TASK, TaskSender, message_counter,
                                send_chunk)
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
-from selfie_jobs.states import FINAL_JOB_STATES, JobState
+from selfie_jobs.states import JobState
 from selfie_jobs.variants import variant_refs
 from workers import batcher
+from workers.edit_context import edit_context
 from workers.sink import DbSink
 
 log = logging.getLogger(__name__)
@@ -199,52 +199,6 @@ def _execute(runtime, plan: batcher.BatchPlan, runner, sink, variants: dict[str,
         return batcher.execute(plan, runner, sink)
 
 
-def _edit_context(runtime, sender: TaskSender | None) -> Any:
-    """What an edit's runner gets from this layer: its epochs' rows, the cancel check, and other work between epochs."""
-    from selfie_jobs.variants import store_root
-    from workers.runners.edits import EditContext
-
-    settings = runtime.settings
-
-    def store_epoch(job_id: str, row: dict[str, Any]) -> bool:
-        """Upsert the epoch's row (an edit restarted from scratch writes its epochs again); returns whether the job
-        is still open, read in the same transaction: a cancel stops the edit at the end of the epoch it lands in."""
-        def unit(session) -> bool:
-            session.merge(EditEpoch(job_id=job_id, **row))
-            return session.scalar(select(Job.state).where(Job.id == job_id)) not in FINAL_JOB_STATES
-
-        return unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
-
-    def serve_others() -> None:
-        """At most one engine run of other kinds' queued chunks of this model (and their companions): no job
-        waits for a whole edit. Their own messages later find them done and are acknowledged."""
-        chunk_id = unit_of_work(runtime.sessions,
-                                lambda session: chunk_ops.next_queued(session, runtime.model, exclude_kinds=EDIT_KINDS),
-                                settings.db_retry_seconds)
-        if chunk_id is None:
-            return
-        try:
-            summary = run_chunk(runtime, chunk_id, sender)
-        except SoftTimeLimitExceeded:
-            raise  # the edit's own time limit: its task hands the edit back
-        except Exception:  # noqa: BLE001 - that run handed its chunks back and logged why; the edit goes on
-            log.warning("chunk %s, run between an edit's epochs, failed; the edit goes on", chunk_id)
-            return
-        if summary.get("timed_out"):  # the limit fired inside that run, which handed its chunks back
-            raise SoftTimeLimitExceeded()
-
-    def generate(model: str, prompts, max_new_tokens: int, item) -> list[str]:
-        from workers.subjobs import generate_on
-
-        payload = item.payload or {}
-        return generate_on(runtime, sender, model=model, prompts=prompts, max_new_tokens=max_new_tokens,
-                           parent_job=item.job_id, owner_key_id=payload.get("owner_key_id"),
-                           priority=payload.get("priority", 5), serve_others=serve_others)
-
-    return EditContext(store_epoch=store_epoch, job_closed=runtime.watch.is_closed, serve_others=serve_others,
-                       store_root=store_root(settings), generate=generate if sender is not None else None)
-
-
 def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
     """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
     if runtime.has_finished(chunk_id):
@@ -281,7 +235,7 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         for plan in batcher.plan_batches(claimed, inputs):
             runner = runtime.runner_for(plan.kind)
             if plan.kind in EDIT_KINDS:
-                runner = runner.bound(_edit_context(runtime, sender))
+                runner = runner.bound(edit_context(runtime, sender, run_chunk))
             stats = _execute(runtime, plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)),
                              sink, claim.variants or {})
             total.items += stats.items
