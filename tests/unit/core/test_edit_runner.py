@@ -80,7 +80,7 @@ def test_supervised_runner_matches_the_notebook_loop(llama32, tokenizer, anchor,
 def test_reinforce_runner_matches_the_notebook_loop(llama32, tokenizer, tmp_path, monkeypatch):
     engine = SelfieEngine(llama32, tokenizer)
     runner = EditRunner(engine).bound(Recorder(tmp_path).context)
-    monkeypatch.setattr(runner, "judge", lambda spec: _judge)
+    monkeypatch.setattr(runner, "judge", lambda spec, item=None: _judge)
     spec = {"method": "reinforce", "prompt": PROMPT, "layer": 2, "judge": {"type": "detector"}, "epochs": 5,
             "lr": 1e-2, "seed": 0, "template": None, "injection": {"k": 2}, "generation": {"max_new_tokens": 8},
             "evaluations": {}}
