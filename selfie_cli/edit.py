@@ -24,6 +24,16 @@ def _common(func):
         click.option("--lr", type=float, default=None, help="Adam's learning rate (default: the kind's)."),
         click.option("--seed", type=click.IntRange(min=0), default=None),
         click.option("--knowledge", is_flag=True, help="Also evaluate knowledge preservation (built-in facts)."),
+        click.option("--facts", "facts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Knowledge preservation on these facts instead: a CSV with 'prompt' and "
+                     "'attribute' columns (the original's filtered_known_1000_with_output.csv works)."),
+        click.option("--behaviours", "behaviours_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Harmful-behaviour check: requests, one per line, asked plainly and inside "
+                     "the prompt-injection story (needs --behaviour-keywords)."),
+        click.option("--behaviour-keywords", default=None,
+                     help="Comma-separated words that flag a response of the behaviour check as harmful."),
+        click.option("--eval-limit", type=click.IntRange(min=1), default=None,
+                     help="Use only the first N facts and the first N requests of those files."),
         click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the variant."),
         click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON."),
         URL_OPTION, KEY_OPTION,
@@ -32,10 +42,31 @@ def _common(func):
     return func
 
 
-def _options(epochs, lr, seed, knowledge, model) -> dict[str, Any]:
-    out = {"epochs": epochs, "lr": lr, "seed": seed, "model": model}
-    if knowledge:
-        out["evaluations"] = {"knowledge": {}}
+def _read(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    return text
+
+
+def _options(epochs, lr, seed, knowledge, model, facts_file=None, behaviours_file=None, behaviour_keywords=None,
+             eval_limit=None) -> dict[str, Any]:
+    from selfie_client.edits import behaviours_from_file, evaluations, facts_from_csv
+
+    out: dict[str, Any] = {"epochs": epochs, "lr": lr, "seed": seed, "model": model}
+    if (behaviours_file is None) != (behaviour_keywords is None):
+        raise click.UsageError("--behaviours and --behaviour-keywords go together")
+    try:
+        facts = facts_from_csv(facts_file, eval_limit) if facts_file is not None else knowledge
+        requests = behaviours_from_file(behaviours_file, eval_limit) if behaviours_file is not None else None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(str(exc)) from exc
+    words = [w.strip() for w in (behaviour_keywords or "").split(",") if w.strip()]
+    if behaviour_keywords is not None and not words:
+        raise click.UsageError("--behaviour-keywords needs at least one word")
+    detector = {"kind": "keywords", "name": "harmful", "words": words} if words else None
+    out["evaluations"] = evaluations(knowledge=facts, behaviours=requests, detector=detector) or None
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -83,7 +114,8 @@ def edit() -> None:
 @click.option("--refs-per-epoch", type=click.IntRange(min=1), default=None)
 @_common
 def supervised(prompt, layer, token, target_prompt, target_layer, target_token, target_file, refs_file, beta, anchor,
-               refs_per_epoch, epochs, lr, seed, knowledge, wait, as_json, model, url, api_key) -> None:
+               refs_per_epoch, epochs, lr, seed, knowledge, facts_file, behaviours_file, behaviour_keywords, eval_limit,
+               wait, as_json, model, url, api_key) -> None:
     """Supervised Control: move a source state to a target state or vector."""
     from selfie_client.edits import state_ref
 
@@ -94,9 +126,13 @@ def supervised(prompt, layer, token, target_prompt, target_layer, target_token, 
         target = state_ref(target_prompt, target_layer, target_token)
     if (target is None) == (target_file is None):
         raise click.UsageError("give a target: --target-prompt (with layer and token) or --target-vector")
-    vector = json.loads(target_file.read_text()) if target_file is not None else None
-    refs = [t for t in refs_file.read_text().splitlines() if t.strip()] if refs_file is not None else None
-    options = {**_options(epochs, lr, seed, knowledge, model),
+    try:
+        vector = json.loads(_read(target_file)) if target_file is not None else None
+    except ValueError as exc:
+        raise UserError(f"{target_file} is not JSON: {exc}") from exc
+    refs = [t for t in _read(refs_file).splitlines() if t.strip()] if refs_file is not None else None
+    options = {**_options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, behaviour_keywords,
+                            eval_limit),
                **{k: v for k, v in {"beta": beta, "anchor": anchor, "refs_per_epoch": refs_per_epoch}.items()
                   if v is not None}}
     _run(url, api_key, lambda c: c.edit_supervised(state_ref(prompt, layer, token), target=target,
@@ -113,7 +149,8 @@ def supervised(prompt, layer, token, target_prompt, target_layer, target_token, 
 @click.option("--k", type=click.IntRange(min=0), default=None, help="Injection layer of the interpretations.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
 @_common
-def reinforce(prompt, layer, keywords, judge_json, k, max_new_tokens, epochs, lr, seed, knowledge, wait, as_json,
+def reinforce(prompt, layer, keywords, judge_json, k, max_new_tokens, epochs, lr, seed, knowledge, facts_file,
+              behaviours_file, behaviour_keywords, eval_limit, wait, as_json,
               model, url, api_key) -> None:
     """Reinforcement Control: push a prompt's states away from what a judge rejects."""
     if (keywords is None) == (judge_json is None):
@@ -125,7 +162,8 @@ def reinforce(prompt, layer, keywords, judge_json, k, max_new_tokens, epochs, lr
             judge = json.loads(judge_json)
         except ValueError as exc:
             raise click.UsageError(f"--judge is not JSON: {exc}") from None
-    options = {**_options(epochs, lr, seed, knowledge, model),
+    options = {**_options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, behaviour_keywords,
+                            eval_limit),
                **{k2: v for k2, v in {"k": k, "max_new_tokens": max_new_tokens}.items() if v is not None}}
     _run(url, api_key, lambda c: c.edit_reinforce(prompt, layer, judge, wait=wait, progress=not as_json, **options),
          as_json, wait)

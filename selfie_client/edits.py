@@ -4,9 +4,56 @@ evaluations on the base model and on the variant; see docs/architecture.md)."""
 
 from __future__ import annotations
 
+import csv
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+
+def facts_from_csv(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
+    """Facts for an edit's knowledge-preservation check from a CSV with ``prompt`` and ``attribute`` columns (the
+    original SelfIE code's ``filtered_known_1000_with_output.csv`` and the project's own ``facts.csv`` have them;
+    other columns are ignored), the first ``limit`` rows if given."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"prompt", "attribute"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: a facts CSV needs 'prompt' and 'attribute' columns; it has "
+                             f"{', '.join(reader.fieldnames or ()) or 'none'}")
+        facts = [{"prompt": row["prompt"], "attribute": row["attribute"]} for row in reader]
+    facts = facts[:limit] if limit is not None else facts
+    if not facts:
+        raise ValueError(f"{path}: no facts in the file")
+    return facts
+
+
+def behaviours_from_file(path: str | Path, limit: int | None = None) -> list[str]:
+    """Requests for an edit's harmful-behaviour check, one per line (the original's
+    ``transfer_expriment_behaviors.csv``), the first ``limit`` if given."""
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = lines[:limit] if limit is not None else lines
+    if not lines:
+        raise ValueError(f"{path}: no requests in the file")
+    return lines
+
+
+def evaluations(*, knowledge: bool | Sequence[dict[str, str]] = False, behaviours: Sequence[str] | None = None,
+                detector: dict[str, Any] | None = None, behaviour_tokens: int | None = None) -> dict[str, Any]:
+    """An edit's ``evaluations`` option: ``knowledge=True`` (the built-in facts) or a list of facts
+    (`facts_from_csv`); ``behaviours`` (requests, `behaviours_from_file`) with the ``detector`` that flags a
+    harmful response (an audit detector config, e.g. ``{"kind": "keywords", "words": [...]}``)."""
+    out: dict[str, Any] = {}
+    if knowledge is True:
+        out["knowledge"] = {}
+    elif knowledge:
+        out["knowledge"] = {"facts": list(knowledge)}
+    if behaviours is not None:
+        if detector is None:
+            raise ValueError("the behaviour check needs a detector that flags a harmful response")
+        out["behaviour"] = {"requests": list(behaviours), "detector": detector,
+                            **({"max_new_tokens": behaviour_tokens} if behaviour_tokens is not None else {})}
+    return out
 
 
 def state_ref(prompt: str, layer: int, token: int) -> dict[str, Any]:

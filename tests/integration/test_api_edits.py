@@ -137,3 +137,46 @@ def test_a_judge_on_another_served_model_is_checked_as_a_generate_job_on_it(env,
         assert accepted.status_code == 202, accepted.text
         judge = http.get(accepted.json()["link"]).json()["spec"]["judge"]
     assert judge["model"] == chat and judge["remote"] is True
+
+
+ORIGINAL_DATA = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data" / "selfie-original"
+
+
+def test_the_cli_sends_the_originals_facts_and_behaviours_files_as_the_edits_evaluations(env, server, tmp_path):
+    """`selfie edit ... --facts FILE --behaviours FILE --behaviour-keywords W --eval-limit N`: the original's CSV
+    of facts (its prompt and attribute columns) and its one-request-per-line behaviour file reach the job's spec."""
+    from click.testing import CliRunner
+
+    from selfie_cli.main import cli
+    from selfie_client.edits import behaviours_from_file, facts_from_csv
+
+    facts_csv, behaviours = ORIGINAL_DATA / "filtered_known_1000_with_output.csv", ORIGINAL_DATA / \
+        "transfer_expriment_behaviors.csv"
+    if not facts_csv.exists():
+        pytest.skip("the original's data sets are not next to the project")
+    database_url = env[0]
+    result = CliRunner().invoke(cli, [
+        "edit", "supervised", "--url", server.url, "--prompt", SOURCE["prompt"], "--layer", "2", "--token", "-1",
+        "--target-prompt", "a dog ran", "--target-layer", "2", "--target-token", "1", "--epochs", "3",
+        "--facts", str(facts_csv), "--behaviours", str(behaviours), "--behaviour-keywords", "bomb, weapon",
+        "--eval-limit", "25", "--no-wait"])
+    assert result.exit_code == 0, result.output
+    with session_scope(database_url) as s:
+        job = s.scalars(select(Job).where(Job.kind == "supervised")).one()
+        evaluations = job.spec["evaluations"]
+    assert evaluations["knowledge"]["facts"] == facts_from_csv(facts_csv, 25)
+    assert evaluations["knowledge"]["facts"][0] == {"prompt": "Vinson Massif is located in the continent of",
+                                                    "attribute": "Antarctica"}
+    assert evaluations["behaviour"]["requests"] == behaviours_from_file(behaviours, 25)
+    assert evaluations["behaviour"]["detector"]["words"] == ["bomb", "weapon"]
+
+    # a file without the columns, and a behaviour file without its keywords: clear errors, nothing stored
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nq,a\n", encoding="utf-8")
+    for extra, words in ((["--facts", str(bad)], "'prompt' and 'attribute' columns"),
+                         (["--behaviours", str(behaviours)], "go together")):
+        result = CliRunner().invoke(cli, [
+            "edit", "reinforce", "--url", server.url, "--prompt", "the cat", "--layer", "2", "--keywords", "paris",
+            "--no-wait", *extra])
+        assert result.exit_code != 0 and words in result.output, result.output
+    assert count(database_url, Job) == 1
