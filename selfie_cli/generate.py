@@ -28,21 +28,29 @@ KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None,
 @click.option("--seed", type=int, default=None, help="Makes a sample repeatable.")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 = most urgent.")
 @click.option("--idempotency-key", default=None)
+@click.option("--variant", default=None, help="Generate on a model variant (an edit's; `selfie variants`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows (prompt_index, text, finish, token_ids) as JSON.")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait and print the generations (--no-wait: print the job's id and link).")
 @URL_OPTION
 @KEY_OPTION
 def generate(prompts, model, chat, system, max_new_tokens, do_sample, temperature, top_p, seed, priority,
-             idempotency_key, as_json, wait, url, api_key) -> None:
+             idempotency_key, variant, as_json, wait, url, api_key) -> None:
     """Generate the model's answer to each of PROMPTS (greedy by default) and print them in order."""
     from selfie_client import Client
+
+    ctx = click.get_current_context()
+    if not do_sample:  # sampling options without --sample would be silently ignored by greedy decoding
+        given = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "seed")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --sample (greedy decoding has no randomness)")
 
     with Client(url, api_key) as client:
         accepted = client.submit_generate(list(prompts), model=model, chat=chat, system=system,
                                           max_new_tokens=max_new_tokens, do_sample=do_sample,
                                           temperature=temperature, top_p=top_p, seed=seed, priority=priority,
-                                          idempotency_key=idempotency_key)
+                                          idempotency_key=idempotency_key, variant=variant)
         if not wait:
             click.echo(f"job {accepted['id']}: {accepted['total']} generations in {accepted['chunks']} chunks")
             click.echo(f"status:  {accepted['link']}")
@@ -58,5 +66,6 @@ def generate(prompts, model, chat, system, max_new_tokens, do_sample, temperatur
     for row in rows:
         prompt = prompts[row["prompt_index"]]
         ended = "" if row["finish"] == "eos" else "  [max_new_tokens reached]"
+        text = row["text"] if row["text"].strip() else "(empty: the model ended its answer at once)"
         click.echo(f"prompt {row['prompt_index']}: {prompt}")
-        click.echo(f"{row['text']}{ended}\n")
+        click.echo(f"{text}{ended}\n")

@@ -195,6 +195,14 @@ def print_search(df, width: int = 60, *, file: Any = None) -> None:
 def status_line(status: dict[str, Any]) -> str:
     p = status["progress"]
     parts = [f"job {status['id']}", status["state"], f"{p['done']}/{p['total']} ({100 * p['fraction']:.0f}%)"]
+    edit = status.get("edit")
+    if edit:  # an edit's one result is the whole edit: its epochs say how far it is
+        parts[2] = f"epoch {edit['epochs_done']}/{edit['epochs_total']}"
+        if status["state"] == "running" and edit["epochs_done"] >= edit["epochs_total"]:
+            parts.append("evaluating the base model and the variant")
+    spec = status.get("spec") or {}
+    if spec.get("variant"):
+        parts.append(f"on variant {spec['variant']}")
     if status.get("queue_position"):
         parts.append(f"{status['queue_position']} chunks ahead")
     if status.get("waiting"):

@@ -68,6 +68,9 @@ def describe_status(status: dict[str, Any]) -> str:
     """The status line of a progress bar: state, queue position or rows decoding (step i/n), ETA, wait reason."""
     progress = status["progress"]
     words = [status["state"]]
+    edit = status.get("edit")
+    if edit and status["state"] == "running" and edit["epochs_done"] >= edit["epochs_total"]:
+        words.append("evaluating the base model and the variant")
     if status.get("queue_position"):
         words.append(f"{status['queue_position']} chunks ahead")
     if progress.get("in_flight"):
@@ -77,6 +80,14 @@ def describe_status(status: dict[str, Any]) -> str:
         words.append(f"ETA {progress['eta_seconds']:.0f}s")
     text = ", ".join(words)
     return text + (f" ({status['waiting']})" if status.get("waiting") else "")
+
+
+def _done_of_total(status: dict[str, Any]) -> tuple[int, int]:
+    """What a progress bar counts: an edit's epochs (its one result is the whole edit), else the job's results."""
+    edit = status.get("edit")
+    if edit:
+        return edit["epochs_done"], edit["epochs_total"]
+    return status["progress"]["done"], status["progress"]["total"]
 
 
 def selector(value: Selector) -> str | list[int] | dict[str, int | None]:
@@ -335,7 +346,7 @@ class Client(EditsMixin, VariantMethods):
                 nonlocal bar, task
                 if not progress:
                     return
-                done, total = status["progress"]["done"], status["progress"]["total"]
+                done, total = _done_of_total(status)
                 if bar is None:
                     bar = stack.enter_context(_progress())
                     task = bar.add_task(f"job {job_id[:8]}", total=total, status="")
@@ -481,16 +492,19 @@ class Client(EditsMixin, VariantMethods):
     def submit_generate(self, prompts: str | Sequence[str], *, model: str | None = None, chat: bool = True,
                         system: str | None = None, max_new_tokens: int = 30, do_sample: bool = False,
                         temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, priority: int = 5,
-                        idempotency_key: str | None = None, ttl_seconds: int | None = None) -> dict[str, Any]:
+                        idempotency_key: str | None = None, ttl_seconds: int | None = None,
+                        variant: str | None = None) -> dict[str, Any]:
         """Submit a `generate` job: each prompt as one user turn in the model's chat format (`chat=False`: its raw
-        text), greedy or sampled (`do_sample`, with `temperature`, `top_p` and a `seed` that makes it repeatable)."""
+        text), greedy or sampled (`do_sample`, with `temperature`, `top_p` and a `seed` that makes it repeatable),
+        on the model's own weights or on a `variant` (an edit's, `variants()`)."""
         body: dict[str, Any] = {
             "prompts": [prompts] if isinstance(prompts, str) else list(prompts), "chat": chat,
             "max_new_tokens": max_new_tokens, "priority": priority,
             "decoding": {"do_sample": do_sample, "temperature": temperature, "top_p": top_p, "seed": seed},
             "idempotency_key": idempotency_key or "client-" + uuid.uuid4().hex,
         }
-        for name, value in (("model", model), ("system", system), ("ttl_seconds", ttl_seconds)):
+        for name, value in (("model", model), ("system", system), ("ttl_seconds", ttl_seconds),
+                            ("variant", variant)):
             if value is not None:
                 body[name] = value
         return self._request("POST", "/v1/jobs/generate", json=body).json()
@@ -540,8 +554,10 @@ class Client(EditsMixin, VariantMethods):
         if status["state"] == "failed":
             raise SelfieError(500, f"job {accepted['id']} failed: {status.get('error')}")
         if status["state"] == "cancelled":
+            done, total = _done_of_total(status)
+            noun = "epochs" if status.get("edit") else "results"
             raise SelfieError(409, f"job {accepted['id']} was cancelled ({status.get('error') or 'no reason given'}); "
-                                   f"{status['progress']['done']} of {status['progress']['total']} results done")
+                                   f"{done} of {total} {noun} done")
         return status
 
     def rows_csv(self, job_id: str, *, safe: bool = False) -> str:

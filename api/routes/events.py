@@ -71,7 +71,8 @@ def _read(maker, job_id: str, who, base: str, settings, check_key: bool = False)
 
 def _changes(status: JobStatus) -> tuple:
     """What makes an event worth sending (timings alone advance every poll)."""
-    return (status.state, status.progress, status.chunks, status.waiting, status.queue_position, status.error)
+    return (status.state, status.progress, status.chunks, status.waiting, status.queue_position, status.error,
+            status.edit)
 
 
 @router.get(

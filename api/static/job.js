@@ -149,18 +149,27 @@
     }).catch(e => { $("error").textContent = e.message; });
   }
 
+  // A cell's text: fractional numbers rounded, null empty, anything else as it is (an edit's rows hold lists of
+  // interpretations and of rewards beside its losses).
+  function cellText(v, digits) {
+    if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(digits);
+    if (v == null) return "";
+    return typeof v === "object" ? JSON.stringify(v) : String(v);
+  }
+
   async function showRows(job) {
     // Any kind's rows, paged from /results exactly as a client reads them; relevancy colors the mean column.
     $("grid-controls").hidden = true;
     $("detail").hidden = true;
     const rows = [];
-    let columns = [], cursor = null;
+    let columns = [], cursor = null, variant = null;
     do {
       const q = new URLSearchParams({ limit: 1000 });
       if (cursor) q.set("cursor", cursor);
       const page = await api(`/v1/jobs/${jobId}/results?` + q);
       columns = page.columns;
       rows.push(...page.items);
+      variant = page.variant || variant;  // an edit job's results name the variant it stored
       cursor = page.next_cursor;
     } while (cursor);
     const shown = columns.filter(c => !["token_ids", "worker", "model", "created_at"].includes(c));
@@ -172,7 +181,7 @@
       const tr = el("tr", { "data-index": r.vector_index ?? "" });
       for (const c of shown) {
         const v = r[c];
-        const text = Array.isArray(v) ? v.map(x => x.toFixed(3)).join(" ") : typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v ?? "");
+        const text = Array.isArray(v) ? v.map(x => cellText(x, 3)).join(v.some(x => typeof x === "string") ? " | " : " ") : cellText(v, 4);
         const td = el("td", { "data-column": c, text });
         if (c === "mean_relevancy") { td.style.background = color(v / maxRel); td.style.color = textColor(v / maxRel); }
         tr.append(td);
@@ -180,7 +189,8 @@
       body.append(tr);
     }
     table.append(body);
-    $("rows-info").textContent = `${rows.length} ${job.kind} results`;
+    $("rows-info").replaceChildren(`${rows.length} ${job.kind} results`);
+    if (variant) $("rows-info").append(" · the variant it stored: ", el("a", { id: "variant-link", href: `/ui/variants/${variant.id}`, text: variant.id }));
     $("rows-card").hidden = false;
   }
 
@@ -294,7 +304,13 @@
     if (p.in_flight) live.push(`${p.in_flight} decoding` + (p.decode_steps ? ` (step ${p.decode_step}/${p.decode_steps})` : ""));
     if (p.eta_seconds != null) live.push(`ETA ${Math.round(p.eta_seconds)} s`);
     $("job-state").replaceChildren(Selfie.badge(s.state));
+    if (s.edit) {  // an edit's one item is the whole edit: its epochs are the progress worth showing
+      live[0] = `epoch ${s.edit.epochs_done}/${s.edit.epochs_total}`;
+      if (s.state === "running" && s.edit.epochs_done >= s.edit.epochs_total) live.push("evaluating base model and variant");
+    }
     $("job-progress").textContent = `${live.join(", ")} · ${s.model} · ${s.kind}`;
+    const variant = s.spec && s.spec.variant;
+    if (variant) $("job-progress").append(" · on variant ", el("a", { href: `/ui/variants/${variant}`, text: variant }));
     document.body.dataset.state = s.state;
   }
 

@@ -174,3 +174,26 @@ def test_cli_lists_shows_and_deletes_variants(env):
     with session_scope(env["url"]) as s:
         job = s.scalars(select(Job).where(Job.kind == "lenses")).one()
         assert job.spec == {"lenses": ["logit"], "top_k": 5, "variant": ids["newer"]}
+
+
+def test_generate_names_a_variant_from_the_client_and_the_cli(env):
+    """`Client.submit_generate(variant=...)` and `selfie generate --variant` carry the variant into the job; the CLI
+    refuses sampling options without --sample instead of decoding greedily in silence."""
+    from selfie_cli.main import cli
+
+    ids, args = env["ids"], ["--url", env["server"].url, "--api-key", env["alice"]]
+    with Client(env["server"].url, env["alice"]) as client:
+        accepted = client.submit_generate(PROMPT, model=env["model"], chat=False, variant=ids["older"])
+        with pytest.raises(SelfieError) as refused:
+            client.submit_generate(PROMPT, model=env["model"], chat=False, variant=ids["bob"])
+        assert refused.value.status == 404 and refused.value.field == "variant"
+    runner = CliRunner()
+    submitted = runner.invoke(cli, ["generate", PROMPT, "--model", env["model"], "--raw", "--variant", ids["newer"],
+                                    "--no-wait", *args])
+    assert submitted.exit_code == 0, submitted.output
+    ignored = runner.invoke(cli, ["generate", PROMPT, "--model", env["model"], "--raw", "--seed", "7", "--no-wait",
+                                  *args])
+    assert ignored.exit_code == 2 and "--seed only apply with --sample" in ignored.output, ignored.output
+    with session_scope(env["url"]) as s:
+        variants = sorted(j.spec["variant"] for j in s.scalars(select(Job).where(Job.kind == "generate")))
+    assert variants == sorted([ids["older"], ids["newer"]])

@@ -45,11 +45,11 @@ def _losses(kind: str) -> list[dict]:
     return out
 
 
-def _store_variant(url: str, method: str, evaluations: dict) -> str:
+def _store_variant(url: str, method: str, evaluations: dict, *, epochs: bool = False) -> str:
     from selfie_jobs.db import create_db_engine
     from sqlalchemy.orm import Session
 
-    from selfie_jobs.models import Chunk, Job, Variant
+    from selfie_jobs.models import Chunk, EditEpoch, Job, Variant
 
     engine = create_db_engine(url)
     try:
@@ -65,6 +65,12 @@ def _store_variant(url: str, method: str, evaluations: dict) -> str:
                               losses=_losses(method), evaluations=evaluations, chunk_id=chunk.id, engine_run_id="r",
                               worker="w", model=MODEL)
             session.add(variant)
+            if epochs:  # the edit's progress rows, as the runner stores them epoch by epoch
+                for row in _losses(method)[:3]:
+                    session.add(EditEpoch(job_id=job.id, epoch=row["epoch"], loss=row["loss"],
+                                          edit_loss=row["edit_loss"], keep_loss=row["keep_loss"],
+                                          bad_share=row["bad_share"], rewards=[1, -1, 1],
+                                          interpretations=["glass bottle", "fuel and a rag", "a quiet room"]))
             session.commit()
             return variant.id
     finally:
@@ -156,3 +162,24 @@ def test_the_index_lists_variants_with_a_link_to_their_page(browser, server, sql
     row.find_element("css selector", "a").click()
     _open(browser, server, variant_id)  # the link leads to the variant's page, which loads
     assert browser.find_element("id", "variant-id").text == variant_id
+
+
+def test_a_reinforce_jobs_page_shows_its_epochs_and_links_its_variant(browser, server, sqlite_url):
+    """An edit job's page lists its epochs (losses, rewards and the interpretations the judge read, a list of texts
+    in a cell) and links the variant it stored."""
+    from selfie_jobs.db import create_db_engine
+    from sqlalchemy import text
+
+    variant_id = _store_variant(sqlite_url, "reinforce", {}, epochs=True)
+    engine = create_db_engine(sqlite_url)
+    with engine.connect() as conn:
+        job_id = conn.execute(text("SELECT job_id FROM variants WHERE id = :id"), {"id": variant_id}).scalar_one()
+    engine.dispose()
+    browser.get(f"{server.url}/ui/jobs/{job_id}")
+    wait_for(lambda: browser.find_elements("id", "variant-link") or browser.find_element("id", "error").text, 60,
+             what="the edit job's rows")
+    assert not browser.find_element("id", "error").text
+    assert browser.find_element("id", "variant-link").get_attribute("href").endswith(f"/ui/variants/{variant_id}")
+    cells = [td.text for td in browser.find_elements("css selector", "#rows td[data-column='interpretations']")]
+    assert cells[0] == "glass bottle | fuel and a rag | a quiet room", cells
+    assert [td.text for td in browser.find_elements("css selector", "#rows td[data-column='rewards']")][0] == "1 -1 1"

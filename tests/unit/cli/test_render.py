@@ -111,3 +111,25 @@ def test_search_hits_wrap_within_the_width_and_say_where_each_one_is():
     empty = io.StringIO()
     print_search(hits.iloc[0:0], file=empty)
     assert empty.getvalue().strip() == "(no results)"
+
+
+def _edit_status(state: str, done: int, total: int = 100, **extra) -> dict:
+    return {"id": "e" * 32, "state": state, "progress": {"done": 0, "total": 1, "fraction": 0.0},
+            "edit": {"epochs_done": done, "epochs_total": total}, "spec": {}, **extra}
+
+
+def test_an_edits_status_counts_epochs_and_says_when_it_evaluates():
+    from selfie_cli.render import status_line
+    from selfie_client.client import _done_of_total, describe_status
+
+    training = _edit_status("running", 37)
+    assert "epoch 37/100" in status_line(training) and "0/1" not in status_line(training)
+    assert _done_of_total(training) == (37, 100)
+    assert "evaluating" not in describe_status(training)
+    evaluating = _edit_status("running", 100)
+    assert "evaluating the base model and the variant" in status_line(evaluating)
+    assert "evaluating the base model and the variant" in describe_status(evaluating)
+    assert "evaluating" not in status_line(_edit_status("succeeded", 100))
+    on_variant = {"id": "j" * 32, "state": "queued", "progress": {"done": 0, "total": 4, "fraction": 0.0},
+                  "spec": {"variant": "v" * 32}}
+    assert f"on variant {'v' * 32}" in status_line(on_variant) and _done_of_total(on_variant) == (0, 4)
