@@ -20,8 +20,8 @@ KEY_OPTION = click.option("--api-key", envvar="SELFIE_API_KEY", default=None, he
 def _common(func):
     for option in reversed([
         click.option("--model", default=None, help="Served model name (default: the service's default model)."),
-        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: the kind's measured one."),
-        click.option("--lr", type=float, default=None, help="Adam's learning rate (default: the kind's)."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: the kind's measured one (supervised 100, reinforce 30)."),
+        click.option("--lr", type=float, default=None, help="Adam's learning rate (default: supervised 3e-4, reinforce 1e-3)."),
         click.option("--seed", type=click.IntRange(min=0), default=None),
         click.option("--knowledge", is_flag=True, help="Also evaluate knowledge preservation (built-in facts)."),
         click.option("--facts", "facts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -34,6 +34,12 @@ def _common(func):
                      help="Comma-separated words that flag a response of the behaviour check as harmful."),
         click.option("--eval-limit", type=click.IntRange(min=1), default=None,
                      help="Use only the first N facts and the first N requests of those files."),
+        click.option("--template", default=None, help="The interpretations' template: a preset name (default: the "
+                     "kind's; reinforce uses the notebook's 'materials mentioned' prompt)."),
+        click.option("--priority", type=click.IntRange(0, 9), default=None, help="9 = most urgent (default 5)."),
+        click.option("--idempotency-key", default=None, help="Resubmitting with the same key returns the same job."),
+        click.option("--ttl", "ttl_seconds", type=click.IntRange(min=1), default=None,
+                     help="Seconds the finished job (and its variant) is kept (default: the key's, then the service's)."),
         click.option("--wait/--no-wait", default=True, show_default=True, help="Wait for the variant."),
         click.option("--json", "as_json", is_flag=True, help="Print the answer as JSON."),
         URL_OPTION, KEY_OPTION,
@@ -50,13 +56,38 @@ def _read(path: Path) -> str:
     return text
 
 
-def _options(epochs, lr, seed, knowledge, model, facts_file=None, behaviours_file=None, behaviour_keywords=None,
-             eval_limit=None) -> dict[str, Any]:
+def _target_vector(path: Path) -> list[float]:
+    """The target vector from a JSON file: a list of numbers, {"vector": [...]}, or {"vectors": [[...]]} with one
+    vector (the shape `selfie submit --vectors` takes)."""
+    try:
+        data = json.loads(_read(path))
+    except ValueError as exc:
+        raise UserError(f"{path} is not JSON: {exc}") from exc
+    if isinstance(data, dict):
+        if "vector" in data:
+            data = data["vector"]
+        elif isinstance(data.get("vectors"), list) and len(data["vectors"]) == 1:
+            data = data["vectors"][0]
+    if not isinstance(data, list) or not data or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
+        raise UserError(f"{path}: the target vector must be a JSON list of numbers, {{\"vector\": [...]}} or "
+                        "{\"vectors\": [[...]]} with one vector")
+    return [float(v) for v in data]
+
+
+def _options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, behaviour_keywords, eval_limit,
+             template, priority, idempotency_key, ttl_seconds, k, max_new_tokens) -> dict[str, Any]:
     from selfie_client.edits import behaviours_from_file, evaluations, facts_from_csv
 
-    out: dict[str, Any] = {"epochs": epochs, "lr": lr, "seed": seed, "model": model}
+    out: dict[str, Any] = {"epochs": epochs, "lr": lr, "seed": seed, "model": model, "priority": priority,
+                           "idempotency_key": idempotency_key, "ttl_seconds": ttl_seconds, "k": k,
+                           "max_new_tokens": max_new_tokens,
+                           "template": {"preset": template} if template is not None else None}
     if (behaviours_file is None) != (behaviour_keywords is None):
         raise click.UsageError("--behaviours and --behaviour-keywords go together")
+    if eval_limit is not None and facts_file is None and behaviours_file is None:
+        raise click.UsageError("--eval-limit cuts the --facts and --behaviours files; the built-in facts of "
+                               "--knowledge are always asked in full")
     try:
         facts = facts_from_csv(facts_file, eval_limit) if facts_file is not None else knowledge
         requests = behaviours_from_file(behaviours_file, eval_limit) if behaviours_file is not None else None
@@ -112,10 +143,13 @@ def edit() -> None:
 @click.option("--beta", type=float, default=None)
 @click.option("--anchor", type=click.Choice(["original", "current"]), default=None)
 @click.option("--refs-per-epoch", type=click.IntRange(min=1), default=None)
+@click.option("--k", type=click.IntRange(min=0), default=None, help="Injection layer of the interpretations shown.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Tokens of each interpretation shown.")
 @_common
 def supervised(prompt, layer, token, target_prompt, target_layer, target_token, target_file, refs_file, beta, anchor,
-               refs_per_epoch, epochs, lr, seed, knowledge, facts_file, behaviours_file, behaviour_keywords, eval_limit,
-               wait, as_json, model, url, api_key) -> None:
+               refs_per_epoch, k, max_new_tokens, epochs, lr, seed, knowledge, facts_file, behaviours_file,
+               behaviour_keywords, eval_limit, template, priority, idempotency_key, ttl_seconds, wait, as_json, model,
+               url, api_key) -> None:
     """Supervised Control: move a source state to a target state or vector."""
     from selfie_client.edits import state_ref
 
@@ -126,14 +160,11 @@ def supervised(prompt, layer, token, target_prompt, target_layer, target_token, 
         target = state_ref(target_prompt, target_layer, target_token)
     if (target is None) == (target_file is None):
         raise click.UsageError("give a target: --target-prompt (with layer and token) or --target-vector")
-    try:
-        vector = json.loads(_read(target_file)) if target_file is not None else None
-    except ValueError as exc:
-        raise UserError(f"{target_file} is not JSON: {exc}") from exc
+    vector = _target_vector(target_file) if target_file is not None else None
     refs = [t for t in _read(refs_file).splitlines() if t.strip()] if refs_file is not None else None
     options = {**_options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, behaviour_keywords,
-                            eval_limit),
-               **{k: v for k, v in {"beta": beta, "anchor": anchor, "refs_per_epoch": refs_per_epoch}.items()
+                            eval_limit, template, priority, idempotency_key, ttl_seconds, k, max_new_tokens),
+               **{name: v for name, v in {"beta": beta, "anchor": anchor, "refs_per_epoch": refs_per_epoch}.items()
                   if v is not None}}
     _run(url, api_key, lambda c: c.edit_supervised(state_ref(prompt, layer, token), target=target,
                                                    target_vector=vector, reference_texts=refs, wait=wait,
@@ -150,10 +181,12 @@ def supervised(prompt, layer, token, target_prompt, target_layer, target_token, 
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None)
 @_common
 def reinforce(prompt, layer, keywords, judge_json, k, max_new_tokens, epochs, lr, seed, knowledge, facts_file,
-              behaviours_file, behaviour_keywords, eval_limit, wait, as_json,
-              model, url, api_key) -> None:
+              behaviours_file, behaviour_keywords, eval_limit, template, priority, idempotency_key, ttl_seconds, wait,
+              as_json, model, url, api_key) -> None:
     """Reinforcement Control: push a prompt's states away from what a judge rejects."""
-    if (keywords is None) == (judge_json is None):
+    if keywords is not None and judge_json is not None:
+        raise click.UsageError("give one judge: --keywords or --judge, not both")
+    if keywords is None and judge_json is None:
         raise click.UsageError("give a judge: --keywords or --judge")
     if keywords is not None:
         judge = {"type": "keywords", "words": [w.strip() for w in keywords.split(",") if w.strip()]}
@@ -162,8 +195,7 @@ def reinforce(prompt, layer, keywords, judge_json, k, max_new_tokens, epochs, lr
             judge = json.loads(judge_json)
         except ValueError as exc:
             raise click.UsageError(f"--judge is not JSON: {exc}") from None
-    options = {**_options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, behaviour_keywords,
-                            eval_limit),
-               **{k2: v for k2, v in {"k": k, "max_new_tokens": max_new_tokens}.items() if v is not None}}
+    options = _options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, behaviour_keywords,
+                       eval_limit, template, priority, idempotency_key, ttl_seconds, k, max_new_tokens)
     _run(url, api_key, lambda c: c.edit_reinforce(prompt, layer, judge, wait=wait, progress=not as_json, **options),
          as_json, wait)

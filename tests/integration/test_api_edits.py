@@ -180,3 +180,45 @@ def test_the_cli_sends_the_originals_facts_and_behaviours_files_as_the_edits_eva
             "--no-wait", *extra])
         assert result.exit_code != 0 and words in result.output, result.output
     assert count(database_url, Job) == 1
+
+
+def test_the_cli_passes_every_edit_option_and_refuses_unclear_ones(env, server, tmp_path):
+    """The edit commands take the job options the API has (priority, idempotency key, time to live, the
+    interpretations' template, k and new tokens) and a target vector in the shapes `submit --vectors` reads; an
+    option that would be ignored or two judges at once are refused with the reason."""
+    from click.testing import CliRunner
+
+    from selfie_cli.main import cli
+
+    database_url = env[0]
+    target = tmp_path / "target.json"
+    target.write_text(json.dumps({"vectors": [[0.25] * HIDDEN]}), encoding="utf-8")
+    base = ["edit", "supervised", "--url", server.url, "--prompt", SOURCE["prompt"], "--layer", "2", "--token", "-1",
+            "--epochs", "3", "--no-wait"]
+    ok = CliRunner().invoke(cli, [*base, "--target-vector", str(target), "--priority", "8", "--idempotency-key",
+                                  "edit-1", "--ttl", "86400", "--template", "describe", "--k", "1",
+                                  "--max-new-tokens", "7"])
+    assert ok.exit_code == 0, ok.output
+    again = CliRunner().invoke(cli, [*base, "--target-vector", str(target), "--priority", "8", "--idempotency-key",
+                                     "edit-1", "--ttl", "86400", "--template", "describe", "--k", "1",
+                                     "--max-new-tokens", "7"])
+    assert again.exit_code == 0, again.output
+    with session_scope(database_url) as s:
+        (job,) = s.scalars(select(Job).where(Job.kind == "supervised")).all()  # the same key: one job
+        assert (job.priority, job.ttl_seconds) == (8, 86400)
+        assert job.spec["target_vector"] == [0.25] * HIDDEN and job.spec["injection"]["k"] == 1
+        assert job.spec["generation"]["max_new_tokens"] == 7 and job.spec["template"]["preset"] == "describe"
+    for content, words in (("[[0.1, 0.2]]", "JSON list of numbers"), ('{"vector": "x"}', "JSON list of numbers"),
+                           ("not json", "is not JSON")):
+        target.write_text(content, encoding="utf-8")
+        bad = CliRunner().invoke(cli, [*base, "--target-vector", str(target)])
+        assert bad.exit_code != 0 and words in bad.output, bad.output
+    target.write_text(json.dumps([0.25] * HIDDEN), encoding="utf-8")
+    limited = CliRunner().invoke(cli, [*base, "--target-vector", str(target), "--knowledge",
+                                       "--eval-limit", "5"])
+    assert limited.exit_code == 2 and "--eval-limit cuts the --facts and --behaviours files" in limited.output
+    both = CliRunner().invoke(cli, ["edit", "reinforce", "--url", server.url, "--prompt", "the cat", "--layer", "2",
+                                    "--keywords", "paris", "--judge", '{"type": "model"}', "--no-wait"])
+    assert both.exit_code == 2 and "not both" in both.output, both.output
+    with session_scope(database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
