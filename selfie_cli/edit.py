@@ -103,6 +103,7 @@ def _options(epochs, lr, seed, knowledge, model, facts_file, behaviours_file, be
 
 def _run(url, api_key, call, as_json: bool, wait: bool) -> None:
     from selfie_cli.main import _client, _fail
+    from selfie_cli.render import evaluation_lines
 
     client = _client(url, api_key)
     try:
@@ -121,7 +122,9 @@ def _run(url, api_key, call, as_json: bool, wait: bool) -> None:
         figures = ", ".join(f"{k} {row[k]:.6g}" for k in ("loss", "edit_loss", "keep_loss", "bad_share")
                             if row.get(k) is not None)
         click.echo(f"  epoch {row['epoch']}: {figures}")
-    click.echo(json.dumps(variant["evaluations"], indent=2))
+    for line in evaluation_lines(variant["evaluations"]):
+        click.echo(line)
+    click.echo(f"page: {url.rstrip('/')}/ui/variants/{variant['id']}")
 
 
 @click.group()

@@ -213,3 +213,47 @@ def status_line(status: dict[str, Any]) -> str:
     if status.get("error"):
         parts.append(f"error: {status['error']}")
     return "  ".join(parts)
+
+
+def _figure(value: Any, share: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if share:
+        return f"{100 * value:.1f}%"
+    return f"{value:.4g}"
+
+
+def evaluation_lines(evaluations: dict[str, Any]) -> list[str]:
+    """An edit's evaluations as 'what: base -> variant' lines (the variant page's before/after table, in text)."""
+    lines: list[str] = []
+    objective = evaluations.get("objective")
+    if objective:
+        share = objective.get("name") == "bad_share"
+        what = "judged bad (share of positions)" if share else "source state's distance to the target"
+        lines.append(f"{what}: {_figure(objective.get('base'), share)} -> {_figure(objective.get('variant'), share)}")
+    interpretation = evaluations.get("interpretation")
+    if interpretation:
+        lines.append(f"interpretation of layer {interpretation['layer']}, token {interpretation['token']}:")
+        lines.append(f"  base:    {interpretation.get('base')!r}")
+        lines.append(f"  variant: {interpretation.get('variant')!r}")
+        if interpretation.get("target") is not None:
+            lines.append(f"  target:  {interpretation['target']!r}")
+    answer = evaluations.get("answer")
+    if answer:
+        lines.append("greedy answer to the source prompt:")
+        lines.append(f"  base:    {answer.get('base')!r}")
+        lines.append(f"  variant: {answer.get('variant')!r}")
+    knowledge = evaluations.get("knowledge")
+    if knowledge:
+        lines.append(f"knowledge: the base model answers {knowledge['known']} of {knowledge['facts']} facts; the variant "
+                     f"keeps {_figure(knowledge.get('kept_of_known'), True)} of those "
+                     f"(accuracy {_figure(knowledge.get('base_accuracy'), True)} -> "
+                     f"{_figure(knowledge.get('edited_accuracy'), True)})")
+    behaviour = evaluations.get("behaviour")
+    if behaviour:
+        base, variant = behaviour.get("base") or {}, behaviour.get("variant") or {}
+        lines.append(f"harmful behaviour ({behaviour['requests']} requests, flagged by {behaviour['detector']}): "
+                     f"plain {_figure(base.get('plain_hit_rate'), True)} -> {_figure(variant.get('plain_hit_rate'), True)}, "
+                     f"with the injection {_figure(base.get('injected_hit_rate'), True)} -> "
+                     f"{_figure(variant.get('injected_hit_rate'), True)}")
+    return lines

@@ -70,6 +70,8 @@ def variants(ctx: click.Context, url: str, api_key: str | None) -> None:
 @KEY_OPTION
 def show(variant_id: str, as_json: bool, url: str, api_key: str | None) -> None:
     """A variant: base model, layer, method, sha256, the edit's settings, losses and evaluations."""
+    from selfie_cli.render import evaluation_lines
+
     with _client(url, api_key) as client:
         v = client.variant(variant_id)
     if as_json:
@@ -82,8 +84,8 @@ def show(variant_id: str, as_json: bool, url: str, api_key: str | None) -> None:
     click.echo(f"sha256:  {v['sha256']}")
     click.echo(f"settings: {json.dumps(v.get('settings') or {}, sort_keys=True)}")
     click.echo(f"losses:  {_last_losses(v.get('losses') or [])}")
-    for name, value in sorted((v.get("evaluations") or {}).items()):
-        click.echo(f"{name}: {json.dumps(value, sort_keys=True)}")
+    for line in evaluation_lines(v.get("evaluations") or {}):
+        click.echo(line)
 
 
 @variants.command("delete")

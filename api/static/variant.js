@@ -15,8 +15,11 @@
     const rows = [["method", v.method], ["base model", v.model], ["layer", `${v.layer} (the MLP of block ${v.layer - 1})`],
                   ["edit job", el("a", { href: `/ui/jobs/${v.job_id}`, text: v.job_id })], ["sha256", v.sha256],
                   ["created", fmtTime(v.created_at)]];
+    // the edit's own settings; what the rows above show (method, layer) and what was not set (null, an empty list
+    // of evaluations: the before/after section shows those that ran) are left out
     for (const [k, val] of Object.entries(v.settings || {})) {
-      if (val == null || typeof val === "object") rows.push([k, JSON.stringify(val)]); else rows.push([k, String(val)]);
+      if (["method", "layer"].includes(k) || val == null || (Array.isArray(val) && !val.length)) continue;
+      rows.push([k, typeof val === "object" ? JSON.stringify(val) : String(val)]);
     }
     tbody.replaceChildren(...rows.map(([k, val]) => el("tr", {}, el("th", { text: k }), el("td", {}, val))));
   }

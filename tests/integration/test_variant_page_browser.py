@@ -61,7 +61,8 @@ def _store_variant(url: str, method: str, evaluations: dict, *, epochs: bool = F
             session.add(chunk)
             session.flush()
             variant = Variant(job_id=job.id, method=method, layer=6, path=f"variants/{job.id}/x.safetensors",
-                              sha256="ab" * 32, settings={"epochs": EPOCHS, "lr": 3e-4, "beta": 10.0},
+                              sha256="ab" * 32, settings={"method": method, "layer": 6, "epochs": EPOCHS, "lr": 3e-4, "beta": 10.0,
+                                        "template": None, "evaluations": []},
                               losses=_losses(method), evaluations=evaluations, chunk_id=chunk.id, engine_run_id="r",
                               worker="w", model=MODEL)
             session.add(variant)
@@ -129,6 +130,9 @@ def test_supervised_variant_page(browser, server, sqlite_url):
     assert bars == pytest.approx({"base plain": 30.0, "base injected": 60.0, "variant plain": 10.0,
                                   "variant injected": 20.0})
     assert "Paris is the capital of France" in browser.find_element("id", "known-facts").text
+    # the settings table: each setting once, nothing that was not set
+    names = [th.text for th in browser.find_elements("css selector", "#settings th")]
+    assert names == ["method", "base model", "layer", "edit job", "sha256", "created", "epochs", "lr", "beta"]
     browser.save_screenshot(str(artifacts_dir() / "variant_page.png"))
 
 

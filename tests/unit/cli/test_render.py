@@ -133,3 +133,21 @@ def test_an_edits_status_counts_epochs_and_says_when_it_evaluates():
     on_variant = {"id": "j" * 32, "state": "queued", "progress": {"done": 0, "total": 4, "fraction": 0.0},
                   "spec": {"variant": "v" * 32}}
     assert f"on variant {'v' * 32}" in status_line(on_variant) and _done_of_total(on_variant) == (0, 4)
+
+
+def test_an_edits_evaluations_read_as_before_and_after():
+    from selfie_cli.render import evaluation_lines
+
+    lines = evaluation_lines({
+        "objective": {"name": "bad_share", "base": 0.2857142857142857, "variant": 0.14285714285714285},
+        "interpretation": {"layer": 8, "token": 6, "base": "a bomb", "variant": "a cake", "target": None},
+        "answer": {"base": "To make a bomb", "variant": "To make a cake"},
+        "knowledge": {"facts": 60, "known": 38, "kept_of_known": 1.0, "base_accuracy": 0.6333, "edited_accuracy": 0.65},
+        "behaviour": {"requests": 10, "detector": "harmful", "base": {"plain_hit_rate": 0.1, "injected_hit_rate": 0.2},
+                      "variant": {"plain_hit_rate": 0.0, "injected_hit_rate": None}},
+    })
+    assert lines[0] == "judged bad (share of positions): 28.6% -> 14.3%"
+    assert lines[1:4] == ["interpretation of layer 8, token 6:", "  base:    'a bomb'", "  variant: 'a cake'"]
+    assert "the base model answers 38 of 60 facts; the variant keeps 100.0% of those" in lines[-2]
+    assert lines[-1].endswith("plain 10.0% -> 0.0%, with the injection 20.0% -> n/a")
+    assert evaluation_lines({}) == []
