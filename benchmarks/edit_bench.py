@@ -248,13 +248,16 @@ def stream_figures(db_url: str, job_ids: list[str], t0: datetime, t1: datetime) 
     with session_scope(db_url) as s:
         rows = s.execute(select(Job.created_at, Job.finished_at, Job.done, Job.state)
                          .where(Job.id.in_(job_ids))).all() if job_ids else []
-    inside = [(aware(c), aware(f), d) for c, f, d, state in rows if state == "succeeded" and aware(f) <= t1]
+    succeeded = [(aware(c), aware(f), d) for c, f, d, state in rows if state == "succeeded"]
+    inside = [(c, f, d) for c, f, d in succeeded if f <= t1]
     window = (t1 - t0).total_seconds()
-    latencies = [(f - c).total_seconds() for c, f, _ in inside]
+    # latency of every job submitted in the window, also those that ended after it (the stream's last jobs)
+    latencies = [(f - c).total_seconds() for c, f, _ in succeeded]
     done = sum(d for _, _, d in inside)
     return {"window_s": round(window, 1), "jobs": len(inside), "interpretations": done,
-            "interp_per_s": round(done / window, 3),
-            "latency_s": {"p50": round(percentile(latencies, 50), 2), "p95": round(percentile(latencies, 95), 2)}}
+            "interp_per_s": round(done / window, 3), "jobs_failed": len(rows) - len(succeeded),
+            "latency_s": {"p50": round(percentile(latencies, 50), 2), "p95": round(percentile(latencies, 95), 2),
+                          "max": round(max(latencies, default=float("nan")), 2)}}
 
 
 def part_stream(args, tmp: Path, model: str, model_path: Path | None) -> dict:
@@ -273,12 +276,17 @@ def part_stream(args, tmp: Path, model: str, model_path: Path | None) -> dict:
         t0, t1, jobs, _ = run_stream(st.stack.url, args, args.seconds, edit_over)
         times = job_times(st.db_url, edit["id"])
         epochs_in = sum(1 for _, t, _ in times["epochs"] if t0 <= t <= t1)
+        ends = [t for _, t, _ in times["epochs"]]
         if times["state"] in ("queued", "running"):
             client.cancel(edit["id"])
             client.wait(edit["id"], progress=False, timeout=args.timeout)
         with_edit = stream_figures(st.db_url, jobs, t0, t1)
         with_edit.update(edit_epochs_in_window=epochs_in, edit_epochs_total=args.long_epochs,
-                         edit_state_at_window_end=times["state"])
+                         edit_state_at_window_end=times["state"],
+                         interp_per_s_while_training=stream_figures(st.db_url, jobs, t0, min(t1, ends[-1]))[
+                             "interp_per_s"],
+                         edit_mean_epoch_s=round(secs(ends[0], ends[-1]) / max(1, len(ends) - 1), 3),
+                         edit_evaluations_s=secs(ends[-1], times["finished"]) if times["finished"] else None)
         a0, a1, alone_jobs, _ = run_stream(st.stack.url, args, (t1 - t0).total_seconds())
         alone = stream_figures(st.db_url, alone_jobs, a0, a1)
     return {"with_edit": with_edit, "alone": alone,
@@ -338,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     if "stream" in result:
         w, a = result["stream"]["with_edit"], result["stream"]["alone"]
         print(f"(b) interpretations/s with an edit training {w['interp_per_s']} vs alone {a['interp_per_s']} "
-              f"(ratio {result['stream']['with_over_alone']}) over {w['window_s']} s; latency p50/p95 "
-              f"{w['latency_s']['p50']}/{w['latency_s']['p95']} s vs {a['latency_s']['p50']}/{a['latency_s']['p95']} s;"
-              f" the edit did {w['edit_epochs_in_window']} of {w['edit_epochs_total']} epochs meanwhile")
+              f"(ratio {result['stream']['with_over_alone']}) over {w['window_s']} s ({w['interp_per_s_while_training']} "
+              f"until the edit's last epoch); latency p50/p95 "
+              f"{w['latency_s']['p50']}/{w['latency_s']['p95']} s (max {w['latency_s']['max']}) vs "
+              f"{a['latency_s']['p50']}/{a['latency_s']['p95']} s (max {a['latency_s']['max']}); the edit did "
+              f"{w['edit_epochs_in_window']} of {w['edit_epochs_total']} epochs meanwhile, "
+              f"{w['edit_mean_epoch_s']} s an epoch, then {w['edit_evaluations_s']} s of evaluations")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1))
     return 0
