@@ -8,7 +8,8 @@ the same run.
     python benchmarks/edit_bench.py --tiny                 # a tiny random LLaMA: a quick check of the script
 
 The stack is `e2e_bench.py`'s (one worker process with the model resident, one API process, Redis local or
-embedded, SQLite or `--database postgres`), started by its helpers. The worker and this process run the same torch
+embedded, SQLite or `--database postgres`), started by its helpers: Redis is SELFIE_REDIS_URL when it answers
+(its database is flushed first), else 127.0.0.1:6379/13, else embedded. The worker and this process run the same torch
 thread count (`--threads`, default `selfie_core.threads.default_threads()`) and never at the same time.
 
 (a) `--part edit`: a supervised edit of `--epochs` (20, the notebook's) through the service (Client.edit_supervised,
