@@ -172,7 +172,8 @@ def edit_plain(engine, spec: dict) -> dict:
         "answer": [generate(engine.model, engine.tokenizer, chat, ANSWER_TOKENS, edit=e)[0] for e in (None, run.edit)],
     }
     end = time.monotonic()
-    return {"wall_s": round(end - t0, 2), "set_up_s": round(set_up, 2), "first_epoch_s": round(ends[0] - t0 - set_up, 3),
+    return {"wall_s": round(end - t0, 2), "set_up_s": round(set_up, 2),
+            "first_epoch_s": round(ends[0] - t0 - set_up, 3),
             "mean_epoch_s": round((ends[-1] - ends[0]) / max(1, len(ends) - 1), 3),
             "evaluations_s": round(end - t_eval, 2), "epochs": len(losses), "edit_losses": losses,
             "evaluations": evaluations}
@@ -341,14 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         s, p = e["service"], e["plain"]
         print(f"(a) {args.epochs}-epoch supervised edit + evaluations: service {s['wall_s']} s, plain {p['wall_s']} s, "
               f"service/plain = {e['service_over_plain']}; service: submit->claimed {s['submit_to_claimed_s']} s, "
-              f"claimed->first epoch {s['claimed_to_first_epoch_s']} s, epoch {s['mean_epoch_s']} s, evaluations+save "
-              f"{s['last_epoch_to_finished_s']} s; plain: set-up {p['set_up_s']} s, first epoch {p['first_epoch_s']} s, "
+              f"claimed->first epoch {s['claimed_to_first_epoch_s']} s, epoch {s['mean_epoch_s']} s, "
+              f"evaluations+save {s['last_epoch_to_finished_s']} s; plain: set-up {p['set_up_s']} s, "
+              f"first epoch {p['first_epoch_s']} s, "
               f"epoch {p['mean_epoch_s']} s, evaluations {p['evaluations_s']} s")
     if "stream" in result:
         w, a = result["stream"]["with_edit"], result["stream"]["alone"]
         print(f"(b) interpretations/s with an edit training {w['interp_per_s']} vs alone {a['interp_per_s']} "
-              f"(ratio {result['stream']['with_over_alone']}) over {w['window_s']} s ({w['interp_per_s_while_training']} "
-              f"until the edit's last epoch); latency p50/p95 "
+              f"(ratio {result['stream']['with_over_alone']}) over {w['window_s']} s "
+              f"({w['interp_per_s_while_training']} until the edit's last epoch); latency p50/p95 "
               f"{w['latency_s']['p50']}/{w['latency_s']['p95']} s (max {w['latency_s']['max']}) vs "
               f"{a['latency_s']['p50']}/{a['latency_s']['p95']} s (max {a['latency_s']['max']}); the edit did "
               f"{w['edit_epochs_in_window']} of {w['edit_epochs_total']} epochs meanwhile, "
