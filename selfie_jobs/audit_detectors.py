@@ -252,6 +252,30 @@ def build_all(configs: Iterable[Mapping[str, Any]]) -> list[Detector]:
     return detectors
 
 
+#: The fields every config may carry, and each built-in kind's own (`only_known_fields`).
+COMMON_FIELDS = ("kind", "name", "min_relevancy")
+KIND_FIELDS: dict[str, tuple[str, ...]] = {"keywords": ("words",), "regex": ("patterns",), "concepts": ("concepts",)}
+
+
+def only_known_fields(config: Mapping[str, Any]) -> None:
+    """Refuse what a built-in kind's config would carry and never read (a junk field, another kind's field) and a
+    blank name or concept name: stored as given, they would make the config say what its detector does not do.
+    (Audits keep their looser check: their stored configs predate it.)"""
+    kind = config.get("kind")
+    if kind not in KIND_FIELDS:
+        return
+    extra = sorted(str(k) for k in config if k not in COMMON_FIELDS and k not in KIND_FIELDS[kind])
+    if extra:
+        raise DetectorConfigError(f"a {kind} detector takes {', '.join(COMMON_FIELDS + KIND_FIELDS[kind])}; "
+                                  f"not {', '.join(extra)[:200]}")
+    name = config.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise DetectorConfigError("a detector's name must be a non-blank string")
+    concepts = config.get("concepts")
+    if isinstance(concepts, Mapping) and any(not str(c).strip() for c in concepts):
+        raise DetectorConfigError("a concept's name must not be blank")
+
+
 def validate(configs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Check configs by building them; returns them as plain dicts (what gets stored)."""
     configs = [dict(c) for c in configs]

@@ -378,7 +378,8 @@ def submit_job(session: Session, request: EngineJobFields, settings: Settings, s
         # a kind that dropped the variant would run the job on the model's own weights
         raise RuntimeError(f"the {kind.name} kind's spec does not carry the request's variant")
     try:
-        check_quota(session, owner_key_id, len(prepared.items), settings)
+        cost = len(prepared.items) if prepared.quota_items is None else max(prepared.quota_items, len(prepared.items))
+        check_quota(session, owner_key_id, cost, settings)
     except SubmissionError:
         # Checked under the key's lock: a submit with the same idempotency key that stored its job while this one
         # waited for it counts in the quota, and that job is the answer (a client's retry after a timeout).

@@ -44,6 +44,7 @@ class PreparedJob:
     items: list[list[int]]  # the kind's work items, planned into chunks of `chunk_size`
     kind: str = DEFAULT_KIND
     inputs: Any = None  # what else the kind stores with the job (vectors: their values or expressions and labels)
+    quota_items: int | None = None  # what the job costs the key's daily quota, when more than its items
 
 
 @dataclass(frozen=True)

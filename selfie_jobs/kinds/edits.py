@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from sqlalchemy import func, select
@@ -26,7 +26,14 @@ from sqlalchemy.orm import Session
 from selfie_jobs.cards import card_tokenizer
 from selfie_jobs.errors import SubmissionError
 from selfie_jobs.kinds import JobKind, PreparedJob, ResultPage, WorkInput
-from selfie_jobs.kinds.edit_requests import EditFields, ModelJudge, ReinforceEditCreate, StateRef, SupervisedEditCreate
+from selfie_jobs.kinds.edit_requests import (
+    INJECTION_STORY,
+    EditFields,
+    ModelJudge,
+    ReinforceEditCreate,
+    StateRef,
+    SupervisedEditCreate,
+)
 from selfie_jobs.models import EditEpoch, Job, Variant
 from selfie_jobs.specs import resolve_index, spec_batch_key
 
@@ -108,8 +115,32 @@ def _state(ref: StateRef, card: Any, where: str, settings: Any) -> dict[str, Any
     return {"prompt": ref.prompt, "layer": ref.layer, "token": _token(ref.token, n, f"{where}.token")}
 
 
-def _evaluations(request: EditFields, settings: Any) -> dict[str, Any]:
-    from selfie_jobs.audit_detectors import DetectorConfigError, validate
+#: Greedy new tokens of the knowledge evaluation (selfie_core.edit_evals.knowledge's default).
+KNOWLEDGE_NEW_TOKENS = 8
+
+
+def _check_text(card: Any, text: str, where: str, settings: Any, new_tokens: int, extra: str = "",
+                extra_tokens: int = 0) -> None:
+    """A text the evaluation generates from: the checks a prompt gets (characters, not blank, its tokens, with
+    `extra` around it in `extra_tokens` more, and `new_tokens` within the context)."""
+    if len(text) > settings.max_prompt_chars:
+        raise SubmissionError(f"{where} has {len(text)} characters; at most {settings.max_prompt_chars}",
+                              field=where, status=413)
+    if not text.strip():
+        raise SubmissionError(f"{where} is empty", field=where)
+    n = len(card_tokenizer(card).encode(extra.format(request=text) if extra else text).ids) + extra_tokens
+    if n + new_tokens > card.max_context:
+        raise SubmissionError(f"{where} has {n} tokens as asked; with {new_tokens} new tokens that exceeds the "
+                              f"context of {card.name!r} ({card.max_context} tokens)", field=where)
+
+
+def _chat_turn_tokens(card: Any) -> int:
+    turn = (card.card or {}).get("chat_turn_tokens")
+    return turn if isinstance(turn, int) and not isinstance(turn, bool) else 0
+
+
+def _evaluations(request: EditFields, card: Any, settings: Any) -> dict[str, Any]:
+    from selfie_jobs.audit_detectors import DetectorConfigError, only_known_fields, validate
 
     out: dict[str, Any] = {}
     knowledge = request.evaluations.knowledge
@@ -118,16 +149,29 @@ def _evaluations(request: EditFields, settings: Any) -> dict[str, Any]:
         if facts is not None and len(facts) > settings.max_eval_items:
             raise SubmissionError(f"{len(facts)} facts; at most {settings.max_eval_items}",
                                   field="evaluations.knowledge.facts", status=413)
+        for i, fact in enumerate(facts or ()):
+            _check_text(card, fact.prompt, f"evaluations.knowledge.facts[{i}].prompt", settings, KNOWLEDGE_NEW_TOKENS)
+            if not fact.attribute.strip():
+                raise SubmissionError(f"evaluations.knowledge.facts[{i}].attribute is empty",
+                                      field=f"evaluations.knowledge.facts[{i}].attribute")
         out["knowledge"] = {"facts": None if facts is None else [f.model_dump() for f in facts]}
     behaviour = request.evaluations.behaviour
     if behaviour is not None:
         if len(behaviour.requests) > settings.max_eval_items:
             raise SubmissionError(f"{len(behaviour.requests)} behaviour requests; at most {settings.max_eval_items}",
                                   field="evaluations.behaviour.requests", status=413)
+        if behaviour.max_new_tokens > settings.max_new_tokens_cap:
+            raise SubmissionError(f"evaluations.behaviour.max_new_tokens={behaviour.max_new_tokens}; at most "
+                                  f"{settings.max_new_tokens_cap}", field="evaluations.behaviour.max_new_tokens")
         try:
+            only_known_fields(behaviour.detector)
             (detector,) = validate([behaviour.detector])
         except DetectorConfigError as exc:
             raise SubmissionError(f"evaluations.behaviour.detector: {exc}", field="evaluations.behaviour.detector") from None
+        for i, text in enumerate(behaviour.requests):
+            # the longer of its two forms: inside the prompt-injection story, in one chat turn
+            _check_text(card, text, f"evaluations.behaviour.requests[{i}]", settings, behaviour.max_new_tokens,
+                        extra=INJECTION_STORY, extra_tokens=_chat_turn_tokens(card))
         out["behaviour"] = {"requests": list(behaviour.requests), "detector": detector,
                             "max_new_tokens": behaviour.max_new_tokens}
     return out
@@ -151,7 +195,7 @@ class _EditKind(JobKind):
                   # the template of the interpretations the edit reads and shows (None: the kind's default)
                   "template": template if request.template is not None else None,
                   "injection": {"k": request.k}, "generation": {"max_new_tokens": request.max_new_tokens},
-                  "evaluations": _evaluations(request, settings)}
+                  "evaluations": _evaluations(request, card, settings)}
         return model, card, common
 
     def _prepared(self, model: str, spec: dict[str, Any]) -> PreparedJob:
@@ -251,15 +295,27 @@ class ReinforceKind(_EditKind):
 
     def prepare(self, session: Session, request: ReinforceEditCreate, settings: Any) -> PreparedJob:
         model, card, common = self._common(session, request, settings)
-        _tokens(card, request.prompt, "prompt", settings)
-        spec = {**common, "prompt": request.prompt, "layer": _edit_layer(request.layer, card, "layer"),
-                "judge": self._judge(session, request, model, settings)}
-        return self._prepared(model, spec)
+        positions = _tokens(card, request.prompt, "prompt", settings)
+        judge = self._judge(session, request, model, card, settings)
+        quota_items = 1
+        if judge.get("remote"):
+            # each epoch's sub-job holds one judge prompt per position of the prompt, and is a job like any other
+            if positions > settings.max_prompts_per_job:
+                raise SubmissionError(
+                    f"prompt: {positions} positions, each judged by {judge['model']!r} in one prompt of each epoch's "
+                    f"generate job, which takes at most {settings.max_prompts_per_job} prompts "
+                    "(SELFIE_MAX_PROMPTS_PER_JOB): use a shorter prompt or a judge on the edited model", field="prompt")
+            # what the edit will cost the key's quota: its own item and at least its epochs' judge generations
+            quota_items += request.epochs * positions
+        spec = {**common, "prompt": request.prompt, "layer": _edit_layer(request.layer, card, "layer"), "judge": judge}
+        return replace(self._prepared(model, spec), quota_items=quota_items)
 
     @staticmethod
-    def _judge(session: Session, request: ReinforceEditCreate, model: str, settings: Any) -> dict[str, Any]:
+    def _judge(session: Session, request: ReinforceEditCreate, model: str, card: Any,
+               settings: Any) -> dict[str, Any]:
         from selfie_jobs.audit_detectors import DetectorConfigError, validate
         from selfie_jobs.cards import load_card
+        from selfie_jobs.liveness import live_workers
 
         judge = request.judge
         if not isinstance(judge, ModelJudge):
@@ -271,16 +327,25 @@ class ReinforceKind(_EditKind):
         out = judge.model_dump()
         out["model"] = judge.model or model
         out["remote"] = out["model"] != model
-        if out["remote"]:
-            # Served by other workers: the worker asks it through `generate` jobs on its queue, checked here as one.
-            from selfie_jobs.kinds import get_kind
-            from selfie_jobs.kinds.generate import GenerateJobCreate
+        if not out["remote"]:
+            # judged in the edit's worker, in the edited model's chat format
+            if not (card.card or {}).get("chat_template"):
+                raise SubmissionError(f"judge: model {model!r} has no chat template to ask the judge's question in; "
+                                      "use a detector judge or a judge model with one", field="judge")
+            return out
+        # Served by other workers: the worker asks it through `generate` jobs on its queue, checked here as one.
+        from selfie_jobs.kinds import get_kind
+        from selfie_jobs.kinds.generate import GenerateJobCreate
 
-            sample = GenerateJobCreate(model=out["model"], chat=True, max_new_tokens=judge.max_new_tokens,
-                                       prompts=[judge.question.format(interpretation="an interpretation")])
-            try:
-                load_card(session, out["model"], settings.worker_alive_seconds)
-                get_kind("generate").prepare(session, sample, settings)
-            except SubmissionError as exc:
-                raise SubmissionError(f"judge.model: {exc}", field="judge.model", status=exc.status) from None
+        sample = GenerateJobCreate(model=out["model"], chat=True, max_new_tokens=judge.max_new_tokens,
+                                   prompts=[judge.question.format(interpretation="an interpretation")])
+        try:
+            load_card(session, out["model"], settings.worker_alive_seconds)
+            get_kind("generate").prepare(session, sample, settings)
+        except SubmissionError as exc:
+            raise SubmissionError(f"judge.model: {exc}", field="judge.model", status=exc.status) from None
+        # a card outlives its workers: with none alive, the edit's sub-jobs would wait and the edit with them
+        if not live_workers(session, settings.worker_alive_seconds, model=out["model"]):
+            raise SubmissionError(f"judge.model: no live worker serves {out['model']!r} (a judge model nobody "
+                                  "serves)", field="judge.model")
         return out

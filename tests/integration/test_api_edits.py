@@ -14,7 +14,15 @@ from sqlalchemy import func, select
 from selfie_jobs.db import session_scope
 from selfie_jobs.models import Chunk, Job
 from selfie_jobs.queue import RUN_EDIT_TASK
-from tests.apisupport import NUM_LAYERS, flush_model_queue, live_server, prepare_database, queued_messages, settings_for
+from tests.apisupport import (
+    NUM_LAYERS,
+    flush_model_queue,
+    live_server,
+    prepare_database,
+    queued_messages,
+    settings_for,
+    tiny_card,
+)
 
 HIDDEN = 16  # the tiny card's hidden size
 SOURCE = {"prompt": "the cat sat on the mat", "layer": 2, "token": -1}
@@ -52,10 +60,14 @@ def reinforce(**kw):
 
 
 def test_edits_are_stored_as_one_chunk_and_sent_as_run_edit(env, server):
-    database_url, redis_url, _ = env
+    database_url, redis_url, model = env
     with server.client() as http:
         a = http.post("/v1/edits/supervised", json=supervised(target={"prompt": "a dog ran", "layer": 0,
                                                                       "token": 1}, target_vector=None))
+        # a judge on the edited model asks in its chat format: a model without a chat template has none to judge
+        refused = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model"}))
+        assert refused.status_code == 422 and "chat template" in refused.text and "judge" in refused.text
+        prepare_database(database_url, model=model, card=tiny_card(name=model, chat_template="{{ messages }}"))
         b = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model"}))
         assert a.status_code == 202, a.text
         assert b.status_code == 202, b.text
@@ -108,6 +120,56 @@ BAD = [
     ("/v1/edits/reinforce", reinforce(judge={"type": "oracle"}), 422, "judge"),
     ("/v1/edits/reinforce", reinforce(k=NUM_LAYERS), 422, "k="),
     ("/v1/edits/reinforce", reinforce(epochs=10_000), 413, "epochs"),
+    # a judge's question: plain {interpretation} fields only (str.format reads attributes and pads to any width)
+    *[("/v1/edits/reinforce", reinforce(judge={"type": "model", "question": f"{{interpretation}} {field}"}), 422,
+       "only plain {interpretation} fields")
+      for field in ("{interpretation.foo}", "{interpretation.__init__.__globals__}", "{interpretation[a]}",
+                    "{interpretation:>300000}", "{interpretation:>100000000}", "{interpretation:{interpretation}}",
+                    "{interpretation!r}", "{0}")],
+    # the evaluations' inputs get the checks prompts get
+    ("/v1/edits/supervised", supervised(evaluations={"knowledge": {"facts": [{"prompt": "word " * 3000,
+                                                                              "attribute": "x"}]}}),
+     413, "evaluations.knowledge.facts[0].prompt"),
+    ("/v1/edits/supervised", supervised(evaluations={"knowledge": {"facts": [{"prompt": "Paris is in",
+                                                                              "attribute": "France"},
+                                                                             {"prompt": " ", "attribute": "x"}]}}),
+     422, "evaluations.knowledge.facts[1].prompt is empty"),
+    ("/v1/edits/supervised", supervised(evaluations={"knowledge": {"facts": [{"prompt": "a", "attribute": " "}]}}),
+     422, "evaluations.knowledge.facts[0].attribute"),
+    ("/v1/edits/supervised", supervised(evaluations={"knowledge": {"facts": [{"prompt": "cat " * 45,
+                                                                              "attribute": "x"}]}}),
+     422, "exceeds the context"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["word " * 3000],
+                                                                   "detector": {"kind": "keywords", "words": ["a"]}}}),
+     413, "evaluations.behaviour.requests[0]"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["  "],
+                                                                   "detector": {"kind": "keywords", "words": ["a"]}}}),
+     422, "evaluations.behaviour.requests[0] is empty"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "max_new_tokens": 1000,
+                                                                   "detector": {"kind": "keywords", "words": ["a"]}}}),
+     422, "evaluations.behaviour.max_new_tokens=1000; at most 32"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["the cat"], "max_new_tokens": 20,
+                                                                   "detector": {"kind": "keywords", "words": ["a"]}}}),
+     422, "exceeds the context"),  # the prompt-injection story around the request is past the context of 48
+    # engine options an edit does not use are refused, not dropped
+    ("/v1/edits/supervised", supervised(decoding={"do_sample": True, "temperature": 5.0}), 422, "decoding"),
+    ("/v1/edits/supervised", supervised(injection_mode="add"), 422, "injection_mode"),
+    ("/v1/edits/reinforce", reinforce(grounding={"min_mean_relevancy": 0.9}), 422, "grounding"),
+    ("/v1/edits/reinforce", reinforce(injection_strength=2.0), 422, "injection_strength"),
+    # detector configs: a kind's own fields only, names not blank
+    ("/v1/edits/reinforce", reinforce(judge={"type": "keywords", "words": ["a"], "patterns": ["("]}), 422,
+     "patterns do(es) not apply"),
+    ("/v1/edits/reinforce", reinforce(judge={"type": "concepts", "concepts": {"": ["x"]}}), 422, "concepts"),
+    ("/v1/edits/reinforce", reinforce(judge={"type": "concepts", "concepts": {" ": ["x"]}}), 422, "blank"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "detector": {
+        "kind": "keywords", "words": ["a"], "junk": {"deep": [1, 2]}}}}), 422, "not junk"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "detector": {
+        "kind": "keywords", "words": ["a"], "name": ""}}}), 422, "name"),
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "detector": {
+        "kind": "concepts", "concepts": {"": ["x"]}}}}), 422, "concept's name"),
+    # a rate that is 0 in float32 trains nothing
+    ("/v1/edits/supervised", supervised(lr=1e-320), 422, "lr"),
+    ("/v1/edits/reinforce", reinforce(lr=1e-13), 422, "lr"),
 ]
 
 
@@ -122,9 +184,16 @@ def test_bad_fields_are_refused_and_nothing_is_stored(env, server, path, body, s
     assert queued_messages(redis_url, model) == []
 
 
-def test_a_judge_on_another_served_model_is_checked_as_a_generate_job_on_it(env, server):
-    from tests.apisupport import tiny_card
+def live_worker(database_url, model, name=None):
+    """A worker row of `model` that heartbeats now (what a running worker writes)."""
+    from selfie_jobs.models import Worker
 
+    with session_scope(database_url) as s:
+        s.add(Worker(name=name or f"w-{uuid.uuid4().hex[:8]}", model=model, hostname="elsewhere", pid=1, device="cpu",
+                     state="ready"))
+
+
+def test_a_judge_on_another_served_model_is_checked_as_a_generate_job_on_it(env, server):
     database_url, redis_url, model = env
     plain, chat = "other-" + uuid.uuid4().hex[:8], "chat-" + uuid.uuid4().hex[:8]
     prepare_database(database_url, model=plain)
@@ -132,11 +201,44 @@ def test_a_judge_on_another_served_model_is_checked_as_a_generate_job_on_it(env,
     with server.client() as http:
         refused = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": plain}))
         assert refused.status_code == 422 and "judge.model" in refused.text and "chat template" in refused.text
+        # a card outlives its workers: a judge model nobody serves now is refused, not waited for
+        unserved = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": chat}))
+        assert unserved.status_code == 422, unserved.text
+        assert "judge.model" in unserved.text and "no live worker" in unserved.text
+        assert count(database_url, Job) == 0
+        live_worker(database_url, chat)
+        # each epoch's generate job holds one judge prompt per position: more positions than a job takes prompts
+        long = http.post("/v1/edits/reinforce", json=reinforce(prompt=" ".join(["cat"] * 25),
+                                                               judge={"type": "model", "model": chat}))
+        assert long.status_code == 422 and "SELFIE_MAX_PROMPTS_PER_JOB" in long.text, long.text
         assert count(database_url, Job) == 0
         accepted = http.post("/v1/edits/reinforce", json=reinforce(judge={"type": "model", "model": chat}))
         assert accepted.status_code == 202, accepted.text
         judge = http.get(accepted.json()["link"]).json()["spec"]["judge"]
     assert judge["model"] == chat and judge["remote"] is True
+
+
+def test_a_remote_judges_edit_counts_its_judge_generations_in_the_quota(env):
+    """The edit's own item and epochs x positions judge generations (its sub-jobs' prompts, submitted later by the
+    worker under the edit's key) are checked against the key's daily quota when the edit is submitted."""
+    from selfie_jobs.auth import create_key
+
+    database_url, redis_url, model = env
+    chat = "chat-" + uuid.uuid4().hex[:8]
+    prepare_database(database_url, model=chat, card=tiny_card(name=chat, chat_template="{{ messages }}"))
+    live_worker(database_url, chat)
+    with session_scope(database_url) as s:
+        _, secret = create_key(s, "small", daily_quota=1 + 3 * 7)  # 3 epochs x 7 positions (<s> + 6 words)
+    settings = settings_for(database_url, redis_url, default_model=model, auth_enabled=True)
+    with live_server(settings) as srv, srv.client(secret) as http:
+        body = reinforce(judge={"type": "model", "model": chat})
+        too_many = http.post("/v1/edits/reinforce", json={**body, "epochs": 4})
+        assert too_many.status_code == 429 and "this job asks for 29" in too_many.text, too_many.text
+        assert count(database_url, Job) == 0
+        assert http.post("/v1/edits/reinforce", json=body).status_code == 202
+        # the quota counts stored jobs: the edit's one item so far (its sub-jobs count as the worker submits them);
+        # a detector judge's edit costs its one item
+        assert http.post("/v1/edits/reinforce", json=reinforce()).status_code == 202
 
 
 ORIGINAL_DATA = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data" / "selfie-original"
@@ -154,7 +256,9 @@ def test_the_cli_sends_the_originals_facts_and_behaviours_files_as_the_edits_eva
         "transfer_expriment_behaviors.csv"
     if not facts_csv.exists():
         pytest.skip("the original's data sets are not next to the project")
-    database_url = env[0]
+    database_url, _, model = env
+    # the behaviour evaluation's requests, inside the prompt-injection story, need more than the tiny card's context
+    prepare_database(database_url, model=model, card=tiny_card(name=model, max_context=1024))
     result = CliRunner().invoke(cli, [
         "edit", "supervised", "--url", server.url, "--prompt", SOURCE["prompt"], "--layer", "2", "--token", "-1",
         "--target-prompt", "a dog ran", "--target-layer", "2", "--target-token", "1", "--epochs", "3",
