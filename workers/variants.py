@@ -5,11 +5,17 @@ that name them (`selfie_core.weights.swapped_in`; batches never mix variants, th
 A plan whose spec names a variant runs only with that variant's weights (`plan_edit`): a variant whose row is gone
 (deleted), whose file is missing or whose SHA-256 differs raises `VariantUnavailable`, and the worker fails the
 plan's jobs with that reason; it never serves the model's own weights instead. A cached variant is served from
-memory only while its row names the same file and that file is still in the store.
+memory only while its row names the same file and that file is still in the store, unchanged: re-hashing a large
+file for every batch would cost more than the batch, so the file's stat (size, mtime_ns, inode) seen when it was
+loaded stands for its content, and a file whose stat differs is read and checked against its SHA-256 again (a
+changed file fails the jobs that name it, as an uncached one does). A file rewritten in place that keeps its size,
+inode and mtime is not noticed: the store is the service's own directory, and whoever can write it so can write
+the rows too.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -46,29 +52,45 @@ def load_edit(model, root: Path, relative: str, sha256: str, layer: int) -> MLPE
     return edit
 
 
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    """What stands for the file's content between checks of its SHA-256: (size, mtime_ns, inode); None when gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 class VariantCache:
-    """The last few variants served, by id; a variant whose file fails its check is never cached."""
+    """The last few variants served, by id; a variant whose file fails its check is never cached, and a cached one
+    whose file's stat changed is checked again before it is served (see the module's docstring)."""
 
     def __init__(self, model, root: Path, size: int = CACHED_VARIANTS):
         self.model, self.root, self.size = model, root, size
-        # variant id -> (what its row said when it was loaded: path, sha256, layer; the edit)
-        self._edits: OrderedDict[str, tuple[tuple[str, str, int], MLPEdit]] = OrderedDict()
+        # variant id -> (what its row said when it was loaded: path, sha256, layer; the file's stat then; the edit)
+        self._edits: OrderedDict[str, tuple[tuple[str, str, int], tuple[int, int, int] | None, MLPEdit]] = \
+            OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, variant_id: str, relative: str, sha256: str, layer: int) -> MLPEdit:
+        path = resolve(self.root, relative)
         with self._lock:
             found = self._edits.get(variant_id)
             if found is not None and found[0] == (relative, sha256, layer):
-                if not resolve(self.root, relative).is_file():
+                seen = _stat(path)
+                if seen is None:
                     # the file went since it was loaded: the variant is gone, not served from memory either
                     del self._edits[variant_id]
                     raise VariantUnavailable(f"the variant's weights file is missing from the artifact store "
                                              f"({relative})")
-                self._edits.move_to_end(variant_id)
-                return found[1]
+                if seen == found[1]:
+                    self._edits.move_to_end(variant_id)
+                    return found[2]
+                del self._edits[variant_id]  # changed since it was loaded: loaded and checked again below
+        seen = _stat(path)  # before the read: a change during the load shows at the next get
         edit = load_edit(self.model, self.root, relative, sha256, layer)
         with self._lock:
-            self._edits[variant_id] = ((relative, sha256, layer), edit)
+            self._edits[variant_id] = ((relative, sha256, layer), seen, edit)
             self._edits.move_to_end(variant_id)
             while len(self._edits) > self.size:
                 self._edits.popitem(last=False)

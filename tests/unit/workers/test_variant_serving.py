@@ -126,3 +126,36 @@ def test_a_cached_variant_whose_file_went_is_not_served_from_memory(served, tmp_
     with pytest.raises(VariantUnavailable, match="missing"):
         cache.get(ref.id, ref.path, ref.sha256, ref.layer)
     assert cache.cached() == []
+
+
+def test_a_cached_variant_whose_file_changed_fails_the_plan_as_an_uncached_one_does(served, tmp_path):
+    """A byte flipped in place after the worker cached the variant: the file's stat differs (its mtime is set
+    explicitly, so the test does not depend on the file system's timestamp granularity), the file is hashed again
+    and the plan's jobs fail with the reason; a file only touched (same content) is checked and served again."""
+    import os
+
+    job_root = tmp_path / "store"
+    path, sha = save_edit(job_root, EDIT_JOB, served.edit)
+    ref = VariantRef("v4", "tiny", 1, path, sha)
+    file = job_root / path
+    runtime = served.runtime
+    served.runtime = SimpleNamespace(model="tiny", engine=served.engine, variants=VariantCache(served.model, job_root))
+    try:
+        first, _, _ = _run(served, "first", {**SPEC, "variant": "v4"}, {"v4": ref})
+        assert first and served.runtime.variants.cached() == ["v4"]
+        mtime = file.stat().st_mtime_ns
+        os.utime(file, ns=(mtime + 10**9, mtime + 10**9))  # touched, content unchanged: checked, still served
+        touched, _, sink = _run(served, "touched", {**SPEC, "variant": "v4"}, {"v4": ref})
+        assert touched == first and not sink.failed
+        with open(file, "r+b") as f:  # the same inode and size, one byte changed
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+        os.utime(file, ns=(mtime + 2 * 10**9, mtime + 2 * 10**9))
+        rows, baselines, sink = _run(served, "job", {**SPEC, "variant": "v4"}, {"v4": ref})
+    finally:
+        served.runtime = runtime
+    assert rows == {} and baselines == []
+    assert list(sink.failed) == ["job"] and "weights file is corrupted" in sink.failed["job"]
+    assert served.model.model.layers[0].mlp is not served.edit.module and weights_key(served.model) == ()
