@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from selfie_jobs.errors import SubmissionError
@@ -175,10 +175,17 @@ def remove_files(root: Path, job_id: str) -> None:
         folder.rmdir()
 
 
-def delete_variant(session: Session, variant: Variant, root: Path) -> None:
-    """Delete a variant: its files first, then its row (the caller commits). A job that names it afterwards is
-    refused at submission, and one queued before fails in the worker, which finds the row gone (or, before the
-    commit, the file). A delete whose commit fails is done again by the same call: removing files is idempotent."""
-    remove_files(root, variant.job_id)
-    session.delete(variant)
-    session.flush()
+def delete_variant(session: Session, variant: Variant, root: Path) -> bool:
+    """Delete a variant, committed: its row by a conditional DELETE, then, once that has committed, its files. Of
+    concurrent deletes of one variant exactly one removes the row (the others find none: False, nothing done), and
+    only that one removes the files. A job that names it afterwards is refused at submission, and one queued before
+    fails in the worker, which finds the row gone. Files left by a crash between the commit and their removal are
+    an edit job's folder without a row, as retention leaves none (it removes them the same way)."""
+    variant_id, job_id = variant.id, variant.job_id
+    removed = session.execute(delete(Variant).where(Variant.id == variant_id)).rowcount
+    if removed != 1:
+        session.rollback()
+        return False
+    session.commit()
+    remove_files(root, job_id)
+    return True

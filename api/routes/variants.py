@@ -70,6 +70,7 @@ def get_variant(variant_id: str, request: Request, session: SessionDep, settings
                summary="Delete a model variant and its files")
 def remove_variant(variant_id: str, session: SessionDep, settings: SettingsDep, who: PrincipalDep) -> VariantDeleted:
     variant = _visible_or_404(session, variant_id, who)
-    delete_variant(session, variant, store_root(settings))
-    session.commit()
+    if not delete_variant(session, variant, store_root(settings)):
+        # a concurrent delete removed it first: that one answered deleted, and removed the files
+        raise NotFound(f"no such variant {variant_id!r}")
     return VariantDeleted(id=variant_id, deleted=True)

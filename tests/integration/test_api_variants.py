@@ -197,3 +197,27 @@ def test_generate_names_a_variant_from_the_client_and_the_cli(env):
     with session_scope(env["url"]) as s:
         variants = sorted(j.spec["variant"] for j in s.scalars(select(Job).where(Job.kind == "generate")))
     assert variants == sorted([ids["older"], ids["newer"]])
+
+
+def test_concurrent_deletes_of_one_variant_answer_deleted_once(env):
+    """Six DELETEs of one variant at once (real HTTP, the server's threads): the row goes by a conditional DELETE,
+    so exactly one answers 200 deleted and the others 404, and the files are gone."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    ids, paths = env["ids"], env["paths"]
+    barrier = Barrier(6)
+
+    def delete_once(_):
+        with env["server"].client(env["alice"]) as http:
+            barrier.wait()
+            return http.delete(f"/v1/variants/{ids['older']}")
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(delete_once, range(6)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200, 404, 404, 404, 404, 404], [(r.status_code, r.text[:200]) for r in answers]
+    assert [r.json() for r in answers if r.status_code == 200] == [{"id": ids["older"], "deleted": True}]
+    assert not paths["older"].exists() and paths["newer"].is_file()
+    with session_scope(env["url"]) as s:
+        assert s.get(Variant, ids["older"]) is None and s.get(Variant, ids["newer"]) is not None

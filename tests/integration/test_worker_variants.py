@@ -106,7 +106,7 @@ def test_a_variant_that_cannot_be_served_fails_its_jobs_with_the_reason(served, 
     data = bytearray(corrupted_path.read_bytes())
     data[-1] ^= 1
     corrupted_path.write_bytes(bytes(data))
-    # queued while the variant existed, then the variant is deleted (its files, then its row)
+    # queued while the variant existed, then the variant is deleted (its row, then its files)
     queued, _ = stack.store_only(stack.request(variant=deleted))
     with stack.db() as s:
         from selfie_jobs.models import Variant
