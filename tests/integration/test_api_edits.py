@@ -184,6 +184,16 @@ def test_bad_fields_are_refused_and_nothing_is_stored(env, server, path, body, s
     assert queued_messages(redis_url, model) == []
 
 
+def test_the_edit_schemas_leave_out_the_engine_options_edits_refuse(server):
+    with server.client() as http:
+        schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("SupervisedEditCreate", "ReinforceEditCreate"):
+        properties = schemas[name]["properties"]
+        assert {"template", "k", "max_new_tokens", "evaluations"} <= set(properties), name
+        assert not {"decoding", "injection_mode", "injection_strength", "grounding"} & set(properties), name
+        assert schemas[name]["examples"], name
+
+
 def live_worker(database_url, model, name=None):
     """A worker row of `model` that heartbeats now (what a running worker writes)."""
     from selfie_jobs.models import Worker

@@ -196,10 +196,12 @@ def test_a_judge_on_another_served_model_answers_through_generate_jobs_on_its_qu
 def test_a_cancel_while_the_edit_waits_for_its_judge_cancels_the_sub_job_too(stack):
     judge_model = "tiny-judge"
     judge = stack.start_worker("w2", model=judge_model)
-    stack.wait_ready(judge)  # its card stays; nobody serves the model once it stops
+    stack.wait_ready(judge)
+    # accepted while the judge is served (submission refuses a judge model nobody serves); it stops before the
+    # edit's worker starts, so the edit's sub-job waits
+    job = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model}))
     judge.stop()
     edits = _edit_worker(stack)
-    job = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model}))
 
     def waiting_subjob():
         with stack.db() as s:
