@@ -87,8 +87,8 @@ def test_both_edit_kinds_store_their_epochs_and_one_variant(stack):
     stack.assert_exactly_once(on_variant)
 
 
-def _edit_worker(stack):
-    worker = stack.start_worker("w1", batch_size=4, SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)))
+def _edit_worker(stack, name="w1"):
+    worker = stack.start_worker(name, batch_size=4, SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)))
     stack.wait_ready(worker)
     return worker
 
@@ -195,13 +195,14 @@ def test_a_judge_on_another_served_model_answers_through_generate_jobs_on_its_qu
 @SQLITE
 def test_a_cancel_while_the_edit_waits_for_its_judge_cancels_the_sub_job_too(stack):
     judge_model = "tiny-judge"
+    _edit_worker(stack).stop()  # the edited model's card stays
     judge = stack.start_worker("w2", model=judge_model)
     stack.wait_ready(judge)
-    # accepted while the judge is served (submission refuses a judge model nobody serves); it stops before the
-    # edit's worker starts, so the edit's sub-job waits
+    # accepted while the judge is served (submission refuses a judge model nobody serves); it stops before an
+    # edit worker runs again, so the edit's sub-job waits
     job = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model}))
     judge.stop()
-    edits = _edit_worker(stack)
+    edits = _edit_worker(stack, "w3")
 
     def waiting_subjob():
         with stack.db() as s:
