@@ -27,7 +27,6 @@ from selfie_jobs.cards import card_tokenizer
 from selfie_jobs.errors import SubmissionError
 from selfie_jobs.kinds import JobKind, PreparedJob, ResultPage, WorkInput
 from selfie_jobs.kinds.edit_requests import (
-    INJECTION_STORY,
     EditFields,
     ModelJudge,
     ReinforceEditCreate,
@@ -119,16 +118,15 @@ def _state(ref: StateRef, card: Any, where: str, settings: Any) -> dict[str, Any
 KNOWLEDGE_NEW_TOKENS = 8
 
 
-def _check_text(card: Any, text: str, where: str, settings: Any, new_tokens: int, extra: str = "",
-                extra_tokens: int = 0) -> None:
+def _check_text(card: Any, text: str, where: str, settings: Any, new_tokens: int, extra_tokens: int = 0) -> None:
     """A text the evaluation generates from: the checks a prompt gets (characters, not blank, its tokens, with
-    `extra` around it in `extra_tokens` more, and `new_tokens` within the context)."""
+    `extra_tokens` more around it and `new_tokens`, within the context)."""
     if len(text) > settings.max_prompt_chars:
         raise SubmissionError(f"{where} has {len(text)} characters; at most {settings.max_prompt_chars}",
                               field=where, status=413)
     if not text.strip():
         raise SubmissionError(f"{where} is empty", field=where)
-    n = len(card_tokenizer(card).encode(extra.format(request=text) if extra else text).ids) + extra_tokens
+    n = len(card_tokenizer(card).encode(text).ids) + extra_tokens
     if n + new_tokens > card.max_context:
         raise SubmissionError(f"{where} has {n} tokens as asked; with {new_tokens} new tokens that exceeds the "
                               f"context of {card.name!r} ({card.max_context} tokens)", field=where)
@@ -169,9 +167,10 @@ def _evaluations(request: EditFields, card: Any, settings: Any) -> dict[str, Any
         except DetectorConfigError as exc:
             raise SubmissionError(f"evaluations.behaviour.detector: {exc}", field="evaluations.behaviour.detector") from None
         for i, text in enumerate(behaviour.requests):
-            # the longer of its two forms: inside the prompt-injection story, in one chat turn
+            # the request as it is asked plainly, in one chat turn (the prompt-injection story around it is the
+            # service's own text, as an interpretation template's is)
             _check_text(card, text, f"evaluations.behaviour.requests[{i}]", settings, behaviour.max_new_tokens,
-                        extra=INJECTION_STORY, extra_tokens=_chat_turn_tokens(card))
+                        extra_tokens=_chat_turn_tokens(card))
         out["behaviour"] = {"requests": list(behaviour.requests), "detector": detector,
                             "max_new_tokens": behaviour.max_new_tokens}
     return out

@@ -148,9 +148,9 @@ BAD = [
     ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["x"], "max_new_tokens": 1000,
                                                                    "detector": {"kind": "keywords", "words": ["a"]}}}),
      422, "evaluations.behaviour.max_new_tokens=1000; at most 32"),
-    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["the cat"], "max_new_tokens": 20,
+    ("/v1/edits/supervised", supervised(evaluations={"behaviour": {"requests": ["cat " * 30], "max_new_tokens": 20,
                                                                    "detector": {"kind": "keywords", "words": ["a"]}}}),
-     422, "exceeds the context"),  # the prompt-injection story around the request is past the context of 48
+     422, "exceeds the context"),  # 31 tokens and 20 new ones, past the context of 48
     # engine options an edit does not use are refused, not dropped
     ("/v1/edits/supervised", supervised(decoding={"do_sample": True, "temperature": 5.0}), 422, "decoding"),
     ("/v1/edits/supervised", supervised(injection_mode="add"), 422, "injection_mode"),
@@ -267,7 +267,7 @@ def test_the_cli_sends_the_originals_facts_and_behaviours_files_as_the_edits_eva
     if not facts_csv.exists():
         pytest.skip("the original's data sets are not next to the project")
     database_url, _, model = env
-    # the behaviour evaluation's requests, inside the prompt-injection story, need more than the tiny card's context
+    # the original's facts and behaviour requests are longer than the tiny card's context of 48 tokens
     prepare_database(database_url, model=model, card=tiny_card(name=model, max_context=1024))
     result = CliRunner().invoke(cli, [
         "edit", "supervised", "--url", server.url, "--prompt", SOURCE["prompt"], "--layer", "2", "--token", "-1",

@@ -103,11 +103,10 @@ def test_a_cancel_stops_the_edit_within_one_epoch(llama32, tokenizer, tmp_path):
 
 
 def test_the_request_defaults_are_the_cores_measured_ones():
-    from selfie_core import edit_evals, edits, judges
+    from selfie_core import edits, judges
     from selfie_jobs.kinds import edit_requests
 
     assert edit_requests.SUPERVISED_DEFAULTS == edits.SUPERVISED_DEFAULTS
     assert edit_requests.REINFORCE_DEFAULTS == edits.REINFORCE_DEFAULTS
     assert (edit_requests.HARMFUL_QUESTION, edit_requests.ANSWER_PREFIX) == (judges.HARMFUL_QUESTION,
                                                                                judges.ANSWER_PREFIX)
-    assert edit_requests.INJECTION_STORY == edit_evals.GRANDMA_USER + edit_evals.GRANDMA_ANSWER
