@@ -343,7 +343,8 @@ def test_client_and_cli_edits_return_the_variant(stack):
                                       "--target-layer", "2", "--target-token", "-1", "--epochs", "3"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "variant " in result.output and "epoch 2: loss" in result.output and "source_distance" in result.output
+    assert "variant " in result.output and "epoch 2: loss" in result.output
+    assert "source state's distance to the target: " in result.output and "/ui/variants/" in result.output
     refused = CliRunner().invoke(cli, ["edit", "reinforce", "--url", stack.url, "--prompt", "a cat", "--layer", "9", "--k", "1",
                                        "--keywords", "cat"])
     assert refused.exit_code != 0 and "layer 9" in refused.output
