@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
@@ -28,6 +28,7 @@ from api.schemas import (
     ResultList,
     Timings,
 )
+from selfie_jobs.chunks import as_utc
 from selfie_jobs.errors import BadQuery, Conflict, DomainError, NotFound
 from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_text
 from selfie_jobs.ids import INT_MAX
@@ -341,5 +342,13 @@ def get_results(
             headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
         )
     page = kind.read_page(session, job.id, limit=limit or 100, cursor=cursor)
+    variant = (page.extra or {}).get("variant")
     return ResultList(job_id=job.id, kind=job.kind, state=job.state, columns=list(kind.csv_columns),
-                      items=page.rows, next_cursor=page.next_cursor, variant=(page.extra or {}).get("variant"))
+                      items=[_utc_times(row) for row in page.rows], next_cursor=page.next_cursor,
+                      variant=None if variant is None else _utc_times(variant))
+
+
+def _utc_times(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's times as UTC, whatever the database hands back (SQLite's are naive): JSON gives them a 'Z', as every
+    other time the API answers, so a browser never reads them as local times."""
+    return {k: as_utc(v) if isinstance(v, datetime) else v for k, v in row.items()}

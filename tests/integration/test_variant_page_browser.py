@@ -187,3 +187,20 @@ def test_a_reinforce_jobs_page_shows_its_epochs_and_links_its_variant(browser, s
     cells = [td.text for td in browser.find_elements("css selector", "#rows td[data-column='interpretations']")]
     assert cells[0] == "glass bottle | fuel and a rag | a quiet room", cells
     assert [td.text for td in browser.find_elements("css selector", "#rows td[data-column='rewards']")][0] == "1 -1 1"
+
+
+def test_result_rows_give_their_times_in_utc(server, sqlite_url):
+    """SQLite hands back naive times: the results route still answers them with a 'Z' (as every other time of the
+    API), the epochs' and the variant's alike, so that a page never reads them as local times."""
+    from selfie_jobs.db import create_db_engine
+    from sqlalchemy import text
+
+    variant_id = _store_variant(sqlite_url, "reinforce", {}, epochs=True)
+    engine = create_db_engine(sqlite_url)
+    with engine.connect() as conn:
+        job_id = conn.execute(text("SELECT job_id FROM variants WHERE id = :id"), {"id": variant_id}).scalar_one()
+    engine.dispose()
+    with server.client() as http:
+        page = http.get(f"/v1/jobs/{job_id}/results").json()
+    assert [row["created_at"][-1] for row in page["items"]] == ["Z", "Z", "Z"], page["items"]
+    assert page["variant"]["created_at"].endswith("Z"), page["variant"]
