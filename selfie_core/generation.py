@@ -90,11 +90,22 @@ class GeneratedRow:
 StepWatch = Callable[[int, int, Sequence[int]], Collection[int]]
 
 
+#: Below this a temperature is applied in float64, from the top logit (`_choose`): float32 logits over a tiny
+#: temperature overflow, and 1e-300 itself rounds to 0 in float32.
+SMALLEST_SAFE_TEMPERATURE = 1e-3
+
+
 def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
             generators: Sequence[torch.Generator] | None) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(-1)
-    probs = torch.softmax(wide(logits) / temperature, -1)
+    logits = wide(logits)
+    if temperature < SMALLEST_SAFE_TEMPERATURE:
+        # the top logit stays 0 and the others go to -inf at worst: the greedy choice, never 0/0 = NaN
+        shifted = logits.double() - logits.double().amax(-1, keepdim=True)
+        probs = torch.softmax(shifted / temperature, -1)
+    else:
+        probs = torch.softmax(logits / temperature, -1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # always keeps the most likely token

@@ -6,6 +6,7 @@ batch as alone (its padding masked, its positions its own, a sampled row drawn f
 the job's seed and the row's index), with a cancel check between decode steps.
 
 ``edit`` swaps an edited MLP in for the call (``selfie_core.weights``); the model's own weights are back after.
+Logits that are not finite (NaN weights, a diverged variant) raise ``SelfieInputError`` instead of yielding tokens.
 """
 
 from __future__ import annotations
@@ -172,6 +173,14 @@ def stream_generations(model, tokenizer, rows: Sequence[Sequence[int]], max_new_
         yield out
 
 
+def _check_finite(logits: torch.Tensor, step: int) -> None:
+    """Refuse to choose from logits that are not finite: argmax would answer token 0 (greedy) or a NaN draw any
+    token (sampled), both stored as if the model had said them."""
+    if not bool(torch.isfinite(logits).all()):
+        raise SelfieInputError(f"the model's logits are not finite (NaN/inf) at decode step {step}: its weights (or "
+                               "the variant's) give no distribution to generate from")
+
+
 @torch.inference_mode()
 def _generate_rows(model, rows, keys, max_new_tokens, eos, pad, *, do_sample, temperature, top_p, seeds,
                    should_stop, on_step) -> list[list[int] | None]:
@@ -203,6 +212,7 @@ def _generate_rows(model, rows, keys, max_new_tokens, eos, pad, *, do_sample, te
         last = positions[:, -1]
         step_logits = logits[:, -1]
         for step in range(max_new_tokens):
+            _check_finite(step_logits, step)
             tokens = _choose(wide(step_logits), do_sample, temperature, top_p, generators)
             for row, token in zip(active, tokens.tolist()):
                 chosen[row].append(token)

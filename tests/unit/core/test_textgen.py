@@ -127,3 +127,22 @@ def test_lengths_are_checked_against_the_context(llama32, tokenizer):
     with pytest.raises(SelfieInputError, match="no tokens"):
         check_lengths([[]], 10, 256)
     check_lengths([[1] * 246], 10, 256)
+
+
+def test_logits_that_are_not_finite_fail_the_generation_instead_of_giving_tokens(llama32, tokenizer):
+    edit = MLPEdit(llama32, 1)  # a diverged variant: NaN weights in one MLP
+    with torch.no_grad():
+        for p in edit.module.parameters():
+            p.fill_(float("nan"))
+    for decoding in ({}, SAMPLED):
+        with pytest.raises(SelfieInputError, match=r"logits are not finite \(NaN/inf\) at decode step 0"):
+            generate_texts(llama32, tokenizer, PROMPTS[:2], 4, chat=False, edit=edit, **decoding)
+    assert weights_key(llama32) == ()  # the model's own weights are back
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-5])
+def test_a_tiny_temperature_samples_the_greedy_tokens(llama32, tokenizer, temperature):
+    greedy = generate_texts(llama32, tokenizer, PROMPTS, 6, chat=False)
+    cold = generate_texts(llama32, tokenizer, PROMPTS, 6, chat=False, do_sample=True, temperature=temperature,
+                          seed=3)
+    assert [g.token_ids for g in cold] == [g.token_ids for g in greedy]

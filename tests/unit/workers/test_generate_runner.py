@@ -103,3 +103,28 @@ def test_a_cancelled_jobs_rows_stop_between_decode_steps_and_the_others_go_on(en
     (want,) = core_generate(engine.model, engine.tokenizer, [PROMPTS[1]], 8, chat=False, indices=[5])
     assert results[0].token_ids == want.token_ids
     assert watch.steps[0] == (1, 8, 3) and watch.batches == 1
+
+
+def test_a_job_whose_logits_are_not_finite_fails_with_the_reason_and_stores_nothing(engine):
+    import torch
+
+    from selfie_core.weights import MLPEdit, swapped_in
+    from selfie_jobs.chunks import ClaimedChunk
+    from tests.unit.workers.test_batcher import MemorySink
+    from workers import batcher
+
+    edit = MLPEdit(engine.model, 1)  # a diverged variant: NaN weights
+    with torch.no_grad():
+        for p in edit.module.parameters():
+            p.fill_(float("nan"))
+    work = items()
+    chunks = [ClaimedChunk(id=cid, job_id=job, index=0, model="tiny", batch_key="k", priority=5,
+                           items=tuple(i.key[1:] for i in work if i.key[0] == cid), attempts=1, kind="generate")
+              for cid, job in ((7, "a"), (9, "b"))]
+    for sampled in (False, True):
+        plan = batcher.BatchPlan("k", spec(sampled=sampled), chunks, work, kind="generate")
+        sink = MemorySink(job_of={7: "a", 9: "b"})
+        with swapped_in(engine.model, edit):
+            stats = batcher.execute(plan, GenerateRunner(engine, batch_size=2), sink)
+        assert set(sink.failed) == {"a", "b"} and not sink.rows and not stats.chunks_done
+        assert all("logits are not finite (NaN/inf)" in error for error in sink.failed.values())
