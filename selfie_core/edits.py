@@ -12,7 +12,9 @@ the edit (interpretations a judge reads, the ``current`` anchor's reference stat
 ``L - 1`` do not depend on its MLP, so they are read once, from the model's own weights.
 
 A run is an iterator of ``EpochReport``: one Adam step per ``next()``, so a caller can store each epoch's losses,
-check a cancel flag and do other work between epochs. Runs are deterministic given ``seed``.
+check a cancel flag and do other work between epochs. Runs are deterministic given ``seed``. A run that diverges (an
+epoch's loss, or the weights after its step, not finite) raises ``SelfieInputError`` instead of yielding the epoch:
+every report a run yields comes with finite weights.
 """
 
 from __future__ import annotations
@@ -162,8 +164,24 @@ class EditRun:
     def __iter__(self) -> Iterator[EpochReport]:
         while len(self.history) < self.epochs:
             report = self._epoch(len(self.history))
+            self.check_finite(report.epoch, report.loss)
             self.history.append(report)
             yield report
+
+    #: What to lower when training diverges (the message of ``check_finite``).
+    TUNING = "lr"
+
+    def check_finite(self, epoch: int, loss: float | None = None) -> None:
+        """Raise ``SelfieInputError`` when training diverged: the epoch's loss, or the trained weights (after its
+        step), are not finite. Such an edit is never stored; asking again with the same settings diverges again."""
+        if loss is not None and not math.isfinite(loss):
+            raise SelfieInputError(f"training diverged at epoch {epoch}: the loss is not finite; "
+                                   f"lower {self.TUNING}")
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(p).all()) for p in self.edit.module.parameters())
+        if not finite:
+            raise SelfieInputError(f"training diverged at epoch {epoch}: the trained weights are not finite; "
+                                   f"lower {self.TUNING}")
 
     def run(self) -> list[EpochReport]:
         """Every remaining epoch at once."""
@@ -193,6 +211,8 @@ class SupervisedEdit(EditRun):
     ``keep_loss`` and its gradient vanish and only ``edit_loss`` is optimised (kept to reproduce the notebook).
     Reference texts are run one by one (the notebook pads pairs and counts the padding positions too).
     """
+
+    TUNING = "lr or beta"
 
     def __init__(self, engine, prompt: str, layer: int, token: int, target, reference_texts: Sequence[str] = (), *,
                  beta: float = SUPERVISED_DEFAULTS["beta"], epochs: int = SUPERVISED_DEFAULTS["epochs"],

@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     edit_soft_time_limit_seconds: int = Field(
         6 * 3600, ge=1, description="Time limit of one edit job's task (an edit trains for many epochs; other work "
                                     "of its model runs between them).")
+    subjob_start_seconds: float = Field(
+        300.0, gt=0, description="An edit's sub-job (a judge's generate job on another model) that no worker has "
+                                 "started within this fails the edit: its model has no live worker, or they are busy. "
+                                 "Well above worker_alive_seconds + enqueue_grace_seconds + "
+                                 "reconcile_interval_seconds, so a restarting worker or a lost message is waited for.")
+    subjob_finish_seconds: float = Field(
+        1800.0, gt=0, description="An edit's sub-job not finished within this of its submission fails the edit "
+                                  "(twice chunk_soft_time_limit_seconds by default).")
     job_timeout_seconds: int = Field(7 * 24 * 3600, ge=1)
     db_retry_seconds: float = Field(60.0, gt=0, description="How long a worker keeps retrying a failed write.")
     max_chunk_attempts: int = Field(5, ge=1, description="A chunk lost or crashed this often fails its job.")

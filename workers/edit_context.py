@@ -1,5 +1,6 @@
 """What the task layer lends an edit's runner (`workers.runners.edits.EditContext`): the epochs' rows, the cancel
-check, other work of the model between epochs, and sub-jobs on other models.
+check, other work of the model between epochs, and sub-jobs on other models; the removal of the files of edits
+that ended without a variant.
 
 Invariants: an epoch's row is upserted (an edit restarted from scratch writes its epochs again) and the job's state
 is read in the same transaction, so a cancel stops the edit at the end of the epoch it lands in; between epochs at
@@ -65,5 +66,27 @@ def edit_context(runtime: Any, sender: TaskSender | None, run_chunk: Callable[..
                            parent_job=item.job_id, owner_key_id=payload.get("owner_key_id"),
                            priority=payload.get("priority", 5), serve_others=serve_others)
 
+    def cancel_stale_subjobs(item) -> None:
+        from workers.subjobs import cancel_stale
+
+        cancelled = cancel_stale(runtime, item.job_id, (item.payload or {}).get("owner_key_id"))
+        if cancelled:
+            log.warning("edit %s: cancelled sub-jobs an earlier attempt left: %s", item.job_id, ", ".join(cancelled))
+
     return EditContext(store_epoch=store_epoch, job_closed=runtime.watch.is_closed, serve_others=serve_others,
-                       store_root=store_root(settings), generate=generate if sender is not None else None)
+                       store_root=store_root(settings), generate=generate if sender is not None else None,
+                       cancel_stale_subjobs=cancel_stale_subjobs)
+
+
+def remove_unstored_files(runtime: Any, job_ids) -> None:
+    """Remove the variant files of edit jobs that ended here without a variant (cancelled while the file was
+    written, or failed): a file is kept only while a `variants` row names it."""
+    from selfie_jobs.models import Variant
+    from selfie_jobs.variants import remove_files, store_root
+
+    for job_id in job_ids:
+        stored = unit_of_work(runtime.sessions,
+                              lambda s: s.scalar(select(Variant.id).where(Variant.job_id == job_id)) is not None,
+                              runtime.settings.db_retry_seconds)
+        if not stored:
+            remove_files(store_root(runtime.settings), job_id)

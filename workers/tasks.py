@@ -36,7 +36,7 @@ from selfie_jobs.settings import Settings
 from selfie_jobs.states import JobState
 from selfie_jobs.variants import variant_refs
 from workers import batcher
-from workers.edit_context import edit_context
+from workers.edit_context import edit_context, remove_unstored_files
 from workers.sink import DbSink
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,8 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
                 runner = runner.bound(edit_context(runtime, sender, run_chunk))
             stats = _execute(runtime, plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)),
                              sink, claim.variants or {})
+            if plan.kind in EDIT_KINDS and stats.closed_jobs:
+                remove_unstored_files(runtime, sorted(stats.closed_jobs))
             total.items += stats.items
             total.inserted += stats.inserted
             total.engine_batches += stats.engine_batches

@@ -217,3 +217,68 @@ def test_a_cancel_while_the_edit_waits_for_its_judge_cancels_the_sub_job_too(sta
     with stack.db() as s:
         assert s.get(Job, job).state == "cancelled" and s.get(Job, subjob.id).state == "cancelled"
     assert variants(stack, job) == [] and epochs_done(stack, job) == 0
+
+
+def _store_files(stack, job: str) -> list[str]:
+    root = store_root(stack.settings)
+    return [str(p) for p in root.rglob("*") if p.is_file() and job in p.parts]
+
+
+@SQLITE
+def test_edits_that_would_fail_again_fail_once_with_the_reason_and_store_nothing(stack):
+    """A diverging edit, a judge model with a card but no live worker, a judge's sub-job refused by the quota: each
+    edit fails at its first attempt with the reason (no retry restarting training), nothing stored."""
+    from selfie_jobs import submission
+    from selfie_jobs.auth import create_key
+
+    judge_model = "tiny-judge"
+    judge = stack.start_worker("w2", model=judge_model)
+    stack.wait_ready(judge)  # its card stays; nobody serves the model once it stops
+    judge.stop()
+    worker = stack.start_worker("w1", SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)),
+                                SELFIE_SUBJOB_START_SECONDS="3")
+    stack.wait_ready(worker)
+    diverging = stack.submit(supervised(epochs=3, target=None, target_vector=[3.0e38] * 32, lr=10.0, beta=1e6))
+    unserved = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model}))
+    with stack.db() as s:
+        key, _ = create_key(s, "small", daily_quota=3)
+        s.commit()
+        over_quota = submission.submit_job(s, reinforce(epochs=2, judge={"type": "model", "model": judge_model}),
+                                           stack.settings, stack.producer, owner_key_id=key.id).job.id
+    stack.wait_jobs(diverging, unserved, over_quota, timeout=120)
+    reasons = {diverging: "training diverged at epoch 0: the loss is not finite; lower lr or beta",
+               unserved: f"the judge model '{judge_model}' has no live worker",
+               over_quota: "refused the judge's generate job"}
+    with stack.db() as s:
+        for job, reason in reasons.items():
+            row = s.get(Job, job)
+            assert row.state == "failed" and reason in row.error, (row.state, row.error)
+            assert s.scalars(select(Chunk.attempts).where(Chunk.job_id == job)).one() == 1
+        subjobs = s.scalars(select(Job).where(Job.model == judge_model, Job.kind == "generate")).all()
+    assert [j.state for j in subjobs] == ["cancelled"]  # the unserved one's; the over-quota one was never stored
+    for job in reasons:
+        assert variants(stack, job) == [] and _store_files(stack, job) == []
+
+
+@SQLITE
+def test_a_cancel_during_a_long_evaluation_stops_it_soon_and_other_work_runs_meanwhile(stack):
+    import time
+
+    worker = _edit_worker(stack)
+    edit = stack.submit(supervised(epochs=1, evaluations={"behaviour": {
+        "requests": [f"request number {i}" for i in range(200)], "max_new_tokens": 256,
+        "detector": {"kind": "keywords", "words": ["zzz"]}}}))
+    wait_for(lambda: epochs_done(stack, edit) >= 1, 60, what="the edit's epoch")  # it evaluates now
+    started = time.monotonic()
+    job = stack.submit(stack.request())
+    stack.wait_jobs(job, timeout=60)
+    assert time.monotonic() - started < 20  # served between evaluation steps, not after the evaluation
+    with stack.db() as s:
+        assert s.get(Job, edit).state == "running"
+    with stack.db() as s, s.begin():
+        cancel_job(s, edit, _admin())
+    cancelled = time.monotonic()
+    wait_for(lambda: re.search(r"engine run \w+: 1 chunks of 1 jobs, 1 items, 0 rows new", worker.log()), 60,
+             interval=0.2, what="the worker letting go of the edit")
+    assert time.monotonic() - cancelled < 20
+    assert variants(stack, edit) == [] and _store_files(stack, edit) == []

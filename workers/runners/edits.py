@@ -7,7 +7,10 @@ Invariants:
 - after each epoch its row goes to `edit_epochs` (the job's progress) and the job's state is read in the same
   transaction (a cancel stops the edit at the end of the epoch it lands in; the heartbeat's `BatchWatch` is looked
   at too, after other work), and the task layer may run one engine run of other jobs' queued work
-  of this model (`EditContext.serve_others`), so no job waits for a whole edit;
+  of this model (`EditContext.serve_others`), so no job waits for a whole edit; between evaluation steps the same
+  (cancel check, other work);
+- a run that diverges (a loss or a weight not finite) or a judge's sub-job that cannot be served fails the job once,
+  as an input error (retrying would train again to the same end), and stores nothing;
 - the variant's file is named by its content (`workers.variants.save_edit`): an edit restarted from scratch never
   changes a stored file; the result (one per job) is stored by the normal write path with the chunk marked done.
 
@@ -40,6 +43,8 @@ class EditContext:
     #: generate(model, prompts, max_new_tokens, item) -> texts: a `generate` sub-job on another served model
     #: (`workers.subjobs.generate_on`), for a judge that model is
     generate: Callable[[str, Sequence[str], int, WorkItem], list[str]] | None = None
+    #: cancel_stale_subjobs(item): cancels the sub-jobs an earlier attempt of the edit left open
+    cancel_stale_subjobs: Callable[[WorkItem], None] | None = None
 
 
 class RemoteJudge:
@@ -159,13 +164,19 @@ class EditRunner(EngineRunner):
         from workers.subjobs import EditStopped
 
         (item,) = items
+        if self.context.cancel_stale_subjobs is not None and (spec.get("judge") or {}).get("remote"):
+            self.context.cancel_stale_subjobs(item)  # an earlier attempt's, left when its worker died
         try:
             finished = self._train(item, spec)
         except EditStopped:
-            return  # closed while it waited for a sub-job (which was cancelled with it)
+            return  # closed while it waited for a sub-job (which was cancelled with it) or between evaluations
         if finished is None:
             return
         run, losses, evaluations = finished
+        run.check_finite(len(losses) - 1)  # the weights about to be saved (a run checks them after every step)
+        if self.context.job_closed(item.job_id):
+            return  # the last cancel check: a cancelled edit writes no file (the task layer removes one written
+            #         before a cancel that its write then finds)
         path, sha256 = save_edit(self.context.store_root, item.job_id, run.edit)
         yield [EditResult(key=item.key, variant_id=new_job_id(), owner_key_id=(item.payload or {}).get("owner_key_id"),
                           layer=run.layer, path=path, sha256=sha256, settings=run_settings(spec),
@@ -186,12 +197,30 @@ class EditRunner(EngineRunner):
                 ctx.serve_others()
                 if ctx.job_closed(job_id):
                     return None
-        return run, losses, self.evaluate(run, spec)
+        return run, losses, self.evaluate(run, spec, lambda: self._between_steps(job_id))
 
-    def evaluate(self, run: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    def _between_steps(self, job_id: str) -> None:
+        """Between two evaluation steps, as between epochs: stop on a cancel (`EditStopped`), serve other work."""
+        from workers.subjobs import EditStopped
+
+        ctx = self.context
+        if ctx.job_closed(job_id):
+            raise EditStopped(job_id)
+        ctx.serve_others()
+        if ctx.job_closed(job_id):
+            raise EditStopped(job_id)
+
+    def evaluate(self, run: Any, spec: dict[str, Any], between: Callable[[], None] = lambda: None) -> dict[str, Any]:
         from workers.runners.edit_evals import evaluate
 
-        return evaluate(self.engine, run, spec, self.template(spec))
+        return evaluate(self.engine, run, spec, self.template(spec), between)
+
+    def is_input_error(self, exc: BaseException) -> bool:
+        from workers.subjobs import SubJobFailed
+
+        # a sub-job refused, failed or cancelled by someone else, or not served in time: a new attempt would
+        # train again only to meet the same refusal
+        return isinstance(exc, SubJobFailed) or super().is_input_error(exc)
 
 
 def run_settings(spec: dict[str, Any]) -> dict[str, Any]:
