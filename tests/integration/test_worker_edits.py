@@ -266,7 +266,7 @@ def test_a_cancel_during_a_long_evaluation_stops_it_soon_and_other_work_runs_mea
 
     worker = _edit_worker(stack)
     edit = stack.submit(supervised(epochs=1, evaluations={"behaviour": {
-        "requests": [f"request number {i}" for i in range(200)], "max_new_tokens": 256,
+        "requests": [f"request number {i}" for i in range(500)], "max_new_tokens": 256,
         "detector": {"kind": "keywords", "words": ["zzz"]}}}))
     wait_for(lambda: epochs_done(stack, edit) >= 1, 60, what="the edit's epoch")  # it evaluates now
     started = time.monotonic()
