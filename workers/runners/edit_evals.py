@@ -87,12 +87,15 @@ def _bad_share(run: Any) -> float | None:
 
 
 def _answer(engine: Any, prompt: str, edit: Any) -> dict[str, Any]:
-    from selfie_core.textgen import chat_text, generate
+    """The greedy answer to the source prompt as a `generate` job gives it (one chat turn, no system prompt; the raw
+    text on a model without a chat template), so that `selfie generate PROMPT --max-new-tokens 50 [--variant ID]`
+    reproduces both answers."""
+    from workers.runners.generate import generate_texts
 
-    chat = [chat_text(engine.tokenizer, prompt)]
-    return {"prompt": prompt,
-            "base": generate(engine.model, engine.tokenizer, chat, ANSWER_TOKENS)[0],
-            "variant": generate(engine.model, engine.tokenizer, chat, ANSWER_TOKENS, edit=edit)[0]}
+    chat = bool(getattr(engine.tokenizer, "chat_template", None))
+    base, variant = (generate_texts(engine, [prompt], chat=chat, max_new_tokens=ANSWER_TOKENS, edit=which)[0].text
+                     for which in (None, edit))
+    return {"prompt": prompt, "chat": chat, "max_new_tokens": ANSWER_TOKENS, "base": base, "variant": variant}
 
 
 def _knowledge(engine: Any, asked: dict[str, Any], edit: Any, between: Callable[[], None]) -> dict[str, Any]:

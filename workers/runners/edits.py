@@ -213,7 +213,10 @@ class EditRunner(EngineRunner):
     def evaluate(self, run: Any, spec: dict[str, Any], between: Callable[[], None] = lambda: None) -> dict[str, Any]:
         from workers.runners.edit_evals import evaluate
 
-        return evaluate(self.engine, run, spec, self.template(spec), between)
+        # the template the edit's own interpretations used (a reinforce edit's default is the notebook's, not the
+        # engine's), so that the before/after interpretation is the one the judge read
+        template = getattr(run, "template", None) or self.template(spec)
+        return evaluate(self.engine, run, spec, template, between)
 
     def is_input_error(self, exc: BaseException) -> bool:
         from workers.subjobs import SubJobFailed
@@ -232,4 +235,6 @@ def run_settings(spec: dict[str, Any]) -> dict[str, Any]:
         out["reference_texts"] = "built-in" if refs is None else len(refs)
         out["target_vector"] = None if spec.get("target_vector") is None else len(spec["target_vector"])
     out["evaluations"] = sorted(spec.get("evaluations") or {})
+    if spec["method"] == "reinforce" and spec.get("template") is None:
+        out["template"] = "materials-mentioned (the notebook's)"  # what ReinforceEdit interprets with by default
     return out

@@ -101,6 +101,19 @@ def test_reinforce_runner_matches_the_notebook_loop(llama32, tokenizer, tmp_path
     assert [r["loss"] for r in batch[0].losses] == pytest.approx([t[0] for t in theirs], abs=1e-5)
     assert batch[0].evaluations["objective"]["name"] == "bad_share"
     assert recorder is runner.context
+    # the before/after interpretation is read with the edit's own template (the notebook's), as the judge read
+    # them, not with the engine's default preset; the settings say which template that was
+    from selfie_core.edit_evals import interpret_state
+
+    shown = batch[0].evaluations["interpretation"]
+    assert shown["base"] == interpret_state(engine, PROMPT, 2, shown["token"], template=reinforce_template(tokenizer),
+                                            k=2, max_new_tokens=8)
+    assert batch[0].settings["template"].startswith("materials-mentioned")
+    # the answer to the source prompt is what a generate job (one chat turn, no system prompt) gives
+    from workers.runners.generate import generate_texts
+
+    answer = batch[0].evaluations["answer"]
+    assert answer["base"] == generate_texts(engine, [PROMPT], chat=True, max_new_tokens=answer["max_new_tokens"])[0].text
 
 
 def test_a_cancel_stops_the_edit_within_one_epoch(llama32, tokenizer, tmp_path):
