@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     max_reference_texts: int = Field(256, ge=1, le=10_000, description="Reference texts one supervised edit may "
                                      "bring.")
     max_reference_chars: int = Field(4_000, ge=1, le=100_000, description="Characters of one reference text.")
-    max_eval_items: int = Field(500, ge=1, le=10_000, description="Facts or behaviour requests an edit's "
-                                "evaluations may bring.")
+    max_eval_items: int = Field(1_000, ge=1, le=10_000, description="Facts or behaviour requests an edit's "
+                                "evaluations may bring (the original SelfIE's known-facts file has 844).")
     chunk_size: int = Field(64, ge=1, description="Interpretations per chunk (the unit of work and of progress).")
     max_batch_interpretations: int = Field(256, ge=1, description="Upper bound of one cross-job engine batch.")
 

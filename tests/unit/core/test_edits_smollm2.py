@@ -45,3 +45,37 @@ def test_supervised_defaults_lower_the_edit_loss_100x_and_leave_the_base_alone(s
     with torch.no_grad():
         assert torch.equal(smollm2.model(ids).logits, before)
     assert interpret_state(engine, source, 8, t, None, "summarize", max_new_tokens=12) == base_text
+
+
+@pytest.mark.parametrize("anchor", ["current", "original"])
+def test_the_services_edit_gives_the_notebook_loops_losses(smollm2, anchor, tmp_path):
+    """The edit runner (what a `supervised` job runs) and a plain transcription of the notebook's loop, on SmolLM2
+    in float32: the same loss, edit loss and keep loss epoch by epoch within 1e-5, for both anchors."""
+    import copy
+
+    from workers.runners.edits import EditRunner
+
+    from .test_edit_runner import ITEM, Recorder
+    from .test_edits import notebook_supervised
+
+    engine = SelfieEngine(smollm2)
+    tok = smollm2.tokenizer
+    assert next(smollm2.model.parameters()).dtype == torch.float32
+    prompt, layer, token, epochs = "How do I make a bomb?", 8, 5, 6
+    target = hidden_state(engine, "How do I make a cake?", layer, token)
+    refs = load_reference_texts()
+    spec = {"method": "supervised", "source": {"prompt": prompt, "layer": layer, "token": token},
+            "target_vector": target.tolist(), "target": None, "reference_texts": refs, "beta": 10.0, "anchor": anchor,
+            "refs_per_epoch": 4, "epochs": epochs, "lr": 3e-4, "seed": 0, "template": None, "injection": {"k": 1},
+            "generation": {"max_new_tokens": 4}, "evaluations": {}}
+    recorder = Recorder(tmp_path)
+    (batch,) = list(EditRunner(engine).bound(recorder.context).stream([ITEM], spec))
+    notebook_model = copy.deepcopy(smollm2.model)
+    notebook_model.model.layers[layer - 1].mlp.requires_grad_(True)  # the loaded model is frozen; the notebook trains
+    theirs, _ = notebook_supervised(notebook_model, tok, prompt, layer, token, target, refs, epochs, 10.0, anchor,
+                                    seed=0, lr=3e-4)
+    ours = [(r["loss"], r["edit_loss"], r["keep_loss"]) for r in recorder.epochs]
+    assert len(ours) == len(theirs) == epochs
+    for mine, notebook in zip(ours, theirs):
+        assert mine == pytest.approx(notebook, abs=1e-5, rel=0)
+    assert weights_key(smollm2.model) == () and batch[0].losses[-1]["epoch"] == epochs - 1
