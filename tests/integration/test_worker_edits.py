@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from selfie_jobs.kinds.edit_requests import ReinforceEditCreate, SupervisedEditCreate
-from selfie_jobs.models import Chunk, EditEpoch, Job, Variant
+from selfie_jobs.models import Chunk, EditEpoch, Job, Variant, Worker
 from selfie_jobs.queries import cancel_job
 from selfie_jobs.variants import store_root, verified_file
 from tests.integration.test_worker import REFS, private_redis_url, stack, tiny_model_dir  # noqa: F401 - fixtures
@@ -231,31 +231,45 @@ def test_edits_that_would_fail_again_fail_once_with_the_reason_and_store_nothing
     from selfie_jobs import submission
     from selfie_jobs.auth import create_key
 
+    from selfie_jobs.errors import SubmissionError
+    from selfie_jobs.liveness import live_workers
+
     judge_model = "tiny-judge"
     judge = stack.start_worker("w2", model=judge_model)
-    stack.wait_ready(judge)  # its card stays; nobody serves the model once it stops
-    judge.stop()
-    worker = stack.start_worker("w1", SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)),
-                                SELFIE_SUBJOB_START_SECONDS="3")
-    stack.wait_ready(worker)
-    diverging = stack.submit(supervised(epochs=3, target=None, target_vector=[3.0e38] * 32, lr=10.0, beta=1e6))
+    first = stack.start_worker("w0")  # writes the edited model's card, then stops: the edits wait for "w1"
+    stack.wait_ready(judge)
+    stack.wait_ready(first)
+    first.stop()
+    # submitted while the judge model is served (submission refuses a judge nobody serves); its worker then stops
+    # before the edit's first judge call, so the sub-job is never started
     unserved = stack.submit(reinforce(epochs=2, judge={"type": "model", "model": judge_model}))
     with stack.db() as s:
         key, _ = create_key(s, "small", daily_quota=3)
         s.commit()
-        over_quota = submission.submit_job(s, reinforce(epochs=2, judge={"type": "model", "model": judge_model}),
-                                           stack.settings, stack.producer, owner_key_id=key.id).job.id
-    stack.wait_jobs(diverging, unserved, over_quota, timeout=120)
+        # a judge's generations past the key's quota: refused at submission (1 + epochs x positions items)
+        with pytest.raises(SubmissionError, match="quota"):
+            submission.submit_job(s, reinforce(epochs=2, judge={"type": "model", "model": judge_model}),
+                                  stack.settings, stack.producer, owner_key_id=key.id)
+    judge.stop()
+    with stack.db() as s:
+        # gone at once, not after worker_alive_seconds
+        s.query(Worker).delete(synchronize_session=False)  # both have stopped; "w1" is not started yet
+        s.commit()
+        assert not live_workers(s, stack.settings.worker_alive_seconds, model=judge_model)
+    worker = stack.start_worker("w1", SELFIE_VARIANT_STORE_DIR=str(store_root(stack.settings)),
+                                SELFIE_SUBJOB_START_SECONDS="3")
+    stack.wait_ready(worker)
+    diverging = stack.submit(supervised(epochs=3, target=None, target_vector=[3.0e38] * 32, lr=10.0, beta=1e6))
+    stack.wait_jobs(diverging, unserved, timeout=120)
     reasons = {diverging: "training diverged at epoch 0: the loss is not finite; lower lr or beta",
-               unserved: f"the judge model '{judge_model}' has no live worker",
-               over_quota: "refused the judge's generate job"}
+               unserved: f"the judge model '{judge_model}' has no live worker"}
     with stack.db() as s:
         for job, reason in reasons.items():
             row = s.get(Job, job)
             assert row.state == "failed" and reason in row.error, (row.state, row.error)
             assert s.scalars(select(Chunk.attempts).where(Chunk.job_id == job)).one() == 1
         subjobs = s.scalars(select(Job).where(Job.model == judge_model, Job.kind == "generate")).all()
-    assert [j.state for j in subjobs] == ["cancelled"]  # the unserved one's; the over-quota one was never stored
+    assert [j.state for j in subjobs] == ["cancelled"]  # the unserved one's, cancelled when its wait ended
     for job in reasons:
         assert variants(stack, job) == [] and _store_files(stack, job) == []
 
@@ -266,7 +280,7 @@ def test_a_cancel_during_a_long_evaluation_stops_it_soon_and_other_work_runs_mea
 
     worker = _edit_worker(stack)
     edit = stack.submit(supervised(epochs=1, evaluations={"behaviour": {
-        "requests": [f"request number {i}" for i in range(500)], "max_new_tokens": 256,
+        "requests": [f"request number {i}" for i in range(500)], "max_new_tokens": 200,
         "detector": {"kind": "keywords", "words": ["zzz"]}}}))
     wait_for(lambda: epochs_done(stack, edit) >= 1, 60, what="the edit's epoch")  # it evaluates now
     started = time.monotonic()
