@@ -82,7 +82,7 @@ def test_json_vectors_are_stored_and_enqueued(env, server):
     assert accepted["kind"] == "vectors" and accepted["total"] == 10 and accepted["chunks"] == 2
     assert status["kind"] == "vectors" and status["progress"]["total"] == 10 and status["prompts"] == []
     assert results == {"job_id": accepted["id"], "kind": "vectors", "state": "queued", "items": [],
-                       "next_cursor": None, "columns": ["vector_index", "label", "norm", "text", "mean_relevancy",
+                       "next_cursor": None, "variant": None, "columns": ["vector_index", "label", "norm", "text", "mean_relevancy",
                                                         "relevancy", "token_ids", "worker", "model", "created_at"]}
     with session_scope(database_url) as s:
         job = s.get(Job, accepted["id"])

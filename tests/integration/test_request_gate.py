@@ -104,7 +104,10 @@ def offer_body(port: int, method: str, path: str, total: int, *, headers: dict[s
                 break
             sent += len(data)
         if sent >= total and chunked and not answered.is_set():
-            sock.sendall(b"0\r\n\r\n")
+            try:
+                sock.sendall(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server answered and closed between the check and this send: its answer is read below
         reader.join(60)
         return (int(answer.split(b" ", 2)[1]) if answer else 0), sent
     finally:
