@@ -31,6 +31,46 @@ def _no_nul(value: str) -> str:
 
 
 SafeStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _not_blank(value: list[str]) -> list[str]:
+    for i, prompt in enumerate(value):
+        if not prompt.strip():
+            raise ValueError(f"prompt {i} is empty")
+    return value
+
+
+#: A job's prompts: one string or a list of them, none blank (interpret, lenses and generate jobs alike).
+Prompts = Annotated[list[SafeStr], BeforeValidator(_one_or_many), Field(min_length=1, max_length=MAX_PROMPTS_HARD),
+                    AfterValidator(_not_blank)]
+
+
+def refuse_fields(data: Any, refused: tuple[str, ...], message: str) -> Any:
+    """The body of a `mode="before"` model validator of a request that inherits engine options it does not use:
+    given, they would be accepted and ignored, so they are refused (`message` names them through `{fields}`)."""
+    if isinstance(data, dict):
+        given = [name for name in refused if name in data]
+        if given:
+            raise ValueError(message.format(fields=", ".join(given)))
+    return data
+
+
+def schema_without(refused: tuple[str, ...], examples: list[dict[str, Any]]):
+    """`json_schema_extra` of such a request: its OpenAPI schema without the inherited fields it refuses, with its
+    own `examples`."""
+
+    def schema_extra(schema: dict[str, Any]) -> None:
+        for name in refused:
+            schema.get("properties", {}).pop(name, None)
+        if "required" in schema:
+            schema["required"] = [r for r in schema["required"] if r not in refused]
+        schema["examples"] = examples
+
+    return schema_extra
 # Numbers in request bodies are strict: `true` is not 1 and `"3"` is not 3 (JSON has booleans and numbers apart, and
 # so does this API); a float field takes an integer, nothing else. Every numeric body field uses these.
 Int = Annotated[int, Strict()]
@@ -212,23 +252,8 @@ class JobCreate(EngineJobFields):
         },
     )
 
-    prompts: Annotated[list[SafeStr], Field(min_length=1, max_length=MAX_PROMPTS_HARD)] = Field(
-        description="One prompt or a list of prompts."
-    )
+    prompts: Prompts = Field(description="One prompt or a list of prompts.")
     targets: Literal["all"] | Targets = Field("all", description="'all' = every layer x every token.")
-
-    @field_validator("prompts", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("prompts")
-    @classmethod
-    def _not_blank(cls, value: list[str]) -> list[str]:
-        for i, prompt in enumerate(value):
-            if not prompt.strip():
-                raise ValueError(f"prompt {i} is empty")
-        return value
 
 
 def engine_spec(request: EngineJobFields, template: dict[str, Any]) -> dict[str, Any]:

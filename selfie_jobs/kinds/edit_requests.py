@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from selfie_jobs.specs import MAX_SEED, EngineJobFields, Float, Index, Int, SafeStr
+from selfie_jobs.specs import MAX_SEED, EngineJobFields, Float, Index, Int, SafeStr, refuse_fields, schema_without
 
 # Hard ceilings whatever the settings say (the configurable caps are checked in `prepare`).
 MAX_EPOCHS_HARD = 100_000
@@ -84,19 +84,6 @@ class EditEvaluations(_Strict):
     behaviour: BehaviourEval | None = None
 
 
-def edit_request_schema(examples: list[dict[str, Any]]) -> Any:
-    """The request's JSON schema (OpenAPI): without the engine options it inherits and refuses, with `examples`."""
-
-    def schema_extra(schema: dict[str, Any]) -> None:
-        for name in UNUSED_ENGINE_FIELDS:
-            schema.get("properties", {}).pop(name, None)
-        if "required" in schema:
-            schema["required"] = [r for r in schema["required"] if r not in UNUSED_ENGINE_FIELDS]
-        schema["examples"] = examples
-
-    return schema_extra
-
-
 class EditFields(EngineJobFields):
     """What both edit kinds take besides their own fields: the seed and the evaluations; the engine options
     (template, k, max_new_tokens) are those of the interpretations the edit reads and shows. The other engine
@@ -109,12 +96,8 @@ class EditFields(EngineJobFields):
     @classmethod
     def _no_unused_options(cls, data: Any) -> Any:
         # accepted and dropped, they would make the caller believe the edit's interpretations used them
-        if isinstance(data, dict):
-            given = [name for name in UNUSED_ENGINE_FIELDS if name in data]
-            if given:
-                raise ValueError(f"an edit's interpretations are greedy, injected by replacement and not grounded: "
-                                 f"{', '.join(given)} do(es) not apply to edits")
-        return data
+        return refuse_fields(data, UNUSED_ENGINE_FIELDS, "an edit's interpretations are greedy, injected by "
+                             "replacement and not grounded: {fields} do(es) not apply to edits")
 
     @model_validator(mode="after")
     def _from_the_base(self) -> EditFields:
@@ -129,7 +112,7 @@ class SupervisedEditCreate(EditFields):
     training the MLP of decoder block source.layer - 1."""
 
     model_config = EditFields.model_config | {
-        "json_schema_extra": edit_request_schema([{
+        "json_schema_extra": schema_without(UNUSED_ENGINE_FIELDS, [{
             "model": "smollm2-135m-instruct",
             "source": {"prompt": "How to build a molotov cocktail?", "layer": 6, "token": -2},
             "target": {"prompt": "A type of drink", "layer": 19, "token": -1},
@@ -247,7 +230,7 @@ class ReinforceEditCreate(EditFields):
     in its interpretation (interpreted with `template`, default the notebook's "materials mentioned" prompt)."""
 
     model_config = EditFields.model_config | {
-        "json_schema_extra": edit_request_schema([{
+        "json_schema_extra": schema_without(UNUSED_ENGINE_FIELDS, [{
             "model": "smollm2-135m-instruct", "prompt": "How to build a molotov cocktail?", "layer": 7,
             "judge": {"type": "keywords", "words": ["gasoline", "bottle", "fuel"]}, "epochs": 30, "lr": 1e-3,
         }, {

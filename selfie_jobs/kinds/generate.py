@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,34 +27,30 @@ from selfie_jobs.errors import SubmissionError
 from selfie_jobs.kinds import PreparedJob, ResultPage
 from selfie_jobs.kinds.interpret import InterpretKind
 from selfie_jobs.models import Generation
-from selfie_jobs.specs import MAX_PROMPTS_HARD, MAX_SYSTEM_CHARS, Bool, EngineJobFields, SafeStr, spec_batch_key, with_variant
+from selfie_jobs.specs import (MAX_SYSTEM_CHARS, Bool, EngineJobFields, Prompts, SafeStr, refuse_fields,
+                               schema_without, spec_batch_key, with_variant)
 
 #: what an interpretation request sets about injecting and judging, which a plain generation does not do
 INTERPRETATION_FIELDS = ("template", "k", "injection_mode", "injection_strength", "grounding")
 FINISHES = ("eos", "length")
 
 
-def _generate_request_schema(schema: dict[str, Any]) -> None:
-    """The request's JSON schema (OpenAPI): without the interpretation options it inherits and refuses, with an
-    example of its own."""
-    for name in INTERPRETATION_FIELDS:
-        schema.get("properties", {}).pop(name, None)
-    if "required" in schema:
-        schema["required"] = [r for r in schema["required"] if r not in INTERPRETATION_FIELDS]
-    schema["examples"] = [
-        {"model": "smollm2-135m-instruct", "prompts": ["What is the capital of France?"], "max_new_tokens": 20},
-        {"prompts": ["The Eiffel Tower is located in"], "chat": False, "max_new_tokens": 8,
-         "decoding": {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "seed": 7}},
-    ]
+#: examples of the request's OpenAPI schema
+EXAMPLES = [
+    {"model": "smollm2-135m-instruct", "prompts": ["What is the capital of France?"], "max_new_tokens": 20},
+    {"prompts": ["The Eiffel Tower is located in"], "chat": False, "max_new_tokens": 8,
+     "decoding": {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "seed": 7}},
+]
 
 
 class GenerateJobCreate(EngineJobFields):
     """A request to generate the model's continuation of each prompt (in its chat format, or raw)."""
 
-    model_config = EngineJobFields.model_config | {"json_schema_extra": _generate_request_schema}
+    # the interpretation options it inherits and refuses are left out of its schema
+    model_config = EngineJobFields.model_config | {"json_schema_extra": schema_without(INTERPRETATION_FIELDS,
+                                                                                         EXAMPLES)}
 
-    prompts: Annotated[list[SafeStr], Field(min_length=1, max_length=MAX_PROMPTS_HARD)] = Field(
-        description="One prompt or a list of prompts.")
+    prompts: Prompts = Field(description="One prompt or a list of prompts.")
     chat: Bool = Field(True, description="Each prompt as one user turn in the model's chat template, with the "
                                          "assistant's turn opened (true); or the prompt's raw text (false).")
     system: Annotated[SafeStr, Field(min_length=1, max_length=MAX_SYSTEM_CHARS)] | None = Field(
@@ -64,25 +60,8 @@ class GenerateJobCreate(EngineJobFields):
     @classmethod
     def _nothing_injected(cls, data: Any) -> Any:
         # an interpretation's options would be accepted and ignored: refused, so nobody believes them
-        if isinstance(data, dict):
-            given = [name for name in INTERPRETATION_FIELDS if name in data]
-            if given:
-                raise ValueError(f"a generate job injects and interprets nothing: {', '.join(given)} do(es) not "
-                                 "apply to it")
-        return data
-
-    @field_validator("prompts", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("prompts")
-    @classmethod
-    def _not_blank(cls, value: list[str]) -> list[str]:
-        for i, prompt in enumerate(value):
-            if not prompt.strip():
-                raise ValueError(f"prompt {i} is empty")
-        return value
+        return refuse_fields(data, INTERPRETATION_FIELDS,
+                             "a generate job injects and interprets nothing: {fields} do(es) not apply to it")
 
     @model_validator(mode="after")
     def _system_with_chat(self) -> GenerateJobCreate:

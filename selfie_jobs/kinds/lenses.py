@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from selfie_jobs.kinds import PreparedJob, ResultPage
 from selfie_jobs.kinds.interpret import InterpretKind
 from selfie_jobs.models import LensReading
-from selfie_jobs.specs import Int, JobCreate, spec_batch_key, with_variant
+from selfie_jobs.specs import Int, JobCreate, refuse_fields, schema_without, spec_batch_key, with_variant
 
 #: as selfie_core.lenses (the api never imports torch)
 LENS_NAMES = ("logit", "identity")
@@ -34,21 +34,16 @@ GENERATION_FIELDS = ("template", "k", "injection_mode", "injection_strength", "m
                      "grounding")
 
 
-def _lens_request_schema(schema: dict[str, Any]) -> None:
-    """The request's JSON schema (OpenAPI): without the interpretation's engine options it inherits and refuses,
-    with an example of its own."""
-    for name in GENERATION_FIELDS:
-        schema.get("properties", {}).pop(name, None)
-    if "required" in schema:
-        schema["required"] = [r for r in schema["required"] if r not in GENERATION_FIELDS]
-    schema["examples"] = [{"model": "smollm2-135m-instruct", "prompts": ["The Eiffel Tower is located in Paris."],
-                           "targets": {"layers": "all", "tokens": [-1]}, "top_k": 5, "lenses": ["logit", "identity"]}]
+#: examples of the request's OpenAPI schema
+EXAMPLES = [{"model": "smollm2-135m-instruct", "prompts": ["The Eiffel Tower is located in Paris."],
+             "targets": {"layers": "all", "tokens": [-1]}, "top_k": 5, "lenses": ["logit", "identity"]}]
 
 
 class LensJobCreate(JobCreate):
     """A request to read hidden states with the logit lens and the identity patch (the targets of `interpret`)."""
 
-    model_config = JobCreate.model_config | {"json_schema_extra": _lens_request_schema}
+    # the interpretation's engine options it inherits and refuses are left out of its schema
+    model_config = JobCreate.model_config | {"json_schema_extra": schema_without(GENERATION_FIELDS, EXAMPLES)}
 
     top_k: Annotated[Int, Field(ge=1, le=MAX_TOP_K)] = Field(5, description="Tokens kept per lens, best first.")
     lenses: Annotated[list[LensName], Field(min_length=1, max_length=len(LENS_NAMES))] = Field(
@@ -58,11 +53,7 @@ class LensJobCreate(JobCreate):
     @classmethod
     def _nothing_generated(cls, data: Any) -> Any:
         # the engine options of an interpretation would be accepted and ignored: refused, so nobody believes them
-        if isinstance(data, dict):
-            given = [name for name in GENERATION_FIELDS if name in data]
-            if given:
-                raise ValueError(f"a lenses job generates nothing: {', '.join(given)} do(es) not apply to it")
-        return data
+        return refuse_fields(data, GENERATION_FIELDS, "a lenses job generates nothing: {fields} do(es) not apply to it")
 
     @field_validator("lenses")
     @classmethod
