@@ -10,7 +10,9 @@ engine run, run it, write through the writer thread, finish) with an engine that
 that each take every Nth chunk's message, as Celery hands them out.
 
 `rate`: the same cycle with an engine that produces rows at a fixed rate (it sleeps, as a process waiting on a GPU
-does): the rate the service delivers over the engine's own rate (1.0: the database is wholly hidden behind compute).
+does): the rate the service delivers over the engine's nominal rate (`ratio`) and over the rate the same engine
+reaches alone in the same process just before, with no service around it (`ratio_to_engine_alone`: a loaded machine
+oversleeps); 1.0: the database is wholly hidden behind compute.
 
 Rows are synthetic and shaped like real ones: text of about 80 characters, 20 relevancy floats and token ids.
 
@@ -257,6 +259,10 @@ class FakeRuntime:
     held_ids: set[int] = field(default_factory=set)
     finished_ids: set[int] = field(default_factory=set)
     rows: int = 0
+    overlap: Any = None  # workers.overlap.Overlap, as Runtime has
+
+    def shutting_down(self) -> bool:
+        return False
 
     @property
     def name(self) -> str:
@@ -304,13 +310,23 @@ def _cycle(url: str, job_id: str, chunk_ids: Sequence[int], start, out, *, batch
     sessions = get_sessionmaker(url)
     identity = cards.worker_identity("bench@localhost", "tiny", "cpu")
     unit_of_work(sessions, lambda s: cards.heartbeat(s, identity, state="ready", info={}))
+    from workers.overlap import Overlap
+
     runtime = FakeRuntime(settings, identity, sessions, FakeEngine(batch, rate),
-                          options=SimpleNamespace(inject_fault=None))
+                          options=SimpleNamespace(inject_fault=None), overlap=Overlap())
+    alone = 0.0
+    if rate:  # the reference: the same engine producing the same rows with no service around it, in this process
+        items = [SimpleNamespace(key=(0, i)) for i in range(runtime.engine.batch * 8)]
+        began = time.perf_counter()
+        for _ in FakeEngine(batch, rate).stream(items, {}):
+            pass
+        alone = len(items) / (time.perf_counter() - began)
     start.wait()
     began = time.perf_counter()
-    for chunk_id in chunk_ids:  # the messages Celery hands this process
-        run_chunk(runtime, chunk_id)
-    out.put((time.perf_counter() - began, runtime.rows, runtime.engine.busy_seconds))
+    for chunk_id in chunk_ids:  # the messages Celery hands this process, run as its task runs them
+        run_chunk(runtime, chunk_id, wait=False)
+    runtime.overlap.drain()  # the last run's rows committed
+    out.put((time.perf_counter() - began, runtime.rows, runtime.engine.busy_seconds, alone))
 
 
 def _cycle_default(url, job_id, chunk_ids, start, out):
@@ -349,7 +365,7 @@ def bench_rate(backend: str, rate: float, rows: int, chunk: int, batch: int, max
 
         proc = ctx.Process(target=_rate_cycle, args=(db.url, job_id, chunk_ids, start, out, batch, rate, max_batch))
         proc.start()
-        seconds, served, busy = out.get(timeout=600)
+        seconds, served, busy, alone = out.get(timeout=600)
         proc.join()
         with get_sessionmaker(db.url)() as s:
             job = s.get(Job, job_id)
@@ -357,7 +373,9 @@ def bench_rate(backend: str, rate: float, rows: int, chunk: int, batch: int, max
         delivered = rows / seconds
         return {"bench": "rate", "db": backend, "engine_rows_s": rate, "rows": rows, "chunk": chunk,
                 "engine_batch": batch, "max_batch": max_batch, "delivered_rows_s": round(delivered),
-                "ratio": round(delivered / rate, 3), "engine_busy_s": round(busy, 2), "wall_s": round(seconds, 2)}
+                "ratio": round(delivered / rate, 3), "engine_alone_rows_s": round(alone),
+                "ratio_to_engine_alone": round(delivered / alone, 3), "engine_busy_s": round(busy, 2),
+                "wall_s": round(seconds, 2)}
     finally:
         db.close()
 

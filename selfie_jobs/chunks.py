@@ -209,6 +209,16 @@ def claim_more(
     return _load_claimed(session, _take(session, chosen, owner, lease_seconds, now))
 
 
+def queue_head(session: Session, model: str) -> str | None:
+    """The batch key of the queued chunk of `model` that the queue gives out next (the most urgent priority, then
+    first come); None when none is queued. Two index lookups on ix_chunks_claim (the highest priority, then the
+    lowest id within it), however long the backlog: ORDER BY priority DESC, id ASC would read a whole priority's
+    chunks to sort them."""
+    queued = and_(Chunk.model == model, Chunk.state == ChunkState.QUEUED)
+    top = select(func.max(Chunk.priority)).where(queued).scalar_subquery()
+    return session.scalar(select(Chunk.batch_key).where(queued, Chunk.priority == top).order_by(Chunk.id).limit(1))
+
+
 def next_queued(session: Session, model: str, *, exclude_kinds: Sequence[str]) -> int | None:
     """The queued chunk of `model` to run next (priority, then first come), of an open job of any kind but
     `exclude_kinds`; None when there is none. Read only: the caller claims it (`claim_chunk`)."""

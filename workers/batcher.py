@@ -15,7 +15,8 @@ Failure policy:
 - a write that fails (past the database retry window) stops the run: its error is raised and the chunks go back.
 
 Writes overlap compute: each finished engine batch's rows go to a writer thread (`workers.writer.WriteBehind`) and
-the engine starts its next batch at once; `execute` returns when every write has committed. What the writer finds
+the engine starts its next batch at once; `execute` returns when every write has committed, `start` when the engine
+is done (the last writes may still be committing: `Started.wait`). What the writer finds
 (a job cancelled meanwhile) reaches the scheduler one batch later, which only costs that batch's compute.
 """
 
@@ -266,10 +267,29 @@ class _Execution:
             self.completed.add(chunk.id)
 
 
-def execute(plan: BatchPlan, runner: Runner, sink: Sink, *, write_depth: int = WRITE_DEPTH) -> ExecutionStats:
+class Started:
+    """A plan whose engine work is over and whose writes may still be committing (`start`). `wait` returns the
+    run's stats once every write has committed, and raises the first write's error; `abandon` drops the writes not
+    yet started (the one under way commits or rolls back whole)."""
+
+    def __init__(self, execution: _Execution):
+        self._execution = execution
+
+    def wait(self) -> ExecutionStats:
+        self._execution.writer.close()
+        self._execution.account()
+        return self._execution.stats
+
+    def abandon(self) -> None:
+        self._execution.writer.abandon()
+
+
+def start(plan: BatchPlan, runner: Runner, sink: Sink, *, write_depth: int = WRITE_DEPTH) -> Started:
     """Run one plan as one engine run: validate per job, stream, and hand each finished engine batch's rows, per
     chunk, to a writer thread (`workers.writer.WriteBehind`) that stores them while the next batch computes. Returns
-    once every write has committed; a write's error is raised here."""
+    when the engine is done, with the last writes possibly still committing: the caller may claim and start its next
+    run meanwhile, and learns the outcome from `Started.wait`. An error of the engine work is raised here (the
+    writes not started are dropped)."""
     writer = WriteBehind(sink, write_depth)
     execution = _Execution(plan, runner, sink, writer)
     try:
@@ -279,6 +299,9 @@ def execute(plan: BatchPlan, runner: Runner, sink: Sink, *, write_depth: int = W
     except BaseException:
         writer.abandon()
         raise
-    writer.close()
-    execution.account()
-    return execution.stats
+    return Started(execution)
+
+
+def execute(plan: BatchPlan, runner: Runner, sink: Sink, *, write_depth: int = WRITE_DEPTH) -> ExecutionStats:
+    """`start` and wait: returns once every write has committed; a write's error is raised here."""
+    return start(plan, runner, sink, write_depth=write_depth).wait()

@@ -6,7 +6,10 @@
   (PATH records that it fired), so the worker must exit and its replacement must finish the work;
 - ``hold-write:PATH``: the writer thread commits its first write, then holds the second one (rows handed over,
   not committed) for good after recording PATH, once across process restarts, so a test can kill the worker
-  while its writer holds rows.
+  while its writer holds rows;
+- ``hold-completion:PATH``: the same for the first write that completes a chunk (the last rows of the chunk, handed
+  over when the engine is done with them), so a test can kill the worker after its task has returned and while the
+  run completes in the background (`workers.overlap`).
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-KINDS = ("oom-above", "device-once", "hold-write")
+KINDS = ("oom-above", "device-once", "hold-write", "hold-completion")
+HOLDS = ("hold-write", "hold-completion")
 
 
 def parse(spec: str) -> tuple[str, str]:
     kind, _, arg = spec.partition(":")
     if kind not in KINDS or not arg:
-        raise ValueError(f"unknown fault {spec!r}: use oom-above:N, device-once:PATH or hold-write:PATH")
+        raise ValueError(f"unknown fault {spec!r}: use oom-above:N, device-once:PATH, hold-write:PATH or "
+                         "hold-completion:PATH")
     return kind, arg
 
 
@@ -50,7 +55,8 @@ class FaultInjectingRunner:
 
 
 class FaultInjectingSink:
-    """A sink whose second write never finishes (``hold-write``); any other fault leaves writes alone."""
+    """A sink whose second write (``hold-write``) or first completing write (``hold-completion``) never finishes; any
+    other fault leaves writes alone."""
 
     def __init__(self, inner: Any, spec: str):
         self.inner = inner
@@ -63,13 +69,14 @@ class FaultInjectingSink:
     def write(self, chunk_id: int, rows: Sequence[Any], complete: bool) -> Any:
         self.writes += 1
         marker = Path(self.arg)
-        if self.kind == "hold-write" and self.writes == 2 and not marker.exists():
+        held = self.writes == 2 if self.kind == "hold-write" else self.kind == "hold-completion" and complete
+        if held and not marker.exists():
             marker.write_text(f"holding {len(rows)} rows of chunk {chunk_id}")
             threading.Event().wait()  # until the process is killed
         return self.inner.write(chunk_id, rows, complete)
 
     def write_many(self, writes: Sequence[tuple[int, Sequence[Any], bool]]) -> list[Any]:
-        # one by one, so that ``hold-write`` commits the first write and holds the second as it says
-        if self.kind == "hold-write":
+        # one by one, so that the holds commit the writes before the one they hold, as they say
+        if self.kind in HOLDS:
             return [self.write(*w) for w in writes]
         return self.inner.write_many(writes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -68,14 +69,22 @@ def default_node_name(model: str, gpus: int | Sequence[int] | None) -> str:
 
 
 def install_worker_signals(app: Celery, settings: Settings, load_failures: LoadFailures) -> None:
-    """Model load/unload in the pool child; a reconcile at start-up from the parent."""
+    """Model load/unload in the pool child; a reconcile at start-up from the parent; the parent's shutdown made
+    known to the children (a task running engine runs back to back stops at the end of its current one)."""
+    # Made here, in the parent, before the pool forks its children: they inherit it. The parent sets it when a warm
+    # or cold shutdown starts; Celery tells the children nothing until their tasks end.
+    shutting_down = multiprocessing.get_context("fork").Event()
+
+    @signals.worker_shutting_down.connect(weak=False, dispatch_uid="selfie.runtime.shutting_down")
+    def _shutting_down(**_kwargs) -> None:
+        shutting_down.set()
 
     @signals.worker_process_init.connect(weak=False, dispatch_uid="selfie.runtime.init")
     def _load_model(**_kwargs) -> None:
         from workers.runtime import start_runtime
 
         try:
-            start_runtime(settings)
+            start_runtime(settings, shutting_down=shutting_down.is_set)
         except BaseException as exc:  # noqa: BLE001 - a child without its model must not take work
             failures = load_failures.record(f"{type(exc).__name__}: {exc}")
             if failures >= settings.worker_load_attempts:

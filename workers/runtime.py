@@ -23,6 +23,7 @@ from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
 from selfie_jobs.queries import closed_jobs
+from workers.overlap import Overlap
 from workers.progress import BatchWatch
 from workers.runners import EngineRunner, build_runners  # noqa: F401 - EngineRunner: the interpret runner
 
@@ -102,6 +103,8 @@ class Runtime:
     _held: set[int] = field(default_factory=set)
     _finished: dict[int, None] = field(default_factory=dict)  # chunks this process marked done, oldest first
     watch: BatchWatch = field(default_factory=BatchWatch)  # the running batch: progress, rate, closed jobs
+    overlap: Overlap = field(default_factory=Overlap)  # runs' last writes and next claims, off the engine's path
+    shutting_down: Callable[[], bool] = lambda: False  # the worker is stopping: take no more work than the message's
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _beat_lock: threading.Lock = field(default_factory=threading.Lock)  # one state write at a time: "ready" is last
@@ -203,6 +206,9 @@ class Runtime:
             log.exception("could not mark worker %s load_failed", self.name)
 
     def stop(self, state: str = "stopped") -> None:
+        # runs still completing first: their rows commit and their chunks are marked while the heartbeat still
+        # renews the leases (a write retries through an outage for db_retry_seconds)
+        self.overlap.drain(timeout=self.settings.db_retry_seconds + 10)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -347,8 +353,10 @@ def get_runtime() -> Runtime:
     return _RUNTIME
 
 
-def start_runtime(settings: Settings, options: WorkerOptions | None = None) -> Runtime:
-    """Build and start this process's runtime (called in the pool child, or directly in tests)."""
+def start_runtime(settings: Settings, options: WorkerOptions | None = None, *,
+                  shutting_down: Callable[[], bool] | None = None) -> Runtime:
+    """Build and start this process's runtime (called in the pool child, or directly in tests). `shutting_down`:
+    whether the worker's main process is stopping (`workers.launch`)."""
     global _RUNTIME
     from selfie_jobs.db import get_engine, get_sessionmaker
 
@@ -356,6 +364,8 @@ def start_runtime(settings: Settings, options: WorkerOptions | None = None) -> R
     options = options or WorkerOptions.from_env()
     runtime = Runtime(settings=settings, options=options,
                       sessions=get_sessionmaker(settings.resolved_database_url()))
+    if shutting_down is not None:
+        runtime.shutting_down = shutting_down
     try:
         runtime.start()
     except BaseException as exc:

@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers; the logic is in `run_chunk` / `reconcile_once` (callable without Celery).
 
 `selfie.run_chunk(chunk_id)`: claim the chunk (compare-and-set) plus other queued chunks of the same model and
-engine settings, run them as one engine run, write each chunk's rows as engine batches finish. A message for a
+engine settings (`workers.claims`), run them as one engine run, write each chunk's rows as engine batches finish;
+while that batch key heads the model's queue, run its next runs back to back, each claimed while the one before
+computes, and let each run's last writes commit in the background (`workers.overlap`). A message for a
 chunk that is done, cancelled, or held by a live worker is acknowledged without doing anything; one for a chunk of
 another model (a message sent before a model's queue was renamed, or put on the wrong queue by hand) is sent on to
 that model's workers, claiming nothing.
@@ -25,17 +27,13 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from selfie_jobs import baselines
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.cards import mark_dead_local_workers
-from selfie_jobs.liveness import live_workers, owner_is_alive
-from selfie_jobs.kinds import get_kind
-from selfie_jobs.reconcile import Redelivery, reconcile
-from selfie_jobs.models import Chunk, Job
 from selfie_jobs.queue import (EDIT_KINDS, RECONCILE_TASK, RUN_CHUNK_TASK, RUN_EDIT_TASK, TaskSender, message_counter,
                                send_chunk)
+from selfie_jobs.reconcile import reconcile
 from selfie_jobs.retry import unit_of_work
 from selfie_jobs.settings import Settings
 from selfie_jobs.states import JobState
-from selfie_jobs.variants import variant_refs
-from workers import batcher
+from workers import batcher, claims
 from workers.edit_context import edit_context, remove_unstored_files
 from workers.sink import DbSink
 
@@ -44,97 +42,8 @@ log = logging.getLogger(__name__)
 #: Exit status of a worker process whose accelerator failed (Celery's parent starts a fresh child).
 DEVICE_FAILURE_EXIT = 70
 
-
-@dataclass(frozen=True)
-class _Claim:
-    chunks: list[chunk_ops.ClaimedChunk]
-    why: str | None = None  # why nothing was claimed
-    resend: Redelivery | None = None  # a message for another model's chunk: sent on to that model's workers
-    inputs: dict[Any, Any] | None = None  # what the chunks' kinds loaded for them (prompts, vectors)
-    run_id: str | None = None  # the engine run recorded for them
-    variants: dict[str, Any] | None = None  # the rows of the variants their specs name (VariantRef), by id
-
-
-def _claim(runtime, chunk_id: int) -> _Claim:
-    settings = runtime.settings
-    owner = runtime.name
-
-    def unit(session) -> _Claim:
-        # The model is part of the compare-and-set: a chunk this worker cannot run is never claimed, so a
-        # message that reached the wrong model's worker uses up none of the chunk's attempts.
-        first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, model=runtime.model)
-        if first is None:
-            row = session.get(Chunk, chunk_id)
-            if row is None:
-                return _Claim([], "no such chunk")
-            if row.model != runtime.model:
-                return _misrouted(session, runtime, row)
-            if row.state != "running":
-                return _Claim([], f"chunk is {row.state}")
-            if row.owner == owner:
-                if row.id in runtime.held():
-                    return _Claim([], "chunk is already being run by this worker")
-                # This process claimed it in an earlier task that ended without handing it back (a failed
-                # hand-back): nobody runs it, so the redelivered message takes it over now, not at lease end.
-            elif owner_is_alive(session, row.owner, settings.worker_alive_seconds,
-                                hostname=runtime.identity.hostname):
-                return _Claim([], f"chunk is held by live worker {row.owner}")
-            first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, dead_owner=row.owner,
-                                          model=runtime.model)
-            if first is None:
-                return _Claim([], "another worker took the chunk first")
-            log.warning("took over chunk %s from %s", chunk_id,
-                        "an earlier task of this worker" if row.owner == owner else f"dead worker {row.owner}")
-        if first.attempts > settings.max_chunk_attempts:
-            chunk_ops.fail_chunk(session, first.id, f"chunk {first.index} was started {first.attempts - 1} "
-                                                    "times without finishing (worker crashes or time limits)")
-            return _Claim([], "chunk failed after too many attempts")
-        budget = settings.max_batch_interpretations - first.size
-        more = chunk_ops.claim_more(session, owner, first.model, first.batch_key, budget, settings.lease_seconds,
-                                    exclude=[first.id])
-        claimed = [first, *more]
-        # Reads and an insert that take no job lock: in the claim's transaction, one commit fewer per engine run.
-        inputs: dict[Any, Any] = {}
-        for kind in dict.fromkeys(c.kind for c in claimed):  # what each kind's items need (prompts, vectors)
-            inputs.update(get_kind(kind).load_inputs(session, [c for c in claimed if c.kind == kind]))
-        # the variants the plans name, read with the chunks: a variant deleted after this fails its jobs in the run
-        refs = variant_refs(session, [c.spec["variant"] for c in claimed if c.spec.get("variant") is not None])
-        run_id = chunk_ops.record_engine_run(session, owner, runtime.model, claimed)
-        return _Claim(claimed, inputs=inputs, run_id=run_id, variants=refs)
-
-    return unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
-
-
-def _misrouted(session, runtime, row: Chunk) -> _Claim:
-    """A message for a chunk of another model: one sent while ``org/m`` and ``org_m`` still shared a queue (before
-    `model_queue` told such names apart), or put on the wrong queue by hand, and this worker took it."""
-    why = f"chunk is for model {row.model}, this worker serves {runtime.model}"
-    if row.state != "queued":
-        return _Claim([], why)  # running or finished: its own model's workers and the reconciler have it
-    if not live_workers(session, runtime.settings.worker_alive_seconds, model=row.model):
-        # Nobody serves that model now: sending it on would only bring it back to this queue's workers at once.
-        # It waits, queued, like any job of an unserved model; the reconciler re-sends it later.
-        return _Claim([], why + " (no live worker serves it; left to the reconciler)")
-    return _Claim([], why + " (sent on)", Redelivery(row.id, row.model, row.priority,
-                                                          session.get(Job, row.job_id).kind))
-
-
-def _hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sender: TaskSender | None) -> None:
-    settings = runtime.settings
-    priority = {c.id: c.priority for c in claimed}
-    kind = {c.id: c.kind for c in claimed}
-
-    def unit(session):
-        return chunk_ops.release_chunks(session, list(priority), runtime.name, reason,
-                                        max_attempts=settings.max_chunk_attempts)
-
-    requeued = unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
-    if sender is not None:
-        for chunk_id in requeued:
-            try:
-                send_chunk(sender, chunk_id, runtime.model, priority[chunk_id], kind[chunk_id])
-            except Exception:  # noqa: BLE001 - the reconciler re-sends queued chunks anyway
-                log.exception("could not re-send chunk %s", chunk_id)
+#: How long one task may run engine runs of its batch key back to back (`run_chunk`, `_continue_seconds`).
+CONTINUE_SECONDS = 30.0
 
 
 class _BaselineFirst:
@@ -175,12 +84,13 @@ def _store_baseline(runtime, runner, plan: batcher.BatchPlan) -> None:
                  runtime.settings.db_retry_seconds)
 
 
-def _execute(runtime, plan: batcher.BatchPlan, runner, sink, variants: dict[str, Any]) -> batcher.ExecutionStats:
-    """Run one plan on the weights its spec names: the model's own, or a variant swapped in for the whole plan (its
-    baseline included) and put back in `finally`. A variant that cannot be served fails the plan's jobs with the
-    reason; the model's own weights are never served in its place."""
+def _start(runtime, plan: batcher.BatchPlan, runner, sink, variants: dict[str, Any]) -> Any:
+    """Run one plan's engine work on the weights its spec names (`batcher.start`: its last writes may still be
+    committing): the model's own, or a variant swapped in for the whole plan (its baseline included) and put back in
+    `finally`, before the writes end (they do not read the weights). A variant that cannot be served fails the
+    plan's jobs with the reason; the model's own weights are never served in its place."""
     if plan.spec.get("variant") is None:
-        return batcher.execute(plan, runner, sink)
+        return batcher.start(plan, runner, sink)
     from selfie_core.weights import swapped_in
     from selfie_jobs.variants import VariantUnavailable
     from workers.variants import plan_edit
@@ -194,20 +104,112 @@ def _execute(runtime, plan: batcher.BatchPlan, runner, sink, variants: dict[str,
             log.warning("job %s fails: %s", job_id, error)
             sink.fail_job(job_id, error)
             stats.failed_jobs[job_id] = error
-        return stats
+        return _Done(stats)
     with swapped_in(runtime.engine.model, edit):
-        return batcher.execute(plan, runner, sink)
+        return batcher.start(plan, runner, sink)
 
 
-def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[str, Any]:
-    """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary."""
+@dataclass
+class _Done:
+    """A plan whose writes are all committed (`batcher.Started`'s shape)."""
+
+    stats: batcher.ExecutionStats
+
+    def wait(self) -> batcher.ExecutionStats:
+        return self.stats
+
+    def abandon(self) -> None:
+        pass
+
+
+class _EngineRun:
+    """One message's engine run after its engine work: the plans' writes (`batcher.Started`) to wait for, then the
+    run recorded as finished and its chunks let go. `complete` does it in the task; `complete_later` in the
+    completion thread (`workers.overlap`), after the task has returned, so that the worker claims and computes its next run while
+    this one's last rows commit."""
+
+    def __init__(self, runtime, claimed: list[chunk_ops.ClaimedChunk], run_id: str, sender: TaskSender | None):
+        self.runtime = runtime
+        self.claimed = claimed
+        self.run_id = run_id
+        self.sender = sender
+        self.began = time.monotonic()
+        self.plans: list[Any] = []
+
+    @property
+    def ids(self) -> list[int]:
+        return [c.id for c in self.claimed]
+
+    def complete(self) -> dict[str, Any]:
+        """Wait for every write, record the run; returns the task's summary. Raises a write's error."""
+        runtime, settings = self.runtime, self.runtime.settings
+        total = batcher.ExecutionStats()
+        for plan in self.plans:
+            stats = plan.wait()
+            total.items += stats.items
+            total.inserted += stats.inserted
+            total.engine_batches += stats.engine_batches
+            total.splits += stats.splits
+            total.chunks_done += stats.chunks_done
+            total.failed_jobs.update(stats.failed_jobs)
+        elapsed = time.monotonic() - self.began
+        unit_of_work(runtime.sessions, lambda session: chunk_ops.finish_engine_run(session, self.run_id, elapsed),
+                     settings.db_retry_seconds)
+        runtime.finished(total.chunks_done)
+        runtime.served(total.inserted)
+        log.info("engine run %s: %d chunks of %d jobs, %d items, %d rows new, %.2fs", self.run_id, len(self.claimed),
+                 len({c.job_id for c in self.claimed}), total.items, total.inserted, elapsed)
+        return {"chunk_id": self.claimed[0].id, "engine_run": self.run_id, "chunks": self.ids,
+                "done": total.chunks_done, "inserted": total.inserted, "failed_jobs": total.failed_jobs,
+                "elapsed_s": round(elapsed, 3)}
+
+    def settle(self) -> None:
+        """On the way out after an error: let the writes already handed over commit (they are good work; the
+        chunks they complete are done and not handed back), logging their own errors."""
+        for plan in self.plans:
+            try:
+                plan.wait()
+            except Exception:  # noqa: BLE001 - the first error is the one raised; this one is logged
+                log.exception("engine run %s: a write failed while the run was being given up", self.run_id)
+
+    def complete_later(self) -> None:
+        """`complete` in a thread of its own: the task returned (its message is acknowledged), so a write's error is
+        handled here as the task would: the chunks not done go back to the queue. A worker killed meanwhile leaves
+        them `running` under an owner that no longer beats: the reconciler sends them again and their committed
+        rows are skipped by the unique key."""
+        try:
+            self.complete()
+        except Exception as exc:
+            log.exception("engine run %s: storing its last results failed; handing its chunks back", self.run_id)
+            try:
+                claims.hand_back(self.runtime, self.claimed, f"{type(exc).__name__}: {exc}", self.sender)
+            except Exception:  # noqa: BLE001 - then the reconciler sends them again when their lease runs out
+                log.exception("engine run %s: could not hand its chunks back", self.run_id)
+        finally:
+            self.runtime.unhold(self.ids)
+
+
+def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None, *, wait: bool = True) -> dict[str, Any]:
+    """Claim `chunk_id` (and companions), run them as one engine run, store the results. Returns a summary.
+
+    `wait=False` (the Celery task) keeps the accelerator busy between runs:
+    - the task returns once the engine work is done, and the run's last writes commit in the completion thread
+      (`runtime.overlap`), which then records the run (`_EngineRun.complete_later`); the summary says `"completing": True`;
+    - while its batch key heads the model's queue, the next run of it is claimed while the engine computes this
+      one, and runs right after it in the same task (`claims.ClaimAhead`), for up to `_continue_seconds`; the
+      summary's `"continued"` lists those runs.
+    Edit runs always wait (their evaluation reads what they stored) and never continue."""
     if runtime.has_finished(chunk_id):
         # it ran as a companion of an earlier chunk's message and its completion committed: done is final
         log.info("chunk %s: nothing to do (this worker finished it)", chunk_id)
         return {"chunk_id": chunk_id, "skipped": "chunk is done"}
-    claim = _claim(runtime, chunk_id)
-    claimed = claim.chunks
-    if not claimed:
+    if chunk_id in runtime.held():
+        # it runs, or its run completes in the background, in this process (a companion of an earlier message):
+        # the claim would find it running under this owner and say the same, one transaction later
+        log.info("chunk %s: nothing to do (chunk is already being run by this worker)", chunk_id)
+        return {"chunk_id": chunk_id, "skipped": "chunk is already being run by this worker"}
+    claim = claims.claim(runtime, chunk_id)
+    if not claim.chunks:
         log.info("chunk %s: nothing to do (%s)", chunk_id, claim.why)
         if claim.resend is not None and sender is not None:
             try:
@@ -216,56 +218,89 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
             except Exception:  # noqa: BLE001 - the chunk is still queued: the reconciler re-sends it
                 log.exception("could not send chunk %s on to model %s", chunk_id, claim.resend.model)
         return {"chunk_id": chunk_id, "skipped": claim.why}
+    if wait or claim.chunks[0].kind in EDIT_KINDS:
+        return _run(runtime, chunk_id, claim, sender, wait=wait)
+    first: dict[str, Any] | None = None
+    continued: list[str] = []
+    until = time.monotonic() + _continue_seconds(runtime.settings)
+    ahead: claims.ClaimAhead | None = None
+    try:
+        while True:
+            more = time.monotonic() < until and not runtime.shutting_down()
+            ahead = claims.ClaimAhead(runtime, claim.chunks[0].batch_key) if more else None
+            summary = _run(runtime, chunk_id, claim, sender, wait=False)
+            if first is None:
+                first = summary
+            else:
+                continued.append(summary.get("engine_run"))
+            if ahead is None or summary.get("timed_out") or runtime.shutting_down():
+                break
+            claim, ahead = ahead.result(), None
+            if not claim.chunks:
+                break
+    finally:
+        if ahead is not None:  # the run before it failed or timed out: what was claimed for it goes back
+            ahead.give_back("the engine run before it did not finish", sender)
+    return {**first, "continued": continued} if continued else first
+
+
+def _continue_seconds(settings: Settings) -> float:
+    """How long one task runs runs of its batch key back to back: long enough that claims and answers to messages
+    are rare against the engine work, short enough that other batch keys of the same priority wait little and the
+    task stays far from its soft time limit."""
+    return min(CONTINUE_SECONDS, settings.chunk_soft_time_limit_seconds / 4)
+
+
+def _run(runtime, chunk_id: int, claim: claims.Claim, sender: TaskSender | None, *, wait: bool) -> dict[str, Any]:
+    """One engine run of what `claim` holds (see `run_chunk`)."""
+    claimed = claim.chunks
     ids = [c.id for c in claimed]
     runtime.hold(ids, {c.id: c.job_id for c in claimed})
     settings = runtime.settings
-    started = time.monotonic()
+    run = _EngineRun(runtime, claimed, claim.run_id, sender)
+    handed_on = False
     try:
-        inputs, run_id = claim.inputs or {}, claim.run_id
+        inputs = claim.inputs or {}
         queued_jobs = [c.job_id for c in claimed if c.job_state == JobState.QUEUED]
         if queued_jobs:  # a job's first chunk: the job is running now (a transaction of its own, see the function)
             unit_of_work(runtime.sessions, lambda session: chunk_ops.mark_jobs_running(session, queued_jobs),
                          settings.db_retry_seconds)
-        sink = DbSink(runtime.sessions, runtime.name, runtime.model, run_id, settings.db_retry_seconds)
+        sink = DbSink(runtime.sessions, runtime.name, runtime.model, claim.run_id, settings.db_retry_seconds)
         if runtime.options.inject_fault:
             from workers.faults import FaultInjectingSink
 
             sink = FaultInjectingSink(sink, runtime.options.inject_fault)
-        total = batcher.ExecutionStats()
+        edits = False
         for plan in batcher.plan_batches(claimed, inputs):
             runner = runtime.runner_for(plan.kind)
             if plan.kind in EDIT_KINDS:
+                edits = True
                 runner = runner.bound(edit_context(runtime, sender, run_chunk))
-            stats = _execute(runtime, plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)),
+            started = _start(runtime, plan, _BaselineFirst(runner, lambda: _store_baseline(runtime, runner, plan)),
                              sink, claim.variants or {})
-            if plan.kind in EDIT_KINDS and stats.closed_jobs:
-                remove_unstored_files(runtime, sorted(stats.closed_jobs))
-            total.items += stats.items
-            total.inserted += stats.inserted
-            total.engine_batches += stats.engine_batches
-            total.splits += stats.splits
-            total.chunks_done += stats.chunks_done
-            total.failed_jobs.update(stats.failed_jobs)
-        elapsed = time.monotonic() - started
-        unit_of_work(runtime.sessions, lambda session: chunk_ops.finish_engine_run(session, run_id, elapsed),
-                     settings.db_retry_seconds)
-        runtime.finished(total.chunks_done)
-        runtime.served(total.inserted)
-        log.info("engine run %s: %d chunks of %d jobs, %d items, %d rows new, %.2fs", run_id, len(claimed),
-                 len({c.job_id for c in claimed}), total.items, total.inserted, elapsed)
-        return {"chunk_id": chunk_id, "engine_run": run_id, "chunks": ids, "done": total.chunks_done,
-                "inserted": total.inserted, "failed_jobs": total.failed_jobs, "elapsed_s": round(elapsed, 3)}
+            run.plans.append(started)
+            if plan.kind in EDIT_KINDS:
+                stats = started.wait()
+                if stats.closed_jobs:
+                    remove_unstored_files(runtime, sorted(stats.closed_jobs))
+        if not wait and not edits:
+            runtime.overlap.defer(run.complete_later)
+            handed_on = True
+            return {"chunk_id": chunk_id, "engine_run": claim.run_id, "chunks": ids, "completing": True}
+        return run.complete()
     except SoftTimeLimitExceeded:
         log.error("chunk %s: soft time limit (%ss) exceeded; handing chunks back", chunk_id,
                   settings.chunk_soft_time_limit_seconds)
-        _hand_back(runtime, claimed, f"soft time limit of {settings.chunk_soft_time_limit_seconds}s exceeded", sender)
+        run.settle()
+        claims.hand_back(runtime, claimed, f"soft time limit of {settings.chunk_soft_time_limit_seconds}s exceeded", sender)
         return {"chunk_id": chunk_id, "timed_out": True}
     except batcher.DeviceFailure as exc:
         # The CUDA context is unusable after a device-side error: hand the chunks back, say so, and exit; the
         # acks_late message is redelivered and Celery's parent starts a fresh process with a fresh context.
         log.critical("device failure in chunk %s, restarting the worker process: %s", chunk_id, exc)
         try:
-            _hand_back(runtime, claimed, f"device failure: {exc}", sender)
+            run.settle()
+            claims.hand_back(runtime, claimed, f"device failure: {exc}", sender)
             runtime.stop(state="dead")
         finally:
             logging.shutdown()
@@ -275,10 +310,12 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None) -> dict[
         # Anything else is a bug or an outage beyond the retry window: put the chunks back and let the error
         # surface in the logs; after max_chunk_attempts the job fails with this error stored.
         log.exception("chunk %s failed", chunk_id)
-        _hand_back(runtime, claimed, f"{type(exc).__name__}: {exc}", sender)
+        run.settle()
+        claims.hand_back(runtime, claimed, f"{type(exc).__name__}: {exc}", sender)
         raise
     finally:
-        runtime.unhold(ids)
+        if not handed_on:
+            runtime.unhold(ids)
 
 
 def reconcile_once(settings: Settings, sessions, app: Celery) -> dict[str, Any]:
@@ -328,7 +365,8 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def run_chunk_task(task, chunk_id: int) -> dict[str, Any]:
         from workers.runtime import get_runtime
 
-        summary = run_chunk(get_runtime(), int(chunk_id), sender=app)
+        # wait=False: the run's last rows commit while this process takes its next message (`_EngineRun`)
+        summary = run_chunk(get_runtime(), int(chunk_id), sender=app, wait=False)
         if "skipped" in summary:
             skip(task, summary["skipped"])
         return summary

@@ -15,7 +15,7 @@ from selfie_jobs.queue import model_queue
 from selfie_jobs.settings import Settings
 from tests.apisupport import flush_model_queue, message_chunk_ids, queued_messages
 from tests.unit.jobs.factories import make_job
-from workers import tasks
+from workers import claims, tasks
 from workers.celery_app import create_celery_app
 from workers.runtime import Runtime, WorkerOptions
 
@@ -85,7 +85,7 @@ def test_a_message_for_another_models_chunk_uses_no_attempt_and_is_sent_on(db, t
     assert row() == ("queued", 0, None)
 
     # the chunk's own model claims it as its first attempt
-    claim = tasks._claim(other, chunk_id)
+    claim = claims.claim(other, chunk_id)
     assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 1
 
 
@@ -94,7 +94,7 @@ def test_a_worker_restarted_with_its_old_pid_takes_over_its_predecessors_chunk_a
     before = runtime_for(db, tmp_path, "tiny")
     with db() as s, s.begin():
         cards.heartbeat(s, before.identity)
-    assert [c.id for c in tasks._claim(before, chunk_id).chunks] == [chunk_id]
+    assert [c.id for c in claims.claim(before, chunk_id).chunks] == [chunk_id]
     # it dies holding the chunk, and its container restarts: same node name, same hostname, same pid, and its
     # predecessor's heartbeat still fresh; the chunk's lease (120 s) has long to run
     after = runtime_for(db, tmp_path, "tiny")
@@ -103,7 +103,7 @@ def test_a_worker_restarted_with_its_old_pid_takes_over_its_predecessors_chunk_a
     with db() as s, s.begin():  # what Runtime.start does before it serves anything
         assert cards.mark_dead_local_workers(s, after.identity.hostname, me=after.name) == [before.name]
         cards.heartbeat(s, after.identity)
-    claim = tasks._claim(after, chunk_id)  # the redelivered message
+    claim = claims.claim(after, chunk_id)  # the redelivered message
     assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 2, claim.why
 
 
@@ -112,11 +112,11 @@ def test_a_chunk_an_earlier_task_of_this_worker_left_behind_is_taken_over(db, tm
     worker = runtime_for(db, tmp_path, "tiny")
     with db() as s, s.begin():
         cards.heartbeat(s, worker.identity)
-    assert tasks._claim(worker, chunk_id).chunks  # the task ends without handing the chunk back
-    claim = tasks._claim(worker, chunk_id)  # its redelivered message
+    assert claims.claim(worker, chunk_id).chunks  # the task ends without handing the chunk back
+    claim = claims.claim(worker, chunk_id)  # its redelivered message
     assert [c.id for c in claim.chunks] == [chunk_id] and claim.chunks[0].attempts == 2, claim.why
     worker.hold([chunk_id])  # while this runtime does run it, a duplicate message leaves it alone
-    assert tasks._claim(worker, chunk_id).why == "chunk is already being run by this worker"
+    assert claims.claim(worker, chunk_id).why == "chunk is already being run by this worker"
 
 
 def test_the_message_of_a_chunk_this_worker_finished_as_a_companion_is_answered_without_the_database(db, tmp_path,

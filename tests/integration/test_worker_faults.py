@@ -218,8 +218,14 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
                             cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         job = _submit_long_job(stack, max_new_tokens=12, kind=kind)
-        # an edit is one chunk: a second edit waits queued behind it (edits are not served between epochs)
-        jobs = [job, _submit_long_job(stack, max_new_tokens=12, kind=kind)] if kind in EDIT_KINDS else [job]
+        # A second job waits queued behind it, with other engine settings (another batch key): the task running the
+        # first job's runs back to back takes the first job's queued chunks from the database itself, but never
+        # another batch key's, so only the reconciler can bring the second job's lost messages back. (An edit is
+        # one chunk, and edits are not served between epochs.)
+        other = stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2, 3), max_new_tokens=11)
+        if kind == "lenses":  # lens jobs take no max_new_tokens
+            other = other.model_copy(update={"top_k": 2})
+        jobs = [job, stack.submit(other)]
         _wait_running_chunk(stack, job)
         redis_client.Redis.from_url(stack.redis_url).flushall()  # every queued message is gone
         with stack.db() as s:
@@ -228,6 +234,49 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
         stack.wait_jobs(*jobs)
         for one in jobs:
             stack.assert_exactly_once(one)
+        assert "reconcile: re-sent" in worker.log()
+    finally:
+        os.killpg(beat.pid, signal.SIGTERM)
+        beat.wait(20)
+        beat_log.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                         indirect=True)
+@pytest.mark.parametrize("kind", ["interpret", "vectors", "generate"])
+def test_sigkill_while_a_run_completes_after_its_task_returned_loses_nothing(stack, tmp_path, kind):
+    # The engine is done and the task has returned (its message acknowledged); the run's last rows are still being
+    # written in the background (workers.overlap) when the process dies. Nobody will redeliver that message: the
+    # reconciler finds the chunk running under an owner that is gone and sends it again.
+    from tests.integration.worker_support import ROOT, worker_env
+
+    marker = tmp_path / "holding"
+    worker = stack.start_worker("w1", max_batch=32, batch_size=1,
+                                extra=("--inject-fault", f"hold-completion:{marker}"))
+    stack.wait_ready(worker)
+    (child,) = worker.children()
+    env = worker_env(stack.url, stack.redis_url, stack.tmp / "beat", SELFIE_RECONCILE_INTERVAL_SECONDS="1")
+    beat_log = open(stack.tmp / "beat.log", "wb")  # noqa: SIM115 - closed below
+    beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule", str(stack.tmp / "beat-schedule")],
+                            cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        stack.settings = stack.settings.model_copy(update={"chunk_size": 32})  # one chunk, written in many writes
+        job = stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2), max_new_tokens=8))
+        wait_for(marker.exists, 60, interval=0.05, what="the writer holding the chunk's last rows")
+        wait_for(lambda: "'completing': True" in worker.log(), 30, interval=0.05, what="the task returning")
+        with stack.db() as s:
+            written, total = stack.rows(job), s.get(Job, job).total
+            (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
+            assert 0 < written < total and chunk.state == "running" and chunk.attempts == 1
+        os.kill(child, signal.SIGKILL)
+        stack.wait_jobs(job)
+        stack.assert_exactly_once(job)
+        with stack.db() as s:
+            (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
+            finished = s.get(Job, job)
+            assert (finished.state, finished.done, chunk.state) == ("succeeded", total, "done")
+            owner_pid = s.scalar(select(Worker.pid).where(Worker.name == chunk.owner))
+        assert chunk.attempts == 2 and owner_pid != child
         assert "reconcile: re-sent" in worker.log()
     finally:
         os.killpg(beat.pid, signal.SIGTERM)

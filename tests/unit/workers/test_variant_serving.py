@@ -1,4 +1,4 @@
-"""A worker's plans on a variant (`workers.tasks._execute`, the real interpret runner over a tiny LLaMA engine, an
+"""A worker's plans on a variant (`workers.tasks._start`, the real interpret runner over a tiny LLaMA engine, an
 in-memory sink): a plan that names a variant runs on its weights, baseline included, never on the base model's
 cached one; the base model's rows after serving a variant are bit-identical to those before; a variant that cannot
 be served (row gone, file missing or changed) fails the plan's jobs with the reason and serves nothing."""
@@ -18,7 +18,7 @@ from tests.unit.core.conftest import _llama, build_tokenizer
 from tests.unit.workers.test_batcher import MemorySink
 from workers import batcher
 from workers.runners.interpret import EngineRunner
-from workers.tasks import _BaselineFirst, _execute
+from workers.tasks import _BaselineFirst, _start
 from workers.variants import VariantCache, save_edit
 
 PROMPT = "The Eiffel Tower is located in Paris."
@@ -58,7 +58,7 @@ def _run(served, job: str, spec: dict, refs: dict) -> tuple[dict, list, MemorySi
     sink = MemorySink(job_of={1: job})
     baselines: list = []
     runner = _BaselineFirst(served.runner, lambda: baselines.append(served.runner.baseline(plan.spec)))
-    _execute(served.runtime, plan, runner, sink, refs)
+    _start(served.runtime, plan, runner, sink, refs).wait()
     return {key[1:]: row for key, row in sink.rows.items()}, baselines, sink
 
 
