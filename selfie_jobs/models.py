@@ -203,6 +203,10 @@ class Interpretation(Base):
         Index("ix_interpretations_job_token", "job_id", "prompt_index", "token", "layer"),  # sort=token
         Index("ix_interpretations_job_relevancy", "job_id", "mean_relevancy", "id"),  # sort=relevancy, -relevancy
         Index("ix_interpretations_job_created", "job_id", "created_at", "id"),  # sort=created
+        # The text filter `q` (ILIKE) with a word few of the job's rows hold: a GIN index of the job's texts by
+        # trigram, on PostgreSQL only (pg_trgm and btree_gin, migration 0014).
+        Index("ix_interpretations_job_text_trgm", "job_id", "text", postgresql_using="gin",
+              postgresql_ops={"text": "gin_trgm_ops"}).ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
