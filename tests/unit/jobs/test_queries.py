@@ -178,3 +178,114 @@ def test_postgres_connections_run_without_jit(postgres_url):
                     assert conn.execute(text("SHOW work_mem")).scalar() == work_mem
         finally:
             engine.dispose()
+
+
+# --- the text filter ------------------------------------------------------------------------------------------------
+
+TEXTS = ["Paris at night", "PARIS", "a%b", "a_b", "axb", "50% off", "__init__", "back\\slash", "a/b", "École",
+         "école", "ÉCOLE normale", "café Été", "x", "nothing here"]
+QUERIES = ["paris", "PaRiS", "a%b", "a_b", "%", "_", "__", "%_", "\\", "/", "a/b", "x", "ab", "É", "é", "éco",
+           "ÉCOLE", "été", "café", "zyzzyva", " ", "night"]
+
+
+def _folded(dialect: str):
+    """What `lower()` does in each database: PostgreSQL (UTF-8) folds every letter as Python does for these texts;
+    SQLite's built-in lower() folds ASCII letters only (without the ICU extension), so there 'é' does not find
+    'É': the filter's meaning on SQLite, unchanged here."""
+    if dialect == "postgresql":
+        return str.lower
+    return lambda s: "".join(c.lower() if c.isascii() else c for c in s)
+
+
+@pytest.fixture
+def texts(database_url):
+    migrate.upgrade(database_url)
+    maker = get_sessionmaker(database_url)
+    with maker() as s:
+        job = make_job(s, items=[(0, 0, t) for t in range(len(TEXTS))])
+        chunk = s.execute(text("SELECT min(id) FROM chunks WHERE job_id = :j"), {"j": job.id}).scalar()
+        for n, body in enumerate(TEXTS):
+            s.add(Interpretation(
+                job_id=job.id, prompt_index=0, layer=0, token=n, source_token="t", text=body, token_ids=[n],
+                relevancy=[0.5], mean_relevancy=0.5, chunk_id=chunk, engine_run_id="r", worker="w", model="tiny"))
+        s.commit()
+        yield maker, job.id
+
+
+def test_the_text_filter_is_contains_in_any_case_with_plain_percent_underscore_and_slash(texts):
+    """Exactly the rows whose text contains `q` ignoring case, for a `q` with a trigram (the spelling the trigram
+    index serves) and without one (one or two characters, only %, _ or punctuation): the same meaning. On
+    PostgreSQL each `q` is also answered by bitmap scans only, which take the trigram index for every `q` with a
+    trigram: its answers are rechecked against the text, the same rows."""
+    maker, job_id = texts
+    with maker() as s:
+        dialect = s.bind.dialect.name
+        fold = _folded(dialect)
+        for q in QUERIES:
+            expected = [n for n, body in enumerate(TEXTS) if fold(q) in fold(body)]
+            rows = interpretations_page(s, job_id, InterpretationFilter(q=q), limit=None).rows
+            assert [r.token for r in rows] == expected, q
+            if dialect == "postgresql":
+                for setting in ("enable_seqscan", "enable_indexscan"):
+                    s.execute(text(f"SET LOCAL {setting} = off"))
+                rows = interpretations_page(s, job_id, InterpretationFilter(q=q), limit=None).rows
+                assert [r.token for r in rows] == expected, q
+                s.rollback()
+    assert fold("É") == ("é" if dialect == "postgresql" else "É")
+
+
+@pytest.fixture
+def stored_texts(postgres_url):
+    """PostgreSQL with 60,000 rows in 30 jobs of 2,000 (as ANALYZE sees them), a third of the texts holding 'Paris',
+    the others 'tower', each with a distinct hex tail (no text holds 'zyzzyva'), and relevancies spread over [0, 1)."""
+    migrate.upgrade(postgres_url)
+    maker = get_sessionmaker(postgres_url)
+    with maker() as s:
+        jobs = [make_job(s, items=[(0, 0, 0)]) for _ in range(30)]
+        for job in jobs:
+            chunk = s.execute(text("SELECT min(id) FROM chunks WHERE job_id = :j"), {"j": job.id}).scalar()
+            s.execute(text(
+                "INSERT INTO interpretations (job_id, prompt_index, layer, token, source_token, text, token_ids, "
+                "relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) "
+                "SELECT CAST(:job AS text), n / 100, n % 100, 0, 't', "
+                "CASE WHEN n % 3 = 0 THEN 'about Paris ' ELSE 'about tower ' END "
+                "|| md5(n::text || CAST(:job AS text)), '[1]', '\\x0000003f'::bytea, (n * 7919 % 2000) / 2000.0, "
+                ":chunk, 'r', 'w', 'tiny', now() FROM generate_series(0, 1999) AS n"),
+                {"job": job.id, "chunk": chunk})
+        s.commit()
+        s.execute(text("ANALYZE interpretations"))
+        s.commit()
+        yield maker, jobs[2].id
+
+
+def _bound_plan(session, query) -> str:
+    """EXPLAIN of the page's statement as the route sends it: the SQL with its bind parameters, which psycopg
+    sends apart from the text (server-side parameters), not values written into the SQL."""
+    compiled = query.limit(101).compile(dialect=session.bind.dialect)
+    rows = session.connection().exec_driver_sql("EXPLAIN " + str(compiled), compiled.params)
+    return " | ".join(row[0] for row in rows)
+
+
+@pytest.mark.postgres
+def test_the_text_filter_reads_the_jobs_trigram_index_for_a_rare_word_only(stored_texts):
+    """A word no row has is looked up in the job's trigram index; a word a third of the rows hold reads the job's
+    b-tree in the sort's order until the page is full; a `q` without a trigram (short, or %/_ only) never reaches
+    the trigram index (pg_trgm would read all of the job's entries, and the planner does not know it)."""
+    maker, job_id = stored_texts
+    with maker() as s:
+        for sort in ("position", "-relevancy"):
+            for cursor in (None, interpretations_page(s, job_id, InterpretationFilter(), sort=sort,
+                                                      limit=30).next_cursor):
+                for q in ("zyzzyva", "ZYZZYVA", "paris", "zy", "x", "%%", "_/", "%_a"):
+                    query, _ = queries._interpretations_query([Interpretation], job_id, InterpretationFilter(q=q),
+                                                              sort, cursor)
+                    plan = _bound_plan(s, query)
+                    if q.lower() == "zyzzyva":
+                        assert "Bitmap Index Scan on ix_interpretations_job_text_trgm" in plan, (q, plan)
+                        assert "(job_id)::text = " in plan.split("ix_interpretations_job_text_trgm")[1], plan
+                    else:
+                        assert "trgm" not in plan and "Seq Scan" not in plan, (q, plan)
+                        assert "Index Scan" in plan, (q, plan)
+                        assert "Index Cond: ((job_id)" in plan or "Index Cond: (((job_id)" in plan, (q, plan)
+        assert interpretations_page(s, job_id, InterpretationFilter(q="zyzzyva"), limit=None).rows == []
+        assert len(interpretations_page(s, job_id, InterpretationFilter(q="PARIS"), limit=None).rows) == 667
