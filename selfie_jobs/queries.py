@@ -6,7 +6,8 @@ concurrent inserts, O(page) at any depth), opaque to clients.
 
 The text filter `q` keeps one meaning on both databases (text contains q, any case, q's % _ / plain characters)
 and has two spellings on PostgreSQL: with a trigram to look up, the one the job's trigram index serves (migration
-0014); without one, a spelling that index cannot serve, so the job's rows are read through its b-tree.
+0014); without one, a spelling that index cannot serve, so the job's rows are read through its b-tree. A read with
+`q` is planned for its own word on PostgreSQL, never with a plan made for any word (`plan_for_the_word`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import JSON, Text, and_, cast, false, func, or_, select, tuple_, update
+from sqlalchemy import JSON, Text, and_, cast, false, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.auth import Principal
@@ -436,6 +437,17 @@ class InterpretationFilter:
         return query
 
 
+def plan_for_the_word(session: Session, flt: InterpretationFilter) -> None:
+    """On PostgreSQL, have the rest of the transaction's statements planned for their own parameters when `flt` has
+    a text filter, whose best plan depends on the word (the job's trigram index for a rare one, its b-tree for a
+    common one). psycopg prepares a statement it has run 5 times, and PostgreSQL may then plan it once for any
+    word: that generic plan read the trigram index for a common word too (a page in 2 ms with its own plan, 50 ms
+    with the generic one; benchmarks/README.md). Only for these reads: planning every statement each time made the
+    write path's many-row inserts more than twice as slow."""
+    if flt.q and session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+
+
 @dataclass
 class InterpretationPage:
     rows: list[Interpretation]
@@ -474,6 +486,7 @@ def interpretations_page(
 ) -> InterpretationPage:
     """One page of a job's interpretations (the caller checked visibility); `limit=None` means all."""
     query, keys = _interpretations_query([Interpretation], job_id, flt, sort, cursor)
+    plan_for_the_word(session, flt)
     rows, next_cursor = fetch_page(session, query, limit,
                                    lambda last: encode_cursor("interp:" + sort, _sort_values(last, keys)))
     return InterpretationPage(rows=rows, next_cursor=next_cursor)
@@ -522,6 +535,7 @@ def export_interpretations(
 ) -> Iterator[Sequence[Any]]:
     """Every matching row (up to `limit`) as a tuple of `columns`, streamed (CSV export of big jobs)."""
     query, _ = _interpretations_query(export_columns(Interpretation, columns), job_id, flt, sort, cursor)
+    plan_for_the_word(session, flt)
     return stream_rows(session, query, limit)
 
 

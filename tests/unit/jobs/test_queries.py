@@ -289,3 +289,16 @@ def test_the_text_filter_reads_the_jobs_trigram_index_for_a_rare_word_only(store
                         assert "Index Cond: ((job_id)" in plan or "Index Cond: (((job_id)" in plan, (q, plan)
         assert interpretations_page(s, job_id, InterpretationFilter(q="zyzzyva"), limit=None).rows == []
         assert len(interpretations_page(s, job_id, InterpretationFilter(q="PARIS"), limit=None).rows) == 667
+
+
+@pytest.mark.postgres
+def test_a_statement_run_again_is_planned_for_its_own_word(stored_texts):
+    """psycopg prepares a statement run 5 times; PostgreSQL would then plan it once for every word, and that plan
+    read the trigram index for a common word too. Each page with `q` is planned for its word."""
+    maker, job_id = stored_texts
+    with maker() as s:
+        for _ in range(15):
+            assert len(interpretations_page(s, job_id, InterpretationFilter(q="paris"), limit=100).rows) == 100
+        plans = s.execute(text("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                               "WHERE statement LIKE '%ILIKE%'")).all()
+    assert len(plans) == 1 and plans[0].generic_plans == 0 and plans[0].custom_plans >= 10, plans
