@@ -1,14 +1,24 @@
-"""Result rows into their table fast: one INSERT .. ON CONFLICT DO NOTHING per table and dialect, compiled once
-and run as the driver's `executemany` (psycopg pipelines it; sqlite3 loops in C).
+"""Result rows into their table fast: one INSERT .. ON CONFLICT DO NOTHING per table and dialect, compiled once.
+
+On PostgreSQL it is ONE statement per call whatever the number of rows: each per-row column goes as one typed array
+parameter and the rows come out of `unnest`, the values shared by every row (job, chunk, timestamps) as plain
+parameters: INSERT INTO t (..) SELECT :job_id, .., u.* FROM unnest(CAST(:col AS type[]), ..) AS u(..) ON CONFLICT
+(key) DO NOTHING. A pipelined `executemany` of the same rows ran one execution per row on the server (about half of
+a write's time); this is one parse, one plan, one execution (benchmarks/README.md "Database cycle"). Rows that
+repeat a key within one call are skipped like rows already stored: DO NOTHING skips a row that conflicts with one
+the same statement inserted, and `unnest` returns the rows in array order (a plain function scan: nothing in the plan reorders them),
+so the first one is kept, as a loop would.
+On SQLite it runs as the driver's `executemany` (sqlite3 loops in C; no statement measured faster).
 
 Building a multi-row `insert().values([...])` per call made SQLAlchemy compile a new statement every time (most of
 a write's time in a profile, benchmarks/README.md "Result writes"); a cached Core statement still pays SQLAlchemy's
-per-row parameter handling. Here the statement is compiled once, and each row goes to the driver as a plain tuple or
-dict after the columns' own bind processors (JSON, datetimes on SQLite, any TypeDecorator such as a binary relevancy
-column), so what is stored is exactly what a Core insert would store.
+per-row parameter handling. Here the statement is compiled once, and each value goes to the driver after its
+column's own bind processor (JSON, datetimes on SQLite, any TypeDecorator such as a binary relevancy column; on
+PostgreSQL applied to each element of the column's array), so what is stored is exactly what a Core insert of the
+rows would store, NULLs included.
 
-The count of inserted rows is the driver's rowcount: both drivers sum it over an `executemany`, and a row skipped by
-the unique key counts zero, so the count is the rows that are new.
+The count of inserted rows is the driver's rowcount: the rows the one statement inserted, or the sum over an
+`executemany`; a row skipped by the unique key counts zero, so the count is the rows that are new.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam, cast, column, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
@@ -26,19 +36,31 @@ from sqlalchemy.orm import Session
 
 @dataclass(frozen=True)
 class BulkInsert:
-    """A compiled INSERT .. ON CONFLICT DO NOTHING of `columns` into one table, for one dialect."""
+    """A compiled INSERT .. ON CONFLICT DO NOTHING of `columns` into one table, for one dialect.
+
+    `arrays` (PostgreSQL): one execution for all rows, each column not in `shared` bound as the array of its values;
+    otherwise one parameter set per row, run as an `executemany`."""
 
     sql: str
     columns: tuple[str, ...]
     processors: tuple[Callable[[Any], Any] | None, ...]
     positional: bool
+    arrays: bool = False
 
     def parameters(self, shared: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> list[Any]:
         """The driver's parameter sets: `shared` (the same for every row: job, chunk, timestamps) and each row's own
-        values, in column order, through the columns' bind processors (the shared ones once)."""
+        values, in column order, through the columns' bind processors (the shared ones once). With `arrays`, one
+        set (or none for no rows) whose own columns are lists of every row's value."""
         processed = {c: shared[c] if p is None else p(shared[c])
                      for c, p in zip(self.columns, self.processors) if c in shared}
         own = [(i, c, p) for i, (c, p) in enumerate(zip(self.columns, self.processors)) if c not in shared]
+        if self.arrays:
+            rows = list(rows)
+            if not rows:
+                return []
+            for _, c, p in own:
+                processed[c] = [row[c] for row in rows] if p is None else [p(row[c]) for row in rows]
+            return [processed]
         template = [processed.get(c) for c in self.columns]
         out: list[Any] = []
         for row in rows:
@@ -53,31 +75,34 @@ class BulkInsert:
         params = self.parameters(shared, rows)
         if not params:
             return 0
-        result = session.connection().exec_driver_sql(self.sql, params)
+        result = session.connection().exec_driver_sql(self.sql, params[0] if self.arrays else params)
         return max(result.rowcount or 0, 0)
 
 
-_CACHE: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], BulkInsert] = {}
+_CACHE: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], BulkInsert] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def bulk_insert(session: Session, table: Table, columns: tuple[str, ...], unique: tuple[str, ...]) -> BulkInsert:
+def bulk_insert(session: Session, table: Table, columns: tuple[str, ...], unique: tuple[str, ...],
+                shared: tuple[str, ...] = ()) -> BulkInsert:
     """The cached compiled insert of `columns` into `table` for the session's dialect, skipping rows whose `unique`
-    columns are already present."""
+    columns are already present. `shared`: the columns whose value is the same for every row of a call (bound
+    once on PostgreSQL)."""
     dialect = session.get_bind().dialect
-    key = (dialect.name, table.name, columns, unique)
+    key = (dialect.name, table.name, columns, unique, shared)
     found = _CACHE.get(key)
     if found is None:
         with _CACHE_LOCK:
-            found = _CACHE.get(key) or _compile(dialect, table, columns, unique)
+            found = _CACHE.get(key) or _compile(dialect, table, columns, unique, shared)
             _CACHE[key] = found
     return found
 
 
-def _compile(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: tuple[str, ...]) -> BulkInsert:
+def _compile(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: tuple[str, ...],
+             shared: tuple[str, ...]) -> BulkInsert:
     if dialect.name == "postgresql":
-        stmt = postgresql.insert(table)
-    elif dialect.name == "sqlite":
+        return _compile_unnest(dialect, table, columns, unique, shared)
+    if dialect.name == "sqlite":
         stmt = sqlite.insert(table)
     else:
         raise NotImplementedError(f"no INSERT .. ON CONFLICT DO NOTHING for dialect {dialect.name!r}")
@@ -89,3 +114,23 @@ def _compile(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: t
         raise RuntimeError(f"the compiled insert into {table.name} binds {order}, not the columns {columns}")
     processors = tuple(table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in order)
     return BulkInsert(sql=compiled.string, columns=order, processors=processors, positional=positional)
+
+
+def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: tuple[str, ...],
+                    shared: tuple[str, ...]) -> BulkInsert:
+    """INSERT INTO t (shared.., own..) SELECT :shared.., u.own.. FROM unnest(CAST(:own AS type[]), ..) AS u(own..)
+    ON CONFLICT (unique) DO NOTHING, each parameter named after its column."""
+    own = tuple(c for c in columns if c not in shared)
+    scalars = tuple(c for c in columns if c in shared)
+    rows = func.unnest(*[cast(bindparam(c), postgresql.ARRAY(table.c[c].type)) for c in own]) \
+        .table_valued(*[column(c) for c in own]).render_derived(name="u")
+    source = select(*[bindparam(c, type_=table.c[c].type) for c in scalars], *[rows.c[c] for c in own])
+    stmt = postgresql.insert(table).from_select([*scalars, *own], source) \
+        .on_conflict_do_nothing(index_elements=list(unique))
+    compiled = stmt.compile(dialect=dialect)
+    if compiled.positional or set(compiled.binds) != set(columns):
+        raise RuntimeError(f"the compiled insert into {table.name} binds {sorted(compiled.binds)}, "
+                           f"not the columns {columns}")
+    # the element's processor for an array column: the driver adapts the list, each value as the column would
+    processors = tuple(table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns)
+    return BulkInsert(sql=compiled.string, columns=columns, processors=processors, positional=False, arrays=True)

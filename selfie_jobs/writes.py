@@ -139,7 +139,8 @@ def _insert_rows(session: Session, job_id: str, chunk_id: int, rows: Sequence[An
     shared = {"job_id": job_id, "chunk_id": chunk_id, "engine_run_id": engine_run_id, "worker": worker,
               "model": model, "created_at": now}
     values = [r.values(storable_text) for r in rows]
-    insert = bulk_insert(session, row_type.TABLE.__table__, (*shared, *values[0]), ("job_id", *row_type.ITEM_COLUMNS))
+    insert = bulk_insert(session, row_type.TABLE.__table__, (*shared, *values[0]), ("job_id", *row_type.ITEM_COLUMNS),
+                         tuple(shared))
     return insert.run(session, shared, values)
 
 
