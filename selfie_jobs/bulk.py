@@ -79,29 +79,32 @@ class BulkInsert:
         return max(result.rowcount or 0, 0)
 
 
-_CACHE: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], BulkInsert] = {}
+_CACHE: dict[tuple[Any, ...], BulkInsert] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def bulk_insert(session: Session, table: Table, columns: tuple[str, ...], unique: tuple[str, ...],
-                shared: tuple[str, ...] = ()) -> BulkInsert:
+                shared: tuple[str, ...] = (), chunks: Table | None = None) -> BulkInsert:
     """The cached compiled insert of `columns` into `table` for the session's dialect, skipping rows whose `unique`
     columns are already present. `shared`: the columns whose value is the same for every row of a call (bound
-    once on PostgreSQL)."""
+    once on PostgreSQL). `chunks` (PostgreSQL): `job_id` is not a parameter but the `job_id` of the row of this
+    table whose `id` is the `chunk_id` parameter, and nothing is inserted when there is no such row."""
     dialect = session.get_bind().dialect
-    key = (dialect.name, table.name, columns, unique, shared)
+    key = (dialect.name, table.name, columns, unique, shared, chunks)
     found = _CACHE.get(key)
     if found is None:
         with _CACHE_LOCK:
-            found = _CACHE.get(key) or _compile(dialect, table, columns, unique, shared)
+            found = _CACHE.get(key) or _compile(dialect, table, columns, unique, shared, chunks)
             _CACHE[key] = found
     return found
 
 
 def _compile(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: tuple[str, ...],
-             shared: tuple[str, ...]) -> BulkInsert:
+             shared: tuple[str, ...], chunks: Table | None) -> BulkInsert:
     if dialect.name == "postgresql":
-        return _compile_unnest(dialect, table, columns, unique, shared)
+        return _compile_unnest(dialect, table, columns, unique, shared, chunks)
+    if chunks is not None:
+        raise NotImplementedError(f"the job of a chunk is read in the insert only on PostgreSQL, not {dialect.name}")
     if dialect.name == "sqlite":
         stmt = sqlite.insert(table)
     else:
@@ -117,20 +120,29 @@ def _compile(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: t
 
 
 def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: tuple[str, ...],
-                    shared: tuple[str, ...]) -> BulkInsert:
+                    shared: tuple[str, ...], chunks: Table | None) -> BulkInsert:
     """INSERT INTO t (shared.., own..) SELECT :shared.., u.own.. FROM unnest(CAST(:own AS type[]), ..) AS u(own..)
-    ON CONFLICT (unique) DO NOTHING, each parameter named after its column."""
+    ON CONFLICT (unique) DO NOTHING, each parameter named after its column; with `chunks`, the job's id comes from
+    the chunk's row (.. SELECT chunks.job_id, :chunk_id, .. FROM chunks, unnest(..) WHERE chunks.id = :chunk_id)."""
     own = tuple(c for c in columns if c not in shared)
     scalars = tuple(c for c in columns if c in shared)
     rows = func.unnest(*[cast(bindparam(c), postgresql.ARRAY(table.c[c].type)) for c in own]) \
         .table_valued(*[column(c) for c in own]).render_derived(name="u")
-    source = select(*[bindparam(c, type_=table.c[c].type) for c in scalars], *[rows.c[c] for c in own])
+    values = {c: bindparam(c, type_=table.c[c].type) for c in scalars}
+    if chunks is not None:
+        values["job_id"] = chunks.c.job_id
+    source = select(*values.values(), *[rows.c[c] for c in own])
+    if chunks is not None:
+        source = source.select_from(chunks).where(chunks.c.id == values["chunk_id"])
     stmt = postgresql.insert(table).from_select([*scalars, *own], source) \
         .on_conflict_do_nothing(index_elements=list(unique))
     compiled = stmt.compile(dialect=dialect)
-    if compiled.positional or set(compiled.binds) != set(columns):
+    bound = set(columns) - ({"job_id"} if chunks is not None else set())
+    if compiled.positional or set(compiled.binds) != bound:
         raise RuntimeError(f"the compiled insert into {table.name} binds {sorted(compiled.binds)}, "
                            f"not the columns {columns}")
     # the element's processor for an array column: the driver adapts the list, each value as the column would
     processors = tuple(table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns)
-    return BulkInsert(sql=compiled.string, columns=columns, processors=processors, positional=False, arrays=True)
+    return BulkInsert(sql=compiled.string, columns=tuple(c for c in columns if c in bound),
+                      processors=tuple(p for c, p in zip(columns, processors) if c in bound), positional=False,
+                      arrays=True)

@@ -84,17 +84,26 @@ def count_stored_rows(session: Session, job: Job) -> None:
 
 
 @cache
-def _statements() -> dict[str, Any]:
+def _statements(postgres: bool) -> dict[str, Any]:
     # Parameters are named w_*: in an UPDATE, a parameter named after a column would be taken as a SET value.
     chunk_id, job_id, owner = bindparam("w_chunk"), bindparam("w_job"), bindparam("w_owner")
     now = bindparam("w_now", type_=Job.finished_at.type)
+    if postgres:
+        # The chunk's job found and locked in one statement: FOR NO KEY UPDATE is the row lock (lock_job's),
+        # FOR SHARE the share lock for rows only; either waits on a cancel and reads the job as it committed it.
+        job_of_chunk = select(Job.id, Job.state, Job.kind).join(Chunk, Chunk.job_id == Job.id) \
+            .where(Chunk.id == chunk_id)
+        lock = job_of_chunk.with_for_update(key_share=True, of=Job)
+        share = job_of_chunk.with_for_update(read=True, of=Job)
+    else:
+        # lock_job in one statement: a no-op UPDATE of a plain column (SQLite's write lock; a SELECT would hold
+        # nothing) of the chunk's job, whose RETURNING reads the row as the last holder committed it
+        lock = share = update(Job).where(Job.id == select(Chunk.job_id).where(Chunk.id == chunk_id)
+                                         .scalar_subquery()) \
+            .values(kind=Job.kind).returning(Job.id, Job.state, Job.kind)
     return {
-        "job_of_chunk": select(Chunk.job_id, Job.state, Job.kind).join(Job, Job.id == Chunk.job_id)
-        .where(Chunk.id == chunk_id),
-        # lock_job in one statement: a no-op UPDATE of a plain column (a row lock; FOR NO KEY UPDATE on
-        # PostgreSQL, the write lock on SQLite) whose RETURNING reads the row as the last holder committed it
-        "lock": update(Job).where(Job.id == job_id).values(kind=Job.kind).returning(Job.state),
-        "share": select(Job.state).where(Job.id == job_id).with_for_update(read=True),
+        "lock": lock,
+        "share": share,
         "mark_done": update(Chunk).where(Chunk.id == chunk_id, Chunk.owner == owner,
                                          Chunk.state == ChunkState.RUNNING)
         .values(state=ChunkState.DONE, finished_at=now, lease_expires_at=None),
@@ -118,7 +127,7 @@ def _progress(kind: str, postgres: bool) -> Any:
                                          Chunk.state.in_(OPEN_CHUNK)).exists()
     where = [Job.id == job_id]
     if postgres:
-        marked = _statements()["mark_done"].returning(Chunk.id).cte("marked")
+        marked = _statements(postgres)["mark_done"].returning(Chunk.id).cte("marked")
         where.append(select(marked.c.id).exists())
     return (
         update(Job).where(*where)
@@ -132,15 +141,16 @@ def _progress(kind: str, postgres: bool) -> Any:
 # -- the write ------------------------------------------------------------------------------------------------
 
 
-def _insert_rows(session: Session, job_id: str, chunk_id: int, rows: Sequence[Any], *,
+def _insert_rows(session: Session, job_id: str | None, chunk_id: int, rows: Sequence[Any], *,
                  engine_run_id: str, worker: str, model: str, now: datetime) -> int:
+    """`job_id` None (PostgreSQL): the statement reads it from the chunk's row, and inserts nothing without one."""
     # The job kind's row type names its table and the item columns of its unique key (selfie_jobs.kinds).
     row_type = type(rows[0])
     shared = {"job_id": job_id, "chunk_id": chunk_id, "engine_run_id": engine_run_id, "worker": worker,
               "model": model, "created_at": now}
     values = [r.values(storable_text) for r in rows]
     insert = bulk_insert(session, row_type.TABLE.__table__, (*shared, *values[0]), ("job_id", *row_type.ITEM_COLUMNS),
-                         tuple(shared))
+                         tuple(shared), Chunk.__table__ if job_id is None else None)
     return insert.run(session, shared, values)
 
 
@@ -148,7 +158,7 @@ def _closed(conn: Connection, job_id: str, job_state: str, chunk_id: int, owner:
     # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job it
     # holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
     closed_state = ChunkState.CANCELLED if job_state == JobState.CANCELLED else ChunkState.FAILED
-    conn.execute(_statements()["close"], {"w_job": job_id, "w_chunk": chunk_id, "w_owner": owner, "w_now": now,
+    conn.execute(_statements(conn.dialect.name == "postgresql")["close"], {"w_job": job_id, "w_chunk": chunk_id, "w_owner": owner, "w_now": now,
                                           "w_closed_state": closed_state})
     return WriteOutcome(0, False, job_state, f"job is {job_state}")
 
@@ -177,41 +187,36 @@ def write_results(
     now = now or utcnow()
     conn = session.connection()
     postgres = conn.dialect.name == "postgresql"
-    statements = _statements()
-    found = conn.execute(statements["job_of_chunk"], {"w_chunk": chunk_id}).first()
-    if found is None:
-        return WriteOutcome(0, False, None, "chunk is gone")
-    job_id, job_state, kind = found
-    if not postgres:  # SQLite: take the database's write lock first, then read
-        job_state = conn.execute(statements["lock"], {"w_job": job_id}).scalar()
-    if job_state in FINAL_JOB_STATES:
-        return _closed(conn, job_id, job_state, chunk_id, owner, now)
-
-    def insert() -> int:
-        if not rows:
-            return 0
-        return _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
-                            model=model, now=now)
-
+    statements = _statements(postgres)
+    lock = statements["lock" if complete or job_row_lock else "share"]
+    params = {"w_chunk": chunk_id}
+    inserted = 0
     if postgres:
-        # A plain SAVEPOINT, never released: the commit keeps the rows without it, and a RELEASE is one more round
+        # The rows first, with no lock on the job (the job's id read from the chunk by the insert itself), under a
+        # plain SAVEPOINT, never released: the commit keeps the rows without it, and a RELEASE is one more round
         # trip per write (the ORM's begin_nested() sends one).
         if rows:
             conn.exec_driver_sql("SAVEPOINT selfie_write_rows")
-        inserted = insert()
-        job_state = conn.execute(statements["lock" if complete or job_row_lock else "share"],
-                                 {"w_job": job_id}).scalar()
-        if job_state is None or job_state in FINAL_JOB_STATES:
-            if rows:
-                conn.exec_driver_sql("ROLLBACK TO SAVEPOINT selfie_write_rows")
-            if job_state is None:
-                return WriteOutcome(0, False, None, "job is gone")
-            return _closed(conn, job_id, job_state, chunk_id, owner, now)
-    else:
-        inserted = insert()
+            inserted = _insert_rows(session, None, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
+                                    model=model, now=now)
+        # then the job's state under its lock, held to the commit: a closed (or deleted) job takes the rows back
+        found = conn.execute(lock, params).first()
+        if rows and (found is None or found.state in FINAL_JOB_STATES):
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT selfie_write_rows")
+    else:  # SQLite: the database's write lock first, then the rows
+        found = conn.execute(lock, params).first()
+    if found is None:
+        return WriteOutcome(0, False, None, "chunk is gone")
+    job_id, job_state, kind = found
+    if job_state in FINAL_JOB_STATES:
+        return _closed(conn, job_id, job_state, chunk_id, owner, now)
+    if rows and not postgres:
+        inserted = _insert_rows(session, job_id, chunk_id, rows, engine_run_id=engine_run_id, worker=worker,
+                                model=model, now=now)
     if not complete:
         return WriteOutcome(inserted, False, job_state)
 
+    # A statement that starts now, with the job's row lock held: it sees every completion that held the lock before.
     params = {"w_chunk": chunk_id, "w_job": job_id, "w_owner": owner, "w_now": now}
     if not postgres:
         if conn.execute(statements["mark_done"], params).rowcount != 1:

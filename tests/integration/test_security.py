@@ -183,7 +183,8 @@ def _dynamic_sql_calls(path: Path) -> list[str]:
 
 
 #: Calls whose SQL is not a literal but is SQLAlchemy's own compilation of a Core statement, with every value a
-#: bound parameter (checked below): the write path runs its compiled insert through the driver's executemany.
+#: bound parameter (checked below): the write path runs its compiled insert through the driver (one execution of
+#: an INSERT .. SELECT from unnest on PostgreSQL, an executemany on SQLite).
 _COMPILED_SQL = {"selfie_jobs/bulk.py": {"exec_driver_sql(self.sql)"}}
 
 
@@ -196,25 +197,43 @@ def test_sql_is_built_only_with_bound_parameters():
 
 def test_the_write_paths_compiled_insert_binds_every_value(sqlite_url):
     """The one allowed non-literal SQL: each result table's compiled insert has a placeholder per column and no
-    value of its own (a quote or a digit of data would mean something was inlined)."""
+    value of its own (a quote or a digit of data would mean something was inlined). On PostgreSQL (compiled only:
+    no server needed) every column is one parameter, the job's id read from the chunk's row as the write path asks."""
+    import re
+
+    from sqlalchemy import create_engine
     from sqlalchemy.orm import Session
 
     from selfie_jobs.bulk import bulk_insert
     from selfie_jobs.db import create_db_engine
     from selfie_jobs.kinds import all_kinds
+    from selfie_jobs.models import Chunk
 
-    engine = create_db_engine(sqlite_url)
+    shared = ("job_id", "chunk_id", "engine_run_id", "worker", "model", "created_at")
+    engines = [create_db_engine(sqlite_url), create_engine("postgresql+psycopg://")]
     try:
-        with Session(engine) as session:
-            for kind in all_kinds().values():
-                table = kind.table.__table__
-                # every column but a key the database makes (an edit's variant id is made by the worker)
-                columns = tuple(c.name for c in table.columns if not (c.primary_key and c.default is None))
-                compiled = bulk_insert(session, table, columns, ("job_id",))  # compiled only, never run
-                assert compiled.sql.count("?") == len(columns), compiled.sql
-                assert "'" not in compiled.sql and '"' not in compiled.sql.replace('"index"', ""), compiled.sql
+        for engine in engines:
+            postgres = engine.dialect.name == "postgresql"
+            with Session(engine) as session:
+                for kind in all_kinds().values():
+                    table = kind.table.__table__
+                    # every column but a key the database makes (an edit's variant id is made by the worker)
+                    columns = tuple(c.name for c in table.columns if not (c.primary_key and c.default is None))
+                    compiled = bulk_insert(session, table, columns, ("job_id",), shared,
+                                           Chunk.__table__ if postgres else None)  # compiled only, never run
+                    sql = compiled.sql
+                    if postgres:
+                        names = re.findall(r"%\((\w+)\)s", sql)
+                        assert set(names) == set(columns) - {"job_id"} == set(compiled.columns), sql
+                        assert "SELECT chunks.job_id," in sql and "WHERE chunks.id = %(chunk_id)s" in sql, sql
+                        assert "%s" not in sql.replace("%(", ""), sql
+                    else:
+                        assert sql.count("?") == len(columns), sql
+                    assert "'" not in sql and '"' not in sql.replace('"index"', ""), sql
+                    assert not re.search(r"(?<![\w(])\d", re.sub(r"VARCHAR\(\d+\)", "", sql)), sql
     finally:
-        engine.dispose()
+        for engine in engines:
+            engine.dispose()
 
 
 def test_the_scan_sees_formatted_sql(tmp_path):
