@@ -11,11 +11,21 @@ Guarantees (the chunk lifecycle's, `selfie_jobs.chunks`):
   made under it, so it sees every completion that held the lock before.
 
 How writers of one job stay out of each other's way (they used to queue on the job's row lock for the whole
-write): on PostgreSQL the rows go in first, under a savepoint, with no lock on the job; then the job's state is
-read under a lock held to the commit, a share lock for rows only (other writers' share locks do not wait on it,
-a cancel does) or the row lock for a completion; a job found closed then rolls the rows back. The job's row is
-written only when a chunk completes: progress (`jobs.done`) is the rows of done chunks, each chunk counted once when
-it is marked. On SQLite, where one writer at a time holds the database anyway, the lock comes first.
+write): on PostgreSQL the rows go in first, under a savepoint, with no lock on the job (the insert reads the job's id
+from the chunk's row); then one statement finds the chunk's job and locks it, held to the commit, a share lock for
+rows only (other writers' share locks do not wait on it, a cancel does) or the row lock for a completion, and
+returns its state; a job found closed (or gone) then rolls the rows back. Taking the lock first would spare the
+savepoint but make two writers of one job queue on the row lock while they insert (measured: 0.60-0.68 of a plain
+executemany with 2 writers, against 0.86-0.97 rows first). The completion is a statement of its own that starts
+once the lock is held, so its "no other open chunk" check sees every completion that held the lock before (a
+statement's snapshot is taken when it starts, before any lock it waits on). The job's row is written only when a
+chunk completes: progress (`jobs.done`) is the rows of done chunks, each chunk counted once when it is marked. On
+SQLite, where one writer at a time holds the database anyway, the lock comes first: one no-op UPDATE of the chunk's
+job takes the write lock and returns its id, state and kind.
+
+A completing write on PostgreSQL sends SAVEPOINT, the insert (one statement for all its rows, `selfie_jobs.bulk`),
+the job's lock, the completion (the chunk marked in a data-modifying CTE and the job's progress), then the commit;
+on SQLite the lock, the insert, the chunk marked, the job's progress.
 
 The statements are built once and executed on the session's connection (no ORM object, no ORM statement handling
 per call); rows go through `selfie_jobs.bulk`.

@@ -53,12 +53,13 @@ def _sample_rows(variant: str) -> dict[type, list]:
             ResultRow(0, 1, 2, "src", NUL_TEXT, [1, 2], relevancy, 0.1),
             ResultRow(0, 1, 2, "dup", "dup", [9], [9.0], 9.0),
             ResultRow(0, 1, 3, "", "", [], [], float("1e-300"), grounded=False, ungrounded_reason="no_match"),
-            ResultRow(1, 0, 0, NUL_TEXT, "t", [3], [0.5], 0.5, grounded=True),
+            ResultRow(1, 0, 0, NUL_TEXT, "NULL", [3], [0.5], 0.5, grounded=True),
+            ResultRow(1, 0, 1, "{a,b}", " spaced ", [3], [0.5], 0.5),
         ],
         VectorRow.TABLE: [
             VectorRow(0, NUL_TEXT, 1.5, "v", [4], relevancy, 0.25),
             VectorRow(0, "dup", 9.0, "dup", [9], [9.0], 9.0),
-            VectorRow(1, "", 0.0, NUL_TEXT, [], [], 0.0),
+            VectorRow(1, "NULL", 0.0, NUL_TEXT, [], [], 0.0),
         ],
         LensRow.TABLE: [
             LensRow(0, 1, 2, NUL_TEXT, _lenses(0, empty=False)),
