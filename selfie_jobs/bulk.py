@@ -4,12 +4,12 @@ On PostgreSQL it is ONE statement per call whatever the number of rows: each per
 parameter and the rows come out of `unnest`, the values shared by every row (job, chunk, timestamps) as plain
 parameters: INSERT INTO t (..) SELECT :job_id, .., u.* FROM unnest(CAST(:col AS type[]), ..) AS u(..) ON CONFLICT
 (key) DO NOTHING. The write path has the job's id read from the chunk's row instead (`chunks`: .. SELECT
-chunks.job_id, .. FROM chunks, unnest(..) WHERE chunks.id = :chunk_id), so it needs no statement to find it. A pipelined `executemany` of the same rows ran one execution per row on the server (about half of
-a write's time); this is one parse, one plan, one execution (benchmarks/README.md "Database cycle"). Rows that
-repeat a key within one call are skipped like rows already stored: DO NOTHING skips a row that conflicts with one
-the same statement inserted, and `unnest` returns the rows in array order (a plain function scan: nothing in the plan reorders them),
-so the first one is kept, as a loop would.
-On SQLite it runs as the driver's `executemany` (sqlite3 loops in C; no statement measured faster).
+chunks.job_id, .. FROM chunks, unnest(..) WHERE chunks.id = :chunk_id), so it needs no statement to find it. A
+pipelined `executemany` of the same rows ran one execution per row on the server (about half of a write's time);
+this is one parse, one plan, one execution (benchmarks/README.md "Database cycle"). Rows that repeat a key within
+one call are skipped like rows already stored: DO NOTHING skips a row that conflicts with one the same statement
+inserted, and `unnest` returns the rows in array order (a function scan; nothing in the plan reorders them), so the
+first one is kept, as a loop would. On SQLite it runs as the driver's `executemany` (sqlite3 loops in C).
 
 Building a multi-row `insert().values([...])` per call made SQLAlchemy compile a new statement every time (most of
 a write's time in a profile, benchmarks/README.md "Result writes"); a cached Core statement still pays SQLAlchemy's

@@ -168,8 +168,8 @@ def _closed(conn: Connection, job_id: str, job_state: str, chunk_id: int, owner:
     # The worker stops working on a closed job at this answer, so this chunk and every other chunk of the job it
     # holds are closed now: nobody else would, and they would stay `running` under a closed job for good.
     closed_state = ChunkState.CANCELLED if job_state == JobState.CANCELLED else ChunkState.FAILED
-    conn.execute(_statements(conn.dialect.name == "postgresql")["close"], {"w_job": job_id, "w_chunk": chunk_id, "w_owner": owner, "w_now": now,
-                                          "w_closed_state": closed_state})
+    conn.execute(_statements(conn.dialect.name == "postgresql")["close"],
+                 {"w_job": job_id, "w_chunk": chunk_id, "w_owner": owner, "w_now": now, "w_closed_state": closed_state})
     return WriteOutcome(0, False, job_state, f"job is {job_state}")
 
 

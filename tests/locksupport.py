@@ -1,8 +1,9 @@
 """Force one interleaving of two transactions on a real database, with no sleeps.
 
 The test holds a transaction open on its own engine and runs the other party in a thread on an engine that only
-that party uses (a session of its own, or the live server's). `LockStep.start()` returns once that party is about to run its first statement that takes a lock (a write, or
-a SELECT with a locking clause: FOR UPDATE, FOR NO KEY UPDATE, FOR SHARE), or has finished without one. Whatever it read before that point, it read before the test's
+that party uses (a session of its own, or the live server's). `LockStep.start()` returns once that party is about
+to run its first statement that takes a lock (a write, or a SELECT with a locking clause: FOR UPDATE, FOR NO KEY
+UPDATE, FOR SHARE), or has finished without one. Whatever it read before that point, it read before the test's
 transaction commits; whatever it does after, it cannot finish before the test commits, because the test's
 transaction holds the lock it needs (SQLite's write lock, or PostgreSQL's row or unique-key lock).
 """
