@@ -137,7 +137,7 @@ def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], un
         source = source.select_from(chunks).where(chunks.c.id == values["chunk_id"])
     stmt = postgresql.insert(table).from_select([*scalars, *own], source) \
         .on_conflict_do_nothing(index_elements=list(unique))
-    compiled = stmt.compile(dialect=dialect)
+    compiled = _binary_arrays_compiler(dialect)(dialect, stmt, arrays=frozenset(own))
     bound = set(columns) - ({"job_id"} if chunks is not None else set())
     if compiled.positional or set(compiled.binds) != bound:
         raise RuntimeError(f"the compiled insert into {table.name} binds {sorted(compiled.binds)}, "
@@ -147,3 +147,23 @@ def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], un
     return BulkInsert(sql=compiled.string, columns=tuple(c for c in columns if c in bound),
                       processors=tuple(p for c, p in zip(columns, processors) if c in bound), positional=False,
                       arrays=True)
+
+
+def _binary_arrays_compiler(dialect: Dialect) -> type:
+    """The dialect's statement compiler, placing the array parameters `arrays` as %(name)b: psycopg then sends them
+    in binary (no text array literal to build and quote element by element: about 0.8 ms of a 64-row write's CPU in
+    a profile, for the same stored values); every other parameter stays %(name)s."""
+    base = dialect.statement_compiler
+
+    class Compiler(base):  # type: ignore[misc, valid-type]
+        def __init__(self, dialect: Dialect, statement: Any, *, arrays: frozenset[str]) -> None:
+            self.binary_arrays = arrays
+            super().__init__(dialect, statement)
+
+        def bindparam_string(self, name: str, **kw: Any) -> str:
+            placeholder = super().bindparam_string(name, **kw)
+            if name in self.binary_arrays and placeholder == "%(" + name + ")s":
+                return placeholder[:-1] + "b"
+            return placeholder
+
+    return Compiler

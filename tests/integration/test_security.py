@@ -223,7 +223,7 @@ def test_the_write_paths_compiled_insert_binds_every_value(sqlite_url):
                                            Chunk.__table__ if postgres else None)  # compiled only, never run
                     sql = compiled.sql
                     if postgres:
-                        names = re.findall(r"%\((\w+)\)s", sql)
+                        names = re.findall(r"%\((\w+)\)[sb]", sql)
                         assert set(names) == set(columns) - {"job_id"} == set(compiled.columns), sql
                         assert "SELECT chunks.job_id," in sql and "WHERE chunks.id = %(chunk_id)s" in sql, sql
                         assert "%s" not in sql.replace("%(", ""), sql
