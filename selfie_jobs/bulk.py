@@ -9,7 +9,8 @@ pipelined `executemany` of the same rows ran one execution per row on the server
 this is one parse, one plan, one execution (benchmarks/README.md "Database cycle"). Rows that repeat a key within
 one call are skipped like rows already stored: DO NOTHING skips a row that conflicts with one the same statement
 inserted, and `unnest` returns the rows in array order (a function scan; nothing in the plan reorders them), so the
-first one is kept, as a loop would. On SQLite it runs as the driver's `executemany` (sqlite3 loops in C).
+first one is kept, as a loop would. On SQLite it runs as the driver's `executemany` (sqlite3 loops in C), the job's
+id read from the chunk's row the same way when asked.
 
 Building a multi-row `insert().values([...])` per call made SQLAlchemy compile a new statement every time (most of
 a write's time in a profile, benchmarks/README.md "Result writes"); a cached Core statement still pays SQLAlchemy's
@@ -73,7 +74,10 @@ class BulkInsert:
 
     def run(self, session: Session, shared: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> int:
         """Insert the rows in the session's transaction; returns how many were new."""
-        params = self.parameters(shared, rows)
+        return self.execute(session, self.parameters(shared, rows))
+
+    def execute(self, session: Session, params: list[Any]) -> int:
+        """Insert rows whose parameters `parameters` built (perhaps before a lock was taken); how many were new."""
         if not params:
             return 0
         result = session.connection().exec_driver_sql(self.sql, params[0] if self.arrays else params)
@@ -88,7 +92,7 @@ def bulk_insert(session: Session, table: Table, columns: tuple[str, ...], unique
                 shared: tuple[str, ...] = (), chunks: Table | None = None) -> BulkInsert:
     """The cached compiled insert of `columns` into `table` for the session's dialect, skipping rows whose `unique`
     columns are already present. `shared`: the columns whose value is the same for every row of a call (bound
-    once on PostgreSQL). `chunks` (PostgreSQL): `job_id` is not a parameter but the `job_id` of the row of this
+    once on PostgreSQL). `chunks`: `job_id` is not a parameter but the `job_id` of the row of this
     table whose `id` is the `chunk_id` parameter, and nothing is inserted when there is no such row."""
     dialect = session.get_bind().dialect
     key = (dialect.name, table.name, columns, unique, shared, chunks)
@@ -104,17 +108,21 @@ def _compile(dialect: Dialect, table: Table, columns: tuple[str, ...], unique: t
              shared: tuple[str, ...], chunks: Table | None) -> BulkInsert:
     if dialect.name == "postgresql":
         return _compile_unnest(dialect, table, columns, unique, shared, chunks)
-    if chunks is not None:
-        raise NotImplementedError(f"the job of a chunk is read in the insert only on PostgreSQL, not {dialect.name}")
-    if dialect.name == "sqlite":
-        stmt = sqlite.insert(table)
-    else:
+    if dialect.name != "sqlite":
         raise NotImplementedError(f"no INSERT .. ON CONFLICT DO NOTHING for dialect {dialect.name!r}")
-    stmt = stmt.on_conflict_do_nothing(index_elements=list(unique))
-    compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
+    if chunks is None:
+        stmt = sqlite.insert(table).on_conflict_do_nothing(index_elements=list(unique))
+        compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
+    else:  # INSERT INTO t (..) SELECT chunks.job_id, ?, .. FROM chunks WHERE chunks.id = ? ON CONFLICT .., per row
+        values = {c: chunks.c.job_id if c == "job_id" else bindparam(c, type_=table.c[c].type) for c in columns}
+        source = select(*values.values()).where(chunks.c.id == values["chunk_id"])
+        stmt = sqlite.insert(table).from_select(list(columns), source) \
+            .on_conflict_do_nothing(index_elements=list(unique))
+        compiled = stmt.compile(dialect=dialect)
     positional = bool(compiled.positional)
     order = tuple(compiled.positiontup) if positional else columns
-    if set(order) != set(columns):
+    bound = set(columns) - ({"job_id"} if chunks is not None else set())
+    if set(order) != bound:
         raise RuntimeError(f"the compiled insert into {table.name} binds {order}, not the columns {columns}")
     processors = tuple(table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in order)
     return BulkInsert(sql=compiled.string, columns=order, processors=processors, positional=positional)
