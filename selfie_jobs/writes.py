@@ -21,7 +21,8 @@ once the lock is held, so its "no other open chunk" check sees every completion 
 statement's snapshot is taken when it starts, before any lock it waits on). The job's row is written only when a
 chunk completes: progress (`jobs.done`) is the rows of done chunks, each chunk counted once when it is marked. On
 SQLite, where one writer at a time holds the database anyway, the lock comes first: one no-op UPDATE of the chunk's
-job takes the write lock and returns its id, state and kind.
+job takes the write lock and returns its id, state and kind (the rows' parameters are built before it, so other
+writers do not wait through that Python).
 
 A completing write on PostgreSQL sends SAVEPOINT, the insert (one statement for all its rows, `selfie_jobs.bulk`),
 the job's lock, the completion (the chunk marked in a data-modifying CTE and the job's progress), then the commit;
