@@ -196,15 +196,15 @@ class _Execution:
                                       f"{self.kind.describe(result.key[1:])}: the hidden state or model output is "
                                       "not finite")
                 continue
-            by_chunk[chunk_id].append(self.kind.row_from(result))
-        for chunk_id, rows in by_chunk.items():
+            by_chunk[chunk_id].append(result)
+        for chunk_id, results in by_chunk.items():
             job_id = self.job_of[chunk_id]
             if job_id in self.stats.closed_jobs:
                 continue
-            self.remaining[chunk_id].difference_update((chunk_id, *r.item) for r in rows)
+            self.remaining[chunk_id].difference_update(r.key for r in results)
             complete = not self.remaining[chunk_id]
-            # stored while the engine computes its next batch
-            self.writer.submit(chunk_id, rows, complete, group=job_id)
+            # made into rows and stored by the writer thread while the engine computes its next batch
+            self.writer.submit(chunk_id, results, complete, group=job_id)
             if complete:
                 self.completed.add(chunk_id)
 
@@ -290,7 +290,7 @@ def start(plan: BatchPlan, runner: Runner, sink: Sink, *, write_depth: int = WRI
     when the engine is done, with the last writes possibly still committing: the caller may claim and start its next
     run meanwhile, and learns the outcome from `Started.wait`. An error of the engine work is raised here (the
     writes not started are dropped)."""
-    writer = WriteBehind(sink, write_depth)
+    writer = WriteBehind(sink, write_depth, rows_from=get_kind(plan.kind).row_from)
     execution = _Execution(plan, runner, sink, writer)
     try:
         execution.validate_per_job()

@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +51,10 @@ _STOP = object()
 class WriteBehind:
     """A bounded hand-off of `sink.write` calls to one writer thread (see the module docstring)."""
 
-    def __init__(self, sink: Any, depth: int = WRITE_DEPTH, *, poll_seconds: float = 0.1):
+    def __init__(self, sink: Any, depth: int = WRITE_DEPTH, *, poll_seconds: float = 0.1,
+                 rows_from: Callable[[Any], Any] | None = None):
         self.sink = sink
+        self.rows_from = rows_from
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._written: deque[Written] = deque()
         self._error: BaseException | None = None
@@ -62,7 +64,9 @@ class WriteBehind:
         self._thread.start()
 
     def submit(self, chunk_id: int, rows: Sequence[Any], complete: bool, *, group: Any = None) -> None:
-        """Hand a write over; blocks while `depth` writes wait. Raises the writer's error, if it had one.
+        """Hand a write over; blocks while `depth` writes wait. Raises the writer's error, if it had one. With
+        `rows_from`, `rows` are what it turns into rows, in the writer thread (the engine's results: making rows of
+        them is Python work the engine's thread no longer waits for).
 
         `group` (the chunk's job): consecutive waiting writes of one group may be committed in one transaction, if
         the sink can (`write_many`); None: this write is committed alone."""
@@ -102,6 +106,9 @@ class WriteBehind:
             log.warning("the writer had also failed: %s", self._error)
 
     # -- the writer thread ----------------------------------------------------------------------------------
+    def _rows(self, items: Sequence[Any]) -> Sequence[Any]:
+        return [self.rows_from(item) for item in items] if self.rows_from is not None else items
+
     def _put_stop(self) -> None:
         while True:
             try:
@@ -142,7 +149,12 @@ class WriteBehind:
                 return
             if self._error is not None or self._abandoned:
                 continue  # after a failed write nothing more is written (a completion must not follow lost rows)
-            writes = [(chunk_id, rows, complete) for chunk_id, rows, complete, _ in group]
+            try:
+                writes = [(chunk_id, self._rows(rows), complete) for chunk_id, rows, complete, _ in group]
+            except BaseException as exc:  # noqa: BLE001 - handed to the scheduler's thread, raised there
+                log.error("making rows of chunks %s failed: %s", sorted({w[0] for w in group}), exc)
+                self._error = exc
+                continue
             try:
                 if len(writes) == 1:
                     outcomes = [self.sink.write(*writes[0])]

@@ -212,3 +212,47 @@ def test_a_group_that_fails_reports_none_of_its_writes_and_nothing_after_it_is_w
         writer.close()
     assert sink.groups == [[1], [2, 2]]
     assert [w.chunk_id for w in writer.written()] == [1]
+
+
+class RecordingSink:
+    def __init__(self):
+        self.writes = []
+        self.threads = set()
+
+    def write(self, chunk_id, rows, complete):
+        self.writes.append((chunk_id, list(rows), complete))
+        self.threads.add(threading.current_thread().name)
+        return WriteOutcome(len(rows), complete, "running")
+
+
+def test_the_writer_thread_makes_the_rows_from_what_it_is_handed():
+    sink = RecordingSink()
+    made_in = set()
+
+    def rows_from(result):
+        made_in.add(threading.current_thread().name)
+        return f"row {result}"
+
+    writer = WriteBehind(sink, depth=2, rows_from=rows_from)
+    writer.submit(1, [10, 11], False)
+    writer.submit(1, [12], True)
+    writer.close()
+    assert sink.writes == [(1, ["row 10", "row 11"], False), (1, ["row 12"], True)]
+    assert made_in == sink.threads == {"selfie-writer"}  # off the engine's thread
+
+
+def test_rows_that_cannot_be_made_stop_the_writer_like_a_failed_write():
+    sink = RecordingSink()
+
+    def rows_from(result):
+        if result == "bad":
+            raise ValueError("not a result")
+        return result
+
+    writer = WriteBehind(sink, depth=2, rows_from=rows_from)
+    writer.submit(1, ["ok"], False)
+    writer.submit(1, ["bad"], False)
+    with pytest.raises(ValueError, match="not a result"):
+        writer.submit(1, ["ok"], True)  # a completion must not follow rows that were never stored
+        writer.close()
+    assert sink.writes == [(1, ["ok"], False)]
