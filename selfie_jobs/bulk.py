@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, bindparam, cast, column, func, select
+from sqlalchemy import Boolean, Float, Integer, Table, bindparam, cast, column, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
@@ -151,10 +151,31 @@ def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], un
         raise RuntimeError(f"the compiled insert into {table.name} binds {sorted(compiled.binds)}, "
                            f"not the columns {columns}")
     # the element's processor for an array column: the driver adapts the list, each value as the column would
-    processors = tuple(table.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in columns)
+    processors = tuple(_element_processor(table.c[c].type, table.c[c].type.dialect_impl(dialect).bind_processor(dialect))
+                       if c in own else table.c[c].type.dialect_impl(dialect).bind_processor(dialect)
+                       for c in columns)
     return BulkInsert(sql=compiled.string, columns=tuple(c for c in columns if c in bound),
                       processors=tuple(p for c, p in zip(columns, processors) if c in bound), positional=False,
                       arrays=True)
+
+
+def _element_processor(type_: Any, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """A number column's values as one Python type: psycopg dumps a list in binary only when its elements share a
+    type ("cannot dump lists of mixed types"), and a Float column may be handed 1 and 0.5 in one write, which a Core
+    insert or SQLite stores alike. NULLs stay NULL."""
+    if processor is not None or isinstance(type_, Boolean):
+        return processor
+    if isinstance(type_, Float):
+        return _as(float)
+    if isinstance(type_, Integer):
+        return _as(int)
+    return None
+
+
+def _as(kind: type) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        return value if value is None or type(value) is kind else kind(value)
+    return convert
 
 
 def _binary_arrays_compiler(dialect: Dialect) -> type:

@@ -350,9 +350,14 @@ def release_chunks(
     reason: str,
     *,
     max_attempts: int,
+    started: bool = True,
     now: datetime | None = None,
 ) -> list[int]:
     """Hand chunks this owner holds back to the queue (state queued), or fail their job past `max_attempts`.
+
+    `started=False`: chunks claimed for a run that never started (claimed ahead of a run that failed, or of a worker
+    that stops): their claim's attempt is given back with them and they never fail their job, which did nothing
+    wrong; the reason is not theirs to keep either.
 
     Returns the ids put back in the queue: the caller re-enqueues them after commit.
     """
@@ -364,13 +369,19 @@ def release_chunks(
         )
     ).all()
     for chunk_id, job_id, index, attempts in held:
-        if attempts >= max_attempts:
+        if started and attempts >= max_attempts:
             fail_job(session, job_id, f"chunk {index} failed {attempts} times; last: {reason}", now=now)
             continue
+        back = {"state": ChunkState.QUEUED, "owner": None, "lease_expires_at": None, "enqueued_at": now}
+        if started:
+            back["error"] = reason[:4000]
+        else:
+            back["attempts"] = func.max(Chunk.attempts - 1, 0) if session.get_bind().dialect.name == "sqlite" \
+                else func.greatest(Chunk.attempts - 1, 0)
         put_back = session.execute(
             update(Chunk)
             .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)
-            .values(state=ChunkState.QUEUED, owner=None, lease_expires_at=None, error=reason[:4000], enqueued_at=now)
+            .values(**back)
             .execution_options(synchronize_session=False)
         )
         if put_back.rowcount == 1:

@@ -34,6 +34,7 @@ per call); rows go through `selfie_jobs.bulk`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,10 +63,16 @@ class WriteOutcome:
     skipped_reason: str | None = None
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def storable_text(text: str | None) -> str:
     """Text as every database stores it: PostgreSQL refuses NUL in text, and a random or broken model can
-    generate the token for byte 0x00. It becomes U+FFFD (the replacement character), visibly."""
-    return (text or "").replace("\x00", "\ufffd")
+    generate the token for byte 0x00; a lone surrogate (half of a UTF-16 pair, which a broken tokenizer's decoding
+    can leave) cannot be encoded as UTF-8 by either driver. Each becomes U+FFFD (the replacement character),
+    visibly."""
+    text = text or ""
+    return text if text.isascii() and "\x00" not in text else _UNSTORABLE.sub("\ufffd", text)
 
 
 def lock_job(session: Session, job_id: str) -> Job | None:

@@ -102,14 +102,17 @@ def _misrouted(session, runtime, row: Chunk) -> Claim:
                                                           session.get(Job, row.job_id).kind))
 
 
-def hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sender: TaskSender | None) -> None:
+def hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sender: TaskSender | None, *,
+              started: bool = True) -> None:
+    """Put chunks back in the queue and re-send their messages (`chunks.release_chunks`; `started=False`: they
+    never ran, so their attempt is given back too)."""
     settings = runtime.settings
     priority = {c.id: c.priority for c in claimed}
     kind = {c.id: c.kind for c in claimed}
 
     def unit(session):
         return chunk_ops.release_chunks(session, list(priority), runtime.name, reason,
-                                        max_attempts=settings.max_chunk_attempts)
+                                        max_attempts=settings.max_chunk_attempts, started=started)
 
     requeued = unit_of_work(runtime.sessions, unit, settings.db_retry_seconds)
     if sender is not None:
@@ -161,6 +164,6 @@ class ClaimAhead:
         if not claim.chunks:
             return
         try:
-            hand_back(self.runtime, claim.chunks, reason, sender)
+            hand_back(self.runtime, claim.chunks, reason, sender, started=False)
         finally:
             self.runtime.unhold([c.id for c in claim.chunks])

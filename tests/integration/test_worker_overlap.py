@@ -94,11 +94,39 @@ def test_chunks_claimed_ahead_go_back_to_the_queue_when_the_run_fails(db, tmp_pa
         tasks.run_chunk(runtime, ids[0], wait=False)
     with db() as s:
         chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)).all()
-        # the failed run's chunk and the one claimed ahead for the next run are both handed back; the third was
-        # never claimed
-        assert [(c.state, c.attempts, c.owner) for c in chunks] == [("queued", 1, None), ("queued", 1, None),
+        # the failed run's chunk and the one claimed ahead for the next run are both handed back, the second with
+        # its attempt given back (it never ran); the third was never claimed
+        assert [(c.state, c.attempts, c.owner) for c in chunks] == [("queued", 1, None), ("queued", 0, None),
                                                                     ("queued", 0, None)]
     assert runtime.held() == []
+
+
+def test_a_healthy_job_behind_a_failing_one_never_fails_for_runs_it_did_not_start(db, tmp_path):
+    # Every redelivery of the failing job's chunk claims the healthy job's chunk ahead (it heads the queue next) and
+    # gives it back when the run fails: that must not spend the healthy chunk's attempts.
+    runtime = worker(db, tmp_path, FakeRunner(crash=RuntimeError("the engine broke")))
+    failing_id, (failing,) = job_of(db, 1)
+    healthy_id, _ = job_of(db, 2)
+    for _ in range(runtime.settings.max_chunk_attempts + 1):
+        try:
+            tasks.run_chunk(runtime, failing, wait=False)
+        except RuntimeError:
+            pass
+    with db() as s:
+        assert s.get(Job, failing_id).state == "failed"
+        assert s.get(Job, healthy_id).state == "queued"
+    assert states(db, healthy_id) == ["queued", "queued"]
+    runtime.runners["interpret"] = FakeRunner(batch=4)
+    first = _chunk_ids(db, healthy_id)[0]
+    tasks.run_chunk(runtime, first, wait=False)
+    runtime.overlap.drain()
+    with db() as s:
+        assert s.get(Job, healthy_id).state == "succeeded"
+
+
+def _chunk_ids(db, job_id: str) -> list[int]:
+    with db() as s:
+        return list(s.scalars(select(Chunk.id).where(Chunk.job_id == job_id).order_by(Chunk.index)))
 
 
 def test_a_write_that_fails_after_the_task_returned_hands_the_run_back(db, tmp_path, monkeypatch):

@@ -219,3 +219,22 @@ def test_a_write_into_a_chunk_that_is_gone_stores_nothing(db):
     assert outcome == C.WriteOutcome(0, False, None, "chunk is gone")
     with db() as s:
         assert s.scalar(select(func.count()).select_from(Interpretation)) == 0
+
+
+def test_numbers_of_mixed_python_types_and_lone_surrogates_are_stored(db):
+    # 1 and 0.5 in one Float column of one write (psycopg's binary lists need one element type), and text a broken
+    # tokenizer's decoding can leave: half of a UTF-16 pair, which neither driver can encode as UTF-8
+    with db() as s, s.begin():
+        job = make_job(s, chunk_size=8)
+        chunk_id = s.scalar(select(Chunk.id).where(Chunk.job_id == job.id))
+        C.claim_chunk(s, chunk_id, "w1", 600)
+    rows = [ResultRow(0, 0, 0, "a\ud800b", "x\udfff", [1], [1, 0.5], 1),
+            ResultRow(0, 0, 1, "tok", "text", [2], [0.25], 0.5)]
+    outcome = C.complete_chunk(db, chunk_id, "w1", rows, engine_run_id="r", worker="w1", model="tiny",
+                               complete=False)
+    assert outcome.inserted == 2
+    with db() as s:
+        stored = s.execute(select(Interpretation.source_token, Interpretation.text, Interpretation.mean_relevancy,
+                                  Interpretation.relevancy).where(Interpretation.job_id == job.id)
+                           .order_by(Interpretation.token)).all()
+    assert [tuple(r) for r in stored] == [("a\ufffdb", "x\ufffd", 1.0, [1.0, 0.5]), ("tok", "text", 0.5, [0.25])]
