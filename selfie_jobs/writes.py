@@ -24,6 +24,12 @@ SQLite, where one writer at a time holds the database anyway, the lock comes fir
 job takes the write lock and returns its id, state and kind (the rows' parameters are built before it, so other
 writers do not wait through that Python).
 
+One deadlock between two writers of one job remains possible on PostgreSQL, and PostgreSQL resolves it: a chunk
+taken over from a worker that is still writing it (its lease ran out while it was alive), whose old owner commits a
+group (`write_many`, holding the job's row lock) that inserts rows with the keys the new owner has inserted but not
+committed, while the new owner waits for the job's lock. One of them gets DeadlockDetected after deadlock_timeout
+(1 s), which `unit_of_work` retries; nothing is lost (the old owner's chunk is not marked: it no longer holds it).
+
 A completing write on PostgreSQL sends SAVEPOINT, the insert (one statement for all its rows, `selfie_jobs.bulk`),
 the job's lock, the completion (the chunk marked in a data-modifying CTE and the job's progress), then the commit;
 on SQLite the lock, the insert, the chunk marked, the job's progress.
