@@ -219,6 +219,14 @@ def queue_head(session: Session, model: str) -> str | None:
     return session.scalar(select(Chunk.batch_key).where(queued, Chunk.priority == top).order_by(Chunk.id).limit(1))
 
 
+def queued_priority(session: Session, model: str) -> int:
+    """The most urgent priority among `model`'s queued chunks (-1 when none is queued): one index lookup on
+    ix_chunks_claim."""
+    top = session.scalar(select(func.max(Chunk.priority)).where(Chunk.model == model,
+                                                                Chunk.state == ChunkState.QUEUED))
+    return -1 if top is None else top
+
+
 def next_queued(session: Session, model: str, *, exclude_kinds: Sequence[str]) -> int | None:
     """The queued chunk of `model` to run next (priority, then first come), of an open job of any kind but
     `exclude_kinds`; None when there is none. Read only: the caller claims it (`claim_chunk`)."""

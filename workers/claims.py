@@ -123,6 +123,15 @@ def hand_back(runtime, claimed: list[chunk_ops.ClaimedChunk], reason: str, sende
                 log.exception("could not re-send chunk %s", chunk_id)
 
 
+def outranked(runtime, claim: Claim) -> bool:
+    """Whether a queued chunk of this model is more urgent than every chunk of `claim` (claimed ahead, before that
+    chunk was submitted): the run is then not started and goes back (`ClaimAhead.give_back`), so an urgent job waits
+    for the run under way only, not for the one claimed ahead of it too."""
+    top = max(c.priority for c in claim.chunks)
+    return unit_of_work(runtime.sessions, lambda session: chunk_ops.queued_priority(session, runtime.model),
+                        runtime.settings.db_retry_seconds) > top
+
+
 class ClaimAhead:
     """The next engine run of a batch key, claimed in a thread while the engine computes the current run, so that
     the engine starts it at once (a claim is a transaction of several round trips).

@@ -235,12 +235,17 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None, *, wait:
                 continued.append(summary.get("engine_run"))
             if ahead is None or summary.get("timed_out") or runtime.shutting_down():
                 break
-            claim, ahead = ahead.result(), None
+            claim = ahead.result()
             if not claim.chunks:
+                ahead = None
                 break
+            if claims.outranked(runtime, claim):  # a more urgent job arrived while the run before computed
+                break
+            ahead = None
     finally:
-        if ahead is not None:  # the run before it failed or timed out: what was claimed for it goes back
-            ahead.give_back("the engine run before it did not finish", sender)
+        if ahead is not None:  # not started (the run before failed or timed out, the worker is stopping, or a
+            # more urgent job is queued): what was claimed for it goes back, its attempt with it
+            ahead.give_back("claimed ahead of a run, not started", sender)
     return {**first, "continued": continued} if continued else first
 
 

@@ -150,3 +150,24 @@ def test_a_write_that_fails_after_the_task_returned_hands_the_run_back(db, tmp_p
         assert (chunk.state, chunk.owner) == ("queued", None)  # back in the queue, for its attempt 2
         assert "database gone for good" in (chunk.error or "")
     assert runtime.held() == []
+
+
+def test_a_more_urgent_job_submitted_during_a_run_does_not_wait_for_the_run_claimed_ahead(db, tmp_path):
+    urgent: list[str] = []
+
+    class SubmitsDuringTheRun(FakeRunner):
+        def stream(self, items, spec):
+            if not urgent:  # while the first run computes (its next run may be claimed ahead already)
+                urgent.append(job_of(db, 1, batch_key="bk2", priority=9)[0])
+            return super().stream(items, spec)
+
+    runtime = worker(db, tmp_path, SubmitsDuringTheRun(batch=4))
+    job_id, ids = job_of(db, 3)
+    summary = tasks.run_chunk(runtime, ids[0], wait=False)
+    runtime.overlap.drain()
+    assert "continued" not in summary
+    with db() as s:
+        chunks = s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)).all()
+        assert [(c.state, c.attempts) for c in chunks] == [("done", 1), ("queued", 0), ("queued", 0)]
+    assert states(db, urgent[0]) == ["queued"]  # the queue gives it out next
+    assert runtime.held() == []
