@@ -284,6 +284,9 @@ def _safe_url(url: str) -> str:
               help="Tokens kept per lens (with --lens).")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 = most urgent.")
 @click.option("--idempotency-key", default=None)
+@click.option("--ttl", "ttl_seconds", type=DURATION, default=None, metavar="DURATION",
+              help="How long the finished job is kept (e.g. 3600, 12h, 30d); default: your key's, else the "
+                   "service's. Never purged within a day of its submission.")
 @click.option("--variant", default=None, metavar="ID",
               help="Run on a model variant (an edit job's result, `selfie variants`) instead of the model's own "
                    "weights; it must be of the job's model.")
@@ -301,7 +304,8 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
     if lenses:  # a lens reading generates nothing: options that would be dropped are refused instead
         ctx = click.get_current_context()
         flags = {p.name: p.opts[0] for p in ctx.command.params}
-        given = [flags[name] for name in options if name not in ("model", "priority", "idempotency_key", "variant")
+        given = [flags[name] for name in options
+                 if name not in ("model", "priority", "idempotency_key", "variant", "ttl_seconds")
                  and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise click.UsageError(f"{', '.join(given)} set how an interpretation is generated; a --lens job "
@@ -316,7 +320,8 @@ def submit(prompts, url, api_key, wait, pairs, layers, tokens, vectors_file, lab
             accepted = client.submit_lenses(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
                                             top_k=top_k, lenses=list(dict.fromkeys(lenses)), model=options["model"],
                                             priority=options["priority"],
-                                            idempotency_key=options["idempotency_key"], variant=options["variant"])
+                                            idempotency_key=options["idempotency_key"], variant=options["variant"],
+                                            ttl_seconds=options["ttl_seconds"])
         else:
             accepted = client.submit(list(prompts), layers=layers, tokens=tokens, pairs=_parse_pairs(pairs),
                                      **options)

@@ -199,7 +199,12 @@ def test_cli_submit_status_results_cancel(stack):
     bad = _cli("submit", "a cat", "--layers", "99", *url)
     assert bad.returncode != 0 and "layer 99 is out of range" in bad.stderr
     assert "`selfie submit -h` lists the options" in bad.stderr, bad.stderr  # the command's own name
-    queued = _cli("submit", "a cat", "--pair", "1,-1", "--model", IDLE, *url).stdout.split()[1].rstrip(":")
+    queued = _cli("submit", "a cat", "--pair", "1,-1", "--model", IDLE, "--ttl", "2d", *url).stdout.split()[1]
+    queued = queued.rstrip(":")
+    with Client(stack.url) as client:
+        assert client.status(queued)["ttl_seconds"] == 2 * 86400  # kept two days after it finishes
+    bad_ttl = _cli("submit", "a cat", "--model", IDLE, "--ttl", "soon", *url)
+    assert bad_ttl.returncode == 2 and "soon" in bad_ttl.stderr
     cancelled = _cli("cancel", queued, *url)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     assert _cli("status", "0" * 32, *url).returncode != 0
