@@ -209,21 +209,27 @@ def claim_more(
     return _load_claimed(session, _take(session, chosen, owner, lease_seconds, now))
 
 
+def _top_queued_priority(model: str) -> Any:
+    """The most urgent priority among `model`'s queued chunks, as a scalar subquery: one index lookup on
+    ix_chunks_claim."""
+    return select(func.max(Chunk.priority)).where(Chunk.model == model,
+                                                  Chunk.state == ChunkState.QUEUED).scalar_subquery()
+
+
 def queue_head(session: Session, model: str) -> str | None:
     """The batch key of the queued chunk of `model` that the queue gives out next (the most urgent priority, then
     first come); None when none is queued. Two index lookups on ix_chunks_claim (the highest priority, then the
     lowest id within it), however long the backlog: ORDER BY priority DESC, id ASC would read a whole priority's
     chunks to sort them."""
-    queued = and_(Chunk.model == model, Chunk.state == ChunkState.QUEUED)
-    top = select(func.max(Chunk.priority)).where(queued).scalar_subquery()
-    return session.scalar(select(Chunk.batch_key).where(queued, Chunk.priority == top).order_by(Chunk.id).limit(1))
+    return session.scalar(select(Chunk.batch_key)
+                          .where(Chunk.model == model, Chunk.state == ChunkState.QUEUED,
+                                 Chunk.priority == _top_queued_priority(model))
+                          .order_by(Chunk.id).limit(1))
 
 
 def queued_priority(session: Session, model: str) -> int:
-    """The most urgent priority among `model`'s queued chunks (-1 when none is queued): one index lookup on
-    ix_chunks_claim."""
-    top = session.scalar(select(func.max(Chunk.priority)).where(Chunk.model == model,
-                                                                Chunk.state == ChunkState.QUEUED))
+    """The most urgent priority among `model`'s queued chunks (-1 when none is queued)."""
+    top = session.scalar(select(_top_queued_priority(model)))
     return -1 if top is None else top
 
 
@@ -384,8 +390,7 @@ def release_chunks(
         if started:
             back["error"] = reason[:4000]
         else:
-            back["attempts"] = func.max(Chunk.attempts - 1, 0) if session.get_bind().dialect.name == "sqlite" \
-                else func.greatest(Chunk.attempts - 1, 0)
+            back["attempts"] = Chunk.attempts - 1  # its claim counted one (a running chunk has at least one)
         put_back = session.execute(
             update(Chunk)
             .where(Chunk.id == chunk_id, Chunk.owner == owner, Chunk.state == ChunkState.RUNNING)

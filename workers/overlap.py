@@ -75,11 +75,6 @@ class Overlap:
             log.warning("%d engine runs still completing after %ss", len(left), timeout)
         return not left
 
-    def completing(self) -> int:
-        """Runs deferred and not completed yet."""
-        with self._lock:
-            return sum(not f.done() for f in self._completing)
-
     @staticmethod
     def _wait(future: Future[None]) -> None:
         try:

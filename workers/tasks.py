@@ -236,10 +236,8 @@ def run_chunk(runtime, chunk_id: int, sender: TaskSender | None = None, *, wait:
             if ahead is None or summary.get("timed_out") or runtime.shutting_down():
                 break
             claim = ahead.result()
-            if not claim.chunks:
-                ahead = None
-                break
-            if claims.outranked(runtime, claim):  # a more urgent job arrived while the run before computed
+            # nothing claimed, or a more urgent job arrived while the run before computed: the task ends
+            if not claim.chunks or claims.outranked(runtime, claim):
                 break
             ahead = None
     finally:
