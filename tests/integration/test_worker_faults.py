@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import select
@@ -209,14 +210,8 @@ def test_database_unavailable_for_10s_mid_job_loses_nothing(stack, postgres_admi
 def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
     import redis as redis_client
 
-    from tests.integration.worker_support import ROOT, worker_env
-
     worker = _start_one_row_worker(stack)
-    env = worker_env(stack.url, stack.redis_url, stack.tmp / "beat", SELFIE_RECONCILE_INTERVAL_SECONDS="1")
-    beat_log = open(stack.tmp / "beat.log", "wb")  # noqa: SIM115 - closed below
-    beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule", str(stack.tmp / "beat-schedule")],
-                            cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _beat(stack):
         job = _submit_long_job(stack, max_new_tokens=12, kind=kind)
         # A second job waits queued behind it, with other engine settings (another batch key): the task running the
         # first job's runs back to back takes the first job's queued chunks from the database itself, but never
@@ -235,10 +230,6 @@ def test_redis_flushed_with_work_queued_and_running_loses_no_job(stack, kind):
         for one in jobs:
             stack.assert_exactly_once(one)
         assert "reconcile: re-sent" in worker.log()
-    finally:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat.wait(20)
-        beat_log.close()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
@@ -248,40 +239,16 @@ def test_sigkill_while_a_run_completes_after_its_task_returned_loses_nothing(sta
     # The engine is done and the task has returned (its message acknowledged); the run's last rows are still being
     # written in the background (workers.overlap) when the process dies. Nobody will redeliver that message: the
     # reconciler finds the chunk running under an owner that is gone and sends it again.
-    from tests.integration.worker_support import ROOT, worker_env
-
     marker = tmp_path / "holding"
     worker = stack.start_worker("w1", max_batch=32, batch_size=1,
                                 extra=("--inject-fault", f"hold-completion:{marker}"))
     stack.wait_ready(worker)
-    (child,) = worker.children()
-    env = worker_env(stack.url, stack.redis_url, stack.tmp / "beat", SELFIE_RECONCILE_INTERVAL_SECONDS="1")
-    beat_log = open(stack.tmp / "beat.log", "wb")  # noqa: SIM115 - closed below
-    beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule", str(stack.tmp / "beat-schedule")],
-                            cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        stack.settings = stack.settings.model_copy(update={"chunk_size": 32})  # one chunk, written in many writes
-        job = stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2), max_new_tokens=8))
+    with _beat(stack):
+        job = _submit_one_chunk_job(stack, kind)
         wait_for(marker.exists, 60, interval=0.05, what="the writer holding the chunk's last rows")
         wait_for(lambda: "'completing': True" in worker.log(), 30, interval=0.05, what="the task returning")
-        with stack.db() as s:
-            written, total = stack.rows(job), s.get(Job, job).total
-            (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
-            assert 0 < written < total and chunk.state == "running" and chunk.attempts == 1
-        os.kill(child, signal.SIGKILL)
-        stack.wait_jobs(job)
-        stack.assert_exactly_once(job)
-        with stack.db() as s:
-            (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
-            finished = s.get(Job, job)
-            assert (finished.state, finished.done, chunk.state) == ("succeeded", total, "done")
-            owner_pid = s.scalar(select(Worker.pid).where(Worker.name == chunk.owner))
-        assert chunk.attempts == 2 and owner_pid != child
+        _kill_and_check_each_row_once(stack, worker, job)
         assert "reconcile: re-sent" in worker.log()
-    finally:
-        os.killpg(beat.pid, signal.SIGTERM)
-        beat.wait(20)
-        beat_log.close()
 
 
 @pytest.mark.parametrize("database_url", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
@@ -293,10 +260,21 @@ def test_sigkill_while_the_writer_holds_rows_loses_nothing_and_writes_each_row_o
     marker = tmp_path / "holding"
     worker = stack.start_worker("w1", max_batch=32, batch_size=1, extra=("--inject-fault", f"hold-write:{marker}"))
     stack.wait_ready(worker)
-    (child,) = worker.children()
-    stack.settings = stack.settings.model_copy(update={"chunk_size": 32})  # one chunk, written in many writes
-    job = stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2), max_new_tokens=8))
+    job = _submit_one_chunk_job(stack, kind)
     wait_for(marker.exists, 60, interval=0.05, what="the writer holding rows")
+    _kill_and_check_each_row_once(stack, worker, job)
+    assert "holding" in marker.read_text()
+
+
+def _submit_one_chunk_job(stack, kind: str) -> str:
+    stack.settings = stack.settings.model_copy(update={"chunk_size": 32})  # one chunk, written in many writes
+    return stack.submit(stack.kind_request(kind, prompts=PROMPTS, tokens=(0, 1, 2), max_new_tokens=8))
+
+
+def _kill_and_check_each_row_once(stack, worker, job: str) -> None:
+    """SIGKILL the worker's child while its one chunk is running with some rows stored; the job then completes
+    elsewhere (a new child) with every row once, the chunk on its second attempt."""
+    (child,) = worker.children()
     with stack.db() as s:
         written, total = stack.rows(job), s.get(Job, job).total
         (chunk,) = s.scalars(select(Chunk).where(Chunk.job_id == job)).all()
@@ -310,4 +288,20 @@ def test_sigkill_while_the_writer_holds_rows_loses_nothing_and_writes_each_row_o
         assert (finished.state, finished.done, chunk.state) == ("succeeded", total, "done")
         owner_pid = s.scalar(select(Worker.pid).where(Worker.name == chunk.owner))
     assert chunk.attempts == 2 and owner_pid != child and child not in worker.children()
-    assert "holding" in marker.read_text()
+
+
+@contextmanager
+def _beat(stack):
+    """Celery beat for the stack, reconciling every second, stopped on the way out."""
+    from tests.integration.worker_support import ROOT, worker_env
+
+    env = worker_env(stack.url, stack.redis_url, stack.tmp / "beat", SELFIE_RECONCILE_INTERVAL_SECONDS="1")
+    with open(stack.tmp / "beat.log", "wb") as beat_log:
+        beat = subprocess.Popen([sys.executable, "-m", "workers", "beat", "--schedule",
+                                 str(stack.tmp / "beat-schedule")],
+                                cwd=ROOT, env=env, stdout=beat_log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield beat
+        finally:
+            os.killpg(beat.pid, signal.SIGTERM)
+            beat.wait(20)

@@ -18,6 +18,17 @@ from tests.locksupport import LockStep
 from tests.unit.jobs.factories import make_job
 
 
+def run_while_a_cancel_commits(db, other_engine, job_id: str, work):
+    """Run `work` (a transaction on `other_engine`) up to its first locking statement while a cancel of the job,
+    not yet committed, holds the job's lock; then commit the cancel. Returns what `work` returned."""
+    with db() as canceller:
+        _, cancelled = cancel_job(canceller, job_id, LOCAL_PRINCIPAL)  # holds the job's lock, not committed
+        assert cancelled
+        writer = LockStep(other_engine, work).start()
+        canceller.commit()
+    return writer.join()
+
+
 @pytest.fixture
 def db(migrated_database_url):
     return get_sessionmaker(migrated_database_url)
@@ -164,12 +175,7 @@ def test_rows_written_while_a_cancel_commits_are_not_stored(db, other_engine):
             return C.write_results(s, chunk_id, "w1", rows, engine_run_id="r", worker="w1", model="tiny",
                                    complete=False)
 
-    with db() as canceller:
-        _, cancelled = cancel_job(canceller, job_id, LOCAL_PRINCIPAL)  # holds the job's lock, not committed
-        assert cancelled
-        writer = LockStep(other_engine, write).start()
-        canceller.commit()
-    outcome = writer.join()
+    outcome = run_while_a_cancel_commits(db, other_engine, job_id, write)
     assert (outcome.inserted, outcome.chunk_done, outcome.skipped_reason) == (0, False, "job is cancelled")
     with db() as s:
         stored = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job_id))

@@ -10,7 +10,6 @@ from sqlalchemy import LargeBinary, Text, cast, event, func, insert, select
 from sqlalchemy.orm import Session
 
 from selfie_jobs import chunks as C
-from selfie_jobs.auth import LOCAL_PRINCIPAL
 from selfie_jobs.db import create_db_engine, get_sessionmaker
 from selfie_jobs.kinds import all_kinds
 from selfie_jobs.kinds.edits import VariantRow
@@ -19,9 +18,8 @@ from selfie_jobs.kinds.interpret import ResultRow
 from selfie_jobs.kinds.lenses import LensRow
 from selfie_jobs.kinds.vectors import VectorRow
 from selfie_jobs.models import Chunk, Interpretation, Job
-from selfie_jobs.queries import cancel_job
-from tests.locksupport import LockStep
 from tests.unit.jobs.factories import make_job
+from tests.unit.jobs.test_races import run_while_a_cancel_commits
 
 NOW = datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=timezone.utc)
 NUL_TEXT = "a\x00b \u00e9\u4e2d\U0001f600 'quoted' \"double\" \\ %s ?"
@@ -196,12 +194,7 @@ def test_a_completing_write_whose_job_is_cancelled_meanwhile_stores_nothing_and_
             return C.write_results(s, second, "w1", late_rows[2:], engine_run_id="r", worker="w1", model="tiny",
                                    complete=True)
 
-    with db() as canceller:
-        _, cancelled = cancel_job(canceller, job_id, LOCAL_PRINCIPAL)  # holds the job's lock, not committed
-        assert cancelled
-        writer = LockStep(other_engine, complete).start()
-        canceller.commit()
-    outcome = writer.join()
+    outcome = run_while_a_cancel_commits(db, other_engine, job_id, complete)
     assert (outcome.inserted, outcome.chunk_done, outcome.skipped_reason) == (0, False, "job is cancelled")
     with db() as s:
         stored = s.scalar(select(func.count()).select_from(Interpretation).where(Interpretation.job_id == job_id))
