@@ -136,8 +136,7 @@ def _write_project(url: str, job_id: str, chunk_ids: Sequence[int], start, out) 
 
 
 def _write_executemany(url: str, job_id: str, chunk_ids: Sequence[int], start, out) -> None:
-    from sqlalchemy import select
-
+    from sqlalchemy import ARRAY, select
     from sqlalchemy.types import TypeDecorator
 
     from selfie_jobs.db import get_engine, get_sessionmaker
@@ -156,9 +155,15 @@ def _write_executemany(url: str, job_id: str, chunk_ids: Sequence[int], start, o
                "chunk_id, engine_run_id, worker, model, created_at")
     sql = (f"INSERT INTO interpretations ({columns}) VALUES ({', '.join([mark] * 14)}) "
            "ON CONFLICT (job_id, prompt_index, layer, token) DO NOTHING")
-    # the relevancy column as stored (float32 bytes since migration 0007; JSON text before), encoded in the loop
+    # the relevancy column as the driver takes it, encoded in the loop: JSON text before migration 0007, float32
+    # bytes on SQLite since, a float array on PostgreSQL since 0015 (real[])
     relevancy_type = Interpretation.__table__.c.relevancy.type
-    relevancy_column = pack_floats if isinstance(relevancy_type, TypeDecorator) else json.dumps
+    if not isinstance(relevancy_type, TypeDecorator):
+        relevancy_column = json.dumps
+    elif isinstance(relevancy_type.dialect_impl(engine.dialect).impl_instance, ARRAY):
+        relevancy_column = list
+    else:
+        relevancy_column = pack_floats
     conn = engine.raw_connection()
     results = {c: [Result((c, *item)) for item in items[c]] for c in chunk_ids}
     start.wait()

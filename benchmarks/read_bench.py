@@ -79,11 +79,14 @@ def value_pool(dialect, n: int = 997) -> list[tuple]:
     rng = random.Random(7)
     rel_type = Interpretation.__table__.c.relevancy.type
     ids_type = Interpretation.__table__.c.token_ids.type
-    rel_bind, ids_bind = rel_type.bind_processor(dialect), ids_type.bind_processor(dialect)
+    rel_bind = rel_type.dialect_impl(dialect).bind_processor(dialect)
+    ids_bind = ids_type.dialect_impl(dialect).bind_processor(dialect)
 
     def stored(bind, value):
         value = bind(value) if bind else value
-        return json.dumps(value) if isinstance(value, (list, dict)) else value
+        # a list the column type leaves as a list is an array (relevancy on PostgreSQL: real[]), which COPY takes
+        return json.dumps(value) if isinstance(value, dict) or (isinstance(value, list) and bind is ids_bind) \
+            else value
 
     pool = []
     for i in range(n):

@@ -1,10 +1,11 @@
-"""Bytes per stored interpretation on PostgreSQL: relevancy as JSON text (schema 0006) against float32 bytes (0007),
-measured with pg_total_relation_size on the same synthetic rows in two fresh databases of one run.
+"""Bytes per stored interpretation on PostgreSQL: relevancy as JSON text (schema 0006), as float32 bytes (0007 to
+0014) and as a float4 array (`real[]`, 0015), measured with pg_total_relation_size on the same synthetic rows in
+three fresh databases of one run.
 
 Rows as a worker writes them: an ~80-character text, `--tokens` generated tokens (token ids and relevancy values
-as the engine makes them: doubles with 16-17 significant digits). After both, the 0006 database is migrated to
-0007 in place (the migration's conversion, timed) and measured again. Also times reading every row's relevancy
-back as lists of floats through SQLAlchemy from each database (JSON text against float32 bytes).
+as the engine makes them: doubles with 16-17 significant digits). After all three, the 0006 database is migrated to
+0015 in place (both conversions, timed) and measured again. Also times reading every row's relevancy back as lists
+of floats through SQLAlchemy from each database.
 
     .venv/bin/python benchmarks/row_size.py [--rows 20000] [--tokens 20] [--postgres-url URL]
 """
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from selfie_jobs import migrate
-from selfie_jobs.float_arrays import Float32List
+from selfie_jobs.float_arrays import Float32List, pack_floats, unpack_floats
 
 JOB_ID = "f" * 32
 
@@ -60,6 +61,25 @@ def synthetic_rows(n: int, tokens: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+class Float32Bytes(sa.types.TypeDecorator):
+    """Relevancy as migrations 0007 to 0014 stored it on PostgreSQL: little-endian float32 bytes in a BYTEA."""
+
+    impl = sa.LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return pack_floats(value)
+
+    def process_result_value(self, value, dialect):
+        return unpack_floats(value)
+
+
+#: (label, revision, the relevancy column's type at that revision)
+FORMS = (("0006: relevancy as JSON text", "0006_job_kinds", sa.JSON()),
+         ("0014: relevancy as float32 bytes", "0014_text_filter_index", Float32Bytes()),
+         ("0015: relevancy as real[]", "0015_relevancy_arrays", Float32List()))
+
+
 def fill(url: str, rows: list[dict], relevancy_type: sa.types.TypeEngine) -> None:
     table = sa.table("interpretations", *(sa.column(c) for c in rows[0] if c not in ("token_ids", "relevancy")),
                      sa.column("token_ids", sa.JSON()), sa.column("relevancy", relevancy_type))
@@ -83,9 +103,12 @@ def measure(url: str, n: int) -> dict[str, float]:
             "SELECT pg_total_relation_size('interpretations'), pg_relation_size('interpretations'), "
             "pg_indexes_size('interpretations'), (SELECT avg(pg_column_size(relevancy)) FROM interpretations)"
         )).one()
+        each = dict(conn.execute(sa.text(
+            "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index "
+            "WHERE indrelid = 'interpretations'::regclass ORDER BY 2 DESC")).all())
     engine.dispose()
     return {"total": total / n, "heap": heap / n, "indexes": indexes / n, "toast_etc": (total - heap - indexes) / n,
-            "relevancy_column": float(relevancy)}
+            "relevancy_column": float(relevancy), "each_index": {name: size / n for name, size in each.items()}}
 
 
 def read_rate(url: str, relevancy_type: sa.types.TypeEngine, n: int, repeats: int = 3) -> float:
@@ -103,9 +126,10 @@ def read_rate(url: str, relevancy_type: sa.types.TypeEngine, n: int, repeats: in
     return n / best
 
 
-def show(label: str, m: dict[str, float]) -> None:
+def show(label: str, m: dict[str, float], reads_per_s: float | None) -> None:
+    reads = "" if reads_per_s is None else f"{reads_per_s:>9,.0f}"
     print(f"{label:<34} {m['total']:>8.0f} {m['heap']:>8.0f} {m['indexes']:>8.0f} {m['toast_etc']:>8.0f} "
-          f"{m['relevancy_column']:>10.1f}")
+          f"{m['relevancy_column']:>10.1f} {reads}")
 
 
 def main() -> None:
@@ -115,37 +139,37 @@ def main() -> None:
     parser.add_argument("--postgres-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     rows = synthetic_rows(args.rows, args.tokens)
-    before_url, after_url = create_database(args.postgres_url), create_database(args.postgres_url)
+    urls = [create_database(args.postgres_url) for _ in FORMS]
     try:
-        migrate.upgrade(before_url, "0006_job_kinds")
-        fill(before_url, rows, sa.JSON())
-        before = measure(before_url, args.rows)
-        migrate.upgrade(after_url, "0007_compact_rows")
-        fill(after_url, rows, Float32List())
-        after = measure(after_url, args.rows)
-        json_reads, float32_reads = read_rate(before_url, sa.JSON(), args.rows), read_rate(after_url, Float32List(),
-                                                                                          args.rows)
+        sizes, reads = [], []
+        for url, (_, revision, relevancy_type) in zip(urls, FORMS):
+            migrate.upgrade(url, revision)
+            fill(url, rows, relevancy_type)
+            sizes.append(measure(url, args.rows))
+            reads.append(read_rate(url, relevancy_type, args.rows))
         started = time.perf_counter()
-        migrate.upgrade(before_url, "0007_compact_rows")
+        migrate.upgrade(urls[0], FORMS[-1][1])
         convert_s = time.perf_counter() - started
-        converted = measure(before_url, args.rows)
+        converted = measure(urls[0], args.rows)
     finally:
-        drop_database(args.postgres_url, before_url)
-        drop_database(args.postgres_url, after_url)
+        for url in urls:
+            drop_database(args.postgres_url, url)
     print(f"{args.rows} interpretations, {args.tokens} tokens each, ~80-character texts; bytes per row "
           "(pg_total_relation_size / rows)")
-    print(f"{'':<34} {'total':>8} {'heap':>8} {'indexes':>8} {'toast+fsm':>8} {'relevancy':>10}")
-    show("0006: relevancy as JSON text", before)
-    show("0007: relevancy as float32 bytes", after)
-    show("0006 migrated to 0007 in place", converted)
-    print(f"after / before: {after['total'] / before['total']:.3f} "
-          f"({before['total'] - after['total']:.0f} bytes less per row)")
-    print(f"reading every row's relevancy as lists of floats: JSON {json_reads:,.0f} rows/s, float32 "
-          f"{float32_reads:,.0f} rows/s ({float32_reads / json_reads:.2f}x)")
-    print(f"migration 0006 -> 0007 converted {args.rows} rows in {convert_s:.1f} s "
+    print(f"{'':<34} {'total':>8} {'heap':>8} {'indexes':>8} {'toast+fsm':>8} {'relevancy':>10} {'reads/s':>9}")
+    for (label, _, _), size, rate in zip(FORMS, sizes, reads):
+        show(label, size, rate)
+    show("0006 migrated to 0015 in place", converted, None)
+    print("bytes per row of each index, grown row by row at 0015 (and built by the migration in place):")
+    for name, size in sizes[-1]["each_index"].items():
+        print(f"  {name:<52} {size:>6.0f} ({converted['each_index'].get(name, 0):.0f})")
+    first, last = sizes[0]["total"], sizes[-1]["total"]
+    print(f"0015 / 0006: {last / first:.3f} ({first - last:.0f} bytes less per row); 0015 - 0014: "
+          f"{last - sizes[1]['total']:+.0f} bytes per row")
+    print(f"migration 0006 -> 0015 converted {args.rows} rows in {convert_s:.1f} s "
           f"({args.rows / convert_s:,.0f} rows/s)")
-    print(json.dumps({"before": before, "after": after, "converted": converted, "convert_s": convert_s,
-                      "json_reads_per_s": json_reads, "float32_reads_per_s": float32_reads}))
+    print(json.dumps({"sizes": dict(zip((f[1] for f in FORMS), sizes)), "converted": converted,
+                      "convert_s": convert_s, "reads_per_s": dict(zip((f[1] for f in FORMS), reads))}))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import false, select, text
+from sqlalchemy import bindparam, false, select, text
 
-from selfie_jobs.float_arrays import pack_floats
+from selfie_jobs.float_arrays import Float32List
 
 VOCABULARY = 5000
 KEYS = 10
@@ -78,10 +78,11 @@ def fill(url: str, rows: int, jobs: int, seed: int) -> list[str]:
                     samples.append(body)
                 batch.append({"job": job_id, "p": i // 100, "l": i % 31, "tk": i % 100, "text": body,
                               "c": chunk, "m": f"model{j % 3}", "t": start + timedelta(minutes=j, seconds=i)})
-            conn.execute(text("INSERT INTO interpretations (job_id, prompt_index, layer, token, source_token, text, "
-                              "token_ids, relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, "
-                              "created_at) VALUES (:job, :p, :l, :tk, 'x', :text, '[]', :rel, 0.5, :c, 'r', "
-                              "'w', :m, :t)"), [{**row, "rel": pack_floats([])} for row in batch])
+            insert = text("INSERT INTO interpretations (job_id, prompt_index, layer, token, source_token, text, "
+                          "token_ids, relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, "
+                          "created_at) VALUES (:job, :p, :l, :tk, 'x', :text, '[]', :rel, 0.5, :c, 'r', "
+                          "'w', :m, :t)").bindparams(bindparam("rel", type_=Float32List()))  # [] as the column holds it
+            conn.execute(insert, [{**row, "rel": []} for row in batch])
         if (j + 1) % max(1, jobs // 10) == 0:
             print(f"  {(j + 1) * per_job:,} rows written", flush=True)
     if engine.dialect.name == "postgresql":

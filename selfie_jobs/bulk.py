@@ -17,7 +17,10 @@ a write's time in a profile, benchmarks/README.md "Result writes"); a cached Cor
 per-row parameter handling. Here the statement is compiled once, and each value goes to the driver after its
 column's own bind processor (JSON, datetimes on SQLite, any TypeDecorator such as a binary relevancy column; on
 PostgreSQL applied to each element of the column's array), so what is stored is exactly what a Core insert of the
-rows would store, NULLs included.
+rows would store, NULLs included. A column that is itself an array (the float32 relevancy lists, `real[]` on
+PostgreSQL) cannot be one element of an array `unnest` returns row by row (unnest of a 2-D array returns its
+scalars, and a 2-D array's rows must have one length): its lists go as ONE flat float array, and each row takes
+its slice, `CAST(:col AS REAL[])[u.col__first:u.col__last]` (1-based, inclusive; an empty list's slice is empty).
 
 The count of inserted rows is the driver's rowcount: the rows the one statement inserted, or the sum over an
 `executemany`; a row skipped by the unique key counts zero, so the count is the rows that are new.
@@ -34,6 +37,10 @@ from sqlalchemy import Boolean, Float, Integer, Table, bindparam, cast, column, 
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Grouping
+from sqlalchemy.types import REAL
+
+from selfie_jobs.float_arrays import Float32List, float32_array
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,9 @@ class BulkInsert:
     processors: tuple[Callable[[Any], Any] | None, ...]
     positional: bool
     arrays: bool = False
+    #: With `arrays`: the list columns bound as one flat float32 array and each row's first and last positions in
+    #: it (`<name>__first`, `<name>__last`).
+    flattened: frozenset[str] = frozenset()
 
     def parameters(self, shared: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> list[Any]:
         """The driver's parameter sets: `shared` (the same for every row: job, chunk, timestamps) and each row's own
@@ -61,7 +71,10 @@ class BulkInsert:
             if not rows:
                 return []
             for _, c, p in own:
-                processed[c] = [row[c] for row in rows] if p is None else [p(row[c]) for row in rows]
+                if c in self.flattened:
+                    processed[c], processed[c + "__first"], processed[c + "__last"] = _flatten(row[c] for row in rows)
+                else:
+                    processed[c] = [row[c] for row in rows] if p is None else [p(row[c]) for row in rows]
             return [processed]
         template = [processed.get(c) for c in self.columns]
         out: list[Any] = []
@@ -135,19 +148,29 @@ def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], un
     the chunk's row (.. SELECT chunks.job_id, :chunk_id, .. FROM chunks, unnest(..) WHERE chunks.id = :chunk_id)."""
     own = tuple(c for c in columns if c not in shared)
     scalars = tuple(c for c in columns if c in shared)
-    rows = func.unnest(*[cast(bindparam(c), postgresql.ARRAY(table.c[c].type)) for c in own]) \
-        .table_valued(*[column(c) for c in own]).render_derived(name="u")
+    flattened = frozenset(c for c in own if isinstance(table.c[c].type, Float32List))
+    unnested: list[tuple[str, Any]] = []  # (name, element type) of each array that unnest returns row by row
+    for c in own:
+        if c in flattened:
+            unnested += [(c + "__first", Integer()), (c + "__last", Integer())]
+        else:
+            unnested.append((c, table.c[c].type))
+    rows = func.unnest(*[cast(bindparam(name), postgresql.ARRAY(type_)) for name, type_ in unnested]) \
+        .table_valued(*[column(name) for name, _ in unnested]).render_derived(name="u")
     values = {c: bindparam(c, type_=table.c[c].type) for c in scalars}
     if chunks is not None:
         values["job_id"] = chunks.c.job_id
-    source = select(*values.values(), *[rows.c[c] for c in own])
+    per_row = [Grouping(cast(bindparam(c), postgresql.ARRAY(REAL)))[rows.c[c + "__first"]:rows.c[c + "__last"]]
+               if c in flattened else rows.c[c] for c in own]
+    source = select(*values.values(), *per_row)
     if chunks is not None:
         source = source.select_from(chunks).where(chunks.c.id == values["chunk_id"])
     stmt = postgresql.insert(table).from_select([*scalars, *own], source) \
         .on_conflict_do_nothing(index_elements=list(unique))
-    compiled = _binary_arrays_compiler(dialect)(dialect, stmt, arrays=frozenset(own))
+    compiled = _binary_arrays_compiler(dialect)(dialect, stmt, arrays=frozenset(own) | {name for name, _ in unnested})
     bound = set(columns) - ({"job_id"} if chunks is not None else set())
-    if compiled.positional or set(compiled.binds) != bound:
+    slices = {c + end for c in flattened for end in ("__first", "__last")}
+    if compiled.positional or set(compiled.binds) != bound | slices:
         raise RuntimeError(f"the compiled insert into {table.name} binds {sorted(compiled.binds)}, "
                            f"not the columns {columns}")
     # the element's processor for an array column: the driver adapts the list, each value as the column would
@@ -156,7 +179,26 @@ def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], un
                        for c in columns)
     return BulkInsert(sql=compiled.string, columns=tuple(c for c in columns if c in bound),
                       processors=tuple(p for c, p in zip(columns, processors) if c in bound), positional=False,
-                      arrays=True)
+                      arrays=True, flattened=flattened)
+
+
+def _flatten(lists: Iterable[Any]) -> tuple[list[float], list[int | None], list[int | None]]:
+    """One flat list of the float32 values of `lists` (checked and rounded as Float32List does), and each list's
+    first and last 1-based positions in it (an empty list: last = first - 1; None: NULL, NULL)."""
+    flat: list[float] = []
+    first: list[int | None] = []
+    last: list[int | None] = []
+    for values in lists:
+        if values is None:
+            first.append(None)
+            last.append(None)
+            continue
+        if isinstance(values, (bytes, bytearray, memoryview, str)):
+            raise TypeError(f"Float32List takes a list of floats, not {type(values).__name__}")
+        first.append(len(flat) + 1)
+        flat.extend(values)
+        last.append(len(flat))
+    return float32_array(flat).tolist(), first, last
 
 
 def _element_processor(type_: Any, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:

@@ -30,7 +30,7 @@ from api.schemas import (
 )
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.errors import BadQuery, Conflict, DomainError, NotFound
-from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode, csv_text
+from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode
 from selfie_jobs.ids import INT_MAX
 from selfie_jobs.kinds import DEFAULT_KIND, all_kinds, get_kind
 from selfie_jobs.models import Job
@@ -38,8 +38,8 @@ from selfie_jobs.queries import (
     SORT_NAMES,
     InterpretationFilter,
     cancel_job,
+    interpretations_csv,
     interpretations_page,
-    export_interpretations,
     job_chunk_counts,
     job_view,
     list_jobs,
@@ -230,10 +230,9 @@ def post_cancel(job_id: str, session: SessionDep, who: PrincipalDep) -> CancelOu
 
 
 def _csv_rows(maker, job_id: str, flt: InterpretationFilter, sort: str, cursor: str | None,
-              limit: int | None, mode: CsvMode) -> Iterator[str]:
+              limit: int | None, mode: CsvMode) -> Iterator[str | bytes]:
     with maker() as session:
-        yield from csv_text(CSV_COLUMNS, export_interpretations(session, job_id, flt, CSV_COLUMNS, sort=sort,
-                                                                cursor=cursor, limit=limit), mode)
+        yield from interpretations_csv(session, job_id, flt, CSV_COLUMNS, mode, sort=sort, cursor=cursor, limit=limit)
 
 
 @router.get(
@@ -307,10 +306,10 @@ for _name, _kind in all_kinds().items():
         _kind_submit_route(_name, _kind.request)
 
 
-def _csv_result_rows(maker, job_id: str, kind_name: str, limit: int | None, mode: CsvMode) -> Iterator[str]:
+def _csv_result_rows(maker, job_id: str, kind_name: str, limit: int | None, mode: CsvMode) -> Iterator[str | bytes]:
     kind = get_kind(kind_name)
     with maker() as session:
-        yield from csv_text(kind.csv_columns, kind.export_rows(session, job_id, limit=limit), mode)
+        yield from kind.export_csv(session, job_id, limit=limit, mode=mode)
 
 
 @router.get(

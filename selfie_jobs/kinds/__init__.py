@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from selfie_jobs.csv_cells import CsvMode, csv_text
+
 if TYPE_CHECKING:
     from pydantic import BaseModel
     from sqlalchemy.orm import Session
@@ -105,6 +107,11 @@ class JobKind:
     def export_rows(self, session: Session, job_id: str, *, limit: int | None) -> Iterator[Sequence[Any]]:
         """The job's rows (up to `limit`) in `read_page`'s order, each a tuple of `csv_columns`, streamed."""
         raise NotImplementedError
+
+    def export_csv(self, session: Session, job_id: str, *, limit: int | None, mode: CsvMode) -> Iterator[str | bytes]:
+        """The job's rows (up to `limit`) as a CSV file in pieces, the header first: `export_rows` through csv_text
+        unless the kind has a faster way to the same bytes."""
+        return csv_text(self.csv_columns, self.export_rows(session, job_id, limit=limit), mode)
 
 
 @dataclass

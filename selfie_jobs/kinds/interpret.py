@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from selfie_jobs.csv_cells import CsvMode
 from selfie_jobs.kinds import JobKind, PreparedJob, ResultPage, WorkInput
 from selfie_jobs.models import Interpretation, Prompt
 from selfie_jobs.specs import JobCreate
@@ -123,6 +124,13 @@ class InterpretKind(JobKind):
         from selfie_jobs.queries import InterpretationFilter, export_interpretations
 
         return export_interpretations(session, job_id, InterpretationFilter(), self.csv_columns, limit=limit)
+
+    def export_csv(self, session: Session, job_id: str, *, limit: int | None, mode: CsvMode) -> Iterator[str | bytes]:
+        from selfie_jobs.queries import InterpretationFilter, interpretations_csv
+
+        if self.table is not Interpretation:  # a kind built on this one that stores rows of its own (lenses, generate)
+            return super().export_csv(session, job_id, limit=limit, mode=mode)
+        return interpretations_csv(session, job_id, InterpretationFilter(), self.csv_columns, mode, limit=limit)
 
 
 def _as_dict(row: Interpretation) -> dict[str, Any]:

@@ -249,10 +249,12 @@ def test_compact_rows_converts_every_relevancy_list_and_back(database_url):
                 "mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES (1, :job, 0, 'v', 2.0, "
                 "'says', '[1, 2]', '[0.25, 0.75]', 0.5, 2, 'r', 'w', 'm', CURRENT_TIMESTAMP)"), {"job": "b" * 32})
         before = _counts(engine)
+        migrate.upgrade(database_url, "0014_text_filter_index")  # the bytes, before 0015 makes them real[]
+        with engine.connect() as conn:
+            raw = dict(conn.execute(text("SELECT id, relevancy FROM interpretations")).all())
         migrate.upgrade(database_url)
         after = _counts(engine)
         with engine.connect() as conn:
-            raw = dict(conn.execute(text("SELECT id, relevancy FROM interpretations")).all())
             texts = dict(conn.execute(text("SELECT id, text FROM interpretations")).all())
         with Session(engine) as session:
             read = dict(session.execute(select(Interpretation.id, Interpretation.relevancy)).all())
@@ -281,9 +283,10 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
     """0008 on a database with results in it: every row kept, the sort indexes built, the engine-run ones gone;
     and back down to the revision before it."""
     from alembic.script import ScriptDirectory
-    from sqlalchemy import insert, text
+    from sqlalchemy import LargeBinary, insert, literal, text
     from sqlalchemy.orm import Session
 
+    from selfie_jobs.float_arrays import pack_floats
     from selfie_jobs.models import Interpretation
     from tests.unit.jobs.factories import make_job
 
@@ -297,7 +300,8 @@ def test_result_indexes_upgrade_keeps_every_row_and_builds_the_indexes(database_
             for layer in range(3):  # the columns of this revision only (later ones add more: 0009's grounded)
                 s.execute(insert(Interpretation.__table__).values(
                     job_id=job.id, prompt_index=0, layer=layer, token=0, source_token="t", text=f"text {layer}",
-                    token_ids=[1], relevancy=[0.5, 0.25], mean_relevancy=0.375, chunk_id=chunk_id, engine_run_id="r",
+                    token_ids=[1], relevancy=literal(pack_floats([0.5, 0.25]), LargeBinary()),  # bytes until 0015
+                    mean_relevancy=0.375, chunk_id=chunk_id, engine_run_id="r",
                     worker="w", model="tiny"))
             s.commit()
         before = _indexes(engine)
@@ -356,6 +360,61 @@ def test_text_filter_index_upgrade_builds_the_jobs_trigram_index_on_postgres_onl
         assert {"pg_trgm", "btree_gin"} <= extensions
     else:
         assert after == before
+
+
+def test_relevancy_arrays_upgrade_keeps_every_float32_bit_and_back(database_url):
+    """0015 on a database at 0014 with float32 bytes stored: on PostgreSQL each list becomes a real[] of the same
+    float32 values, bit for bit (signs, -0.0, subnormals, the largest float32, empty lists), read through the model
+    as the same floats; the downgrade gives back the same bytes. SQLite keeps its bytes as they are."""
+    import struct
+
+    from sqlalchemy import select, text
+    from sqlalchemy.orm import Session
+
+    from selfie_jobs.float_arrays import pack_floats
+    from selfie_jobs.models import Interpretation, VectorInterpretation
+
+    migrate.upgrade(database_url, "0014_text_filter_index")
+    edge = [0.0, -0.0, 1.0, -2.5, 0.1, 1e-45, -1.17549435e-38, 3.4028234663852886e38, -3.4028234663852886e38, 1e-7]
+    lists = [edge, [], [0.5], *[[(i % 97) / 128, 1 / (i + 3), -1e-40 * i] for i in range(200)]]
+    engine = create_db_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, model, kind, state, priority, spec, batch_key, total, done, created_at) "
+                f"VALUES ('{'a' * 32}', 'm', 'interpret', 'succeeded', 5, '{{}}', 'k', 1, 1, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO chunks (id, job_id, \"index\", model, batch_key, priority, state, items, "
+                              f"size, attempts) VALUES (1, '{'a' * 32}', 0, 'm', 'k', 5, 'done', '[]', 1, 1)"))
+            conn.execute(text(
+                "INSERT INTO interpretations (id, job_id, prompt_index, layer, token, source_token, text, token_ids, "
+                "relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES (:id, :job, 0, "
+                ":id, 0, 'p', 't', '[1]', :rel, 0.5, 1, 'r', 'w', 'm', CURRENT_TIMESTAMP)"),
+                [{"id": i + 1, "job": "a" * 32, "rel": pack_floats(rel)} for i, rel in enumerate(lists)])
+            conn.execute(text(
+                "INSERT INTO vector_interpretations (id, job_id, vector_index, label, norm, text, token_ids, relevancy, "
+                "mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) VALUES (1, :job, 0, 'v', 2.0, "
+                "'says', '[1, 2]', :rel, 0.5, 1, 'r', 'w', 'm', CURRENT_TIMESTAMP)"),
+                {"job": "a" * 32, "rel": pack_floats([0.25, -0.75])})
+        migrate.upgrade(database_url, "0015_relevancy_arrays")
+        column_type = next(c["type"] for c in inspect(engine).get_columns("interpretations")
+                           if c["name"] == "relevancy").compile(dialect=engine.dialect)
+        with Session(engine) as session:
+            read = dict(session.execute(select(Interpretation.id, Interpretation.relevancy)).all())
+            vector_read = session.scalars(select(VectorInterpretation.relevancy)).one()
+        migrate.downgrade(database_url, "0014_text_filter_index")
+        with engine.connect() as conn:
+            back = {i: bytes(b) for i, b in conn.execute(text("SELECT id, relevancy FROM interpretations")).all()}
+            vector_back = bytes(conn.execute(text("SELECT relevancy FROM vector_interpretations")).scalar_one())
+    finally:
+        engine.dispose()
+    f32 = [list(struct.unpack(f"<{len(rel)}f", pack_floats(rel))) for rel in lists]
+    assert column_type == ("REAL[]" if engine.dialect.name == "postgresql" else "BLOB")
+    # bit for bit: the signs of zeros included (== would take -0.0 for 0.0)
+    assert {i: [struct.pack("<f", v) for v in rel] for i, rel in read.items()} == \
+        {i + 1: [struct.pack("<f", v) for v in rel] for i, rel in enumerate(f32)}
+    assert vector_read == [0.25, -0.75]
+    assert back == {i + 1: pack_floats(rel) for i, rel in enumerate(lists)}
+    assert vector_back == pack_floats([0.25, -0.75])
 
 
 @pytest.mark.postgres

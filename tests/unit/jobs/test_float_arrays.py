@@ -1,5 +1,5 @@
-"""Relevancy lists stored as little-endian float32 bytes: written as lists of floats through the worker's write path,
-stored as 4 bytes a value, read back as the same floats (float32's) on SQLite and PostgreSQL."""
+"""Relevancy lists stored as float32s: written as lists of floats through the worker's write path, stored as 4 bytes
+a value (little-endian bytes on SQLite, a `real[]` on PostgreSQL), read back as the same floats (float32's)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,21 @@ from sqlalchemy import select, text
 
 from selfie_jobs import chunks as C
 from selfie_jobs.db import get_sessionmaker
-from selfie_jobs.float_arrays import pack_floats, unpack_floats
+from selfie_jobs.float_arrays import pack_floats, unpack_array_send, unpack_floats
 from selfie_jobs.kinds.vectors import VectorRow
 from selfie_jobs.models import Interpretation, VectorInterpretation
 from tests.unit.jobs.factories import make_job
 
+#: The stored column's float32 values as little-endian bytes, read by the database itself: the BLOB as it is, the
+#: PostgreSQL array element by element (float4send is big-endian: each word's bytes reversed), and 'not real[]'
+#: when the column is of another type.
+_FLOAT32_BYTES = {
+    "sqlite": "relevancy",
+    "postgresql": "CASE WHEN pg_typeof(relevancy) = 'real[]'::regtype THEN (SELECT coalesce(string_agg("
+                  "substring(b from 4 for 1) || substring(b from 3 for 1) || substring(b from 2 for 1) || "
+                  "substring(b from 1 for 1), ''::bytea ORDER BY o), ''::bytea) FROM (SELECT float4send(v) AS b, o "
+                  "FROM unnest(relevancy) WITH ORDINALITY AS e(v, o)) AS w) ELSE 'not real[]'::bytea END",
+}
 ENGINE_VALUES = [0.0, 1.0, 0.123456789, 3.2e-9, 0.7399048272087007, 1e-45]
 
 
@@ -36,6 +46,18 @@ def test_values_float32_cannot_hold_are_refused(bad):
         pack_floats(bad)
 
 
+def test_postgres_binary_arrays_read_back_as_their_float32_values():
+    header = struct.pack(">iii", 1, 0, 700)
+    values = _f32(ENGINE_VALUES)
+    sent = header + struct.pack(">ii", len(values), 1) + b"".join(struct.pack(">if", 4, v) for v in values)
+    assert unpack_array_send(sent) == values
+    assert unpack_array_send(struct.pack(">iii", 0, 0, 700)) == []
+    for bad in (sent[:-1], struct.pack(">iii", 1, 1, 700) + sent[12:], struct.pack(">iii", 1, 0, 701) + sent[12:],
+                struct.pack(">iii", 2, 0, 700) + sent[12:], b""):
+        with pytest.raises(ValueError, match="one-dimensional float4"):
+            unpack_array_send(bad)
+
+
 def test_a_truncated_array_is_refused():
     with pytest.raises(ValueError, match="multiple of 4"):
         unpack_floats(b"\x00\x00\x80")
@@ -46,7 +68,7 @@ def db(migrated_database_url):
     return get_sessionmaker(migrated_database_url)
 
 
-def test_rows_written_as_lists_are_stored_as_bytes_and_read_as_lists(db):
+def test_rows_written_as_lists_are_stored_as_float32_and_read_as_lists(db):
     with db() as s, s.begin():
         job = make_job(s, items=[(0, 0, 0), (0, 1, 0)], chunk_size=2)
         chunk = C.claim_chunk(s, _first_chunk(s, job.id), "w", 60)
@@ -54,7 +76,8 @@ def test_rows_written_as_lists_are_stored_as_bytes_and_read_as_lists(db):
             C.ResultRow(0, 1, 0, "t", "b", [], [], 0.0)]
     assert C.complete_chunk(db, chunk.id, "w", rows, engine_run_id="r", worker="w", model="tiny").chunk_done
     with db() as s:
-        stored = dict(s.execute(text("SELECT layer, relevancy FROM interpretations")).all())
+        stored = dict(s.execute(text(f"SELECT layer, {_FLOAT32_BYTES[s.get_bind().dialect.name]} "
+                                     "FROM interpretations")).all())
         read = dict(s.execute(select(Interpretation.layer, Interpretation.relevancy)).all())
         page = s.scalars(select(Interpretation).order_by(Interpretation.layer)).all()
         # what the API's JSON carries: the list of numbers, as pydantic serialises the ORM row
@@ -67,7 +90,7 @@ def test_rows_written_as_lists_are_stored_as_bytes_and_read_as_lists(db):
     assert max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(as_json, ENGINE_VALUES) if b > 1e-38) < 6e-8
 
 
-def test_vector_rows_are_stored_as_bytes_too(db):
+def test_vector_rows_are_stored_as_float32_too(db):
     from selfie_jobs.models import Chunk
 
     with db() as s, s.begin():
@@ -79,7 +102,8 @@ def test_vector_rows_are_stored_as_bytes_too(db):
     rows = [VectorRow(0, "v", 2.0, "says", [5, 6], [0.25, 0.125], 0.1875)]
     C.complete_chunk(db, chunk_id, "w", rows, engine_run_id="r", worker="w", model="tiny", complete=False)
     with db() as s:
-        stored = s.execute(text("SELECT relevancy FROM vector_interpretations")).scalar_one()
+        stored = s.execute(text(f"SELECT {_FLOAT32_BYTES[s.get_bind().dialect.name]} "
+                                "FROM vector_interpretations")).scalar_one()
         read = s.scalars(select(VectorInterpretation.relevancy)).one()
     assert bytes(stored) == struct.pack("<2f", 0.25, 0.125) and read == [0.25, 0.125]
 

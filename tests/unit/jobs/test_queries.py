@@ -249,7 +249,7 @@ def stored_texts(postgres_url):
                 "relevancy, mean_relevancy, chunk_id, engine_run_id, worker, model, created_at) "
                 "SELECT CAST(:job AS text), n / 100, n % 100, 0, 't', "
                 "CASE WHEN n % 3 = 0 THEN 'about Paris ' ELSE 'about tower ' END "
-                "|| md5(n::text || CAST(:job AS text)), '[1]', '\\x0000003f'::bytea, (n * 7919 % 2000) / 2000.0, "
+                "|| md5(n::text || CAST(:job AS text)), '[1]', '{0.5}'::real[], (n * 7919 % 2000) / 2000.0, "
                 ":chunk, 'r', 'w', 'tiny', now() FROM generate_series(0, 1999) AS n"),
                 {"job": job.id, "chunk": chunk})
         s.commit()
