@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import Grouping
 from sqlalchemy.types import REAL
 
-from selfie_jobs.float_arrays import Float32List, float32_array
+from selfie_jobs.float_arrays import Float4ArrayBinary, Float32List
 
 
 @dataclass(frozen=True)
@@ -182,8 +182,8 @@ def _compile_unnest(dialect: Dialect, table: Table, columns: tuple[str, ...], un
                       arrays=True, flattened=flattened)
 
 
-def _flatten(lists: Iterable[Any]) -> tuple[list[float], list[int | None], list[int | None]]:
-    """One flat list of the float32 values of `lists` (checked and rounded as Float32List does), and each list's
+def _flatten(lists: Iterable[Any]) -> tuple[Float4ArrayBinary, list[int | None], list[int | None]]:
+    """One flat float4 array of the values of `lists` (checked and rounded as Float32List does), and each list's
     first and last 1-based positions in it (an empty list: last = first - 1; None: NULL, NULL)."""
     flat: list[float] = []
     first: list[int | None] = []
@@ -198,7 +198,7 @@ def _flatten(lists: Iterable[Any]) -> tuple[list[float], list[int | None], list[
         first.append(len(flat) + 1)
         flat.extend(values)
         last.append(len(flat))
-    return float32_array(flat).tolist(), first, last
+    return Float4ArrayBinary(flat), first, last
 
 
 def _element_processor(type_: Any, processor: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:

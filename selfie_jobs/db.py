@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from selfie_jobs.float_arrays import register_float4_arrays
+
 #: Connections per process: enough for every request the API serves at once (api_max_concurrent_requests, 40)
 #: to hold its own and a second one (streamed CSV reads in a session of their own), so no request waits for the
 #: pool. A wait past POOL_TIMEOUT_SECONDS is an overload and answers 503 (DatabaseBusy's handler), never 500.
@@ -129,7 +131,10 @@ def create_db_engine(url: str) -> Engine:
     # service's queries are short OLTP reads and writes.
     given = parsed.query.get("options")  # options in the URL are kept, jit=off added to them
     options = f"{given} -c jit=off" if isinstance(given, str) and given else "-c jit=off"
-    return create_engine(url, pool_pre_ping=True, connect_args={"options": options}, **pool)
+    engine = create_engine(url, pool_pre_ping=True, connect_args={"options": options}, **pool)
+    # the write path's relevancy lists go as one float4 array in binary (selfie_jobs.bulk)
+    event.listen(engine, "connect", lambda dbapi_connection, _record: register_float4_arrays(dbapi_connection.adapters))
+    return engine
 
 
 @lru_cache(maxsize=8)

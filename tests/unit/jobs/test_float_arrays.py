@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 
 from selfie_jobs import chunks as C
 from selfie_jobs.db import get_sessionmaker
-from selfie_jobs.float_arrays import pack_floats, unpack_array_send, unpack_floats
+from selfie_jobs.float_arrays import Float4ArrayBinary, pack_floats, unpack_array_send, unpack_floats
 from selfie_jobs.kinds.vectors import VectorRow
 from selfie_jobs.models import Interpretation, VectorInterpretation
 from tests.unit.jobs.factories import make_job
@@ -56,6 +56,28 @@ def test_postgres_binary_arrays_read_back_as_their_float32_values():
                 struct.pack(">iii", 2, 0, 700) + sent[12:], b""):
         with pytest.raises(ValueError, match="one-dimensional float4"):
             unpack_array_send(bad)
+
+
+def test_float4_arrays_for_postgres_hold_the_float32_values_in_its_binary_form():
+    assert unpack_array_send(Float4ArrayBinary(ENGINE_VALUES).data) == _f32(ENGINE_VALUES)
+    assert Float4ArrayBinary([]).data == struct.pack(">iii", 0, 0, 700)
+    assert Float4ArrayBinary([1.0]).data == struct.pack(">iiiiiif", 1, 0, 700, 1, 1, 4, 1.0)
+    with pytest.raises(ValueError, match="finite float32"):
+        Float4ArrayBinary([0.5, float("nan")])
+
+
+@pytest.mark.postgres
+def test_float4_arrays_read_by_postgres_as_sent(postgres_url):
+    """The server takes the binary form as a real[] and gives the same bits back."""
+    import psycopg
+
+    from selfie_jobs.float_arrays import register_float4_arrays
+
+    with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql")) as conn:
+        register_float4_arrays(conn.adapters)
+        sent = conn.execute("SELECT array_send(%b::real[]), cardinality(%b::real[])",
+                            (Float4ArrayBinary(ENGINE_VALUES), Float4ArrayBinary([]))).fetchone()
+    assert unpack_array_send(sent[0]) == _f32(ENGINE_VALUES) and sent[1] == 0
 
 
 def test_a_truncated_array_is_refused():
