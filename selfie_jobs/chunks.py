@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from selfie_jobs.kinds import DEFAULT_KIND, item_tuple
@@ -90,7 +90,7 @@ def _load_claimed(session: Session, chunk_ids: Sequence[int]) -> list[ClaimedChu
         return []
     # Plain columns, not ORM objects: the claim's UPDATE bypassed the session, and an object the caller read
     # before it (e.g. to judge its owner) would come back with its old owner and attempts.
-    rows = session.execute(
+    rows = session.connection().execute(
         select(Chunk.id, Chunk.job_id, Chunk.index, Chunk.model, Chunk.batch_key, Chunk.priority, Chunk.items,
                Chunk.attempts, Job.spec, Job.kind, Job.state)
         .join(Job, Job.id == Chunk.job_id).where(Chunk.id.in_(list(chunk_ids)))
@@ -142,7 +142,7 @@ def _take(session: Session, chunk_ids: Sequence[int], owner: str, lease_seconds:
           dead_owner: str | None = None, model: str | None = None) -> list[int]:
     """The compare-and-set on these chunks, in one UPDATE; returns the ids it took."""
     same_model = [Chunk.model == model] if model is not None else []
-    taken = session.execute(
+    taken = session.connection().execute(
         update(Chunk)
         .where(Chunk.id.in_(list(chunk_ids)), _claimable(now, dead_owner), *same_model)
         .values(
@@ -154,7 +154,6 @@ def _take(session: Session, chunk_ids: Sequence[int], owner: str, lease_seconds:
             error=None,
         )
         .returning(Chunk.id)
-        .execution_options(synchronize_session=False)
     ).scalars().all()
     won = set(taken)
     return [i for i in chunk_ids if i in won]
@@ -197,7 +196,7 @@ def claim_more(
         query = query.where(Chunk.id.not_in(excluded))
     chosen: list[int] = []
     budget = max_items
-    for chunk_id, size in session.execute(query).all():
+    for chunk_id, size in session.connection().execute(query).all():
         if size > budget:
             continue
         chosen.append(chunk_id)
@@ -221,15 +220,15 @@ def queue_head(session: Session, model: str) -> str | None:
     first come); None when none is queued. Two index lookups on ix_chunks_claim (the highest priority, then the
     lowest id within it), however long the backlog: ORDER BY priority DESC, id ASC would read a whole priority's
     chunks to sort them."""
-    return session.scalar(select(Chunk.batch_key)
-                          .where(Chunk.model == model, Chunk.state == ChunkState.QUEUED,
-                                 Chunk.priority == _top_queued_priority(model))
-                          .order_by(Chunk.id).limit(1))
+    return session.connection().scalar(select(Chunk.batch_key)
+                                       .where(Chunk.model == model, Chunk.state == ChunkState.QUEUED,
+                                              Chunk.priority == _top_queued_priority(model))
+                                       .order_by(Chunk.id).limit(1))
 
 
 def queued_priority(session: Session, model: str) -> int:
     """The most urgent priority among `model`'s queued chunks (-1 when none is queued)."""
-    top = session.scalar(select(_top_queued_priority(model)))
+    top = session.connection().scalar(select(_top_queued_priority(model)))
     return -1 if top is None else top
 
 
@@ -291,7 +290,7 @@ def record_engine_run(
     """Record one engine batch (which chunks and jobs it serves) and return its id; a plain insert, no lock on a
     job, so it can share the claim's transaction. The caller commits."""
     job_ids = list(dict.fromkeys(c.job_id for c in chunks))
-    run = EngineRun(
+    return session.connection().execute(insert(EngineRun).values(
         worker=worker,
         model=model,
         size=sum(c.size for c in chunks),
@@ -299,10 +298,7 @@ def record_engine_run(
         job_ids=job_ids,
         started_at=now or utcnow(),
         elapsed_s=0.0,
-    )
-    session.add(run)
-    session.flush()
-    return run.id
+    ).returning(EngineRun.id)).scalar_one()
 
 
 def mark_jobs_running(session: Session, job_ids: Sequence[str], *, now: datetime | None = None) -> None:

@@ -58,7 +58,8 @@ def owner_is_alive(
     (`hostname`), its process still exists."""
     if not owner:
         return False
-    row = session.scalars(select(Worker).where(Worker.name == owner, is_alive(alive_seconds, now))).first()
+    row = session.connection().execute(select(Worker.hostname, Worker.pid)
+                                       .where(Worker.name == owner, is_alive(alive_seconds, now))).first()
     if row is None:
         return False
     return not (hostname is not None and row.hostname == hostname and not pid_alive(row.pid))

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+
 from selfie_jobs import chunks as chunk_ops
 from selfie_jobs.kinds import get_kind
 from selfie_jobs.liveness import live_workers, owner_is_alive
@@ -43,7 +45,11 @@ def claim(runtime, chunk_id: int) -> Claim:
         # message that reached the wrong model's worker uses up none of the chunk's attempts.
         first = chunk_ops.claim_chunk(session, chunk_id, owner, settings.lease_seconds, model=runtime.model)
         if first is None:
-            row = session.get(Chunk, chunk_id)
+            # the columns the answer needs, no ORM object: most messages that find their chunk taken are for
+            # chunks a cross-job batch claimed with another one (claim_more), and a worker reads one per message
+            row = session.connection().execute(
+                select(Chunk.id, Chunk.job_id, Chunk.model, Chunk.state, Chunk.owner, Chunk.priority)
+                .where(Chunk.id == chunk_id)).first()
             if row is None:
                 return Claim([], "no such chunk")
             if row.model != runtime.model:
@@ -88,7 +94,7 @@ def prepared(session, runtime, claimed: list[chunk_ops.ClaimedChunk]) -> Claim:
     return Claim(claimed, inputs=inputs, run_id=run_id, variants=refs)
 
 
-def _misrouted(session, runtime, row: Chunk) -> Claim:
+def _misrouted(session, runtime, row: Any) -> Claim:
     """A message for a chunk of another model: one sent while ``org/m`` and ``org_m`` still shared a queue (before
     `model_queue` told such names apart), or put on the wrong queue by hand, and this worker took it."""
     why = f"chunk is for model {row.model}, this worker serves {runtime.model}"
