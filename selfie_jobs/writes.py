@@ -47,7 +47,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -147,8 +147,9 @@ def _progress(kind: str, postgres: bool) -> Any:
     now = bindparam("w_now", type_=Job.finished_at.type)
     table = get_kind(kind).table
     chunk_rows = select(func.count()).select_from(table).where(table.chunk_id == chunk_id).scalar_subquery()
+    # IN of one parameter per state, not an expanding one: the statement is compiled once (_driver_statement)
     others_open = select(Chunk.id).where(Chunk.job_id == job_id, Chunk.id != chunk_id,
-                                         Chunk.state.in_(OPEN_CHUNK)).exists()
+                                         Chunk.state.in_([literal(state) for state in OPEN_CHUNK])).exists()
     where = [Job.id == job_id]
     if postgres:
         marked = _statements(postgres)["mark_done"].returning(Chunk.id).cte("marked")
@@ -160,6 +161,40 @@ def _progress(kind: str, postgres: bool) -> Any:
                 finished_at=case((others_open, Job.finished_at), else_=now))
         .returning(Job.state)
     )
+
+
+@dataclass(frozen=True)
+class _DriverStatement:
+    """A statement compiled once for a dialect and run through the driver's execute: SQLAlchemy's own work per
+    execution (cache key, parameters, result set-up) was about a tenth of a SQLite write's time for the write's
+    three small statements (benchmarks/README.md "Database cycle"). Parameters go through their types' bind
+    processors as SQLAlchemy would send them."""
+
+    compiled: Any
+    sql: str
+    processors: dict[str, Callable[[Any], Any]]
+
+    def run(self, conn: Connection, params: dict[str, Any]) -> Any:
+        values = self.compiled.construct_params(params)
+        for name, process in self.processors.items():
+            values[name] = process(values[name])
+        if self.compiled.positional:
+            return conn.exec_driver_sql(self.sql, tuple(values[name] for name in self.compiled.positiontup))
+        return conn.exec_driver_sql(self.sql, values)
+
+
+_DRIVER_STATEMENTS: dict[tuple[str, str], _DriverStatement] = {}
+
+
+def _driver_statement(conn: Connection, name: str, stmt: Any) -> _DriverStatement:
+    key = (conn.dialect.name, name)
+    found = _DRIVER_STATEMENTS.get(key)
+    if found is None:
+        compiled = stmt.compile(dialect=conn.dialect)
+        processors = {compiled.bind_names[param]: process for param in compiled.binds.values()
+                      if (process := param.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)) is not None}
+        found = _DRIVER_STATEMENTS.setdefault(key, _DriverStatement(compiled, compiled.string, processors))
+    return found
 
 
 # -- the write ------------------------------------------------------------------------------------------------
@@ -216,7 +251,8 @@ def write_results(
     conn = session.connection()
     postgres = conn.dialect.name == "postgresql"
     statements = _statements(postgres)
-    lock = statements["lock" if complete or job_row_lock else "share"]
+    lock_name = "lock" if complete or job_row_lock else "share"
+    lock = _driver_statement(conn, lock_name, statements[lock_name])
     params = {"w_chunk": chunk_id}
     rows_insert = None
     if rows:
@@ -230,11 +266,11 @@ def write_results(
             conn.exec_driver_sql("SAVEPOINT selfie_write_rows")
             inserted = rows_insert()
         # then the job's state under its lock, held to the commit: a closed (or deleted) job takes the rows back
-        found = conn.execute(lock, params).first()
+        found = lock.run(conn, params).first()
         if rows_insert and (found is None or found.state in FINAL_JOB_STATES):
             conn.exec_driver_sql("ROLLBACK TO SAVEPOINT selfie_write_rows")
     else:  # SQLite: the database's write lock first, then the rows
-        found = conn.execute(lock, params).first()
+        found = lock.run(conn, params).first()
     if found is None:
         return WriteOutcome(0, False, None, "chunk is gone")
     job_id, job_state, kind = found
@@ -248,9 +284,9 @@ def write_results(
     # A statement that starts now, with the job's row lock held: it sees every completion that held the lock before.
     params = {"w_chunk": chunk_id, "w_job": job_id, "w_owner": owner, "w_now": now}
     if not postgres:
-        if conn.execute(statements["mark_done"], params).rowcount != 1:
+        if _driver_statement(conn, "mark_done", statements["mark_done"]).run(conn, params).rowcount != 1:
             return WriteOutcome(inserted, False, job_state)
-    state = conn.execute(_progress(kind, postgres), params).scalar()
+    state = _driver_statement(conn, "progress:" + kind, _progress(kind, postgres)).run(conn, params).scalar()
     if state is None:  # PostgreSQL: the chunk was not marked (another owner holds it now, or it is finished)
         return WriteOutcome(inserted, False, job_state)
     return WriteOutcome(inserted, True, state)
