@@ -34,8 +34,8 @@ A completing write on PostgreSQL sends SAVEPOINT, the insert (one statement for 
 the job's lock, the completion (the chunk marked in a data-modifying CTE and the job's progress), then the commit;
 on SQLite the lock, the insert, the chunk marked, the job's progress.
 
-The statements are built once and executed on the session's connection (no ORM object, no ORM statement handling
-per call); rows go through `selfie_jobs.bulk`.
+The statements are built and compiled once and sent through the driver on the session's connection (no ORM object,
+no SQLAlchemy statement handling per call: `_DriverStatement`); rows go through `selfie_jobs.bulk`.
 """
 
 from __future__ import annotations
