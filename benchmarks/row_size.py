@@ -164,7 +164,7 @@ def main() -> None:
     for name, size in sizes[-1]["each_index"].items():
         print(f"  {name:<52} {size:>6.0f} ({converted['each_index'].get(name, 0):.0f})")
     first, last = sizes[0]["total"], sizes[-1]["total"]
-    print(f"0015 / 0006: {last / first:.3f} ({first - last:.0f} bytes less per row); 0015 - 0014: "
+    print(f"0015 / 0006: {last / first:.3f} ({last - first:+.0f} bytes per row); 0015 - 0014: "
           f"{last - sizes[1]['total']:+.0f} bytes per row")
     print(f"migration 0006 -> 0015 converted {args.rows} rows in {convert_s:.1f} s "
           f"({args.rows / convert_s:,.0f} rows/s)")

@@ -22,7 +22,15 @@ PostgreSQL quotes a cell holding a comma, a quote, CR or LF and doubles its quot
 each row with LF, which becomes csv.writer's CRLF here (each row arrives as one message of the COPY).
 
 The session's `extra_float_digits` is set to 1 for the export's transaction: any value above 0 gives the shortest
-round-trip digits, and a session set lower would round the numbers.
+round-trip digits, and a session set lower would round the numbers; `client_encoding` is set to UTF-8, which the
+response declares.
+
+Where the two exports can still differ (never for what the service stores; tests/unit/jobs/test_csv_copy.py):
+- a whole number of 2^53 or more (about 9e15; never a relevancy, which lies in [-1, 1]) may be written with 17
+  digits where Python writes fewer: PostgreSQL prints such an integer exactly rather than shortest; it reads back
+  as the same double;
+- times: both write the session's time zone, but a zone psycopg cannot name (a POSIX spelling such as 'UTC+3')
+  makes the Python export fall back to UTC, and offsets with seconds (local mean time before 1900) lose them here.
 """
 
 from __future__ import annotations
@@ -42,14 +50,18 @@ from selfie_jobs.float_arrays import Float32List
 #: Rows passed on to the response at a time.
 ROWS_PER_PIECE = 1000
 _FLOAT8 = postgresql.DOUBLE_PRECISION()
-_NUMBER_PATTERN = r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$"  # csv_cells._NUMBER, anchored
+# csv_cells._NUMBER, anchored. No backslash in these patterns: a session with standard_conforming_strings off
+# would read one in a string literal as an escape.
+_NUMBER_PATTERN = "^-?[0-9]+([.][0-9]+)?([eE][-+]?[0-9]+)?$"
 
 
 def copy_csv_rows(session: Session, query: Any) -> Iterator[bytes]:
     """The rows of `query` (a SELECT of `csv_cells`) as CSV lines ending in CRLF, ROWS_PER_PIECE lines a piece,
     streamed from a COPY on the session's connection (PostgreSQL only)."""
     compiled = query.compile(dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True})
+    # every digit (module docstring), and UTF-8 whatever the database's encoding: the bytes go out as they come
     session.execute(text("SET LOCAL extra_float_digits = 1"))
+    session.execute(text("SET LOCAL client_encoding = 'UTF8'"))
     driver = session.connection().connection.driver_connection
     with driver.cursor() as cursor, cursor.copy(f"COPY ({compiled.string}) TO STDOUT (FORMAT csv)",
                                                 compiled.params) as copy:
@@ -127,13 +139,13 @@ def _python_float(value: Any, *, csv_repr: bool) -> ColumnElement[Any]:
     """A float8 spelled as Python's repr (`csv_repr`: with csv.writer's nan, inf, -inf; otherwise a finite one, as
     json.dumps writes it)."""
     written = cast(value, Text)
-    digits = func.replace(func.replace(func.regexp_replace(written, _s(r"e\+15$"), _s("")), _s("-"), _s("")),
+    digits = func.replace(func.replace(func.regexp_replace(written, _s("e[+]15$"), _s("")), _s("-"), _s("")),
                           _s("."), _s(""))
     sign = case((func.left(written, _i(1)) == _s("-"), _s("-")), else_=_s(""))
     written_out = case((func.length(digits) <= _i(16), sign + func.rpad(digits, _i(16), _s("0")) + _s(".0")),
                        else_=sign + func.left(digits, _i(16)) + _s(".") + func.substr(digits, _i(17)))
     whens = [(written.regexp_match(_s("^-?[0-9]+$")), written + _s(".0")),
-             (written.regexp_match(_s(r"e\+15$")), written_out)]
+             (written.regexp_match(_s("e[+]15$")), written_out)]
     if csv_repr:
         whens += [(written == _s(name), _s(python)) for name, python in
                   (("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf"))]

@@ -8,13 +8,13 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Path, Query, Request, UploadFile, status
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import and_, select
 from sqlalchemy.exc import IntegrityError
 
 from api.bodies import StrictJSONRoute
 from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
+from api.streaming import ClosingStreamingResponse
 from selfie_jobs import audits as A
 from selfie_jobs.audit_models import Audit, AuditFinding, AuditRun, AuditRunJob, PromptSet, PromptSetItem
 from selfie_jobs.audit_reports import finding_dict, iter_findings_csv, run_report, top_findings
@@ -328,8 +328,8 @@ def get_findings(
             with maker() as s:
                 yield from iter_findings_csv(s, run.id, mode=csv_mode)
 
-        return StreamingResponse(rows(), media_type="text/csv; charset=utf-8",
-                                 headers={"Content-Disposition": f'attachment; filename="audit-run-{run.id}.csv"'})
+        return ClosingStreamingResponse(rows(), media_type="text/csv; charset=utf-8",
+                                        headers={"Content-Disposition": f'attachment; filename="audit-run-{run.id}.csv"'})
     if sort == "relevancy":
         return {"run_id": run.id, "items": top_findings(session, run.id, limit, detector=detector, layer=layer),
                 "next_after": None}

@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
 
 from api.bodies import StrictJSONRoute
 from api.deps import PrincipalDep, SenderDep, SessionDep, SessionMakerDep, SettingsDep
@@ -28,6 +27,7 @@ from api.schemas import (
     ResultList,
     Timings,
 )
+from api.streaming import ClosingStreamingResponse
 from selfie_jobs.chunks import as_utc
 from selfie_jobs.errors import BadQuery, Conflict, DomainError, NotFound
 from selfie_jobs.csv_cells import CSV_MODE_DOC, CsvMode
@@ -273,7 +273,7 @@ def get_interpretations(
     if as_csv:
         # Validate the cursor now: once streaming starts the status is sent.
         interpretations_page(session, job.id, flt, sort=sort, limit=1, cursor=cursor)
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             _csv_rows(maker, job.id, flt, sort, cursor, limit, csv_mode),
             media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
@@ -336,7 +336,7 @@ def get_results(
     if as_csv:
         if cursor:
             raise BadQuery("CSV exports start at the first row (no cursor)", field="cursor")
-        return StreamingResponse(
+        return ClosingStreamingResponse(
             _csv_result_rows(maker, job.id, job.kind, limit, csv_mode), media_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="selfie-{job.id}.csv"'},
         )

@@ -3,11 +3,14 @@
 The values stay float32, bit for bit (selfie_jobs.float_arrays says why float32). What changes is that the server
 can read them: a whole job's CSV export is written by PostgreSQL itself (COPY .. TO STDOUT, selfie_jobs.csv_copy),
 which writes each list as text from the array, and a BYTEA is bytes it cannot read as numbers. A row grows by the
-array's header, 20 bytes (101 bytes for 20 values against 81; benchmarks/README.md "Reads at scale").
+array's header, 20 bytes (101 bytes for 20 values against 81; benchmarks/README.md "Stored rows").
 
 Every stored row is converted by the server, in one rewrite of each table (ALTER COLUMN TYPE .. USING): each
 4-byte little-endian word is decoded into its float32 by arithmetic on its bits (sign, exponent, mantissa, with
-subnormals), exact in float8 and then in float4. The downgrade writes the bytes back from float4send (big-endian,
+subnormals), exact in float8 and then in float4. The bytes are what the service wrote: whole 4-byte words of
+finite values (writes refuse the others); a NaN or an infinity put there by hand makes the conversion fail
+("value out of range"), and bytes past the last whole word would be dropped. It converts about 45,000 rows a
+second here, under the ALTER's exclusive lock on each table. The downgrade writes the bytes back from float4send (big-endian,
 hence the byte reversal), as migration 0007 did.
 
 On SQLite this revision does nothing: the lists stay float32 bytes in a BLOB.

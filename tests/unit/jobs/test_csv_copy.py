@@ -29,7 +29,7 @@ COLUMNS = ("prompt_index", "layer", "token", "source_token", "text", "mean_relev
 
 TEXTS = ["", "plain", "=1+1", "-5", "-5.5e3", "+x", "@a", "\tx", "\rx", "a,b", 'a"b', '"', "'", "line\nbreak",
          "cr\rx", "a\r\nb", " lead and trail ", "unicode 中😀 é", "\\.", "\\N", "NULL", "-", "1e5", "-0x1F", "=",
-         "a\u2028b", "\u00a0nbsp"]
+         "a\u2028b", "\u00a0nbsp", "-5x5"]
 FLOATS = [0.0, -0.0, 1.0, -1.0, 0.1, 123.0, -2.5, 1e-05, 1.5e-05, 0.0001, 1e15, 1.5e15, 1234567890123456.8,
           9.999999999999998e15, 1e16, 1.5e16, 999999999999999.9, 5e-324, 1.7976931348623157e308, -1e15,
           float("nan"), float("inf"), float("-inf"), 2.0 ** 53, 1 / 3]
@@ -103,6 +103,18 @@ def test_a_session_that_rounds_floats_still_gets_every_digit(postgres_url, job_i
                         for p in interpretations_csv(s, job_id, InterpretationFilter(), COLUMNS, "raw"))
     assert fast == _both(postgres_url, job_id, mode="raw")[1]
     assert b"0.10000000149011612" in fast  # float32's 0.1 with every digit of the double it is
+
+
+@pytest.mark.parametrize("setting", ["standard_conforming_strings = off", "client_encoding = 'LATIN1'"])
+def test_a_session_set_otherwise_gets_the_same_file(postgres_url, job_id, setting):
+    """Backslashes in string literals read as escapes, another client encoding: the export's patterns hold no
+    backslash, and it sets UTF-8 for itself (the response says charset=utf-8)."""
+    maker = get_sessionmaker(postgres_url)
+    with maker() as s:
+        s.execute(text(f"SET {setting}"))
+        fast = b"".join(p if isinstance(p, bytes) else p.encode()
+                        for p in interpretations_csv(s, job_id, InterpretationFilter(), COLUMNS, "safe"))
+    assert fast == _both(postgres_url, job_id, mode="safe")[1]
 
 
 def test_a_client_that_stops_reading_leaves_the_connection_usable(postgres_url, job_id):
