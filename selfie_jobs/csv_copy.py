@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, case, cast, func, literal_column, select, text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, case, cast, func, literal, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
@@ -76,13 +76,13 @@ def copy_csv_rows(session: Session, query: Any) -> Iterator[bytes]:
 
 
 def _s(value: str) -> ColumnElement[Any]:
-    """A constant of these cells as an SQL string literal, not a parameter: the COPY is sent with its parameters
-    merged in, and the export's own constants need not be."""
-    return literal_column("'" + value.replace("'", "''") + "'", Text)
+    """A constant of these cells, written into the statement by SQLAlchemy (literal_execute, rendered when the COPY is
+    compiled): a COPY takes no server-side parameters, and the export's own constants need no client-side ones."""
+    return literal(value, Text, literal_execute=True)
 
 
 def _i(value: int) -> ColumnElement[Any]:
-    return literal_column(str(int(value)), Integer)
+    return literal(value, Integer, literal_execute=True)
 
 
 def csv_cells(table: Any, names: Sequence[str], mode: CsvMode) -> list[ColumnElement[Any]]:

@@ -185,7 +185,10 @@ def _dynamic_sql_calls(path: Path) -> list[str]:
 #: Calls whose SQL is not a literal but is SQLAlchemy's own compilation of a Core statement, with every value a
 #: bound parameter (checked below): the write path runs its compiled insert through the driver (one execution of
 #: an INSERT .. SELECT from unnest on PostgreSQL, an executemany on SQLite).
-_COMPILED_SQL = {"selfie_jobs/bulk.py": {"exec_driver_sql(self.sql)"}}
+#: The write path's small statements (the job's lock, the chunk's marking, the job's progress) likewise run compiled
+#: Core statements through the driver (`writes._DriverStatement`).
+_COMPILED_SQL = {"selfie_jobs/bulk.py": {"exec_driver_sql(self.sql)"},
+                 "selfie_jobs/writes.py": {"exec_driver_sql(self.sql)"}}
 
 
 def test_sql_is_built_only_with_bound_parameters():
@@ -227,7 +230,9 @@ def test_the_write_paths_compiled_insert_binds_every_value(sqlite_url):
                     assert "chunks.job_id" in sql and "FROM chunks" in sql, sql
                     if postgres:
                         names = re.findall(r"%\((\w+)\)[sb]", sql)
-                        assert set(names) == set(compiled.columns) and "WHERE chunks.id = %(chunk_id)s" in sql, sql
+                        slices = {c + end for c in compiled.flattened for end in ("__first", "__last")}
+                        assert set(names) == set(compiled.columns) | slices, sql
+                        assert "WHERE chunks.id = %(chunk_id)s" in sql, sql
                         assert "%s" not in sql.replace("%(", ""), sql
                     else:
                         assert plain.sql.count("?") == len(columns), plain.sql
@@ -236,6 +241,34 @@ def test_the_write_paths_compiled_insert_binds_every_value(sqlite_url):
                     assert not re.search(r"(?<![\w(])\d", re.sub(r"VARCHAR\(\d+\)", "", sql)), sql
     finally:
         for engine in engines:
+            engine.dispose()
+
+
+def test_the_write_paths_small_statements_bind_every_value(sqlite_url):
+    """The lock, the marking and the progress statements run through the driver bind every value: no quote or digit
+    of data in their SQL, on SQLite and on PostgreSQL (compiled only)."""
+    import re
+
+    from sqlalchemy import create_engine
+
+    from selfie_jobs.db import create_db_engine
+    from selfie_jobs.kinds import all_kinds
+    from selfie_jobs.writes import _driver_statement, _progress, _statements
+
+    for engine in (create_db_engine(sqlite_url), create_engine("postgresql+psycopg://")):
+        try:
+            postgres = engine.dialect.name == "postgresql"
+
+            class Conn:  # what _driver_statement reads of a connection (PostgreSQL's is never opened here)
+                dialect = engine.dialect
+
+            statements = {name: _statements(postgres)[name] for name in ("lock", "share", "mark_done")}
+            statements |= {"progress:" + kind: _progress(kind, postgres) for kind in all_kinds()}
+            for name, stmt in statements.items():
+                sql = _driver_statement(Conn, name, stmt).sql
+                assert "'" not in sql, sql
+                assert not re.search(r"(?<![\w(])\d", re.sub(r"VARCHAR\(\d+\)", "", sql)), sql
+        finally:
             engine.dispose()
 
 
