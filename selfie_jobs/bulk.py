@@ -29,9 +29,9 @@ The count of inserted rows is the driver's rowcount: the rows the one statement 
 from __future__ import annotations
 
 import threading
-from operator import itemgetter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Boolean, Float, Integer, Table, bindparam, cast, column, func, select

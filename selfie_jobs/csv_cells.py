@@ -70,13 +70,6 @@ def _safe_cells(row: Sequence[Any]) -> list[Any]:
             for v in row]
 
 
-def csv_header(header: Sequence[str]) -> str:
-    """The header line `csv_text` starts with."""
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow(header)
-    return buffer.getvalue()
-
-
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]], mode: CsvMode,
              rows_per_piece: int = 1000) -> Iterator[str]:
     """A CSV file in pieces of `rows_per_piece` rows (the header first), for a streamed response: memory holds one

@@ -56,7 +56,7 @@ _NUMBER_PATTERN = "^-?[0-9]+([.][0-9]+)?([eE][-+]?[0-9]+)?$"
 
 
 def copy_csv_rows(session: Session, query: Any) -> Iterator[bytes]:
-    """The rows of `query` (a SELECT of `csv_cells`) as CSV lines ending in CRLF, ROWS_PER_PIECE lines a piece,
+    """The rows of `query` (a SELECT of `text_cells`) as CSV lines ending in CRLF, ROWS_PER_PIECE lines a piece,
     streamed from a COPY on the session's connection (PostgreSQL only)."""
     compiled = query.compile(dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True})
     # every digit (module docstring), and UTF-8 whatever the database's encoding: the bytes go out as they come
@@ -85,7 +85,7 @@ def _i(value: int) -> ColumnElement[Any]:
     return literal(value, Integer, literal_execute=True)
 
 
-def csv_cells(table: Any, names: Sequence[str], mode: CsvMode) -> list[ColumnElement[Any]]:
+def text_cells(table: Any, names: Sequence[str], mode: CsvMode) -> list[ColumnElement[Any]]:
     """One text cell per column `names` of `table`, as the Python export writes it (module docstring)."""
     return [_cell(getattr(table, name), mode).label(name) for name in names]
 

@@ -96,6 +96,10 @@ def unpack_floats(data: bytes | bytearray | memoryview) -> list[float]:
     return values.tolist()
 
 
+_WORD = next(code for code in "IL" if array(code).itemsize == 4)  # a 4-byte unsigned array type
+_LENGTH_WORD = array(_WORD, (4).to_bytes(4, "big"))
+
+
 class Float4ArrayBinary:
     """A one-dimensional float4 array in PostgreSQL's binary form, ready to send as a `real[]` parameter (psycopg
     dumps it as it is once `register_float4_arrays` has run on the connection). psycopg's own dumper of a list of
@@ -116,10 +120,6 @@ class Float4ArrayBinary:
         words[0::2] = _LENGTH_WORD * len(packed)
         words[1::2] = array(_WORD, packed.tobytes())
         self.data = _FLOAT4_ARRAY_HEADER + struct.pack(">ii", len(packed), 1) + words.tobytes()
-
-
-_WORD = next(code for code in "IL" if array(code).itemsize == 4)  # a 4-byte unsigned array type
-_LENGTH_WORD = array(_WORD, (4).to_bytes(4, "big"))
 
 
 def register_float4_arrays(adapters: Any) -> None:

@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 from selfie_jobs.auth import Principal
 from selfie_jobs.cards import served_models, wait_reason
 from selfie_jobs.chunks import as_utc, lock_job
-from selfie_jobs.csv_cells import CsvMode, csv_header, csv_text
-from selfie_jobs.csv_copy import copy_csv_rows, csv_cells
+from selfie_jobs.csv_cells import CsvMode, csv_text
+from selfie_jobs.csv_copy import copy_csv_rows, text_cells
 from selfie_jobs.errors import BadQuery
 from selfie_jobs.jsontext import loads_strict
 from selfie_jobs.kinds import get_kind
@@ -552,8 +552,8 @@ def interpretations_csv(
         yield from csv_text(columns, export_interpretations(session, job_id, flt, columns, sort=sort, cursor=cursor,
                                                             limit=limit), mode)
         return
-    query, _ = _interpretations_query(csv_cells(Interpretation, columns, mode), job_id, flt, sort, cursor)
-    yield csv_header(columns)
+    query, _ = _interpretations_query(text_cells(Interpretation, columns, mode), job_id, flt, sort, cursor)
+    yield from csv_text(columns, (), mode)  # the header line alone
     yield from copy_csv_rows(session, query if limit is None else query.limit(limit))
 
 

@@ -171,8 +171,11 @@ class _DriverStatement:
     processors as SQLAlchemy would send them."""
 
     compiled: Any
-    sql: str
     processors: dict[str, Callable[[Any], Any]]
+
+    @property
+    def sql(self) -> str:
+        return self.compiled.string
 
     def run(self, conn: Connection, params: dict[str, Any]) -> Any:
         values = self.compiled.construct_params(params)
@@ -193,7 +196,7 @@ def _driver_statement(conn: Connection, name: str, stmt: Any) -> _DriverStatemen
         compiled = stmt.compile(dialect=conn.dialect)
         processors = {compiled.bind_names[param]: process for param in compiled.binds.values()
                       if (process := param.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)) is not None}
-        found = _DRIVER_STATEMENTS.setdefault(key, _DriverStatement(compiled, compiled.string, processors))
+        found = _DRIVER_STATEMENTS.setdefault(key, _DriverStatement(compiled, processors))
     return found
 
 

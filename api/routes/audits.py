@@ -328,8 +328,9 @@ def get_findings(
             with maker() as s:
                 yield from iter_findings_csv(s, run.id, mode=csv_mode)
 
-        return ClosingStreamingResponse(rows(), media_type="text/csv; charset=utf-8",
-                                        headers={"Content-Disposition": f'attachment; filename="audit-run-{run.id}.csv"'})
+        return ClosingStreamingResponse(
+            rows(), media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="audit-run-{run.id}.csv"'})
     if sort == "relevancy":
         return {"run_id": run.id, "items": top_findings(session, run.id, limit, detector=detector, layer=layer),
                 "next_after": None}

@@ -10,8 +10,8 @@ Every stored row is converted by the server, in one rewrite of each table (ALTER
 subnormals), exact in float8 and then in float4. The bytes are what the service wrote: whole 4-byte words of
 finite values (writes refuse the others); a NaN or an infinity put there by hand makes the conversion fail
 ("value out of range"), and bytes past the last whole word would be dropped. It converts about 45,000 rows a
-second here, under the ALTER's exclusive lock on each table. The downgrade writes the bytes back from float4send (big-endian,
-hence the byte reversal), as migration 0007 did.
+second here, under the ALTER's exclusive lock on each table. The downgrade writes the bytes back from float4send
+(big-endian, hence the byte reversal), as migration 0007 did.
 
 On SQLite this revision does nothing: the lists stay float32 bytes in a BLOB.
 
@@ -59,20 +59,20 @@ $$
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
-    op.execute(_TO_ARRAY)
-    for table in RESULT_TABLES:
-        op.execute(f"ALTER TABLE {table} ALTER COLUMN relevancy TYPE real[] "
-                   "USING pg_temp.selfie_float32le_array(relevancy)")
-    op.execute("DROP FUNCTION pg_temp.selfie_float32le_array(bytea)")
+    _retype("real[]", _TO_ARRAY, "pg_temp.selfie_float32le_array(bytea)")
 
 
 def downgrade() -> None:
+    _retype("bytea", _TO_BYTES, "pg_temp.selfie_array_float32le(real[])")
+
+
+def _retype(new_type: str, create_function: str, function: str) -> None:
+    """Every table's relevancy column to `new_type` through the conversion `function` (created for this, dropped
+    after), on PostgreSQL only."""
     if op.get_bind().dialect.name != "postgresql":
         return
-    op.execute(_TO_BYTES)
+    op.execute(create_function)
+    name = function.split("(")[0]
     for table in RESULT_TABLES:
-        op.execute(f"ALTER TABLE {table} ALTER COLUMN relevancy TYPE bytea "
-                   "USING pg_temp.selfie_array_float32le(relevancy)")
-    op.execute("DROP FUNCTION pg_temp.selfie_array_float32le(real[])")
+        op.execute(f"ALTER TABLE {table} ALTER COLUMN relevancy TYPE {new_type} USING {name}(relevancy)")
+    op.execute(f"DROP FUNCTION {function}")
